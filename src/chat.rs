@@ -1,0 +1,943 @@
+//! The internal schema: OpenAI chat-completions types shared by every layer.
+//!
+//! Clients speak the OpenAI wire format (plus OpenRouter's extensions), so the
+//! internal schema *is* that format, typed. Provider adapters translate from and to
+//! it; everything between the HTTP edge and the adapters works on these types only.
+//!
+//! Fields the schema does not model are kept in `extra` maps and passed through to
+//! OpenAI-kind providers (SPEC §3.1), so a new OpenAI parameter works on day one.
+//!
+//! Replies flow as a stream of [`ChatChunk`]s, whatever the upstream did: a non-stream
+//! upstream answer is one complete chunk, and [`Aggregator`] folds chunks back into a
+//! [`ChatCompletion`] for non-stream clients. That gives every layer one code path.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::money::Money;
+
+/// A chat-completions request as a client sends it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    /// Gateway model id, possibly with a `:floor` / `:nitro` variant suffix.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<Message>,
+    /// OpenRouter: fallback models tried in order after `model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    /// OpenRouter: provider routing preferences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderPreferences>,
+    /// Upper bound of completion tokens (legacy name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Upper bound of completion tokens (current name; wins over `max_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u32>,
+    /// Sampling temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Stop sequences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    /// Tools the model may call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Tool>>,
+    /// `"none" | "auto" | "required" | {"type":"function","function":{"name"}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<Value>,
+    /// `{"type":"text"|"json_object"|"json_schema", ...}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
+    /// Sampling seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    /// End-user id for abuse tracking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Whether the client wants an SSE stream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+    /// `{"include_usage": bool}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    /// `"minimal" | "low" | "medium" | "high"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_effort: Option<String>,
+    /// OpenRouter: `{"include": true}` asks for usage in the last stream chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageOptions>,
+    /// Every field the schema does not model, kept for OpenAI-kind providers.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ChatRequest {
+    /// The completion-token bound the client asked for, if any.
+    pub fn max_output_tokens(&self) -> Option<u32> {
+        self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// Whether the client wants `usage` in the final stream chunk.
+    pub fn wants_stream_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+            || self.usage.as_ref().is_some_and(|u| u.include)
+    }
+
+    /// Checks what serde cannot: the rules of SPEC §3.2 for 400 `invalid_request`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.model.trim().is_empty() {
+            return Err("`model` must be a non-empty string".into());
+        }
+        if self.messages.is_empty() {
+            return Err("`messages` must contain at least one message".into());
+        }
+        for (i, m) in self.messages.iter().enumerate() {
+            match m.role {
+                Role::Tool if m.tool_call_id.is_none() => {
+                    return Err(format!(
+                        "messages[{i}]: a `tool` message needs `tool_call_id`"
+                    ));
+                }
+                Role::User | Role::System | Role::Developer | Role::Tool if m.content.is_none() => {
+                    return Err(format!("messages[{i}]: `content` is required"));
+                }
+                Role::Assistant if m.content.is_none() && m.tool_calls.is_none() => {
+                    return Err(format!(
+                        "messages[{i}]: an `assistant` message needs `content` or `tool_calls`"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(format!("`temperature` must be between 0 and 2, got {t}"));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(format!("`top_p` must be between 0 and 1, got {p}"));
+            }
+        }
+        if self.max_output_tokens() == Some(0) {
+            return Err("`max_tokens` must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// System prompt.
+    System,
+    /// OpenAI's newer name for a system prompt.
+    Developer,
+    /// The end user.
+    User,
+    /// The model.
+    Assistant,
+    /// A tool result.
+    Tool,
+}
+
+/// One conversation turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// Author.
+    pub role: Role,
+    /// Text or content parts; absent on assistant turns that only call tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Content>,
+    /// Optional participant name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Tool calls made by an assistant turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// Unmodelled fields, passed through to OpenAI-kind providers.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Message {
+    /// A message with plain text content.
+    pub fn text(role: Role, text: impl Into<String>) -> Self {
+        Message {
+            role,
+            content: Some(Content::Text(text.into())),
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+            extra: Map::new(),
+        }
+    }
+}
+
+/// Message content: a string, or an array of typed parts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Text, images and other parts.
+    Parts(Vec<ContentPart>),
+}
+
+impl Content {
+    /// All text of the content, parts joined without separator.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Content::Text(s) => std::borrow::Cow::Borrowed(s),
+            Content::Parts(parts) => parts
+                .iter()
+                .filter_map(|p| match p {
+                    ContentPart::Text { text, .. } => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect::<String>()
+                .into(),
+        }
+    }
+}
+
+/// One part of an array content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    /// A text part (may carry Anthropic's `cache_control`).
+    Text {
+        /// The text.
+        text: String,
+        /// Anything else on the part, e.g. `cache_control`.
+        #[serde(flatten)]
+        extra: Map<String, Value>,
+    },
+    /// An image by URL or `data:` URL.
+    ImageUrl {
+        /// `{"url", "detail"}`.
+        image_url: ImageUrl,
+        /// Anything else on the part, e.g. `cache_control`.
+        #[serde(flatten)]
+        extra: Map<String, Value>,
+    },
+    /// Audio input (passed through to OpenAI-kind providers only).
+    InputAudio {
+        /// `{"data", "format"}`.
+        input_audio: Value,
+    },
+    /// A file (passed through to OpenAI-kind providers only).
+    File {
+        /// `{"file_data" | "file_id", "filename"}`.
+        file: Value,
+    },
+}
+
+/// An image reference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageUrl {
+    /// `https://…` or `data:image/png;base64,…`.
+    pub url: String,
+    /// `"auto" | "low" | "high"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// `stop`: one sequence or several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop sequence.
+    One(String),
+    /// Several stop sequences.
+    Many(Vec<String>),
+}
+
+impl Stop {
+    /// The sequences as a list.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s.clone()],
+            Stop::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// A tool the model may call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tool {
+    /// Always `"function"`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The function's declaration.
+    pub function: FunctionDef,
+}
+
+/// A function declaration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionDef {
+    /// Function name.
+    pub name: String,
+    /// What it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// JSON schema of the arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+    /// Unmodelled fields (e.g. `strict`).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// A complete tool call in an assistant message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// Call id, echoed by the `tool` message that answers it.
+    pub id: String,
+    /// Always `"function"`.
+    #[serde(rename = "type", default = "function_type")]
+    pub kind: String,
+    /// Name and JSON-encoded arguments.
+    pub function: FunctionCall,
+}
+
+fn function_type() -> String {
+    "function".into()
+}
+
+/// A function name with its JSON-encoded arguments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    /// Function name.
+    pub name: String,
+    /// Arguments as a JSON string.
+    pub arguments: String,
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamOptions {
+    /// Send `usage` in a last chunk.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// OpenRouter's `usage` request option.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageOptions {
+    /// Send `usage` (with `cost`) in the last chunk.
+    #[serde(default)]
+    pub include: bool,
+}
+
+/// OpenRouter's `provider` routing preferences (SPEC §3.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderPreferences {
+    /// Providers to try first, in this order.
+    #[serde(default)]
+    pub order: Option<Vec<String>>,
+    /// Only these providers.
+    #[serde(default)]
+    pub only: Option<Vec<String>>,
+    /// Never these providers.
+    #[serde(default)]
+    pub ignore: Option<Vec<String>>,
+    /// Whether providers outside `order` may serve (default true).
+    #[serde(default = "yes")]
+    pub allow_fallbacks: bool,
+    /// `"price" | "throughput" | "latency"`.
+    #[serde(default)]
+    pub sort: Option<SortBy>,
+    /// Price ceilings in USD per million tokens.
+    #[serde(default)]
+    pub max_price: Option<MaxPrice>,
+    /// `"deny"` keeps prompts away from providers that may train on them.
+    #[serde(default)]
+    pub data_collection: Option<DataCollection>,
+    /// Only providers that support every parameter of the request.
+    #[serde(default)]
+    pub require_parameters: bool,
+}
+
+impl Default for ProviderPreferences {
+    fn default() -> Self {
+        ProviderPreferences {
+            order: None,
+            only: None,
+            ignore: None,
+            allow_fallbacks: true,
+            sort: None,
+            max_price: None,
+            data_collection: None,
+            require_parameters: false,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How to sort endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SortBy {
+    /// Cheapest first.
+    Price,
+    /// Highest observed tokens/s first.
+    Throughput,
+    /// Lowest observed time to first token first.
+    Latency,
+}
+
+/// Price ceilings, USD per million tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaxPrice {
+    /// Prompt ceiling.
+    #[serde(default)]
+    pub prompt: Option<f64>,
+    /// Completion ceiling.
+    #[serde(default)]
+    pub completion: Option<f64>,
+}
+
+/// Whether a provider may train on prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataCollection {
+    /// The provider may keep and train on prompts.
+    Allow,
+    /// The provider must not.
+    Deny,
+}
+
+// ---------------------------------------------------------------------------
+// Replies
+// ---------------------------------------------------------------------------
+
+/// Token usage, with the gateway's price of it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens, cached ones included.
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Completion tokens, reasoning included.
+    #[serde(default)]
+    pub completion_tokens: u64,
+    /// `prompt_tokens + completion_tokens`.
+    #[serde(default)]
+    pub total_tokens: u64,
+    /// What the gateway charged for this request, in USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Money>,
+    /// `{"cached_tokens"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+    /// `{"reasoning_tokens"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
+}
+
+impl Usage {
+    /// Usage with prompt and completion counts and the total filled in.
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            ..Usage::default()
+        }
+    }
+
+    /// Cache-read tokens (part of `prompt_tokens`).
+    pub fn cached_tokens(&self) -> u64 {
+        self.prompt_tokens_details
+            .as_ref()
+            .map_or(0, |d| d.cached_tokens)
+    }
+
+    /// Cache-write tokens (part of `prompt_tokens`).
+    pub fn cache_write_tokens(&self) -> u64 {
+        self.prompt_tokens_details
+            .as_ref()
+            .map_or(0, |d| d.cache_write_tokens)
+    }
+
+    /// Reasoning tokens (part of `completion_tokens`).
+    pub fn reasoning_tokens(&self) -> u64 {
+        self.completion_tokens_details
+            .as_ref()
+            .map_or(0, |d| d.reasoning_tokens)
+    }
+}
+
+/// Breakdown of prompt tokens.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    /// Tokens read from the provider's prompt cache.
+    #[serde(default)]
+    pub cached_tokens: u64,
+    /// Tokens written to the provider's prompt cache (Anthropic).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_tokens: u64,
+}
+
+/// Breakdown of completion tokens.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CompletionTokensDetails {
+    /// Tokens spent on hidden reasoning.
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Why generation stopped.
+pub type FinishReason = String;
+
+/// One `chat.completion.chunk`: the unit every layer passes along.
+///
+/// Adapters fill `choices` and `usage`; the HTTP edge stamps `id`, `model`,
+/// `provider` and `created` as it writes each chunk out.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatChunk {
+    /// The gateway's request id.
+    #[serde(default)]
+    pub id: String,
+    /// Always `"chat.completion.chunk"`.
+    #[serde(default = "chunk_object")]
+    pub object: String,
+    /// Unix seconds.
+    #[serde(default)]
+    pub created: u64,
+    /// Gateway model id that served.
+    #[serde(default)]
+    pub model: String,
+    /// Provider that served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Deltas, one per choice.
+    #[serde(default)]
+    pub choices: Vec<ChunkChoice>,
+    /// Usage; on the last chunk only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// An error after the stream started (SPEC §3.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+}
+
+fn chunk_object() -> String {
+    "chat.completion.chunk".into()
+}
+
+impl ChatChunk {
+    /// A chunk with one choice carrying `delta`.
+    pub fn delta(delta: Delta) -> Self {
+        ChatChunk {
+            object: chunk_object(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason: None,
+            }],
+            ..ChatChunk::default()
+        }
+    }
+
+    /// A chunk with one choice whose delta is `text`.
+    pub fn text(text: impl Into<String>) -> Self {
+        ChatChunk::delta(Delta {
+            content: Some(text.into()),
+            ..Delta::default()
+        })
+    }
+
+    /// A usage-only chunk (`choices: []`), as OpenAI sends last.
+    pub fn usage(usage: Usage) -> Self {
+        ChatChunk {
+            object: chunk_object(),
+            usage: Some(usage),
+            ..ChatChunk::default()
+        }
+    }
+
+    /// Whether this chunk carries content or a tool call: the commit point of SPEC §3.1.
+    /// Role-only chunks and empty deltas are not content.
+    pub fn is_content(&self) -> bool {
+        self.choices.iter().any(|c| {
+            c.delta.content.as_deref().is_some_and(|s| !s.is_empty())
+                || c.delta.reasoning.as_deref().is_some_and(|s| !s.is_empty())
+                || c.delta.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
+        })
+    }
+
+    /// The first `finish_reason` in the chunk.
+    pub fn finish_reason(&self) -> Option<&str> {
+        self.choices.iter().find_map(|c| c.finish_reason.as_deref())
+    }
+}
+
+/// One choice of a chunk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChunkChoice {
+    /// Choice index.
+    #[serde(default)]
+    pub index: u32,
+    /// What this chunk adds.
+    #[serde(default)]
+    pub delta: Delta,
+    /// Set on the choice's last chunk.
+    #[serde(default)]
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// The increment of a chunk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    /// `"assistant"` on the first chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// Text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Visible reasoning text (OpenRouter's `reasoning`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    /// Tool-call fragments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// A fragment of a tool call in a stream.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallDelta {
+    /// Which tool call of the choice this fragment extends.
+    pub index: u32,
+    /// Call id (first fragment only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `"function"` (first fragment only).
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Name (first fragment) and argument text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionCallDelta>,
+}
+
+/// Name and argument fragments of a streamed tool call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCallDelta {
+    /// Function name (first fragment only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A piece of the JSON arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+}
+
+/// A non-stream `chat.completion` response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatCompletion {
+    /// The gateway's request id (accepted by `/v1/generation`).
+    pub id: String,
+    /// Always `"chat.completion"`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// Gateway model id that served.
+    pub model: String,
+    /// Provider that served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// The answers.
+    pub choices: Vec<Choice>,
+    /// Token usage with `cost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// One answer of a completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    /// Choice index.
+    pub index: u32,
+    /// The assistant message.
+    pub message: ResponseMessage,
+    /// Why generation stopped.
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// The assistant message of a completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseMessage {
+    /// Always `assistant`.
+    pub role: Role,
+    /// Text; `null` when the model only called tools.
+    pub content: Option<String>,
+    /// Visible reasoning text, when the provider returns it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    /// Tool calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// Folds a chunk stream back into one [`ChatCompletion`].
+///
+/// Used by the HTTP edge for non-stream clients, and by adapters' golden tests.
+#[derive(Debug, Default)]
+pub struct Aggregator {
+    choices: Vec<ChoiceAcc>,
+    usage: Option<Usage>,
+}
+
+#[derive(Debug, Default)]
+struct ChoiceAcc {
+    content: Option<String>,
+    reasoning: Option<String>,
+    tool_calls: Vec<ToolCall>,
+    finish_reason: Option<String>,
+}
+
+impl Aggregator {
+    /// Adds one chunk.
+    pub fn push(&mut self, chunk: ChatChunk) {
+        if let Some(u) = chunk.usage {
+            self.usage = Some(u);
+        }
+        for c in chunk.choices {
+            let i = c.index as usize;
+            if self.choices.len() <= i {
+                self.choices.resize_with(i + 1, ChoiceAcc::default);
+            }
+            let acc = &mut self.choices[i];
+            if let Some(text) = c.delta.content {
+                acc.content.get_or_insert_with(String::new).push_str(&text);
+            }
+            if let Some(text) = c.delta.reasoning {
+                acc.reasoning
+                    .get_or_insert_with(String::new)
+                    .push_str(&text);
+            }
+            for tc in c.delta.tool_calls.into_iter().flatten() {
+                let j = tc.index as usize;
+                if acc.tool_calls.len() <= j {
+                    acc.tool_calls.resize_with(j + 1, || ToolCall {
+                        id: String::new(),
+                        kind: function_type(),
+                        function: FunctionCall {
+                            name: String::new(),
+                            arguments: String::new(),
+                        },
+                    });
+                }
+                let call = &mut acc.tool_calls[j];
+                if let Some(id) = tc.id {
+                    call.id = id;
+                }
+                if let Some(f) = tc.function {
+                    if let Some(name) = f.name {
+                        call.function.name.push_str(&name);
+                    }
+                    if let Some(args) = f.arguments {
+                        call.function.arguments.push_str(&args);
+                    }
+                }
+            }
+            if c.finish_reason.is_some() {
+                acc.finish_reason = c.finish_reason;
+            }
+        }
+    }
+
+    /// The completion so far; `id`, `model`, `provider` and `created` are left empty.
+    pub fn finish(self) -> ChatCompletion {
+        let mut choices: Vec<Choice> = self
+            .choices
+            .into_iter()
+            .enumerate()
+            .map(|(i, acc)| Choice {
+                index: i as u32,
+                message: ResponseMessage {
+                    role: Role::Assistant,
+                    content: acc.content,
+                    reasoning: acc.reasoning,
+                    tool_calls: (!acc.tool_calls.is_empty()).then_some(acc.tool_calls),
+                },
+                finish_reason: acc.finish_reason,
+            })
+            .collect();
+        if choices.is_empty() {
+            choices.push(Choice {
+                index: 0,
+                message: ResponseMessage {
+                    role: Role::Assistant,
+                    content: Some(String::new()),
+                    reasoning: None,
+                    tool_calls: None,
+                },
+                finish_reason: Some("stop".into()),
+            });
+        }
+        ChatCompletion {
+            id: String::new(),
+            object: "chat.completion".into(),
+            created: 0,
+            model: String::new(),
+            provider: None,
+            choices,
+            usage: self.usage,
+        }
+    }
+}
+
+impl ChatCompletion {
+    /// The completion as one chunk, as adapters return non-stream upstream answers.
+    pub fn into_chunk(self) -> ChatChunk {
+        ChatChunk {
+            id: self.id,
+            object: chunk_object(),
+            created: self.created,
+            model: self.model,
+            provider: self.provider,
+            choices: self
+                .choices
+                .into_iter()
+                .map(|c| ChunkChoice {
+                    index: c.index,
+                    delta: Delta {
+                        role: Some(Role::Assistant),
+                        content: c.message.content,
+                        reasoning: c.message.reasoning,
+                        tool_calls: c.message.tool_calls.map(|calls| {
+                            calls
+                                .into_iter()
+                                .enumerate()
+                                .map(|(i, call)| ToolCallDelta {
+                                    index: i as u32,
+                                    id: Some(call.id),
+                                    kind: Some(call.kind),
+                                    function: Some(FunctionCallDelta {
+                                        name: Some(call.function.name),
+                                        arguments: Some(call.function.arguments),
+                                    }),
+                                })
+                                .collect()
+                        }),
+                    },
+                    finish_reason: c.finish_reason,
+                })
+                .collect(),
+            usage: self.usage,
+            error: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_fields_are_kept_for_pass_through() {
+        let req: ChatRequest = serde_json::from_value(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi", "x_msg": 1}],
+            "logit_bias": {"50256": -100}, "parallel_tool_calls": false
+        }))
+        .unwrap();
+        assert_eq!(req.extra["logit_bias"], json!({"50256": -100}));
+        assert_eq!(req.messages[0].extra["x_msg"], json!(1));
+        let back = serde_json::to_value(&req).unwrap();
+        assert_eq!(back["parallel_tool_calls"], json!(false));
+    }
+
+    #[test]
+    fn content_parts_parse() {
+        let m: Message = serde_json::from_value(json!({"role": "user", "content": [
+            {"type": "text", "text": "what is this", "cache_control": {"type": "ephemeral"}},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        ]}))
+        .unwrap();
+        let Some(Content::Parts(parts)) = &m.content else {
+            panic!("parts expected")
+        };
+        assert!(
+            matches!(&parts[0], ContentPart::Text { extra, .. } if extra.contains_key("cache_control"))
+        );
+        assert!(
+            matches!(&parts[1], ContentPart::ImageUrl { image_url, .. } if image_url.url.starts_with("data:"))
+        );
+    }
+
+    #[test]
+    fn validate_rejects_empty_messages_and_orphan_tool_messages() {
+        let mut req = ChatRequest {
+            model: "m".into(),
+            ..ChatRequest::default()
+        };
+        assert!(req.validate().unwrap_err().contains("messages"));
+        req.messages.push(Message::text(Role::Tool, "42"));
+        assert!(req.validate().unwrap_err().contains("tool_call_id"));
+    }
+
+    #[test]
+    fn aggregator_joins_text_and_tool_call_fragments() {
+        let mut agg = Aggregator::default();
+        agg.push(ChatChunk::text("Hel"));
+        agg.push(ChatChunk::text("lo"));
+        agg.push(ChatChunk::delta(Delta {
+            tool_calls: Some(vec![ToolCallDelta {
+                index: 0,
+                id: Some("call_1".into()),
+                kind: Some("function".into()),
+                function: Some(FunctionCallDelta {
+                    name: Some("f".into()),
+                    arguments: Some("{\"a\":".into()),
+                }),
+            }]),
+            ..Delta::default()
+        }));
+        agg.push(ChatChunk::delta(Delta {
+            tool_calls: Some(vec![ToolCallDelta {
+                index: 0,
+                function: Some(FunctionCallDelta {
+                    name: None,
+                    arguments: Some("1}".into()),
+                }),
+                ..ToolCallDelta::default()
+            }]),
+            ..Delta::default()
+        }));
+        let done = agg.finish();
+        assert_eq!(done.choices[0].message.content.as_deref(), Some("Hello"));
+        let calls = done.choices[0].message.tool_calls.as_ref().unwrap();
+        assert_eq!(calls[0].id, "call_1");
+        assert_eq!(calls[0].function.arguments, "{\"a\":1}");
+    }
+
+    #[test]
+    fn role_only_chunks_are_not_content() {
+        let c = ChatChunk::delta(Delta {
+            role: Some(Role::Assistant),
+            ..Delta::default()
+        });
+        assert!(!c.is_content());
+        assert!(ChatChunk::text("x").is_content());
+    }
+}

@@ -1,0 +1,790 @@
+//! `switchboard.toml`: the configuration of SPEC §2, with errors that name their TOML path.
+//!
+//! [`Config::from_toml`] parses and validates; every problem it finds is reported as
+//! `path: message` (e.g. `models[1].endpoints[0].provider: no provider named "opnai"`),
+//! so `switchboard check` can print them all at once.
+//!
+//! # Example
+//! ```
+//! use switchboard::config::Config;
+//!
+//! let err = Config::from_toml(r#"
+//! [[models]]
+//! id = "x/y"
+//!   [[models.endpoints]]
+//!   provider = "nowhere"
+//!   upstream_model = "y"
+//!   prompt_usd_per_mtok = 1
+//!   completion_usd_per_mtok = 2
+//! "#).unwrap_err();
+//! assert!(err.to_string().contains("models[0].endpoints[0].provider"));
+//!
+//! let demo = Config::demo();
+//! assert!(demo.models.iter().any(|m| m.id == "mock/echo"));
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::chat::DataCollection;
+use crate::money::{Money, Price};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// `[store]`.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// `[admin]`.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// `[health]`.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// `[retry]`.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// `[logging]`.
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    /// `[[providers]]`.
+    #[serde(default)]
+    pub providers: Vec<ProviderConfig>,
+    /// `[[models]]`.
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+    /// `[[keys]]`: bootstrap keys, upserted on start.
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: u64,
+    /// Whole request, streams included.
+    pub request_timeout_secs: u64,
+    /// No first chunk after this long: commit the 200 and send SSE comments.
+    pub keepalive_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 10_485_760,
+            request_timeout_secs: 600,
+            keepalive_secs: 10,
+        }
+    }
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (or `sqlite::memory:` for tests).
+    pub url: String,
+    /// `normal` survives a process crash; `full` also power loss.
+    pub sync: SyncMode,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "sqlite://switchboard.db".into(),
+            sync: SyncMode::Normal,
+        }
+    }
+}
+
+/// `[store].sync`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// WAL + `synchronous=NORMAL`.
+    #[default]
+    Normal,
+    /// WAL + `synchronous=FULL` (fsync at every group commit).
+    Full,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Environment variable holding the admin token; `/admin/*` is off without it.
+    pub token_env: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token_env: "SWITCHBOARD_ADMIN_TOKEN".into(),
+        }
+    }
+}
+
+/// `[health]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Consecutive retriable failures that mark an endpoint degraded.
+    pub failure_threshold: u32,
+    /// How long a degraded endpoint is skipped before one probe.
+    pub cooldown_secs: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            failure_threshold: 5,
+            cooldown_secs: 60,
+        }
+    }
+}
+
+/// `[retry]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts per request across all endpoints.
+    pub max_attempts: u32,
+    /// Backoff before re-trying the same endpoint; doubles each time.
+    pub base_backoff_ms: u64,
+    /// Backoff ceiling.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 5,
+            base_backoff_ms: 100,
+            max_backoff_ms: 3200,
+        }
+    }
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// `sqlite`, `sqlite:PATH`, `jsonl:PATH` or `none`.
+    pub sink: String,
+    /// Store prompts and completions in request logs.
+    pub log_content: bool,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            sink: "sqlite".into(),
+            log_content: false,
+        }
+    }
+}
+
+/// The wire format a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// OpenAI chat completions (and every OpenAI-compatible server).
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// Anthropic Messages.
+    Anthropic,
+    /// Google Gemini `generateContent`.
+    Gemini,
+    /// In-process answers, no network.
+    Mock,
+}
+
+impl ProviderKind {
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
+            ProviderKind::Mock => "mock",
+        }
+    }
+}
+
+/// `[[providers]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Unique name; appears in `X-Provider`.
+    pub name: String,
+    /// Wire format.
+    pub kind: ProviderKind,
+    /// API root, e.g. `https://api.openai.com/v1`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Environment variable with the provider's secret.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The secret itself (prefer `api_key_env`; handy for local servers and tests).
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Per attempt, until the first byte.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// A stream silent this long is failed.
+    #[serde(default = "default_idle")]
+    pub stream_idle_timeout_secs: u64,
+    /// Whether the provider may train on prompts.
+    #[serde(default = "default_data_collection")]
+    pub data_collection: DataCollection,
+    /// Extra headers sent upstream.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_timeout() -> u64 {
+    120
+}
+fn default_idle() -> u64 {
+    60
+}
+fn default_data_collection() -> DataCollection {
+    DataCollection::Deny
+}
+
+/// `[[models]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// What clients put in `model`.
+    pub id: String,
+    /// Tokenizer for counting when a provider reports no usage.
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: String,
+    /// Shown in `/v1/models`.
+    #[serde(default)]
+    pub context_length: Option<u64>,
+    /// The default `max_tokens`, and the reserve's bound.
+    #[serde(default)]
+    pub max_output_tokens: Option<u32>,
+    /// Where the model is served.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+fn default_tokenizer() -> String {
+    "o200k_base".into()
+}
+
+/// `[[models.endpoints]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// Provider name.
+    pub provider: String,
+    /// The provider's name for the model.
+    pub upstream_model: String,
+    /// USD per 1,000,000 prompt tokens.
+    pub prompt_usd_per_mtok: Price,
+    /// USD per 1,000,000 completion tokens.
+    pub completion_usd_per_mtok: Price,
+    /// Default: the prompt price.
+    #[serde(default)]
+    pub cache_read_usd_per_mtok: Option<Price>,
+    /// Default: the prompt price.
+    #[serde(default)]
+    pub cache_write_usd_per_mtok: Option<Price>,
+    /// Share for load balancing (default 1).
+    #[serde(default)]
+    pub weight: Option<f64>,
+}
+
+/// `[[keys]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// The client secret (stored hashed).
+    pub secret: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Credit granted when the key is first created.
+    pub credits_usd: Money,
+    /// Lifetime spending limit.
+    #[serde(default)]
+    pub limit_usd: Option<Money>,
+    /// Requests per minute.
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    /// Tokens per UTC day.
+    #[serde(default)]
+    pub tokens_per_day: Option<u64>,
+    /// Allow-list of model globs.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// TOML path, e.g. `providers[0].base_url`.
+    pub path: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    /// Where the config came from.
+    pub source_name: String,
+    /// The problems, in file order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} has {} problem(s):",
+            self.source_name,
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The built-in demo config of SPEC §1 (no network, no secrets needed).
+pub const DEMO_TOML: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+
+[store]
+url = "sqlite://switchboard.db"
+
+[[providers]]
+name = "mock"
+kind = "mock"
+
+[[models]]
+id = "mock/echo"
+tokenizer = "o200k_base"
+context_length = 8192
+max_output_tokens = 1024
+  [[models.endpoints]]
+  provider = "mock"
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 1.0
+  completion_usd_per_mtok = 2.0
+
+[[models]]
+id = "mock/lorem"
+tokenizer = "o200k_base"
+context_length = 8192
+max_output_tokens = 256
+  [[models.endpoints]]
+  provider = "mock"
+  upstream_model = "lorem"
+  prompt_usd_per_mtok = 1.0
+  completion_usd_per_mtok = 2.0
+
+[[keys]]
+secret = "sk-demo"
+name = "demo"
+credits_usd = 1.0
+"#;
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::parse_named(text, "config")
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            problems: vec![Problem {
+                path: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Self::parse_named(&text, &name)
+    }
+
+    /// The built-in demo.
+    pub fn demo() -> Config {
+        Self::parse_named(DEMO_TOML, "built-in demo config").expect("the demo config is valid")
+    }
+
+    fn parse_named(text: &str, name: &str) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            source_name: name.to_string(),
+            problems,
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            fail(vec![Problem {
+                path: String::new(),
+                message: format!("not valid TOML: {}", e.to_string().trim()),
+            }])
+        })?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.message().to_string();
+            let line = inner
+                .span()
+                .map(|s| format!(" (line {})", text[..s.start].lines().count().max(1)))
+                .unwrap_or_default();
+            fail(vec![Problem {
+                path: if path == "." { String::new() } else { path },
+                message: format!("{message}{line}"),
+            }])
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(fail(problems))
+        }
+    }
+
+    /// Semantic checks serde cannot make; empty when the config is usable.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut bad = |path: String, message: String| out.push(Problem { path, message });
+
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            bad(
+                "server.listen".into(),
+                format!(
+                    "`{}` is not an address like 127.0.0.1:8080",
+                    self.server.listen
+                ),
+            );
+        }
+        if self.server.max_body_bytes == 0 {
+            bad("server.max_body_bytes".into(), "must be at least 1".into());
+        }
+        if self.server.request_timeout_secs == 0 {
+            bad(
+                "server.request_timeout_secs".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if self.server.keepalive_secs == 0 {
+            bad("server.keepalive_secs".into(), "must be at least 1".into());
+        }
+        if !(self.store.url.starts_with("sqlite://") || self.store.url == "sqlite::memory:") {
+            bad(
+                "store.url".into(),
+                format!("`{}` is not supported; use sqlite://PATH", self.store.url),
+            );
+        }
+        if self.health.failure_threshold == 0 {
+            bad(
+                "health.failure_threshold".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if self.retry.max_attempts == 0 {
+            bad("retry.max_attempts".into(), "must be at least 1".into());
+        }
+        if self.retry.base_backoff_ms > self.retry.max_backoff_ms {
+            bad(
+                "retry.base_backoff_ms".into(),
+                "must not exceed retry.max_backoff_ms".into(),
+            );
+        }
+        let sink = self.logging.sink.as_str();
+        let sink_ok = matches!(sink, "sqlite" | "none")
+            || sink.strip_prefix("sqlite:").is_some_and(|p| !p.is_empty())
+            || sink.strip_prefix("jsonl:").is_some_and(|p| !p.is_empty());
+        if !sink_ok {
+            bad(
+                "logging.sink".into(),
+                format!("`{sink}` is not one of sqlite, sqlite:PATH, jsonl:PATH, none"),
+            );
+        }
+
+        let mut names = HashSet::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            let at = |f: &str| format!("providers[{i}].{f}");
+            if p.name.trim().is_empty() {
+                bad(at("name"), "must not be empty".into());
+            } else if !names.insert(p.name.as_str()) {
+                bad(
+                    at("name"),
+                    format!("`{}` is used by another provider", p.name),
+                );
+            }
+            if p.kind != ProviderKind::Mock {
+                match p.base_url.as_deref() {
+                    None => bad(
+                        at("base_url"),
+                        format!("required for kind `{}`", p.kind.as_str()),
+                    ),
+                    Some(u) => {
+                        let ok = (u.starts_with("http://") || u.starts_with("https://"))
+                            && u.parse::<http::Uri>().is_ok();
+                        if !ok {
+                            bad(at("base_url"), format!("`{u}` is not an http(s) URL"));
+                        }
+                    }
+                }
+                if p.api_key.is_none() && p.api_key_env.is_none() {
+                    bad(
+                        at("api_key_env"),
+                        "name the environment variable that holds this provider's key".into(),
+                    );
+                }
+            }
+            if p.timeout_secs == 0 {
+                bad(at("timeout_secs"), "must be at least 1".into());
+            }
+            if p.stream_idle_timeout_secs == 0 {
+                bad(at("stream_idle_timeout_secs"), "must be at least 1".into());
+            }
+            for (k, v) in &p.headers {
+                if http::HeaderName::try_from(k.as_str()).is_err()
+                    || http::HeaderValue::try_from(v.as_str()).is_err()
+                {
+                    bad(
+                        at(&format!("headers.{k}")),
+                        "is not a valid HTTP header".into(),
+                    );
+                }
+            }
+        }
+
+        let mut ids = HashSet::new();
+        let max_price: Price = "1000000".parse().expect("constant");
+        for (i, m) in self.models.iter().enumerate() {
+            let at = |f: &str| format!("models[{i}].{f}");
+            if m.id.trim().is_empty() {
+                bad(at("id"), "must not be empty".into());
+            } else if m.id.contains(':') {
+                bad(
+                    at("id"),
+                    "must not contain `:` (reserved for :floor / :nitro)".into(),
+                );
+            } else if !ids.insert(m.id.as_str()) {
+                bad(at("id"), format!("`{}` is used by another model", m.id));
+            }
+            if !crate::tokenize::is_known(&m.tokenizer) {
+                bad(
+                    at("tokenizer"),
+                    format!(
+                        "`{}` is not one of {}",
+                        m.tokenizer,
+                        crate::tokenize::KNOWN.join(", ")
+                    ),
+                );
+            }
+            if m.max_output_tokens == Some(0) {
+                bad(at("max_output_tokens"), "must be at least 1".into());
+            }
+            if m.endpoints.is_empty() {
+                bad(
+                    at("endpoints"),
+                    "a model needs at least one [[models.endpoints]]".into(),
+                );
+            }
+            for (j, e) in m.endpoints.iter().enumerate() {
+                let at = |f: &str| format!("models[{i}].endpoints[{j}].{f}");
+                match self.providers.iter().find(|p| p.name == e.provider) {
+                    None => bad(
+                        at("provider"),
+                        format!("no provider named `{}`", e.provider),
+                    ),
+                    Some(p) if p.kind == ProviderKind::Mock => {
+                        if !matches!(e.upstream_model.as_str(), "echo" | "lorem") {
+                            bad(
+                                at("upstream_model"),
+                                "a mock provider serves `echo` or `lorem`".into(),
+                            );
+                        }
+                    }
+                    Some(_) => {}
+                }
+                if e.upstream_model.trim().is_empty() {
+                    bad(at("upstream_model"), "must not be empty".into());
+                }
+                for (field, price) in [
+                    ("prompt_usd_per_mtok", Some(e.prompt_usd_per_mtok)),
+                    ("completion_usd_per_mtok", Some(e.completion_usd_per_mtok)),
+                    ("cache_read_usd_per_mtok", e.cache_read_usd_per_mtok),
+                    ("cache_write_usd_per_mtok", e.cache_write_usd_per_mtok),
+                ] {
+                    if price.is_some_and(|p| p >= max_price) {
+                        bad(
+                            at(field),
+                            "must be below 1000000 USD per million tokens".into(),
+                        );
+                    }
+                }
+                if let Some(w) = e.weight {
+                    if !(w.is_finite() && w > 0.0) {
+                        bad(at("weight"), "must be a positive number".into());
+                    }
+                }
+            }
+        }
+
+        let mut secrets = HashSet::new();
+        for (i, k) in self.keys.iter().enumerate() {
+            let at = |f: &str| format!("keys[{i}].{f}");
+            if k.secret.trim().len() < 6 {
+                bad(at("secret"), "must be at least 6 characters".into());
+            } else if !secrets.insert(k.secret.as_str()) {
+                bad(at("secret"), "is used by another key".into());
+            }
+            if k.credits_usd.is_negative() {
+                bad(at("credits_usd"), "must not be negative".into());
+            }
+            if k.limit_usd.is_some_and(|l| l.is_negative()) {
+                bad(at("limit_usd"), "must not be negative".into());
+            }
+            if k.rpm == Some(0) {
+                bad(
+                    at("rpm"),
+                    "must be at least 1 (leave it out for no limit)".into(),
+                );
+            }
+            if let Some(models) = &k.models {
+                for (j, pat) in models.iter().enumerate() {
+                    if pat.trim().is_empty() {
+                        bad(format!("keys[{i}].models[{j}]"), "must not be empty".into());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Problems that do not stop the gateway but will fail requests (e.g. a provider
+    /// key variable that is not set in this environment).
+    pub fn warnings(&self) -> Vec<Problem> {
+        self.providers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.kind != ProviderKind::Mock && p.api_key.is_none())
+            .filter_map(|(i, p)| {
+                let var = p.api_key_env.as_deref()?;
+                std::env::var_os(var).is_none().then(|| Problem {
+                    path: format!("providers[{i}].api_key_env"),
+                    message: format!(
+                        "environment variable `{var}` is not set; requests to `{}` will fail over",
+                        p.name
+                    ),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_is_valid() {
+        let c = Config::demo();
+        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.keys[0].credits_usd, "1".parse().unwrap());
+    }
+
+    #[test]
+    fn type_errors_name_the_toml_path() {
+        let err = Config::from_toml("[server]\nmax_body_bytes = \"big\"\n").unwrap_err();
+        assert_eq!(err.problems[0].path, "server.max_body_bytes");
+        let err = Config::from_toml("[server]\nlisen = \"x\"\n").unwrap_err();
+        assert!(err.problems[0].message.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn prices_are_exact_decimals() {
+        let c = Config::from_toml(
+            r#"
+[[providers]]
+name = "m"
+kind = "mock"
+[[models]]
+id = "m/echo"
+  [[models.endpoints]]
+  provider = "m"
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 0.15
+  completion_usd_per_mtok = "0.000001"
+"#,
+        )
+        .unwrap();
+        let e = &c.models[0].endpoints[0];
+        assert_eq!(e.prompt_usd_per_mtok.pico_per_token(), 150_000);
+        assert_eq!(e.completion_usd_per_mtok.pico_per_token(), 1);
+        let err = Config::from_toml(
+            "[[providers]]\nname='m'\nkind='mock'\n[[models]]\nid='a'\n[[models.endpoints]]\nprovider='m'\nupstream_model='echo'\nprompt_usd_per_mtok=0.0000001\ncompletion_usd_per_mtok=1\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("prompt_usd_per_mtok"), "{err}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_listed() {
+        let err = Config::from_toml(
+            r#"
+[server]
+listen = "nowhere"
+[[providers]]
+name = "oa"
+kind = "openai"
+[[providers]]
+name = "oa"
+kind = "mock"
+[[models]]
+id = "a:b"
+"#,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        for want in [
+            "server.listen",
+            "providers[0].base_url",
+            "providers[0].api_key_env",
+            "providers[1].name",
+            "models[0].id",
+            "models[0].endpoints",
+        ] {
+            assert!(paths.contains(&want), "{want} missing from {paths:?}");
+        }
+    }
+}

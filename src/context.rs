@@ -1,0 +1,254 @@
+//! The types between typed-tier layers: [`ChatCall`] in, [`ChatReply`] out, and the
+//! per-request [`CallContext`] every layer fills in.
+//!
+//! `CallContext` is created once per request (by `LoggingLayer`, or by `NormalizeLayer`
+//! when used alone), travels in the HTTP request's extensions and then inside each
+//! call, and is read at the end by credit settlement and logging. It is an `Arc`
+//! with a per-request mutex: never global, never contended across requests.
+//!
+//! # Example
+//! ```
+//! use switchboard::context::CallContext;
+//!
+//! let ctx = CallContext::new();
+//! assert!(ctx.request_id().starts_with("gen-"));
+//! ctx.update(|s| s.streamed = true);
+//! assert!(ctx.snapshot().streamed);
+//! ```
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::Stream;
+
+use crate::catalog::Endpoint;
+use crate::chat::{ChatChunk, ChatRequest, Usage};
+use crate::error::GatewayError;
+use crate::keys::KeyRecord;
+use crate::money::Money;
+
+/// The stream of chunks every typed layer passes along.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, GatewayError>> + Send>>;
+
+/// A typed chat call: the request, its context, and (after routing) its plan.
+#[derive(Clone)]
+pub struct ChatCall {
+    /// The parsed client request, shared by every attempt.
+    pub request: Arc<ChatRequest>,
+    /// Per-request state.
+    pub ctx: CallContext,
+    /// Candidate endpoints in the order they should be tried; filled by routing.
+    pub plan: Vec<Arc<Endpoint>>,
+}
+
+impl ChatCall {
+    /// A call with an empty plan.
+    pub fn new(request: ChatRequest, ctx: CallContext) -> Self {
+        ChatCall {
+            request: Arc::new(request),
+            ctx,
+            plan: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Debug for ChatCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChatCall")
+            .field("request_id", &self.ctx.request_id())
+            .field("model", &self.request.model)
+            .field(
+                "plan",
+                &self.plan.iter().map(|e| e.label()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// A committed reply: the endpoint that serves it and its chunks.
+///
+/// By the time a `ChatReply` exists, its first content chunk is ready (SPEC §3.1's
+/// commit point); nothing is retried after that.
+pub struct ChatReply {
+    /// The endpoint that served.
+    pub endpoint: Arc<Endpoint>,
+    /// Chunks, the already-received first content chunk included.
+    pub chunks: ChunkStream,
+}
+
+impl fmt::Debug for ChatReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChatReply")
+            .field("endpoint", &self.endpoint.label())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One upstream attempt: what the provider client is called with.
+#[derive(Clone)]
+pub struct ProviderCall {
+    /// Where to send it.
+    pub endpoint: Arc<Endpoint>,
+    /// The client request (adapters translate it).
+    pub request: Arc<ChatRequest>,
+    /// Per-request state.
+    pub ctx: CallContext,
+}
+
+impl fmt::Debug for ProviderCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProviderCall")
+            .field("request_id", &self.ctx.request_id())
+            .field("endpoint", &self.endpoint.label())
+            .finish()
+    }
+}
+
+/// One attempt as recorded for `/v1/generation` and the request log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    /// Provider name.
+    pub provider: Arc<str>,
+    /// Gateway model id tried.
+    pub model: Arc<str>,
+    /// `"200"`, `"503"`, `"timeout"`, ….
+    pub status: String,
+    /// From the attempt's start to its success (first content) or failure.
+    pub latency: Duration,
+}
+
+/// What layers record about a request as it goes.
+#[derive(Debug, Clone, Default)]
+pub struct CallState {
+    /// The model the client asked for.
+    pub requested_model: String,
+    /// The endpoint that served, once committed.
+    pub served: Option<Arc<Endpoint>>,
+    /// Every attempt, in order.
+    pub attempts: Vec<AttemptRecord>,
+    /// Metered usage of the served attempt, priced (`usage.cost` set).
+    pub usage: Option<Usage>,
+    /// The priced cost of the served attempt (equals `usage.cost`).
+    pub cost: Money,
+    /// Time to the first content chunk.
+    pub ttft: Option<Duration>,
+    /// Time spent waiting on upstreams (for the overhead metric).
+    pub upstream_wait: Duration,
+    /// Final `finish_reason`.
+    pub finish_reason: Option<String>,
+    /// Final status sent (or committed) to the client.
+    pub status: u16,
+    /// SPEC error code, if the request failed.
+    pub error_code: Option<&'static str>,
+    /// Whether the client asked for a stream.
+    pub streamed: bool,
+    /// Completion text delivered (kept only when `log_content` is on).
+    pub completion_text: Option<String>,
+}
+
+struct Inner {
+    request_id: String,
+    created: u64,
+    started: Instant,
+    deadline: OnceLock<Instant>,
+    key: OnceLock<Arc<KeyRecord>>,
+    state: Mutex<CallState>,
+}
+
+/// Shared per-request state; cheap to clone.
+#[derive(Clone)]
+pub struct CallContext(Arc<Inner>);
+
+impl CallContext {
+    /// A new context with a fresh request id.
+    pub fn new() -> Self {
+        Self::with_id(new_request_id())
+    }
+
+    /// A new context with the given request id.
+    pub fn with_id(request_id: String) -> Self {
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        CallContext(Arc::new(Inner {
+            request_id,
+            created,
+            started: Instant::now(),
+            deadline: OnceLock::new(),
+            key: OnceLock::new(),
+            state: Mutex::new(CallState::default()),
+        }))
+    }
+
+    /// The gateway's request id (the response `id`, `X-Request-Id`, the ledger key).
+    pub fn request_id(&self) -> &str {
+        &self.0.request_id
+    }
+
+    /// Unix seconds when the request arrived.
+    pub fn created(&self) -> u64 {
+        self.0.created
+    }
+
+    /// When the request arrived.
+    pub fn started(&self) -> Instant {
+        self.0.started
+    }
+
+    /// The whole request's deadline, if one is set.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.0.deadline.get().copied()
+    }
+
+    /// Sets the deadline (first call wins).
+    pub fn set_deadline(&self, at: Instant) {
+        let _ = self.0.deadline.set(at);
+    }
+
+    /// The authenticated key, if auth ran.
+    pub fn key(&self) -> Option<&Arc<KeyRecord>> {
+        self.0.key.get()
+    }
+
+    /// Records the authenticated key (first call wins).
+    pub fn set_key(&self, key: Arc<KeyRecord>) {
+        let _ = self.0.key.set(key);
+    }
+
+    /// Changes the state under its lock.
+    pub fn update<R>(&self, f: impl FnOnce(&mut CallState) -> R) -> R {
+        let mut guard = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
+    }
+
+    /// A copy of the state.
+    pub fn snapshot(&self) -> CallState {
+        self.update(|s| s.clone())
+    }
+}
+
+impl Default for CallContext {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for CallContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallContext")
+            .field("request_id", &self.0.request_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A fresh request id: `gen-` + 24 random alphanumerics (unguessable, so a
+/// generation id leaks nothing and cannot be enumerated).
+pub fn new_request_id() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    let mut id = String::with_capacity(28);
+    id.push_str("gen-");
+    Alphanumeric.append_string(&mut rand::rng(), &mut id, 24);
+    id
+}

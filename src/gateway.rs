@@ -1,0 +1,285 @@
+//! `Gateway::builder()`: the default stack in named steps, and the axum router around it.
+//!
+//! The binary serves exactly [`Gateway::router`], so library users get what the binary
+//! runs. The order of the steps is the architecture; each says why it sits where it does.
+//!
+//! # Example
+//! ```
+//! use switchboard::{config::Config, gateway::Gateway};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let gateway = Gateway::builder().config(Config::demo()).build().unwrap();
+//! let req = http::Request::post("/v1/chat/completions")
+//!     .header("authorization", "Bearer sk-demo")
+//!     .header("content-type", "application/json")
+//!     .body(axum::body::Body::from(
+//!         r#"{"model":"mock/echo","messages":[{"role":"user","content":"hello"}]}"#,
+//!     ))
+//!     .unwrap();
+//! let res = gateway.router().oneshot(req).await.unwrap();
+//! assert_eq!(res.status(), 200);
+//! assert_eq!(res.headers()["x-provider"], "mock");
+//! # }
+//! ```
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post_service};
+use axum::Router;
+use http::{Request, Response, StatusCode};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tower::util::BoxCloneSyncService;
+use tower::ServiceBuilder;
+
+use crate::catalog::{Catalog, Model};
+use crate::config::Config;
+use crate::error::{Body, GatewayError};
+use crate::fallback::FallbackLayer;
+use crate::metering::MeteringLayer;
+use crate::normalize::NormalizeLayer;
+use crate::providers::ProviderClient;
+use crate::route::RouteLayer;
+
+/// The HTTP-tier chat service: what `/v1/chat/completions` is routed to.
+pub type ChatService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// Why a gateway could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// No config was given.
+    #[error("no config: call .config(..) on the builder")]
+    NoConfig,
+    /// The config is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Assembles a [`Gateway`].
+#[derive(Default)]
+pub struct GatewayBuilder {
+    config: Option<Config>,
+    provider_client: Option<ProviderClient>,
+}
+
+impl std::fmt::Debug for GatewayBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayBuilder").finish_non_exhaustive()
+    }
+}
+
+impl GatewayBuilder {
+    /// The configuration (validated again at `build`).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// A provider client with custom adapters (default: the built-in ones).
+    pub fn provider_client(mut self, client: ProviderClient) -> Self {
+        self.provider_client = Some(client);
+        self
+    }
+
+    /// Builds the stack.
+    pub fn build(self) -> Result<Gateway, BuildError> {
+        let config = self.config.ok_or(BuildError::NoConfig)?;
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(crate::config::ConfigError {
+                source_name: "config".into(),
+                problems,
+            }
+            .into());
+        }
+        let catalog = Arc::new(Catalog::from_config(&config));
+        let client = self.provider_client.unwrap_or_default();
+
+        // The typed tier, outermost first.
+        let typed = ServiceBuilder::new()
+            // 1. Route: model id (+ `models`, variants, allow-list) → candidate endpoints.
+            //    First, so every later step works on a plan and unknown models cost nothing.
+            .layer(RouteLayer::new(catalog.clone()))
+            // 2. Fallback: walk the plan until an endpoint commits its first content chunk.
+            //    Outside metering, so each attempt is metered on its own and failed
+            //    attempts cost nothing.
+            .layer(FallbackLayer::new(config.retry.clone()))
+            // 3. Metering: count and price each attempt's chunks as they pass, right at
+            //    the provider, so a cut stream is metered for exactly what passed.
+            .layer(MeteringLayer::new())
+            // 4. The provider client: adapters over one pooled HTTP client.
+            .service(client);
+
+        // The HTTP tier, outermost first.
+        let chat = ServiceBuilder::new()
+            // Normalize is where HTTP ends: body limit, JSON, SSE, keep-alive, deadline.
+            .layer(
+                NormalizeLayer::new()
+                    .max_body_bytes(config.server.max_body_bytes as usize)
+                    .keepalive(Duration::from_secs(config.server.keepalive_secs))
+                    .request_timeout(Duration::from_secs(config.server.request_timeout_secs)),
+            )
+            .service(typed);
+
+        Ok(Gateway {
+            config: Arc::new(config),
+            catalog,
+            chat: BoxCloneSyncService::new(chat),
+        })
+    }
+}
+
+/// A built gateway: config, catalog, and the assembled chat service.
+#[derive(Clone)]
+pub struct Gateway {
+    config: Arc<Config>,
+    catalog: Arc<Catalog>,
+    chat: ChatService,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Starts a builder.
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder::default()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The catalog.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// The chat-completions service alone (HTTP tier), to mount anywhere.
+    pub fn chat_service(&self) -> ChatService {
+        self.chat.clone()
+    }
+
+    /// Every route of SPEC §3, under `/v1` and `/api/v1`, with SPEC-shaped 404/405.
+    pub fn router(&self) -> Router {
+        let v1 = Router::new()
+            .route("/chat/completions", post_service(self.chat.clone()))
+            .route("/models", get(list_models))
+            .route("/models/{*id}", get(get_model))
+            .with_state(self.catalog.clone());
+        Router::new()
+            .nest("/v1", v1.clone())
+            .nest("/api/v1", v1)
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(|| async { "ready" }))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+    }
+
+    /// Serves [`Gateway::router`] on `listener` until `shutdown` resolves, then lets
+    /// in-flight requests (streams included) finish for up to `drain`.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        drain: Duration,
+    ) -> std::io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = self.router();
+        let server = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                let _ = tx.send(());
+            })
+            .into_future();
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => r,
+            _ = async { let _ = rx.await; tokio::time::sleep(drain).await } => {
+                tracing::warn!("in-flight requests did not finish within {}s; stopping", drain.as_secs());
+                Ok(())
+            }
+        }
+    }
+
+    /// Binds `addr` (TCP_NODELAY on every accepted connection).
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+        TcpListener::bind(addr).await
+    }
+}
+
+use std::future::IntoFuture;
+
+async fn not_found(req: Request<axum::body::Body>) -> Response<Body> {
+    GatewayError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+    .into_response()
+}
+
+async fn method_not_allowed(req: Request<axum::body::Body>) -> Response<Body> {
+    GatewayError::MethodNotAllowed(format!(
+        "{} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ))
+    .into_response()
+}
+
+/// The `/v1/models` object of one model, priced at its cheapest endpoint.
+pub fn model_json(m: &Model) -> Value {
+    let cheapest = m
+        .endpoints
+        .iter()
+        .min_by_key(|e| e.pricing.prompt.pico_per_token() + e.pricing.completion.pico_per_token());
+    let (prompt, completion) = cheapest.map_or(("0".into(), "0".into()), |e| {
+        (
+            e.pricing.prompt.per_token_usd(),
+            e.pricing.completion.per_token_usd(),
+        )
+    });
+    let owned_by = m.id.split_once('/').map_or("switchboard", |(o, _)| o);
+    json!({
+        "id": m.id.as_ref(),
+        "object": "model",
+        "created": 0,
+        "owned_by": owned_by,
+        "context_length": m.context_length,
+        "pricing": {"prompt": prompt, "completion": completion},
+    })
+}
+
+async fn list_models(State(catalog): State<Arc<Catalog>>) -> axum::Json<Value> {
+    let data: Vec<Value> = catalog.models().iter().map(|m| model_json(m)).collect();
+    axum::Json(json!({"object": "list", "data": data}))
+}
+
+async fn get_model(State(catalog): State<Arc<Catalog>>, Path(id): Path<String>) -> Response<Body> {
+    match catalog.model(&id) {
+        Some(m) => {
+            let mut res = Response::new(Body::from(model_json(m).to_string()));
+            res.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            res
+        }
+        None => GatewayError::ModelNotFound(format!("no model `{id}`")).into_response(),
+    }
+}
+
+/// `StatusCode` re-export for handlers.
+#[doc(hidden)]
+pub const _OK: StatusCode = StatusCode::OK;

@@ -1,0 +1,36 @@
+//! switchboard: a self-hosted LLM gateway built as a stack of Tower layers.
+//!
+//! Clients speak the OpenAI chat-completions API (plus OpenRouter's extensions); the
+//! gateway speaks each provider's native API. Every stage is a `tower::Layer` usable
+//! alone or stacked; [`gateway::Gateway::builder`] assembles the default stack the
+//! `switchboard` binary serves.
+//!
+//! ```text
+//! HTTP tier  (Service<http::Request<B>>)     normalize            HTTP ⇄ typed
+//! typed tier (Service<ChatCall>)             route → fallback     plan, failover
+//! provider   (Service<ProviderCall>)         metering → provider  price, wire formats
+//! ```
+//!
+//! See `ARCHITECTURE.md` for the whole picture and `README.md` for use.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod catalog;
+pub mod chat;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod fallback;
+pub mod gateway;
+pub mod keys;
+pub mod metering;
+pub mod money;
+pub mod normalize;
+pub mod providers;
+pub mod route;
+pub mod tokenize;
+
+pub use gateway::Gateway;
+
+/// The `User-Agent` sent upstream.
+pub const USER_AGENT: &str = concat!("switchboard/", env!("CARGO_PKG_VERSION"));

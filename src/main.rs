@@ -1,0 +1,182 @@
+//! The `switchboard` binary: parse the CLI, load the config, build the gateway, serve.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use switchboard::config::Config;
+use switchboard::Gateway;
+
+#[derive(Parser)]
+#[command(name = "switchboard", version, about = "A self-hosted LLM gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Config file (default: ./switchboard.toml, else the built-in demo).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address; overrides [server].listen.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Validate a config file and print every problem.
+    Check {
+        /// Config file (default: ./switchboard.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Serve { config, listen } => serve(config, listen),
+        Command::Check { config } => check(config),
+    }
+}
+
+/// Loads the config: the named file, else ./switchboard.toml, else the demo.
+fn load(path: Option<PathBuf>, demo_ok: bool) -> Result<Config, ExitCode> {
+    let default = PathBuf::from("switchboard.toml");
+    let path = match path {
+        Some(p) => p,
+        None if default.exists() => default,
+        None if demo_ok => {
+            eprintln!("switchboard: no --config and no ./switchboard.toml: starting the built-in demo (provider `mock`, models mock/echo and mock/lorem, key sk-demo with $1 of credit, store ./switchboard.db)");
+            return Ok(Config::demo());
+        }
+        None => {
+            eprintln!(
+                "switchboard: no --config given and no ./switchboard.toml here; pass --config FILE"
+            );
+            return Err(ExitCode::from(1));
+        }
+    };
+    Config::from_file(&path).map_err(|e| {
+        eprintln!("switchboard: {e}");
+        ExitCode::from(1)
+    })
+}
+
+fn check(path: Option<PathBuf>) -> ExitCode {
+    match load(path, false) {
+        Ok(config) => {
+            for w in config.warnings() {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "config ok: {} provider(s), {} model(s), {} key(s)",
+                config.providers.len(),
+                config.models.len(),
+                config.keys.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let mut config = match load(path, true) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Some(addr) = listen {
+        config.server.listen = addr.to_string();
+    }
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
+    let addr: SocketAddr = match config.server.listen.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            eprintln!(
+                "switchboard: server.listen `{}` is not an address",
+                config.server.listen
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("switchboard: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(async move {
+        let gateway = match Gateway::builder().config(config).build() {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("switchboard: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let listener = match Gateway::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("switchboard: cannot listen on {addr}: {e} (is another process using the port? pass --listen ADDR)");
+                return ExitCode::from(2);
+            }
+        };
+        let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!("switchboard listening on http://{local}");
+        match gateway.serve(listener, shutdown_signal(), Duration::from_secs(30)).await {
+            Ok(()) => {
+                tracing::info!("switchboard stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("switchboard: server failed: {e}");
+                ExitCode::from(2)
+            }
+        }
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!(
+        "shutting down: no new connections; letting in-flight requests finish (30 s at most)"
+    );
+}

@@ -1,0 +1,729 @@
+//! `NormalizeLayer`: where HTTP ends. HTTP + JSON in, typed [`ChatCall`] down, JSON or
+//! SSE out.
+//!
+//! Reads the body under `max_body_bytes` (413), parses it with the JSON path of any
+//! error (400), validates it, and calls the typed stack. A non-stream reply is folded
+//! into one `chat.completion`; a stream is written as `chat.completion.chunk` events
+//! ending in `data: [DONE]`. The response is committed when the typed stack returns
+//! (its first content chunk is ready); if that takes longer than `keepalive`, a stream
+//! is committed early with `200` and `: switchboard processing` comments until it
+//! does. Errors before the commit are SPEC-shaped responses; after it, a final error
+//! chunk with `finish_reason: "error"`, then `[DONE]`. The whole request, stream
+//! included, is bounded by `request_timeout`.
+//!
+//! # Example
+//! ```
+//! use switchboard::normalize::NormalizeLayer;
+//! use switchboard::context::{ChatCall, ChatReply};
+//! use switchboard::error::GatewayError;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let svc = ServiceBuilder::new()
+//!     .layer(NormalizeLayer::new().max_body_bytes(1024))
+//!     .service(service_fn(|call: ChatCall| async move {
+//!         Err::<ChatReply, _>(GatewayError::ModelNotFound(format!("no `{}`", call.request.model)))
+//!     }));
+//! let req = http::Request::post("/v1/chat/completions")
+//!     .body(r#"{"model":"x","messages":[{"role":"user","content":"hi"}]}"#.to_string())
+//!     .unwrap();
+//! let res = svc.clone().oneshot(req).await.unwrap();
+//! assert_eq!(res.status(), 404);
+//!
+//! let bad = http::Request::post("/v1/chat/completions").body("{".to_string()).unwrap();
+//! assert_eq!(svc.oneshot(bad).await.unwrap().status(), 400);
+//! # }
+//! ```
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use futures_util::{Stream, StreamExt};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::chat::{Aggregator, ChatChunk, ChatRequest};
+use crate::context::{CallContext, ChatCall, ChatReply, ChunkStream};
+use crate::error::{Body, GatewayError};
+use crate::keys::KeyRecord;
+
+/// `X-Request-Id`.
+pub const X_REQUEST_ID: &str = "x-request-id";
+/// `X-Provider`.
+pub const X_PROVIDER: &str = "x-provider";
+/// `X-Model-Used`.
+pub const X_MODEL_USED: &str = "x-model-used";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Builds [`Normalize`] services.
+#[derive(Debug, Clone)]
+pub struct NormalizeLayer {
+    max_body_bytes: usize,
+    keepalive: Duration,
+    request_timeout: Duration,
+}
+
+impl Default for NormalizeLayer {
+    fn default() -> Self {
+        NormalizeLayer {
+            max_body_bytes: 10_485_760,
+            keepalive: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+impl NormalizeLayer {
+    /// SPEC defaults: 10 MiB bodies, 10 s keep-alive, 600 s per request.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Larger bodies get 413.
+    pub fn max_body_bytes(mut self, n: usize) -> Self {
+        self.max_body_bytes = n;
+        self
+    }
+
+    /// How long a stream may wait for its first content before it is committed early.
+    pub fn keepalive(mut self, d: Duration) -> Self {
+        self.keepalive = d;
+        self
+    }
+
+    /// The whole request's deadline, streams included.
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
+        self
+    }
+}
+
+impl<S> Layer<S> for NormalizeLayer {
+    type Service = Normalize<S>;
+    fn layer(&self, inner: S) -> Normalize<S> {
+        Normalize {
+            inner,
+            cfg: Arc::new(self.clone()),
+        }
+    }
+}
+
+/// HTTP ⇄ typed adapter; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct Normalize<S> {
+    inner: S,
+    cfg: Arc<NormalizeLayer>,
+}
+
+impl<S> Normalize<S> {
+    /// Wraps `inner` with default settings.
+    pub fn new(inner: S) -> Self {
+        NormalizeLayer::new().layer(inner)
+    }
+
+    /// A [`NormalizeLayer`].
+    pub fn layer() -> NormalizeLayer {
+        NormalizeLayer::new()
+    }
+}
+
+impl<S, B> Service<Request<B>> for Normalize<S>
+where
+    S: Service<ChatCall, Response = ChatReply, Error = GatewayError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // `inner` is called only after the body is read; readiness is awaited then.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let inner = self.inner.clone();
+        let cfg = self.cfg.clone();
+        Box::pin(async move {
+            let ctx = req
+                .extensions()
+                .get::<CallContext>()
+                .cloned()
+                .unwrap_or_default();
+            if let Some(key) = req.extensions().get::<Arc<KeyRecord>>() {
+                ctx.set_key(key.clone());
+            }
+            let deadline = Instant::now() + cfg.request_timeout;
+            ctx.set_deadline(deadline.into_std());
+            let mut res = match handle(inner, &cfg, req, &ctx, deadline).await {
+                Ok(res) => res,
+                Err(e) => {
+                    ctx.update(|s| {
+                        s.status = e.status().as_u16();
+                        s.error_code = Some(e.code());
+                    });
+                    e.into_response()
+                }
+            };
+            if let Ok(v) = HeaderValue::from_str(ctx.request_id()) {
+                res.headers_mut().insert(X_REQUEST_ID, v);
+            }
+            Ok(res)
+        })
+    }
+}
+
+/// Reads and checks the request body.
+pub async fn read_request<B>(body: B, limit: usize) -> Result<ChatRequest, GatewayError>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    let bytes = match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(GatewayError::PayloadTooLarge(format!(
+                "the request body is larger than {limit} bytes ([server].max_body_bytes)"
+            )))
+        }
+        Err(e) => {
+            return Err(GatewayError::InvalidRequest(format!(
+                "could not read the request body: {e}"
+            )))
+        }
+    };
+    parse_request(&bytes)
+}
+
+/// Parses a chat request, naming the JSON path of what is wrong.
+pub fn parse_request(bytes: &[u8]) -> Result<ChatRequest, GatewayError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let req: ChatRequest = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            GatewayError::InvalidRequest(format!("the body is not valid JSON: {inner}"))
+        } else if path == "." {
+            GatewayError::InvalidRequest(format!("invalid request: {inner}"))
+        } else {
+            GatewayError::InvalidRequest(format!("invalid `{path}`: {inner}"))
+        }
+    })?;
+    req.validate().map_err(GatewayError::InvalidRequest)?;
+    Ok(req)
+}
+
+async fn handle<S, B>(
+    inner: S,
+    cfg: &NormalizeLayer,
+    req: Request<B>,
+    ctx: &CallContext,
+    deadline: Instant,
+) -> Result<Response<Body>, GatewayError>
+where
+    S: Service<ChatCall, Response = ChatReply, Error = GatewayError> + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        if len > cfg.max_body_bytes as u64 {
+            return Err(GatewayError::PayloadTooLarge(format!(
+                "the request body is {len} bytes; the limit is {} ([server].max_body_bytes)",
+                cfg.max_body_bytes
+            )));
+        }
+    }
+    let request = read_request(req.into_body(), cfg.max_body_bytes).await?;
+    let stream = request.stream;
+    let wants_usage = request.wants_stream_usage();
+    ctx.update(|s| {
+        s.streamed = stream;
+        s.requested_model.clone_from(&request.model);
+    });
+    let reply = inner.oneshot(ChatCall::new(request, ctx.clone()));
+    if stream {
+        stream_response(reply, cfg.keepalive, ctx.clone(), deadline, wants_usage).await
+    } else {
+        json_response(reply, ctx, deadline).await
+    }
+}
+
+fn timed_out() -> GatewayError {
+    GatewayError::UpstreamTimeout(
+        "the request took longer than [server].request_timeout_secs".into(),
+    )
+}
+
+async fn json_response<F>(
+    reply: F,
+    ctx: &CallContext,
+    deadline: Instant,
+) -> Result<Response<Body>, GatewayError>
+where
+    F: std::future::Future<Output = Result<ChatReply, GatewayError>>,
+{
+    let work = async {
+        let ChatReply {
+            endpoint,
+            mut chunks,
+        } = reply.await?;
+        let mut agg = Aggregator::default();
+        while let Some(chunk) = chunks.next().await {
+            agg.push(chunk?);
+        }
+        Ok::<_, GatewayError>((endpoint, agg))
+    };
+    let (endpoint, agg) = tokio::time::timeout_at(deadline, work)
+        .await
+        .map_err(|_| timed_out())??;
+    let mut completion = agg.finish();
+    completion.id = ctx.request_id().to_string();
+    completion.created = ctx.created();
+    completion.model = endpoint.model.to_string();
+    completion.provider = Some(endpoint.provider.name.to_string());
+    let body = serde_json::to_vec(&completion)
+        .map_err(|e| GatewayError::Internal(format!("cannot encode the completion: {e}")))?;
+    ctx.update(|s| s.status = 200);
+    let mut res = Response::new(Body::from(body));
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    served_headers(h, &endpoint.model, &endpoint.provider.name);
+    Ok(res)
+}
+
+fn served_headers(h: &mut http::HeaderMap, model: &str, provider: &str) {
+    if let Ok(v) = HeaderValue::from_str(provider) {
+        h.insert(X_PROVIDER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(model) {
+        h.insert(X_MODEL_USED, v);
+    }
+}
+
+fn sse_response(body: Body) -> Response<Body> {
+    let mut res = Response::new(body);
+    *res.status_mut() = StatusCode::OK;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    res
+}
+
+/// The keep-alive comment of SPEC §3.1.
+pub const KEEPALIVE_COMMENT: &[u8] = b": switchboard processing\n\n";
+/// The stream's last event.
+pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
+
+async fn stream_response<F>(
+    reply: F,
+    keepalive: Duration,
+    ctx: CallContext,
+    deadline: Instant,
+    wants_usage: bool,
+) -> Result<Response<Body>, GatewayError>
+where
+    F: std::future::Future<Output = Result<ChatReply, GatewayError>> + Send + 'static,
+{
+    let mut reply = Box::pin(reply);
+    let early = Instant::now() + keepalive;
+    tokio::select! {
+        r = &mut reply => {
+            let ChatReply { endpoint, chunks } = r?;
+            ctx.update(|s| s.status = 200);
+            let writer = SseWriter::new(ctx, endpoint.model.to_string(), endpoint.provider.name.to_string(), wants_usage);
+            let mut res = sse_response(Body::from_stream(writer.run(chunks, deadline)));
+            served_headers(res.headers_mut(), &endpoint.model, &endpoint.provider.name);
+            Ok(res)
+        }
+        _ = tokio::time::sleep_until(early.min(deadline)) => {
+            if early > deadline {
+                return Err(timed_out());
+            }
+            // Commit early: 200 now, comments until the reply is ready.
+            ctx.update(|s| s.status = 200);
+            let body = keepalive_then_stream(reply, keepalive, ctx, deadline, wants_usage);
+            Ok(sse_response(Body::from_stream(body)))
+        }
+    }
+}
+
+type SseItem = Result<Bytes, Infallible>;
+
+fn keepalive_then_stream<F>(
+    reply: std::pin::Pin<Box<F>>,
+    every: Duration,
+    ctx: CallContext,
+    deadline: Instant,
+    wants_usage: bool,
+) -> impl Stream<Item = SseItem> + Send
+where
+    F: std::future::Future<Output = Result<ChatReply, GatewayError>> + Send + 'static,
+{
+    enum Phase<F> {
+        Waiting(std::pin::Pin<Box<F>>),
+        Streaming(std::pin::Pin<Box<dyn Stream<Item = SseItem> + Send>>),
+        Done,
+    }
+    // The first comment goes out at once: the keep-alive period has already passed.
+    let first = futures_util::stream::once(async { Ok(Bytes::from_static(KEEPALIVE_COMMENT)) });
+    let rest = futures_util::stream::unfold(Phase::Waiting(reply), move |phase| {
+        let ctx = ctx.clone();
+        async move {
+            match phase {
+                Phase::Waiting(mut reply) => {
+                    let tick = Instant::now() + every;
+                    tokio::select! {
+                        r = &mut reply => match r {
+                            Ok(ChatReply { endpoint, chunks }) => {
+                                let writer = SseWriter::new(ctx, endpoint.model.to_string(), endpoint.provider.name.to_string(), wants_usage);
+                                let mut s: std::pin::Pin<Box<dyn Stream<Item = SseItem> + Send>> = Box::pin(writer.run(chunks, deadline));
+                                let first = s.next().await;
+                                first.map(|b| (b, Phase::Streaming(s)))
+                            }
+                            Err(e) => Some((Ok(error_event(&ctx, &e, "", "")), Phase::Done)),
+                        },
+                        _ = tokio::time::sleep_until(tick.min(deadline)) => {
+                            if Instant::now() >= deadline {
+                                Some((Ok(error_event(&ctx, &timed_out(), "", "")), Phase::Done))
+                            } else {
+                                Some((Ok(Bytes::from_static(KEEPALIVE_COMMENT)), Phase::Waiting(reply)))
+                            }
+                        }
+                    }
+                }
+                Phase::Streaming(mut s) => s.next().await.map(|b| (b, Phase::Streaming(s))),
+                Phase::Done => None,
+            }
+        }
+    });
+    first.chain(rest)
+}
+
+/// An error chunk followed by `[DONE]` (SPEC §3.2, errors after the stream started).
+fn error_event(ctx: &CallContext, e: &GatewayError, model: &str, provider: &str) -> Bytes {
+    ctx.update(|s| {
+        s.error_code = Some(e.code());
+        s.finish_reason = Some("error".into());
+    });
+    let chunk = serde_json::json!({
+        "id": ctx.request_id(),
+        "object": "chat.completion.chunk",
+        "created": ctx.created(),
+        "model": model,
+        "provider": provider,
+        "error": e.to_json(),
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],
+    });
+    let mut out = BytesMut::with_capacity(256);
+    out.put_slice(b"data: ");
+    out.put_slice(chunk.to_string().as_bytes());
+    out.put_slice(b"\n\n");
+    out.put_slice(DONE_EVENT);
+    out.freeze()
+}
+
+/// Writes chunks as SSE events, stamped with the request's id, model and provider.
+struct SseWriter {
+    ctx: CallContext,
+    id: String,
+    model: String,
+    provider: String,
+    wants_usage: bool,
+}
+
+impl SseWriter {
+    fn new(ctx: CallContext, model: String, provider: String, wants_usage: bool) -> Self {
+        SseWriter {
+            id: ctx.request_id().to_string(),
+            ctx,
+            model,
+            provider,
+            wants_usage,
+        }
+    }
+
+    /// Encodes one chunk, or `None` when there is nothing for this client in it.
+    fn encode(&self, mut chunk: ChatChunk) -> Option<Bytes> {
+        if chunk.usage.is_some() && !self.wants_usage {
+            chunk.usage = None;
+            if chunk.choices.is_empty() {
+                return None;
+            }
+        }
+        chunk.id.clone_from(&self.id);
+        chunk.created = self.ctx.created();
+        chunk.model.clone_from(&self.model);
+        chunk.provider = Some(self.provider.clone());
+        let mut out = BytesMut::with_capacity(256).writer();
+        out.get_mut().put_slice(b"data: ");
+        serde_json::to_writer(&mut out, &chunk).ok()?;
+        let mut out = out.into_inner();
+        out.put_slice(b"\n\n");
+        Some(out.freeze())
+    }
+
+    fn run(self, chunks: ChunkStream, deadline: Instant) -> impl Stream<Item = SseItem> + Send {
+        futures_util::stream::unfold(Some((self, chunks)), move |state| async move {
+            let (writer, mut chunks) = state?;
+            loop {
+                match tokio::time::timeout_at(deadline, chunks.next()).await {
+                    Err(_) => {
+                        let e =
+                            error_event(&writer.ctx, &timed_out(), &writer.model, &writer.provider);
+                        return Some((Ok(e), None));
+                    }
+                    Ok(None) => return Some((Ok(Bytes::from_static(DONE_EVENT)), None)),
+                    Ok(Some(Err(e))) => {
+                        let e = error_event(&writer.ctx, &e, &writer.model, &writer.provider);
+                        return Some((Ok(e), None));
+                    }
+                    Ok(Some(Ok(chunk))) => {
+                        if let Some(bytes) = writer.encode(chunk) {
+                            return Some((Ok(bytes), Some((writer, chunks))));
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::config::Config;
+    use tower::service_fn;
+
+    fn chat_body(extra: &str) -> String {
+        format!(
+            r#"{{"model":"mock/echo","messages":[{{"role":"user","content":"hi there"}}]{extra}}}"#
+        )
+    }
+
+    async fn body_text(res: Response<Body>) -> String {
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    /// An inner service that answers with the given chunks after `delay`.
+    fn answering(
+        chunks: Vec<Result<ChatChunk, GatewayError>>,
+        delay: Duration,
+    ) -> impl Service<
+        ChatCall,
+        Response = ChatReply,
+        Error = GatewayError,
+        Future = BoxFuture<'static, Result<ChatReply, GatewayError>>,
+    > + Clone
+           + Send
+           + 'static {
+        let catalog = Arc::new(Catalog::from_config(&Config::demo()));
+        service_fn(move |_call: ChatCall| {
+            let chunks = chunks.clone();
+            let endpoint = catalog.endpoints()[0].clone();
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                let s: ChunkStream = Box::pin(futures_util::stream::iter(chunks));
+                Ok(ChatReply {
+                    endpoint,
+                    chunks: s,
+                })
+            }) as BoxFuture<'static, _>
+        })
+    }
+
+    async fn error_of(body: &str) -> (StatusCode, serde_json::Value) {
+        let svc = NormalizeLayer::new()
+            .max_body_bytes(64)
+            .layer(answering(vec![], Duration::ZERO));
+        let res = svc
+            .oneshot(Request::post("/").body(body.to_string()).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        (status, serde_json::from_str(&body_text(res).await).unwrap())
+    }
+
+    #[tokio::test]
+    async fn bad_json_missing_messages_bad_role_and_big_bodies_are_refused() {
+        let (s, e) = error_of("{not json").await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request"))
+        );
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+
+        let (s, e) = error_of(r#"{"model":"m"}"#).await;
+        assert_eq!(s, 400);
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains("messages"),
+            "{e}"
+        );
+
+        let (s, e) = error_of(r#"{"model":"m","messages":[]}"#).await;
+        assert_eq!(s, 400);
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("at least one"),
+            "{e}"
+        );
+
+        let (s, e) = error_of(r#"{"model":"m","messages":[{"role":"bot","content":"x"}]}"#).await;
+        assert_eq!(s, 400);
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("messages[0].role"),
+            "{e}"
+        );
+
+        let (s, e) = error_of(&"x".repeat(65)).await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
+        );
+    }
+
+    #[tokio::test]
+    async fn non_stream_reply_is_one_completion_with_served_headers() {
+        let mut last = ChatChunk::text(" world");
+        last.choices[0].finish_reason = Some("stop".into());
+        let svc = NormalizeLayer::new().layer(answering(
+            vec![Ok(ChatChunk::text("hello")), Ok(last)],
+            Duration::ZERO,
+        ));
+        let res = svc
+            .oneshot(Request::post("/").body(chat_body("")).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()[X_PROVIDER], "mock");
+        assert_eq!(res.headers()[X_MODEL_USED], "mock/echo");
+        let id = res.headers()[X_REQUEST_ID].to_str().unwrap().to_string();
+        let v: serde_json::Value = serde_json::from_str(&body_text(res).await).unwrap();
+        assert_eq!(v["id"], id.as_str());
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["choices"][0]["message"]["content"], "hello world");
+        assert_eq!(v["provider"], "mock");
+    }
+
+    #[tokio::test]
+    async fn sse_framing_ends_with_done_and_hides_usage_unless_asked() {
+        let chunks = vec![
+            Ok(ChatChunk::text("a")),
+            Ok(ChatChunk::usage(crate::chat::Usage::new(1, 1))),
+        ];
+        let svc = NormalizeLayer::new().layer(answering(chunks.clone(), Duration::ZERO));
+        let res = svc
+            .oneshot(
+                Request::post("/")
+                    .body(chat_body(r#","stream":true"#))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.headers()["content-type"], "text/event-stream");
+        assert_eq!(res.headers()["cache-control"], "no-cache");
+        assert_eq!(res.headers()["x-accel-buffering"], "no");
+        let text = body_text(res).await;
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 2, "{text}");
+        assert!(events[0].starts_with("data: {") && events[0].contains(r#""content":"a""#));
+        assert_eq!(events[1], "data: [DONE]");
+
+        let svc = NormalizeLayer::new().layer(answering(chunks, Duration::ZERO));
+        let body = chat_body(r#","stream":true,"stream_options":{"include_usage":true}"#);
+        let text = body_text(
+            svc.oneshot(Request::post("/").body(body).unwrap())
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert!(text.contains(r#""usage":{"prompt_tokens":1"#), "{text}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_first_chunk_commits_early_with_keepalive_comments() {
+        let svc = NormalizeLayer::new()
+            .keepalive(Duration::from_secs(10))
+            .layer(answering(
+                vec![Ok(ChatChunk::text("late"))],
+                Duration::from_secs(25),
+            ));
+        let res = svc
+            .oneshot(
+                Request::post("/")
+                    .body(chat_body(r#","stream":true"#))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(
+            res.headers().get(X_PROVIDER).is_none(),
+            "not known at an early commit"
+        );
+        let text = body_text(res).await;
+        // Committed at 10 s, comments at 10 and 20 s, the reply at 25 s.
+        assert_eq!(
+            text.matches(": switchboard processing").count(),
+            2,
+            "{text}"
+        );
+        assert!(text.contains(r#""provider":"mock""#), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[tokio::test]
+    async fn error_after_commit_is_a_final_error_chunk() {
+        let err = GatewayError::UpstreamError("provider `x` stream broke off".into());
+        let svc = NormalizeLayer::new().layer(answering(
+            vec![Ok(ChatChunk::text("partial")), Err(err)],
+            Duration::ZERO,
+        ));
+        let text = body_text(
+            svc.oneshot(
+                Request::post("/")
+                    .body(chat_body(r#","stream":true"#))
+                    .unwrap(),
+            )
+            .await
+            .unwrap(),
+        )
+        .await;
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        let last: serde_json::Value =
+            serde_json::from_str(events[1].strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(last["error"]["code"], "upstream_error");
+        assert_eq!(last["choices"][0]["finish_reason"], "error");
+        assert_eq!(events[2], "data: [DONE]");
+    }
+}

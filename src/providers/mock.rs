@@ -1,0 +1,99 @@
+//! The in-process `mock` provider: no network, deterministic, reports usage.
+//!
+//! `echo` repeats the last user message; `lorem` writes `max_tokens` words (the
+//! request's, else the model's `max_output_tokens`, else 16). Streams go word by word.
+//! Tokens are counted as whitespace-separated words, so tests can predict usage.
+
+use futures_util::stream;
+
+use crate::chat::{ChatChunk, Content, Delta, Role, Usage};
+use crate::context::{ChunkStream, ProviderCall};
+
+const LOREM: &[&str] = &[
+    "lorem",
+    "ipsum",
+    "dolor",
+    "sit",
+    "amet",
+    "consectetur",
+    "adipiscing",
+    "elit",
+    "sed",
+    "do",
+    "eiusmod",
+    "tempor",
+    "incididunt",
+    "ut",
+    "labore",
+    "et",
+    "dolore",
+    "magna",
+    "aliqua",
+];
+
+/// The completion text the mock gives for a call.
+pub fn completion_text(call: &ProviderCall) -> (String, &'static str) {
+    let req = &call.request;
+    match call.endpoint.upstream_model.as_str() {
+        "lorem" => {
+            let n = req
+                .max_output_tokens()
+                .or(call.endpoint.max_output_tokens)
+                .unwrap_or(16) as usize;
+            let words: Vec<&str> = (0..n).map(|i| LOREM[i % LOREM.len()]).collect();
+            (words.join(" "), "length")
+        }
+        _ => {
+            let last = req
+                .messages
+                .iter()
+                .rev()
+                .find(|m| m.role == Role::User)
+                .and_then(|m| m.content.as_ref())
+                .map(|c| c.text().into_owned())
+                .unwrap_or_default();
+            (last, "stop")
+        }
+    }
+}
+
+fn prompt_words(call: &ProviderCall) -> u64 {
+    call.request
+        .messages
+        .iter()
+        .filter_map(|m| m.content.as_ref())
+        .map(|c| match c {
+            Content::Text(t) => t.split_whitespace().count() as u64,
+            Content::Parts(_) => c.text().split_whitespace().count() as u64,
+        })
+        .sum()
+}
+
+/// Answers a call in-process.
+pub fn respond(call: &ProviderCall) -> ChunkStream {
+    let (text, finish) = completion_text(call);
+    let usage = Usage::new(prompt_words(call), text.split_whitespace().count() as u64);
+    let mut chunks = Vec::new();
+    if call.request.stream {
+        chunks.push(ChatChunk::delta(Delta {
+            role: Some(Role::Assistant),
+            content: Some(String::new()),
+            ..Delta::default()
+        }));
+        chunks.extend(text.split_inclusive(' ').map(ChatChunk::text));
+        let mut last = ChatChunk::delta(Delta::default());
+        last.choices[0].finish_reason = Some(finish.into());
+        chunks.push(last);
+        chunks.push(ChatChunk::usage(usage));
+    } else {
+        let mut chunk = ChatChunk::delta(Delta {
+            role: Some(Role::Assistant),
+            content: Some(text),
+            ..Delta::default()
+        });
+        chunk.choices[0].finish_reason = Some(finish.into());
+        chunk.usage = Some(usage);
+        chunks.push(chunk);
+    }
+    Box::pin(stream::iter(chunks.into_iter().map(Ok)))
+}

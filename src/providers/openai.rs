@@ -1,0 +1,269 @@
+//! OpenAI chat completions, and every OpenAI-compatible server.
+//!
+//! `POST {base_url}/chat/completions` with `Authorization: Bearer`. The client body is
+//! passed through (unknown fields included) with `model` replaced by the upstream
+//! name and OpenRouter-only fields removed; streams always ask for
+//! `stream_options.include_usage` so metering gets the provider's own count.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{api_key, protocol_error, Adapter, Decoded, StreamDecoder};
+use crate::chat::{ChatChunk, ChatCompletion, Message, Stop, Tool, Usage};
+use crate::context::ProviderCall;
+use crate::error::{FailureKind, ProviderError};
+
+/// The OpenAI adapter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenAiAdapter;
+
+/// The body sent upstream, borrowing from the client request.
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    model: &'a str,
+    messages: &'a [Message],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop: Option<&'a Stop>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<&'a [Tool]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<WireStreamOptions>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_effort: Option<&'a str>,
+    #[serde(flatten)]
+    extra: &'a Map<String, Value>,
+}
+
+#[derive(Serialize)]
+struct WireStreamOptions {
+    include_usage: bool,
+}
+
+/// Builds the exact JSON body sent to an OpenAI-kind provider (used by golden tests).
+pub fn wire_body(call: &ProviderCall, stream: bool) -> Result<Vec<u8>, serde_json::Error> {
+    let req = &call.request;
+    let endpoint = &call.endpoint;
+    // A default bound keeps the upstream within what credit admission reserved.
+    let (mut max_tokens, mut max_completion_tokens) = (req.max_tokens, req.max_completion_tokens);
+    if max_tokens.is_none() && max_completion_tokens.is_none() {
+        if endpoint.provider.base_url.contains("api.openai.com") {
+            // OpenAI's reasoning models refuse the legacy name.
+            max_completion_tokens = endpoint.max_output_tokens;
+        } else {
+            max_tokens = endpoint.max_output_tokens;
+        }
+    }
+    let wire = WireRequest {
+        model: &endpoint.upstream_model,
+        messages: &req.messages,
+        max_tokens,
+        max_completion_tokens,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        stop: req.stop.as_ref(),
+        tools: req.tools.as_deref(),
+        tool_choice: req.tool_choice.as_ref(),
+        response_format: req.response_format.as_ref(),
+        seed: req.seed,
+        user: req.user.as_deref(),
+        stream,
+        stream_options: stream.then_some(WireStreamOptions {
+            include_usage: true,
+        }),
+        reasoning_effort: req.reasoning_effort.as_deref(),
+        extra: &req.extra,
+    };
+    serde_json::to_vec(&wire)
+}
+
+impl Adapter for OpenAiAdapter {
+    fn build_request(
+        &self,
+        call: &ProviderCall,
+        stream: bool,
+    ) -> Result<http::Request<Bytes>, ProviderError> {
+        let key = api_key(call)?;
+        let body = wire_body(call, stream).map_err(|e| protocol_error(call, e))?;
+        let url = format!("{}/chat/completions", call.endpoint.provider.base_url);
+        http::Request::post(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(http::header::USER_AGENT, crate::USER_AGENT)
+            .body(Bytes::from(body))
+            .map_err(|e| protocol_error(call, e))
+    }
+
+    fn parse_response(&self, call: &ProviderCall, body: &[u8]) -> Result<ChatChunk, ProviderError> {
+        let wire: WireCompletion = serde_json::from_slice(body)
+            .map_err(|e| protocol_error(call, format!("not a chat.completion: {e}")))?;
+        if let Some(err) = wire.error {
+            return Err(ProviderError::new(
+                call.endpoint.provider.name.clone(),
+                FailureKind::InBand,
+                super::default_error_message(err.to_string().as_bytes()),
+            ));
+        }
+        let completion = ChatCompletion {
+            id: String::new(),
+            object: "chat.completion".into(),
+            created: 0,
+            model: String::new(),
+            provider: None,
+            choices: wire.choices,
+            usage: wire.usage,
+        };
+        Ok(completion.into_chunk())
+    }
+
+    fn stream_decoder(&self, call: &ProviderCall) -> Box<dyn StreamDecoder> {
+        Box::new(OpenAiDecoder {
+            provider: call.endpoint.provider.name.clone(),
+        })
+    }
+}
+
+/// A lenient `chat.completion`: OpenAI-compatible servers omit various fields.
+#[derive(Deserialize)]
+struct WireCompletion {
+    #[serde(default)]
+    choices: Vec<crate::chat::Choice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+struct OpenAiDecoder {
+    provider: std::sync::Arc<str>,
+}
+
+impl StreamDecoder for OpenAiDecoder {
+    fn decode(&mut self, _event: &str, data: &str) -> Result<Decoded, ProviderError> {
+        let data = data.trim();
+        if data == "[DONE]" {
+            return Ok(Decoded::Done);
+        }
+        if data.is_empty() {
+            return Ok(Decoded::Skip);
+        }
+        let mut chunk: ChatChunk = serde_json::from_str(data).map_err(|e| {
+            ProviderError::new(
+                self.provider.clone(),
+                FailureKind::Protocol,
+                format!("bad chunk: {e}"),
+            )
+        })?;
+        if let Some(err) = chunk.error.take() {
+            let message = super::default_error_message(
+                serde_json::json!({ "error": err }).to_string().as_bytes(),
+            );
+            return Err(ProviderError::new(
+                self.provider.clone(),
+                FailureKind::InBand,
+                message,
+            ));
+        }
+        Ok(Decoded::Chunk(chunk))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::chat::ChatRequest;
+    use crate::config::Config;
+    use crate::context::CallContext;
+    use serde_json::json;
+
+    fn call(req: Value) -> ProviderCall {
+        let config = Config::from_toml(
+            r#"
+[[providers]]
+name = "oa"
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+api_key = "sk-upstream"
+[[models]]
+id = "openai/gpt-4o-mini"
+max_output_tokens = 100
+  [[models.endpoints]]
+  provider = "oa"
+  upstream_model = "gpt-4o-mini"
+  prompt_usd_per_mtok = 0.15
+  completion_usd_per_mtok = 0.6
+"#,
+        )
+        .unwrap();
+        let catalog = Catalog::from_config(&config);
+        ProviderCall {
+            endpoint: catalog.endpoints()[0].clone(),
+            request: std::sync::Arc::new(serde_json::from_value::<ChatRequest>(req).unwrap()),
+            ctx: CallContext::new(),
+        }
+    }
+
+    #[test]
+    fn body_passes_through_unknown_fields_and_drops_openrouter_ones() {
+        let c = call(json!({
+            "model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+            "logit_bias": {"1": 2}, "models": ["x"], "provider": {"sort": "price"},
+            "usage": {"include": true}, "stream": true
+        }));
+        let body: Value = serde_json::from_slice(&wire_body(&c, true).unwrap()).unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 100,
+                "stream": true,
+                "stream_options": {"include_usage": true},
+                "logit_bias": {"1": 2}
+            })
+        );
+    }
+
+    #[test]
+    fn request_carries_the_provider_key() {
+        let c = call(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}));
+        let req = OpenAiAdapter.build_request(&c, false).unwrap();
+        assert_eq!(req.uri(), "http://127.0.0.1:9/v1/chat/completions");
+        assert_eq!(req.headers()["authorization"], "Bearer sk-upstream");
+    }
+
+    #[test]
+    fn in_band_stream_errors_fail_the_attempt() {
+        let mut d = OpenAiDecoder {
+            provider: "oa".into(),
+        };
+        let err = d
+            .decode(
+                "",
+                r#"{"error":{"message":"overloaded","type":"server_error"}}"#,
+            )
+            .unwrap_err();
+        assert_eq!(err.kind, FailureKind::InBand);
+        assert_eq!(err.message, "overloaded");
+        assert!(matches!(d.decode("", "[DONE]").unwrap(), Decoded::Done));
+    }
+}

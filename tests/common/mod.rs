@@ -1,0 +1,242 @@
+//! Shared harness for integration tests: the real gateway on 127.0.0.1:0, and fake
+//! upstream providers as real axum servers on 127.0.0.1:0.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use futures_util::StreamExt;
+use switchboard::config::Config;
+use switchboard::Gateway;
+use tokio::net::TcpListener;
+
+/// Generous bound around anything that crosses a real socket (busy 2-core CI).
+pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One request as a fake upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: http::HeaderMap,
+    pub body: serde_json::Value,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A fake upstream: counts and records every request it receives.
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub hits: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Starts a fake upstream whose every request is answered by `handler` (any path).
+/// The handler gets the recorded request and its index (0-based) among all requests.
+pub async fn upstream<F, Fut>(handler: F) -> Upstream
+where
+    F: Fn(Seen, usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response> + Send + 'static,
+{
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (s2, h2) = (seen.clone(), hits.clone());
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let handler = handler.clone();
+        let (seen, hits) = (s2.clone(), h2.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let bytes = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .unwrap_or_default();
+            let rec = Seen {
+                method: parts.method.to_string(),
+                path: parts.uri.path().to_string(),
+                query: parts.uri.query().map(str::to_string),
+                headers: parts.headers,
+                body: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+            };
+            seen.lock().unwrap().push(rec.clone());
+            let n = hits.fetch_add(1, Ordering::SeqCst);
+            handler(rec, n).await
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Upstream { addr, seen, hits }
+}
+
+/// A JSON response.
+pub fn json(status: u16, body: serde_json::Value) -> Response {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+/// An SSE response of `data:` events (each string is one event's data), sent with
+/// `gap` between events.
+pub fn sse(events: Vec<String>, gap: Duration) -> Response {
+    sse_named(events.into_iter().map(|d| (None, d)).collect(), gap)
+}
+
+/// An SSE response of `(event name, data)` pairs, sent with `gap` between them.
+pub fn sse_named(events: Vec<(Option<String>, String)>, gap: Duration) -> Response {
+    let stream = futures_util::stream::iter(events).then(move |(name, data)| async move {
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
+        let mut s = String::new();
+        if let Some(n) = name {
+            s.push_str(&format!("event: {n}\n"));
+        }
+        s.push_str(&format!("data: {data}\n\n"));
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(s))
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
+/// A response that never comes.
+pub async fn hang() -> Response {
+    std::future::pending::<()>().await;
+    unreachable!()
+}
+
+/// A running gateway.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gateway: Gateway,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestGateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Builds the gateway from TOML (validated like `switchboard check`) and serves it on
+/// 127.0.0.1:0.
+pub async fn gateway(toml: &str) -> TestGateway {
+    let config = Config::from_toml(toml).unwrap_or_else(|e| panic!("test config: {e}"));
+    gateway_with(config).await
+}
+
+/// Serves a built config on 127.0.0.1:0.
+pub async fn gateway_with(config: Config) -> TestGateway {
+    let gateway = Gateway::builder()
+        .config(config)
+        .build()
+        .expect("gateway builds");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let g = gateway.clone();
+    tokio::spawn(async move {
+        let _ = g
+            .serve(
+                listener,
+                async {
+                    let _ = rx.await;
+                },
+                Duration::from_secs(5),
+            )
+            .await;
+    });
+    TestGateway {
+        addr,
+        gateway,
+        shutdown: Some(tx),
+    }
+}
+
+/// An HTTP client for tests (no proxy, generous timeout).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(SOCKET_TIMEOUT)
+        .build()
+        .unwrap()
+}
+
+/// Parses an SSE body into its `data:` payloads (comments dropped).
+pub fn sse_data(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .flat_map(|event| event.lines())
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+/// Joins the `delta.content` of every chunk in an SSE body.
+pub fn sse_text(text: &str) -> String {
+    sse_data(text)
+        .iter()
+        .filter(|d| d.as_str() != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// A config with one OpenAI-kind provider per `(name, base_url)`, all serving model
+/// `test/model` in the given order, prices $1/$2 per Mtok, and the demo mock models.
+pub fn openai_config(upstreams: &[(&str, &str)], extra: &str) -> String {
+    let mut s = String::from("[server]\nlisten = \"127.0.0.1:0\"\nkeepalive_secs = 10\n\n");
+    for (name, url) in upstreams {
+        s.push_str(&format!(
+            "[[providers]]\nname = \"{name}\"\nkind = \"openai\"\nbase_url = \"{url}/v1\"\napi_key = \"sk-upstream-{name}\"\ntimeout_secs = 2\nstream_idle_timeout_secs = 2\n\n"
+        ));
+    }
+    s.push_str("[[models]]\nid = \"test/model\"\nmax_output_tokens = 100\n");
+    for (name, _) in upstreams {
+        s.push_str(&format!(
+            "  [[models.endpoints]]\n  provider = \"{name}\"\n  upstream_model = \"up-model\"\n  prompt_usd_per_mtok = 1\n  completion_usd_per_mtok = 2\n"
+        ));
+    }
+    s.push('\n');
+    s.push_str(extra);
+    s
+}
