@@ -1,0 +1,225 @@
+//! The `switchboard` binary itself: the demo with no config, `check`, graceful shutdown.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+/// A fresh empty directory (the binary's working directory: no switchboard.toml).
+fn temp_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "switchboard-cli-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts `switchboard serve` and returns it with the address it printed.
+/// Also returns the stderr lines printed up to the listening line.
+fn serve(dir: &PathBuf, args: &[&str]) -> (Child, String, Vec<String>) {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no listening line; stderr so far: {seen:#?}"));
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap().to_string();
+            seen.push(line);
+            // Keep draining stderr so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in rx {});
+            return (child, addr, seen);
+        }
+        seen.push(line);
+    }
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+fn wait_exit(child: &mut Child) -> i32 {
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("the gateway did not exit within 60 s of SIGTERM");
+}
+
+#[tokio::test]
+async fn demo_starts_without_config_or_network_and_stops_on_sigterm() {
+    let dir = temp_dir();
+    let (mut child, addr, said) = serve(&dir, &[]);
+    assert!(
+        said.iter().any(|l| l.contains("built-in demo")),
+        "{said:#?}"
+    );
+    let res = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth("sk-demo")
+        .json(&serde_json::json!({"model": "mock/echo", "messages": [{"role": "user", "content": "hello demo"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "hello demo");
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child), 0);
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_open_stream_finish() {
+    // A fake upstream that streams slowly: 5 chunks, 300 ms apart.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|| async {
+        let chunks = (0..5).map(|i| {
+            serde_json::json!({"choices": [{"index": 0, "delta": {"content": format!("w{i} ")}, "finish_reason": if i == 4 { Some("stop") } else { None }}]}).to_string()
+        });
+        let events = futures_util::stream::iter(chunks.chain(["[DONE]".to_string()])).then(|d| async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, std::convert::Infallible>(format!("data: {d}\n\n"))
+        });
+        axum::response::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(axum::body::Body::from_stream(events))
+            .unwrap()
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    use futures_util::StreamExt;
+
+    let dir = temp_dir();
+    let config = format!(
+        r#"
+[[providers]]
+name = "slow"
+kind = "openai"
+base_url = "http://{up}/v1"
+api_key = "sk-up"
+[[models]]
+id = "slow/model"
+  [[models.endpoints]]
+  provider = "slow"
+  upstream_model = "m"
+  prompt_usd_per_mtok = 0
+  completion_usd_per_mtok = 0
+[[keys]]
+secret = "sk-demo"
+credits_usd = 10
+"#
+    );
+    std::fs::write(dir.join("switchboard.toml"), config).unwrap();
+    let (mut child, addr, _) = serve(&dir, &[]);
+    let res = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth("sk-demo")
+        .json(&serde_json::json!({"model": "slow/model", "stream": true, "messages": [{"role": "user", "content": "go"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("w0"));
+    sigterm(&child); // while four chunks are still to come
+    let mut rest = String::new();
+    while let Some(b) = body.next().await {
+        rest.push_str(&String::from_utf8_lossy(&b.unwrap()));
+    }
+    assert!(rest.contains("w4"), "the stream was cut: {rest}");
+    assert!(rest.ends_with("data: [DONE]\n\n"));
+    assert_eq!(wait_exit(&mut child), 0);
+    // New connections are refused once shutting down.
+    assert!(std::net::TcpStream::connect(&addr).is_err());
+}
+
+#[test]
+fn check_reports_every_problem_with_its_path_and_exits_1() {
+    let dir = temp_dir();
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"nope\"\n[[providers]]\nname = \"x\"\nkind = \"openai\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for path in [
+        "server.listen",
+        "providers[0].base_url",
+        "providers[0].api_key_env",
+    ] {
+        assert!(err.contains(path), "{path} not named in: {err}");
+    }
+
+    let good = dir.join("good.toml");
+    std::fs::write(&good, switchboard::config::DEMO_TOML).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_taken_port_is_exit_2_with_a_hint() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = temp_dir();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", &addr])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
+}
+
+#[test]
+fn usage_errors_exit_1() {
+    let out = Command::new(BIN).arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
