@@ -196,6 +196,11 @@ impl Gateway {
     ) -> std::io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = self.router();
+        // Small SSE events must not wait for Nagle + delayed ACK (a 40 ms stall).
+        let listener =
+            axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+                let _ = tcp.set_nodelay(true);
+            });
         let server = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;
@@ -212,7 +217,7 @@ impl Gateway {
         }
     }
 
-    /// Binds `addr` (TCP_NODELAY on every accepted connection).
+    /// Binds `addr` ([`Gateway::serve`] sets TCP_NODELAY on every accepted connection).
     pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         TcpListener::bind(addr).await
     }

@@ -1,0 +1,577 @@
+//! Load benchmark: a fast fake upstream, a bare hyper reverse proxy (the floor), and
+//! switchboard with the full default stack, all on 127.0.0.1, measured in one run.
+//!
+//! Run with: cargo run --release --example loadbench
+//! (optional: `-- --quick` for a short run, `-- --secs N` per fixed-rate step)
+//!
+//! Each server runs in its own process (this binary re-executed with a role), so CPU
+//! time and RSS are per process, read from /proc. The server under test is pinned to
+//! CPU 1 and everything else to CPU 0 when `taskset` exists. Fixed-rate steps are
+//! open-loop (requests are sent on schedule, latency is measured from the scheduled
+//! time, so a stall cannot hide queueing: no coordinated omission).
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+const COMPLETION: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"up","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox jumps over the lazy dog."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":10,"total_tokens":22}}"#;
+const KEY: &str = "sk-bench-key-0001";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let role = args.get(1).map(String::as_str).unwrap_or("bench");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match role {
+        "upstream" => rt.block_on(upstream()),
+        "proxy" => rt.block_on(proxy(args[2].parse().unwrap())),
+        "gateway" => rt.block_on(gateway(args[2].parse().unwrap(), &args[3])),
+        _ => rt.block_on(bench(&args[1..])),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Roles
+// ---------------------------------------------------------------------------
+
+async fn listen() -> tokio::net::TcpListener {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("{}", l.local_addr().unwrap());
+    std::io::stdout().flush().unwrap();
+    l
+}
+
+async fn serve_fn<F, Fut>(f: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<
+            Output = Result<
+                Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>,
+                Infallible,
+            >,
+        > + Send
+        + 'static,
+{
+    let listener = listen().await;
+    loop {
+        let (stream, _) = listener.accept().await.unwrap();
+        let _ = stream.set_nodelay(true);
+        let f = f.clone();
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), hyper::service::service_fn(f))
+                .await;
+        });
+    }
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// The fake upstream: a fixed completion, or 20 SSE chunks; `"hold": true` in a stream
+/// request sends one chunk and then keeps the stream open (for the RSS-per-stream test).
+async fn upstream() {
+    serve_fn(|req: Request<Incoming>| async move {
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let text = std::str::from_utf8(&body).unwrap_or("");
+        let stream = text.contains("\"stream\":true");
+        let res = if !stream {
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(COMPLETION.as_bytes())).boxed())
+                .unwrap()
+        } else {
+            let hold = text.contains("\"hold\":true");
+            let mut events: Vec<Bytes> = (0..20)
+                .map(|i| {
+                    Bytes::from(format!(
+                        "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"up\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}]}}\n\n"
+                    ))
+                })
+                .collect();
+            events.push(Bytes::from_static(b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"up\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"up\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":20,\"total_tokens\":32}}\n\ndata: [DONE]\n\n"));
+            let body: BoxBody = if hold {
+                let first = events.swap_remove(0);
+                let s = futures_util::stream::once(async move { Ok::<_, Infallible>(hyper::body::Frame::data(first)) })
+                    .chain(futures_util::stream::pending());
+                BodyExt::boxed(http_body_util::StreamBody::new(s))
+            } else {
+                let s = futures_util::stream::iter(events.into_iter().map(|b| Ok::<_, Infallible>(hyper::body::Frame::data(b))));
+                BodyExt::boxed(http_body_util::StreamBody::new(s))
+            };
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap()
+        };
+        Ok::<_, Infallible>(res)
+    })
+    .await
+}
+
+use futures_util::StreamExt;
+
+/// The floor: a bare hyper reverse proxy with a pooled client, streaming bodies through.
+async fn proxy(upstream: SocketAddr) {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build(http);
+    serve_fn(move |req: Request<Incoming>| {
+        let client = client.clone();
+        async move {
+            let (mut parts, body) = req.into_parts();
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            parts.uri = format!("http://{upstream}{pq}").parse().unwrap();
+            parts.headers.remove(hyper::header::HOST);
+            let res = match client.request(Request::from_parts(parts, body)).await {
+                Ok(r) => r.map(|b| b.map_err(|_| unreachable_infallible()).boxed()),
+                Err(_) => Response::builder()
+                    .status(502)
+                    .body(Full::new(Bytes::new()).boxed())
+                    .unwrap(),
+            };
+            Ok::<_, Infallible>(res)
+        }
+    })
+    .await
+}
+
+fn unreachable_infallible() -> Infallible {
+    // A broken upstream body ends the proxied body; the bench never triggers it.
+    std::process::abort()
+}
+
+/// switchboard with the full default stack, from a config file.
+async fn gateway(_upstream: SocketAddr, config_path: &str) {
+    let config = switchboard::config::Config::from_file(std::path::Path::new(config_path)).unwrap();
+    let gw = switchboard::Gateway::builder()
+        .config(config)
+        .build()
+        .unwrap();
+    let listener = listen().await;
+    gw.serve(listener, std::future::pending(), Duration::from_secs(1))
+        .await
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Orchestration and load
+// ---------------------------------------------------------------------------
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn has_taskset() -> bool {
+    Command::new("taskset").arg("--version").output().is_ok()
+}
+
+fn spawn(role: &[&str], cpu: Option<usize>) -> Server {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = match cpu.filter(|_| has_taskset()) {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", &c.to_string()]).arg(&exe);
+            cmd
+        }
+        None => Command::new(&exe),
+    };
+    let mut child = cmd
+        .args(role)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    Server {
+        child,
+        addr: line.trim().parse().unwrap(),
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Resident set size in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(4096)
+        .build(http)
+}
+
+fn body(stream: bool, hold: bool) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"model":"bench/model","messages":[{{"role":"user","content":"Say something short about foxes."}}],"max_tokens":64,"stream":{stream}{}}}"#,
+        if hold { r#","hold":true"# } else { "" }
+    ))
+}
+
+fn request(addr: SocketAddr, stream: bool, hold: bool) -> Request<Full<Bytes>> {
+    Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .body(Full::new(body(stream, hold)))
+        .unwrap()
+}
+
+/// Sends one request; returns (time to first body byte, total) from `t0`, or None on error.
+async fn one(
+    client: &HttpClient,
+    addr: SocketAddr,
+    stream: bool,
+    t0: Instant,
+) -> Option<(Duration, Duration)> {
+    let res = client.request(request(addr, stream, false)).await.ok()?;
+    if !res.status().is_success() {
+        return None;
+    }
+    let mut body = res.into_body();
+    let mut first = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.ok()?;
+        if frame.is_data() && first.is_none() {
+            first = Some(t0.elapsed());
+        }
+    }
+    Some((first.unwrap_or_else(|| t0.elapsed()), t0.elapsed()))
+}
+
+#[derive(Default, Clone)]
+struct Stats {
+    ok: usize,
+    errors: usize,
+    ttfb: Vec<u64>,
+    total: Vec<u64>,
+}
+
+impl Stats {
+    fn pct(v: &[u64], p: f64) -> f64 {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let mut s = v.to_vec();
+        s.sort_unstable();
+        let i = ((s.len() as f64 - 1.0) * p).round() as usize;
+        s[i] as f64 / 1000.0 // ms
+    }
+}
+
+/// Open loop at `rate` req/s for `secs`.
+async fn fixed_rate(addr: SocketAddr, rate: u64, secs: u64, stream: bool) -> Stats {
+    let client = client();
+    let n = rate * secs;
+    let start = Instant::now() + Duration::from_millis(50);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..n {
+        let at = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+        tokio::time::sleep_until(at.into()).await;
+        let (client, tx) = (client.clone(), tx.clone());
+        tokio::spawn(async move {
+            let r = one(&client, addr, stream, at).await;
+            let _ = tx.send(r);
+        });
+    }
+    drop(tx);
+    let mut st = Stats::default();
+    while let Some(r) = rx.recv().await {
+        match r {
+            Some((a, b)) => {
+                st.ok += 1;
+                st.ttfb.push(a.as_micros() as u64);
+                st.total.push(b.as_micros() as u64);
+            }
+            None => st.errors += 1,
+        }
+    }
+    st
+}
+
+/// Closed loop with `conc` workers for `secs`: (requests/s, completed).
+async fn saturate(addr: SocketAddr, conc: usize, secs: u64) -> (f64, u64) {
+    let client = client();
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (client, done) = (client.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < stop {
+                if one(&client, addr, false, Instant::now()).await.is_some() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let t0 = Instant::now();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let n = done.load(Ordering::Relaxed);
+    (n as f64 / t0.elapsed().as_secs_f64(), n)
+}
+
+/// Opens `n` streams that stay open; returns the RSS growth per stream in KiB.
+async fn rss_per_open_stream(server: &Server, n: usize) -> f64 {
+    let client = client();
+    let before = rss_kib(server.child.id());
+    let opened = Arc::new(AtomicUsize::new(0));
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let client = client.clone();
+        let addr = server.addr;
+        let opened = opened.clone();
+        held.push(tokio::spawn(async move {
+            if let Ok(res) = client.request(request(addr, true, true)).await {
+                let mut body = res.into_body();
+                if let Some(Ok(_)) = body.frame().await {
+                    opened.fetch_add(1, Ordering::SeqCst);
+                }
+                std::future::pending::<()>().await;
+                drop(body);
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while opened.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = rss_kib(server.child.id());
+    let got = opened.load(Ordering::SeqCst).max(1);
+    for h in held {
+        h.abort();
+    }
+    (after.saturating_sub(before)) as f64 / got as f64
+}
+
+fn write_config(dir: &std::path::Path, upstream: SocketAddr) -> String {
+    let path = dir.join("bench.toml");
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[store]
+url = "sqlite://{store}"
+[logging]
+sink = "sqlite"
+[[providers]]
+name = "up"
+kind = "openai"
+base_url = "http://{upstream}/v1"
+api_key = "sk-upstream"
+[[models]]
+id = "bench/model"
+max_output_tokens = 64
+  [[models.endpoints]]
+  provider = "up"
+  upstream_model = "up"
+  prompt_usd_per_mtok = 0.15
+  completion_usd_per_mtok = 0.6
+[[keys]]
+secret = "{KEY}"
+name = "bench"
+credits_usd = 1000000
+"#,
+        store = dir.join("bench.db").display()
+    );
+    std::fs::write(&path, config).unwrap();
+    path.display().to_string()
+}
+
+async fn bench(args: &[String]) {
+    let quick = args.iter().any(|a| a == "--quick");
+    let secs: u64 = args
+        .iter()
+        .position(|a| a == "--secs")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(if quick { 2 } else { 5 });
+    let streams: usize = if quick { 200 } else { 1000 };
+    let pin = has_taskset();
+    if pin {
+        let _ = Command::new("taskset")
+            .args(["-cp", "0", &std::process::id().to_string()])
+            .output();
+    }
+    let dir = std::env::temp_dir().join(format!("switchboard-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let up = spawn(&["upstream"], Some(0));
+    let proxy = spawn(&["proxy", &up.addr.to_string()], Some(1));
+    let cfg = write_config(&dir, up.addr);
+    let gw = spawn(&["gateway", &up.addr.to_string(), &cfg], Some(1));
+    let gw_idle_rss = rss_kib(gw.child.id());
+    let proxy_idle_rss = rss_kib(proxy.child.id());
+
+    println!(
+        "# switchboard load benchmark ({} s per step{})",
+        secs,
+        if pin {
+            ", server under test pinned to CPU 1"
+        } else {
+            ""
+        }
+    );
+    // Warm up pools and lazily built state.
+    for addr in [up.addr, proxy.addr, gw.addr] {
+        fixed_rate(addr, 200, 1, false).await;
+        fixed_rate(addr, 50, 1, true).await;
+    }
+
+    println!("\n## Non-streaming, fixed rate (open loop), latency in ms");
+    println!("| rate | target | ok | err | p50 | p90 | p99 |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut added = Vec::new();
+    for rate in [500u64, 1000, 2000] {
+        let mut p = Vec::new();
+        for (name, addr) in [
+            ("direct", up.addr),
+            ("bare proxy", proxy.addr),
+            ("switchboard", gw.addr),
+        ] {
+            let st = fixed_rate(addr, rate, secs, false).await;
+            let (p50, p90, p99) = (
+                Stats::pct(&st.total, 0.5),
+                Stats::pct(&st.total, 0.9),
+                Stats::pct(&st.total, 0.99),
+            );
+            println!(
+                "| {rate} | {name} | {} | {} | {p50:.3} | {p90:.3} | {p99:.3} |",
+                st.ok, st.errors
+            );
+            p.push((p50, p90, p99));
+        }
+        added.push((rate, p[2].0 - p[1].0, p[2].1 - p[1].1, p[2].0 - p[0].0));
+    }
+    println!("\nAdded latency of switchboard (µs):");
+    println!("| rate | p50 vs bare proxy | p90 vs bare proxy | p50 vs direct |");
+    println!("|---|---|---|---|");
+    for (rate, a50, a90, d50) in &added {
+        println!(
+            "| {rate} | {:.0} | {:.0} | {:.0} |",
+            a50 * 1000.0,
+            a90 * 1000.0,
+            d50 * 1000.0
+        );
+    }
+
+    println!("\n## Saturation (closed loop, 64 connections)");
+    println!("| target | req/s | CPU µs per request (server process) | peak RSS MiB |");
+    println!("|---|---|---|---|");
+    let mut sat = Vec::new();
+    for (name, srv) in [("bare proxy", &proxy), ("switchboard", &gw)] {
+        let c0 = cpu_secs(srv.child.id());
+        let (rps, n) = saturate(srv.addr, 64, secs).await;
+        let c1 = cpu_secs(srv.child.id());
+        let cpu_us = (c1 - c0) * 1e6 / n.max(1) as f64;
+        let rss = rss_kib(srv.child.id()) as f64 / 1024.0;
+        println!("| {name} | {rps:.0} | {cpu_us:.1} | {rss:.1} |");
+        sat.push((rps, cpu_us));
+    }
+    println!(
+        "\nThroughput ratio switchboard / bare proxy: {:.2}; CPU per request ratio: {:.2}",
+        sat[1].0 / sat[0].0,
+        sat[1].1 / sat[0].1
+    );
+
+    println!("\n## Streaming (20 chunks), 200 req/s, ms");
+    println!("| target | ok | TTFB p50 | TTFB p99 | total p50 | total p99 |");
+    println!("|---|---|---|---|---|---|");
+    let mut ttfb = Vec::new();
+    for (name, addr) in [
+        ("direct", up.addr),
+        ("bare proxy", proxy.addr),
+        ("switchboard", gw.addr),
+    ] {
+        let st = fixed_rate(addr, 200, secs, true).await;
+        println!(
+            "| {name} | {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            st.ok,
+            Stats::pct(&st.ttfb, 0.5),
+            Stats::pct(&st.ttfb, 0.99),
+            Stats::pct(&st.total, 0.5),
+            Stats::pct(&st.total, 0.99)
+        );
+        ttfb.push(Stats::pct(&st.ttfb, 0.5));
+    }
+    println!(
+        "\nTTFB added over the bare proxy at p50: {:.0} µs",
+        (ttfb[2] - ttfb[1]) * 1000.0
+    );
+
+    println!("\n## Memory");
+    let per_proxy = rss_per_open_stream(&proxy, streams).await;
+    let per_gw = rss_per_open_stream(&gw, streams).await;
+    println!("| target | RSS idle MiB | RSS per open idle stream KiB ({streams} streams) |");
+    println!("|---|---|---|");
+    println!(
+        "| bare proxy | {:.1} | {per_proxy:.1} |",
+        proxy_idle_rss as f64 / 1024.0
+    );
+    println!(
+        "| switchboard | {:.1} | {per_gw:.1} |",
+        gw_idle_rss as f64 / 1024.0
+    );
+
+    println!("\n## No cliff: p99 at 1000 req/s before and after 10 s at 10x");
+    let before = fixed_rate(gw.addr, 1000, secs, false).await;
+    let burst = fixed_rate(gw.addr, 10_000, if quick { 2 } else { 10 }, false).await;
+    let after = fixed_rate(gw.addr, 1000, secs, false).await;
+    println!(
+        "p99 before {:.3} ms, during burst ok {} err {}, p99 after {:.3} ms",
+        Stats::pct(&before.total, 0.99),
+        burst.ok,
+        burst.errors,
+        Stats::pct(&after.total, 0.99)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
