@@ -31,6 +31,9 @@ use serde_json::{json, Value};
 /// The response body type of every HTTP-tier layer.
 pub type Body = axum::body::Body;
 
+/// Tower's conventional boxed error (what `Buffer`, `Timeout` and `tower_test` yield).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Everything a client can be told went wrong (SPEC §3.2).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
@@ -180,6 +183,25 @@ impl GatewayError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         res
+    }
+}
+
+impl GatewayError {
+    /// Recovers a `GatewayError` from a boxed error (tower middleware boxes errors);
+    /// tower's `Elapsed` becomes 504, anything else 500.
+    pub fn from_boxed(e: BoxError) -> Self {
+        let e = match e.downcast::<GatewayError>() {
+            Ok(g) => return *g,
+            Err(e) => e,
+        };
+        let e = match e.downcast::<ProviderError>() {
+            Ok(p) => return GatewayError::Provider(*p),
+            Err(e) => e,
+        };
+        if e.is::<tower::timeout::error::Elapsed>() {
+            return GatewayError::UpstreamTimeout("the request timed out".into());
+        }
+        GatewayError::Internal(e.to_string())
     }
 }
 

@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::future::BoxFuture;
-use futures_util::{Stream, StreamExt};
+use futures_util::{Stream, StreamExt, TryFutureExt};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
@@ -50,7 +50,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::chat::{Aggregator, ChatChunk, ChatRequest};
 use crate::context::{CallContext, ChatCall, ChatReply, ChunkStream};
-use crate::error::{Body, GatewayError};
+use crate::error::{Body, BoxError, GatewayError};
 use crate::keys::KeyRecord;
 
 /// `X-Request-Id`.
@@ -59,8 +59,6 @@ pub const X_REQUEST_ID: &str = "x-request-id";
 pub const X_PROVIDER: &str = "x-provider";
 /// `X-Model-Used`.
 pub const X_MODEL_USED: &str = "x-model-used";
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Builds [`Normalize`] services.
 #[derive(Debug, Clone)]
@@ -136,7 +134,8 @@ impl<S> Normalize<S> {
 
 impl<S, B> Service<Request<B>> for Normalize<S>
 where
-    S: Service<ChatCall, Response = ChatReply, Error = GatewayError> + Clone + Send + 'static,
+    S: Service<ChatCall, Response = ChatReply> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: http_body::Body + Send + 'static,
     B::Data: Send,
@@ -234,7 +233,8 @@ async fn handle<S, B>(
     deadline: Instant,
 ) -> Result<Response<Body>, GatewayError>
 where
-    S: Service<ChatCall, Response = ChatReply, Error = GatewayError> + Send + 'static,
+    S: Service<ChatCall, Response = ChatReply> + Send + 'static,
+    S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: http_body::Body,
     B::Error: Into<BoxError>,
@@ -258,7 +258,9 @@ where
         s.streamed = stream;
         s.requested_model.clone_from(&request.model);
     });
-    let reply = inner.oneshot(ChatCall::new(request, ctx.clone()));
+    let reply = inner
+        .oneshot(ChatCall::new(request, ctx.clone()))
+        .map_err(|e| GatewayError::from_boxed(e.into()));
     if stream {
         stream_response(reply, cfg.keepalive, ctx.clone(), deadline, wants_usage).await
     } else {

@@ -1,0 +1,152 @@
+//! Micro-benchmarks of the per-request and per-chunk hot paths.
+//!
+//! Run with: cargo bench --bench hot_paths
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use futures_util::StreamExt;
+use switchboard::catalog::Catalog;
+use switchboard::chat::{ChatChunk, ChatRequest, Usage};
+use switchboard::config::Config;
+use switchboard::context::{CallContext, ChatCall, ChunkStream, ProviderCall};
+use switchboard::error::GatewayError;
+use switchboard::metering::MeteringLayer;
+use switchboard::providers::{openai::OpenAiAdapter, Adapter};
+use tower::{Layer, ServiceExt};
+
+const BODY: &str = r#"{"model":"bench/model","messages":[{"role":"system","content":"You are a helpful assistant that answers briefly."},{"role":"user","content":"Tell me about the history of the printing press in three sentences, please."}],"max_tokens":256,"temperature":0.7,"stream":true,"stream_options":{"include_usage":true}}"#;
+
+const CHUNK: &str = r#"{"id":"chatcmpl-abc","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":" printing"},"finish_reason":null}]}"#;
+
+fn catalog() -> Arc<Catalog> {
+    let config = Config::from_toml(
+        r#"
+[[providers]]
+name = "a"
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+api_key = "sk-a"
+[[providers]]
+name = "b"
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+api_key = "sk-b"
+[[models]]
+id = "bench/model"
+max_output_tokens = 1024
+  [[models.endpoints]]
+  provider = "a"
+  upstream_model = "m"
+  prompt_usd_per_mtok = 0.15
+  completion_usd_per_mtok = 0.6
+  [[models.endpoints]]
+  provider = "b"
+  upstream_model = "m"
+  prompt_usd_per_mtok = 0.2
+  completion_usd_per_mtok = 0.8
+"#,
+    )
+    .unwrap();
+    Arc::new(Catalog::from_config(&config))
+}
+
+fn provider_call(catalog: &Catalog) -> ProviderCall {
+    ProviderCall {
+        endpoint: catalog.endpoints()[0].clone(),
+        request: Arc::new(switchboard::normalize::parse_request(BODY.as_bytes()).unwrap()),
+        ctx: CallContext::new(),
+    }
+}
+
+fn request_path(c: &mut Criterion) {
+    let catalog = catalog();
+    let mut g = c.benchmark_group("request");
+    g.bench_function("parse_and_validate", |b| {
+        b.iter(|| switchboard::normalize::parse_request(BODY.as_bytes()).unwrap())
+    });
+    let req: ChatRequest = switchboard::normalize::parse_request(BODY.as_bytes()).unwrap();
+    g.bench_function("route_plan", |b| {
+        b.iter_batched(
+            || ChatCall::new(req.clone(), CallContext::new()),
+            |call| switchboard::route::plan(&catalog, &call).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    let call = provider_call(&catalog);
+    g.bench_function("openai_build_request", |b| {
+        b.iter(|| OpenAiAdapter.build_request(&call, true).unwrap())
+    });
+    g.bench_function("call_context_new", |b| b.iter(CallContext::new));
+    g.finish();
+}
+
+fn chunk_path(c: &mut Criterion) {
+    let catalog = catalog();
+    let call = provider_call(&catalog);
+    let mut g = c.benchmark_group("chunk");
+    g.throughput(Throughput::Elements(1));
+    let mut decoder = OpenAiAdapter.stream_decoder(&call);
+    g.bench_function("openai_decode", |b| {
+        b.iter(|| decoder.decode("", CHUNK).unwrap())
+    });
+    let chunk: ChatChunk = serde_json::from_str(CHUNK).unwrap();
+    g.bench_function("sse_encode", |b| {
+        b.iter(|| {
+            let mut out = Vec::with_capacity(256);
+            out.extend_from_slice(b"data: ");
+            serde_json::to_writer(&mut out, &chunk).unwrap();
+            out.extend_from_slice(b"\n\n");
+            out
+        })
+    });
+    g.finish();
+
+    // Metering: 1,000 chunks through a metered stream, reported per chunk.
+    const N: u64 = 1000;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut g2 = c.benchmark_group("metering");
+    g2.throughput(Throughput::Elements(N));
+    g2.bench_function("per_chunk_x1000", |b| {
+        b.iter_batched(
+            || {
+                let mut chunks: Vec<Result<ChatChunk, GatewayError>> =
+                    (0..N).map(|_| Ok(chunk.clone())).collect();
+                chunks.push(Ok(ChatChunk::usage(Usage::new(100, N))));
+                chunks
+            },
+            |chunks| {
+                rt.block_on(async {
+                    let svc =
+                        MeteringLayer::new().layer(tower::service_fn(move |_c: ProviderCall| {
+                            let chunks = chunks.clone();
+                            async move {
+                                let s: ChunkStream = Box::pin(futures_util::stream::iter(chunks));
+                                Ok::<_, GatewayError>(s)
+                            }
+                        }));
+                    let s = svc.oneshot(call.clone()).await.unwrap();
+                    s.fold(0usize, |n, _| async move { n + 1 }).await
+                })
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g2.finish();
+}
+
+fn tokenize(c: &mut Criterion) {
+    let text = "The printing press, invented by Johannes Gutenberg around 1440, transformed how knowledge spread across Europe. ".repeat(20);
+    let tokens = switchboard::tokenize::count("o200k_base", &text);
+    let mut g = c.benchmark_group("tokenize");
+    g.throughput(Throughput::Elements(tokens));
+    g.bench_function("o200k_count_2kB", |b| {
+        b.iter(|| switchboard::tokenize::count("o200k_base", &text))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, request_path, chunk_path, tokenize);
+criterion_main!(benches);
