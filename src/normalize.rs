@@ -470,20 +470,35 @@ impl SseWriter {
     }
 
     /// Encodes one chunk, or `None` when there is nothing for this client in it.
-    fn encode(&self, mut chunk: ChatChunk) -> Option<Bytes> {
-        if chunk.usage.is_some() && !self.wants_usage {
-            chunk.usage = None;
-            if chunk.choices.is_empty() {
-                return None;
-            }
+    /// The chunk is stamped through a borrowing view: no per-chunk string copies.
+    fn encode(&self, chunk: &ChatChunk) -> Option<Bytes> {
+        #[derive(serde::Serialize)]
+        struct Stamped<'a> {
+            id: &'a str,
+            object: &'static str,
+            created: u64,
+            model: &'a str,
+            provider: &'a str,
+            choices: &'a [crate::chat::ChunkChoice],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            usage: Option<&'a crate::chat::Usage>,
         }
-        chunk.id.clone_from(&self.id);
-        chunk.created = self.ctx.created();
-        chunk.model.clone_from(&self.model);
-        chunk.provider = Some(self.provider.clone());
+        let usage = chunk.usage.as_ref().filter(|_| self.wants_usage);
+        if usage.is_none() && chunk.choices.is_empty() {
+            return None;
+        }
+        let stamped = Stamped {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.ctx.created(),
+            model: &self.model,
+            provider: &self.provider,
+            choices: &chunk.choices,
+            usage,
+        };
         let mut out = BytesMut::with_capacity(256).writer();
         out.get_mut().put_slice(b"data: ");
-        serde_json::to_writer(&mut out, &chunk).ok()?;
+        serde_json::to_writer(&mut out, &stamped).ok()?;
         let mut out = out.into_inner();
         out.put_slice(b"\n\n");
         Some(out.freeze())
@@ -505,7 +520,7 @@ impl SseWriter {
                         return Some((Ok(e), None));
                     }
                     Ok(Some(Ok(chunk))) => {
-                        if let Some(bytes) = writer.encode(chunk) {
+                        if let Some(bytes) = writer.encode(&chunk) {
                             return Some((Ok(bytes), Some((writer, chunks))));
                         }
                     }

@@ -152,6 +152,17 @@ struct WireCompletion {
     error: Option<Value>,
 }
 
+/// A stream chunk, reduced to the fields the gateway uses.
+#[derive(Deserialize)]
+struct WireChunk {
+    #[serde(default)]
+    choices: Vec<crate::chat::ChunkChoice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
 struct OpenAiDecoder {
     provider: std::sync::Arc<str>,
 }
