@@ -22,7 +22,9 @@ fn temp_dir() -> PathBuf {
 }
 
 /// Starts `switchboard serve` and returns it with the address it printed.
-/// Also returns the stderr lines printed up to the listening line.
+/// Also returns the stderr lines printed up to the listening line. Callers wait for the
+/// child with `wait_exit` (which kills it if it does not exit).
+#[allow(clippy::zombie_processes)]
 fn serve(dir: &PathBuf, args: &[&str]) -> (Child, String, Vec<String>) {
     let mut child = Command::new(BIN)
         .arg("serve")

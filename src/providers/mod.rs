@@ -86,6 +86,8 @@ pub trait StreamDecoder: Send {
 }
 
 /// What one SSE event decoded to.
+// Not boxed: the chunk moves once per event, and a box would be an allocation per chunk.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Decoded {
     /// A chunk to pass on.

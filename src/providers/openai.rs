@@ -176,14 +176,16 @@ impl StreamDecoder for OpenAiDecoder {
         if data.is_empty() {
             return Ok(Decoded::Skip);
         }
-        let mut chunk: ChatChunk = serde_json::from_str(data).map_err(|e| {
+        // Only what the gateway keeps: the upstream's id, model and object are dropped
+        // unread (the edge stamps its own).
+        let wire: WireChunk = serde_json::from_str(data).map_err(|e| {
             ProviderError::new(
                 self.provider.clone(),
                 FailureKind::Protocol,
                 format!("bad chunk: {e}"),
             )
         })?;
-        if let Some(err) = chunk.error.take() {
+        if let Some(err) = wire.error {
             let message = super::default_error_message(
                 serde_json::json!({ "error": err }).to_string().as_bytes(),
             );
@@ -193,7 +195,11 @@ impl StreamDecoder for OpenAiDecoder {
                 message,
             ));
         }
-        Ok(Decoded::Chunk(chunk))
+        Ok(Decoded::Chunk(ChatChunk {
+            choices: wire.choices,
+            usage: wire.usage,
+            ..ChatChunk::default()
+        }))
     }
 }
 
