@@ -48,7 +48,10 @@ fn tools() -> Value {
 fn assert_anthropic_headers(seen: &Seen, name: &str) {
     assert_eq!(seen.method, "POST");
     assert_eq!(seen.path, "/v1/messages");
-    assert_eq!(seen.header("x-api-key"), Some(format!("sk-ant-{name}").as_str()));
+    assert_eq!(
+        seen.header("x-api-key"),
+        Some(format!("sk-ant-{name}").as_str())
+    );
     assert_eq!(seen.header("anthropic-version"), Some("2023-06-01"));
     assert!(seen.header("authorization").is_none());
     assert!(
@@ -151,7 +154,10 @@ async fn json_tool_use_answer_comes_back_in_openai_shape() {
     assert_eq!(args, json!({"city": "Oslo"}));
     assert_eq!(body["usage"]["prompt_tokens"], 1030);
     assert_eq!(body["usage"]["completion_tokens"], 40);
-    assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 1000);
+    assert_eq!(
+        body["usage"]["prompt_tokens_details"]["cached_tokens"],
+        1000
+    );
     // 30 × $3/M + 1000 × $3/M (cache read defaults to the prompt price) + 40 × $15/M
     assert_eq!(body["usage"]["cost"].to_string(), "0.00369");
 
@@ -170,10 +176,9 @@ async fn json_tool_use_answer_comes_back_in_openai_shape() {
 
 #[tokio::test]
 async fn streamed_text_arrives_as_chunks_with_usage_and_done() {
-    let up = upstream(|_, _| async {
-        sse_named(text_stream(&["Hello", " wor", "ld"]), Duration::ZERO)
-    })
-    .await;
+    let up =
+        upstream(|_, _| async { sse_named(text_stream(&["Hello", " wor", "ld"]), Duration::ZERO) })
+            .await;
     let gw = gateway(&config(&[("claude", &up.url())])).await;
     let res = post(
         &gw,
@@ -320,7 +325,10 @@ async fn overloaded_529_maps_to_upstream_error_with_the_provider_message() {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "upstream_error");
     let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("529") && message.contains("Overloaded"), "{message}");
+    assert!(
+        message.contains("529") && message.contains("Overloaded"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -362,7 +370,8 @@ async fn in_band_error_before_content_fails_the_attempt_and_falls_back() {
         )
     })
     .await;
-    let healthy = upstream(|_, _| async { sse_named(text_stream(&["fine"]), Duration::ZERO) }).await;
+    let healthy =
+        upstream(|_, _| async { sse_named(text_stream(&["fine"]), Duration::ZERO) }).await;
     let gw = gateway(&config(&[
         ("first", &broken.url()),
         ("second", &healthy.url()),

@@ -118,10 +118,7 @@ async fn json_function_calls_come_back_as_tool_calls_and_results_go_up_named() {
 
     let seen = &up.requests()[0];
     assert_gemini_headers(seen);
-    assert_eq!(
-        seen.path,
-        "/v1beta/models/gemini-2.5-flash:generateContent"
-    );
+    assert_eq!(seen.path, "/v1beta/models/gemini-2.5-flash:generateContent");
     assert_eq!(seen.query, None);
     assert_eq!(
         seen.body["systemInstruction"],

@@ -87,6 +87,9 @@ pub trait StreamDecoder: Send {
 }
 
 /// What one SSE event decoded to.
+// One value per event, moved straight into the stream: boxing the chunk would only add
+// an allocation per event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Decoded {
     /// A chunk to pass on.

@@ -203,10 +203,15 @@ fn to_wire(call: &ProviderCall, stream: bool) -> Result<wire::Request<'_>, Provi
 
     let system = if system.is_empty() {
         None
-    } else if system
-        .iter()
-        .any(|b| matches!(b, Block::Text { cache_control: Some(_), .. }))
-    {
+    } else if system.iter().any(|b| {
+        matches!(
+            b,
+            Block::Text {
+                cache_control: Some(_),
+                ..
+            }
+        )
+    }) {
         Some(wire::System::Blocks(system))
     } else {
         let texts: Vec<&str> = system
@@ -219,11 +224,8 @@ fn to_wire(call: &ProviderCall, stream: bool) -> Result<wire::Request<'_>, Provi
         Some(wire::System::Text(texts.join("\n\n")))
     };
 
-    let tools: Option<Vec<wire::ToolDef<'_>>> = req
-        .tools
-        .as_ref()
-        .filter(|t| !t.is_empty())
-        .map(|tools| {
+    let tools: Option<Vec<wire::ToolDef<'_>>> =
+        req.tools.as_ref().filter(|t| !t.is_empty()).map(|tools| {
             tools
                 .iter()
                 .map(|t| wire::ToolDef {

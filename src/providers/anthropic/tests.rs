@@ -291,7 +291,10 @@ fn max_tokens_falls_back_to_the_model_then_the_default() {
             .extend(extra.as_object().unwrap().clone());
         r
     };
-    let b = body(&call_with(req(json!({"max_tokens": 10})), Some(1000)), false);
+    let b = body(
+        &call_with(req(json!({"max_tokens": 10})), Some(1000)),
+        false,
+    );
     assert_eq!(b["max_tokens"], 10);
     let b = body(
         &call_with(req(json!({"max_completion_tokens": 20})), Some(1000)),
@@ -322,7 +325,10 @@ fn reasoning_effort_becomes_a_thinking_budget_below_max_tokens() {
         b["thinking"],
         json!({"type": "enabled", "budget_tokens": 8192})
     );
-    assert!(b.get("temperature").is_none(), "thinking refuses temperature");
+    assert!(
+        b.get("temperature").is_none(),
+        "thinking refuses temperature"
+    );
     assert_eq!(b["top_p"], 0.97);
     // Capped below max_tokens.
     let b = req("high", 5000, json!({}));
@@ -377,7 +383,10 @@ fn text_answer_with_thinking_and_cache_usage() {
     }));
     let choice = &done.choices[0];
     assert_eq!(choice.message.content.as_deref(), Some("Hello there"));
-    assert_eq!(choice.message.reasoning.as_deref(), Some("Simple greeting."));
+    assert_eq!(
+        choice.message.reasoning.as_deref(),
+        Some("Simple greeting.")
+    );
     assert_eq!(choice.finish_reason.as_deref(), Some("stop"));
     let u = done.usage.unwrap();
     assert_eq!(
@@ -429,7 +438,11 @@ fn stop_reasons_map_to_finish_reasons() {
             "type": "message", "content": [{"type": "text", "text": "x"}],
             "stop_reason": stop, "usage": {"input_tokens": 1, "output_tokens": 1}
         }));
-        assert_eq!(done.choices[0].finish_reason.as_deref(), Some(finish), "{stop}");
+        assert_eq!(
+            done.choices[0].finish_reason.as_deref(),
+            Some(finish),
+            "{stop}"
+        );
     }
 }
 
@@ -439,7 +452,10 @@ fn error_bodies_keep_the_provider_message() {
     assert_eq!(AnthropicAdapter.error_message(body), "Overloaded");
     let c = call(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}));
     let err = AnthropicAdapter.parse_response(&c, body).unwrap_err();
-    assert_eq!((err.kind, err.message.as_str()), (FailureKind::InBand, "Overloaded"));
+    assert_eq!(
+        (err.kind, err.message.as_str()),
+        (FailureKind::InBand, "Overloaded")
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -573,7 +589,10 @@ fn parallel_tool_use_stream_indexes_tool_calls_by_ordinal() {
         .iter()
         .find_map(|c| c.choices[0].delta.tool_calls.as_ref())
         .unwrap();
-    assert_eq!(first_tool[0].index, 0, "tool-call ordinal, not block index 2");
+    assert_eq!(
+        first_tool[0].index, 0,
+        "tool-call ordinal, not block index 2"
+    );
     let done = fold(chunks);
     let choice = &done.choices[0];
     assert_eq!(choice.finish_reason.as_deref(), Some("tool_calls"));
@@ -633,7 +652,8 @@ fn error_event_fails_the_attempt_in_band() {
     let bad = d.decode("message_start", "not json").unwrap_err();
     assert_eq!(bad.kind, FailureKind::Protocol);
     assert!(matches!(
-        d.decode("whatever", r#"{"type": "brand_new_event"}"#).unwrap(),
+        d.decode("whatever", r#"{"type": "brand_new_event"}"#)
+            .unwrap(),
         Decoded::Skip
     ));
 }

@@ -148,7 +148,11 @@ fn to_wire(call: &ProviderCall) -> Result<wire::Request<'_>, ProviderError> {
         match m.role {
             Role::System | Role::Developer => {
                 if let Some(c) = &m.content {
-                    system.extend(content_parts(call, c, i)?.into_iter().filter(|p| p.text.is_some()));
+                    system.extend(
+                        content_parts(call, c, i)?
+                            .into_iter()
+                            .filter(|p| p.text.is_some()),
+                    );
                 }
             }
             Role::User => {
@@ -202,22 +206,18 @@ fn to_wire(call: &ProviderCall) -> Result<wire::Request<'_>, ProviderError> {
         }
     }
 
-    let tools = req
-        .tools
-        .as_ref()
-        .filter(|t| !t.is_empty())
-        .map(|tools| {
-            vec![wire::Tool {
-                function_declarations: tools
-                    .iter()
-                    .map(|t| wire::FunctionDeclaration {
-                        name: &t.function.name,
-                        description: t.function.description.as_deref(),
-                        parameters_json_schema: t.function.parameters.as_ref(),
-                    })
-                    .collect(),
-            }]
-        });
+    let tools = req.tools.as_ref().filter(|t| !t.is_empty()).map(|tools| {
+        vec![wire::Tool {
+            function_declarations: tools
+                .iter()
+                .map(|t| wire::FunctionDeclaration {
+                    name: &t.function.name,
+                    description: t.function.description.as_deref(),
+                    parameters_json_schema: t.function.parameters.as_ref(),
+                })
+                .collect(),
+        }]
+    });
     let tool_config = match &req.tool_choice {
         _ if tools.is_none() => None,
         Some(Value::String(s)) => match s.as_str() {
@@ -265,9 +265,7 @@ fn to_wire(call: &ProviderCall) -> Result<wire::Request<'_>, ProviderError> {
             include_thoughts: thinking_budget > 0,
         });
     let config = wire::GenerationConfig {
-        max_output_tokens: req
-            .max_output_tokens()
-            .or(call.endpoint.max_output_tokens),
+        max_output_tokens: req.max_output_tokens().or(call.endpoint.max_output_tokens),
         temperature: req.temperature,
         top_p: req.top_p,
         stop_sequences: req.stop.as_ref().map(|s| match s {
@@ -522,9 +520,8 @@ impl Translator {
 }
 
 fn in_band(provider: &Arc<str>, error: &Value) -> ProviderError {
-    let message = super::default_error_message(
-        serde_json::json!({ "error": error }).to_string().as_bytes(),
-    );
+    let message =
+        super::default_error_message(serde_json::json!({ "error": error }).to_string().as_bytes());
     ProviderError::new(provider.clone(), FailureKind::InBand, message)
 }
 

@@ -85,7 +85,8 @@ fn text_event(text: &str, finish: Option<&str>, usage: Option<Value>) -> Value {
     if let Some(f) = finish {
         cand["finishReason"] = json!(f);
     }
-    let mut e = json!({"candidates": [cand], "modelVersion": "gemini-2.5-flash", "responseId": "r1"});
+    let mut e =
+        json!({"candidates": [cand], "modelVersion": "gemini-2.5-flash", "responseId": "r1"});
     if let Some(u) = usage {
         e["usageMetadata"] = u;
     }
@@ -168,7 +169,10 @@ fn json_modes_set_the_response_mime_type_and_schema() {
         "model": "m", "messages": [{"role": "user", "content": "hi"}],
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": true, "schema": schema}}
     })));
-    assert_eq!(b["generationConfig"]["responseMimeType"], "application/json");
+    assert_eq!(
+        b["generationConfig"]["responseMimeType"],
+        "application/json"
+    );
     assert_eq!(b["generationConfig"]["responseJsonSchema"], schema);
     let b = body(&call(json!({
         "model": "m", "messages": [{"role": "user", "content": "hi"}],
@@ -371,12 +375,26 @@ fn parallel_function_calls_get_stable_ids_and_tool_calls_finish() {
         calls[0].id,
         tool_call_id(0, "get_weather", r#"{"city":"Paris"}"#)
     );
-    assert_eq!(calls[1].id, tool_call_id(1, "get_weather", r#"{"city":"Oslo"}"#));
+    assert_eq!(
+        calls[1].id,
+        tool_call_id(1, "get_weather", r#"{"city":"Oslo"}"#)
+    );
     assert_ne!(calls[0].id, calls[1].id);
     assert_eq!(calls[0].function.arguments, r#"{"city":"Paris"}"#);
-    assert_eq!(parse(answer).choices[0].message.tool_calls.as_ref().unwrap()[0].id, calls[0].id);
+    assert_eq!(
+        parse(answer).choices[0]
+            .message
+            .tool_calls
+            .as_ref()
+            .unwrap()[0]
+            .id,
+        calls[0].id
+    );
     let u = done.usage.unwrap();
-    assert_eq!((u.prompt_tokens, u.completion_tokens, u.reasoning_tokens()), (40, 20, 0));
+    assert_eq!(
+        (u.prompt_tokens, u.completion_tokens, u.reasoning_tokens()),
+        (40, 20, 0)
+    );
 }
 
 #[test]
@@ -390,13 +408,20 @@ fn finish_reasons_map() {
         ("OTHER", "stop"),
     ] {
         let done = parse(text_event("x", Some(reason), None));
-        assert_eq!(done.choices[0].finish_reason.as_deref(), Some(finish), "{reason}");
+        assert_eq!(
+            done.choices[0].finish_reason.as_deref(),
+            Some(finish),
+            "{reason}"
+        );
     }
     let blocked = parse(json!({
         "promptFeedback": {"blockReason": "SAFETY"},
         "usageMetadata": {"promptTokenCount": 8, "totalTokenCount": 8}
     }));
-    assert_eq!(blocked.choices[0].finish_reason.as_deref(), Some("content_filter"));
+    assert_eq!(
+        blocked.choices[0].finish_reason.as_deref(),
+        Some("content_filter")
+    );
     assert_eq!(blocked.usage.unwrap().prompt_tokens, 8);
 }
 
@@ -434,7 +459,10 @@ fn text_stream_maps_each_event_to_a_chunk_with_usage_last() {
     );
     assert_eq!(chunks[2].finish_reason(), Some("stop"));
     let done = fold(chunks);
-    assert_eq!(done.choices[0].message.content.as_deref(), Some("Hello world"));
+    assert_eq!(
+        done.choices[0].message.content.as_deref(),
+        Some("Hello world")
+    );
     let u = done.usage.unwrap();
     assert_eq!((u.prompt_tokens, u.completion_tokens), (9, 3));
 }
@@ -463,8 +491,14 @@ fn streamed_parallel_calls_and_thoughts_fold_like_the_json_answer() {
     assert_eq!(ch.message.reasoning.as_deref(), Some("Two lookups."));
     let calls = ch.message.tool_calls.as_ref().unwrap();
     assert_eq!(calls.len(), 2);
-    assert_eq!(calls[0].id, tool_call_id(0, "get_weather", r#"{"city":"Paris"}"#));
-    assert_eq!(calls[1].id, tool_call_id(1, "get_weather", r#"{"city":"Oslo"}"#));
+    assert_eq!(
+        calls[0].id,
+        tool_call_id(0, "get_weather", r#"{"city":"Paris"}"#)
+    );
+    assert_eq!(
+        calls[1].id,
+        tool_call_id(1, "get_weather", r#"{"city":"Oslo"}"#)
+    );
     assert_eq!(calls[1].function.arguments, r#"{"city":"Oslo"}"#);
     let u = done.usage.unwrap();
     assert_eq!(
@@ -478,7 +512,8 @@ fn streamed_parallel_calls_and_thoughts_fold_like_the_json_answer() {
 fn in_band_stream_errors_fail_the_attempt() {
     let mut d = decoder();
     assert!(matches!(
-        d.decode("", &text_event("a", None, None).to_string()).unwrap(),
+        d.decode("", &text_event("a", None, None).to_string())
+            .unwrap(),
         Decoded::Chunk(_)
     ));
     let err = d
@@ -489,5 +524,8 @@ fn in_band_stream_errors_fail_the_attempt() {
         .unwrap_err();
     assert_eq!(err.kind, FailureKind::InBand);
     assert_eq!(err.message, "The model is overloaded.");
-    assert_eq!(d.decode("", "{oops").unwrap_err().kind, FailureKind::Protocol);
+    assert_eq!(
+        d.decode("", "{oops").unwrap_err().kind,
+        FailureKind::Protocol
+    );
 }
