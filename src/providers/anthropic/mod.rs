@@ -9,7 +9,8 @@
 //!   `tool` messages become `tool_result` blocks of a user turn, ahead of its text;
 //! - `max_tokens` is always set: the request's, else the model's `max_output_tokens`,
 //!   else [`DEFAULT_MAX_TOKENS`];
-//! - `stop` → `stop_sequences`, `temperature`, `top_p`, `user` → `metadata.user_id`;
+//! - `stop` → `stop_sequences`, `temperature` (capped at 1, Anthropic's maximum),
+//!   `top_p`, `user` → `metadata.user_id`;
 //! - images: `data:` URLs → base64 sources, `http(s)` URLs → URL sources; PDF files
 //!   (`file.file_data` data URLs) → document blocks;
 //! - `tools` → `input_schema`, `tool_choice` auto/none/required/named → auto/none/any/tool,
@@ -295,7 +296,8 @@ fn to_wire(call: &ProviderCall, stream: bool) -> Result<wire::Request<'_>, Provi
     let (temperature, top_p) = if thinking.is_some() {
         (None, req.top_p.filter(|p| *p >= 0.95))
     } else {
-        (req.temperature, req.top_p)
+        // Anthropic's temperature range is 0..=1, OpenAI's 0..=2.
+        (req.temperature.map(|t| t.min(1.0)), req.top_p)
     };
 
     let stop_sequences = req.stop.as_ref().map(|s| match s {

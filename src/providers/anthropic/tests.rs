@@ -282,6 +282,18 @@ fn parallel_tool_calls_and_results_round_trip() {
 }
 
 #[test]
+fn temperature_is_capped_at_anthropics_maximum() {
+    let b = body(
+        &call(json!({
+            "model": "m", "temperature": 1.7,
+            "messages": [{"role": "user", "content": "hi"}]
+        })),
+        false,
+    );
+    assert_eq!(b["temperature"], 1.0);
+}
+
+#[test]
 fn max_tokens_falls_back_to_the_model_then_the_default() {
     let msg = json!([{"role": "user", "content": "hi"}]);
     let req = |extra: Value| {
