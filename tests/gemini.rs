@@ -286,3 +286,29 @@ async fn quota_429_maps_to_rate_limited_with_the_provider_message() {
         .unwrap()
         .contains("Resource has been exhausted"));
 }
+
+#[tokio::test]
+async fn in_band_stream_error_before_content_fails_the_attempt() {
+    let up = upstream(|_, _| async {
+        sse(
+            vec![json!({"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}})
+                .to_string()],
+            Duration::ZERO,
+        )
+    })
+    .await;
+    let gw = gateway(&config(&up.url())).await;
+    let res = post(
+        &gw,
+        json!({"model": "google/gemini-2.5-flash", "stream": true,
+               "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(res.status(), 502);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_error");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("The model is overloaded."));
+}
