@@ -39,6 +39,7 @@
 pub mod anthropic;
 pub mod gemini;
 pub mod http;
+pub mod media;
 pub mod mock;
 pub mod openai;
 

@@ -1,0 +1,665 @@
+//! Anthropic Messages: `POST {base_url}/v1/messages` with `x-api-key` and
+//! `anthropic-version: 2023-06-01` (override it with the provider's `headers`).
+//!
+//! The OpenAI request is translated, not passed through:
+//!
+//! - `system` / `developer` messages are lifted into `system` (a string, or text blocks
+//!   when any part carries `cache_control`, which is kept);
+//! - consecutive same-role turns are merged (Anthropic wants strict alternation), and
+//!   `tool` messages become `tool_result` blocks of a user turn, ahead of its text;
+//! - `max_tokens` is always set: the request's, else the model's `max_output_tokens`,
+//!   else [`DEFAULT_MAX_TOKENS`];
+//! - `stop` → `stop_sequences`, `temperature` (capped at 1, Anthropic's maximum),
+//!   `top_p`, `user` → `metadata.user_id`;
+//! - images: `data:` URLs → base64 sources, `http(s)` URLs → URL sources; PDF files
+//!   (`file.file_data` data URLs) → document blocks;
+//! - `tools` → `input_schema`, `tool_choice` auto/none/required/named → auto/none/any/tool,
+//!   `parallel_tool_calls: false` → `disable_parallel_tool_use`;
+//! - `reasoning_effort` → extended thinking with the budget of [`thinking_budget`].
+//!
+//! Answers come back as OpenAI chunks: text, `thinking` as `delta.reasoning`,
+//! `tool_use` blocks as tool calls (indexed by their ordinal among tool calls), the
+//! `stop_reason` mapped by [`finish_reason`], and usage with cache reads and writes.
+//!
+//! # Example
+//! ```
+//! use switchboard::{catalog::Catalog, config::Config, context::{CallContext, ProviderCall}};
+//! use switchboard::chat::{ChatRequest, Message, Role};
+//! use switchboard::providers::anthropic;
+//!
+//! let config = Config::from_toml(r#"
+//! [[providers]]
+//! name = "claude"
+//! kind = "anthropic"
+//! base_url = "https://api.anthropic.com"
+//! api_key = "sk-ant-test"
+//! [[models]]
+//! id = "anthropic/claude-sonnet-4"
+//!   [[models.endpoints]]
+//!   provider = "claude"
+//!   upstream_model = "claude-sonnet-4-20250514"
+//!   prompt_usd_per_mtok = 3
+//!   completion_usd_per_mtok = 15
+//! "#).unwrap();
+//! let call = ProviderCall {
+//!     endpoint: Catalog::from_config(&config).endpoints()[0].clone(),
+//!     request: ChatRequest {
+//!         model: "anthropic/claude-sonnet-4".into(),
+//!         messages: vec![Message::text(Role::System, "Be brief."), Message::text(Role::User, "Hi")],
+//!         ..Default::default()
+//!     }
+//!     .into(),
+//!     ctx: CallContext::new(),
+//! };
+//! let body: serde_json::Value =
+//!     serde_json::from_slice(&anthropic::wire_body(&call, false).unwrap()).unwrap();
+//! assert_eq!(body["system"], "Be brief.");
+//! assert_eq!(body["max_tokens"], anthropic::DEFAULT_MAX_TOKENS);
+//! assert_eq!(body["messages"][0]["content"][0]["text"], "Hi");
+//! ```
+
+mod wire;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::media::data_url;
+use super::{api_key, protocol_error, Adapter, Decoded, StreamDecoder};
+use crate::chat::{
+    ChatChunk, ChunkChoice, Content, ContentPart, Delta, FunctionCallDelta, PromptTokensDetails,
+    Role, Stop, ToolCallDelta, Usage,
+};
+use crate::context::ProviderCall;
+use crate::error::{FailureKind, ProviderError};
+
+use wire::{Block, Source};
+
+/// The `anthropic-version` header sent unless the provider's `headers` override it.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// `max_tokens` when neither the request nor the model's `max_output_tokens` sets one
+/// (Anthropic requires it).
+pub const DEFAULT_MAX_TOKENS: u32 = 4096;
+
+/// The smallest thinking budget Anthropic accepts.
+pub const MIN_THINKING_BUDGET: u32 = 1024;
+
+/// The Anthropic adapter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AnthropicAdapter;
+
+/// The thinking budget asked for by a `reasoning_effort`: `minimal` 1024, `low` 2048,
+/// `medium` 8192, `high` 16384 tokens; anything else (`none`, unknown) turns
+/// thinking off.
+///
+/// The budget is then capped below `max_tokens` (thinking counts against it), and
+/// thinking is left off when that leaves less than [`MIN_THINKING_BUDGET`], when
+/// `tool_choice` forces a tool (Anthropic refuses both together), or when the last
+/// assistant turn called tools (its signed thinking blocks cannot be replayed from the
+/// OpenAI format). With thinking on, `temperature` is dropped and `top_p` is kept only
+/// from 0.95 up, as Anthropic requires.
+pub fn thinking_budget(effort: &str) -> Option<u32> {
+    match effort {
+        "minimal" => Some(1024),
+        "low" => Some(2048),
+        "medium" => Some(8192),
+        "high" => Some(16384),
+        _ => None,
+    }
+}
+
+/// Maps Anthropic's `stop_reason` to an OpenAI `finish_reason`: `end_turn`,
+/// `stop_sequence` and `pause_turn` → `stop`; `max_tokens` and
+/// `model_context_window_exceeded` → `length`; `tool_use` → `tool_calls`;
+/// `refusal` → `content_filter`; anything else → `stop`.
+pub fn finish_reason(stop_reason: &str) -> &'static str {
+    match stop_reason {
+        "max_tokens" | "model_context_window_exceeded" => "length",
+        "tool_use" => "tool_calls",
+        "refusal" => "content_filter",
+        _ => "stop",
+    }
+}
+
+fn client_error(call: &ProviderCall, message: impl Into<String>) -> ProviderError {
+    ProviderError::new(
+        call.endpoint.provider.name.clone(),
+        FailureKind::Status(400),
+        message,
+    )
+}
+
+/// Builds the exact JSON body sent to an Anthropic-kind provider (used by golden tests).
+pub fn wire_body(call: &ProviderCall, stream: bool) -> Result<Vec<u8>, ProviderError> {
+    let wire = to_wire(call, stream)?;
+    serde_json::to_vec(&wire).map_err(|e| protocol_error(call, e))
+}
+
+fn to_wire(call: &ProviderCall, stream: bool) -> Result<wire::Request<'_>, ProviderError> {
+    let req = &call.request;
+    let max_tokens = req
+        .max_output_tokens()
+        .or(call.endpoint.max_output_tokens)
+        .unwrap_or(DEFAULT_MAX_TOKENS);
+
+    let mut system: Vec<Block<'_>> = Vec::new();
+    let mut turns: Vec<wire::Message<'_>> = Vec::new();
+    for (i, m) in req.messages.iter().enumerate() {
+        match m.role {
+            Role::System | Role::Developer => {
+                if let Some(c) = &m.content {
+                    system.extend(
+                        content_blocks(call, c, i)?
+                            .into_iter()
+                            .filter(|b| matches!(b, Block::Text { .. })),
+                    );
+                }
+            }
+            Role::User => {
+                let blocks = match &m.content {
+                    Some(c) => content_blocks(call, c, i)?,
+                    None => Vec::new(),
+                };
+                push_turn(&mut turns, "user", blocks);
+            }
+            Role::Assistant => {
+                let mut blocks = match &m.content {
+                    Some(c) => content_blocks(call, c, i)?,
+                    None => Vec::new(),
+                };
+                for tc in m.tool_calls.iter().flatten() {
+                    blocks.push(Block::ToolUse {
+                        id: &tc.id,
+                        name: &tc.function.name,
+                        input: arguments_object(&tc.function.arguments),
+                    });
+                }
+                push_turn(&mut turns, "assistant", blocks);
+            }
+            Role::Tool => {
+                let content = match &m.content {
+                    Some(Content::Text(s)) => wire::ToolResultContent::Text(s),
+                    Some(c @ Content::Parts(_)) => {
+                        wire::ToolResultContent::Blocks(content_blocks(call, c, i)?)
+                    }
+                    None => wire::ToolResultContent::Text(""),
+                };
+                let block = Block::ToolResult {
+                    tool_use_id: m.tool_call_id.as_deref().unwrap_or_default(),
+                    content,
+                };
+                push_turn(&mut turns, "user", vec![block]);
+            }
+        }
+    }
+    // Anthropic wants a user turn's tool results ahead of its other blocks.
+    for t in turns.iter_mut().filter(|t| t.role == "user") {
+        t.content
+            .sort_by_key(|b| !matches!(b, Block::ToolResult { .. }));
+    }
+
+    let system = if system.is_empty() {
+        None
+    } else if system.iter().any(|b| {
+        matches!(
+            b,
+            Block::Text {
+                cache_control: Some(_),
+                ..
+            }
+        )
+    }) {
+        Some(wire::System::Blocks(system))
+    } else {
+        let texts: Vec<&str> = system
+            .iter()
+            .filter_map(|b| match b {
+                Block::Text { text, .. } => Some(text.as_ref()),
+                _ => None,
+            })
+            .collect();
+        Some(wire::System::Text(texts.join("\n\n")))
+    };
+
+    let tools: Option<Vec<wire::ToolDef<'_>>> =
+        req.tools.as_ref().filter(|t| !t.is_empty()).map(|tools| {
+            tools
+                .iter()
+                .map(|t| wire::ToolDef {
+                    name: &t.function.name,
+                    description: t.function.description.as_deref(),
+                    input_schema: match &t.function.parameters {
+                        Some(p) => Cow::Borrowed(p),
+                        None => Cow::Owned(serde_json::json!({"type": "object", "properties": {}})),
+                    },
+                    cache_control: t.function.extra.get("cache_control"),
+                })
+                .collect()
+        });
+
+    let mut tool_choice = match &req.tool_choice {
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => Some(("auto", None)),
+            "none" => Some(("none", None)),
+            "required" => Some(("any", None)),
+            _ => None,
+        },
+        Some(Value::Object(o)) => o
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .map(|name| ("tool", Some(name))),
+        _ => None,
+    }
+    .map(|(kind, name)| wire::ToolChoice {
+        kind,
+        name,
+        disable_parallel_tool_use: None,
+    });
+    if tools.is_none() {
+        tool_choice = None;
+    } else if req.extra.get("parallel_tool_calls") == Some(&Value::Bool(false)) {
+        let choice = tool_choice.get_or_insert(wire::ToolChoice {
+            kind: "auto",
+            name: None,
+            disable_parallel_tool_use: None,
+        });
+        if choice.kind != "none" {
+            choice.disable_parallel_tool_use = Some(true);
+        }
+    }
+
+    let forced_tool = tool_choice
+        .as_ref()
+        .is_some_and(|c| c.kind == "any" || c.kind == "tool");
+    let last_assistant_called_tools = req
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::Assistant)
+        .is_some_and(|m| m.tool_calls.as_ref().is_some_and(|t| !t.is_empty()));
+    let thinking = req
+        .reasoning_effort
+        .as_deref()
+        .and_then(thinking_budget)
+        .map(|b| b.min(max_tokens.saturating_sub(1)))
+        .filter(|b| *b >= MIN_THINKING_BUDGET)
+        .filter(|_| !forced_tool && !last_assistant_called_tools)
+        .map(|budget_tokens| wire::Thinking {
+            kind: "enabled",
+            budget_tokens,
+        });
+    let (temperature, top_p) = if thinking.is_some() {
+        (None, req.top_p.filter(|p| *p >= 0.95))
+    } else {
+        // Anthropic's temperature range is 0..=1, OpenAI's 0..=2.
+        (req.temperature.map(|t| t.min(1.0)), req.top_p)
+    };
+
+    let stop_sequences = req.stop.as_ref().map(|s| match s {
+        Stop::One(s) => vec![s.as_str()],
+        Stop::Many(v) => v.iter().map(String::as_str).collect(),
+    });
+    // Anthropic refuses whitespace-only stop sequences.
+    let stop_sequences = stop_sequences
+        .map(|v| {
+            v.into_iter()
+                .filter(|s| !s.trim().is_empty())
+                .collect::<Vec<_>>()
+        })
+        .filter(|v| !v.is_empty());
+
+    Ok(wire::Request {
+        model: &call.endpoint.upstream_model,
+        max_tokens,
+        system,
+        messages: turns,
+        stop_sequences,
+        temperature,
+        top_p,
+        tools,
+        tool_choice,
+        thinking,
+        metadata: req
+            .user
+            .as_deref()
+            .map(|user_id| wire::Metadata { user_id }),
+        stream,
+    })
+}
+
+/// Appends blocks to the last turn when it has the same role, else starts a turn.
+fn push_turn<'a>(turns: &mut Vec<wire::Message<'a>>, role: &'static str, blocks: Vec<Block<'a>>) {
+    if blocks.is_empty() {
+        return;
+    }
+    match turns.last_mut() {
+        Some(last) if last.role == role => last.content.extend(blocks),
+        _ => turns.push(wire::Message {
+            role,
+            content: blocks,
+        }),
+    }
+}
+
+/// A tool call's JSON-encoded arguments as the object Anthropic wants (`{}` when they
+/// are empty or not an object).
+fn arguments_object(arguments: &str) -> Value {
+    match serde_json::from_str::<Value>(arguments) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => Value::Object(Default::default()),
+    }
+}
+
+/// Content as blocks: text (empty text dropped; Anthropic refuses it), images,
+/// PDF documents. Audio and other files are dropped.
+fn content_blocks<'a>(
+    call: &ProviderCall,
+    content: &'a Content,
+    index: usize,
+) -> Result<Vec<Block<'a>>, ProviderError> {
+    let parts = match content {
+        Content::Text(s) if s.is_empty() => return Ok(Vec::new()),
+        Content::Text(s) => {
+            return Ok(vec![Block::Text {
+                text: Cow::Borrowed(s),
+                cache_control: None,
+            }])
+        }
+        Content::Parts(parts) => parts,
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    for part in parts {
+        match part {
+            ContentPart::Text { text, extra } => {
+                if !text.is_empty() {
+                    out.push(Block::Text {
+                        text: Cow::Borrowed(text),
+                        cache_control: extra.get("cache_control"),
+                    });
+                }
+            }
+            ContentPart::ImageUrl { image_url, extra } => {
+                let url = image_url.url.as_str();
+                let source = if let Some(d) = data_url(url) {
+                    Source::Base64 {
+                        media_type: d.mime,
+                        data: d.data,
+                    }
+                } else if url.starts_with("http://") || url.starts_with("https://") {
+                    Source::Url { url }
+                } else {
+                    return Err(client_error(
+                        call,
+                        format!(
+                            "messages[{index}]: image URLs must be http(s) or base64 `data:` URLs"
+                        ),
+                    ));
+                };
+                out.push(Block::Image {
+                    source,
+                    cache_control: extra.get("cache_control"),
+                });
+            }
+            ContentPart::File { file } => {
+                if let Some(d) = file
+                    .get("file_data")
+                    .and_then(Value::as_str)
+                    .and_then(data_url)
+                    .filter(|d| d.mime == "application/pdf")
+                {
+                    out.push(Block::Document {
+                        source: Source::Base64 {
+                            media_type: d.mime,
+                            data: d.data,
+                        },
+                        cache_control: None,
+                    });
+                }
+            }
+            ContentPart::InputAudio { .. } => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Anthropic's usage in OpenAI terms: prompt = input + cache reads + cache writes.
+fn to_usage(u: wire::Usage) -> Usage {
+    let read = u.cache_read_input_tokens.unwrap_or(0);
+    let written = u.cache_creation_input_tokens.unwrap_or(0);
+    let mut usage = Usage::new(
+        u.input_tokens.unwrap_or(0) + read + written,
+        u.output_tokens.unwrap_or(0),
+    );
+    usage.prompt_tokens_details = Some(PromptTokensDetails {
+        cached_tokens: read,
+        cache_write_tokens: written,
+    });
+    usage
+}
+
+fn one_choice(delta: Delta, finish_reason: Option<&str>) -> ChatChunk {
+    ChatChunk {
+        choices: vec![ChunkChoice {
+            index: 0,
+            delta,
+            finish_reason: finish_reason.map(str::to_string),
+        }],
+        ..ChatChunk::delta(Delta::default())
+    }
+}
+
+impl Adapter for AnthropicAdapter {
+    fn build_request(
+        &self,
+        call: &ProviderCall,
+        stream: bool,
+    ) -> Result<http::Request<Bytes>, ProviderError> {
+        let key = api_key(call)?;
+        let body = wire_body(call, stream)?;
+        let url = format!("{}/v1/messages", call.endpoint.provider.base_url);
+        http::Request::post(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("x-api-key", key)
+            .header("anthropic-version", ANTHROPIC_VERSION)
+            .header(http::header::USER_AGENT, crate::USER_AGENT)
+            .body(Bytes::from(body))
+            .map_err(|e| protocol_error(call, e))
+    }
+
+    fn parse_response(&self, call: &ProviderCall, body: &[u8]) -> Result<ChatChunk, ProviderError> {
+        let wire: wire::Response = serde_json::from_slice(body)
+            .map_err(|e| protocol_error(call, format!("not an Anthropic message: {e}")))?;
+        if let Some(err) = wire.error.filter(|_| wire.kind == "error") {
+            return Err(ProviderError::new(
+                call.endpoint.provider.name.clone(),
+                FailureKind::InBand,
+                err.message,
+            ));
+        }
+        let mut content: Option<String> = None;
+        let mut reasoning: Option<String> = None;
+        let mut calls = Vec::new();
+        for block in wire.content {
+            match block {
+                wire::ResponseBlock::Text { text } => {
+                    content.get_or_insert_with(String::new).push_str(&text)
+                }
+                wire::ResponseBlock::Thinking { thinking } => reasoning
+                    .get_or_insert_with(String::new)
+                    .push_str(&thinking),
+                wire::ResponseBlock::ToolUse { id, name, input } => {
+                    let arguments = match input {
+                        Value::Null => "{}".to_string(),
+                        v => v.to_string(),
+                    };
+                    calls.push(ToolCallDelta {
+                        index: calls.len() as u32,
+                        id: Some(id),
+                        kind: Some("function".into()),
+                        function: Some(FunctionCallDelta {
+                            name: Some(name),
+                            arguments: Some(arguments),
+                        }),
+                    });
+                }
+                wire::ResponseBlock::Other => {}
+            }
+        }
+        if content.is_none() && calls.is_empty() {
+            content = Some(String::new());
+        }
+        let delta = Delta {
+            role: Some(Role::Assistant),
+            content,
+            reasoning,
+            tool_calls: (!calls.is_empty()).then_some(calls),
+        };
+        let finish = finish_reason(wire.stop_reason.as_deref().unwrap_or("end_turn"));
+        let mut chunk = one_choice(delta, Some(finish));
+        chunk.usage = wire.usage.map(to_usage);
+        Ok(chunk)
+    }
+
+    fn stream_decoder(&self, call: &ProviderCall) -> Box<dyn StreamDecoder> {
+        Box::new(AnthropicDecoder {
+            provider: call.endpoint.provider.name.clone(),
+            usage: wire::Usage::default(),
+            tool_ordinals: HashMap::new(),
+        })
+    }
+}
+
+/// The state of one Anthropic stream.
+struct AnthropicDecoder {
+    provider: Arc<str>,
+    /// Usage so far (input counts from `message_start`).
+    usage: wire::Usage,
+    /// Content-block index → tool-call ordinal.
+    tool_ordinals: HashMap<u32, u32>,
+}
+
+impl AnthropicDecoder {
+    fn tool_delta(&self, block: u32, f: impl FnOnce(&mut ToolCallDelta)) -> Decoded {
+        match self.tool_ordinals.get(&block) {
+            Some(&index) => {
+                let mut d = ToolCallDelta {
+                    index,
+                    ..ToolCallDelta::default()
+                };
+                f(&mut d);
+                Decoded::Chunk(ChatChunk::delta(Delta {
+                    tool_calls: Some(vec![d]),
+                    ..Delta::default()
+                }))
+            }
+            None => Decoded::Skip,
+        }
+    }
+}
+
+impl StreamDecoder for AnthropicDecoder {
+    fn decode(&mut self, _event: &str, data: &str) -> Result<Decoded, ProviderError> {
+        let data = data.trim();
+        if data.is_empty() {
+            return Ok(Decoded::Skip);
+        }
+        let event: wire::Event = serde_json::from_str(data).map_err(|e| {
+            ProviderError::new(
+                self.provider.clone(),
+                FailureKind::Protocol,
+                format!("bad event: {e}"),
+            )
+        })?;
+        Ok(match event {
+            wire::Event::MessageStart { message } => {
+                if let Some(u) = message.usage {
+                    self.usage = self.usage.updated(u);
+                }
+                Decoded::Chunk(ChatChunk::delta(Delta {
+                    role: Some(Role::Assistant),
+                    ..Delta::default()
+                }))
+            }
+            wire::Event::ContentBlockStart {
+                index,
+                content_block,
+            } => match content_block {
+                wire::StartBlock::Text { text } if !text.is_empty() => {
+                    Decoded::Chunk(ChatChunk::text(text))
+                }
+                wire::StartBlock::Thinking { thinking } if !thinking.is_empty() => {
+                    Decoded::Chunk(ChatChunk::delta(Delta {
+                        reasoning: Some(thinking),
+                        ..Delta::default()
+                    }))
+                }
+                wire::StartBlock::ToolUse { id, name } => {
+                    let ordinal = self.tool_ordinals.len() as u32;
+                    self.tool_ordinals.insert(index, ordinal);
+                    self.tool_delta(index, |d| {
+                        d.id = Some(id);
+                        d.kind = Some("function".into());
+                        d.function = Some(FunctionCallDelta {
+                            name: Some(name),
+                            arguments: Some(String::new()),
+                        });
+                    })
+                }
+                _ => Decoded::Skip,
+            },
+            wire::Event::ContentBlockDelta { index, delta } => match delta {
+                wire::BlockDelta::TextDelta { text } if !text.is_empty() => {
+                    Decoded::Chunk(ChatChunk::text(text))
+                }
+                wire::BlockDelta::ThinkingDelta { thinking } if !thinking.is_empty() => {
+                    Decoded::Chunk(ChatChunk::delta(Delta {
+                        reasoning: Some(thinking),
+                        ..Delta::default()
+                    }))
+                }
+                wire::BlockDelta::InputJsonDelta { partial_json } if !partial_json.is_empty() => {
+                    self.tool_delta(index, |d| {
+                        d.function = Some(FunctionCallDelta {
+                            name: None,
+                            arguments: Some(partial_json),
+                        });
+                    })
+                }
+                _ => Decoded::Skip,
+            },
+            wire::Event::MessageDelta { delta, usage } => {
+                if let Some(u) = usage {
+                    self.usage = self.usage.updated(u);
+                }
+                let finish = finish_reason(delta.stop_reason.as_deref().unwrap_or("end_turn"));
+                let mut chunk = one_choice(Delta::default(), Some(finish));
+                chunk.usage = Some(to_usage(self.usage));
+                Decoded::Chunk(chunk)
+            }
+            wire::Event::MessageStop {} => Decoded::Done,
+            wire::Event::Error { error } => {
+                let message = if error.message.is_empty() {
+                    error.kind
+                } else {
+                    error.message
+                };
+                return Err(ProviderError::new(
+                    self.provider.clone(),
+                    FailureKind::InBand,
+                    message,
+                ));
+            }
+            wire::Event::ContentBlockStop {} | wire::Event::Ping {} | wire::Event::Other => {
+                Decoded::Skip
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
