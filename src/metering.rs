@@ -198,6 +198,7 @@ impl Meter {
 
     /// Observes a chunk on its way out; prices its usage in place.
     fn observe(&mut self, chunk: &mut ChatChunk) {
+        let had_content = self.any_content;
         let mut finish = None;
         for c in &chunk.choices {
             let d = &c.delta;
@@ -220,6 +221,11 @@ impl Meter {
             if finish.is_none() {
                 finish = c.finish_reason.as_deref();
             }
+        }
+        if self.any_content && !had_content {
+            // Time to first token, from the request's arrival (not the attempt's start).
+            let ttft = self.ctx.started().elapsed();
+            self.ctx.update(|s| s.ttft = Some(ttft));
         }
         if let Some(f) = finish {
             if !self.saw_finish {
