@@ -207,3 +207,136 @@ impl Drop for Guard {
         self.writer.send(record);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::Money;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use tower::{service_fn, ServiceExt};
+
+    #[derive(Clone, Default)]
+    struct Memory(Arc<Mutex<Vec<RequestRecord>>>);
+    impl LogSink for Memory {
+        fn write(&mut self, batch: &[RequestRecord]) -> std::io::Result<()> {
+            self.0.lock().unwrap().extend_from_slice(batch);
+            Ok(())
+        }
+    }
+
+    /// A body that "settles" (writes a cost into the context) when dropped, as the
+    /// credit stage does.
+    struct Settling {
+        ctx: CallContext,
+    }
+    impl Drop for Settling {
+        fn drop(&mut self) {
+            self.ctx.update(|s| s.cost = Money::from_pico(42));
+        }
+    }
+    impl http_body::Body for Settling {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    fn setup() -> (Memory, LogWriter) {
+        let mem = Memory::default();
+        let writer = LogWriter::spawn(Box::new(mem.clone()), 16);
+        (mem, writer)
+    }
+
+    #[tokio::test]
+    async fn the_record_comes_after_the_inner_body_is_dropped_and_only_once() {
+        let (mem, writer) = setup();
+        let svc = LoggingLayer::new(writer.clone()).layer(service_fn(|req: http::Request<()>| async move {
+            let ctx = req.extensions().get::<CallContext>().unwrap().clone();
+            ctx.update(|s| s.status = 200);
+            let mut res = http::Response::new(Settling { ctx });
+            res.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+            Ok::<_, std::convert::Infallible>(res)
+        }));
+        let res = svc.oneshot(http::Request::new(())).await.unwrap();
+        assert!(writer.flush(Duration::from_secs(10)));
+        assert!(mem.0.lock().unwrap().is_empty(), "nothing before the body is done");
+        drop(res); // the client went away mid-stream
+        assert!(writer.flush(Duration::from_secs(10)));
+        let recs = mem.0.lock().unwrap().clone();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].cost, Money::from_pico(42), "settled before the record");
+        assert!(!recs[0].complete);
+        assert_eq!(recs[0].status, 200);
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_before_its_response_is_logged_as_499() {
+        let (mem, writer) = setup();
+        let svc = LoggingLayer::new(writer.clone()).layer(service_fn(|_req: http::Request<()>| async {
+            std::future::pending::<()>().await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+        }));
+        let fut = svc.oneshot(http::Request::new(()));
+        assert!(tokio::time::timeout(Duration::from_millis(10), fut).await.is_err());
+        assert!(writer.flush(Duration::from_secs(10)));
+        let recs = mem.0.lock().unwrap().clone();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].status, 499);
+    }
+
+    #[tokio::test]
+    async fn content_is_asked_for_only_with_log_content() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        for on in [false, true] {
+            let seen = seen.clone();
+            let svc = LoggingLayer::new(LogWriter::none())
+                .log_content(on)
+                .layer(service_fn(move |req: http::Request<()>| {
+                    let ctx = req.extensions().get::<CallContext>().unwrap().clone();
+                    seen.lock().unwrap().push(ctx.snapshot().completion_text.is_some());
+                    async { Ok::<_, std::convert::Infallible>(http::Response::new(String::new())) }
+                }));
+            drop(svc.oneshot(http::Request::new(())).await.unwrap());
+        }
+        assert_eq!(*seen.lock().unwrap(), [false, true]);
+    }
+
+    #[test]
+    fn the_sqlite_log_sits_beside_the_store() {
+        assert_eq!(
+            sqlite_path_beside_store("sqlite://switchboard.db").unwrap(),
+            std::path::Path::new("switchboard-logs.db")
+        );
+        assert_eq!(
+            sqlite_path_beside_store("sqlite:///var/lib/sb/main.db").unwrap(),
+            std::path::Path::new("/var/lib/sb/switchboard-logs.db")
+        );
+        assert!(sqlite_path_beside_store("sqlite::memory:").is_none());
+    }
+
+    #[test]
+    fn the_sqlite_sink_writes_a_batch_in_one_transaction() {
+        let mut sink = SqliteSink::memory().unwrap();
+        let ctx = CallContext::new();
+        ctx.update(|s| {
+            s.status = 200;
+            s.cost = Money::from_pico(1_500_000);
+        });
+        let a = RequestRecord::from_context(&ctx, Duration::from_millis(5), true, false);
+        let mut b = a.clone();
+        b.id = "gen-other".into();
+        sink.write(&[a, b]).unwrap();
+        let (n, pico): (i64, i64) = sink
+            .connection()
+            .query_row("SELECT COUNT(*), SUM(cost_pico) FROM requests", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((n, pico), (2, 3_000_000));
+    }
+}
