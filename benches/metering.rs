@@ -51,7 +51,10 @@ fn bench(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    for (name, with_usage) in [("metered, usage reported", true), ("metered, tokenizer counts", false)] {
+    for (name, with_usage) in [
+        ("metered, usage reported", true),
+        ("metered, tokenizer counts", false),
+    ] {
         g.bench_function(name, |b| {
             b.iter_batched(
                 || {

@@ -511,11 +511,16 @@ tokenizer = "o200k_base"
     }
 
     fn words() -> Vec<&'static str> {
-        vec!["Once", " upon", " a", " time,", " a", " quick", " brown", " fox", " ran."]
+        vec![
+            "Once", " upon", " a", " time,", " a", " quick", " brown", " fox", " ran.",
+        ]
     }
 
     fn text_chunks() -> Vec<Result<ChatChunk, GatewayError>> {
-        let mut v: Vec<_> = words().into_iter().map(|w| Ok(ChatChunk::text(w))).collect();
+        let mut v: Vec<_> = words()
+            .into_iter()
+            .map(|w| Ok(ChatChunk::text(w)))
+            .collect();
         let mut last = ChatChunk::text("");
         last.choices[0].finish_reason = Some("stop".into());
         v.push(Ok(last));
@@ -548,7 +553,12 @@ tokenizer = "o200k_base"
     async fn without_usage_the_tokenizer_counts_prompt_and_text_and_a_usage_chunk_is_sent() {
         let (s, ctx) = metered(text_chunks()).await;
         let out: Vec<ChatChunk> = s.try_collect().await.unwrap();
-        let usage = out.last().unwrap().usage.clone().expect("metering's own usage chunk");
+        let usage = out
+            .last()
+            .unwrap()
+            .usage
+            .clone()
+            .expect("metering's own usage chunk");
         let text: String = words().concat();
         assert_eq!(usage.completion_tokens, count("o200k_base", &text));
         assert_eq!(usage.prompt_tokens, prompt_tokens("o200k_base", &request()));
@@ -558,7 +568,10 @@ tokenizer = "o200k_base"
             7 + count("o200k_base", "Tell me a story about a fox.")
         );
         assert!(usage.completion_tokens > 0);
-        assert_eq!(usage.cost, Some(price(usage.prompt_tokens, usage.completion_tokens)));
+        assert_eq!(
+            usage.cost,
+            Some(price(usage.prompt_tokens, usage.completion_tokens))
+        );
         assert_eq!(ctx.snapshot().cost, usage.cost.unwrap());
     }
 
@@ -633,7 +646,8 @@ tokenizer = "o200k_base"
         let out: Vec<ChatChunk> = s.try_collect().await.unwrap();
         let usage = out.last().unwrap().usage.clone().unwrap();
         // 300 plain × $1 + 600 × $0.5 + 100 × $1.25 + 500 (300 reasoning incl.) × $2, per M.
-        let want = Money::from_pico(300 * 1_000_000 + 600 * 500_000 + 100 * 1_250_000 + 500 * 2_000_000);
+        let want =
+            Money::from_pico(300 * 1_000_000 + 600 * 500_000 + 100 * 1_250_000 + 500 * 2_000_000);
         assert_eq!(usage.cost, Some(want));
         assert_eq!(usage.cached_tokens(), 600);
         assert_eq!(usage.reasoning_tokens(), 300);
@@ -672,7 +686,10 @@ tokenizer = "o200k_base"
         assert!(s.next().await.unwrap().is_err());
         // Settled before the error went up, not only on drop.
         let usage = ctx.snapshot().usage.expect("settled at the error");
-        assert_eq!(usage.completion_tokens, count("o200k_base", "Once upon a time"));
+        assert_eq!(
+            usage.completion_tokens,
+            count("o200k_base", "Once upon a time")
+        );
         assert!(s.next().await.is_none(), "nothing after the failure");
     }
 
@@ -691,7 +708,10 @@ tokenizer = "o200k_base"
         drop(s);
         let usage = ctx.snapshot().usage.unwrap();
         assert_eq!(usage.prompt_tokens, 40);
-        assert_eq!(usage.completion_tokens, count("o200k_base", "Once upon a time there was"));
+        assert_eq!(
+            usage.completion_tokens,
+            count("o200k_base", "Once upon a time there was")
+        );
         assert_eq!(ctx.snapshot().cost, price(40, usage.completion_tokens));
     }
 
@@ -719,7 +739,10 @@ tokenizer = "o200k_base"
         });
         let (s, ctx) = metered(vec![Ok(done), Ok(ChatChunk::usage(Usage::new(50, 7)))]).await;
         let out: Vec<ChatChunk> = s.try_collect().await.unwrap();
-        assert_eq!(out.last().unwrap().usage.as_ref().unwrap().cost, Some(Money::ZERO));
+        assert_eq!(
+            out.last().unwrap().usage.as_ref().unwrap().cost,
+            Some(Money::ZERO)
+        );
         assert_eq!(ctx.snapshot().cost, Money::ZERO);
     }
 
@@ -734,7 +757,10 @@ tokenizer = "o200k_base"
         let (s, ctx) = metered_ctx(text_chunks(), ctx).await;
         let _: Vec<ChatChunk> = s.try_collect().await.unwrap();
         let st = ctx.snapshot();
-        assert_eq!(st.completion_text.as_deref(), Some(words().concat().as_str()));
+        assert_eq!(
+            st.completion_text.as_deref(),
+            Some(words().concat().as_str())
+        );
         assert!(st.logged_request.is_some());
     }
 

@@ -25,6 +25,7 @@
 //! ```
 //! use switchboard::telemetry;
 //!
+//! telemetry::install(); // a gateway does this when it is built
 //! metrics::counter!(telemetry::LOG_RECORDS_DROPPED).increment(1);
 //! assert!(telemetry::render().contains("switchboard_log_records_dropped_total"));
 //! ```
@@ -105,17 +106,44 @@ pub fn render() -> String {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(REQUESTS, "Chat requests by served model, provider and HTTP status");
-    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Whole request time, streams included");
-    describe_histogram!(TTFT, Unit::Seconds, "Time from arrival to the first content chunk");
-    describe_histogram!(OVERHEAD, Unit::Seconds, "Request time not spent waiting on upstreams");
-    describe_counter!(TOKENS, "Tokens charged, by model and kind (prompt, completion, cached, reasoning)");
-    describe_gauge!(COST, "USD charged, by model (only ever increases; exact amounts are in the ledger)");
+    describe_counter!(
+        REQUESTS,
+        "Chat requests by served model, provider and HTTP status"
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Whole request time, streams included"
+    );
+    describe_histogram!(
+        TTFT,
+        Unit::Seconds,
+        "Time from arrival to the first content chunk"
+    );
+    describe_histogram!(
+        OVERHEAD,
+        Unit::Seconds,
+        "Request time not spent waiting on upstreams"
+    );
+    describe_counter!(
+        TOKENS,
+        "Tokens charged, by model and kind (prompt, completion, cached, reasoning)"
+    );
+    describe_gauge!(
+        COST,
+        "USD charged, by model (only ever increases; exact amounts are in the ledger)"
+    );
     describe_counter!(ATTEMPTS, "Upstream attempts by provider and status");
     describe_counter!(FALLBACKS, "Attempts after the first one of a request");
     describe_gauge!(STREAMS_IN_FLIGHT, "SSE responses being sent");
-    describe_counter!(LOG_RECORDS_DROPPED, "Request records dropped because the log queue was full");
-    describe_counter!(LOG_WRITE_ERRORS, "Request records a log sink failed to write");
+    describe_counter!(
+        LOG_RECORDS_DROPPED,
+        "Request records dropped because the log queue was full"
+    );
+    describe_counter!(
+        LOG_WRITE_ERRORS,
+        "Request records a log sink failed to write"
+    );
 }
 
 /// Records the metrics of one finished request.

@@ -31,7 +31,10 @@ fn chunk(delta: Value, finish: Option<&str>) -> String {
 }
 
 fn stream_events(words: &[&str]) -> Vec<String> {
-    let mut ev: Vec<String> = words.iter().map(|w| chunk(json!({"content": w}), None)).collect();
+    let mut ev: Vec<String> = words
+        .iter()
+        .map(|w| chunk(json!({"content": w}), None))
+        .collect();
     ev.push(chunk(json!({}), Some("stop")));
     ev.push(
         json!({"id": "c", "object": "chat.completion.chunk", "choices": [],
@@ -73,7 +76,10 @@ fn ask(model: &str, stream: bool, text: &str) -> Value {
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < SOCKET_TIMEOUT, "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < SOCKET_TIMEOUT,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -124,8 +130,14 @@ async fn the_jsonl_sink_holds_one_record_per_request_and_no_prompt_text() {
         assert_eq!(recs.iter().filter(|r| &r["id"] == id).count(), 1, "{id}");
     }
     let file = std::fs::read_to_string(&log).unwrap();
-    assert!(!file.contains("PURPLE-ELEPHANT"), "prompt text leaked: {file}");
-    assert!(!file.contains("The answer"), "completion text leaked: {file}");
+    assert!(
+        !file.contains("PURPLE-ELEPHANT"),
+        "prompt text leaked: {file}"
+    );
+    assert!(
+        !file.contains("The answer"),
+        "completion text leaked: {file}"
+    );
     assert!(!file.contains("sk-upstream") && !file.contains(CLIENT_KEY));
 
     let json_rec = recs.iter().find(|r| r["id"] == ids[0]).unwrap();
@@ -235,7 +247,8 @@ async fn metrics_counters_move() {
     let up = answering().await;
     // A provider name of its own: other tests in this process share the registry.
     let gw = gateway(&openai_config(&[("metricsprov", &up.url())], "")).await;
-    let series = r#"switchboard_requests_total{model="test/model",provider="metricsprov",status="200"}"#;
+    let series =
+        r#"switchboard_requests_total{model="test/model",provider="metricsprov",status="200"}"#;
     let tokens = r#"switchboard_tokens_total{model="test/model",kind="completion"}"#;
     let before = metrics(&gw).await;
     let res = post(&gw, &ask("test/model", false, "hi")).await;
@@ -246,11 +259,17 @@ async fn metrics_counters_move() {
     let mut after = String::new();
     let start = Instant::now();
     while sample(&after, series) < sample(&before, series) + 2.0 {
-        assert!(start.elapsed() < SOCKET_TIMEOUT, "requests_total did not move: {after}");
+        assert!(
+            start.elapsed() < SOCKET_TIMEOUT,
+            "requests_total did not move: {after}"
+        );
         after = metrics(&gw).await;
     }
     assert_eq!(sample(&after, series), sample(&before, series) + 2.0);
-    assert!(sample(&after, tokens) >= sample(&before, tokens) + 5.0, "{after}");
+    assert!(
+        sample(&after, tokens) >= sample(&before, tokens) + 5.0,
+        "{after}"
+    );
     for name in [
         "switchboard_request_duration_seconds_bucket",
         "switchboard_ttft_seconds_bucket",
@@ -276,9 +295,11 @@ impl LogSink for Stuck {
 #[tokio::test]
 async fn a_sink_that_blocks_forever_delays_no_response_and_drops_are_counted() {
     let up = answering().await;
-    let config =
-        Config::from_toml(&openai_config(&[("alpha", &up.url())], "[logging]\nsink = \"none\"\n"))
-            .unwrap();
+    let config = Config::from_toml(&openai_config(
+        &[("alpha", &up.url())],
+        "[logging]\nsink = \"none\"\n",
+    ))
+    .unwrap();
     let gateway = Gateway::builder()
         .config(config)
         .log_writer(LogWriter::spawn(Box::new(Stuck), 1))
@@ -302,7 +323,10 @@ async fn a_sink_that_blocks_forever_delays_no_response_and_drops_are_counted() {
         if now >= before + 4.0 {
             break;
         }
-        assert!(start.elapsed() < SOCKET_TIMEOUT, "drops not counted: {now} vs {before}");
+        assert!(
+            start.elapsed() < SOCKET_TIMEOUT,
+            "drops not counted: {now} vs {before}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -61,8 +61,8 @@ fn guarded_sse(
     fail_at_end: bool,
 ) -> Response {
     let flag = DropFlag(dropped);
-    let body = futures_util::stream::iter(events.into_iter().map(Some).chain([None]))
-        .then(move |e| {
+    let body =
+        futures_util::stream::iter(events.into_iter().map(Some).chain([None])).then(move |e| {
             let _keep = &flag;
             async move {
                 tokio::time::sleep(gap).await;
@@ -83,7 +83,10 @@ fn guarded_sse(
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < SOCKET_TIMEOUT, "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < SOCKET_TIMEOUT,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -150,10 +153,19 @@ async fn an_upstream_without_usage_is_counted_with_the_tokenizer() {
     assert_eq!(delivered, words.concat());
     assert!(usage.completion_tokens > 0 && usage.prompt_tokens > 0);
     assert_eq!(usage.completion_tokens, count("o200k_base", &delivered));
-    assert_eq!(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens);
-    assert_eq!(usage.cost, Some(price(usage.prompt_tokens, usage.completion_tokens)));
+    assert_eq!(
+        usage.total_tokens,
+        usage.prompt_tokens + usage.completion_tokens
+    );
+    assert_eq!(
+        usage.cost,
+        Some(price(usage.prompt_tokens, usage.completion_tokens))
+    );
     assert_eq!(last["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
-    assert_eq!(last["usage"]["completion_tokens_details"]["reasoning_tokens"], 0);
+    assert_eq!(
+        last["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        0
+    );
 }
 
 #[tokio::test]
@@ -170,8 +182,14 @@ async fn a_non_stream_answer_without_usage_is_counted_too() {
     let gw = gateway(&openai_config(&[("alpha", &up.url())], "")).await;
     let body: Value = post(&gw, &ask(false, "hi")).await.json().await.unwrap();
     let usage: Usage = serde_json::from_value(body["usage"].clone()).unwrap();
-    assert_eq!(usage.completion_tokens, count("o200k_base", "Hello there, friend."));
-    assert_eq!(usage.cost, Some(price(usage.prompt_tokens, usage.completion_tokens)));
+    assert_eq!(
+        usage.completion_tokens,
+        count("o200k_base", "Hello there, friend.")
+    );
+    assert_eq!(
+        usage.cost,
+        Some(price(usage.prompt_tokens, usage.completion_tokens))
+    );
 }
 
 #[tokio::test]
@@ -203,7 +221,10 @@ async fn a_client_that_goes_away_is_charged_for_what_it_got_and_the_upstream_is_
     }
     drop(body);
 
-    eventually("the upstream body to be dropped", || dropped.load(Ordering::SeqCst)).await;
+    eventually("the upstream body to be dropped", || {
+        dropped.load(Ordering::SeqCst)
+    })
+    .await;
     let rec = record_of(&log, &id).await;
     let cost: Money = serde_json::from_value(rec["cost"].clone()).unwrap();
     let completion = rec["completion_tokens"].as_u64().unwrap();
@@ -249,7 +270,10 @@ async fn a_mid_stream_upstream_failure_ends_with_an_error_event_and_charges_the_
     let completion = rec["completion_tokens"].as_u64().unwrap();
     assert_eq!(completion, count("o200k_base", &delivered), "{rec}");
     let cost: Money = serde_json::from_value(rec["cost"].clone()).unwrap();
-    assert_eq!(cost, price(rec["prompt_tokens"].as_u64().unwrap(), completion));
+    assert_eq!(
+        cost,
+        price(rec["prompt_tokens"].as_u64().unwrap(), completion)
+    );
     assert!(cost > Money::ZERO);
     assert_eq!(rec["error_code"], err["error"]["code"]);
     assert_eq!(rec["finish_reason"], "error");

@@ -58,8 +58,8 @@ pub use body::LoggedBody;
 pub use future::ResponseFuture;
 pub use record::{AttemptLog, RequestRecord};
 pub use sink::{
-    open_sink, sqlite_path_beside_store, JsonlSink, LogSink, LogWriter, SqliteSink,
-    DEFAULT_QUEUE, MAX_BATCH, SQLITE_SCHEMA,
+    open_sink, sqlite_path_beside_store, JsonlSink, LogSink, LogWriter, SqliteSink, DEFAULT_QUEUE,
+    MAX_BATCH, SQLITE_SCHEMA,
 };
 
 use crate::context::CallContext;
@@ -255,21 +255,31 @@ mod tests {
     #[tokio::test]
     async fn the_record_comes_after_the_inner_body_is_dropped_and_only_once() {
         let (mem, writer) = setup();
-        let svc = LoggingLayer::new(writer.clone()).layer(service_fn(|req: http::Request<()>| async move {
-            let ctx = req.extensions().get::<CallContext>().unwrap().clone();
-            ctx.update(|s| s.status = 200);
-            let mut res = http::Response::new(Settling { ctx });
-            res.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
-            Ok::<_, std::convert::Infallible>(res)
-        }));
+        let svc = LoggingLayer::new(writer.clone()).layer(service_fn(
+            |req: http::Request<()>| async move {
+                let ctx = req.extensions().get::<CallContext>().unwrap().clone();
+                ctx.update(|s| s.status = 200);
+                let mut res = http::Response::new(Settling { ctx });
+                res.headers_mut()
+                    .insert("content-type", "text/event-stream".parse().unwrap());
+                Ok::<_, std::convert::Infallible>(res)
+            },
+        ));
         let res = svc.oneshot(http::Request::new(())).await.unwrap();
         assert!(writer.flush(Duration::from_secs(10)));
-        assert!(mem.0.lock().unwrap().is_empty(), "nothing before the body is done");
+        assert!(
+            mem.0.lock().unwrap().is_empty(),
+            "nothing before the body is done"
+        );
         drop(res); // the client went away mid-stream
         assert!(writer.flush(Duration::from_secs(10)));
         let recs = mem.0.lock().unwrap().clone();
         assert_eq!(recs.len(), 1);
-        assert_eq!(recs[0].cost, Money::from_pico(42), "settled before the record");
+        assert_eq!(
+            recs[0].cost,
+            Money::from_pico(42),
+            "settled before the record"
+        );
         assert!(!recs[0].complete);
         assert_eq!(recs[0].status, 200);
     }
@@ -277,12 +287,15 @@ mod tests {
     #[tokio::test]
     async fn a_request_dropped_before_its_response_is_logged_as_499() {
         let (mem, writer) = setup();
-        let svc = LoggingLayer::new(writer.clone()).layer(service_fn(|_req: http::Request<()>| async {
-            std::future::pending::<()>().await;
-            Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
-        }));
+        let svc =
+            LoggingLayer::new(writer.clone()).layer(service_fn(|_req: http::Request<()>| async {
+                std::future::pending::<()>().await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+            }));
         let fut = svc.oneshot(http::Request::new(()));
-        assert!(tokio::time::timeout(Duration::from_millis(10), fut).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_millis(10), fut)
+            .await
+            .is_err());
         assert!(writer.flush(Duration::from_secs(10)));
         let recs = mem.0.lock().unwrap().clone();
         assert_eq!(recs.len(), 1);
@@ -298,7 +311,9 @@ mod tests {
                 .log_content(on)
                 .layer(service_fn(move |req: http::Request<()>| {
                     let ctx = req.extensions().get::<CallContext>().unwrap().clone();
-                    seen.lock().unwrap().push(ctx.snapshot().completion_text.is_some());
+                    seen.lock()
+                        .unwrap()
+                        .push(ctx.snapshot().completion_text.is_some());
                     async { Ok::<_, std::convert::Infallible>(http::Response::new(String::new())) }
                 }));
             drop(svc.oneshot(http::Request::new(())).await.unwrap());

@@ -203,10 +203,12 @@ pub fn open_sink(config: &Config) -> io::Result<Option<Box<dyn LogSink>>> {
         return Ok(None);
     }
     if sink == "sqlite" {
-        return Ok(Some(Box::new(match sqlite_path_beside_store(&config.store.url) {
-            Some(path) => SqliteSink::open(&path)?,
-            None => SqliteSink::memory()?,
-        })));
+        return Ok(Some(Box::new(
+            match sqlite_path_beside_store(&config.store.url) {
+                Some(path) => SqliteSink::open(&path)?,
+                None => SqliteSink::memory()?,
+            },
+        )));
     }
     if let Some(path) = sink.strip_prefix("sqlite:") {
         let path = path.strip_prefix("//").unwrap_or(path);
