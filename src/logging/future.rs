@@ -40,6 +40,11 @@ where
         let _entered = this.span.enter();
         let res = ready!(this.inner.poll(cx))?;
         let mut guard = this.guard.take();
+        if let Some(g) = guard.as_ref() {
+            // Layers that answer without the typed stack (auth, rate limits) may not
+            // record the status they sent.
+            g.note_status(res.status().as_u16());
+        }
         let is_stream = res
             .headers()
             .get(http::header::CONTENT_TYPE)

@@ -178,6 +178,15 @@ impl Guard {
         }
     }
 
+    /// Records the status sent, unless a layer below already did.
+    pub(crate) fn note_status(&self, status: u16) {
+        self.ctx.update(|s| {
+            if s.status == 0 {
+                s.status = status;
+            }
+        });
+    }
+
     pub(crate) fn set_complete(&mut self) {
         self.complete = true;
     }
@@ -282,6 +291,20 @@ mod tests {
         );
         assert!(!recs[0].complete);
         assert_eq!(recs[0].status, 200);
+    }
+
+    #[tokio::test]
+    async fn the_status_of_a_response_from_outside_the_typed_stack_is_recorded() {
+        let (mem, writer) = setup();
+        let svc =
+            LoggingLayer::new(writer.clone()).layer(service_fn(|_req: http::Request<()>| async {
+                let mut res = http::Response::new(String::from("no key"));
+                *res.status_mut() = http::StatusCode::UNAUTHORIZED;
+                Ok::<_, std::convert::Infallible>(res)
+            }));
+        drop(svc.oneshot(http::Request::new(())).await.unwrap());
+        assert!(writer.flush(Duration::from_secs(10)));
+        assert_eq!(mem.0.lock().unwrap()[0].status, 401);
     }
 
     #[tokio::test]
