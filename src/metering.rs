@@ -2,11 +2,27 @@
 //!
 //! Sits around the provider client. Uses the provider's reported usage; when a stream
 //! ends without one, it counts with the model's tokenizer — the prompt as the provider
-//! would see it and exactly the text and tool arguments delivered — and sends a usage
-//! chunk of its own. Every usage chunk leaves with `usage.cost` set at the endpoint's
-//! prices, and the priced usage is written to the call context, where credit
-//! settlement reads it. A stream dropped mid-way (the client went away) is metered for
-//! what passed up to the cut, from its `Drop`.
+//! would see it and exactly the text, visible reasoning and tool arguments delivered
+//! (tool names and call framing are not counted: SPEC §4 counts "the text and tool
+//! arguments delivered") — and sends a usage chunk of its own. Every usage chunk
+//! leaves with `usage.cost` set at the endpoint's prices (cache reads and writes at
+//! theirs), `prompt_tokens_details.cached_tokens` and
+//! `completion_tokens_details.reasoning_tokens` filled in, and the priced usage is
+//! written to the call context, where credit settlement reads it: `ctx.cost` is
+//! exactly the `usage.cost` the client sees.
+//!
+//! The attempt settles once, when its stream ends, fails (before the error goes up),
+//! or is dropped (the client went away; the upstream stream, and with it the upstream
+//! connection, is dropped right after). A cut stream is charged for the prompt and
+//! what was delivered up to the cut; a usage report that came after the finish stands
+//! even if `[DONE]` never came. Nothing delivered, nothing charged. A layer above that
+//! settles in its own `Drop` must drop this stream first.
+//!
+//! It also records the time to first token (from the request's arrival) and the time
+//! spent waiting on the upstream (`ctx.upstream_wait`: attempt start to response head,
+//! plus every wait for the next chunk), from which `switchboard_overhead_seconds`
+//! is derived. Per chunk it only appends text to buffers and flips flags; the
+//! context's lock is taken a handful of times per attempt, never per chunk.
 //!
 //! # Example
 //! ```
