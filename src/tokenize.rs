@@ -58,11 +58,18 @@ mod tests {
 
     #[test]
     fn both_libraries_agree() {
-        let text = "fn main() { println!(\"Hello, wörld! 12345\"); }\n\n  The quick brown fox's tail.";
+        let text =
+            "fn main() { println!(\"Hello, wörld! 12345\"); }\n\n  The quick brown fox's tail.";
         let tik = tiktoken_rs::o200k_base().unwrap();
-        assert_eq!(count("o200k_base", text), tik.encode_ordinary(text).len() as u64);
+        assert_eq!(
+            count("o200k_base", text),
+            tik.encode_ordinary(text).len() as u64
+        );
         let tik = tiktoken_rs::cl100k_base().unwrap();
-        assert_eq!(count("cl100k_base", text), tik.encode_ordinary(text).len() as u64);
+        assert_eq!(
+            count("cl100k_base", text),
+            tik.encode_ordinary(text).len() as u64
+        );
         assert_eq!(count("o200k_base", ""), 0);
     }
 }
