@@ -144,8 +144,11 @@ pub struct CallState {
     pub error_code: Option<&'static str>,
     /// Whether the client asked for a stream.
     pub streamed: bool,
-    /// Completion text delivered (kept only when `log_content` is on).
+    /// Completion text delivered (kept only when `log_content` is on): `LoggingLayer`
+    /// sets it to `Some("")` to ask, and metering fills it in at the end.
     pub completion_text: Option<String>,
+    /// The request, kept for the log only when `log_content` is on (set by metering).
+    pub logged_request: Option<Arc<ChatRequest>>,
 }
 
 struct Inner {

@@ -9,7 +9,9 @@
 //! use tower::ServiceExt;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! let gateway = Gateway::builder().config(Config::demo()).build().unwrap();
+//! let mut config = Config::demo();
+//! config.logging.sink = "none".into(); // no request-log file from a doctest
+//! let gateway = Gateway::builder().config(config).build().unwrap();
 //! let req = http::Request::post("/v1/chat/completions")
 //!     .header("authorization", "Bearer sk-demo")
 //!     .header("content-type", "application/json")
@@ -42,6 +44,7 @@ use crate::catalog::{Catalog, Model};
 use crate::config::Config;
 use crate::error::{Body, GatewayError};
 use crate::fallback::FallbackLayer;
+use crate::logging::{LogSink, LogWriter, LoggingLayer};
 use crate::metering::MeteringLayer;
 use crate::normalize::NormalizeLayer;
 use crate::providers::ProviderClient;
@@ -59,6 +62,9 @@ pub enum BuildError {
     /// The config is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The request log (`[logging].sink`) cannot be opened.
+    #[error("[logging].sink: {0}")]
+    Logging(std::io::Error),
 }
 
 /// Assembles a [`Gateway`].
@@ -66,6 +72,7 @@ pub enum BuildError {
 pub struct GatewayBuilder {
     config: Option<Config>,
     provider_client: Option<ProviderClient>,
+    log_writer: Option<LogWriter>,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -87,6 +94,18 @@ impl GatewayBuilder {
         self
     }
 
+    /// A custom request-log sink instead of the one `[logging].sink` names.
+    pub fn log_sink(self, sink: Box<dyn LogSink>) -> Self {
+        self.log_writer(LogWriter::spawn(sink, crate::logging::DEFAULT_QUEUE))
+    }
+
+    /// A request-log writer of your own (e.g. [`LogWriter::spawn`] with another queue
+    /// size) instead of the one `[logging].sink` names.
+    pub fn log_writer(mut self, writer: LogWriter) -> Self {
+        self.log_writer = Some(writer);
+        self
+    }
+
     /// Builds the stack.
     pub fn build(self) -> Result<Gateway, BuildError> {
         let config = self.config.ok_or(BuildError::NoConfig)?;
@@ -100,6 +119,11 @@ impl GatewayBuilder {
         }
         let catalog = Arc::new(Catalog::from_config(&config));
         let client = self.provider_client.unwrap_or_default();
+        let logs = match self.log_writer {
+            Some(writer) => writer,
+            None => LogWriter::from_config(&config).map_err(BuildError::Logging)?,
+        };
+        crate::telemetry::install();
 
         // The typed tier, outermost first.
         let typed = ServiceBuilder::new()
@@ -118,6 +142,12 @@ impl GatewayBuilder {
 
         // The HTTP tier, outermost first.
         let chat = ServiceBuilder::new()
+            .map_response(|res: Response<crate::logging::LoggedBody<Body>>| res.map(Body::new))
+            // Logging is outermost: it creates the CallContext every layer below fills
+            // in, times the whole request, and emits the record only after the inner
+            // body (and the credit settlement it holds) is dropped; it sees requests
+            // that auth or rate limits refuse, too.
+            .layer(LoggingLayer::new(logs.clone()).log_content(config.logging.log_content))
             // Normalize is where HTTP ends: body limit, JSON, SSE, keep-alive, deadline.
             .layer(
                 NormalizeLayer::new()
@@ -131,6 +161,7 @@ impl GatewayBuilder {
             config: Arc::new(config),
             catalog,
             chat: BoxCloneSyncService::new(chat),
+            logs,
         })
     }
 }
@@ -141,6 +172,7 @@ pub struct Gateway {
     config: Arc<Config>,
     catalog: Arc<Catalog>,
     chat: ChatService,
+    logs: LogWriter,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -165,6 +197,11 @@ impl Gateway {
         &self.catalog
     }
 
+    /// The request-log writer (e.g. to [`LogWriter::flush`] it).
+    pub fn logs(&self) -> &LogWriter {
+        &self.logs
+    }
+
     /// The chat-completions service alone (HTTP tier), to mount anywhere.
     pub fn chat_service(&self) -> ChatService {
         self.chat.clone()
@@ -182,6 +219,7 @@ impl Gateway {
             .nest("/api/v1", v1)
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(|| async { "ready" }))
+            .route("/metrics", get(metrics))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
     }
@@ -201,6 +239,7 @@ impl Gateway {
             axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
                 let _ = tcp.set_nodelay(true);
             });
+        let logs = self.logs.clone();
         let server = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;
@@ -208,13 +247,16 @@ impl Gateway {
             })
             .into_future();
         tokio::pin!(server);
-        tokio::select! {
+        let result = tokio::select! {
             r = &mut server => r,
             _ = async { let _ = rx.await; tokio::time::sleep(drain).await } => {
                 tracing::warn!("in-flight requests did not finish within {}s; stopping", drain.as_secs());
                 Ok(())
             }
-        }
+        };
+        // Write out the request records still queued.
+        let _ = tokio::task::spawn_blocking(move || logs.flush(Duration::from_secs(5))).await;
+        result
     }
 
     /// Binds `addr` ([`Gateway::serve`] sets TCP_NODELAY on every accepted connection).
@@ -224,6 +266,16 @@ impl Gateway {
 }
 
 use std::future::IntoFuture;
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics() -> Response<Body> {
+    let mut res = Response::new(Body::from(crate::telemetry::render()));
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res
+}
 
 async fn not_found(req: Request<axum::body::Body>) -> Response<Body> {
     GatewayError::NotFound(format!(

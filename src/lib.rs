@@ -23,11 +23,13 @@ pub mod error;
 pub mod fallback;
 pub mod gateway;
 pub mod keys;
+pub mod logging;
 pub mod metering;
 pub mod money;
 pub mod normalize;
 pub mod providers;
 pub mod route;
+pub mod telemetry;
 pub mod tokenize;
 
 pub use gateway::Gateway;

@@ -163,7 +163,15 @@ pub async fn gateway(toml: &str) -> TestGateway {
 }
 
 /// Serves a built config on 127.0.0.1:0.
-pub async fn gateway_with(config: Config) -> TestGateway {
+pub async fn gateway_with(mut config: Config) -> TestGateway {
+    // The request log of a test gateway goes to a temp dir, never the working directory.
+    if config.logging.sink == "sqlite"
+        && switchboard::logging::sqlite_path_beside_store(&config.store.url)
+            .is_some_and(|p| p.is_relative())
+    {
+        let path = fresh_temp_dir().join("switchboard-logs.db");
+        config.logging.sink = format!("sqlite:{}", path.display());
+    }
     let gateway = Gateway::builder()
         .config(config)
         .build()
@@ -239,4 +247,41 @@ pub fn openai_config(upstreams: &[(&str, &str)], extra: &str) -> String {
     s.push('\n');
     s.push_str(extra);
     s
+}
+
+/// A new empty directory under the system temp dir, unique in this process.
+pub fn fresh_temp_dir() -> std::path::PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "switchboard-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Serves an already built gateway (e.g. with a custom log sink) on 127.0.0.1:0.
+pub async fn serve_built(gateway: Gateway) -> TestGateway {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let g = gateway.clone();
+    tokio::spawn(async move {
+        let _ = g
+            .serve(
+                listener,
+                async {
+                    let _ = rx.await;
+                },
+                Duration::from_secs(5),
+            )
+            .await;
+    });
+    TestGateway {
+        addr,
+        gateway,
+        shutdown: Some(tx),
+    }
 }

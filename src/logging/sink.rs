@@ -1,0 +1,387 @@
+//! Where request records go: the [`LogSink`] trait, its SQLite and JSONL
+//! implementations, and the [`LogWriter`] that feeds a sink off the request path.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::telemetry;
+
+use super::RequestRecord;
+
+/// A destination for request records.
+///
+/// A sink is owned by the [`LogWriter`]'s thread and only ever called there, in
+/// batches, so it may block (disk, network) without delaying any response. An error
+/// is logged and counted (`switchboard_log_write_errors_total`); the batch is lost.
+///
+/// # Example
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use switchboard::logging::{LogSink, LogWriter, RequestRecord};
+///
+/// /// Keeps the ids of every record in memory.
+/// struct Ids(Arc<Mutex<Vec<String>>>);
+///
+/// impl LogSink for Ids {
+///     fn write(&mut self, batch: &[RequestRecord]) -> std::io::Result<()> {
+///         self.0.lock().unwrap().extend(batch.iter().map(|r| r.id.clone()));
+///         Ok(())
+///     }
+/// }
+///
+/// let ids = Arc::new(Mutex::new(Vec::new()));
+/// let writer = LogWriter::spawn(Box::new(Ids(ids.clone())), 16);
+/// writer.send(RequestRecord::from_context(
+///     &switchboard::context::CallContext::with_id("gen-1".into()),
+///     std::time::Duration::ZERO, true, false,
+/// ));
+/// assert!(writer.flush(std::time::Duration::from_secs(10)));
+/// assert_eq!(*ids.lock().unwrap(), ["gen-1"]);
+/// ```
+pub trait LogSink: Send + 'static {
+    /// Writes a batch of records (in arrival order).
+    fn write(&mut self, batch: &[RequestRecord]) -> io::Result<()>;
+
+    /// Makes everything written so far durable; called on flush and at shutdown.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How many records wait for the writer at most; more are dropped and counted.
+pub const DEFAULT_QUEUE: usize = 8192;
+/// The most records written in one batch (one transaction in SQLite).
+pub const MAX_BATCH: usize = 512;
+
+enum Msg {
+    Record(Box<RequestRecord>),
+    Flush(mpsc::Sender<()>),
+}
+
+/// The handle that hands records to a sink's writer thread through a bounded queue.
+///
+/// [`send`](LogWriter::send) never blocks: when the queue is full the record is
+/// dropped and counted in `switchboard_log_records_dropped_total`. Cheap to clone; the
+/// thread drains the queue and exits when the last clone is dropped.
+#[derive(Clone)]
+pub struct LogWriter {
+    tx: Option<SyncSender<Msg>>,
+}
+
+impl std::fmt::Debug for LogWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogWriter")
+            .field("enabled", &self.tx.is_some())
+            .finish()
+    }
+}
+
+impl LogWriter {
+    /// A writer that discards every record (`[logging].sink = "none"`).
+    pub fn none() -> LogWriter {
+        LogWriter { tx: None }
+    }
+
+    /// Starts a writer thread for `sink` with a queue of `capacity` records.
+    pub fn spawn(sink: Box<dyn LogSink>, capacity: usize) -> LogWriter {
+        let (tx, rx) = mpsc::sync_channel(capacity.max(1));
+        std::thread::Builder::new()
+            .name("switchboard-logs".into())
+            .spawn(move || run(rx, sink))
+            .expect("can spawn the log writer thread");
+        LogWriter { tx: Some(tx) }
+    }
+
+    /// The writer `[logging]` asks for: its sink opened now, so a bad path fails at
+    /// start rather than at the first request.
+    pub fn from_config(config: &Config) -> io::Result<LogWriter> {
+        Ok(match open_sink(config)? {
+            Some(sink) => LogWriter::spawn(sink, DEFAULT_QUEUE),
+            None => LogWriter::none(),
+        })
+    }
+
+    /// Whether records go anywhere.
+    pub fn is_enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Queues a record; never blocks (a full queue drops it and counts the drop).
+    pub fn send(&self, record: RequestRecord) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(Msg::Record(Box::new(record))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                metrics::counter!(telemetry::LOG_RECORDS_DROPPED).increment(1);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                metrics::counter!(telemetry::LOG_RECORDS_DROPPED).increment(1);
+            }
+        }
+    }
+
+    /// Waits (blocking, up to `timeout`) until every record queued before this call is
+    /// written and flushed. For shutdown and tests; false when it timed out.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let Some(tx) = &self.tx else { return true };
+        let deadline = Instant::now() + timeout;
+        let (ack_tx, ack_rx) = mpsc::channel();
+        let mut msg = Msg::Flush(ack_tx);
+        loop {
+            match tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(m)) => {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        ack_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
+    }
+}
+
+/// The writer thread: takes what is queued (up to [`MAX_BATCH`]) and writes it as one
+/// batch.
+fn run(rx: mpsc::Receiver<Msg>, mut sink: Box<dyn LogSink>) {
+    let mut batch: Vec<RequestRecord> = Vec::with_capacity(MAX_BATCH);
+    let mut acks = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Record(r) => batch.push(*r),
+                Msg::Flush(ack) => acks.push(ack),
+            }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            if let Err(e) = sink.write(&batch) {
+                tracing::warn!(error = %e, records = batch.len(), "could not write request records");
+                metrics::counter!(telemetry::LOG_WRITE_ERRORS).increment(batch.len() as u64);
+            }
+            batch.clear();
+        }
+        if !acks.is_empty() {
+            if let Err(e) = sink.flush() {
+                tracing::warn!(error = %e, "could not flush the request log");
+            }
+            for ack in acks.drain(..) {
+                let _ = ack.send(());
+            }
+        }
+    }
+    let _ = sink.flush();
+}
+
+/// The log file `[logging].sink = "sqlite"` uses: `switchboard-logs.db` in the
+/// directory of the `[store].url` database (`None` for an in-memory store).
+pub fn sqlite_path_beside_store(store_url: &str) -> Option<PathBuf> {
+    let path = store_url.strip_prefix("sqlite://")?;
+    if path.is_empty() || path.starts_with(':') {
+        return None;
+    }
+    let dir = Path::new(path).parent().unwrap_or(Path::new(""));
+    Some(dir.join("switchboard-logs.db"))
+}
+
+/// Opens the sink `[logging].sink` names (`None` for `"none"`).
+pub fn open_sink(config: &Config) -> io::Result<Option<Box<dyn LogSink>>> {
+    let sink = config.logging.sink.as_str();
+    if sink == "none" {
+        return Ok(None);
+    }
+    if sink == "sqlite" {
+        return Ok(Some(Box::new(
+            match sqlite_path_beside_store(&config.store.url) {
+                Some(path) => SqliteSink::open(&path)?,
+                None => SqliteSink::memory()?,
+            },
+        )));
+    }
+    if let Some(path) = sink.strip_prefix("sqlite:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        return Ok(Some(Box::new(SqliteSink::open(Path::new(path))?)));
+    }
+    if let Some(path) = sink.strip_prefix("jsonl:") {
+        return Ok(Some(Box::new(JsonlSink::open(Path::new(path))?)));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("[logging].sink `{sink}` is not one of sqlite, sqlite:PATH, jsonl:PATH, none"),
+    ))
+}
+
+/// Appends one JSON object per line ([`RequestRecord`]'s fields) to a file.
+#[derive(Debug)]
+pub struct JsonlSink {
+    out: BufWriter<File>,
+}
+
+impl JsonlSink {
+    /// Opens (creating, appending to) `path`.
+    pub fn open(path: &Path) -> io::Result<JsonlSink> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot open the request log {}: {e}", path.display()),
+                )
+            })?;
+        Ok(JsonlSink {
+            out: BufWriter::new(file),
+        })
+    }
+}
+
+impl LogSink for JsonlSink {
+    fn write(&mut self, batch: &[RequestRecord]) -> io::Result<()> {
+        for r in batch {
+            serde_json::to_writer(&mut self.out, r)?;
+            self.out.write_all(b"\n")?;
+        }
+        // One write per batch, visible to readers at once.
+        self.out.flush()
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()?;
+        self.out.get_ref().sync_data()
+    }
+}
+
+/// Writes records to the `requests` table of their own SQLite file (WAL), one
+/// transaction per batch. Money is kept exact in `cost_pico` (10⁻¹² USD).
+pub struct SqliteSink {
+    conn: rusqlite::Connection,
+}
+
+impl std::fmt::Debug for SqliteSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteSink").finish_non_exhaustive()
+    }
+}
+
+/// The schema of the SQLite request log.
+pub const SQLITE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS requests (
+    id                TEXT PRIMARY KEY,
+    time_ms           INTEGER NOT NULL,
+    key_id            TEXT,
+    requested_model   TEXT NOT NULL,
+    model             TEXT,
+    provider          TEXT,
+    status            INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens     INTEGER NOT NULL,
+    reasoning_tokens  INTEGER NOT NULL,
+    cost_pico         INTEGER NOT NULL,
+    latency_ms        INTEGER NOT NULL,
+    ttft_ms           INTEGER,
+    streamed          INTEGER NOT NULL,
+    complete          INTEGER NOT NULL,
+    finish_reason     TEXT,
+    error_code        TEXT,
+    attempts          TEXT NOT NULL,
+    prompt            TEXT,
+    completion        TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);
+CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);
+";
+
+fn sql_err(e: rusqlite::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+impl SqliteSink {
+    /// Opens (creating) the log database at `path`.
+    pub fn open(path: &Path) -> io::Result<SqliteSink> {
+        let conn = rusqlite::Connection::open(path).map_err(|e| {
+            io::Error::other(format!(
+                "cannot open the request log {}: {e}",
+                path.display()
+            ))
+        })?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql_err)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory log (for an in-memory store, and tests).
+    pub fn memory() -> io::Result<SqliteSink> {
+        Self::init(rusqlite::Connection::open_in_memory().map_err(sql_err)?)
+    }
+
+    fn init(conn: rusqlite::Connection) -> io::Result<SqliteSink> {
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql_err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
+        conn.execute_batch(SQLITE_SCHEMA).map_err(sql_err)?;
+        Ok(SqliteSink { conn })
+    }
+
+    /// The connection (to query the log, e.g. in tests).
+    pub fn connection(&self) -> &rusqlite::Connection {
+        &self.conn
+    }
+}
+
+impl LogSink for SqliteSink {
+    fn write(&mut self, batch: &[RequestRecord]) -> io::Result<()> {
+        let tx = self.conn.transaction().map_err(sql_err)?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO requests VALUES
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
+                )
+                .map_err(sql_err)?;
+            for r in batch {
+                let attempts = serde_json::to_string(&r.attempts)?;
+                let prompt = r.prompt.as_ref().map(|p| p.to_string());
+                insert
+                    .execute(rusqlite::params![
+                        r.id,
+                        r.time_ms as i64,
+                        r.key_id,
+                        r.requested_model,
+                        r.model,
+                        r.provider,
+                        r.status,
+                        r.prompt_tokens as i64,
+                        r.completion_tokens as i64,
+                        r.cached_tokens as i64,
+                        r.reasoning_tokens as i64,
+                        r.cost.pico(),
+                        r.latency_ms as i64,
+                        r.ttft_ms.map(|t| t as i64),
+                        r.streamed,
+                        r.complete,
+                        r.finish_reason,
+                        r.error_code,
+                        attempts,
+                        prompt,
+                        r.completion,
+                    ])
+                    .map_err(sql_err)?;
+            }
+        }
+        tx.commit().map_err(sql_err)
+    }
+}

@@ -1,0 +1,187 @@
+//! Prometheus metrics: one process-wide recorder, rendered at `GET /metrics`.
+//!
+//! The `metrics` facade has one global recorder per process, and a process may build
+//! many gateways (tests do), so the recorder is installed once, on first use, and
+//! every gateway renders the same registry. Histograms have fixed buckets and an
+//! upkeep thread drains them, so memory stays bounded however long the process runs.
+//! Labels are bounded too: `model` and `provider` come from the catalog, never from
+//! what a client sent.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `switchboard_requests_total` | counter | `model`, `provider`, `status` |
+//! | `switchboard_request_duration_seconds` | histogram | |
+//! | `switchboard_ttft_seconds` | histogram | |
+//! | `switchboard_overhead_seconds` | histogram (request time − upstream wait) | |
+//! | `switchboard_tokens_total` | counter | `model`, `kind` = `prompt`, `completion`, `cached`, `reasoning` |
+//! | `switchboard_cost_usd_total` | gauge, only ever increased (USD, float: metrics only) | `model` |
+//! | `switchboard_attempts_total` | counter | `provider`, `status` |
+//! | `switchboard_fallbacks_total` | counter (attempts after the first) | |
+//! | `switchboard_streams_in_flight` | gauge | |
+//! | `switchboard_log_records_dropped_total` | counter | |
+//! | `switchboard_log_write_errors_total` | counter | |
+//!
+//! # Example
+//! ```
+//! use switchboard::telemetry;
+//!
+//! telemetry::install(); // a gateway does this when it is built
+//! metrics::counter!(telemetry::LOG_RECORDS_DROPPED).increment(1);
+//! assert!(telemetry::render().contains("switchboard_log_records_dropped_total"));
+//! ```
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::logging::RequestRecord;
+
+/// Requests by `model`, `provider`, `status`.
+pub const REQUESTS: &str = "switchboard_requests_total";
+/// Whole request duration, seconds.
+pub const REQUEST_DURATION: &str = "switchboard_request_duration_seconds";
+/// Time to first token, seconds.
+pub const TTFT: &str = "switchboard_ttft_seconds";
+/// Time spent in the gateway (request time minus upstream wait), seconds.
+pub const OVERHEAD: &str = "switchboard_overhead_seconds";
+/// Tokens by `model` and `kind`.
+pub const TOKENS: &str = "switchboard_tokens_total";
+/// Cost charged, USD, by `model`.
+pub const COST: &str = "switchboard_cost_usd_total";
+/// Upstream attempts by `provider` and `status`.
+pub const ATTEMPTS: &str = "switchboard_attempts_total";
+/// Attempts after the first of a request.
+pub const FALLBACKS: &str = "switchboard_fallbacks_total";
+/// SSE responses being sent.
+pub const STREAMS_IN_FLIGHT: &str = "switchboard_streams_in_flight";
+/// Request records dropped because the log queue was full.
+pub const LOG_RECORDS_DROPPED: &str = "switchboard_log_records_dropped_total";
+/// Request records a sink failed to write.
+pub const LOG_WRITE_ERRORS: &str = "switchboard_log_write_errors_total";
+
+/// Buckets for request durations and TTFT (seconds).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+/// Buckets for the gateway's own overhead (seconds): finer at the low end.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once) and returns its handle.
+///
+/// If another recorder was installed first (by the embedding application), a warning
+/// is logged and `/metrics` shows nothing recorded by switchboard.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), LATENCY_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(TTFT.into()), LATENCY_BUCKETS))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(OVERHEAD.into()), OVERHEAD_BUCKETS))
+            .expect("bucket lists are not empty");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("another metrics recorder is installed; /metrics will not show switchboard's metrics");
+        }
+        describe();
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("switchboard-metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(5));
+                upkeep.run_upkeep();
+            });
+        handle
+    })
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    install().render()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        REQUESTS,
+        "Chat requests by served model, provider and HTTP status"
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Whole request time, streams included"
+    );
+    describe_histogram!(
+        TTFT,
+        Unit::Seconds,
+        "Time from arrival to the first content chunk"
+    );
+    describe_histogram!(
+        OVERHEAD,
+        Unit::Seconds,
+        "Request time not spent waiting on upstreams"
+    );
+    describe_counter!(
+        TOKENS,
+        "Tokens charged, by model and kind (prompt, completion, cached, reasoning)"
+    );
+    describe_gauge!(
+        COST,
+        "USD charged, by model (only ever increases; exact amounts are in the ledger)"
+    );
+    describe_counter!(ATTEMPTS, "Upstream attempts by provider and status");
+    describe_counter!(FALLBACKS, "Attempts after the first one of a request");
+    describe_gauge!(STREAMS_IN_FLIGHT, "SSE responses being sent");
+    describe_counter!(
+        LOG_RECORDS_DROPPED,
+        "Request records dropped because the log queue was full"
+    );
+    describe_counter!(
+        LOG_WRITE_ERRORS,
+        "Request records a log sink failed to write"
+    );
+}
+
+/// Records the metrics of one finished request.
+pub(crate) fn observe(record: &RequestRecord, total: Duration, upstream_wait: Duration) {
+    let model = record
+        .model
+        .clone()
+        .or_else(|| record.attempts.last().map(|a| a.model.clone()))
+        .unwrap_or_else(|| "none".into());
+    let provider = record.provider.clone().unwrap_or_else(|| "none".into());
+    metrics::counter!(REQUESTS, "model" => model.clone(), "provider" => provider, "status" => record.status.to_string())
+        .increment(1);
+    metrics::histogram!(REQUEST_DURATION).record(total.as_secs_f64());
+    if let Some(t) = record.ttft_ms {
+        metrics::histogram!(TTFT).record(t as f64 / 1000.0);
+    }
+    if !record.attempts.is_empty() {
+        let overhead = total.saturating_sub(upstream_wait);
+        metrics::histogram!(OVERHEAD).record(overhead.as_secs_f64());
+    }
+    for (kind, n) in [
+        ("prompt", record.prompt_tokens),
+        ("completion", record.completion_tokens),
+        ("cached", record.cached_tokens),
+        ("reasoning", record.reasoning_tokens),
+    ] {
+        if n > 0 {
+            metrics::counter!(TOKENS, "model" => model.clone(), "kind" => kind).increment(n);
+        }
+    }
+    if record.cost.pico() > 0 {
+        metrics::gauge!(COST, "model" => model).increment(record.cost.as_usd_f64());
+    }
+    for a in &record.attempts {
+        metrics::counter!(ATTEMPTS, "provider" => a.provider.clone(), "status" => a.status.clone())
+            .increment(1);
+    }
+    if record.attempts.len() > 1 {
+        metrics::counter!(FALLBACKS).increment(record.attempts.len() as u64 - 1);
+    }
+}
