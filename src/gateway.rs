@@ -38,14 +38,19 @@ use tokio::net::TcpListener;
 use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 
+use crate::accounts::AccountState;
+use crate::auth::AuthLayer;
 use crate::catalog::{Catalog, Model};
 use crate::config::Config;
+use crate::credit::CreditLayer;
 use crate::error::{Body, GatewayError};
 use crate::fallback::FallbackLayer;
 use crate::metering::MeteringLayer;
 use crate::normalize::NormalizeLayer;
 use crate::providers::ProviderClient;
+use crate::rate_limit::RateLimitLayer;
 use crate::route::RouteLayer;
+use crate::store::{KeyStore, Ledger, SqliteStore, StoreError};
 
 /// The HTTP-tier chat service: what `/v1/chat/completions` is routed to.
 pub type ChatService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
@@ -59,6 +64,9 @@ pub enum BuildError {
     /// The config is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The store cannot be opened (a runtime failure: exit code 2).
+    #[error("{0}")]
+    Store(#[from] StoreError),
 }
 
 /// Assembles a [`Gateway`].
@@ -66,6 +74,7 @@ pub enum BuildError {
 pub struct GatewayBuilder {
     config: Option<Config>,
     provider_client: Option<ProviderClient>,
+    store: Option<(Arc<dyn KeyStore>, Arc<dyn Ledger>)>,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -87,6 +96,13 @@ impl GatewayBuilder {
         self
     }
 
+    /// A store of your own for keys and the ledger (default: the SQLite store that
+    /// `[store].url` names, opened at `build`, with the `[[keys]]` upserted).
+    pub fn store<S: KeyStore + Ledger>(mut self, store: Arc<S>) -> Self {
+        self.store = Some((store.clone(), store));
+        self
+    }
+
     /// Builds the stack.
     pub fn build(self) -> Result<Gateway, BuildError> {
         let config = self.config.ok_or(BuildError::NoConfig)?;
@@ -100,12 +116,31 @@ impl GatewayBuilder {
         }
         let catalog = Arc::new(Catalog::from_config(&config));
         let client = self.provider_client.unwrap_or_default();
+        let (keys, ledger) = match self.store {
+            Some(s) => s,
+            None => {
+                let store = SqliteStore::open(&config.store)?;
+                store.bootstrap(&config.keys)?;
+                (store.clone() as Arc<dyn KeyStore>, store as Arc<dyn Ledger>)
+            }
+        };
+        let auth = AuthLayer::new(keys.clone());
+        let admin_token = std::env::var(&config.admin.token_env)
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(|t| crate::store::hash_secret(&t));
 
         // The typed tier, outermost first.
         let typed = ServiceBuilder::new()
             // 1. Route: model id (+ `models`, variants, allow-list) → candidate endpoints.
             //    First, so every later step works on a plan and unknown models cost nothing.
             .layer(RouteLayer::new(catalog.clone()))
+            // 2b. Credit: reserve the worst case over the plan that is left (402 before
+            //     any upstream is called), settle to the metered cost before the last
+            //     byte. After routing and health filtering (the plan is final), before
+            //     fallback, so one reservation covers every attempt and failed attempts
+            //     cost nothing.
+            .layer(CreditLayer::new(ledger.clone()))
             // 2. Fallback: walk the plan until an endpoint commits its first content chunk.
             //    Outside metering, so each attempt is metered on its own and failed
             //    attempts cost nothing.
@@ -118,6 +153,11 @@ impl GatewayBuilder {
 
         // The HTTP tier, outermost first.
         let chat = ServiceBuilder::new()
+            // Auth first: nothing else runs, and nothing is read, for an unknown or
+            // disabled key (401 / 403). The record (never the balance) is cached.
+            .layer(auth.clone())
+            // Rate limit on the authenticated key id, before the body is even read.
+            .layer(RateLimitLayer::new())
             // Normalize is where HTTP ends: body limit, JSON, SSE, keep-alive, deadline.
             .layer(
                 NormalizeLayer::new()
@@ -131,6 +171,12 @@ impl GatewayBuilder {
             config: Arc::new(config),
             catalog,
             chat: BoxCloneSyncService::new(chat),
+            accounts: AccountState {
+                keys,
+                ledger,
+                auth,
+                admin_token,
+            },
         })
     }
 }
@@ -141,6 +187,7 @@ pub struct Gateway {
     config: Arc<Config>,
     catalog: Arc<Catalog>,
     chat: ChatService,
+    accounts: AccountState,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -165,6 +212,16 @@ impl Gateway {
         &self.catalog
     }
 
+    /// The key store.
+    pub fn keys(&self) -> &Arc<dyn KeyStore> {
+        &self.accounts.keys
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.accounts.ledger
+    }
+
     /// The chat-completions service alone (HTTP tier), to mount anywhere.
     pub fn chat_service(&self) -> ChatService {
         self.chat.clone()
@@ -176,12 +233,18 @@ impl Gateway {
             .route("/chat/completions", post_service(self.chat.clone()))
             .route("/models", get(list_models))
             .route("/models/{*id}", get(get_model))
-            .with_state(self.catalog.clone());
+            .with_state(self.catalog.clone())
+            .merge(crate::accounts::client_routes(self.accounts.clone()));
         Router::new()
             .nest("/v1", v1.clone())
             .nest("/api/v1", v1)
             .route("/healthz", get(|| async { "ok" }))
-            .route("/readyz", get(|| async { "ready" }))
+            .merge(crate::accounts::admin_routes(self.accounts.clone()))
+            .merge(
+                Router::new()
+                    .route("/readyz", get(crate::accounts::readyz))
+                    .with_state(self.accounts.clone()),
+            )
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
     }
@@ -196,6 +259,7 @@ impl Gateway {
     ) -> std::io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let app = self.router();
+        let ledger = self.accounts.ledger.clone();
         let server = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;
@@ -203,13 +267,16 @@ impl Gateway {
             })
             .into_future();
         tokio::pin!(server);
-        tokio::select! {
+        let r = tokio::select! {
             r = &mut server => r,
             _ = async { let _ = rx.await; tokio::time::sleep(drain).await } => {
                 tracing::warn!("in-flight requests did not finish within {}s; stopping", drain.as_secs());
                 Ok(())
             }
-        }
+        };
+        // Settlements sent without waiting (cut streams) are committed before exit.
+        ledger.flush().await;
+        r
     }
 
     /// Binds `addr` (TCP_NODELAY on every accepted connection).

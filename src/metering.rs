@@ -184,7 +184,13 @@ impl Meter {
 
     fn price(&self, usage: &mut Usage) {
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-        usage.cost = Some(self.endpoint.pricing.cost(usage));
+        // SPEC §4: a request that delivers no completion tokens is not charged, and
+        // `usage.cost` is the debit, so it is zero too.
+        usage.cost = Some(if usage.completion_tokens == 0 {
+            crate::money::Money::ZERO
+        } else {
+            self.endpoint.pricing.cost(usage)
+        });
     }
 
     fn record(&mut self, usage: Usage) {

@@ -162,8 +162,26 @@ pub async fn gateway(toml: &str) -> TestGateway {
     gateway_with(config).await
 }
 
-/// Serves a built config on 127.0.0.1:0.
-pub async fn gateway_with(config: Config) -> TestGateway {
+/// A fresh directory of its own under the system temp dir (pid + counter + random).
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let r: u64 = rand::random();
+    let dir = std::env::temp_dir().join(format!(
+        "switchboard-test-{tag}-{}-{n}-{r:016x}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Serves a built config on 127.0.0.1:0. Unless the config names its own store,
+/// each gateway gets a store of its own in a fresh temporary directory.
+pub async fn gateway_with(mut config: Config) -> TestGateway {
+    if config.store.url == switchboard::config::StoreConfig::default().url {
+        let dir = temp_dir("store");
+        config.store.url = format!("sqlite://{}", dir.join("switchboard.db").display());
+    }
     let gateway = Gateway::builder()
         .config(config)
         .build()
@@ -238,5 +256,7 @@ pub fn openai_config(upstreams: &[(&str, &str)], extra: &str) -> String {
     }
     s.push('\n');
     s.push_str(extra);
+    // The client key the tests use, with generous credits.
+    s.push_str("\n[[keys]]\nsecret = \"sk-demo\"\nname = \"demo\"\ncredits_usd = 1000\n");
     s
 }
