@@ -792,3 +792,164 @@ impl Ledger for SqliteStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usd(s: &str) -> Money {
+        s.parse().unwrap()
+    }
+
+    fn file_store(dir: &Path) -> Arc<SqliteStore> {
+        SqliteStore::open(&StoreConfig {
+            url: format!("sqlite://{}", dir.join("ledger.db").display()),
+            sync: SyncMode::Normal,
+        })
+        .unwrap()
+    }
+
+    fn temp_dir() -> PathBuf {
+        let r: u64 = rand::random();
+        let d = std::env::temp_dir().join(format!("switchboard-unit-{}-{r:016x}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn settlement(key_id: &str, id: &str, cost: &str, reserved: &str) -> Settlement {
+        Settlement {
+            key_id: key_id.into(),
+            reserved: usd(reserved),
+            tokens: 10,
+            generation: Generation {
+                id: id.into(),
+                key_id: key_id.into(),
+                model: "m/x".into(),
+                provider: "p".into(),
+                streamed: false,
+                prompt_tokens: 4,
+                completion_tokens: 6,
+                total_cost: usd(cost),
+                latency_ms: 12,
+                ttft_ms: Some(3),
+                attempts: vec![GenerationAttempt {
+                    provider: "p".into(),
+                    status: "200".into(),
+                    latency_ms: 3,
+                }],
+                finish_reason: Some("stop".into()),
+                created: 1,
+            },
+        }
+    }
+
+    fn bootstrap_key(secret: &str, credits: &str, rpm: Option<u32>) -> KeyConfig {
+        KeyConfig {
+            secret: secret.into(),
+            name: Some("boot".into()),
+            credits_usd: usd(credits),
+            limit_usd: None,
+            rpm,
+            tokens_per_day: None,
+            models: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn settling_twice_charges_once_and_survives_a_reopen() {
+        let dir = temp_dir();
+        let store = file_store(&dir);
+        let k = store
+            .create(hash_secret("sk-one-1"), NewKey::new("one", usd("1")))
+            .unwrap();
+        let id = k.record.id.clone();
+        store.reserve(&k.record, usd("0.5")).unwrap();
+        store.reserve(&k.record, usd("0.5")).unwrap();
+        assert!(store.settle(settlement(&id, "gen-a", "0.25", "0.5")).await.unwrap());
+        // The same request id again: no second charge (but its reservation goes).
+        assert!(!store.settle(settlement(&id, "gen-a", "0.25", "0.5")).await.unwrap());
+        let b = store.balance(&id).unwrap();
+        assert_eq!((b.spent, b.reserved), (usd("0.25"), Money::ZERO));
+        assert_eq!(store.tokens_today(&id).unwrap(), 10);
+        drop(store);
+
+        let again = file_store(&dir);
+        let b = again.balance(&id).unwrap();
+        assert_eq!((b.credits, b.spent), (usd("1"), usd("0.25")));
+        assert_eq!(again.tokens_today(&id).unwrap(), 10);
+        let g = again.generation("gen-a").unwrap().unwrap();
+        assert_eq!(g.total_cost, usd("0.25"));
+        assert_eq!(g.attempts[0].status, "200");
+        assert_eq!(g.key_id, id);
+        drop(again);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn bootstrap_keys_keep_what_they_spent_and_take_new_limits() {
+        let dir = temp_dir();
+        let store = file_store(&dir);
+        store.bootstrap(&[bootstrap_key("sk-boot-1", "5", None)]).unwrap();
+        let rec = store.find(&hash_secret("sk-boot-1")).unwrap().unwrap();
+        store.reserve(&rec, usd("1")).unwrap();
+        store.settle(settlement(&rec.id, "gen-b", "1", "1")).await.unwrap();
+        drop(store);
+
+        // Restart with changed credits and an rpm: credits are granted once only.
+        let store = file_store(&dir);
+        store.bootstrap(&[bootstrap_key("sk-boot-1", "100", Some(7))]).unwrap();
+        let again = store.find(&hash_secret("sk-boot-1")).unwrap().unwrap();
+        assert_eq!(again.id, rec.id);
+        assert_eq!(again.rpm, Some(7));
+        let b = store.balance(&rec.id).unwrap();
+        assert_eq!((b.credits, b.spent), (usd("5"), usd("1")));
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_top_up_by_another_process_counts_before_a_refusal() {
+        let dir = temp_dir();
+        let gateway = file_store(&dir);
+        let k = gateway
+            .create(hash_secret("sk-two-2"), NewKey::new("two", usd("0.1")))
+            .unwrap();
+        gateway.reserve(&k.record, usd("0.1")).unwrap();
+        assert!(gateway.reserve(&k.record, usd("0.1")).is_err());
+        // The CLI opens the same file and tops up.
+        let cli = file_store(&dir);
+        cli.top_up(&k.record.id, usd("0.1")).unwrap().unwrap();
+        drop(cli);
+        gateway.reserve(&k.record, usd("0.1")).unwrap();
+        assert_eq!(gateway.balance(&k.record.id).unwrap().credits, usd("0.2"));
+        // A top-up through this ledger counts at once.
+        gateway.top_up(&k.record.id, usd("1")).unwrap().unwrap();
+        assert_eq!(gateway.balance(&k.record.id).unwrap().available(), usd("1"));
+        drop(gateway);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn secrets_never_reach_the_database_file() {
+        let dir = temp_dir();
+        let store = file_store(&dir);
+        store.bootstrap(&[bootstrap_key("sk-bootstrap-secret-XYZ", "1", None)]).unwrap();
+        store
+            .create(hash_secret("sk-created-secret-QQQ"), NewKey::new("c", usd("1")))
+            .unwrap();
+        let rec = store.find(&hash_secret("sk-created-secret-QQQ")).unwrap().unwrap();
+        store.reserve(&rec, usd("0.1")).unwrap();
+        store.settle(settlement(&rec.id, "gen-c", "0.1", "0.1")).await.unwrap();
+        drop(store);
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            for secret in ["sk-bootstrap-secret-XYZ", "sk-created-secret-QQQ"] {
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{secret} found in the store"
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
