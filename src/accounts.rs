@@ -36,15 +36,41 @@ use axum::routing::get;
 use axum::{Extension, Router};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::auth::AuthLayer;
 use crate::error::{Body, GatewayError};
 use crate::keys::KeyRecord;
 use crate::money::Money;
-use crate::store::{hash_secret, new_secret, KeyPatch, KeyStore, Ledger, NewKey, SecretHash};
+use crate::store::{
+    hash_secret, new_secret, KeyPatch, KeyStore, KeyView, Ledger, NewKey, SecretHash, StoredKey,
+};
+
+/// `GET /v1/key`'s `data`.
+#[derive(Debug, Serialize)]
+struct KeyInfo {
+    name: String,
+    usage: Money,
+    limit: Option<Money>,
+    limit_remaining: Option<Money>,
+    credits_remaining: Money,
+    rate_limit: Option<RateLimitInfo>,
+}
+
+/// `{"requests": rpm, "interval": "1m"}`.
+#[derive(Debug, Serialize)]
+struct RateLimitInfo {
+    requests: u32,
+    interval: &'static str,
+}
+
+/// `GET /v1/credits`'s `data`.
+#[derive(Debug, Serialize)]
+struct Credits {
+    total_credits: Money,
+    total_usage: Money,
+}
 
 /// What the account and admin handlers share.
 #[derive(Clone)]
@@ -67,8 +93,16 @@ impl std::fmt::Debug for AccountState {
     }
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
-    let mut res = Response::new(Body::from(v.to_string()));
+/// `{"data": …}`, serialised straight from typed values: amounts are written from
+/// their exact decimal digits (a `serde_json::Value` would round them through f64).
+#[derive(Debug, Serialize)]
+struct Data<T> {
+    data: T,
+}
+
+fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
+    let mut res = Response::new(Body::from(body));
     *res.status_mut() = status;
     res.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -86,9 +120,9 @@ async fn blocking<R: Send + 'static>(
         .map_err(|e| GatewayError::Internal(format!("store task failed: {e}")))?
 }
 
-fn reply(r: Result<Value, GatewayError>, status: StatusCode) -> Response<Body> {
+fn reply<T: Serialize>(r: Result<T, GatewayError>, status: StatusCode) -> Response<Body> {
     match r {
-        Ok(v) => json_response(status, &v),
+        Ok(v) => json_response(status, &Data { data: v }),
         Err(e) => e.into_response(),
     }
 }
@@ -131,16 +165,19 @@ async fn get_key(
 ) -> Response<Body> {
     let ledger = state.ledger.clone();
     let id = key.id.clone();
-    let r = blocking(move || Ok(ledger.balance(&id)?)).await.map(|b| {
-        json!({"data": {
-            "name": key.name,
-            "usage": b.spent,
-            "limit": key.limit,
-            "limit_remaining": key.limit.map(|l| (l - b.spent).max(Money::ZERO)),
-            "credits_remaining": b.credits - b.spent,
-            "rate_limit": key.rpm.map(|r| json!({"requests": r, "interval": "1m"})),
-        }})
-    });
+    let r = blocking(move || Ok(ledger.balance(&id)?))
+        .await
+        .map(|b| KeyInfo {
+            name: key.name.clone(),
+            usage: b.spent,
+            limit: key.limit,
+            limit_remaining: key.limit.map(|l| (l - b.spent).max(Money::ZERO)),
+            credits_remaining: b.credits - b.spent,
+            rate_limit: key.rpm.map(|requests| RateLimitInfo {
+                requests,
+                interval: "1m",
+            }),
+        });
     reply(r, StatusCode::OK)
 }
 
@@ -149,9 +186,12 @@ async fn get_credits(
     Extension(key): Extension<Arc<KeyRecord>>,
 ) -> Response<Body> {
     let ledger = state.ledger.clone();
-    let r = blocking(move || Ok(ledger.balance(&key.id)?)).await.map(|b| {
-        json!({"data": {"total_credits": b.credits, "total_usage": b.spent}})
-    });
+    let r = blocking(move || Ok(ledger.balance(&key.id)?))
+        .await
+        .map(|b| Credits {
+            total_credits: b.credits,
+            total_usage: b.spent,
+        });
     reply(r, StatusCode::OK)
 }
 
@@ -168,7 +208,7 @@ async fn get_generation(
     let r = blocking(move || {
         match ledger.generation(&id)? {
             // Someone else's generation is as unknown as a missing one.
-            Some(g) if g.key_id == key.id => Ok(json!({"data": g})),
+            Some(g) if g.key_id == key.id => Ok(g),
             _ => Err(GatewayError::NotFound(format!("no generation `{id}`"))),
         }
     })
@@ -196,10 +236,10 @@ fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), Response
     if bool::from(hash_secret(given).ct_eq(expected)) && !given.is_empty() {
         Ok(())
     } else {
-        Err(
-            GatewayError::InvalidApiKey("admin routes want `Authorization: Bearer <admin token>`".into())
-                .into_response(),
+        Err(GatewayError::InvalidApiKey(
+            "admin routes want `Authorization: Bearer <admin token>`".into(),
         )
+        .into_response())
     }
 }
 
@@ -306,9 +346,10 @@ async fn admin_create(
     let r = blocking(move || {
         let secret = new_secret();
         let key = keys.create(hash_secret(&secret), new)?;
-        let mut v = key.to_json();
-        v["secret"] = json!(secret);
-        Ok(json!({"data": v}))
+        Ok(KeyView {
+            secret: Some(secret),
+            ..key.view()
+        })
     })
     .await;
     reply(r, StatusCode::CREATED)
@@ -319,11 +360,8 @@ async fn admin_list(State(state): State<AccountState>, headers: HeaderMap) -> Re
         return res;
     }
     let keys = state.keys.clone();
-    let r = blocking(move || {
-        let list = keys.list()?;
-        Ok(json!({"data": list.iter().map(|k| k.to_json()).collect::<Vec<_>>()}))
-    })
-    .await;
+    let r =
+        blocking(move || Ok(keys.list()?.iter().map(StoredKey::view).collect::<Vec<_>>())).await;
     reply(r, StatusCode::OK)
 }
 
@@ -341,7 +379,7 @@ async fn admin_show(
     }
     let keys = state.keys.clone();
     let r = blocking(move || match keys.get(&id)? {
-        Some(k) => Ok(json!({"data": k.to_json()})),
+        Some(k) => Ok(k.view()),
         None => Err(no_key(&id)),
     })
     .await;
@@ -386,7 +424,7 @@ async fn admin_patch(
             ledger.top_up(&id, amount)?;
         }
         match keys.get(&id)? {
-            Some(k) => Ok(json!({"data": k.to_json()})),
+            Some(k) => Ok(k.view()),
             None => Err(no_key(&id)),
         }
     })

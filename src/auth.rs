@@ -277,7 +277,10 @@ mod tests {
     async fn missing_unknown_and_disabled_keys_are_refused() {
         let store = store();
         let alice = store
-            .create(hash_secret("sk-alice-1"), NewKey::new("alice", Default::default()))
+            .create(
+                hash_secret("sk-alice-1"),
+                NewKey::new("alice", Default::default()),
+            )
             .unwrap();
         let layer = AuthLayer::new(store.clone());
         let svc = layer.layer(echo_name());
@@ -334,7 +337,10 @@ mod tests {
     async fn a_disable_elsewhere_counts_within_the_ttl() {
         let store = store();
         let bob = store
-            .create(hash_secret("sk-bob-12"), NewKey::new("bob", Default::default()))
+            .create(
+                hash_secret("sk-bob-12"),
+                NewKey::new("bob", Default::default()),
+            )
             .unwrap();
         let svc = AuthLayer::with_ttl(store.clone(), Duration::from_millis(50)).layer(echo_name());
         let req = || get(Some(("authorization", "Bearer sk-bob-12")));

@@ -136,7 +136,7 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
             Ok(Some(k)) => {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&k.to_json()).unwrap_or_default()
+                    serde_json::to_string_pretty(&k.view()).unwrap_or_default()
                 );
                 ExitCode::SUCCESS
             }

@@ -252,7 +252,12 @@ rpm = 1
         (Some("sk-poor-1"), ask.clone(), 402, "insufficient_credits"),
         (Some("sk-gone-1"), ask.clone(), 403, "forbidden"),
         (Some("sk-narrow"), ask.clone(), 403, "forbidden"),
-        (Some("sk-demo"), json!({"model": "test/model"}), 400, "invalid_request"),
+        (
+            Some("sk-demo"),
+            json!({"model": "test/model"}),
+            400,
+            "invalid_request",
+        ),
         (
             Some("sk-demo"),
             json!({"model": "nope/nope", "messages": [{"role": "user", "content": "hi"}]}),
@@ -267,12 +272,23 @@ rpm = 1
         assert_eq!(v["error"]["code"], code, "{key:?}: {v}");
     }
     // rpm = 1: the first goes through, the second is 429 with Retry-After.
-    assert_eq!(post(&gw, Some("sk-slow-1"), ask.clone()).await.status(), 200);
+    assert_eq!(
+        post(&gw, Some("sk-slow-1"), ask.clone()).await.status(),
+        200
+    );
     let res = post(&gw, Some("sk-slow-1"), ask.clone()).await;
     assert_eq!(res.status(), 429);
-    let after: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let after: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&after));
-    assert_eq!(up.hits(), 1, "only the one admitted request reached the upstream");
+    assert_eq!(
+        up.hits(),
+        1,
+        "only the one admitted request reached the upstream"
+    );
 
     for key in ["sk-poor-1", "sk-narrow", "sk-demo"] {
         assert_eq!(total_usage(&gw, key).await, Money::ZERO, "{key}");
@@ -364,7 +380,12 @@ async fn admin_api_creates_tops_up_and_disables_keys() {
         .unwrap();
     assert_eq!(res.status(), 401);
     assert_eq!(
-        client().get(gw.url("/admin/keys")).send().await.unwrap().status(),
+        client()
+            .get(gw.url("/admin/keys"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
         401
     );
 

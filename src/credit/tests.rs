@@ -121,7 +121,10 @@ async fn settling_below_the_reserve_releases_the_rest_and_commits_before_the_end
         chunk.unwrap();
     }
     // The end of the stream came after the commit: the row is there, nothing held.
-    let g = store.generation(&id).unwrap().expect("committed before the end");
+    let g = store
+        .generation(&id)
+        .unwrap()
+        .expect("committed before the end");
     // 5 × $1/M + 3 × $2/M = $0.000011.
     assert_eq!(g.total_cost, usd("0.000011"));
     assert_eq!(g.completion_tokens, 3);
@@ -177,7 +180,10 @@ async fn an_error_mid_stream_settles_what_was_delivered_then_passes_the_error() 
     let e = chunks.next().await.unwrap().unwrap_err();
     assert_eq!(e.code(), "upstream_error");
     // Committed before the error reached the client.
-    assert_eq!(store.generation(&id).unwrap().unwrap().total_cost, usd("0.000007"));
+    assert_eq!(
+        store.generation(&id).unwrap().unwrap().total_cost,
+        usd("0.000007")
+    );
     assert!(chunks.next().await.is_none());
 }
 

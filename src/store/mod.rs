@@ -74,7 +74,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
 use serde::Serialize;
-use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::error::GatewayError;
@@ -148,23 +147,55 @@ pub struct StoredKey {
 }
 
 impl StoredKey {
-    /// The JSON the admin API and `switchboard keys show` print (never a secret).
-    pub fn to_json(&self) -> Value {
+    /// What the admin API and `switchboard keys show` print (never a secret).
+    pub fn view(&self) -> KeyView {
         let r = &self.record;
-        json!({
-            "id": r.id,
-            "name": r.name,
-            "created": self.created,
-            "disabled": r.disabled,
-            "credits": self.credits,
-            "usage": self.spent,
-            "credits_remaining": self.credits - self.spent,
-            "limit": r.limit,
-            "rpm": r.rpm,
-            "tokens_per_day": r.tokens_per_day,
-            "models": r.models,
-        })
+        KeyView {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            created: self.created,
+            disabled: r.disabled,
+            credits: self.credits,
+            usage: self.spent,
+            credits_remaining: self.credits - self.spent,
+            limit: r.limit,
+            rpm: r.rpm,
+            tokens_per_day: r.tokens_per_day,
+            models: r.models.clone(),
+            secret: None,
+        }
     }
+}
+
+/// A key as the admin API and the CLI show it. Serialised directly (not through
+/// `serde_json::Value`), so amounts keep their exact decimal digits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyView {
+    /// Key id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Unix seconds of creation.
+    pub created: u64,
+    /// Whether requests are refused.
+    pub disabled: bool,
+    /// Credits granted in total, USD.
+    pub credits: Money,
+    /// Spent in total, USD.
+    pub usage: Money,
+    /// `credits - usage`, USD.
+    pub credits_remaining: Money,
+    /// Lifetime spending limit, USD.
+    pub limit: Option<Money>,
+    /// Requests per minute.
+    pub rpm: Option<u32>,
+    /// Tokens per UTC day.
+    pub tokens_per_day: Option<u64>,
+    /// Allow-list.
+    pub models: Option<Vec<String>>,
+    /// The secret: only in the answer that creates the key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 /// What a new key starts with.

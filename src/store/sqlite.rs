@@ -215,10 +215,12 @@ impl SqliteStore {
             .spawn(move || loop {
                 match stop_rx.recv_timeout(Duration::from_millis(500)) {
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        let _ = ckpt_conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                        let _ =
+                            ckpt_conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
                     }
                     _ => {
-                        let _ = ckpt_conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                        let _ =
+                            ckpt_conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
                         break;
                     }
                 }
@@ -290,11 +292,7 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        let pooled = self
-            .readers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
+        let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let mut conn = match pooled {
             Some(c) => c,
             None => open_conn(&self.path, self.sync)?,
@@ -343,7 +341,8 @@ impl SqliteStore {
                 day_tokens: tokens.unwrap_or(0) as u64,
             }))
         })?;
-        let account = loaded.ok_or_else(|| StoreError(format!("no key `{key_id}` in the store")))?;
+        let account =
+            loaded.ok_or_else(|| StoreError(format!("no key `{key_id}` in the store")))?;
         let mut map = self.accounts.write().unwrap_or_else(|e| e.into_inner());
         Ok(map
             .entry(key_id.to_string())
@@ -354,12 +353,12 @@ impl SqliteStore {
     /// Re-reads a key's credits (they only grow, so the larger value is current).
     fn refresh_credits(&self, key_id: &str) -> Result<(), StoreError> {
         let credits: Option<i64> = self.with_conn(|c| {
-            Ok(c.query_row(
-                "SELECT credits_pico FROM keys WHERE id=?1",
-                [key_id],
-                |r| r.get(0),
+            Ok(
+                c.query_row("SELECT credits_pico FROM keys WHERE id=?1", [key_id], |r| {
+                    r.get(0)
+                })
+                .optional()?,
             )
-            .optional()?)
         })?;
         if let (Some(credits), Some(acc)) = (
             credits,
@@ -456,7 +455,10 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, accounts: Arc<Acco
             commit(&mut conn, &settlements)
         };
         if let Err(e) = &result {
-            tracing::error!("ledger commit of {} settlement(s) failed: {e}", settlements.len());
+            tracing::error!(
+                "ledger commit of {} settlement(s) failed: {e}",
+                settlements.len()
+            );
         }
         // Accounts change only after the commit, and before anyone is answered.
         {
@@ -512,7 +514,8 @@ fn commit(conn: &mut Connection, batch: &[&Settlement]) -> Result<Vec<bool>, Sto
                prompt_tokens, completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
-        let mut spend = tx.prepare_cached("UPDATE keys SET spent_pico = spent_pico + ?1 WHERE id = ?2")?;
+        let mut spend =
+            tx.prepare_cached("UPDATE keys SET spent_pico = spent_pico + ?1 WHERE id = ?2")?;
         let mut tokens = tx.prepare_cached(
             "INSERT INTO daily_tokens (key_id, day, tokens) VALUES (?1, ?2, ?3)
              ON CONFLICT (key_id, day) DO UPDATE SET tokens = tokens + excluded.tokens",
@@ -811,7 +814,8 @@ mod tests {
 
     fn temp_dir() -> PathBuf {
         let r: u64 = rand::random();
-        let d = std::env::temp_dir().join(format!("switchboard-unit-{}-{r:016x}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("switchboard-unit-{}-{r:016x}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
     }
@@ -865,9 +869,15 @@ mod tests {
         let id = k.record.id.clone();
         store.reserve(&k.record, usd("0.5")).unwrap();
         store.reserve(&k.record, usd("0.5")).unwrap();
-        assert!(store.settle(settlement(&id, "gen-a", "0.25", "0.5")).await.unwrap());
+        assert!(store
+            .settle(settlement(&id, "gen-a", "0.25", "0.5"))
+            .await
+            .unwrap());
         // The same request id again: no second charge (but its reservation goes).
-        assert!(!store.settle(settlement(&id, "gen-a", "0.25", "0.5")).await.unwrap());
+        assert!(!store
+            .settle(settlement(&id, "gen-a", "0.25", "0.5"))
+            .await
+            .unwrap());
         let b = store.balance(&id).unwrap();
         assert_eq!((b.spent, b.reserved), (usd("0.25"), Money::ZERO));
         assert_eq!(store.tokens_today(&id).unwrap(), 10);
@@ -889,15 +899,22 @@ mod tests {
     async fn bootstrap_keys_keep_what_they_spent_and_take_new_limits() {
         let dir = temp_dir();
         let store = file_store(&dir);
-        store.bootstrap(&[bootstrap_key("sk-boot-1", "5", None)]).unwrap();
+        store
+            .bootstrap(&[bootstrap_key("sk-boot-1", "5", None)])
+            .unwrap();
         let rec = store.find(&hash_secret("sk-boot-1")).unwrap().unwrap();
         store.reserve(&rec, usd("1")).unwrap();
-        store.settle(settlement(&rec.id, "gen-b", "1", "1")).await.unwrap();
+        store
+            .settle(settlement(&rec.id, "gen-b", "1", "1"))
+            .await
+            .unwrap();
         drop(store);
 
         // Restart with changed credits and an rpm: credits are granted once only.
         let store = file_store(&dir);
-        store.bootstrap(&[bootstrap_key("sk-boot-1", "100", Some(7))]).unwrap();
+        store
+            .bootstrap(&[bootstrap_key("sk-boot-1", "100", Some(7))])
+            .unwrap();
         let again = store.find(&hash_secret("sk-boot-1")).unwrap().unwrap();
         assert_eq!(again.id, rec.id);
         assert_eq!(again.rpm, Some(7));
@@ -933,13 +950,24 @@ mod tests {
     async fn secrets_never_reach_the_database_file() {
         let dir = temp_dir();
         let store = file_store(&dir);
-        store.bootstrap(&[bootstrap_key("sk-bootstrap-secret-XYZ", "1", None)]).unwrap();
         store
-            .create(hash_secret("sk-created-secret-QQQ"), NewKey::new("c", usd("1")))
+            .bootstrap(&[bootstrap_key("sk-bootstrap-secret-XYZ", "1", None)])
             .unwrap();
-        let rec = store.find(&hash_secret("sk-created-secret-QQQ")).unwrap().unwrap();
+        store
+            .create(
+                hash_secret("sk-created-secret-QQQ"),
+                NewKey::new("c", usd("1")),
+            )
+            .unwrap();
+        let rec = store
+            .find(&hash_secret("sk-created-secret-QQQ"))
+            .unwrap()
+            .unwrap();
         store.reserve(&rec, usd("0.1")).unwrap();
-        store.settle(settlement(&rec.id, "gen-c", "0.1", "0.1")).await.unwrap();
+        store
+            .settle(settlement(&rec.id, "gen-c", "0.1", "0.1"))
+            .await
+            .unwrap();
         drop(store);
         for entry in std::fs::read_dir(&dir).unwrap() {
             let bytes = std::fs::read(entry.unwrap().path()).unwrap();
