@@ -216,13 +216,12 @@ async fn get_generation(
     reply(r, StatusCode::OK)
 }
 
-/// Checks the admin token: `Err` is the response to send (404 when off, 401 when wrong).
-fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), Response<Body>> {
+/// Checks the admin token: 404 when the admin API is off, 401 when the token is wrong.
+fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), GatewayError> {
     let Some(expected) = &state.admin_token else {
         return Err(GatewayError::NotFound(
             "the admin API is off: set the environment variable [admin].token_env names".into(),
-        )
-        .into_response());
+        ));
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -238,8 +237,7 @@ fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), Response
     } else {
         Err(GatewayError::InvalidApiKey(
             "admin routes want `Authorization: Bearer <admin token>`".into(),
-        )
-        .into_response())
+        ))
     }
 }
 
@@ -324,8 +322,8 @@ async fn admin_create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response<Body> {
-    if let Err(res) = admin_check(&state, &headers) {
-        return res;
+    if let Err(e) = admin_check(&state, &headers) {
+        return e.into_response();
     }
     let b: CreateBody = match parse(&body) {
         Ok(b) => b,
@@ -356,8 +354,8 @@ async fn admin_create(
 }
 
 async fn admin_list(State(state): State<AccountState>, headers: HeaderMap) -> Response<Body> {
-    if let Err(res) = admin_check(&state, &headers) {
-        return res;
+    if let Err(e) = admin_check(&state, &headers) {
+        return e.into_response();
     }
     let keys = state.keys.clone();
     let r =
@@ -374,8 +372,8 @@ async fn admin_show(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response<Body> {
-    if let Err(res) = admin_check(&state, &headers) {
-        return res;
+    if let Err(e) = admin_check(&state, &headers) {
+        return e.into_response();
     }
     let keys = state.keys.clone();
     let r = blocking(move || match keys.get(&id)? {
@@ -392,8 +390,8 @@ async fn admin_patch(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response<Body> {
-    if let Err(res) = admin_check(&state, &headers) {
-        return res;
+    if let Err(e) = admin_check(&state, &headers) {
+        return e.into_response();
     }
     let b: PatchBody = match parse(&body) {
         Ok(b) => b,

@@ -9,7 +9,9 @@
 //! use tower::ServiceExt;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! let gateway = Gateway::builder().config(Config::demo()).build().unwrap();
+//! let mut config = Config::demo();
+//! config.store.url = "sqlite::memory:".into(); // a private temporary store
+//! let gateway = Gateway::builder().config(config).build().unwrap();
 //! let req = http::Request::post("/v1/chat/completions")
 //!     .header("authorization", "Bearer sk-demo")
 //!     .header("content-type", "application/json")

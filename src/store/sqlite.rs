@@ -980,4 +980,55 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(dir);
     }
+
+    /// Settled writes per second through the group-commit writer (run on demand:
+    /// `cargo test --lib -- --ignored ledger_throughput --nocapture`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn ledger_throughput() {
+        let dir = temp_dir();
+        for sync in [SyncMode::Normal, SyncMode::Full] {
+            let store = SqliteStore::open(&StoreConfig {
+                url: format!("sqlite://{}", dir.join(format!("{sync:?}.db")).display()),
+                sync,
+            })
+            .unwrap();
+            let k = store
+                .create(
+                    hash_secret(&format!("sk-tp-{sync:?}")),
+                    NewKey::new("tp", usd("1000")),
+                )
+                .unwrap();
+            let (tasks, per_task) = (64, 200);
+            for _ in 0..tasks * per_task {
+                store.reserve(&k.record, usd("0.001")).unwrap();
+            }
+            let started = std::time::Instant::now();
+            let handles: Vec<_> = (0..tasks)
+                .map(|t| {
+                    let store = store.clone();
+                    let id = k.record.id.clone();
+                    tokio::spawn(async move {
+                        for i in 0..per_task {
+                            let s = settlement(&id, &format!("gen-{t}-{i}"), "0.0005", "0.001");
+                            assert!(store.settle(s).await.unwrap());
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.await.unwrap();
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let n = tasks * per_task;
+            println!(
+                "ledger_throughput sync={sync:?}: {n} settlements by {tasks} concurrent waiters in {secs:.2}s = {:.0}/s",
+                n as f64 / secs
+            );
+            let b = store.balance(&k.record.id).unwrap();
+            assert_eq!(b.reserved, Money::ZERO);
+            assert_eq!(b.spent, Money::from_pico(n as i64 * 500_000_000));
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
