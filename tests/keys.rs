@@ -467,3 +467,91 @@ async fn admin_api_is_absent_without_its_token_variable() {
         .unwrap();
     assert_eq!(res.status(), 404);
 }
+
+#[tokio::test]
+async fn a_reply_without_completion_tokens_costs_nothing() {
+    let up = upstream(|_, _| async {
+        json(
+            200,
+            json!({"id": "x", "object": "chat.completion", "created": 1, "model": "up-model",
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 7, "completion_tokens": 0}}),
+        )
+    })
+    .await;
+    let gw = gateway(&openai_config(&[("alpha", &up.url())], "")).await;
+    let before = total_usage(&gw, "sk-demo").await;
+    let res = post(
+        &gw,
+        Some("sk-demo"),
+        json!({"model": "test/model", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert_eq!(money_field(&text, "cost"), Some(Money::ZERO), "{text}");
+    assert_eq!(total_usage(&gw, "sk-demo").await, before);
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_pays_for_what_was_delivered() {
+    let events: Vec<String> = std::iter::once(
+        json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up-model",
+               "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hello"}, "finish_reason": null}]})
+        .to_string(),
+    )
+    .chain((0..200).map(|_| {
+        json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up-model",
+               "choices": [{"index": 0, "delta": {"content": " more"}, "finish_reason": null}]})
+        .to_string()
+    }))
+    .collect();
+    let up = upstream(move |_, _| {
+        let events = events.clone();
+        async move { sse(events, std::time::Duration::from_millis(50)) }
+    })
+    .await;
+    let gw = gateway(&openai_config(&[("alpha", &up.url())], "")).await;
+    let mut res = post(
+        &gw,
+        Some("sk-demo"),
+        json!({"model": "test/model", "stream": true, "max_tokens": 500,
+               "messages": [{"role": "user", "content": "talk"}]}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let first = String::from_utf8(res.chunk().await.unwrap().unwrap().to_vec()).unwrap();
+    let id_at = first.find("\"id\":\"").unwrap() + 6;
+    let id = first[id_at..].split('"').next().unwrap().to_string();
+    drop(res); // the client goes away after the first chunk
+
+    // The cut is settled from the drop guard, without anyone waiting: poll for it.
+    let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
+    let g = loop {
+        let (s, g) = get_json(&gw, &format!("/v1/generation?id={id}"), "sk-demo").await;
+        if s == 200 {
+            break g;
+        }
+        assert!(std::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let completion = g["data"]["completion_tokens"].as_u64().unwrap();
+    assert!(
+        (1..200).contains(&completion),
+        "charged for what was delivered up to the cut, not the whole answer: {g}"
+    );
+    let raw = client()
+        .get(gw.url(&format!("/v1/generation?id={id}")))
+        .bearer_auth("sk-demo")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let cost = money_field(&raw, "total_cost").unwrap();
+    assert!(cost > Money::ZERO);
+    // The only charge on the key is this one, to the unit.
+    assert_eq!(total_usage(&gw, "sk-demo").await, cost);
+}
