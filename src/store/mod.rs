@@ -369,6 +369,81 @@ pub struct Settlement {
 /// `reserve`, `release`, `balance` and `tokens_today` work on the in-memory
 /// accounts (they may read the store on a key's first use, or to re-read credits
 /// before refusing); `settle` resolves once the charge is durably committed.
+///
+/// # Example
+/// A ledger kept only in memory (no durability: for tests and experiments):
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+/// use futures_util::future::{self, BoxFuture, FutureExt};
+/// use switchboard::error::GatewayError;
+/// use switchboard::keys::KeyRecord;
+/// use switchboard::money::Money;
+/// use switchboard::store::{Balance, Generation, Ledger, Settlement, StoreError};
+///
+/// #[derive(Default)]
+/// struct MemoryLedger {
+///     accounts: Mutex<HashMap<String, Balance>>,
+///     rows: Mutex<HashMap<String, Generation>>,
+/// }
+///
+/// impl Ledger for MemoryLedger {
+///     fn reserve(&self, key: &KeyRecord, amount: Money) -> Result<(), GatewayError> {
+///         let mut map = self.accounts.lock().unwrap();
+///         let b = map.entry(key.id.clone()).or_default();
+///         if amount > b.available() {
+///             return Err(GatewayError::InsufficientCredits(format!("key `{}` cannot cover ${amount}", key.name)));
+///         }
+///         b.reserved = b.reserved + amount;
+///         Ok(())
+///     }
+///     fn release(&self, key_id: &str, amount: Money) {
+///         if let Some(b) = self.accounts.lock().unwrap().get_mut(key_id) {
+///             b.reserved = b.reserved - amount;
+///         }
+///     }
+///     fn settle(&self, s: Settlement) -> BoxFuture<'static, Result<bool, StoreError>> {
+///         let mut rows = self.rows.lock().unwrap();
+///         let fresh = !rows.contains_key(&s.generation.id);
+///         let mut map = self.accounts.lock().unwrap();
+///         let b = map.entry(s.key_id.clone()).or_default();
+///         b.reserved = b.reserved - s.reserved;
+///         if fresh {
+///             b.spent = b.spent + s.generation.total_cost;
+///             rows.insert(s.generation.id.clone(), s.generation);
+///         }
+///         future::ready(Ok(fresh)).boxed()
+///     }
+///     fn settle_detached(&self, s: Settlement) {
+///         let _ = self.settle(s);
+///     }
+///     fn flush(&self) -> BoxFuture<'static, ()> {
+///         future::ready(()).boxed()
+///     }
+///     fn balance(&self, key_id: &str) -> Result<Balance, StoreError> {
+///         Ok(self.accounts.lock().unwrap().get(key_id).copied().unwrap_or_default())
+///     }
+///     fn tokens_today(&self, _key_id: &str) -> Result<u64, StoreError> {
+///         Ok(0)
+///     }
+///     fn top_up(&self, key_id: &str, amount: Money) -> Result<Option<Balance>, StoreError> {
+///         let mut map = self.accounts.lock().unwrap();
+///         let b = map.entry(key_id.to_string()).or_default();
+///         b.credits = b.credits + amount;
+///         Ok(Some(*b))
+///     }
+///     fn generation(&self, id: &str) -> Result<Option<Generation>, StoreError> {
+///         Ok(self.rows.lock().unwrap().get(id).cloned())
+///     }
+/// }
+///
+/// let ledger = MemoryLedger::default();
+/// let alice = KeyRecord::new("key_1", "alice");
+/// ledger.top_up("key_1", "1".parse().unwrap()).unwrap();
+/// ledger.reserve(&alice, "0.75".parse().unwrap()).unwrap();
+/// let err = ledger.reserve(&alice, "0.5".parse().unwrap()).unwrap_err();
+/// assert_eq!(err.code(), "insufficient_credits");
+/// ```
 pub trait Ledger: Send + Sync + 'static {
     /// Holds `amount` for a request of `key`, or refuses with 402
     /// `insufficient_credits` when credits or `limit_usd` remaining cannot cover it.
