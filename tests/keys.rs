@@ -555,3 +555,122 @@ async fn a_client_that_leaves_mid_stream_pays_for_what_was_delivered() {
     // The only charge on the key is this one, to the unit.
     assert_eq!(total_usage(&gw, "sk-demo").await, cost);
 }
+
+/// A store that delegates to SQLite but can be told to stop answering `ping`.
+struct Flaky {
+    inner: Arc<switchboard::store::SqliteStore>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+mod flaky_impl {
+    use super::Flaky;
+    use futures_util::future::BoxFuture;
+    use switchboard::error::GatewayError;
+    use switchboard::keys::KeyRecord;
+    use switchboard::money::Money;
+    use switchboard::store::*;
+
+    impl KeyStore for Flaky {
+        fn find(&self, h: &SecretHash) -> Result<Option<KeyRecord>, StoreError> {
+            self.inner.find(h)
+        }
+        fn get(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
+            KeyStore::get(&*self.inner, id)
+        }
+        fn list(&self) -> Result<Vec<StoredKey>, StoreError> {
+            self.inner.list()
+        }
+        fn create(&self, h: SecretHash, n: NewKey) -> Result<StoredKey, StoreError> {
+            self.inner.create(h, n)
+        }
+        fn update(&self, id: &str, p: &KeyPatch) -> Result<Option<StoredKey>, StoreError> {
+            self.inner.update(id, p)
+        }
+        fn ping(&self) -> Result<(), StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError("disk on fire".into()));
+            }
+            self.inner.ping()
+        }
+    }
+
+    impl Ledger for Flaky {
+        fn reserve(&self, k: &KeyRecord, a: Money) -> Result<(), GatewayError> {
+            self.inner.reserve(k, a)
+        }
+        fn release(&self, id: &str, a: Money) {
+            self.inner.release(id, a)
+        }
+        fn settle(&self, s: Settlement) -> BoxFuture<'static, Result<bool, StoreError>> {
+            self.inner.settle(s)
+        }
+        fn settle_detached(&self, s: Settlement) {
+            self.inner.settle_detached(s)
+        }
+        fn flush(&self) -> BoxFuture<'static, ()> {
+            self.inner.flush()
+        }
+        fn balance(&self, id: &str) -> Result<Balance, StoreError> {
+            self.inner.balance(id)
+        }
+        fn tokens_today(&self, id: &str) -> Result<u64, StoreError> {
+            self.inner.tokens_today(id)
+        }
+        fn top_up(&self, id: &str, a: Money) -> Result<Option<Balance>, StoreError> {
+            self.inner.top_up(id, a)
+        }
+        fn generation(&self, id: &str) -> Result<Option<Generation>, StoreError> {
+            self.inner.generation(id)
+        }
+    }
+}
+
+#[tokio::test]
+async fn readyz_follows_the_store_and_builders_take_a_store_of_their_own() {
+    use switchboard::store::{hash_secret, KeyStore, NewKey, SqliteStore};
+    let sqlite = SqliteStore::open(&switchboard::config::StoreConfig {
+        url: "sqlite::memory:".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    sqlite
+        .create(hash_secret("sk-own-store"), NewKey::new("own", usd("1")))
+        .unwrap();
+    let flaky = Arc::new(Flaky {
+        inner: sqlite,
+        down: Default::default(),
+    });
+    let config = switchboard::config::Config::from_toml(&exact_config("")).unwrap();
+    let gateway = switchboard::Gateway::builder()
+        .config(config)
+        .store(flaky.clone())
+        .build()
+        .unwrap();
+    use tower::ServiceExt;
+    let get = |path: &str, key: Option<&str>| {
+        let mut b = http::Request::get(path);
+        if let Some(k) = key {
+            b = b.header("authorization", format!("Bearer {k}"));
+        }
+        b.body(axum::body::Body::empty()).unwrap()
+    };
+    let r = gateway.router();
+    assert_eq!(
+        r.clone()
+            .oneshot(get("/readyz", None))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        r.clone()
+            .oneshot(get("/v1/credits", Some("sk-own-store")))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(r.oneshot(get("/readyz", None)).await.unwrap().status(), 503);
+}
