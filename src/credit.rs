@@ -4,7 +4,8 @@
 //! Admission (SPEC §4): the reserve is an upper bound of the cost at the dearest
 //! endpoint still in the plan — the prompt's bytes as its token bound (every token
 //! is at least one byte) plus 3 tokens of framing per message and 3 to prime the
-//! reply, priced at the endpoint's dearest prompt rate, plus the request's
+//! reply (and [`IMAGE_TOKEN_BOUND`] per image), priced at the endpoint's dearest
+//! prompt rate, plus the request's
 //! `max_tokens` (else the model's `max_output_tokens`, else
 //! [`DEFAULT_MAX_OUTPUT_TOKENS`]) at its completion rate. The ledger refuses with 402
 //! `insufficient_credits` when the key's credits or `limit_usd` remaining (after
@@ -73,6 +74,11 @@ use crate::store::{Generation, GenerationAttempt, Ledger, Settlement, StoreError
 /// The completion-token bound when neither the request nor the model gives one.
 pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
 
+/// The prompt-token allowance per image part, on top of its bytes: providers price
+/// an image by its size, not by the length of its URL (OpenAI ≤ ~1,100 tokens for a
+/// high-detail 2048² image, Anthropic ~1,600 for its largest), so this is generous.
+pub const IMAGE_TOKEN_BOUND: u64 = 4096;
+
 /// Builds [`Credit`] services.
 #[derive(Clone)]
 pub struct CreditLayer {
@@ -125,7 +131,8 @@ impl<S> Credit<S> {
 }
 
 /// The prompt-token bound of a request: its messages' (and tools') JSON bytes, plus
-/// the framing tokens metering counts (3 per message, 3 to prime the reply).
+/// the framing tokens metering counts (3 per message, 3 to prime the reply), plus
+/// [`IMAGE_TOKEN_BOUND`] per image.
 pub fn prompt_bound(req: &ChatRequest) -> u64 {
     struct Count(u64);
     impl std::io::Write for Count {
@@ -142,7 +149,20 @@ pub fn prompt_bound(req: &ChatRequest) -> u64 {
     if let Some(tools) = &req.tools {
         let _ = serde_json::to_writer(&mut n, tools);
     }
-    n.0 + 3 + 3 * req.messages.len() as u64
+    let images = req
+        .messages
+        .iter()
+        .filter_map(|m| match &m.content {
+            Some(crate::chat::Content::Parts(parts)) => Some(
+                parts
+                    .iter()
+                    .filter(|p| matches!(p, crate::chat::ContentPart::ImageUrl { .. }))
+                    .count() as u64,
+            ),
+            _ => None,
+        })
+        .sum::<u64>();
+    n.0 + 3 + 3 * req.messages.len() as u64 + images * IMAGE_TOKEN_BOUND
 }
 
 /// The reserve of a request over a plan: the largest upper bound among its endpoints.

@@ -299,3 +299,34 @@ max_output_tokens = 100
     let b = store.balance(&k.id).unwrap();
     assert_eq!((b.spent, b.reserved), (usd("0.0005"), Money::ZERO));
 }
+
+#[test]
+fn the_prompt_bound_covers_the_counted_prompt() {
+    let texts: [String; 4] = [
+        "hi".into(),
+        "The quick brown fox jumps over the lazy dog. ".repeat(50),
+        "日本語のテキストと絵文字 🎉🎉 mixed with English words".into(),
+        "a\nb\tc   d".into(),
+    ];
+    for t in texts {
+        let req = ChatRequest {
+            model: "m".into(),
+            messages: vec![
+                Message::text(Role::System, "You are terse."),
+                Message::text(Role::User, t.to_string()),
+            ],
+            ..Default::default()
+        };
+        let counted = crate::metering::prompt_tokens("o200k_base", &req);
+        assert!(prompt_bound(&req) >= counted, "{t}");
+    }
+    let with_image: ChatRequest = serde_json::from_value(serde_json::json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this"},
+            {"type": "image_url", "image_url": {"url": "https://x/y.png"}}
+        ]}]
+    }))
+    .unwrap();
+    assert!(prompt_bound(&with_image) > IMAGE_TOKEN_BOUND);
+}
