@@ -379,7 +379,9 @@ async fn keys_cli_administers_and_never_shows_a_secret() {
         if path.extension().is_some_and(|e| e == "toml") || path.is_dir() {
             continue; // the config holds the bootstrap secret by design
         }
-        let bytes = std::fs::read(&path).unwrap();
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue; // a WAL removed as its last connection closed
+        };
         for s in secrets {
             assert!(!contains(&bytes, s), "{s} found in {}", path.display());
         }
