@@ -137,7 +137,7 @@ impl GatewayBuilder {
             // 1. Route: model id (+ `models`, variants, allow-list) → candidate endpoints.
             //    First, so every later step works on a plan and unknown models cost nothing.
             .layer(RouteLayer::new(catalog.clone()))
-            // 2b. Credit: reserve the worst case over the plan that is left (402 before
+            // 1b. Credit: reserve the worst case over the plan that is left (402 before
             //     any upstream is called), settle to the metered cost before the last
             //     byte. After routing and health filtering (the plan is final), before
             //     fallback, so one reservation covers every attempt and failed attempts
