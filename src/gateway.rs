@@ -11,6 +11,7 @@
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let mut config = Config::demo();
 //! config.logging.sink = "none".into(); // no request-log file from a doctest
+//! config.store.url = "sqlite::memory:".into(); // a private temporary store
 //! let gateway = Gateway::builder().config(config).build().unwrap();
 //! let req = http::Request::post("/v1/chat/completions")
 //!     .header("authorization", "Bearer sk-demo")
@@ -40,15 +41,20 @@ use tokio::net::TcpListener;
 use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 
+use crate::accounts::AccountState;
+use crate::auth::AuthLayer;
 use crate::catalog::{Catalog, Model};
 use crate::config::Config;
+use crate::credit::CreditLayer;
 use crate::error::{Body, GatewayError};
 use crate::fallback::FallbackLayer;
 use crate::logging::{LogSink, LogWriter, LoggingLayer};
 use crate::metering::MeteringLayer;
 use crate::normalize::NormalizeLayer;
 use crate::providers::ProviderClient;
+use crate::rate_limit::RateLimitLayer;
 use crate::route::RouteLayer;
+use crate::store::{KeyStore, Ledger, SqliteStore, StoreError};
 
 /// The HTTP-tier chat service: what `/v1/chat/completions` is routed to.
 pub type ChatService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
@@ -65,6 +71,9 @@ pub enum BuildError {
     /// The request log (`[logging].sink`) cannot be opened.
     #[error("[logging].sink: {0}")]
     Logging(std::io::Error),
+    /// The store cannot be opened (a runtime failure: exit code 2).
+    #[error("{0}")]
+    Store(#[from] StoreError),
 }
 
 /// Assembles a [`Gateway`].
@@ -73,6 +82,7 @@ pub struct GatewayBuilder {
     config: Option<Config>,
     provider_client: Option<ProviderClient>,
     log_writer: Option<LogWriter>,
+    store: Option<(Arc<dyn KeyStore>, Arc<dyn Ledger>)>,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -106,6 +116,13 @@ impl GatewayBuilder {
         self
     }
 
+    /// A store of your own for keys and the ledger (default: the SQLite store that
+    /// `[store].url` names, opened at `build`, with the `[[keys]]` upserted).
+    pub fn store<S: KeyStore + Ledger>(mut self, store: Arc<S>) -> Self {
+        self.store = Some((store.clone(), store));
+        self
+    }
+
     /// Builds the stack.
     pub fn build(self) -> Result<Gateway, BuildError> {
         let config = self.config.ok_or(BuildError::NoConfig)?;
@@ -124,12 +141,31 @@ impl GatewayBuilder {
             None => LogWriter::from_config(&config).map_err(BuildError::Logging)?,
         };
         crate::telemetry::install();
+        let (keys, ledger) = match self.store {
+            Some(s) => s,
+            None => {
+                let store = SqliteStore::open(&config.store)?;
+                store.bootstrap(&config.keys)?;
+                (store.clone() as Arc<dyn KeyStore>, store as Arc<dyn Ledger>)
+            }
+        };
+        let auth = AuthLayer::new(keys.clone());
+        let admin_token = std::env::var(&config.admin.token_env)
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(|t| crate::store::hash_secret(&t));
 
         // The typed tier, outermost first.
         let typed = ServiceBuilder::new()
             // 1. Route: model id (+ `models`, variants, allow-list) → candidate endpoints.
             //    First, so every later step works on a plan and unknown models cost nothing.
             .layer(RouteLayer::new(catalog.clone()))
+            // 1b. Credit: reserve the worst case over the plan that is left (402 before
+            //     any upstream is called), settle to the metered cost before the last
+            //     byte. After routing and health filtering (the plan is final), before
+            //     fallback, so one reservation covers every attempt and failed attempts
+            //     cost nothing.
+            .layer(CreditLayer::new(ledger.clone()))
             // 2. Fallback: walk the plan until an endpoint commits its first content chunk.
             //    Outside metering, so each attempt is metered on its own and failed
             //    attempts cost nothing.
@@ -148,6 +184,11 @@ impl GatewayBuilder {
             // body (and the credit settlement it holds) is dropped; it sees requests
             // that auth or rate limits refuse, too.
             .layer(LoggingLayer::new(logs.clone()).log_content(config.logging.log_content))
+            // Auth first: nothing else runs, and nothing is read, for an unknown or
+            // disabled key (401 / 403). The record (never the balance) is cached.
+            .layer(auth.clone())
+            // Rate limit on the authenticated key id, before the body is even read.
+            .layer(RateLimitLayer::new())
             // Normalize is where HTTP ends: body limit, JSON, SSE, keep-alive, deadline.
             .layer(
                 NormalizeLayer::new()
@@ -162,6 +203,12 @@ impl GatewayBuilder {
             catalog,
             chat: BoxCloneSyncService::new(chat),
             logs,
+            accounts: AccountState {
+                keys,
+                ledger,
+                auth,
+                admin_token,
+            },
         })
     }
 }
@@ -173,6 +220,7 @@ pub struct Gateway {
     catalog: Arc<Catalog>,
     chat: ChatService,
     logs: LogWriter,
+    accounts: AccountState,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -202,6 +250,16 @@ impl Gateway {
         &self.logs
     }
 
+    /// The key store.
+    pub fn keys(&self) -> &Arc<dyn KeyStore> {
+        &self.accounts.keys
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.accounts.ledger
+    }
+
     /// The chat-completions service alone (HTTP tier), to mount anywhere.
     pub fn chat_service(&self) -> ChatService {
         self.chat.clone()
@@ -213,13 +271,19 @@ impl Gateway {
             .route("/chat/completions", post_service(self.chat.clone()))
             .route("/models", get(list_models))
             .route("/models/{*id}", get(get_model))
-            .with_state(self.catalog.clone());
+            .with_state(self.catalog.clone())
+            .merge(crate::accounts::client_routes(self.accounts.clone()));
         Router::new()
             .nest("/v1", v1.clone())
             .nest("/api/v1", v1)
             .route("/healthz", get(|| async { "ok" }))
-            .route("/readyz", get(|| async { "ready" }))
             .route("/metrics", get(metrics))
+            .merge(crate::accounts::admin_routes(self.accounts.clone()))
+            .merge(
+                Router::new()
+                    .route("/readyz", get(crate::accounts::readyz))
+                    .with_state(self.accounts.clone()),
+            )
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
     }
@@ -240,6 +304,7 @@ impl Gateway {
                 let _ = tcp.set_nodelay(true);
             });
         let logs = self.logs.clone();
+        let ledger = self.accounts.ledger.clone();
         let server = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;
@@ -254,7 +319,9 @@ impl Gateway {
                 Ok(())
             }
         };
-        // Write out the request records still queued.
+        // Settlements sent without waiting (cut streams) are committed before exit,
+        // then the request records still queued are written out.
+        ledger.flush().await;
         let _ = tokio::task::spawn_blocking(move || logs.flush(Duration::from_secs(5))).await;
         result
     }

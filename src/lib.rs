@@ -15,10 +15,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod accounts;
+pub mod auth;
 pub mod catalog;
 pub mod chat;
 pub mod config;
 pub mod context;
+pub mod credit;
 pub mod error;
 pub mod fallback;
 pub mod gateway;
@@ -28,7 +31,9 @@ pub mod metering;
 pub mod money;
 pub mod normalize;
 pub mod providers;
+pub mod rate_limit;
 pub mod route;
+pub mod store;
 pub mod telemetry;
 pub mod tokenize;
 

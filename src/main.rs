@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use switchboard::config::Config;
 use switchboard::Gateway;
 
+mod keys_cli;
+
 #[derive(Parser)]
 #[command(name = "switchboard", version, about = "A self-hosted LLM gateway")]
 struct Cli {
@@ -33,6 +35,14 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Administer client keys in the configured store.
+    Keys {
+        /// Config file whose [store] to use (default: ./switchboard.toml, else the demo store ./switchboard.db).
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: keys_cli::KeysCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +60,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config, listen } => serve(config, listen),
         Command::Check { config } => check(config),
+        Command::Keys { config, command } => match load_for_keys(config) {
+            Ok(c) => keys_cli::run(&c, command),
+            Err(code) => code,
+        },
     }
 }
 
@@ -74,6 +88,15 @@ fn load(path: Option<PathBuf>, demo_ok: bool) -> Result<Config, ExitCode> {
         eprintln!("switchboard: {e}");
         ExitCode::from(1)
     })
+}
+
+/// The config whose store `switchboard keys` works on.
+fn load_for_keys(path: Option<PathBuf>) -> Result<Config, ExitCode> {
+    if path.is_none() && !PathBuf::from("switchboard.toml").exists() {
+        eprintln!("switchboard: no --config and no ./switchboard.toml: using the demo store ./switchboard.db");
+        return Ok(Config::demo());
+    }
+    load(path, false)
 }
 
 fn check(path: Option<PathBuf>) -> ExitCode {
@@ -132,6 +155,10 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
     runtime.block_on(async move {
         let gateway = match Gateway::builder().config(config).build() {
             Ok(g) => g,
+            Err(e @ switchboard::gateway::BuildError::Store(_)) => {
+                eprintln!("switchboard: {e}");
+                return ExitCode::from(2);
+            }
             Err(e) => {
                 eprintln!("switchboard: {e}");
                 return ExitCode::from(1);

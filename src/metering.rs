@@ -272,7 +272,9 @@ impl Meter {
         usage
             .completion_tokens_details
             .get_or_insert_with(CompletionTokensDetails::default);
-        usage.cost = Some(if self.any_content {
+        // SPEC §4: nothing delivered, or no completion tokens, is not charged; `usage.cost`
+        // is the debit, so it is zero too.
+        usage.cost = Some(if self.any_content && usage.completion_tokens > 0 {
             self.endpoint.pricing.cost(usage)
         } else {
             Money::ZERO

@@ -162,14 +162,32 @@ pub async fn gateway(toml: &str) -> TestGateway {
     gateway_with(config).await
 }
 
-/// Serves a built config on 127.0.0.1:0.
+/// A fresh directory of its own under the system temp dir (pid + counter + random).
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let r: u64 = rand::random();
+    let dir = std::env::temp_dir().join(format!(
+        "switchboard-test-{tag}-{}-{n}-{r:016x}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Serves a built config on 127.0.0.1:0. Unless the config names its own store,
+/// each gateway gets a store of its own in a fresh temporary directory.
 pub async fn gateway_with(mut config: Config) -> TestGateway {
+    if config.store.url == switchboard::config::StoreConfig::default().url {
+        let dir = temp_dir("store");
+        config.store.url = format!("sqlite://{}", dir.join("switchboard.db").display());
+    }
     // The request log of a test gateway goes to a temp dir, never the working directory.
     if config.logging.sink == "sqlite"
         && switchboard::logging::sqlite_path_beside_store(&config.store.url)
             .is_some_and(|p| p.is_relative())
     {
-        let path = fresh_temp_dir().join("switchboard-logs.db");
+        let path = temp_dir("logs").join("switchboard-logs.db");
         config.logging.sink = format!("sqlite:{}", path.display());
     }
     let gateway = Gateway::builder()
@@ -246,20 +264,14 @@ pub fn openai_config(upstreams: &[(&str, &str)], extra: &str) -> String {
     }
     s.push('\n');
     s.push_str(extra);
+    // The client key the tests use, with generous credits.
+    s.push_str("\n[[keys]]\nsecret = \"sk-demo\"\nname = \"demo\"\ncredits_usd = 1000\n");
     s
 }
 
 /// A new empty directory under the system temp dir, unique in this process.
 pub fn fresh_temp_dir() -> std::path::PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "switchboard-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    temp_dir("tmp")
 }
 
 /// Serves an already built gateway (e.g. with a custom log sink) on 127.0.0.1:0.

@@ -1,0 +1,433 @@
+//! The key's own routes (`GET /v1/key`, `/v1/credits`, `/v1/generation?id=`), the
+//! admin API (`/admin/keys`, `/admin/keys/{id}`) and `/readyz` (SPEC §3).
+//!
+//! Client routes sit behind [`AuthLayer`]; what they show comes from the ledger (a
+//! generation only to the key that made it: anyone else gets 404). The admin API
+//! wants `Authorization: Bearer <token>` where the token is the value of the
+//! environment variable `[admin].token_env` names, read when the gateway is built
+//! and compared in constant time. Without that variable set, every `/admin/*` path
+//! answers 404 (the API does not exist); with a wrong or missing token, 401.
+//!
+//! # Example
+//! ```
+//! use switchboard::{config::Config, gateway::Gateway};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let mut config = Config::demo();
+//! config.store.url = "sqlite::memory:".into();
+//! let gateway = Gateway::builder().config(config).build().unwrap();
+//! let req = http::Request::get("/v1/credits")
+//!     .header("authorization", "Bearer sk-demo")
+//!     .body(axum::body::Body::empty())
+//!     .unwrap();
+//! let res = gateway.router().oneshot(req).await.unwrap();
+//! assert_eq!(res.status(), 200);
+//! let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+//! assert_eq!(&body[..], br#"{"data":{"total_credits":1,"total_usage":0}}"#);
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::routing::get;
+use axum::{Extension, Router};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::auth::AuthLayer;
+use crate::error::{Body, GatewayError};
+use crate::keys::KeyRecord;
+use crate::money::Money;
+use crate::store::{
+    hash_secret, new_secret, KeyPatch, KeyStore, KeyView, Ledger, NewKey, SecretHash, StoredKey,
+};
+
+/// `GET /v1/key`'s `data`.
+#[derive(Debug, Serialize)]
+struct KeyInfo {
+    name: String,
+    usage: Money,
+    limit: Option<Money>,
+    limit_remaining: Option<Money>,
+    credits_remaining: Money,
+    rate_limit: Option<RateLimitInfo>,
+}
+
+/// `{"requests": rpm, "interval": "1m"}`.
+#[derive(Debug, Serialize)]
+struct RateLimitInfo {
+    requests: u32,
+    interval: &'static str,
+}
+
+/// `GET /v1/credits`'s `data`.
+#[derive(Debug, Serialize)]
+struct Credits {
+    total_credits: Money,
+    total_usage: Money,
+}
+
+/// What the account and admin handlers share.
+#[derive(Clone)]
+pub struct AccountState {
+    /// Key records.
+    pub keys: Arc<dyn KeyStore>,
+    /// Balances and generations.
+    pub ledger: Arc<dyn Ledger>,
+    /// The auth cache, emptied after admin changes so they count at once here.
+    pub auth: AuthLayer,
+    /// SHA-256 of the admin token; `None` turns `/admin/*` off.
+    pub admin_token: Option<SecretHash>,
+}
+
+impl std::fmt::Debug for AccountState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountState")
+            .field("admin", &self.admin_token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `{"data": …}`, serialised straight from typed values: amounts are written from
+/// their exact decimal digits (a `serde_json::Value` would round them through f64).
+#[derive(Debug, Serialize)]
+struct Data<T> {
+    data: T,
+}
+
+fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
+    let mut res = Response::new(Body::from(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, GatewayError> + Send + 'static,
+) -> Result<R, GatewayError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| GatewayError::Internal(format!("store task failed: {e}")))?
+}
+
+fn reply<T: Serialize>(r: Result<T, GatewayError>, status: StatusCode) -> Response<Body> {
+    match r {
+        Ok(v) => json_response(status, &Data { data: v }),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `/key`, `/credits`, `/generation` (to nest under `/v1` and `/api/v1`).
+pub fn client_routes(state: AccountState) -> Router {
+    let auth = state.auth.clone();
+    Router::new()
+        .route("/key", get(get_key))
+        .route("/credits", get(get_credits))
+        .route("/generation", get(get_generation))
+        .route_layer(auth)
+        .with_state(state)
+}
+
+/// `/admin/keys` and `/admin/keys/{id}`.
+pub fn admin_routes(state: AccountState) -> Router {
+    Router::new()
+        .route("/admin/keys", get(admin_list).post(admin_create))
+        .route("/admin/keys/{id}", get(admin_show).patch(admin_patch))
+        .with_state(state)
+}
+
+/// `GET /readyz`: 200 when the store answers, else 503.
+pub async fn readyz(State(state): State<AccountState>) -> Response<Body> {
+    let keys = state.keys.clone();
+    match blocking(move || keys.ping().map_err(GatewayError::from)).await {
+        Ok(()) => Response::new(Body::from("ready")),
+        Err(e) => {
+            let mut res = Response::new(Body::from(format!("not ready: {e}")));
+            *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            res
+        }
+    }
+}
+
+async fn get_key(
+    State(state): State<AccountState>,
+    Extension(key): Extension<Arc<KeyRecord>>,
+) -> Response<Body> {
+    let ledger = state.ledger.clone();
+    let id = key.id.clone();
+    let r = blocking(move || Ok(ledger.balance(&id)?))
+        .await
+        .map(|b| KeyInfo {
+            name: key.name.clone(),
+            usage: b.spent,
+            limit: key.limit,
+            limit_remaining: key.limit.map(|l| (l - b.spent).max(Money::ZERO)),
+            credits_remaining: b.credits - b.spent,
+            rate_limit: key.rpm.map(|requests| RateLimitInfo {
+                requests,
+                interval: "1m",
+            }),
+        });
+    reply(r, StatusCode::OK)
+}
+
+async fn get_credits(
+    State(state): State<AccountState>,
+    Extension(key): Extension<Arc<KeyRecord>>,
+) -> Response<Body> {
+    let ledger = state.ledger.clone();
+    let r = blocking(move || Ok(ledger.balance(&key.id)?))
+        .await
+        .map(|b| Credits {
+            total_credits: b.credits,
+            total_usage: b.spent,
+        });
+    reply(r, StatusCode::OK)
+}
+
+async fn get_generation(
+    State(state): State<AccountState>,
+    Extension(key): Extension<Arc<KeyRecord>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response<Body> {
+    let Some(id) = q.get("id").filter(|s| !s.is_empty()).cloned() else {
+        return GatewayError::InvalidRequest("`id` is required: GET /v1/generation?id=ID".into())
+            .into_response();
+    };
+    let ledger = state.ledger.clone();
+    let r = blocking(move || {
+        match ledger.generation(&id)? {
+            // Someone else's generation is as unknown as a missing one.
+            Some(g) if g.key_id == key.id => Ok(g),
+            _ => Err(GatewayError::NotFound(format!("no generation `{id}`"))),
+        }
+    })
+    .await;
+    reply(r, StatusCode::OK)
+}
+
+/// Checks the admin token: 404 when the admin API is off, 401 when the token is wrong.
+fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), GatewayError> {
+    let Some(expected) = &state.admin_token else {
+        return Err(GatewayError::NotFound(
+            "the admin API is off: set the environment variable [admin].token_env names".into(),
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let v = v.trim();
+            (v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ")).then(|| v[7..].trim())
+        })
+        .unwrap_or("");
+    // Hashing first makes the comparison constant-time in the token's length too.
+    if bool::from(hash_secret(given).ct_eq(expected)) && !given.is_empty() {
+        Ok(())
+    } else {
+        Err(GatewayError::InvalidApiKey(
+            "admin routes want `Authorization: Bearer <admin token>`".into(),
+        ))
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, GatewayError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        GatewayError::InvalidRequest(format!("invalid `{path}`: {}", e.into_inner()))
+    })
+}
+
+/// Deserialises a present field (even `null`) as `Some(..)`, so `null` can clear it.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// `POST /admin/keys` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    credits_usd: Money,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    limit_usd: Option<Money>,
+    #[serde(default)]
+    rpm: Option<u32>,
+    #[serde(default)]
+    tokens_per_day: Option<u64>,
+    #[serde(default)]
+    models: Option<Vec<String>>,
+}
+
+/// `PATCH /admin/keys/{id}` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    disabled: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
+    limit_usd: Option<Option<Money>>,
+    #[serde(default, deserialize_with = "present")]
+    rpm: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    tokens_per_day: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    models: Option<Option<Vec<String>>>,
+    /// Credits to add (a top-up), USD.
+    #[serde(default)]
+    top_up_usd: Option<Money>,
+}
+
+/// The checks shared by the CLI and the admin API; `Err` says what is wrong.
+pub fn validate_new_key(new: &NewKey) -> Result<(), String> {
+    if new.credits.is_negative() {
+        return Err("credits must not be negative".into());
+    }
+    if new.limit.is_some_and(Money::is_negative) {
+        return Err("limit_usd must not be negative".into());
+    }
+    if new.rpm == Some(0) {
+        return Err("rpm must be at least 1 (leave it out for no limit)".into());
+    }
+    if new
+        .models
+        .as_ref()
+        .is_some_and(|m| m.iter().any(|p| p.trim().is_empty()))
+    {
+        return Err("models patterns must not be empty".into());
+    }
+    Ok(())
+}
+
+async fn admin_create(
+    State(state): State<AccountState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response<Body> {
+    if let Err(e) = admin_check(&state, &headers) {
+        return e.into_response();
+    }
+    let b: CreateBody = match parse(&body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let new = NewKey {
+        name: b.name.unwrap_or_else(|| "key".into()),
+        credits: b.credits_usd,
+        limit: b.limit_usd,
+        rpm: b.rpm,
+        tokens_per_day: b.tokens_per_day,
+        models: b.models,
+    };
+    if let Err(m) = validate_new_key(&new) {
+        return GatewayError::InvalidRequest(m).into_response();
+    }
+    let keys = state.keys.clone();
+    let r = blocking(move || {
+        let secret = new_secret();
+        let key = keys.create(hash_secret(&secret), new)?;
+        Ok(KeyView {
+            secret: Some(secret),
+            ..key.view()
+        })
+    })
+    .await;
+    reply(r, StatusCode::CREATED)
+}
+
+async fn admin_list(State(state): State<AccountState>, headers: HeaderMap) -> Response<Body> {
+    if let Err(e) = admin_check(&state, &headers) {
+        return e.into_response();
+    }
+    let keys = state.keys.clone();
+    let r =
+        blocking(move || Ok(keys.list()?.iter().map(StoredKey::view).collect::<Vec<_>>())).await;
+    reply(r, StatusCode::OK)
+}
+
+fn no_key(id: &str) -> GatewayError {
+    GatewayError::NotFound(format!("no key `{id}`"))
+}
+
+async fn admin_show(
+    State(state): State<AccountState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response<Body> {
+    if let Err(e) = admin_check(&state, &headers) {
+        return e.into_response();
+    }
+    let keys = state.keys.clone();
+    let r = blocking(move || match keys.get(&id)? {
+        Some(k) => Ok(k.view()),
+        None => Err(no_key(&id)),
+    })
+    .await;
+    reply(r, StatusCode::OK)
+}
+
+async fn admin_patch(
+    State(state): State<AccountState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response<Body> {
+    if let Err(e) = admin_check(&state, &headers) {
+        return e.into_response();
+    }
+    let b: PatchBody = match parse(&body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    if b.top_up_usd.is_some_and(|m| m <= Money::ZERO) {
+        return GatewayError::InvalidRequest("top_up_usd must be more than 0".into())
+            .into_response();
+    }
+    if b.rpm == Some(Some(0)) {
+        return GatewayError::InvalidRequest("rpm must be at least 1 (null for no limit)".into())
+            .into_response();
+    }
+    let patch = KeyPatch {
+        name: b.name,
+        disabled: b.disabled,
+        limit: b.limit_usd,
+        rpm: b.rpm,
+        tokens_per_day: b.tokens_per_day,
+        models: b.models,
+    };
+    let (keys, ledger) = (state.keys.clone(), state.ledger.clone());
+    let r = blocking(move || {
+        if keys.update(&id, &patch)?.is_none() {
+            return Err(no_key(&id));
+        }
+        if let Some(amount) = b.top_up_usd {
+            ledger.top_up(&id, amount)?;
+        }
+        match keys.get(&id)? {
+            Some(k) => Ok(k.view()),
+            None => Err(no_key(&id)),
+        }
+    })
+    .await;
+    // The change counts at once in this process.
+    state.auth.invalidate_all();
+    reply(r, StatusCode::OK)
+}

@@ -1,0 +1,368 @@
+//! `AuthLayer`: only callers with a known, enabled key get past it.
+//!
+//! The key arrives as `Authorization: Bearer KEY` or `x-api-key: KEY`. No key or an
+//! unknown one is answered 401 `invalid_api_key`, a disabled one 403 `forbidden`,
+//! in the error format of SPEC §3.2 (the model allow-list is checked later, by
+//! routing, where the model is known). The secret is hashed (SHA-256) and looked up
+//! in the [`KeyStore`]; the key's *record* — never its balance — is cached for a few
+//! seconds ([`DEFAULT_TTL`]), so a hot key costs no I/O and a key disabled elsewhere
+//! (the CLI, another process) is refused within seconds. Unknown secrets are
+//! remembered briefly too, so a flood of bad keys does not reach the store. The
+//! record goes into the request's extensions as an `Arc<KeyRecord>`.
+//!
+//! # Example
+//! ```
+//! use std::sync::Arc;
+//! use switchboard::auth::AuthLayer;
+//! use switchboard::config::StoreConfig;
+//! use switchboard::keys::KeyRecord;
+//! use switchboard::store::{hash_secret, KeyStore, NewKey, SqliteStore};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let store = SqliteStore::open(&StoreConfig { url: "sqlite::memory:".into(), ..Default::default() }).unwrap();
+//! store.create(hash_secret("sk-alice"), NewKey::new("alice", "1".parse().unwrap())).unwrap();
+//! let svc = ServiceBuilder::new()
+//!     .layer(AuthLayer::new(store))
+//!     .service(service_fn(|req: http::Request<String>| async move {
+//!         let key = req.extensions().get::<Arc<KeyRecord>>().unwrap();
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::from(key.name.clone())))
+//!     }));
+//! let ok = http::Request::get("/").header("authorization", "Bearer sk-alice").body(String::new()).unwrap();
+//! assert_eq!(svc.clone().oneshot(ok).await.unwrap().status(), 200);
+//! let bad = http::Request::get("/").header("x-api-key", "sk-nobody").body(String::new()).unwrap();
+//! assert_eq!(svc.oneshot(bad).await.unwrap().status(), 401);
+//! # }
+//! ```
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use moka::sync::Cache;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::error::{Body, GatewayError};
+use crate::keys::KeyRecord;
+use crate::store::{hash_secret, KeyStore, SecretHash};
+
+/// How long a key record is cached: a disable made elsewhere counts within this.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(5);
+/// How long an unknown secret is remembered as unknown.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(2);
+
+/// Builds [`Auth`] services; clones share one cache.
+#[derive(Clone)]
+pub struct AuthLayer {
+    keys: Arc<dyn KeyStore>,
+    known: Cache<SecretHash, Arc<KeyRecord>>,
+    unknown: Cache<SecretHash, ()>,
+}
+
+impl std::fmt::Debug for AuthLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthLayer").finish_non_exhaustive()
+    }
+}
+
+impl AuthLayer {
+    /// Authenticates against `keys`, caching records for [`DEFAULT_TTL`].
+    pub fn new(keys: Arc<dyn KeyStore>) -> Self {
+        Self::with_ttl(keys, DEFAULT_TTL)
+    }
+
+    /// Authenticates against `keys`, caching records for `ttl`.
+    pub fn with_ttl(keys: Arc<dyn KeyStore>, ttl: Duration) -> Self {
+        AuthLayer {
+            keys,
+            known: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ttl)
+                .build(),
+            unknown: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(NEGATIVE_TTL.min(ttl))
+                .build(),
+        }
+    }
+
+    /// Forgets every cached record (e.g. after an admin change in this process).
+    pub fn invalidate_all(&self) {
+        self.known.invalidate_all();
+        self.unknown.invalidate_all();
+    }
+
+    /// Resolves a secret to its record (cache, then store), or the SPEC error.
+    pub async fn authenticate(&self, secret: Option<&str>) -> Result<Arc<KeyRecord>, GatewayError> {
+        let secret = secret.filter(|s| !s.is_empty()).ok_or_else(|| {
+            GatewayError::InvalidApiKey(
+                "no API key: send it as `Authorization: Bearer KEY` or `x-api-key: KEY`".into(),
+            )
+        })?;
+        let hash = hash_secret(secret);
+        let record = match self.known.get(&hash) {
+            Some(r) => r,
+            None => {
+                if self.unknown.contains_key(&hash) {
+                    return Err(unknown_key());
+                }
+                let keys = self.keys.clone();
+                let found = tokio::task::spawn_blocking(move || keys.find(&hash))
+                    .await
+                    .map_err(|e| GatewayError::Internal(format!("key lookup failed: {e}")))??;
+                match found {
+                    Some(r) => {
+                        let r = Arc::new(r);
+                        self.known.insert(hash, r.clone());
+                        r
+                    }
+                    None => {
+                        self.unknown.insert(hash, ());
+                        return Err(unknown_key());
+                    }
+                }
+            }
+        };
+        if record.disabled {
+            return Err(GatewayError::Forbidden(format!(
+                "key `{}` is disabled",
+                record.name
+            )));
+        }
+        Ok(record)
+    }
+}
+
+fn unknown_key() -> GatewayError {
+    GatewayError::InvalidApiKey("unknown API key".into())
+}
+
+/// The client secret of a request: `Authorization: Bearer KEY`, else `x-api-key`.
+pub fn secret_of(headers: &http::HeaderMap) -> Option<&str> {
+    if let Some(v) = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let v = v.trim();
+        if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
+            return Some(v[7..].trim());
+        }
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Authenticates each request; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Auth<S> {
+    inner: S,
+    layer: AuthLayer,
+}
+
+impl<S> Auth<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, keys: Arc<dyn KeyStore>) -> Self {
+        AuthLayer::new(keys).layer(inner)
+    }
+
+    /// An [`AuthLayer`].
+    pub fn layer(keys: Arc<dyn KeyStore>) -> AuthLayer {
+        AuthLayer::new(keys)
+    }
+}
+
+impl<S, B> Service<Request<B>> for Auth<S>
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // `inner` is called after an await (the lookup); its readiness is taken then.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        // Take the service we were handed and leave a clone (tower-service's "be
+        // careful when cloning inner services"); `oneshot` waits for its readiness.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let secret = secret_of(req.headers()).map(str::to_owned);
+            match layer.authenticate(secret.as_deref()).await {
+                Ok(key) => {
+                    req.extensions_mut().insert(key);
+                    inner.oneshot(req).await
+                }
+                Err(e) => Ok(e.into_response()),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StoreConfig;
+    use crate::store::{KeyPatch, NewKey, SqliteStore};
+    use tower::service_fn;
+
+    fn store() -> Arc<SqliteStore> {
+        SqliteStore::open(&StoreConfig {
+            url: "sqlite::memory:".into(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn echo_name() -> impl Service<
+        Request<String>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = BoxFuture<'static, Result<Response<Body>, Infallible>>,
+    > + Clone
+           + Send
+           + 'static {
+        service_fn(|req: Request<String>| {
+            let name = req
+                .extensions()
+                .get::<Arc<KeyRecord>>()
+                .map(|k| k.name.clone())
+                .unwrap_or_default();
+            Box::pin(async move { Ok(Response::new(Body::from(name))) }) as BoxFuture<'static, _>
+        })
+    }
+
+    async fn status_and_code(res: Response<Body>) -> (u16, String) {
+        use http_body_util::BodyExt;
+        let status = res.status().as_u16();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let code = v["error"]["code"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        (status, code)
+    }
+
+    fn get(header: Option<(&str, &str)>) -> Request<String> {
+        let mut b = Request::get("/v1/key");
+        if let Some((k, v)) = header {
+            b = b.header(k, v);
+        }
+        b.body(String::new()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn missing_unknown_and_disabled_keys_are_refused() {
+        let store = store();
+        let alice = store
+            .create(
+                hash_secret("sk-alice-1"),
+                NewKey::new("alice", Default::default()),
+            )
+            .unwrap();
+        let layer = AuthLayer::new(store.clone());
+        let svc = layer.layer(echo_name());
+
+        let (s, code) = status_and_code(svc.clone().oneshot(get(None)).await.unwrap()).await;
+        assert_eq!((s, code.as_str()), (401, "invalid_api_key"));
+        let (s, code) = status_and_code(
+            svc.clone()
+                .oneshot(get(Some(("authorization", "Bearer sk-nobody"))))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((s, code.as_str()), (401, "invalid_api_key"));
+        let (s, body) = status_and_code(
+            svc.clone()
+                .oneshot(get(Some(("Authorization", "bearer sk-alice-1"))))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((s, body.as_str()), (200, "alice"));
+        let (s, _) = status_and_code(
+            svc.clone()
+                .oneshot(get(Some(("x-api-key", "sk-alice-1"))))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, 200);
+
+        // Disabled in the store: the cached record is used until its TTL, then 403.
+        store
+            .update(
+                &alice.record.id,
+                &KeyPatch {
+                    disabled: Some(true),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        layer.invalidate_all();
+        let (s, code) = status_and_code(
+            svc.clone()
+                .oneshot(get(Some(("x-api-key", "sk-alice-1"))))
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((s, code.as_str()), (403, "forbidden"));
+    }
+
+    #[tokio::test]
+    async fn a_disable_elsewhere_counts_within_the_ttl() {
+        let store = store();
+        let bob = store
+            .create(
+                hash_secret("sk-bob-12"),
+                NewKey::new("bob", Default::default()),
+            )
+            .unwrap();
+        let svc = AuthLayer::with_ttl(store.clone(), Duration::from_millis(50)).layer(echo_name());
+        let req = || get(Some(("authorization", "Bearer sk-bob-12")));
+        assert_eq!(svc.clone().oneshot(req()).await.unwrap().status(), 200);
+        store
+            .update(
+                &bob.record.id,
+                &KeyPatch {
+                    disabled: Some(true),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        // moka's expiry runs on the real clock; poll with a generous bound.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = svc.clone().oneshot(req()).await.unwrap().status();
+            if s == 403 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "still {s}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! `CreditLayer`: reserves a request's worst-case cost before any upstream is called,
+//! and settles it to the metered cost, durably, before the response's last byte.
+//!
+//! Admission (SPEC §4): the reserve is an upper bound of the cost at the dearest
+//! endpoint still in the plan — the prompt's bytes as its token bound (every token
+//! is at least one byte) plus 3 tokens of framing per message and 3 to prime the
+//! reply (and [`IMAGE_TOKEN_BOUND`] per image), priced at the endpoint's dearest
+//! prompt rate, plus the request's
+//! `max_tokens` (else the model's `max_output_tokens`, else
+//! [`DEFAULT_MAX_OUTPUT_TOKENS`]) at its completion rate. The ledger refuses with 402
+//! `insufficient_credits` when the key's credits or `limit_usd` remaining (after
+//! what requests in flight hold) cannot cover it; a key whose `tokens_per_day` are
+//! used up gets 429 until the next UTC midnight.
+//!
+//! Settlement: the reply's chunk stream is wrapped. When it ends (or fails) the
+//! charge — the cost that metering wrote into the [`CallContext`], the very number
+//! the client sees as `usage.cost` — is committed through the ledger and awaited
+//! *before* the stream reports its end, so `[DONE]` (or the JSON body) goes out
+//! only after the commit. A stream dropped early (client gone) settles what was
+//! delivered through the writer's channel without waiting (`Drop` cannot await). A
+//! call that fails before a reply releases the reservation and charges nothing.
+//! Calls without a key in their context (no `AuthLayer` in front) pass uncharged.
+//!
+//! # Example
+//! ```
+//! use std::sync::Arc;
+//! use switchboard::{catalog::Catalog, config::{Config, StoreConfig}, credit::CreditLayer};
+//! use switchboard::chat::{ChatChunk, ChatRequest, Message, Role};
+//! use switchboard::context::{CallContext, ChatCall, ChatReply, ChunkStream};
+//! use switchboard::error::GatewayError;
+//! use switchboard::store::{hash_secret, KeyStore, Ledger, NewKey, SqliteStore};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let store = SqliteStore::open(&StoreConfig { url: "sqlite::memory:".into(), ..Default::default() }).unwrap();
+//! // A key with a millionth of a dollar: not enough for a 1024-token reply at $2/Mtok.
+//! let key = store.create(hash_secret("sk-poor"), NewKey::new("poor", "0.000001".parse().unwrap())).unwrap();
+//! let catalog = Catalog::from_config(&Config::demo());
+//! let svc = ServiceBuilder::new()
+//!     .layer(CreditLayer::new(store.clone()))
+//!     .service(service_fn(|_call: ChatCall| async {
+//!         Err::<ChatReply, _>(GatewayError::Internal("never reached".into()))
+//!     }));
+//! let ctx = CallContext::new();
+//! ctx.set_key(Arc::new(key.record.clone()));
+//! let mut call = ChatCall::new(ChatRequest {
+//!     model: "mock/echo".into(),
+//!     messages: vec![Message::text(Role::User, "hi")],
+//!     ..Default::default()
+//! }, ctx);
+//! call.plan = vec![catalog.endpoints()[0].clone()];
+//! let err = svc.oneshot(call).await.unwrap_err();
+//! assert_eq!(err.code(), "insufficient_credits");
+//! assert_eq!(store.balance(&key.record.id).unwrap().reserved.pico(), 0);
+//! # }
+//! ```
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::{self, BoxFuture, Either};
+use futures_util::{FutureExt, Stream};
+use tower::{Layer, Service};
+
+use crate::catalog::Endpoint;
+use crate::chat::{ChatChunk, ChatRequest};
+use crate::context::{CallContext, ChatCall, ChatReply, ChunkStream};
+use crate::error::GatewayError;
+use crate::money::Money;
+use crate::store::{Generation, GenerationAttempt, Ledger, Settlement, StoreError};
+
+/// The completion-token bound when neither the request nor the model gives one.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
+
+/// The prompt-token allowance per image part, on top of its bytes: providers price
+/// an image by its size, not by the length of its URL (OpenAI ≤ ~1,100 tokens for a
+/// high-detail 2048² image, Anthropic ~1,600 for its largest), so this is generous.
+pub const IMAGE_TOKEN_BOUND: u64 = 4096;
+
+/// Builds [`Credit`] services.
+#[derive(Clone)]
+pub struct CreditLayer {
+    ledger: Arc<dyn Ledger>,
+}
+
+impl std::fmt::Debug for CreditLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreditLayer").finish_non_exhaustive()
+    }
+}
+
+impl CreditLayer {
+    /// Reserves and settles through `ledger`.
+    pub fn new(ledger: Arc<dyn Ledger>) -> Self {
+        CreditLayer { ledger }
+    }
+}
+
+impl<S> Layer<S> for CreditLayer {
+    type Service = Credit<S>;
+    fn layer(&self, inner: S) -> Credit<S> {
+        Credit::new(inner, self.ledger.clone())
+    }
+}
+
+/// Reserves, calls, settles; see the [module docs](self).
+#[derive(Clone)]
+pub struct Credit<S> {
+    inner: S,
+    ledger: Arc<dyn Ledger>,
+}
+
+impl<S> std::fmt::Debug for Credit<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credit").finish_non_exhaustive()
+    }
+}
+
+impl<S> Credit<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, ledger: Arc<dyn Ledger>) -> Self {
+        Credit { inner, ledger }
+    }
+
+    /// A [`CreditLayer`].
+    pub fn layer(ledger: Arc<dyn Ledger>) -> CreditLayer {
+        CreditLayer::new(ledger)
+    }
+}
+
+/// The prompt-token bound of a request: its messages' (and tools') JSON bytes, plus
+/// the framing tokens metering counts (3 per message, 3 to prime the reply), plus
+/// [`IMAGE_TOKEN_BOUND`] per image.
+pub fn prompt_bound(req: &ChatRequest) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    let _ = serde_json::to_writer(&mut n, &req.messages);
+    if let Some(tools) = &req.tools {
+        let _ = serde_json::to_writer(&mut n, tools);
+    }
+    let images = req
+        .messages
+        .iter()
+        .filter_map(|m| match &m.content {
+            Some(crate::chat::Content::Parts(parts)) => Some(
+                parts
+                    .iter()
+                    .filter(|p| matches!(p, crate::chat::ContentPart::ImageUrl { .. }))
+                    .count() as u64,
+            ),
+            _ => None,
+        })
+        .sum::<u64>();
+    n.0 + 3 + 3 * req.messages.len() as u64 + images * IMAGE_TOKEN_BOUND
+}
+
+/// The reserve of a request over a plan: the largest upper bound among its endpoints.
+pub fn reserve_for(req: &ChatRequest, plan: &[Arc<Endpoint>]) -> Money {
+    let prompt = prompt_bound(req);
+    plan.iter()
+        .map(|e| {
+            let completion = req
+                .max_output_tokens()
+                .or(e.max_output_tokens)
+                .map_or(DEFAULT_MAX_OUTPUT_TOKENS, u64::from);
+            let p = &e.pricing;
+            let prompt_price = p.prompt.max(p.cache_read).max(p.cache_write);
+            prompt_price.times(prompt) + p.completion.times(completion)
+        })
+        .max()
+        .unwrap_or(Money::ZERO)
+}
+
+/// Seconds until the next UTC midnight (when `tokens_per_day` resets).
+fn until_midnight() -> Duration {
+    let now = crate::store::now_unix();
+    Duration::from_secs(86_400 - now % 86_400)
+}
+
+/// Admission: the `tokens_per_day` check, then the reservation.
+fn admit(ledger: &Arc<dyn Ledger>, call: &ChatCall) -> Result<Option<Charge>, GatewayError> {
+    let Some(key) = call.ctx.key() else {
+        return Ok(None);
+    };
+    if let Some(limit) = key.tokens_per_day {
+        let used = ledger.tokens_today(&key.id)?;
+        if used >= limit {
+            return Err(GatewayError::RateLimited {
+                message: format!(
+                    "key `{}` has used its {limit} tokens for today (UTC); it resets at midnight UTC",
+                    key.name
+                ),
+                retry_after: Some(until_midnight()),
+            });
+        }
+    }
+    let amount = reserve_for(&call.request, &call.plan);
+    ledger.reserve(key, amount)?;
+    Ok(Some(Charge {
+        ledger: ledger.clone(),
+        key_id: key.id.clone(),
+        reserved: amount,
+        ctx: call.ctx.clone(),
+        done: false,
+    }))
+}
+
+impl<S> Service<ChatCall> for Credit<S>
+where
+    S: Service<ChatCall, Response = ChatReply, Error = GatewayError>,
+    S::Future: Send + 'static,
+{
+    type Response = ChatReply;
+    type Error = GatewayError;
+    type Future = Either<
+        future::Ready<Result<ChatReply, GatewayError>>,
+        BoxFuture<'static, Result<ChatReply, GatewayError>>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Admission is synchronous and `inner` is called at once in `call`.
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, call: ChatCall) -> Self::Future {
+        let charge = match admit(&self.ledger, &call) {
+            Ok(c) => c,
+            Err(e) => return Either::Left(future::ready(Err(e))),
+        };
+        let reply = self.inner.call(call);
+        Either::Right(
+            async move {
+                // `charge` lives in this future: dropped before a reply, it releases.
+                match reply.await {
+                    Ok(reply) => Ok(match charge {
+                        Some(charge) => ChatReply {
+                            endpoint: reply.endpoint,
+                            chunks: Box::pin(Settling {
+                                inner: Some(reply.chunks),
+                                charge: Some(charge),
+                                commit: None,
+                                error: None,
+                                finished: false,
+                            }),
+                        },
+                        None => reply,
+                    }),
+                    Err(e) => {
+                        if let Some(c) = charge {
+                            c.release();
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            .boxed(),
+        )
+    }
+}
+
+/// A reservation waiting to be settled or released; settles from `Drop` if neither.
+struct Charge {
+    ledger: Arc<dyn Ledger>,
+    key_id: String,
+    reserved: Money,
+    ctx: CallContext,
+    done: bool,
+}
+
+impl Charge {
+    /// The settlement of what the context says was served, or `None` when nothing was.
+    fn settlement(&self) -> Option<Settlement> {
+        let s = self.ctx.snapshot();
+        let endpoint = s.served.clone()?;
+        let (prompt, completion) = s
+            .usage
+            .as_ref()
+            .map_or((0, 0), |u| (u.prompt_tokens, u.completion_tokens));
+        // Metering prices a reply without completion tokens at zero (SPEC §4); the
+        // charge is the context's cost, the same integer the client sees.
+        let cost = s.cost;
+        Some(Settlement {
+            key_id: self.key_id.clone(),
+            reserved: self.reserved,
+            tokens: prompt + completion,
+            generation: Generation {
+                id: self.ctx.request_id().to_string(),
+                key_id: self.key_id.clone(),
+                model: endpoint.model.to_string(),
+                provider: endpoint.provider.name.to_string(),
+                streamed: s.streamed,
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                total_cost: cost,
+                latency_ms: self.ctx.started().elapsed().as_millis() as u64,
+                ttft_ms: s.ttft.map(|t| t.as_millis() as u64),
+                attempts: s
+                    .attempts
+                    .iter()
+                    .map(|a| GenerationAttempt {
+                        provider: a.provider.to_string(),
+                        status: a.status.clone(),
+                        latency_ms: a.latency.as_millis() as u64,
+                    })
+                    .collect(),
+                finish_reason: s.finish_reason.clone(),
+                created: self.ctx.created(),
+            },
+        })
+    }
+
+    fn release(mut self) {
+        self.done = true;
+        self.ledger.release(&self.key_id, self.reserved);
+    }
+
+    /// Sends the settlement; the future resolves once it is committed.
+    fn settle(mut self) -> Option<BoxFuture<'static, Result<bool, StoreError>>> {
+        self.done = true;
+        match self.settlement() {
+            Some(s) => Some(self.ledger.settle(s)),
+            None => {
+                self.ledger.release(&self.key_id, self.reserved);
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        match self.settlement() {
+            Some(s) => self.ledger.settle_detached(s),
+            None => self.ledger.release(&self.key_id, self.reserved),
+        }
+    }
+}
+
+/// The reply's chunks; commits the charge before reporting the end.
+struct Settling {
+    inner: Option<ChunkStream>,
+    charge: Option<Charge>,
+    commit: Option<BoxFuture<'static, Result<bool, StoreError>>>,
+    error: Option<GatewayError>,
+    finished: bool,
+}
+
+impl Settling {
+    /// Ends the upstream side and starts the commit.
+    fn finish(&mut self) {
+        // Drop the upstream stream first: a cut stream's metering records on drop.
+        self.inner = None;
+        self.finished = true;
+        if let Some(charge) = self.charge.take() {
+            self.commit = charge.settle();
+        }
+    }
+}
+
+impl Stream for Settling {
+    type Item = Result<ChatChunk, GatewayError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(commit) = this.commit.as_mut() {
+                let result = futures_util::ready!(commit.as_mut().poll(cx));
+                this.commit = None;
+                if let Err(e) = result {
+                    tracing::error!("could not commit a charge: {e}");
+                    this.error.get_or_insert(GatewayError::Internal(
+                        "the gateway could not record this request's charge; it was not charged"
+                            .into(),
+                    ));
+                }
+            }
+            if this.finished {
+                return Poll::Ready(this.error.take().map(Err));
+            }
+            let Some(inner) = this.inner.as_mut() else {
+                this.finish();
+                continue;
+            };
+            match futures_util::ready!(inner.as_mut().poll_next(cx)) {
+                Some(Ok(chunk)) => return Poll::Ready(Some(Ok(chunk))),
+                Some(Err(e)) => {
+                    // Settle what was delivered before passing the error on.
+                    this.error = Some(e);
+                    this.finish();
+                }
+                None => this.finish(),
+            }
+        }
+    }
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        // Client gone: meter the cut (drop the upstream first), then settle detached.
+        self.inner = None;
+        self.charge = None;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,468 @@
+//! Shared process state behind two small traits: [`KeyStore`] (who may call) and
+//! [`Ledger`] (what they hold and what they spent), with the embedded SQLite default
+//! [`SqliteStore`].
+//!
+//! Keys are stored as the SHA-256 of their secret ([`hash_secret`]); the secret itself
+//! is shown once, at creation, and never stored. Balances live in the ledger: an
+//! in-memory account per key (credits granted, spent, reserved) updated under the
+//! key's own lock at admission and right after each durable commit — never a TTL
+//! cache. Every settlement is one committed row keyed by the gateway's request id,
+//! so settling twice charges once (SPEC §4).
+//!
+//! # Example
+//! A [`KeyStore`] of your own (here a `HashMap`) is a handful of methods:
+//! ```
+//! use std::collections::HashMap;
+//! use std::sync::Mutex;
+//! use switchboard::keys::KeyRecord;
+//! use switchboard::money::Money;
+//! use switchboard::store::{hash_secret, KeyPatch, KeyStore, NewKey, SecretHash, StoreError, StoredKey};
+//!
+//! #[derive(Default)]
+//! struct MapKeys(Mutex<HashMap<SecretHash, StoredKey>>);
+//!
+//! impl KeyStore for MapKeys {
+//!     fn find(&self, hash: &SecretHash) -> Result<Option<KeyRecord>, StoreError> {
+//!         Ok(self.0.lock().unwrap().get(hash).map(|k| k.record.clone()))
+//!     }
+//!     fn get(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
+//!         Ok(self.0.lock().unwrap().values().find(|k| k.record.id == id).cloned())
+//!     }
+//!     fn list(&self) -> Result<Vec<StoredKey>, StoreError> {
+//!         Ok(self.0.lock().unwrap().values().cloned().collect())
+//!     }
+//!     fn create(&self, hash: SecretHash, new: NewKey) -> Result<StoredKey, StoreError> {
+//!         let key = StoredKey {
+//!             record: KeyRecord { limit: new.limit, rpm: new.rpm, tokens_per_day: new.tokens_per_day,
+//!                                 models: new.models, ..KeyRecord::new(format!("key_{}", hex::encode(&hash[..4])), new.name) },
+//!             created: 0, credits: new.credits, spent: Money::ZERO,
+//!         };
+//!         self.0.lock().unwrap().insert(hash, key.clone());
+//!         Ok(key)
+//!     }
+//!     fn update(&self, id: &str, patch: &KeyPatch) -> Result<Option<StoredKey>, StoreError> {
+//!         let mut map = self.0.lock().unwrap();
+//!         let Some(k) = map.values_mut().find(|k| k.record.id == id) else { return Ok(None) };
+//!         patch.apply(&mut k.record);
+//!         Ok(Some(k.clone()))
+//!     }
+//!     fn ping(&self) -> Result<(), StoreError> { Ok(()) }
+//! }
+//!
+//! let keys = MapKeys::default();
+//! let made = keys.create(hash_secret("sk-alice"), NewKey::new("alice", "5".parse().unwrap())).unwrap();
+//! assert_eq!(keys.find(&hash_secret("sk-alice")).unwrap().unwrap().id, made.record.id);
+//! assert!(keys.find(&hash_secret("sk-mallory")).unwrap().is_none());
+//! ```
+//!
+//! The default store does both jobs:
+//! ```
+//! use switchboard::config::StoreConfig;
+//! use switchboard::keys::KeyRecord;
+//! use switchboard::store::{Ledger, KeyStore, NewKey, SqliteStore, hash_secret};
+//!
+//! let store = SqliteStore::open(&StoreConfig { url: "sqlite::memory:".into(), ..Default::default() }).unwrap();
+//! let key = store.create(hash_secret("sk-bob"), NewKey::new("bob", "1".parse().unwrap())).unwrap();
+//! store.reserve(&key.record, "0.6".parse().unwrap()).unwrap();
+//! // A second reserve of $0.60 does not fit in what is left of $1.
+//! let err = store.reserve(&key.record, "0.6".parse().unwrap()).unwrap_err();
+//! assert_eq!(err.code(), "insufficient_credits");
+//! assert_eq!(store.balance(&key.record.id).unwrap().reserved.to_string(), "0.6");
+//! ```
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::GatewayError;
+use crate::keys::KeyRecord;
+use crate::money::Money;
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// The SHA-256 of a key's secret: what the store keeps instead of the secret.
+pub type SecretHash = [u8; 32];
+
+/// Hashes a client secret.
+pub fn hash_secret(secret: &str) -> SecretHash {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// A fresh key id: `key_` + 20 random alphanumerics.
+pub fn new_key_id() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    format!("key_{}", Alphanumeric.sample_string(&mut rand::rng(), 20))
+}
+
+/// A fresh client secret: `sk-sb-` + 40 random alphanumerics (≈ 238 bits).
+pub fn new_secret() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    format!("sk-sb-{}", Alphanumeric.sample_string(&mut rand::rng(), 40))
+}
+
+/// Unix seconds now.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Today's UTC day number (days since 1970-01-01).
+pub fn utc_day() -> u64 {
+    now_unix() / 86_400
+}
+
+/// A store failure (disk, corruption, a broken writer).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreError(pub String);
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+impl From<StoreError> for GatewayError {
+    fn from(e: StoreError) -> Self {
+        GatewayError::Internal(e.to_string())
+    }
+}
+
+/// A key as stored: the record every layer sees, plus when it was made and its money.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    /// The record (no secret, no balance).
+    pub record: KeyRecord,
+    /// Unix seconds of creation.
+    pub created: u64,
+    /// Credits granted in total (creation + top-ups).
+    pub credits: Money,
+    /// Spent in total (committed settlements).
+    pub spent: Money,
+}
+
+impl StoredKey {
+    /// What the admin API and `switchboard keys show` print (never a secret).
+    pub fn view(&self) -> KeyView {
+        let r = &self.record;
+        KeyView {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            created: self.created,
+            disabled: r.disabled,
+            credits: self.credits,
+            usage: self.spent,
+            credits_remaining: self.credits - self.spent,
+            limit: r.limit,
+            rpm: r.rpm,
+            tokens_per_day: r.tokens_per_day,
+            models: r.models.clone(),
+            secret: None,
+        }
+    }
+}
+
+/// A key as the admin API and the CLI show it. Serialised directly (not through
+/// `serde_json::Value`), so amounts keep their exact decimal digits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyView {
+    /// Key id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Unix seconds of creation.
+    pub created: u64,
+    /// Whether requests are refused.
+    pub disabled: bool,
+    /// Credits granted in total, USD.
+    pub credits: Money,
+    /// Spent in total, USD.
+    pub usage: Money,
+    /// `credits - usage`, USD.
+    pub credits_remaining: Money,
+    /// Lifetime spending limit, USD.
+    pub limit: Option<Money>,
+    /// Requests per minute.
+    pub rpm: Option<u32>,
+    /// Tokens per UTC day.
+    pub tokens_per_day: Option<u64>,
+    /// Allow-list.
+    pub models: Option<Vec<String>>,
+    /// The secret: only in the answer that creates the key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// What a new key starts with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewKey {
+    /// Display name.
+    pub name: String,
+    /// Credits granted at creation.
+    pub credits: Money,
+    /// Lifetime spending limit.
+    pub limit: Option<Money>,
+    /// Requests per minute.
+    pub rpm: Option<u32>,
+    /// Tokens per UTC day.
+    pub tokens_per_day: Option<u64>,
+    /// Allow-list of model globs.
+    pub models: Option<Vec<String>>,
+}
+
+impl NewKey {
+    /// A key with `credits` and no limits.
+    pub fn new(name: impl Into<String>, credits: Money) -> Self {
+        NewKey {
+            name: name.into(),
+            credits,
+            limit: None,
+            rpm: None,
+            tokens_per_day: None,
+            models: None,
+        }
+    }
+}
+
+/// A change to a key's record; `None` leaves a field as it is, `Some(None)` clears it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyPatch {
+    /// New name.
+    pub name: Option<String>,
+    /// Disable or re-enable.
+    pub disabled: Option<bool>,
+    /// New lifetime limit.
+    pub limit: Option<Option<Money>>,
+    /// New requests per minute.
+    pub rpm: Option<Option<u32>>,
+    /// New tokens per day.
+    pub tokens_per_day: Option<Option<u64>>,
+    /// New allow-list.
+    pub models: Option<Option<Vec<String>>>,
+}
+
+impl KeyPatch {
+    /// Applies the patch to a record.
+    pub fn apply(&self, r: &mut KeyRecord) {
+        if let Some(n) = &self.name {
+            r.name.clone_from(n);
+        }
+        if let Some(d) = self.disabled {
+            r.disabled = d;
+        }
+        if let Some(l) = self.limit {
+            r.limit = l;
+        }
+        if let Some(x) = self.rpm {
+            r.rpm = x;
+        }
+        if let Some(x) = self.tokens_per_day {
+            r.tokens_per_day = x;
+        }
+        if let Some(m) = &self.models {
+            r.models.clone_from(m);
+        }
+    }
+}
+
+/// Who may call: key records by secret hash, and their administration.
+///
+/// Methods may block on I/O (they are called on a cache miss, or by administration);
+/// callers in async code run them where blocking is fine.
+pub trait KeyStore: Send + Sync + 'static {
+    /// The key whose secret hashes to `hash`.
+    fn find(&self, hash: &SecretHash) -> Result<Option<KeyRecord>, StoreError>;
+    /// A key by id.
+    fn get(&self, id: &str) -> Result<Option<StoredKey>, StoreError>;
+    /// Every key, oldest first.
+    fn list(&self) -> Result<Vec<StoredKey>, StoreError>;
+    /// Stores a new key under the hash of its secret.
+    fn create(&self, hash: SecretHash, new: NewKey) -> Result<StoredKey, StoreError>;
+    /// Changes a key's record; `None` when there is no such key.
+    fn update(&self, id: &str, patch: &KeyPatch) -> Result<Option<StoredKey>, StoreError>;
+    /// Whether the store answers (for `/readyz`).
+    fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// A key's money as the ledger holds it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Balance {
+    /// Credits granted in total.
+    pub credits: Money,
+    /// Spent in total (committed).
+    pub spent: Money,
+    /// Held by requests in flight.
+    pub reserved: Money,
+}
+
+impl Balance {
+    /// Credits neither spent nor reserved.
+    pub fn available(&self) -> Money {
+        self.credits - self.spent - self.reserved
+    }
+}
+
+/// One upstream attempt as `/v1/generation` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct GenerationAttempt {
+    /// Provider name.
+    pub provider: String,
+    /// `"200"`, `"503"`, `"timeout"`, ….
+    pub status: String,
+    /// From the attempt's start to its success or failure.
+    pub latency_ms: u64,
+}
+
+/// The stats of one finished request, kept with its ledger row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Generation {
+    /// The gateway's request id.
+    pub id: String,
+    /// The key that made it (not shown to clients).
+    #[serde(skip)]
+    pub key_id: String,
+    /// Model that served.
+    pub model: String,
+    /// Provider that served.
+    pub provider: String,
+    /// Whether it was a stream.
+    pub streamed: bool,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// What was debited.
+    pub total_cost: Money,
+    /// From arrival to the end of the response.
+    pub latency_ms: u64,
+    /// Time to the first content chunk.
+    pub ttft_ms: Option<u64>,
+    /// Every attempt, in order.
+    pub attempts: Vec<GenerationAttempt>,
+    /// Why generation stopped.
+    pub finish_reason: Option<String>,
+    /// Unix seconds of arrival.
+    #[serde(skip)]
+    pub created: u64,
+}
+
+/// A charge to commit: the amount, the reservation it replaces, and the stats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    /// The key charged.
+    pub key_id: String,
+    /// The reservation this settlement releases.
+    pub reserved: Money,
+    /// Tokens counted against the key's day (prompt + completion).
+    pub tokens: u64,
+    /// The row (its `id` is the idempotency key, its `total_cost` the debit).
+    pub generation: Generation,
+}
+
+/// What keys hold and spend: reservations in memory, settlements committed durably.
+///
+/// `reserve`, `release`, `balance` and `tokens_today` work on the in-memory
+/// accounts (they may read the store on a key's first use, or to re-read credits
+/// before refusing); `settle` resolves once the charge is durably committed.
+///
+/// # Example
+/// A ledger kept only in memory (no durability: for tests and experiments):
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+/// use futures_util::future::{self, BoxFuture, FutureExt};
+/// use switchboard::error::GatewayError;
+/// use switchboard::keys::KeyRecord;
+/// use switchboard::money::Money;
+/// use switchboard::store::{Balance, Generation, Ledger, Settlement, StoreError};
+///
+/// #[derive(Default)]
+/// struct MemoryLedger {
+///     accounts: Mutex<HashMap<String, Balance>>,
+///     rows: Mutex<HashMap<String, Generation>>,
+/// }
+///
+/// impl Ledger for MemoryLedger {
+///     fn reserve(&self, key: &KeyRecord, amount: Money) -> Result<(), GatewayError> {
+///         let mut map = self.accounts.lock().unwrap();
+///         let b = map.entry(key.id.clone()).or_default();
+///         if amount > b.available() {
+///             return Err(GatewayError::InsufficientCredits(format!("key `{}` cannot cover ${amount}", key.name)));
+///         }
+///         b.reserved = b.reserved + amount;
+///         Ok(())
+///     }
+///     fn release(&self, key_id: &str, amount: Money) {
+///         if let Some(b) = self.accounts.lock().unwrap().get_mut(key_id) {
+///             b.reserved = b.reserved - amount;
+///         }
+///     }
+///     fn settle(&self, s: Settlement) -> BoxFuture<'static, Result<bool, StoreError>> {
+///         let mut rows = self.rows.lock().unwrap();
+///         let fresh = !rows.contains_key(&s.generation.id);
+///         let mut map = self.accounts.lock().unwrap();
+///         let b = map.entry(s.key_id.clone()).or_default();
+///         b.reserved = b.reserved - s.reserved;
+///         if fresh {
+///             b.spent = b.spent + s.generation.total_cost;
+///             rows.insert(s.generation.id.clone(), s.generation);
+///         }
+///         future::ready(Ok(fresh)).boxed()
+///     }
+///     fn settle_detached(&self, s: Settlement) {
+///         let _ = self.settle(s);
+///     }
+///     fn flush(&self) -> BoxFuture<'static, ()> {
+///         future::ready(()).boxed()
+///     }
+///     fn balance(&self, key_id: &str) -> Result<Balance, StoreError> {
+///         Ok(self.accounts.lock().unwrap().get(key_id).copied().unwrap_or_default())
+///     }
+///     fn tokens_today(&self, _key_id: &str) -> Result<u64, StoreError> {
+///         Ok(0)
+///     }
+///     fn top_up(&self, key_id: &str, amount: Money) -> Result<Option<Balance>, StoreError> {
+///         let mut map = self.accounts.lock().unwrap();
+///         let b = map.entry(key_id.to_string()).or_default();
+///         b.credits = b.credits + amount;
+///         Ok(Some(*b))
+///     }
+///     fn generation(&self, id: &str) -> Result<Option<Generation>, StoreError> {
+///         Ok(self.rows.lock().unwrap().get(id).cloned())
+///     }
+/// }
+///
+/// let ledger = MemoryLedger::default();
+/// let alice = KeyRecord::new("key_1", "alice");
+/// ledger.top_up("key_1", "1".parse().unwrap()).unwrap();
+/// ledger.reserve(&alice, "0.75".parse().unwrap()).unwrap();
+/// let err = ledger.reserve(&alice, "0.5".parse().unwrap()).unwrap_err();
+/// assert_eq!(err.code(), "insufficient_credits");
+/// ```
+pub trait Ledger: Send + Sync + 'static {
+    /// Holds `amount` for a request of `key`, or refuses with 402
+    /// `insufficient_credits` when credits or `limit_usd` remaining cannot cover it.
+    fn reserve(&self, key: &KeyRecord, amount: Money) -> Result<(), GatewayError>;
+    /// Gives back a reservation that will not be settled.
+    fn release(&self, key_id: &str, amount: Money);
+    /// Commits a settlement durably and then releases its reservation; resolves to
+    /// `true` when it charged, `false` when that request id was already settled.
+    fn settle(&self, s: Settlement) -> BoxFuture<'static, Result<bool, StoreError>>;
+    /// Like [`settle`](Ledger::settle) without waiting (for `Drop`, which cannot await).
+    fn settle_detached(&self, s: Settlement);
+    /// Resolves when everything sent before it is committed.
+    fn flush(&self) -> BoxFuture<'static, ()>;
+    /// A key's money now.
+    fn balance(&self, key_id: &str) -> Result<Balance, StoreError>;
+    /// Tokens a key used today (UTC).
+    fn tokens_today(&self, key_id: &str) -> Result<u64, StoreError>;
+    /// Grants `amount` more credits; `None` when there is no such key.
+    fn top_up(&self, key_id: &str, amount: Money) -> Result<Option<Balance>, StoreError>;
+    /// One settled request's stats.
+    fn generation(&self, id: &str) -> Result<Option<Generation>, StoreError>;
+}

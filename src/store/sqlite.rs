@@ -1,0 +1,1041 @@
+//! The embedded store: one SQLite file in WAL mode, one group-commit writer thread,
+//! passive checkpoints from a connection of their own, and in-memory accounts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{
+    hash_secret, new_key_id, now_unix, utc_day, Balance, Generation, GenerationAttempt, KeyPatch,
+    KeyStore, Ledger, NewKey, SecretHash, Settlement, StoreError, StoredKey,
+};
+use crate::config::{KeyConfig, StoreConfig, SyncMode};
+use crate::error::GatewayError;
+use crate::keys::KeyRecord;
+use crate::money::Money;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS keys (
+    id             TEXT PRIMARY KEY,
+    secret_sha256  BLOB NOT NULL UNIQUE,
+    name           TEXT NOT NULL,
+    created        INTEGER NOT NULL,
+    disabled       INTEGER NOT NULL DEFAULT 0,
+    credits_pico   INTEGER NOT NULL,
+    spent_pico     INTEGER NOT NULL DEFAULT 0,
+    limit_pico     INTEGER,
+    rpm            INTEGER,
+    tokens_per_day INTEGER,
+    models         TEXT
+);
+CREATE TABLE IF NOT EXISTS settlements (
+    request_id        TEXT PRIMARY KEY,
+    key_id            TEXT NOT NULL,
+    amount_pico       INTEGER NOT NULL,
+    model             TEXT NOT NULL,
+    provider          TEXT NOT NULL,
+    streamed          INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    latency_ms        INTEGER NOT NULL,
+    ttft_ms           INTEGER,
+    attempts          TEXT NOT NULL,
+    finish_reason     TEXT,
+    created           INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS settlements_key ON settlements(key_id);
+CREATE TABLE IF NOT EXISTS daily_tokens (
+    key_id TEXT NOT NULL,
+    day    INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    PRIMARY KEY (key_id, day)
+);
+";
+
+/// One key's money, in memory; changed only under its own lock.
+#[derive(Debug, Default)]
+struct Account {
+    credits: Money,
+    spent: Money,
+    reserved: Money,
+    day: u64,
+    day_tokens: u64,
+}
+
+type Accounts = RwLock<HashMap<String, Arc<Mutex<Account>>>>;
+
+enum Cmd {
+    Settle(
+        Box<Settlement>,
+        Option<tokio::sync::oneshot::Sender<Result<bool, StoreError>>>,
+    ),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The embedded SQLite [`KeyStore`] + [`Ledger`]; see the [module docs](super).
+///
+/// - WAL mode, `synchronous=NORMAL` (or `FULL` with `[store].sync = "full"`);
+/// - one writer thread: it takes every settlement waiting in its channel, commits
+///   them in one transaction, updates the in-memory accounts, then answers each
+///   waiter (group commit: one disk write per batch, not per request);
+/// - WAL auto-checkpoints are off on the writer; a checkpoint thread runs passive
+///   checkpoints from its own connection, so a checkpoint never stalls a commit;
+/// - administration (create, update, top-up) writes through short transactions of
+///   its own; SQLite serialises them with the writer.
+///
+/// Balances: the in-memory account of a key (credits, spent, reserved) is the
+/// balance. Spending only ever happens through this ledger. Credits only grow
+/// (creation, top-ups); a top-up through [`Ledger::top_up`] counts at once, and one
+/// made by another process (the `switchboard keys top-up` CLI) is seen the moment it
+/// matters: before refusing a request with 402, the ledger re-reads the key's credits
+/// from the database. One gateway process owns a store's ledger at a time.
+pub struct SqliteStore {
+    path: PathBuf,
+    temporary: bool,
+    sync: SyncMode,
+    readers: Mutex<Vec<Connection>>,
+    accounts: Arc<Accounts>,
+    writer: Mutex<Option<mpsc::Sender<Cmd>>>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    _stop_checkpoints: mpsc::Sender<()>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The file a store URL names: `sqlite://PATH`, or a private temporary file for
+/// `sqlite::memory:` (removed when the store is dropped).
+pub fn store_path(url: &str) -> Result<(PathBuf, bool), StoreError> {
+    if url == "sqlite::memory:" {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let r: u64 = rand::random();
+        let p = std::env::temp_dir().join(format!(
+            "switchboard-mem-{}-{n}-{r:016x}.db",
+            std::process::id()
+        ));
+        return Ok((p, true));
+    }
+    match url.strip_prefix("sqlite://") {
+        Some(p) if !p.is_empty() => Ok((PathBuf::from(p), false)),
+        _ => Err(StoreError(format!(
+            "store.url `{url}` is not supported; use sqlite://PATH"
+        ))),
+    }
+}
+
+fn open_conn(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(|e| {
+        StoreError(format!(
+            "cannot open the store {}: {e} (check [store].url and that its directory exists and is writable)",
+            path.display()
+        ))
+    })?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError(format!(
+            "the store {} cannot use WAL mode (got `{mode}`)",
+            path.display()
+        )));
+    }
+    let s = match sync {
+        SyncMode::Normal => "NORMAL",
+        SyncMode::Full => "FULL",
+    };
+    conn.execute_batch(&format!("PRAGMA synchronous={s};"))?;
+    Ok(conn)
+}
+
+fn money(v: i64) -> Money {
+    Money::from_pico(v)
+}
+
+fn row_to_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
+    let models: Option<String> = r.get("models")?;
+    let record = KeyRecord {
+        id: r.get("id")?,
+        name: r.get("name")?,
+        disabled: r.get::<_, i64>("disabled")? != 0,
+        limit: r.get::<_, Option<i64>>("limit_pico")?.map(money),
+        rpm: r.get::<_, Option<i64>>("rpm")?.map(|v| v as u32),
+        tokens_per_day: r.get::<_, Option<i64>>("tokens_per_day")?.map(|v| v as u64),
+        models: models.and_then(|m| serde_json::from_str(&m).ok()),
+    };
+    Ok(StoredKey {
+        record,
+        created: r.get::<_, i64>("created")? as u64,
+        credits: money(r.get("credits_pico")?),
+        spent: money(r.get("spent_pico")?),
+    })
+}
+
+const KEY_COLUMNS: &str = "id, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models";
+
+fn models_json(m: &Option<Vec<String>>) -> Option<String> {
+    m.as_ref()
+        .map(|m| serde_json::to_string(m).unwrap_or_default())
+}
+
+impl SqliteStore {
+    /// Opens (creating on first start) the store `config.url` names.
+    pub fn open(config: &StoreConfig) -> Result<Arc<SqliteStore>, StoreError> {
+        let (path, temporary) = store_path(&config.url)?;
+        let sync = config.sync;
+        let writer_conn = open_conn(&path, sync)?;
+        writer_conn.execute_batch(SCHEMA)?;
+        // Checkpoints run from their own connection (below), never inside a commit.
+        writer_conn.execute_batch("PRAGMA wal_autocheckpoint=0;")?;
+
+        let accounts: Arc<Accounts> = Arc::default();
+        let (tx, rx) = mpsc::channel::<Cmd>();
+        let acc = accounts.clone();
+        let writer_thread = std::thread::Builder::new()
+            .name("switchboard-ledger".into())
+            .spawn(move || writer_loop(writer_conn, rx, acc))
+            .map_err(|e| StoreError(format!("cannot start the ledger writer: {e}")))?;
+
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let ckpt_conn = open_conn(&path, sync)?;
+        std::thread::Builder::new()
+            .name("switchboard-checkpoint".into())
+            .spawn(move || loop {
+                match stop_rx.recv_timeout(Duration::from_millis(500)) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let _ =
+                            ckpt_conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                    }
+                    _ => {
+                        let _ =
+                            ckpt_conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| StoreError(format!("cannot start the checkpointer: {e}")))?;
+
+        Ok(Arc::new(SqliteStore {
+            path,
+            temporary,
+            sync,
+            readers: Mutex::new(Vec::new()),
+            accounts,
+            writer: Mutex::new(Some(tx)),
+            writer_thread: Mutex::new(Some(writer_thread)),
+            _stop_checkpoints: stop_tx,
+        }))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Upserts the bootstrap `[[keys]]` of a config: a new secret is created with its
+    /// credits; a known one keeps what it has and has spent (credits are granted once)
+    /// and takes the config's name, limit, rpm, tokens per day and models.
+    pub fn bootstrap(&self, keys: &[KeyConfig]) -> Result<(), StoreError> {
+        self.with_conn(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for k in keys {
+                let hash = hash_secret(&k.secret);
+                let name = k.name.clone().unwrap_or_else(|| "bootstrap".into());
+                let updated = tx.execute(
+                    "UPDATE keys SET name=?1, limit_pico=?2, rpm=?3, tokens_per_day=?4, models=?5 WHERE secret_sha256=?6",
+                    params![
+                        name,
+                        k.limit_usd.map(Money::pico),
+                        k.rpm,
+                        k.tokens_per_day.map(|t| t as i64),
+                        models_json(&k.models),
+                        &hash[..]
+                    ],
+                )?;
+                if updated == 0 {
+                    tx.execute(
+                        "INSERT INTO keys (id, secret_sha256, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models)
+                         VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, ?6, ?7, ?8, ?9)",
+                        params![
+                            new_key_id(),
+                            &hash[..],
+                            name,
+                            now_unix() as i64,
+                            k.credits_usd.pico(),
+                            k.limit_usd.map(Money::pico),
+                            k.rpm,
+                            k.tokens_per_day.map(|t| t as i64),
+                            models_json(&k.models)
+                        ],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Runs `f` on a pooled connection (readers and administration).
+    fn with_conn<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => open_conn(&self.path, self.sync)?,
+        };
+        let out = f(&mut conn);
+        let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        out
+    }
+
+    /// The account of `key_id`, loaded from the database on first use.
+    fn account(&self, key_id: &str) -> Result<Arc<Mutex<Account>>, StoreError> {
+        if let Some(a) = self
+            .accounts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key_id)
+        {
+            return Ok(a.clone());
+        }
+        // First use. No settlement of this key can be in flight (settling needs a
+        // reservation, which needs the account), so the row read here is current.
+        let day = utc_day();
+        let loaded = self.with_conn(|c| {
+            let row = c
+                .query_row(
+                    "SELECT credits_pico, spent_pico FROM keys WHERE id=?1",
+                    [key_id],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                )
+                .optional()?;
+            let tokens: Option<i64> = c
+                .query_row(
+                    "SELECT tokens FROM daily_tokens WHERE key_id=?1 AND day=?2",
+                    params![key_id, day as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(row.map(|(credits, spent)| Account {
+                credits: money(credits),
+                spent: money(spent),
+                reserved: Money::ZERO,
+                day,
+                day_tokens: tokens.unwrap_or(0) as u64,
+            }))
+        })?;
+        let account =
+            loaded.ok_or_else(|| StoreError(format!("no key `{key_id}` in the store")))?;
+        let mut map = self.accounts.write().unwrap_or_else(|e| e.into_inner());
+        Ok(map
+            .entry(key_id.to_string())
+            .or_insert_with(|| Arc::new(Mutex::new(account)))
+            .clone())
+    }
+
+    /// Re-reads a key's credits (they only grow, so the larger value is current).
+    fn refresh_credits(&self, key_id: &str) -> Result<(), StoreError> {
+        let credits: Option<i64> = self.with_conn(|c| {
+            Ok(
+                c.query_row("SELECT credits_pico FROM keys WHERE id=?1", [key_id], |r| {
+                    r.get(0)
+                })
+                .optional()?,
+            )
+        })?;
+        if let (Some(credits), Some(acc)) = (
+            credits,
+            self.accounts
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(key_id),
+        ) {
+            let mut a = acc.lock().unwrap_or_else(|e| e.into_inner());
+            a.credits = a.credits.max(money(credits));
+        }
+        Ok(())
+    }
+
+    fn send(&self, cmd: Cmd) -> bool {
+        match &*self.writer.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(tx) => tx.send(cmd).is_ok(),
+            None => false,
+        }
+    }
+
+    fn try_reserve(acc: &Mutex<Account>, key: &KeyRecord, amount: Money) -> Result<(), String> {
+        let mut a = acc.lock().unwrap_or_else(|e| e.into_inner());
+        let available = a.credits - a.spent - a.reserved;
+        if amount > available {
+            return Err(format!(
+                "key `{}` has ${} of credit available (after requests in flight); this request may cost up to ${amount}. Add credits or lower max_tokens",
+                key.name,
+                available.max(Money::ZERO)
+            ));
+        }
+        if let Some(limit) = key.limit {
+            let left = limit - a.spent - a.reserved;
+            if amount > left {
+                return Err(format!(
+                    "key `{}` has ${} left of its ${limit} spending limit; this request may cost up to ${amount}. Raise limit_usd or lower max_tokens",
+                    key.name,
+                    left.max(Money::ZERO)
+                ));
+            }
+        }
+        a.reserved = a.reserved + amount;
+        Ok(())
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer drain what is queued and stop.
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self
+            .writer_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = t.join();
+        }
+        if self.temporary {
+            self.readers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = self.path.clone().into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+/// The group-commit loop of the writer thread.
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, accounts: Arc<Accounts>) {
+    const MAX_BATCH: usize = 1024;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let settlements: Vec<&Settlement> = batch
+            .iter()
+            .filter_map(|c| match c {
+                Cmd::Settle(s, _) => Some(&**s),
+                Cmd::Flush(_) => None,
+            })
+            .collect();
+        let result = if settlements.is_empty() {
+            Ok(Vec::new())
+        } else {
+            commit(&mut conn, &settlements)
+        };
+        if let Err(e) = &result {
+            tracing::error!(
+                "ledger commit of {} settlement(s) failed: {e}",
+                settlements.len()
+            );
+        }
+        // Accounts change only after the commit, and before anyone is answered.
+        {
+            let map = accounts.read().unwrap_or_else(|e| e.into_inner());
+            for (i, s) in settlements.iter().enumerate() {
+                let Some(acc) = map.get(&s.key_id) else {
+                    continue;
+                };
+                let mut a = acc.lock().unwrap_or_else(|e| e.into_inner());
+                a.reserved = (a.reserved - s.reserved).max(Money::ZERO);
+                if let Ok(applied) = &result {
+                    if applied[i] {
+                        a.spent = a.spent + s.generation.total_cost;
+                        let day = utc_day();
+                        if a.day != day {
+                            a.day = day;
+                            a.day_tokens = 0;
+                        }
+                        a.day_tokens += s.tokens;
+                    }
+                }
+            }
+        }
+        let mut i = 0;
+        for cmd in batch {
+            match cmd {
+                Cmd::Settle(_, waiter) => {
+                    let r = match &result {
+                        Ok(applied) => Ok(applied[i]),
+                        Err(e) => Err(e.clone()),
+                    };
+                    i += 1;
+                    if let Some(w) = waiter {
+                        let _ = w.send(r);
+                    }
+                }
+                Cmd::Flush(w) => {
+                    let _ = w.send(());
+                }
+            }
+        }
+    }
+}
+
+/// One transaction for a batch; per settlement, whether it charged (false: that
+/// request id was settled before).
+fn commit(conn: &mut Connection, batch: &[&Settlement]) -> Result<Vec<bool>, StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut applied = Vec::with_capacity(batch.len());
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR IGNORE INTO settlements (request_id, key_id, amount_pico, model, provider, streamed,
+               prompt_tokens, completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?;
+        let mut spend =
+            tx.prepare_cached("UPDATE keys SET spent_pico = spent_pico + ?1 WHERE id = ?2")?;
+        let mut tokens = tx.prepare_cached(
+            "INSERT INTO daily_tokens (key_id, day, tokens) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key_id, day) DO UPDATE SET tokens = tokens + excluded.tokens",
+        )?;
+        let day = utc_day() as i64;
+        for s in batch {
+            let g = &s.generation;
+            let attempts = serde_json::to_string(&g.attempts).unwrap_or_else(|_| "[]".into());
+            let n = insert.execute(params![
+                g.id,
+                s.key_id,
+                g.total_cost.pico(),
+                g.model,
+                g.provider,
+                g.streamed,
+                g.prompt_tokens as i64,
+                g.completion_tokens as i64,
+                g.latency_ms as i64,
+                g.ttft_ms.map(|t| t as i64),
+                attempts,
+                g.finish_reason,
+                g.created as i64
+            ])?;
+            if n == 1 {
+                spend.execute(params![g.total_cost.pico(), s.key_id])?;
+                if s.tokens > 0 {
+                    tokens.execute(params![s.key_id, day, s.tokens as i64])?;
+                }
+            }
+            applied.push(n == 1);
+        }
+    }
+    tx.commit()?;
+    Ok(applied)
+}
+
+impl KeyStore for SqliteStore {
+    fn find(&self, hash: &SecretHash) -> Result<Option<KeyRecord>, StoreError> {
+        self.with_conn(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM keys WHERE secret_sha256=?1"),
+                [&hash[..]],
+                row_to_key,
+            )
+            .optional()?
+            .map(|k| k.record))
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
+        self.with_conn(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM keys WHERE id=?1"),
+                [id],
+                row_to_key,
+            )
+            .optional()?)
+        })
+    }
+
+    fn list(&self) -> Result<Vec<StoredKey>, StoreError> {
+        self.with_conn(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {KEY_COLUMNS} FROM keys ORDER BY created, rowid"
+            ))?;
+            let rows = stmt.query_map([], row_to_key)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn create(&self, hash: SecretHash, new: NewKey) -> Result<StoredKey, StoreError> {
+        let id = new_key_id();
+        let created = now_unix();
+        self.with_conn(|c| {
+            c.execute(
+                "INSERT INTO keys (id, secret_sha256, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, ?6, ?7, ?8, ?9)",
+                params![
+                    id,
+                    &hash[..],
+                    new.name,
+                    created as i64,
+                    new.credits.pico(),
+                    new.limit.map(Money::pico),
+                    new.rpm,
+                    new.tokens_per_day.map(|t| t as i64),
+                    models_json(&new.models)
+                ],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    StoreError("a key with this secret already exists".into())
+                }
+                e => e.into(),
+            })?;
+            Ok(())
+        })?;
+        Ok(StoredKey {
+            record: KeyRecord {
+                limit: new.limit,
+                rpm: new.rpm,
+                tokens_per_day: new.tokens_per_day,
+                models: new.models,
+                ..KeyRecord::new(id, new.name)
+            },
+            created,
+            credits: new.credits,
+            spent: Money::ZERO,
+        })
+    }
+
+    fn update(&self, id: &str, patch: &KeyPatch) -> Result<Option<StoredKey>, StoreError> {
+        self.with_conn(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let Some(mut key) = tx
+                .query_row(
+                    &format!("SELECT {KEY_COLUMNS} FROM keys WHERE id=?1"),
+                    [id],
+                    row_to_key,
+                )
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            patch.apply(&mut key.record);
+            let r = &key.record;
+            tx.execute(
+                "UPDATE keys SET name=?1, disabled=?2, limit_pico=?3, rpm=?4, tokens_per_day=?5, models=?6 WHERE id=?7",
+                params![
+                    r.name,
+                    r.disabled,
+                    r.limit.map(Money::pico),
+                    r.rpm,
+                    r.tokens_per_day.map(|t| t as i64),
+                    models_json(&r.models),
+                    id
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Some(key))
+        })
+    }
+
+    fn ping(&self) -> Result<(), StoreError> {
+        self.with_conn(|c| {
+            c.query_row("SELECT count(*) FROM keys", [], |_| Ok(()))?;
+            Ok(())
+        })
+    }
+}
+
+impl Ledger for SqliteStore {
+    fn reserve(&self, key: &KeyRecord, amount: Money) -> Result<(), GatewayError> {
+        let acc = self.account(&key.id)?;
+        match Self::try_reserve(&acc, key, amount) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                // Before refusing: a top-up made by another process (the CLI) is in the
+                // database, not yet in memory. Credits only grow, so this is the only
+                // way memory can be behind.
+                self.refresh_credits(&key.id)?;
+                Self::try_reserve(&acc, key, amount).map_err(GatewayError::InsufficientCredits)
+            }
+        }
+    }
+
+    fn release(&self, key_id: &str, amount: Money) {
+        if let Some(acc) = self
+            .accounts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key_id)
+        {
+            let mut a = acc.lock().unwrap_or_else(|e| e.into_inner());
+            a.reserved = (a.reserved - amount).max(Money::ZERO);
+        }
+    }
+
+    fn settle(&self, s: Settlement) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let key_id = s.key_id.clone();
+        let reserved = s.reserved;
+        if !self.send(Cmd::Settle(Box::new(s), Some(tx))) {
+            self.release(&key_id, reserved);
+            return futures_util::future::ready(Err(StoreError(
+                "the ledger writer has stopped".into(),
+            )))
+            .boxed();
+        }
+        async move {
+            rx.await
+                .unwrap_or_else(|_| Err(StoreError("the ledger writer has stopped".into())))
+        }
+        .boxed()
+    }
+
+    fn settle_detached(&self, s: Settlement) {
+        let key_id = s.key_id.clone();
+        let reserved = s.reserved;
+        if !self.send(Cmd::Settle(Box::new(s), None)) {
+            tracing::error!("ledger writer stopped; a settlement for key {key_id} is lost");
+            self.release(&key_id, reserved);
+        }
+    }
+
+    fn flush(&self) -> BoxFuture<'static, ()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self.send(Cmd::Flush(tx));
+        async move {
+            if sent {
+                let _ = rx.await;
+            }
+        }
+        .boxed()
+    }
+
+    fn balance(&self, key_id: &str) -> Result<Balance, StoreError> {
+        let acc = self.account(key_id)?;
+        let a = acc.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Balance {
+            credits: a.credits,
+            spent: a.spent,
+            reserved: a.reserved,
+        })
+    }
+
+    fn tokens_today(&self, key_id: &str) -> Result<u64, StoreError> {
+        let acc = self.account(key_id)?;
+        let a = acc.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(if a.day == utc_day() { a.day_tokens } else { 0 })
+    }
+
+    fn top_up(&self, key_id: &str, amount: Money) -> Result<Option<Balance>, StoreError> {
+        let n = self.with_conn(|c| {
+            Ok(c.execute(
+                "UPDATE keys SET credits_pico = credits_pico + ?1 WHERE id = ?2",
+                params![amount.pico(), key_id],
+            )?)
+        })?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.refresh_credits(key_id)?;
+        self.balance(key_id).map(Some)
+    }
+
+    fn generation(&self, id: &str) -> Result<Option<Generation>, StoreError> {
+        self.with_conn(|c| {
+            Ok(c.query_row(
+                "SELECT request_id, key_id, amount_pico, model, provider, streamed, prompt_tokens,
+                        completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created
+                 FROM settlements WHERE request_id=?1",
+                [id],
+                |r| {
+                    let attempts: String = r.get(10)?;
+                    Ok(Generation {
+                        id: r.get(0)?,
+                        key_id: r.get(1)?,
+                        total_cost: money(r.get(2)?),
+                        model: r.get(3)?,
+                        provider: r.get(4)?,
+                        streamed: r.get(5)?,
+                        prompt_tokens: r.get::<_, i64>(6)? as u64,
+                        completion_tokens: r.get::<_, i64>(7)? as u64,
+                        latency_ms: r.get::<_, i64>(8)? as u64,
+                        ttft_ms: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+                        attempts: serde_json::from_str::<Vec<GenerationAttempt>>(&attempts)
+                            .unwrap_or_default(),
+                        finish_reason: r.get(11)?,
+                        created: r.get::<_, i64>(12)? as u64,
+                    })
+                },
+            )
+            .optional()?)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usd(s: &str) -> Money {
+        s.parse().unwrap()
+    }
+
+    fn file_store(dir: &Path) -> Arc<SqliteStore> {
+        SqliteStore::open(&StoreConfig {
+            url: format!("sqlite://{}", dir.join("ledger.db").display()),
+            sync: SyncMode::Normal,
+        })
+        .unwrap()
+    }
+
+    fn temp_dir() -> PathBuf {
+        let r: u64 = rand::random();
+        let d =
+            std::env::temp_dir().join(format!("switchboard-unit-{}-{r:016x}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn settlement(key_id: &str, id: &str, cost: &str, reserved: &str) -> Settlement {
+        Settlement {
+            key_id: key_id.into(),
+            reserved: usd(reserved),
+            tokens: 10,
+            generation: Generation {
+                id: id.into(),
+                key_id: key_id.into(),
+                model: "m/x".into(),
+                provider: "p".into(),
+                streamed: false,
+                prompt_tokens: 4,
+                completion_tokens: 6,
+                total_cost: usd(cost),
+                latency_ms: 12,
+                ttft_ms: Some(3),
+                attempts: vec![GenerationAttempt {
+                    provider: "p".into(),
+                    status: "200".into(),
+                    latency_ms: 3,
+                }],
+                finish_reason: Some("stop".into()),
+                created: 1,
+            },
+        }
+    }
+
+    fn bootstrap_key(secret: &str, credits: &str, rpm: Option<u32>) -> KeyConfig {
+        KeyConfig {
+            secret: secret.into(),
+            name: Some("boot".into()),
+            credits_usd: usd(credits),
+            limit_usd: None,
+            rpm,
+            tokens_per_day: None,
+            models: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn settling_twice_charges_once_and_survives_a_reopen() {
+        let dir = temp_dir();
+        let store = file_store(&dir);
+        let k = store
+            .create(hash_secret("sk-one-1"), NewKey::new("one", usd("1")))
+            .unwrap();
+        let id = k.record.id.clone();
+        store.reserve(&k.record, usd("0.5")).unwrap();
+        store.reserve(&k.record, usd("0.5")).unwrap();
+        assert!(store
+            .settle(settlement(&id, "gen-a", "0.25", "0.5"))
+            .await
+            .unwrap());
+        // The same request id again: no second charge (but its reservation goes).
+        assert!(!store
+            .settle(settlement(&id, "gen-a", "0.25", "0.5"))
+            .await
+            .unwrap());
+        let b = store.balance(&id).unwrap();
+        assert_eq!((b.spent, b.reserved), (usd("0.25"), Money::ZERO));
+        assert_eq!(store.tokens_today(&id).unwrap(), 10);
+        drop(store);
+
+        let again = file_store(&dir);
+        let b = again.balance(&id).unwrap();
+        assert_eq!((b.credits, b.spent), (usd("1"), usd("0.25")));
+        assert_eq!(again.tokens_today(&id).unwrap(), 10);
+        let g = again.generation("gen-a").unwrap().unwrap();
+        assert_eq!(g.total_cost, usd("0.25"));
+        assert_eq!(g.attempts[0].status, "200");
+        assert_eq!(g.key_id, id);
+        drop(again);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn bootstrap_keys_keep_what_they_spent_and_take_new_limits() {
+        let dir = temp_dir();
+        let store = file_store(&dir);
+        store
+            .bootstrap(&[bootstrap_key("sk-boot-1", "5", None)])
+            .unwrap();
+        let rec = store.find(&hash_secret("sk-boot-1")).unwrap().unwrap();
+        store.reserve(&rec, usd("1")).unwrap();
+        store
+            .settle(settlement(&rec.id, "gen-b", "1", "1"))
+            .await
+            .unwrap();
+        drop(store);
+
+        // Restart with changed credits and an rpm: credits are granted once only.
+        let store = file_store(&dir);
+        store
+            .bootstrap(&[bootstrap_key("sk-boot-1", "100", Some(7))])
+            .unwrap();
+        let again = store.find(&hash_secret("sk-boot-1")).unwrap().unwrap();
+        assert_eq!(again.id, rec.id);
+        assert_eq!(again.rpm, Some(7));
+        let b = store.balance(&rec.id).unwrap();
+        assert_eq!((b.credits, b.spent), (usd("5"), usd("1")));
+        drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_top_up_by_another_process_counts_before_a_refusal() {
+        let dir = temp_dir();
+        let gateway = file_store(&dir);
+        let k = gateway
+            .create(hash_secret("sk-two-2"), NewKey::new("two", usd("0.1")))
+            .unwrap();
+        gateway.reserve(&k.record, usd("0.1")).unwrap();
+        assert!(gateway.reserve(&k.record, usd("0.1")).is_err());
+        // The CLI opens the same file and tops up.
+        let cli = file_store(&dir);
+        cli.top_up(&k.record.id, usd("0.1")).unwrap().unwrap();
+        drop(cli);
+        gateway.reserve(&k.record, usd("0.1")).unwrap();
+        assert_eq!(gateway.balance(&k.record.id).unwrap().credits, usd("0.2"));
+        // A top-up through this ledger counts at once.
+        gateway.top_up(&k.record.id, usd("1")).unwrap().unwrap();
+        assert_eq!(gateway.balance(&k.record.id).unwrap().available(), usd("1"));
+        drop(gateway);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn secrets_never_reach_the_database_file() {
+        let dir = temp_dir();
+        let store = file_store(&dir);
+        store
+            .bootstrap(&[bootstrap_key("sk-bootstrap-secret-XYZ", "1", None)])
+            .unwrap();
+        store
+            .create(
+                hash_secret("sk-created-secret-QQQ"),
+                NewKey::new("c", usd("1")),
+            )
+            .unwrap();
+        let rec = store
+            .find(&hash_secret("sk-created-secret-QQQ"))
+            .unwrap()
+            .unwrap();
+        store.reserve(&rec, usd("0.1")).unwrap();
+        store
+            .settle(settlement(&rec.id, "gen-c", "0.1", "0.1"))
+            .await
+            .unwrap();
+        let scan = || {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                // The WAL may vanish as the last connection (the checkpointer) closes.
+                let Ok(bytes) = std::fs::read(entry.unwrap().path()) else {
+                    continue;
+                };
+                for secret in ["sk-bootstrap-secret-XYZ", "sk-created-secret-QQQ"] {
+                    assert!(
+                        !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                        "{secret} found in the store"
+                    );
+                }
+            }
+        };
+        scan(); // open: the database, its WAL and shared memory
+        drop(store);
+        scan(); // closed and checkpointed
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Settled writes per second through the group-commit writer (run on demand:
+    /// `cargo test --lib -- --ignored ledger_throughput --nocapture`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn ledger_throughput() {
+        let dir = temp_dir();
+        for sync in [SyncMode::Normal, SyncMode::Full] {
+            let store = SqliteStore::open(&StoreConfig {
+                url: format!("sqlite://{}", dir.join(format!("{sync:?}.db")).display()),
+                sync,
+            })
+            .unwrap();
+            let k = store
+                .create(
+                    hash_secret(&format!("sk-tp-{sync:?}")),
+                    NewKey::new("tp", usd("1000")),
+                )
+                .unwrap();
+            let (tasks, per_task) = (64, 200);
+            for _ in 0..tasks * per_task {
+                store.reserve(&k.record, usd("0.001")).unwrap();
+            }
+            let started = std::time::Instant::now();
+            let handles: Vec<_> = (0..tasks)
+                .map(|t| {
+                    let store = store.clone();
+                    let id = k.record.id.clone();
+                    tokio::spawn(async move {
+                        for i in 0..per_task {
+                            let s = settlement(&id, &format!("gen-{t}-{i}"), "0.0005", "0.001");
+                            assert!(store.settle(s).await.unwrap());
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.await.unwrap();
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let n = tasks * per_task;
+            println!(
+                "ledger_throughput sync={sync:?}: {n} settlements by {tasks} concurrent waiters in {secs:.2}s = {:.0}/s",
+                n as f64 / secs
+            );
+            let b = store.balance(&k.record.id).unwrap();
+            assert_eq!(b.reserved, Money::ZERO);
+            assert_eq!(b.spent, Money::from_pico(n as i64 * 500_000_000));
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,676 @@
+//! Keys, credits and limits through the real server (SPEC §3, §4).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use serde_json::{json, Value};
+use switchboard::money::Money;
+
+/// Mock models where a reserve equals the cost: the prompt is free, `mock/lorem`
+/// writes exactly `max_tokens` words, each at $1 per Mtok.
+fn exact_config(keys: &str) -> String {
+    format!(
+        r#"
+[[providers]]
+name = "mock"
+kind = "mock"
+
+[[models]]
+id = "mock/lorem"
+max_output_tokens = 100
+  [[models.endpoints]]
+  provider = "mock"
+  upstream_model = "lorem"
+  prompt_usd_per_mtok = 0
+  completion_usd_per_mtok = 1
+
+[[models]]
+id = "mock/echo"
+max_output_tokens = 100
+  [[models.endpoints]]
+  provider = "mock"
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 0.123457
+  completion_usd_per_mtok = 1.234567
+
+{keys}
+"#
+    )
+}
+
+async fn post(gw: &TestGateway, key: Option<&str>, body: Value) -> reqwest::Response {
+    let mut req = client().post(gw.url("/v1/chat/completions")).json(&body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    req.send().await.unwrap()
+}
+
+async fn get_json(gw: &TestGateway, path: &str, key: &str) -> (u16, Value) {
+    let res = client()
+        .get(gw.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+/// The decimal text of the first `"field":` number in `text`, parsed exactly.
+fn money_field(text: &str, field: &str) -> Option<Money> {
+    let pat = format!("\"{field}\":");
+    let at = text.rfind(&pat)? + pat.len();
+    let num: String = text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == '-')
+        .collect();
+    num.parse().ok()
+}
+
+async fn total_usage(gw: &TestGateway, key: &str) -> Money {
+    let res = client()
+        .get(gw.url("/v1/credits"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    money_field(&res.text().await.unwrap(), "total_usage").unwrap()
+}
+
+fn usd(s: &str) -> Money {
+    s.parse().unwrap()
+}
+
+async fn fifty_on_a_key_that_covers_five(stream: bool) {
+    let gw = gateway(&exact_config(
+        "[[keys]]\nsecret = \"sk-five-x\"\ncredits_usd = 0.0005\n",
+    ))
+    .await;
+    let gw = Arc::new(gw);
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                let res = post(
+                    &gw,
+                    Some("sk-five-x"),
+                    json!({"model": "mock/lorem", "max_tokens": 100, "stream": stream,
+                           "messages": [{"role": "user", "content": "go"}]}),
+                )
+                .await;
+                let status = res.status().as_u16();
+                let text = res.text().await.unwrap();
+                if status == 200 && stream {
+                    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+                    assert!(!text.contains("\"error\""), "{text}");
+                }
+                if status != 200 {
+                    assert_eq!(status, 402, "{text}");
+                    assert!(text.contains("insufficient_credits"), "{text}");
+                }
+                status
+            })
+        })
+        .collect();
+    let mut served = 0;
+    for t in tasks {
+        served += usize::from(t.await.unwrap() == 200);
+    }
+    assert!(served <= 5, "{served} served");
+    assert_eq!(served, 5, "each reserve equals its cost, so exactly 5 fit");
+    let spent = total_usage(&gw, "sk-five-x").await;
+    assert_eq!(spent, usd("0.0005"));
+    let (s, key) = get_json(&gw, "/v1/key", "sk-five-x").await;
+    assert_eq!(s, 200);
+    assert_eq!(key["data"]["credits_remaining"].to_string(), "0");
+}
+
+#[tokio::test]
+async fn fifty_concurrent_requests_on_a_key_that_covers_five() {
+    fifty_on_a_key_that_covers_five(false).await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_streams_on_a_key_that_covers_five() {
+    fifty_on_a_key_that_covers_five(true).await;
+}
+
+#[tokio::test]
+async fn a_thousand_costs_sum_to_the_balance_change_exactly() {
+    let gw = Arc::new(
+        gateway(&exact_config(
+            "[[keys]]\nsecret = \"sk-exact-1\"\ncredits_usd = 100\n",
+        ))
+        .await,
+    );
+    let before = total_usage(&gw, "sk-exact-1").await;
+    let sem = Arc::new(tokio::sync::Semaphore::new(16));
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let gw = gw.clone();
+            let sem = sem.clone();
+            tokio::spawn(async move {
+                let _permit = sem.acquire().await.unwrap();
+                let stream = i % 2 == 1;
+                let words = vec!["word"; 1 + i % 37].join(" ");
+                let res = post(
+                    &gw,
+                    Some("sk-exact-1"),
+                    json!({"model": "mock/echo", "stream": stream,
+                           "stream_options": {"include_usage": true},
+                           "messages": [{"role": "system", "content": "be brief"},
+                                        {"role": "user", "content": words}]}),
+                )
+                .await;
+                assert_eq!(res.status(), 200);
+                let text = res.text().await.unwrap();
+                money_field(&text, "cost").unwrap_or_else(|| panic!("no cost in {text}"))
+            })
+        })
+        .collect();
+    let mut sum = Money::ZERO;
+    for t in tasks {
+        sum = sum + t.await.unwrap();
+    }
+    let after = total_usage(&gw, "sk-exact-1").await;
+    assert!(sum > Money::ZERO);
+    assert_eq!(after - before, sum, "balance change vs sum of usage.cost");
+}
+
+#[tokio::test]
+async fn rejected_requests_never_reach_an_upstream_and_cost_nothing() {
+    let up = upstream(|_, _| async {
+        json(
+            200,
+            json!({"id": "x", "object": "chat.completion", "created": 1, "model": "up-model",
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 1}}),
+        )
+    })
+    .await;
+    std::env::set_var("SB_TEST_ADMIN_REJECTS", "admin-token-rejects");
+    let keys = r#"
+[admin]
+token_env = "SB_TEST_ADMIN_REJECTS"
+
+[[keys]]
+secret = "sk-poor-1"
+credits_usd = 0.000001
+
+[[keys]]
+secret = "sk-gone-1"
+name = "gone"
+credits_usd = 1
+
+[[keys]]
+secret = "sk-narrow"
+credits_usd = 1
+models = ["mock/*"]
+
+[[keys]]
+secret = "sk-slow-1"
+credits_usd = 1
+rpm = 1
+"#;
+    let gw = gateway(&openai_config(&[("alpha", &up.url())], keys)).await;
+    // Disable `gone` through the admin API.
+    let list: Value = client()
+        .get(gw.url("/admin/keys"))
+        .bearer_auth("admin-token-rejects")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let gone = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "gone")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let res = client()
+        .patch(gw.url(&format!("/admin/keys/{gone}")))
+        .bearer_auth("admin-token-rejects")
+        .json(&json!({"disabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    let ask = json!({"model": "test/model", "messages": [{"role": "user", "content": "hi"}]});
+    let cases: Vec<(Option<&str>, Value, u16, &str)> = vec![
+        (None, ask.clone(), 401, "invalid_api_key"),
+        (Some("sk-nobody"), ask.clone(), 401, "invalid_api_key"),
+        (Some("sk-poor-1"), ask.clone(), 402, "insufficient_credits"),
+        (Some("sk-gone-1"), ask.clone(), 403, "forbidden"),
+        (Some("sk-narrow"), ask.clone(), 403, "forbidden"),
+        (
+            Some("sk-demo"),
+            json!({"model": "test/model"}),
+            400,
+            "invalid_request",
+        ),
+        (
+            Some("sk-demo"),
+            json!({"model": "nope/nope", "messages": [{"role": "user", "content": "hi"}]}),
+            404,
+            "model_not_found",
+        ),
+    ];
+    for (key, body, status, code) in cases {
+        let res = post(&gw, key, body).await;
+        assert_eq!(res.status().as_u16(), status, "{key:?}");
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["error"]["code"], code, "{key:?}: {v}");
+    }
+    // rpm = 1: the first goes through, the second is 429 with Retry-After.
+    assert_eq!(
+        post(&gw, Some("sk-slow-1"), ask.clone()).await.status(),
+        200
+    );
+    let res = post(&gw, Some("sk-slow-1"), ask.clone()).await;
+    assert_eq!(res.status(), 429);
+    let after: u64 = res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&after));
+    assert_eq!(
+        up.hits(),
+        1,
+        "only the one admitted request reached the upstream"
+    );
+
+    for key in ["sk-poor-1", "sk-narrow", "sk-demo"] {
+        assert_eq!(total_usage(&gw, key).await, Money::ZERO, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn key_credits_and_generation_routes_show_the_ledger() {
+    let gw = gateway(&exact_config(
+        r#"
+[[keys]]
+secret = "sk-owner-1"
+name = "owner"
+credits_usd = 2
+limit_usd = 1.5
+rpm = 600
+
+[[keys]]
+secret = "sk-other-1"
+credits_usd = 1
+"#,
+    ))
+    .await;
+    let res = post(
+        &gw,
+        Some("sk-owner-1"),
+        json!({"model": "mock/lorem", "max_tokens": 7, "messages": [{"role": "user", "content": "go"}]}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    let id = body["id"].as_str().unwrap().to_string();
+
+    let (s, key) = get_json(&gw, "/v1/key", "sk-owner-1").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        key,
+        json!({"data": {"name": "owner", "usage": 0.000007, "limit": 1.5,
+                        "limit_remaining": 1.499993, "credits_remaining": 1.999993,
+                        "rate_limit": {"requests": 600, "interval": "1m"}}})
+    );
+    let (_, credits) = get_json(&gw, "/api/v1/credits", "sk-owner-1").await;
+    assert_eq!(
+        credits,
+        json!({"data": {"total_credits": 2, "total_usage": 0.000007}})
+    );
+    let (s, g) = get_json(&gw, &format!("/v1/generation?id={id}"), "sk-owner-1").await;
+    assert_eq!(s, 200);
+    let d = &g["data"];
+    assert_eq!(d["id"], id.as_str());
+    assert_eq!(d["model"], "mock/lorem");
+    assert_eq!(d["provider"], "mock");
+    assert_eq!(d["streamed"], false);
+    assert_eq!(d["completion_tokens"], 7);
+    assert_eq!(d["total_cost"].as_f64(), Some(0.000007));
+    assert_eq!(d["finish_reason"], "length");
+    assert_eq!(d["attempts"][0]["provider"], "mock");
+    assert_eq!(d["attempts"][0]["status"], "200");
+    assert!(d["latency_ms"].is_u64() && d["ttft_ms"].is_u64());
+
+    // Someone else's generation does not exist for you.
+    let (s, e) = get_json(&gw, &format!("/v1/generation?id={id}"), "sk-other-1").await;
+    assert_eq!((s, e["error"]["code"].as_str()), (404, Some("not_found")));
+    let (_, other) = get_json(&gw, "/v1/key", "sk-other-1").await;
+    assert_eq!(other["data"]["rate_limit"], Value::Null);
+    assert_eq!(other["data"]["limit"], Value::Null);
+
+    let res = client().get(gw.url("/v1/key")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    let res = client().get(gw.url("/readyz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn admin_api_creates_tops_up_and_disables_keys() {
+    std::env::set_var("SB_TEST_ADMIN_API", "the-admin-token");
+    let gw = gateway(&exact_config(
+        "[admin]\ntoken_env = \"SB_TEST_ADMIN_API\"\n",
+    ))
+    .await;
+    let admin = |req: reqwest::RequestBuilder| req.bearer_auth("the-admin-token");
+
+    // Wrong or missing token: 401.
+    let res = client()
+        .get(gw.url("/admin/keys"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(
+        client()
+            .get(gw.url("/admin/keys"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+
+    let res = admin(client().post(gw.url("/admin/keys")))
+        .json(&json!({"name": "bob", "credits_usd": 0.00001, "models": ["mock/lorem"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let made: Value = res.json().await.unwrap();
+    let secret = made["data"]["secret"].as_str().unwrap().to_string();
+    let id = made["data"]["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("key_"));
+
+    let ask = json!({"model": "mock/lorem", "max_tokens": 20, "messages": [{"role": "user", "content": "go"}]});
+    // $0.00001 cannot cover the reserve of 20 tokens at $1/M ($0.00002): 402.
+    assert_eq!(post(&gw, Some(&secret), ask.clone()).await.status(), 402);
+    let res = admin(client().patch(gw.url(&format!("/admin/keys/{id}"))))
+        .json(&json!({"top_up_usd": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let shown: Value = res.json().await.unwrap();
+    assert_eq!(shown["data"]["credits"].as_f64(), Some(1.00001));
+    assert_eq!(post(&gw, Some(&secret), ask.clone()).await.status(), 200);
+
+    // Never a secret in a listing.
+    let list = admin(client().get(gw.url("/admin/keys")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(list.contains(&id) && !list.contains(&secret), "{list}");
+    let one: Value = admin(client().get(gw.url(&format!("/admin/keys/{id}"))))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["data"]["usage"].as_f64(), Some(0.00002));
+
+    // Disabled: refused at once in this process.
+    let res = admin(client().patch(gw.url(&format!("/admin/keys/{id}"))))
+        .json(&json!({"disabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(post(&gw, Some(&secret), ask.clone()).await.status(), 403);
+
+    let res = admin(client().get(gw.url("/admin/keys/key_nope")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let res = admin(client().post(gw.url("/admin/keys")))
+        .json(&json!({"name": "no credits field"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+}
+
+#[tokio::test]
+async fn admin_api_is_absent_without_its_token_variable() {
+    let gw = gateway(&exact_config(
+        "[admin]\ntoken_env = \"SB_TEST_ADMIN_NEVER_SET\"\n",
+    ))
+    .await;
+    let res = client()
+        .get(gw.url("/admin/keys"))
+        .bearer_auth("")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+}
+
+#[tokio::test]
+async fn a_reply_without_completion_tokens_costs_nothing() {
+    let up = upstream(|_, _| async {
+        json(
+            200,
+            json!({"id": "x", "object": "chat.completion", "created": 1, "model": "up-model",
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 7, "completion_tokens": 0}}),
+        )
+    })
+    .await;
+    let gw = gateway(&openai_config(&[("alpha", &up.url())], "")).await;
+    let before = total_usage(&gw, "sk-demo").await;
+    let res = post(
+        &gw,
+        Some("sk-demo"),
+        json!({"model": "test/model", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert_eq!(money_field(&text, "cost"), Some(Money::ZERO), "{text}");
+    assert_eq!(total_usage(&gw, "sk-demo").await, before);
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_pays_for_what_was_delivered() {
+    let events: Vec<String> = std::iter::once(
+        json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up-model",
+               "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hello"}, "finish_reason": null}]})
+        .to_string(),
+    )
+    .chain((0..200).map(|_| {
+        json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up-model",
+               "choices": [{"index": 0, "delta": {"content": " more"}, "finish_reason": null}]})
+        .to_string()
+    }))
+    .collect();
+    let up = upstream(move |_, _| {
+        let events = events.clone();
+        async move { sse(events, std::time::Duration::from_millis(50)) }
+    })
+    .await;
+    let gw = gateway(&openai_config(&[("alpha", &up.url())], "")).await;
+    let mut res = post(
+        &gw,
+        Some("sk-demo"),
+        json!({"model": "test/model", "stream": true, "max_tokens": 500,
+               "messages": [{"role": "user", "content": "talk"}]}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let first = String::from_utf8(res.chunk().await.unwrap().unwrap().to_vec()).unwrap();
+    let id_at = first.find("\"id\":\"").unwrap() + 6;
+    let id = first[id_at..].split('"').next().unwrap().to_string();
+    drop(res); // the client goes away after the first chunk
+
+    // The cut is settled from the drop guard, without anyone waiting: poll for it.
+    let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
+    let g = loop {
+        let (s, g) = get_json(&gw, &format!("/v1/generation?id={id}"), "sk-demo").await;
+        if s == 200 {
+            break g;
+        }
+        assert!(std::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let completion = g["data"]["completion_tokens"].as_u64().unwrap();
+    assert!(
+        (1..200).contains(&completion),
+        "charged for what was delivered up to the cut, not the whole answer: {g}"
+    );
+    let raw = client()
+        .get(gw.url(&format!("/v1/generation?id={id}")))
+        .bearer_auth("sk-demo")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let cost = money_field(&raw, "total_cost").unwrap();
+    assert!(cost > Money::ZERO);
+    // The only charge on the key is this one, to the unit.
+    assert_eq!(total_usage(&gw, "sk-demo").await, cost);
+}
+
+/// A store that delegates to SQLite but can be told to stop answering `ping`.
+struct Flaky {
+    inner: Arc<switchboard::store::SqliteStore>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+mod flaky_impl {
+    use super::Flaky;
+    use futures_util::future::BoxFuture;
+    use switchboard::error::GatewayError;
+    use switchboard::keys::KeyRecord;
+    use switchboard::money::Money;
+    use switchboard::store::*;
+
+    impl KeyStore for Flaky {
+        fn find(&self, h: &SecretHash) -> Result<Option<KeyRecord>, StoreError> {
+            self.inner.find(h)
+        }
+        fn get(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
+            KeyStore::get(&*self.inner, id)
+        }
+        fn list(&self) -> Result<Vec<StoredKey>, StoreError> {
+            self.inner.list()
+        }
+        fn create(&self, h: SecretHash, n: NewKey) -> Result<StoredKey, StoreError> {
+            self.inner.create(h, n)
+        }
+        fn update(&self, id: &str, p: &KeyPatch) -> Result<Option<StoredKey>, StoreError> {
+            self.inner.update(id, p)
+        }
+        fn ping(&self) -> Result<(), StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError("disk on fire".into()));
+            }
+            self.inner.ping()
+        }
+    }
+
+    impl Ledger for Flaky {
+        fn reserve(&self, k: &KeyRecord, a: Money) -> Result<(), GatewayError> {
+            self.inner.reserve(k, a)
+        }
+        fn release(&self, id: &str, a: Money) {
+            self.inner.release(id, a)
+        }
+        fn settle(&self, s: Settlement) -> BoxFuture<'static, Result<bool, StoreError>> {
+            self.inner.settle(s)
+        }
+        fn settle_detached(&self, s: Settlement) {
+            self.inner.settle_detached(s)
+        }
+        fn flush(&self) -> BoxFuture<'static, ()> {
+            self.inner.flush()
+        }
+        fn balance(&self, id: &str) -> Result<Balance, StoreError> {
+            self.inner.balance(id)
+        }
+        fn tokens_today(&self, id: &str) -> Result<u64, StoreError> {
+            self.inner.tokens_today(id)
+        }
+        fn top_up(&self, id: &str, a: Money) -> Result<Option<Balance>, StoreError> {
+            self.inner.top_up(id, a)
+        }
+        fn generation(&self, id: &str) -> Result<Option<Generation>, StoreError> {
+            self.inner.generation(id)
+        }
+    }
+}
+
+#[tokio::test]
+async fn readyz_follows_the_store_and_builders_take_a_store_of_their_own() {
+    use switchboard::store::{hash_secret, KeyStore, NewKey, SqliteStore};
+    let sqlite = SqliteStore::open(&switchboard::config::StoreConfig {
+        url: "sqlite::memory:".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    sqlite
+        .create(hash_secret("sk-own-store"), NewKey::new("own", usd("1")))
+        .unwrap();
+    let flaky = Arc::new(Flaky {
+        inner: sqlite,
+        down: Default::default(),
+    });
+    let config = switchboard::config::Config::from_toml(&exact_config("")).unwrap();
+    let gateway = switchboard::Gateway::builder()
+        .config(config)
+        .store(flaky.clone())
+        .build()
+        .unwrap();
+    use tower::ServiceExt;
+    let get = |path: &str, key: Option<&str>| {
+        let mut b = http::Request::get(path);
+        if let Some(k) = key {
+            b = b.header("authorization", format!("Bearer {k}"));
+        }
+        b.body(axum::body::Body::empty()).unwrap()
+    };
+    let r = gateway.router();
+    assert_eq!(
+        r.clone()
+            .oneshot(get("/readyz", None))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        r.clone()
+            .oneshot(get("/v1/credits", Some("sk-own-store")))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(r.oneshot(get("/readyz", None)).await.unwrap().status(), 503);
+}
