@@ -155,7 +155,11 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
     runtime.block_on(async move {
         let gateway = match Gateway::builder().config(config).build() {
             Ok(g) => g,
-            Err(e @ switchboard::gateway::BuildError::Store(_)) => {
+            // The store or the request log cannot be opened: a runtime failure (SPEC §1).
+            Err(
+                e @ (switchboard::gateway::BuildError::Store(_)
+                | switchboard::gateway::BuildError::Logging(_)),
+            ) => {
                 eprintln!("switchboard: {e}");
                 return ExitCode::from(2);
             }

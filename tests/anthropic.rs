@@ -25,6 +25,9 @@ fn config(upstreams: &[(&str, &str)]) -> String {
             "  [[models.endpoints]]\n  provider = \"{name}\"\n  upstream_model = \"claude-sonnet-4-20250514\"\n  prompt_usd_per_mtok = 3\n  completion_usd_per_mtok = 15\n"
         ));
     }
+    s.push_str(&format!(
+        "\n[[keys]]\nsecret = \"{CLIENT_KEY}\"\ncredits_usd = 100\n"
+    ));
     s
 }
 

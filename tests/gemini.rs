@@ -33,6 +33,10 @@ max_output_tokens = 256
   upstream_model = "gemini-2.5-flash"
   prompt_usd_per_mtok = 0.3
   completion_usd_per_mtok = 2.5
+
+[[keys]]
+secret = "{CLIENT_KEY}"
+credits_usd = 100
 "#
     )
 }
