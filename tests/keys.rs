@@ -268,6 +268,14 @@ rpm = 1
     for (key, body, status, code) in cases {
         let res = post(&gw, key, body).await;
         assert_eq!(res.status().as_u16(), status, "{key:?}");
+        // Refusals name their request too.
+        assert!(
+            res.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .starts_with("gen-"),
+            "{key:?}"
+        );
         let v: Value = res.json().await.unwrap();
         assert_eq!(v["error"]["code"], code, "{key:?}: {v}");
     }

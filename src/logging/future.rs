@@ -38,12 +38,19 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let _entered = this.span.enter();
-        let res = ready!(this.inner.poll(cx))?;
+        let mut res = ready!(this.inner.poll(cx))?;
         let mut guard = this.guard.take();
         if let Some(g) = guard.as_ref() {
             // Layers that answer without the typed stack (auth, rate limits) may not
             // record the status they sent.
             g.note_status(res.status().as_u16());
+            // Every response names its request, refusals included, so a client can
+            // quote the id (and an operator find the record).
+            if !res.headers().contains_key(crate::normalize::X_REQUEST_ID) {
+                if let Ok(v) = http::HeaderValue::from_str(g.request_id()) {
+                    res.headers_mut().insert(crate::normalize::X_REQUEST_ID, v);
+                }
+            }
         }
         let is_stream = res
             .headers()

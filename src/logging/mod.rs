@@ -170,6 +170,11 @@ pub(crate) struct Guard {
 }
 
 impl Guard {
+    /// The request id of the call this guard logs.
+    pub(crate) fn request_id(&self) -> &str {
+        self.ctx.request_id()
+    }
+
     /// Marks the response as a stream in flight.
     pub(crate) fn start_stream(&mut self) {
         if !self.stream {
