@@ -102,7 +102,8 @@ pub struct SqliteStore {
     sync: SyncMode,
     readers: Mutex<Vec<Connection>>,
     accounts: Arc<Accounts>,
-    writer: Mutex<Option<mpsc::Sender<Cmd>>>,
+    /// Shared on the hot path (a `Sender` is `Sync`); written only at shutdown.
+    writer: RwLock<Option<mpsc::Sender<Cmd>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     _stop_checkpoints: mpsc::Sender<()>,
 }
@@ -233,7 +234,7 @@ impl SqliteStore {
             sync,
             readers: Mutex::new(Vec::new()),
             accounts,
-            writer: Mutex::new(Some(tx)),
+            writer: RwLock::new(Some(tx)),
             writer_thread: Mutex::new(Some(writer_thread)),
             _stop_checkpoints: stop_tx,
         }))
@@ -374,7 +375,7 @@ impl SqliteStore {
     }
 
     fn send(&self, cmd: Cmd) -> bool {
-        match &*self.writer.lock().unwrap_or_else(|e| e.into_inner()) {
+        match &*self.writer.read().unwrap_or_else(|e| e.into_inner()) {
             Some(tx) => tx.send(cmd).is_ok(),
             None => false,
         }
@@ -408,7 +409,7 @@ impl SqliteStore {
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         // Closing the channel lets the writer drain what is queued and stop.
-        self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.writer.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = self
             .writer_thread
             .lock()
