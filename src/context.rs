@@ -146,6 +146,9 @@ pub struct CallState {
     pub streamed: bool,
     /// Completion text delivered (kept only when `log_content` is on).
     pub completion_text: Option<String>,
+    /// Set by health filtering when every candidate was degraded and the plan is the
+    /// single last-resort endpoint of SPEC §5 (its failure answers 503).
+    pub last_resort: bool,
 }
 
 struct Inner {

@@ -42,6 +42,7 @@ use crate::catalog::{Catalog, Model};
 use crate::config::Config;
 use crate::error::{Body, GatewayError};
 use crate::fallback::FallbackLayer;
+use crate::health::{HealthFilterLayer, HealthRegistry, InMemoryHealth};
 use crate::metering::MeteringLayer;
 use crate::normalize::NormalizeLayer;
 use crate::providers::ProviderClient;
@@ -66,6 +67,7 @@ pub enum BuildError {
 pub struct GatewayBuilder {
     config: Option<Config>,
     provider_client: Option<ProviderClient>,
+    health: Option<Arc<dyn HealthRegistry>>,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -87,6 +89,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// A health registry of your own (default: [`InMemoryHealth`] sized to the catalog).
+    pub fn health_registry(mut self, registry: Arc<dyn HealthRegistry>) -> Self {
+        self.health = Some(registry);
+        self
+    }
+
     /// Builds the stack.
     pub fn build(self) -> Result<Gateway, BuildError> {
         let config = self.config.ok_or(BuildError::NoConfig)?;
@@ -100,16 +108,30 @@ impl GatewayBuilder {
         }
         let catalog = Arc::new(Catalog::from_config(&config));
         let client = self.provider_client.unwrap_or_default();
+        // Passive health per endpoint, shared by HealthFilter (reads) and Fallback
+        // (writes); `[health]` settings.
+        let health: Arc<dyn HealthRegistry> = self.health.unwrap_or_else(|| {
+            Arc::new(InMemoryHealth::new(
+                &config.health,
+                catalog.endpoints().len(),
+            ))
+        });
 
         // The typed tier, outermost first.
         let typed = ServiceBuilder::new()
             // 1. Route: model id (+ `models`, variants, allow-list) → candidate endpoints.
             //    First, so every later step works on a plan and unknown models cost nothing.
             .layer(RouteLayer::new(catalog.clone()))
+            // 1b. Health filter: drop degraded endpoints (without contacting them) and
+            //     order the healthy ones (order / sort / variants / weighted draw).
+            //     After routing, since it works on the plan; before credit, so the
+            //     reserve is priced over the endpoints that can really be tried; it
+            //     shares its registry with Fallback, which records every outcome.
+            .layer(HealthFilterLayer::new(health.clone()))
             // 2. Fallback: walk the plan until an endpoint commits its first content chunk.
             //    Outside metering, so each attempt is metered on its own and failed
             //    attempts cost nothing.
-            .layer(FallbackLayer::new(config.retry.clone()))
+            .layer(FallbackLayer::new(config.retry.clone()).health(health.clone()))
             // 3. Metering: count and price each attempt's chunks as they pass, right at
             //    the provider, so a cut stream is metered for exactly what passed.
             .layer(MeteringLayer::new())

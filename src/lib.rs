@@ -22,6 +22,7 @@ pub mod context;
 pub mod error;
 pub mod fallback;
 pub mod gateway;
+pub mod health;
 pub mod keys;
 pub mod metering;
 pub mod money;

@@ -3,7 +3,11 @@
 //! Resolves `model` (a `:floor` / `:nitro` suffix is accepted), then the `models`
 //! fallback list, checks the key's allow-list (403) and answers 404
 //! `model_not_found` for unknown ids. The plan is every endpoint of each model, in
-//! order; health filtering and ordering happen in the next layers.
+//! order, less those the request's `provider` preferences rule out (`only`, `ignore`,
+//! `order` with `allow_fallbacks: false`, `max_price`, `data_collection`,
+//! `require_parameters`; 404 `no_endpoints` when none is left). Health filtering and
+//! ordering (`order`, `sort`, `:floor`, `:nitro`, the weighted draw) happen in the
+//! next layer, [`HealthFilterLayer`](crate::health::HealthFilterLayer).
 //!
 //! # Example
 //! ```
@@ -39,7 +43,10 @@ use futures_util::future::{self, Either, Ready};
 use tower::{Layer, Service};
 
 use crate::catalog::{Catalog, Endpoint};
+use crate::chat::{ChatRequest, DataCollection};
+use crate::config::ProviderKind;
 use crate::context::{ChatCall, ChatReply};
+use crate::money::Price;
 use crate::error::GatewayError;
 
 /// Model variants a request may name with a suffix.
@@ -102,7 +109,9 @@ impl<S> Route<S> {
     }
 }
 
-/// Resolves a call's models into its plan.
+/// Resolves a call's models into its plan, then applies the `provider` preferences
+/// (SPEC §3.1): `only`, `ignore`, `order` with `allow_fallbacks: false`, `max_price`,
+/// `data_collection` and `require_parameters`. 404 `no_endpoints` when they leave none.
 pub fn plan(catalog: &Catalog, call: &ChatCall) -> Result<Vec<Arc<Endpoint>>, GatewayError> {
     let req = &call.request;
     let key = call.ctx.key();
@@ -133,7 +142,109 @@ pub fn plan(catalog: &Catalog, call: &ChatCall) -> Result<Vec<Arc<Endpoint>>, Ga
             }
         }
     }
+    let Some(prefs) = req.provider.as_ref() else {
+        return Ok(plan);
+    };
+    let ceiling = |v: Option<f64>, what: &str| -> Result<Option<Price>, GatewayError> {
+        v.map(|f| {
+            // The shortest decimal text of the float is the number the client wrote.
+            format!("{f}").parse::<Price>().map_err(|e| {
+                GatewayError::InvalidRequest(format!(
+                    "provider.max_price.{what}: {e} (USD per million tokens, ≥ 0, ≤ 6 decimals)"
+                ))
+            })
+        })
+        .transpose()
+    };
+    let max_prompt = ceiling(prefs.max_price.as_ref().and_then(|m| m.prompt), "prompt")?;
+    let max_completion = ceiling(
+        prefs.max_price.as_ref().and_then(|m| m.completion),
+        "completion",
+    )?;
+    let needed = requested_parameters(req);
+    let named = |list: &Option<Vec<String>>, e: &Endpoint| {
+        list.as_ref()
+            .is_some_and(|l| l.iter().any(|n| n.as_str() == e.provider.name.as_ref()))
+    };
+    let before = plan.len();
+    let mut why: Vec<&str> = Vec::new();
+    plan.retain(|e| {
+        let reason = if prefs.only.is_some() && !named(&prefs.only, e) {
+            Some("provider.only")
+        } else if named(&prefs.ignore, e) {
+            Some("provider.ignore")
+        } else if !prefs.allow_fallbacks && prefs.order.is_some() && !named(&prefs.order, e) {
+            Some("provider.order with allow_fallbacks: false")
+        } else if max_prompt.is_some_and(|m| e.pricing.prompt > m)
+            || max_completion.is_some_and(|m| e.pricing.completion > m)
+        {
+            Some("provider.max_price")
+        } else if prefs.data_collection == Some(DataCollection::Deny)
+            && e.provider.data_collection == DataCollection::Allow
+        {
+            Some("provider.data_collection")
+        } else if prefs.require_parameters
+            && !needed.iter().all(|p| supports(e.provider.kind, p))
+        {
+            Some("provider.require_parameters")
+        } else {
+            None
+        };
+        if let Some(r) = reason {
+            if !why.contains(&r) {
+                why.push(r);
+            }
+        }
+        reason.is_none()
+    });
+    if plan.is_empty() && before > 0 {
+        return Err(GatewayError::NoEndpoints(format!(
+            "no endpoint of `{}` is left by {}; relax the request's provider preferences",
+            req.model,
+            why.join(", ")
+        )));
+    }
     Ok(plan)
+}
+
+/// The optional request parameters a provider must support under
+/// `require_parameters`: `tools`, `tool_choice`, `response_format`, `seed`, `stop`,
+/// `temperature`, `top_p`, `reasoning_effort`, `max_tokens`, and `extra` for any
+/// field the schema does not model (passed through to OpenAI-kind providers only).
+pub fn requested_parameters(req: &ChatRequest) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut need = |cond: bool, name| {
+        if cond {
+            out.push(name)
+        }
+    };
+    need(req.tools.as_ref().is_some_and(|t| !t.is_empty()), "tools");
+    need(req.tool_choice.is_some(), "tool_choice");
+    need(req.response_format.is_some(), "response_format");
+    need(req.seed.is_some(), "seed");
+    need(req.stop.is_some(), "stop");
+    need(req.temperature.is_some(), "temperature");
+    need(req.top_p.is_some(), "top_p");
+    need(req.reasoning_effort.is_some(), "reasoning_effort");
+    need(
+        req.max_tokens.is_some() || req.max_completion_tokens.is_some(),
+        "max_tokens",
+    );
+    need(!req.extra.is_empty(), "extra");
+    out
+}
+
+/// Whether a provider kind honours a request parameter (see
+/// [`requested_parameters`]). OpenAI-kind providers take everything; Anthropic has no
+/// `response_format`, `seed` or pass-through fields; Gemini no `reasoning_effort` or
+/// pass-through fields; the mock honours only `max_tokens`.
+pub fn supports(kind: ProviderKind, param: &str) -> bool {
+    match kind {
+        ProviderKind::OpenAi => true,
+        ProviderKind::Anthropic => !matches!(param, "response_format" | "seed" | "extra"),
+        ProviderKind::Gemini => !matches!(param, "reasoning_effort" | "extra"),
+        ProviderKind::Mock => param == "max_tokens",
+    }
 }
 
 impl<S> Service<ChatCall> for Route<S>

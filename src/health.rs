@@ -1,0 +1,766 @@
+//! `HealthFilterLayer` and the [`HealthRegistry`]: passive per-endpoint health from real
+//! traffic, and the order in which the healthy endpoints of a plan are tried.
+//!
+//! Health (SPEC §5) is learnt from the attempts [`FallbackLayer`](crate::fallback)
+//! makes: `failure_threshold` consecutive retriable failures mark an endpoint
+//! *degraded* for `cooldown_secs`; degraded endpoints are dropped from plans without
+//! being contacted; after the cooldown exactly one attempt at a time may *probe* it
+//! (a [`Permit`] taken per attempt, an RAII guard: a dropped probe re-arms), and the
+//! probe's success restores it. A 429 carrying `Retry-After` *parks* the endpoint for
+//! that long instead of counting as a failure. A result that comes back from an attempt
+//! that started before the endpoint's last change of state (an *epoch* counter) is
+//! ignored, so a late success cannot restore a degraded endpoint.
+//!
+//! [`HealthFilter`] sits after routing: it drops unavailable endpoints, then orders the
+//! healthy ones: `provider.order` first; `sort` / `:floor` / `:nitro` when asked;
+//! otherwise the first endpoint is drawn at random with probability ∝ `weight /
+//! price²` (free endpoints first) and the rest follow cheapest first. When every
+//! candidate is unavailable, the plan becomes the one endpoint whose cooldown ends
+//! soonest, flagged as the *last resort* ([`CallState::last_resort`]).
+//!
+//! The registry also keeps observed time to first token and throughput per endpoint
+//! (time-decayed, peak-sensitive EWMAs, as tower's `load::PeakEwma`), which
+//! `sort=latency|throughput` and `:nitro` read.
+//!
+//! # Example
+//! ```
+//! use std::sync::Arc;
+//! use switchboard::{catalog::Catalog, config::{Config, HealthConfig}};
+//! use switchboard::context::{CallContext, ChatCall};
+//! use switchboard::chat::{ChatRequest, Message, Role};
+//! use switchboard::error::{GatewayError, ProviderError};
+//! use switchboard::health::{HealthFilterLayer, HealthRegistry, InMemoryHealth, Permit};
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let catalog = Catalog::from_config(&Config::demo());
+//! let cfg = HealthConfig { failure_threshold: 1, cooldown_secs: 60 };
+//! let health: Arc<dyn HealthRegistry> =
+//!     Arc::new(InMemoryHealth::new(&cfg, catalog.endpoints().len()));
+//!
+//! // One failed attempt on `mock/echo@mock` degrades it (threshold 1).
+//! let echo = catalog.model("mock/echo").unwrap().endpoints[0].clone();
+//! let permit = Permit::acquire(&health, &echo, false).unwrap();
+//! permit.failure(&ProviderError::status("mock", 503, "busy"));
+//!
+//! let svc = ServiceBuilder::new()
+//!     .layer(HealthFilterLayer::new(health))
+//!     .service(service_fn(|call: ChatCall| async move {
+//!         let plan: Vec<String> = call.plan.iter().map(|e| e.label()).collect();
+//!         Err::<switchboard::context::ChatReply, _>(GatewayError::Internal(plan.join(",")))
+//!     }));
+//! let mut call = ChatCall::new(ChatRequest {
+//!     model: "mock/echo".into(),
+//!     messages: vec![Message::text(Role::User, "hi")],
+//!     ..Default::default()
+//! }, CallContext::new());
+//! call.plan = catalog.endpoints().to_vec(); // echo, lorem
+//! let err = svc.oneshot(call).await.unwrap_err();
+//! assert_eq!(err.to_string(), "mock/lorem@mock"); // the degraded one is skipped
+//! # }
+//! ```
+//!
+//! [`CallState::last_resort`]: crate::context::CallState::last_resort
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use crate::catalog::Endpoint;
+use crate::chat::SortBy;
+use crate::config::HealthConfig;
+use crate::context::{ChatCall, ChatReply};
+use crate::error::{FailureClass, GatewayError, ProviderError};
+use crate::route::{split_variant, Variant};
+
+// ---------------------------------------------------------------------------
+// The registry
+// ---------------------------------------------------------------------------
+
+/// Whether an endpoint may be contacted now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// Healthy: any number of attempts may go.
+    Healthy,
+    /// Degraded, cooldown over, no probe in flight: one attempt may probe it.
+    HalfOpen,
+    /// Degraded (or parked by a `Retry-After`, or being probed) until `until`.
+    Unavailable {
+        /// When its cooldown (or park) ends; may be past while a probe is in flight.
+        until: Instant,
+    },
+}
+
+/// What kind of attempt a [`Ticket`] allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PermitKind {
+    /// An attempt on a healthy endpoint.
+    Normal,
+    /// The single probe of a degraded endpoint whose cooldown is over.
+    Probe,
+    /// The last-resort attempt on an unavailable endpoint (SPEC §5).
+    LastResort,
+}
+
+/// A grant to make one attempt, as the registry hands it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// What kind of attempt it is.
+    pub kind: PermitKind,
+    /// The endpoint's epoch when the grant was made; results from an older epoch are
+    /// ignored.
+    pub epoch: u64,
+}
+
+/// How one attempt ended, as health sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// The endpoint answered (first content chunk, or a complete answer).
+    Success,
+    /// The attempt failed.
+    Failed {
+        /// The shared classification ([`ProviderError::class`]).
+        class: FailureClass,
+        /// A 429's `Retry-After`: park the endpoint this long instead of counting.
+        park: Option<Duration>,
+    },
+}
+
+impl AttemptOutcome {
+    /// The outcome of a failed attempt.
+    pub fn from_error(e: &ProviderError) -> Self {
+        AttemptOutcome::Failed {
+            class: e.class(),
+            park: if e.is_rate_limit() { e.retry_after } else { None },
+        }
+    }
+}
+
+/// Passive per-endpoint health and observed performance, shared by
+/// [`HealthFilter`] (reads) and [`Fallback`](crate::fallback::Fallback) (writes).
+///
+/// Implementations must be cheap and never block: they are called on every attempt.
+/// [`InMemoryHealth`] is the default; a shared one (e.g. Redis) would let many
+/// gateway instances agree.
+///
+/// # Example: a registry that considers every endpoint healthy
+/// ```
+/// use std::sync::Arc;
+/// use switchboard::catalog::Endpoint;
+/// use switchboard::health::*;
+/// use tokio::time::Instant;
+///
+/// struct AlwaysHealthy;
+/// impl HealthRegistry for AlwaysHealthy {
+///     fn availability(&self, _: &Endpoint, _: Instant) -> Availability { Availability::Healthy }
+///     fn acquire(&self, _: &Endpoint, _: Instant, _: bool) -> Option<Ticket> {
+///         Some(Ticket { kind: PermitKind::Normal, epoch: 0 })
+///     }
+///     fn record(&self, _: &Endpoint, _: Ticket, _: AttemptOutcome, _: Instant) {}
+///     fn release(&self, _: &Endpoint, _: Ticket) {}
+/// }
+/// let r: Arc<dyn HealthRegistry> = Arc::new(AlwaysHealthy);
+/// # let catalog = switchboard::catalog::Catalog::from_config(&switchboard::config::Config::demo());
+/// # let e = &catalog.endpoints()[0];
+/// assert_eq!(r.availability(e, Instant::now()), Availability::Healthy);
+/// assert!(r.throughput(e).is_none());
+/// ```
+pub trait HealthRegistry: Send + Sync + 'static {
+    /// Whether `endpoint` may be contacted at `now`.
+    fn availability(&self, endpoint: &Endpoint, now: Instant) -> Availability;
+
+    /// Grants one attempt on `endpoint`, or `None` when it must not be contacted
+    /// (degraded, parked, or its single probe already taken). With `last_resort`, an
+    /// unavailable endpoint is granted a [`PermitKind::LastResort`] attempt anyway.
+    fn acquire(&self, endpoint: &Endpoint, now: Instant, last_resort: bool) -> Option<Ticket>;
+
+    /// Records how the attempt granted by `ticket` ended.
+    fn record(&self, endpoint: &Endpoint, ticket: Ticket, outcome: AttemptOutcome, now: Instant);
+
+    /// Gives back a grant whose attempt ended without a result (cancelled, dropped):
+    /// a probe re-arms.
+    fn release(&self, endpoint: &Endpoint, ticket: Ticket);
+
+    /// Observes one attempt's time to first token.
+    fn observe_ttft(&self, _endpoint: &Endpoint, _ttft: Duration, _now: Instant) {}
+
+    /// Observes one finished stream's throughput, tokens per second.
+    fn observe_throughput(&self, _endpoint: &Endpoint, _tokens_per_sec: f64, _now: Instant) {}
+
+    /// The decayed time to first token, if any was observed.
+    fn ttft(&self, _endpoint: &Endpoint) -> Option<Duration> {
+        None
+    }
+
+    /// The decayed throughput in tokens per second, if any was observed.
+    fn throughput(&self, _endpoint: &Endpoint) -> Option<f64> {
+        None
+    }
+}
+
+/// An attempt's grant as an RAII guard: drop it without a result and the registry is
+/// told (so a cancelled probe re-arms); consume it with [`Permit::success`] or
+/// [`Permit::failure`] to record the result.
+pub struct Permit {
+    registry: Arc<dyn HealthRegistry>,
+    endpoint: Arc<Endpoint>,
+    ticket: Option<Ticket>,
+}
+
+impl Permit {
+    /// Asks `registry` for one attempt on `endpoint` now.
+    pub fn acquire(
+        registry: &Arc<dyn HealthRegistry>,
+        endpoint: &Arc<Endpoint>,
+        last_resort: bool,
+    ) -> Option<Permit> {
+        let ticket = registry.acquire(endpoint, Instant::now(), last_resort)?;
+        Some(Permit {
+            registry: registry.clone(),
+            endpoint: endpoint.clone(),
+            ticket: Some(ticket),
+        })
+    }
+
+    /// What kind of attempt this is.
+    pub fn kind(&self) -> PermitKind {
+        self.ticket.map_or(PermitKind::Normal, |t| t.kind)
+    }
+
+    /// Records a success.
+    pub fn success(mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.registry
+                .record(&self.endpoint, t, AttemptOutcome::Success, Instant::now());
+        }
+    }
+
+    /// Records a failure (classified with [`ProviderError::class`]).
+    pub fn failure(mut self, e: &ProviderError) {
+        if let Some(t) = self.ticket.take() {
+            self.registry.record(
+                &self.endpoint,
+                t,
+                AttemptOutcome::from_error(e),
+                Instant::now(),
+            );
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.registry.release(&self.endpoint, t);
+        }
+    }
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("endpoint", &self.endpoint.label())
+            .field("ticket", &self.ticket)
+            .finish()
+    }
+}
+
+/// A time-decayed moving average that jumps at once to bad samples (tower's
+/// `PeakEwma` idea): a slow endpoint is noticed at once, a recovered one over `tau`.
+#[derive(Debug, Clone, Copy)]
+struct Ewma {
+    value: f64,
+    at: Instant,
+}
+
+/// Decay time constant of the observed-performance averages.
+const DECAY: Duration = Duration::from_secs(10);
+
+fn ewma_update(slot: &mut Option<Ewma>, sample: f64, now: Instant, worse: fn(f64, f64) -> bool) {
+    match slot {
+        None => *slot = Some(Ewma { value: sample, at: now }),
+        Some(e) => {
+            if worse(sample, e.value) {
+                e.value = sample;
+            } else {
+                let dt = now.saturating_duration_since(e.at).as_secs_f64();
+                let w = (-dt / DECAY.as_secs_f64()).exp();
+                e.value = e.value * w + sample * (1.0 - w);
+            }
+            e.at = now;
+        }
+    }
+}
+
+/// One endpoint's state in [`InMemoryHealth`].
+#[derive(Debug, Default)]
+struct Slot {
+    failures: u32,
+    degraded_until: Option<Instant>,
+    parked_until: Option<Instant>,
+    probing: bool,
+    epoch: u64,
+    ttft: Option<Ewma>,
+    throughput: Option<Ewma>,
+}
+
+impl Slot {
+    fn availability(&self, now: Instant) -> Availability {
+        if let Some(until) = self.degraded_until {
+            if now < until || self.probing {
+                return Availability::Unavailable { until };
+            }
+            return Availability::HalfOpen;
+        }
+        match self.parked_until {
+            Some(until) if now < until => Availability::Unavailable { until },
+            _ => Availability::Healthy,
+        }
+    }
+}
+
+/// The default [`HealthRegistry`]: one small mutex per endpoint (indexed by
+/// [`Endpoint::index`]), so requests to different endpoints never contend. Endpoints
+/// beyond the size it was built for are always healthy and untracked.
+#[derive(Debug)]
+pub struct InMemoryHealth {
+    failure_threshold: u32,
+    cooldown: Duration,
+    slots: Vec<Mutex<Slot>>,
+}
+
+impl InMemoryHealth {
+    /// A registry for `endpoints` endpoints under the `[health]` settings.
+    pub fn new(config: &HealthConfig, endpoints: usize) -> Self {
+        InMemoryHealth {
+            failure_threshold: config.failure_threshold.max(1),
+            cooldown: Duration::from_secs(config.cooldown_secs),
+            slots: (0..endpoints).map(|_| Mutex::new(Slot::default())).collect(),
+        }
+    }
+
+    /// The same with a cooldown finer than whole seconds (for tests and embedders).
+    pub fn with_cooldown(mut self, cooldown: Duration) -> Self {
+        self.cooldown = cooldown;
+        self
+    }
+
+    fn slot<R>(&self, e: &Endpoint, f: impl FnOnce(&mut Slot) -> R) -> Option<R> {
+        let m = self.slots.get(e.index)?;
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        Some(f(&mut g))
+    }
+
+    fn degrade(&self, e: &Endpoint, s: &mut Slot, now: Instant) {
+        s.degraded_until = Some(now + self.cooldown);
+        s.failures = 0;
+        s.probing = false;
+        s.epoch += 1;
+        set_healthy_gauge(e, false);
+        tracing::warn!(endpoint = %e.label(), cooldown_ms = self.cooldown.as_millis() as u64, "endpoint degraded");
+    }
+
+    fn restore(e: &Endpoint, s: &mut Slot) {
+        s.degraded_until = None;
+        s.failures = 0;
+        s.probing = false;
+        s.epoch += 1;
+        set_healthy_gauge(e, true);
+        tracing::info!(endpoint = %e.label(), "endpoint restored");
+    }
+}
+
+fn set_healthy_gauge(e: &Endpoint, healthy: bool) {
+    metrics::gauge!(
+        "switchboard_endpoint_healthy",
+        "model" => e.model.to_string(),
+        "provider" => e.provider.name.to_string()
+    )
+    .set(if healthy { 1.0 } else { 0.0 });
+}
+
+impl HealthRegistry for InMemoryHealth {
+    fn availability(&self, e: &Endpoint, now: Instant) -> Availability {
+        self.slot(e, |s| s.availability(now))
+            .unwrap_or(Availability::Healthy)
+    }
+
+    fn acquire(&self, e: &Endpoint, now: Instant, last_resort: bool) -> Option<Ticket> {
+        let Some(ticket) = self.slot(e, |s| {
+            let kind = match s.availability(now) {
+                Availability::Healthy => PermitKind::Normal,
+                Availability::HalfOpen => {
+                    s.probing = true;
+                    PermitKind::Probe
+                }
+                Availability::Unavailable { .. } if last_resort => PermitKind::LastResort,
+                Availability::Unavailable { .. } => return None,
+            };
+            Some(Ticket {
+                kind,
+                epoch: s.epoch,
+            })
+        }) else {
+            // Untracked endpoint: always healthy.
+            return Some(Ticket {
+                kind: PermitKind::Normal,
+                epoch: 0,
+            });
+        };
+        ticket
+    }
+
+    fn record(&self, e: &Endpoint, ticket: Ticket, outcome: AttemptOutcome, now: Instant) {
+        self.slot(e, |s| {
+            if ticket.epoch != s.epoch {
+                // Started before the endpoint last changed state: says nothing of now.
+                return;
+            }
+            match (ticket.kind, outcome) {
+                (PermitKind::Normal, AttemptOutcome::Success) => s.failures = 0,
+                (PermitKind::Normal, AttemptOutcome::Failed { park: Some(d), .. }) => {
+                    let until = now + d;
+                    s.parked_until = Some(s.parked_until.map_or(until, |p| p.max(until)));
+                }
+                (
+                    PermitKind::Normal,
+                    AttemptOutcome::Failed {
+                        class: FailureClass::Retriable,
+                        ..
+                    },
+                ) => {
+                    s.failures += 1;
+                    if s.failures >= self.failure_threshold {
+                        self.degrade(e, s, now);
+                    }
+                }
+                (PermitKind::Normal, AttemptOutcome::Failed { .. }) => {}
+                // A probe or last resort that got an answer — even a client fault — shows
+                // the endpoint is back.
+                (_, AttemptOutcome::Success)
+                | (
+                    _,
+                    AttemptOutcome::Failed {
+                        class: FailureClass::Client,
+                        ..
+                    },
+                ) => {
+                    if s.degraded_until.is_some() {
+                        Self::restore(e, s);
+                    }
+                    s.parked_until = None;
+                }
+                (
+                    _,
+                    AttemptOutcome::Failed {
+                        class: FailureClass::Retriable,
+                        ..
+                    },
+                ) => self.degrade(e, s, now),
+                // Our own key or catalogue at fault: no news; let another probe go.
+                (kind, AttemptOutcome::Failed { .. }) => {
+                    if kind == PermitKind::Probe {
+                        s.probing = false;
+                    }
+                }
+            }
+        });
+    }
+
+    fn release(&self, e: &Endpoint, ticket: Ticket) {
+        self.slot(e, |s| {
+            if ticket.kind == PermitKind::Probe && ticket.epoch == s.epoch {
+                s.probing = false;
+            }
+        });
+    }
+
+    fn observe_ttft(&self, e: &Endpoint, ttft: Duration, now: Instant) {
+        self.slot(e, |s| {
+            ewma_update(&mut s.ttft, ttft.as_secs_f64(), now, |new, old| new > old)
+        });
+    }
+
+    fn observe_throughput(&self, e: &Endpoint, tokens_per_sec: f64, now: Instant) {
+        if tokens_per_sec.is_finite() && tokens_per_sec >= 0.0 {
+            self.slot(e, |s| {
+                ewma_update(&mut s.throughput, tokens_per_sec, now, |new, old| {
+                    new < old
+                })
+            });
+        }
+    }
+
+    fn ttft(&self, e: &Endpoint) -> Option<Duration> {
+        self.slot(e, |s| s.ttft.map(|t| Duration::from_secs_f64(t.value)))
+            .flatten()
+    }
+
+    fn throughput(&self, e: &Endpoint) -> Option<f64> {
+        self.slot(e, |s| s.throughput.map(|t| t.value)).flatten()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The layer
+// ---------------------------------------------------------------------------
+
+/// A source of uniform random numbers in `[0, 1)` for the weighted draw.
+pub type Random = Arc<dyn Fn() -> f64 + Send + Sync>;
+
+/// Builds [`HealthFilter`] services.
+#[derive(Clone)]
+pub struct HealthFilterLayer {
+    registry: Arc<dyn HealthRegistry>,
+    random: Random,
+}
+
+impl HealthFilterLayer {
+    /// Filters and orders plans with `registry`'s view of health.
+    pub fn new(registry: Arc<dyn HealthRegistry>) -> Self {
+        HealthFilterLayer {
+            registry,
+            random: Arc::new(rand::random::<f64>),
+        }
+    }
+
+    /// Uses `random` (uniform in `[0, 1)`) for the weighted draw; tests pass a seeded
+    /// generator.
+    pub fn random(mut self, random: impl Fn() -> f64 + Send + Sync + 'static) -> Self {
+        self.random = Arc::new(random);
+        self
+    }
+}
+
+impl fmt::Debug for HealthFilterLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthFilterLayer").finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for HealthFilterLayer {
+    type Service = HealthFilter<S>;
+    fn layer(&self, inner: S) -> HealthFilter<S> {
+        HealthFilter {
+            inner,
+            registry: self.registry.clone(),
+            random: self.random.clone(),
+        }
+    }
+}
+
+/// Drops unavailable endpoints from the plan and orders the rest; see the
+/// [module docs](self).
+#[derive(Clone)]
+pub struct HealthFilter<S> {
+    inner: S,
+    registry: Arc<dyn HealthRegistry>,
+    random: Random,
+}
+
+impl<S> HealthFilter<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, registry: Arc<dyn HealthRegistry>) -> Self {
+        HealthFilterLayer::new(registry).layer(inner)
+    }
+
+    /// A [`HealthFilterLayer`].
+    pub fn layer(registry: Arc<dyn HealthRegistry>) -> HealthFilterLayer {
+        HealthFilterLayer::new(registry)
+    }
+}
+
+impl<S> fmt::Debug for HealthFilter<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthFilter").finish_non_exhaustive()
+    }
+}
+
+/// How a plan's healthy endpoints are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    /// The weighted draw for the first, the rest cheapest first (SPEC §5 default).
+    Default,
+    /// Strictly cheapest first (`:floor`, `sort=price`).
+    Price,
+    /// Highest observed tokens/s first (`:nitro`, `sort=throughput`).
+    Throughput,
+    /// Lowest observed time to first token first (`sort=latency`).
+    Latency,
+}
+
+impl Ordering {
+    /// The ordering a request asks for: `provider.sort` wins over a model variant.
+    pub fn of(call: &ChatCall) -> Ordering {
+        let prefs = call.request.provider.as_ref();
+        match prefs.and_then(|p| p.sort) {
+            Some(SortBy::Price) => return Ordering::Price,
+            Some(SortBy::Throughput) => return Ordering::Throughput,
+            Some(SortBy::Latency) => return Ordering::Latency,
+            None => {}
+        }
+        match split_variant(&call.request.model) {
+            Ok((_, Some(Variant::Floor))) => Ordering::Price,
+            Ok((_, Some(Variant::Nitro))) => Ordering::Throughput,
+            _ => Ordering::Default,
+        }
+    }
+}
+
+fn price_key(e: &Endpoint) -> i64 {
+    e.pricing.prompt.pico_per_token() + e.pricing.completion.pico_per_token()
+}
+
+/// Orders one model's healthy endpoints (stable: ties keep plan order).
+pub fn order_endpoints(
+    mut group: Vec<Arc<Endpoint>>,
+    how: Ordering,
+    provider_order: &[String],
+    registry: &dyn HealthRegistry,
+    random: &dyn Fn() -> f64,
+) -> Vec<Arc<Endpoint>> {
+    // `order` first, in its order; the rest follow under `how`.
+    let mut head = Vec::new();
+    for name in provider_order {
+        while let Some(i) = group
+            .iter()
+            .position(|e| e.provider.name.as_ref() == name.as_str())
+        {
+            head.push(group.remove(i));
+        }
+    }
+    let mut rest = group;
+    rest.sort_by_key(|e| price_key(e));
+    match how {
+        Ordering::Price => {}
+        Ordering::Throughput => rest.sort_by(|a, b| {
+            match (registry.throughput(a), registry.throughput(b)) {
+                (Some(x), Some(y)) => y.total_cmp(&x),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            }
+        }),
+        Ordering::Latency => rest.sort_by(|a, b| match (registry.ttft(a), registry.ttft(b)) {
+            (Some(x), Some(y)) => x.cmp(&y),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        }),
+        Ordering::Default if head.is_empty() && rest.len() > 1 => {
+            let first = weighted_draw(&rest, random);
+            let e = rest.remove(first);
+            rest.insert(0, e);
+        }
+        Ordering::Default => {}
+    }
+    head.extend(rest);
+    head
+}
+
+/// SPEC §5's draw: the index of the first endpoint, with probability ∝ `weight /
+/// price²` (price = prompt + completion USD/Mtok); free endpoints, when there are any,
+/// are drawn among themselves ∝ `weight`. `group` is sorted cheapest first.
+pub fn weighted_draw(group: &[Arc<Endpoint>], random: &dyn Fn() -> f64) -> usize {
+    let any_free = group.iter().any(|e| price_key(e) == 0);
+    let weights: Vec<f64> = group
+        .iter()
+        .map(|e| {
+            let w = e.weight.max(0.0);
+            match (any_free, price_key(e)) {
+                (true, 0) => w,
+                (true, _) => 0.0,
+                (false, _) => {
+                    let p = e.pricing.sum_per_mtok();
+                    w / (p * p)
+                }
+            }
+        })
+        .collect();
+    let total: f64 = weights.iter().sum();
+    if !(total.is_finite() && total > 0.0) {
+        return 0;
+    }
+    let mut r = random().clamp(0.0, 1.0) * total;
+    for (i, w) in weights.iter().enumerate() {
+        if r < *w {
+            return i;
+        }
+        r -= w;
+    }
+    // Rounding: the last endpoint with a weight.
+    weights.iter().rposition(|w| *w > 0.0).unwrap_or(0)
+}
+
+/// Filters and orders `call.plan` in place (see the [module docs](self)).
+pub fn filter_plan(call: &mut ChatCall, registry: &dyn HealthRegistry, random: &dyn Fn() -> f64) {
+    let now = Instant::now();
+    let how = Ordering::of(call);
+    let prefs = call.request.provider.clone().unwrap_or_default();
+    let provider_order = prefs.order.clone().unwrap_or_default();
+    let only_first = !prefs.allow_fallbacks && provider_order.is_empty();
+
+    // Group by model, keeping the models' order (`model`, then `models`).
+    let mut groups: Vec<Vec<Arc<Endpoint>>> = Vec::new();
+    for e in &call.plan {
+        match groups.last_mut() {
+            Some(g) if g[0].model == e.model => g.push(e.clone()),
+            _ => groups.push(vec![e.clone()]),
+        }
+    }
+    let mut plan = Vec::new();
+    for g in groups {
+        let healthy: Vec<_> = g
+            .into_iter()
+            .filter(|e| {
+                !matches!(
+                    registry.availability(e, now),
+                    Availability::Unavailable { .. }
+                )
+            })
+            .collect();
+        let mut ordered = order_endpoints(healthy, how, &provider_order, registry, random);
+        if only_first {
+            ordered.truncate(1);
+        }
+        plan.extend(ordered);
+    }
+    if plan.is_empty() {
+        // Every candidate is unavailable: the one whose cooldown ends soonest, once.
+        let soonest = call
+            .plan
+            .iter()
+            .min_by_key(|e| match registry.availability(e, now) {
+                Availability::Unavailable { until } => until,
+                _ => now,
+            })
+            .cloned();
+        if let Some(e) = soonest {
+            plan.push(e);
+            call.ctx.update(|s| s.last_resort = true);
+        }
+    }
+    call.plan = plan;
+}
+
+impl<S> Service<ChatCall> for HealthFilter<S>
+where
+    S: Service<ChatCall, Response = ChatReply, Error = GatewayError>,
+{
+    type Response = ChatReply;
+    type Error = GatewayError;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut call: ChatCall) -> Self::Future {
+        filter_plan(&mut call, self.registry.as_ref(), self.random.as_ref());
+        self.inner.call(call)
+    }
+}
