@@ -271,3 +271,169 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::{MaxPrice, ProviderPreferences, SortBy, Tool};
+    use crate::health::tests::{call, catalog};
+
+    fn cat() -> Arc<Catalog> {
+        catalog(&[
+            ("a", "openai", "1.5", "3", "allow"),
+            ("b", "anthropic", "1.5", "2", "deny"),
+            ("c", "mock", "0.5", "1", "deny"),
+        ])
+    }
+
+    fn routed(prefs: ProviderPreferences) -> Result<Vec<String>, GatewayError> {
+        let c = call("test/model", Some(prefs));
+        plan(&cat(), &c).map(|p| p.iter().map(|e| e.provider.name.to_string()).collect())
+    }
+
+    fn no_endpoints(r: Result<Vec<String>, GatewayError>) -> String {
+        match r {
+            Err(e @ GatewayError::NoEndpoints(_)) => {
+                assert_eq!(e.status(), 404);
+                e.to_string()
+            }
+            other => panic!("expected no_endpoints, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn without_preferences_every_endpoint_in_order() {
+        assert_eq!(routed(ProviderPreferences::default()).unwrap(), ["a", "b", "c"]);
+        // `models` appends the fallback model's endpoints.
+        let mut c = call("test/model:floor", None);
+        std::sync::Arc::get_mut(&mut c.request).unwrap().models = Some(vec!["test/other".into()]);
+        let p = plan(&cat(), &c).unwrap();
+        assert_eq!(p.len(), 4);
+        assert_eq!(p[3].model.as_ref(), "test/other");
+    }
+
+    #[test]
+    fn only_ignore_and_order_without_fallbacks() {
+        let only = ProviderPreferences {
+            only: Some(vec!["c".into(), "a".into()]),
+            ..Default::default()
+        };
+        assert_eq!(routed(only).unwrap(), ["a", "c"]);
+        let ignore = ProviderPreferences {
+            ignore: Some(vec!["a".into()]),
+            ..Default::default()
+        };
+        assert_eq!(routed(ignore).unwrap(), ["b", "c"]);
+        let strict = ProviderPreferences {
+            order: Some(vec!["b".into()]),
+            allow_fallbacks: false,
+            ..Default::default()
+        };
+        assert_eq!(routed(strict).unwrap(), ["b"]);
+        // With fallbacks, `order` only reorders (in the health filter).
+        let loose = ProviderPreferences {
+            order: Some(vec!["b".into()]),
+            ..Default::default()
+        };
+        assert_eq!(routed(loose).unwrap(), ["a", "b", "c"]);
+        let nothing = ProviderPreferences {
+            only: Some(vec!["zzz".into()]),
+            ..Default::default()
+        };
+        assert!(no_endpoints(routed(nothing)).contains("provider.only"));
+    }
+
+    #[test]
+    fn max_price_compares_exactly() {
+        let max = |prompt: Option<f64>, completion: Option<f64>| ProviderPreferences {
+            max_price: Some(MaxPrice { prompt, completion }),
+            ..Default::default()
+        };
+        // 1.5 is not above 1.5: kept.
+        assert_eq!(routed(max(Some(1.5), None)).unwrap(), ["a", "b", "c"]);
+        assert_eq!(routed(max(Some(1.499999), None)).unwrap(), ["c"]);
+        assert_eq!(routed(max(None, Some(2.0))).unwrap(), ["b", "c"]);
+        // 0.1 + 0.2 style floats: the client's text is what counts.
+        assert_eq!(routed(max(Some(0.5), Some(1.0))).unwrap(), ["c"]);
+        // Leaving none is 404 no_endpoints (SPEC §3.2).
+        assert!(no_endpoints(routed(max(Some(0.4), None))).contains("max_price"));
+        // A ceiling the price unit cannot hold is a bad request.
+        let e = routed(max(Some(0.0000001), None)).unwrap_err();
+        assert_eq!(e.code(), "invalid_request");
+        assert!(e.to_string().contains("provider.max_price.prompt"));
+        let e = routed(max(Some(-1.0), None)).unwrap_err();
+        assert_eq!(e.code(), "invalid_request");
+    }
+
+    #[test]
+    fn data_collection_deny_drops_providers_that_train() {
+        let deny = ProviderPreferences {
+            data_collection: Some(DataCollection::Deny),
+            ..Default::default()
+        };
+        assert_eq!(routed(deny).unwrap(), ["b", "c"]);
+        let allow = ProviderPreferences {
+            data_collection: Some(DataCollection::Allow),
+            ..Default::default()
+        };
+        assert_eq!(routed(allow).unwrap(), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn require_parameters_keeps_providers_that_honour_them() {
+        let prefs = ProviderPreferences {
+            require_parameters: true,
+            sort: Some(SortBy::Price),
+            ..Default::default()
+        };
+        let route = |f: &dyn Fn(&mut ChatRequest)| {
+            let mut c = call("test/model", Some(prefs.clone()));
+            f(std::sync::Arc::get_mut(&mut c.request).unwrap());
+            plan(&cat(), &c).map(|p| {
+                p.iter()
+                    .map(|e| e.provider.name.to_string())
+                    .collect::<Vec<_>>()
+            })
+        };
+        // Nothing optional asked: everyone.
+        assert_eq!(route(&|_| {}).unwrap(), ["a", "b", "c"]);
+        // Tools: the mock cannot.
+        let tools = |r: &mut ChatRequest| {
+            r.tools = Some(vec![serde_json::from_value::<Tool>(serde_json::json!(
+                {"type": "function", "function": {"name": "f"}}
+            ))
+            .unwrap()])
+        };
+        assert_eq!(route(&tools).unwrap(), ["a", "b"]);
+        // response_format: not Anthropic either.
+        let rf = |r: &mut ChatRequest| r.response_format = Some(serde_json::json!({"type": "json_object"}));
+        assert_eq!(route(&rf).unwrap(), ["a"]);
+        // Without require_parameters nothing is dropped.
+        let mut c = call("test/model", None);
+        rf(std::sync::Arc::get_mut(&mut c.request).unwrap());
+        assert_eq!(plan(&cat(), &c).unwrap().len(), 3);
+        // The mock honours max_tokens only.
+        let seed = |r: &mut ChatRequest| r.seed = Some(1);
+        assert_eq!(route(&seed).unwrap(), ["a"]);
+        let cat = catalog(&[("m", "mock", "0", "0", "deny")]);
+        let mut c = call("test/model", Some(prefs.clone()));
+        std::sync::Arc::get_mut(&mut c.request).unwrap().seed = Some(1);
+        assert!(no_endpoints(plan(&cat, &c).map(|_| vec![])).contains("require_parameters"));
+    }
+
+    #[test]
+    fn variants_are_accepted_and_unknown_ones_refused() {
+        assert_eq!(
+            split_variant("test/model:floor").unwrap(),
+            ("test/model", Some(Variant::Floor))
+        );
+        assert_eq!(
+            split_variant("test/model:nitro").unwrap(),
+            ("test/model", Some(Variant::Nitro))
+        );
+        let c = call("test/model:turbo", None);
+        assert_eq!(plan(&cat(), &c).unwrap_err().code(), "invalid_request");
+        let c = call("nope/model", None);
+        assert_eq!(plan(&cat(), &c).unwrap_err().code(), "model_not_found");
+    }
+}
