@@ -67,6 +67,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::{self, Either, Ready};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
@@ -696,8 +697,14 @@ pub fn weighted_draw(group: &[Arc<Endpoint>], random: &dyn Fn() -> f64) -> usize
     weights.iter().rposition(|w| *w > 0.0).unwrap_or(0)
 }
 
-/// Filters and orders `call.plan` in place (see the [module docs](self)).
-pub fn filter_plan(call: &mut ChatCall, registry: &dyn HealthRegistry, random: &dyn Fn() -> f64) {
+/// Filters and orders `call.plan` in place (see the [module docs](self)); 503
+/// `no_healthy_provider` when no endpoint may be contacted, not even as a last resort
+/// (every one is being probed).
+pub fn filter_plan(
+    call: &mut ChatCall,
+    registry: &dyn HealthRegistry,
+    random: &dyn Fn() -> f64,
+) -> Result<(), GatewayError> {
     let now = Instant::now();
     let how = Ordering::of(call);
     let prefs = call.request.provider.clone().unwrap_or_default();
@@ -729,22 +736,34 @@ pub fn filter_plan(call: &mut ChatCall, registry: &dyn HealthRegistry, random: &
         }
         plan.extend(ordered);
     }
-    if plan.is_empty() {
+    if plan.is_empty() && !call.plan.is_empty() {
         // Every candidate is unavailable: the one whose cooldown ends soonest, once.
+        // One whose cooldown is over is being probed: not a last resort, since exactly
+        // one request at a time may probe.
         let soonest = call
             .plan
             .iter()
-            .min_by_key(|e| match registry.availability(e, now) {
-                Availability::Unavailable { until } => until,
-                _ => now,
+            .filter_map(|e| match registry.availability(e, now) {
+                Availability::Unavailable { until } if until > now => Some((until, e)),
+                _ => None,
             })
-            .cloned();
-        if let Some(e) = soonest {
-            plan.push(e);
-            call.ctx.update(|s| s.last_resort = true);
+            .min_by_key(|(until, _)| *until)
+            .map(|(_, e)| e.clone());
+        match soonest {
+            Some(e) => {
+                plan.push(e);
+                call.ctx.update(|s| s.last_resort = true);
+            }
+            None => {
+                return Err(GatewayError::NoHealthyProvider(format!(
+                    "every endpoint of `{}` is degraded and being probed; try again shortly",
+                    call.request.model
+                )))
+            }
         }
     }
     call.plan = plan;
+    Ok(())
 }
 
 impl<S> Service<ChatCall> for HealthFilter<S>
@@ -753,15 +772,17 @@ where
 {
     type Response = ChatReply;
     type Error = GatewayError;
-    type Future = S::Future;
+    type Future = Either<Ready<Result<ChatReply, GatewayError>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut call: ChatCall) -> Self::Future {
-        filter_plan(&mut call, self.registry.as_ref(), self.random.as_ref());
-        self.inner.call(call)
+        match filter_plan(&mut call, self.registry.as_ref(), self.random.as_ref()) {
+            Ok(()) => Either::Right(self.inner.call(call)),
+            Err(e) => Either::Left(future::ready(Err(e))),
+        }
     }
 }
 
@@ -849,7 +870,7 @@ pub(crate) mod tests {
     ) -> (Vec<String>, bool) {
         let mut c = call(model, prefs);
         c.plan = catalog.endpoints()[..3.min(catalog.endpoints().len())].to_vec();
-        filter_plan(&mut c, reg, &move || r);
+        filter_plan(&mut c, reg, &move || r).unwrap();
         (names(&c.plan), c.ctx.snapshot().last_resort)
     }
 
@@ -881,7 +902,7 @@ pub(crate) mod tests {
         for _ in 0..10_000 {
             let mut c = call("test/model", None);
             c.plan = cat.endpoints()[..3].to_vec();
-            filter_plan(&mut c, &reg, &draw);
+            filter_plan(&mut c, &reg, &draw).unwrap();
             *firsts.entry(names(&c.plan)[0].clone()).or_insert(0) += 1;
         }
         let share = |n: &str| f64::from(firsts[n]) / 10_000.0;
