@@ -439,7 +439,10 @@ fn count_attempt(endpoint: &Endpoint, failure: Option<&ProviderError>) {
         Some(FailureClass::Failover) => "failover",
         Some(FailureClass::Client) => "client",
     };
-    let (model, provider) = (endpoint.model.to_string(), endpoint.provider.name.to_string());
+    let (model, provider) = (
+        endpoint.model.to_string(),
+        endpoint.provider.name.to_string(),
+    );
     metrics::counter!(
         "switchboard_endpoint_attempts_total",
         "model" => model.clone(),
@@ -686,7 +689,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_different_endpoint_at_once_then_cycle_with_backoff() {
-        let (svc, log) = provider(|p, n| if p == "b" && n == 1 { Act::Ok } else { Act::Status(503) });
+        let (svc, log) = provider(|p, n| {
+            if p == "b" && n == 1 {
+                Act::Ok
+            } else {
+                Act::Status(503)
+            }
+        });
         let fb = FallbackLayer::new(retry(5, 100, 3200)).layer(svc);
         let call = plan_call(&["a", "b", "c"]);
         let ctx = call.ctx.clone();
@@ -704,7 +713,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retry_after_is_honoured_and_long_ones_go_to_the_client() {
-        let (svc, log) = provider(|_, n| if n == 0 { Act::RetryAfter(700) } else { Act::Ok });
+        let (svc, log) = provider(|_, n| {
+            if n == 0 {
+                Act::RetryAfter(700)
+            } else {
+                Act::Ok
+            }
+        });
         let fb = FallbackLayer::new(retry(5, 100, 3200)).layer(svc);
         fb.oneshot(plan_call(&["a"])).await.unwrap();
         assert_eq!(log_of(&log), at(&[("a", 0), ("a", 700)]));
@@ -727,14 +742,25 @@ mod tests {
         assert_eq!(log_of(&log).len(), 2);
         assert_eq!(err.status(), 502);
         let msg = err.to_string();
-        assert!(msg.contains("`a` returned 502") && msg.contains("`b` returned 502"), "{msg}");
+        assert!(
+            msg.contains("`a` returned 502") && msg.contains("`b` returned 502"),
+            "{msg}"
+        );
 
         // The last attempt timed out → 504.
-        let (svc, _) = provider(|p, _| if p == "a" { Act::Status(500) } else { Act::Hang });
+        let (svc, _) = provider(|p, _| {
+            if p == "a" {
+                Act::Status(500)
+            } else {
+                Act::Hang
+            }
+        });
         let svc = tower::timeout::TimeoutLayer::new(Duration::from_secs(1)).layer(svc);
-        let svc = tower::util::MapErr::new(svc, |e: tower::BoxError| match e.downcast::<GatewayError>() {
-            Ok(g) => *g,
-            Err(_) => ProviderError::new("b", FailureKind::Timeout, "").into(),
+        let svc = tower::util::MapErr::new(svc, |e: tower::BoxError| {
+            match e.downcast::<GatewayError>() {
+                Ok(g) => *g,
+                Err(_) => ProviderError::new("b", FailureKind::Timeout, "").into(),
+            }
         });
         let fb = FallbackLayer::new(retry(2, 100, 3200)).layer(svc);
         let err = fb.oneshot(plan_call(&["a", "b"])).await.unwrap_err();
@@ -750,7 +776,13 @@ mod tests {
         assert_eq!(log_of(&log).len(), 1);
 
         // 401 fails over and is never re-tried on the same endpoint.
-        let (svc, log) = provider(|p, _| if p == "a" { Act::Status(401) } else { Act::Status(503) });
+        let (svc, log) = provider(|p, _| {
+            if p == "a" {
+                Act::Status(401)
+            } else {
+                Act::Status(503)
+            }
+        });
         let fb = FallbackLayer::new(retry(4, 100, 3200)).layer(svc);
         let err = fb.oneshot(plan_call(&["a", "b"])).await.unwrap_err();
         assert_eq!(err.status(), 502);
@@ -760,7 +792,13 @@ mod tests {
         );
 
         // A stream that breaks before its first content chunk falls over too.
-        let (svc, _) = provider(|p, _| if p == "a" { Act::BrokenBeforeContent } else { Act::Ok });
+        let (svc, _) = provider(|p, _| {
+            if p == "a" {
+                Act::BrokenBeforeContent
+            } else {
+                Act::Ok
+            }
+        });
         let fb = FallbackLayer::new(retry(4, 100, 3200)).layer(svc);
         let reply = fb.oneshot(plan_call(&["a", "b"])).await.unwrap();
         assert_eq!(reply.endpoint.provider.name.as_ref(), "b");
@@ -806,15 +844,13 @@ mod tests {
     }
 
     fn registry(threshold: u32) -> Arc<dyn HealthRegistry> {
-        Arc::new(
-            InMemoryHealth::new(
-                &HealthConfig {
-                    failure_threshold: threshold,
-                    cooldown_secs: 60,
-                },
-                3,
-            ),
-        )
+        Arc::new(InMemoryHealth::new(
+            &HealthConfig {
+                failure_threshold: threshold,
+                cooldown_secs: 60,
+            },
+            3,
+        ))
     }
 
     #[tokio::test(start_paused = true)]
@@ -824,18 +860,28 @@ mod tests {
         let svc = stack(health.clone(), 3, svc);
         // b is cheapest and drawn first (r = 0); it fails twice → degraded.
         for _ in 0..2 {
-            let r = svc.clone().oneshot(plan_call(&["a", "b", "c"])).await.unwrap();
+            let r = svc
+                .clone()
+                .oneshot(plan_call(&["a", "b", "c"]))
+                .await
+                .unwrap();
             assert_eq!(r.endpoint.provider.name.as_ref(), "c");
         }
         for _ in 0..5 {
-            svc.clone().oneshot(plan_call(&["a", "b", "c"])).await.unwrap();
+            svc.clone()
+                .oneshot(plan_call(&["a", "b", "c"]))
+                .await
+                .unwrap();
         }
         let hits_b = |log: &Log| log.lock().unwrap().iter().filter(|(p, _)| p == "b").count();
         assert_eq!(hits_b(&log), 2);
         tokio::time::advance(Duration::from_secs(60)).await;
         // One probe (fails → degraded again), then none.
         for _ in 0..3 {
-            svc.clone().oneshot(plan_call(&["a", "b", "c"])).await.unwrap();
+            svc.clone()
+                .oneshot(plan_call(&["a", "b", "c"]))
+                .await
+                .unwrap();
         }
         assert_eq!(hits_b(&log), 3);
     }
@@ -845,7 +891,13 @@ mod tests {
         let health = registry(1);
         let gate = Arc::new(tokio::sync::Notify::new());
         let g = gate.clone();
-        let (svc, log) = provider(move |_, n| if n == 0 { Act::Status(503) } else { Act::Gate(g.clone()) });
+        let (svc, log) = provider(move |_, n| {
+            if n == 0 {
+                Act::Status(503)
+            } else {
+                Act::Gate(g.clone())
+            }
+        });
         let svc = stack(health.clone(), 1, svc);
         svc.clone().oneshot(plan_call(&["a"])).await.unwrap_err(); // degrades a
         tokio::time::advance(Duration::from_secs(60)).await;
@@ -856,10 +908,9 @@ mod tests {
         }
         // …while 20 others get 503 at once without contacting it (an endpoint being
         // probed is no last resort either).
-        let others = futures_util::future::join_all(
-            (0..20).map(|_| svc.clone().oneshot(plan_call(&["a"]))),
-        )
-        .await;
+        let others =
+            futures_util::future::join_all((0..20).map(|_| svc.clone().oneshot(plan_call(&["a"]))))
+                .await;
         for r in &others {
             assert_eq!(r.as_ref().unwrap_err().code(), "no_healthy_provider");
         }
@@ -879,13 +930,23 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_probe_re_arms() {
         let health = registry(1);
-        let (svc, log) = provider(|_, n| if n == 0 { Act::Status(503) } else if n == 1 { Act::Hang } else { Act::Ok });
+        let (svc, log) = provider(|_, n| {
+            if n == 0 {
+                Act::Status(503)
+            } else if n == 1 {
+                Act::Hang
+            } else {
+                Act::Ok
+            }
+        });
         let svc = stack(health.clone(), 1, svc);
         svc.clone().oneshot(plan_call(&["a"])).await.unwrap_err();
         tokio::time::advance(Duration::from_secs(60)).await;
         let probe = svc.clone().oneshot(plan_call(&["a"]));
         // The client goes away mid-probe.
-        assert!(tokio::time::timeout(Duration::from_secs(1), probe).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_secs(1), probe)
+            .await
+            .is_err());
         let reply = svc.clone().oneshot(plan_call(&["a"])).await.unwrap();
         assert_eq!(reply.endpoint.provider.name.as_ref(), "a");
         assert_eq!(log.lock().unwrap().len(), 3);
@@ -896,7 +957,13 @@ mod tests {
         let health = registry(2);
         let gate = Arc::new(tokio::sync::Notify::new());
         let g = gate.clone();
-        let (svc, _) = provider(move |_, n| if n == 0 { Act::Gate(g.clone()) } else { Act::Status(503) });
+        let (svc, _) = provider(move |_, n| {
+            if n == 0 {
+                Act::Gate(g.clone())
+            } else {
+                Act::Status(503)
+            }
+        });
         let svc = stack(health.clone(), 1, svc);
         let slow = tokio::spawn(svc.clone().oneshot(plan_call(&["a"])));
         tokio::task::yield_now().await;
@@ -904,10 +971,16 @@ mod tests {
             svc.clone().oneshot(plan_call(&["a"])).await.unwrap_err();
         }
         let a = abc().endpoints()[0].clone();
-        assert!(matches!(health.availability(&a, Instant::now()), crate::health::Availability::Unavailable { .. }));
+        assert!(matches!(
+            health.availability(&a, Instant::now()),
+            crate::health::Availability::Unavailable { .. }
+        ));
         gate.notify_one();
         slow.await.unwrap().unwrap();
-        assert!(matches!(health.availability(&a, Instant::now()), crate::health::Availability::Unavailable { .. }));
+        assert!(matches!(
+            health.availability(&a, Instant::now()),
+            crate::health::Availability::Unavailable { .. }
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -915,12 +988,23 @@ mod tests {
         let health = registry(1);
         let (svc, log) = provider(|_, _| Act::Status(503));
         let svc = stack(health.clone(), 1, svc);
-        let err = svc.clone().oneshot(plan_call(&["a", "b"])).await.unwrap_err();
-        assert_eq!(err.code(), "upstream_error"); // max_attempts 1: a only… 
-        svc.clone().oneshot(plan_call(&["a", "b"])).await.unwrap_err(); // …then b
+        let err = svc
+            .clone()
+            .oneshot(plan_call(&["a", "b"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "upstream_error"); // max_attempts 1: a only…
+        svc.clone()
+            .oneshot(plan_call(&["a", "b"]))
+            .await
+            .unwrap_err(); // …then b
         assert_eq!(log.lock().unwrap().len(), 2);
         // Both degraded: the soonest (a) is tried once as last resort, then 503.
-        let err = svc.clone().oneshot(plan_call(&["a", "b"])).await.unwrap_err();
+        let err = svc
+            .clone()
+            .oneshot(plan_call(&["a", "b"]))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), "no_healthy_provider");
         assert_eq!(err.status(), 503);
         assert_eq!(log_of(&log)[2].0, "a");

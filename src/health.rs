@@ -136,7 +136,11 @@ impl AttemptOutcome {
     pub fn from_error(e: &ProviderError) -> Self {
         AttemptOutcome::Failed {
             class: e.class(),
-            park: if e.is_rate_limit() { e.retry_after } else { None },
+            park: if e.is_rate_limit() {
+                e.retry_after
+            } else {
+                None
+            },
         }
     }
 }
@@ -283,7 +287,12 @@ const DECAY: Duration = Duration::from_secs(10);
 
 fn ewma_update(slot: &mut Option<Ewma>, sample: f64, now: Instant, worse: fn(f64, f64) -> bool) {
     match slot {
-        None => *slot = Some(Ewma { value: sample, at: now }),
+        None => {
+            *slot = Some(Ewma {
+                value: sample,
+                at: now,
+            })
+        }
         Some(e) => {
             if worse(sample, e.value) {
                 e.value = sample;
@@ -340,7 +349,9 @@ impl InMemoryHealth {
         InMemoryHealth {
             failure_threshold: config.failure_threshold.max(1),
             cooldown: Duration::from_secs(config.cooldown_secs),
-            slots: (0..endpoints).map(|_| Mutex::new(Slot::default())).collect(),
+            slots: (0..endpoints)
+                .map(|_| Mutex::new(Slot::default()))
+                .collect(),
         }
     }
 
@@ -489,9 +500,7 @@ impl HealthRegistry for InMemoryHealth {
     fn observe_throughput(&self, e: &Endpoint, tokens_per_sec: f64, now: Instant) {
         if tokens_per_sec.is_finite() && tokens_per_sec >= 0.0 {
             self.slot(e, |s| {
-                ewma_update(&mut s.throughput, tokens_per_sec, now, |new, old| {
-                    new < old
-                })
+                ewma_update(&mut s.throughput, tokens_per_sec, now, |new, old| new < old)
             });
         }
     }
@@ -638,14 +647,16 @@ pub fn order_endpoints(
     rest.sort_by_key(|e| price_key(e));
     match how {
         Ordering::Price => {}
-        Ordering::Throughput => rest.sort_by(|a, b| {
-            match (registry.throughput(a), registry.throughput(b)) {
-                (Some(x), Some(y)) => y.total_cmp(&x),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (None, None) => std::cmp::Ordering::Equal,
-            }
-        }),
+        Ordering::Throughput => {
+            rest.sort_by(
+                |a, b| match (registry.throughput(a), registry.throughput(b)) {
+                    (Some(x), Some(y)) => y.total_cmp(&x),
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (None, None) => std::cmp::Ordering::Equal,
+                },
+            )
+        }
         Ordering::Latency => rest.sort_by(|a, b| match (registry.ttft(a), registry.ttft(b)) {
             (Some(x), Some(y)) => x.cmp(&y),
             (Some(_), None) => std::cmp::Ordering::Less,
@@ -890,10 +901,19 @@ pub(crate) mod tests {
         let reg = registry(&cat, 5, 60);
         // Prices a $6, b $2, c $4 → weights 1/36, 1/4, 1/16. Sorted cheapest first
         // (b, c, a) the cumulative weights are 0.25, 0.3125, 0.3403.
-        assert_eq!(filtered(&cat, &reg, "test/model", None, 0.0).0, ["b", "c", "a"]);
+        assert_eq!(
+            filtered(&cat, &reg, "test/model", None, 0.0).0,
+            ["b", "c", "a"]
+        );
         // r = 0.8 → 0.8 × 0.3403 = 0.272: past b, inside c; the rest cheapest first.
-        assert_eq!(filtered(&cat, &reg, "test/model", None, 0.8).0, ["c", "b", "a"]);
-        assert_eq!(filtered(&cat, &reg, "test/model", None, 0.95).0, ["a", "b", "c"]);
+        assert_eq!(
+            filtered(&cat, &reg, "test/model", None, 0.8).0,
+            ["c", "b", "a"]
+        );
+        assert_eq!(
+            filtered(&cat, &reg, "test/model", None, 0.95).0,
+            ["a", "b", "c"]
+        );
 
         // Empirically, with a seeded generator: P(b) = 0.735, P(c) = 0.184, P(a) = 0.082.
         let rng = std::sync::Mutex::new(rand::rngs::StdRng::seed_from_u64(7));
@@ -948,7 +968,10 @@ pub(crate) mod tests {
             allow_fallbacks: false,
             ..Default::default()
         };
-        assert_eq!(filtered(&cat, &reg, "test/model", Some(prefs), 0.0).0, ["b"]);
+        assert_eq!(
+            filtered(&cat, &reg, "test/model", Some(prefs), 0.0).0,
+            ["b"]
+        );
     }
 
     #[test]
@@ -1010,7 +1033,10 @@ pub(crate) mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         reg.observe_throughput(&a, 110.0, Instant::now());
         let v = reg.throughput(&a).unwrap();
-        assert!((v - (10.0 + 100.0 * (1.0 - (-1f64).exp()))).abs() < 0.01, "{v}");
+        assert!(
+            (v - (10.0 + 100.0 * (1.0 - (-1f64).exp()))).abs() < 0.01,
+            "{v}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

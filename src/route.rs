@@ -46,8 +46,8 @@ use crate::catalog::{Catalog, Endpoint};
 use crate::chat::{ChatRequest, DataCollection};
 use crate::config::ProviderKind;
 use crate::context::{ChatCall, ChatReply};
-use crate::money::Price;
 use crate::error::GatewayError;
+use crate::money::Price;
 
 /// Model variants a request may name with a suffix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,9 +183,7 @@ pub fn plan(catalog: &Catalog, call: &ChatCall) -> Result<Vec<Arc<Endpoint>>, Ga
             && e.provider.data_collection == DataCollection::Allow
         {
             Some("provider.data_collection")
-        } else if prefs.require_parameters
-            && !needed.iter().all(|p| supports(e.provider.kind, p))
-        {
+        } else if prefs.require_parameters && !needed.iter().all(|p| supports(e.provider.kind, p)) {
             Some("provider.require_parameters")
         } else {
             None
@@ -303,7 +301,10 @@ mod tests {
 
     #[test]
     fn without_preferences_every_endpoint_in_order() {
-        assert_eq!(routed(ProviderPreferences::default()).unwrap(), ["a", "b", "c"]);
+        assert_eq!(
+            routed(ProviderPreferences::default()).unwrap(),
+            ["a", "b", "c"]
+        );
         // `models` appends the fallback model's endpoints.
         let mut c = call("test/model:floor", None);
         std::sync::Arc::get_mut(&mut c.request).unwrap().models = Some(vec!["test/other".into()]);
@@ -406,7 +407,9 @@ mod tests {
         };
         assert_eq!(route(&tools).unwrap(), ["a", "b"]);
         // response_format: not Anthropic either.
-        let rf = |r: &mut ChatRequest| r.response_format = Some(serde_json::json!({"type": "json_object"}));
+        let rf = |r: &mut ChatRequest| {
+            r.response_format = Some(serde_json::json!({"type": "json_object"}))
+        };
         assert_eq!(route(&rf).unwrap(), ["a"]);
         // Without require_parameters nothing is dropped.
         let mut c = call("test/model", None);

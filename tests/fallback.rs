@@ -77,14 +77,22 @@ async fn post(gw: &TestGateway, body: &Value) -> reqwest::Response {
 #[tokio::test]
 async fn primary_429_500_503_is_served_by_the_next() {
     for status in [429, 500, 503] {
-        let (a, b, c) = (fixed("a", status).await, fixed("b", 200).await, fixed("c", 200).await);
+        let (a, b, c) = (
+            fixed("a", status).await,
+            fixed("b", 200).await,
+            fixed("c", 200).await,
+        );
         let gw = gw3(&a, &b, &c, "").await;
         let res = post(&gw, &ask(false)).await;
         assert_eq!(res.status(), 200, "primary {status}");
         assert_eq!(res.headers()["x-provider"], "b", "primary {status}");
         let body: Value = res.json().await.unwrap();
         assert_eq!(body["choices"][0]["message"]["content"], "from b");
-        assert_eq!((a.hits(), b.hits(), c.hits()), (1, 1, 0), "primary {status}");
+        assert_eq!(
+            (a.hits(), b.hits(), c.hits()),
+            (1, 1, 0),
+            "primary {status}"
+        );
     }
 }
 
@@ -104,8 +112,18 @@ async fn a_hang_times_out_then_the_next_serves() {
 
 #[tokio::test]
 async fn allow_fallbacks_false_keeps_to_the_ordered_providers() {
-    let (a, b, c) = (fixed("a", 503).await, fixed("b", 200).await, fixed("c", 200).await);
-    let gw = gw3(&a, &b, &c, "[retry]\nmax_attempts = 2\nbase_backoff_ms = 10\n").await;
+    let (a, b, c) = (
+        fixed("a", 503).await,
+        fixed("b", 200).await,
+        fixed("c", 200).await,
+    );
+    let gw = gw3(
+        &a,
+        &b,
+        &c,
+        "[retry]\nmax_attempts = 2\nbase_backoff_ms = 10\n",
+    )
+    .await;
     let body = json!({"model": "test/model", "messages": [{"role": "user", "content": "hi"}],
                       "provider": {"order": ["a"], "allow_fallbacks": false}});
     let res = post(&gw, &body).await;
@@ -118,7 +136,11 @@ async fn allow_fallbacks_false_keeps_to_the_ordered_providers() {
 
 #[tokio::test]
 async fn a_degraded_fake_gets_nothing_during_cooldown_then_one_probe() {
-    let (a, b, c) = (fixed("a", 503).await, fixed("b", 200).await, fixed("c", 200).await);
+    let (a, b, c) = (
+        fixed("a", 503).await,
+        fixed("b", 200).await,
+        fixed("c", 200).await,
+    );
     let gw = gw3(
         &a,
         &b,
@@ -185,7 +207,11 @@ async fn a_successful_probe_restores_the_primary() {
 
 #[tokio::test]
 async fn all_failing_is_502_listing_every_attempt() {
-    let (a, b, c) = (fixed("a", 500).await, fixed("b", 502).await, fixed("c", 503).await);
+    let (a, b, c) = (
+        fixed("a", 500).await,
+        fixed("b", 502).await,
+        fixed("c", 503).await,
+    );
     let gw = gw3(&a, &b, &c, "[retry]\nmax_attempts = 3\n").await;
     let res = post(&gw, &ask(false)).await;
     assert_eq!(res.status(), 502);
@@ -221,7 +247,11 @@ async fn every_attempt_rate_limited_is_429_with_retry_after() {
 
 #[tokio::test]
 async fn upstream_400_goes_back_and_is_not_retried() {
-    let (a, b, c) = (fixed("a", 400).await, fixed("b", 200).await, fixed("c", 200).await);
+    let (a, b, c) = (
+        fixed("a", 400).await,
+        fixed("b", 200).await,
+        fixed("c", 200).await,
+    );
     let gw = gw3(&a, &b, &c, "").await;
     let res = post(&gw, &ask(false)).await;
     assert_eq!(res.status(), 400);
@@ -235,7 +265,11 @@ async fn upstream_400_goes_back_and_is_not_retried() {
 
 #[tokio::test]
 async fn upstream_401_fails_over_to_the_next_provider() {
-    let (a, b, c) = (fixed("a", 401).await, fixed("b", 200).await, fixed("c", 200).await);
+    let (a, b, c) = (
+        fixed("a", 401).await,
+        fixed("b", 200).await,
+        fixed("c", 200).await,
+    );
     let gw = gw3(&a, &b, &c, "").await;
     let res = post(&gw, &ask(false)).await;
     assert_eq!(res.status(), 200);
@@ -275,7 +309,8 @@ async fn a_stream_that_errors_before_content_is_served_by_the_next() {
 }
 
 /// Chaos: 1,000 requests at concurrency 50 while `a` (the preferred provider) flaps
-/// between healthy, 503 and hanging every 300 ms and `b` stays healthy.
+/// between healthy, hanging and 503 every 300 ms and `b` stays healthy (both answer
+/// in 50 ms when healthy, so the run spans many flaps).
 ///
 /// Run with: `cargo test --test fallback chaos -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,8 +327,11 @@ async fn chaos_flapping_primary() {
         async move {
             let phase = (t0.elapsed().as_millis() / 300) % 3;
             match phase {
-                0 => json(200, completion("from a")),
-                1 => {
+                0 => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    json(200, completion("from a"))
+                }
+                2 => {
                     let user = seen.body["user"].as_str().unwrap_or("").to_string();
                     failed_at.lock().unwrap().insert(user, Instant::now());
                     error_body(503)
@@ -311,6 +349,7 @@ async fn chaos_flapping_primary() {
             if let Some(at) = failed_at.lock().unwrap().get(&user) {
                 gaps.lock().unwrap().push(at.elapsed());
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
             json(200, completion("from b"))
         }
     })
@@ -318,7 +357,10 @@ async fn chaos_flapping_primary() {
     let c = fixed("c", 200).await;
     let extra = "[health]\nfailure_threshold = 3\ncooldown_secs = 1\n[retry]\nmax_attempts = 5\n";
     let mut cfg = openai_config(&[("a", &a.url()), ("b", &b.url()), ("c", &c.url())], extra);
-    cfg = cfg.replace("keepalive_secs = 10", "keepalive_secs = 10\nrequest_timeout_secs = 10");
+    cfg = cfg.replace(
+        "keepalive_secs = 10",
+        "keepalive_secs = 10\nrequest_timeout_secs = 10",
+    );
     let gw = gateway(&cfg).await;
     let http = client();
     let url = gw.url("/v1/chat/completions");
@@ -331,7 +373,13 @@ async fn chaos_flapping_primary() {
                     "messages": [{"role": "user", "content": "hi"}],
                     "provider": {"order": ["a", "b"], "only": ["a", "b"]}});
                 let t = Instant::now();
-                let res = http.post(&url).bearer_auth("sk-demo").json(&body).send().await.unwrap();
+                let res = http
+                    .post(&url)
+                    .bearer_auth("sk-demo")
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
                 let status = res.status().as_u16();
                 let v: Value = res.json().await.unwrap();
                 let code = if status == 200 {
@@ -353,7 +401,11 @@ async fn chaos_flapping_primary() {
     let pct = |v: &[Duration], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
     let mut g = gaps.lock().unwrap().clone();
     g.sort();
-    let errors: Vec<_> = results.iter().filter(|r| r.0 != 200).map(|r| (r.0, r.2.clone())).collect();
+    let errors: Vec<_> = results
+        .iter()
+        .filter(|r| r.0 != 200)
+        .map(|r| (r.0, r.2.clone()))
+        .collect();
     println!(
         "chaos: {} requests in {:.1}s, success {ok} ({:.1}%), p50 {:?}, p99 {:?}, max {:?}; \
          a hits {}, b hits {}; primary 503 → fallback request: n={} p50 {:?} p99 {:?}; errors {:?}",
@@ -373,7 +425,10 @@ async fn chaos_flapping_primary() {
     for (status, _, code) in &results {
         if *status != 200 {
             assert!(
-                matches!(code.as_str(), "upstream_error" | "upstream_timeout" | "no_healthy_provider" | "rate_limited"),
+                matches!(
+                    code.as_str(),
+                    "upstream_error" | "upstream_timeout" | "no_healthy_provider" | "rate_limited"
+                ),
                 "{status} {code}"
             );
         }
