@@ -110,12 +110,9 @@ impl GatewayBuilder {
         let client = self.provider_client.unwrap_or_default();
         // Passive health per endpoint, shared by HealthFilter (reads) and Fallback
         // (writes); `[health]` settings.
-        let health: Arc<dyn HealthRegistry> = self.health.unwrap_or_else(|| {
-            Arc::new(InMemoryHealth::new(
-                &config.health,
-                catalog.endpoints().len(),
-            ))
-        });
+        let health: Arc<dyn HealthRegistry> = self
+            .health
+            .unwrap_or_else(|| Arc::new(InMemoryHealth::for_catalog(&config.health, &catalog)));
 
         // The typed tier, outermost first.
         let typed = ServiceBuilder::new()

@@ -355,6 +355,16 @@ impl InMemoryHealth {
         }
     }
 
+    /// A registry for every endpoint of `catalog`; publishes
+    /// `switchboard_endpoint_healthy = 1` for each at once.
+    pub fn for_catalog(config: &HealthConfig, catalog: &crate::catalog::Catalog) -> Self {
+        catalog
+            .endpoints()
+            .iter()
+            .for_each(|e| set_healthy_gauge(e, true));
+        Self::new(config, catalog.endpoints().len())
+    }
+
     /// The same with a cooldown finer than whole seconds (for tests and embedders).
     pub fn with_cooldown(mut self, cooldown: Duration) -> Self {
         self.cooldown = cooldown;
