@@ -31,8 +31,16 @@
 //!     messages: vec![Message::text(Role::User, "hi")],
 //!     ..Default::default()
 //! };
-//! let err = svc.oneshot(ChatCall::new(req, CallContext::new())).await.unwrap_err();
+//! let err = svc.clone().oneshot(ChatCall::new(req.clone(), CallContext::new())).await.unwrap_err();
 //! assert_eq!(err.to_string(), "mock/echo@mock");
+//!
+//! // Preferences that leave no endpoint: 404 `no_endpoints`.
+//! let picky = ChatRequest {
+//!     provider: Some(serde_json::from_value(serde_json::json!({"only": ["openai"]})).unwrap()),
+//!     ..req
+//! };
+//! let err = svc.oneshot(ChatCall::new(picky, CallContext::new())).await.unwrap_err();
+//! assert_eq!((err.status().as_u16(), err.code()), (404, "no_endpoints"));
 //! # }
 //! ```
 
