@@ -308,6 +308,20 @@ async fn a_stream_that_errors_before_content_is_served_by_the_next() {
     assert_eq!((a.hits(), b.hits(), c.hits()), (1, 1, 1));
 }
 
+#[tokio::test]
+async fn a_stream_stalled_before_content_is_served_by_the_next() {
+    // a: headers at once, then nothing for 5 s (its stream_idle_timeout_secs is 2).
+    let a = upstream(|_, _| async { sse(stream_of(&["late"]), Duration::from_secs(5)) }).await;
+    let b = upstream(|_, _| async { sse(stream_of(&["on", " time"]), Duration::ZERO) }).await;
+    let c = fixed("c", 200).await;
+    let gw = gw3(&a, &b, &c, "").await;
+    let res = post(&gw, &ask(true)).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-provider"], "b");
+    assert_eq!(sse_text(&res.text().await.unwrap()), "on time");
+    assert_eq!((a.hits(), b.hits(), c.hits()), (1, 1, 0));
+}
+
 /// Chaos: 1,000 requests at concurrency 50 while `a` (the preferred provider) flaps
 /// between healthy, hanging and 503 every 300 ms and `b` stays healthy (both answer
 /// in 50 ms when healthy, so the run spans many flaps).
