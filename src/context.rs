@@ -149,6 +149,9 @@ pub struct CallState {
     pub completion_text: Option<String>,
     /// The request, kept for the log only when `log_content` is on (set by metering).
     pub logged_request: Option<Arc<ChatRequest>>,
+    /// Set by health filtering when every candidate was degraded and the plan is the
+    /// single last-resort endpoint of SPEC §5 (its failure answers 503).
+    pub last_resort: bool,
 }
 
 struct Inner {

@@ -1,12 +1,34 @@
 //! `FallbackLayer`: walks the plan until an endpoint commits its first content chunk.
 //!
 //! Turns a typed `Service<ProviderCall>` (metering around the provider client) into a
-//! `Service<ChatCall>`. Each attempt is recorded in the call context. An attempt that
-//! fails — an error status, a timeout, or a stream that errors before its first
-//! content or tool-call chunk — is classified once ([`ProviderError::class`]):
-//! retriable and failover failures move on to the next endpoint at once; client
-//! faults go back as they are. The reply is returned only when the first content
-//! chunk is ready (SPEC §3.1's commit point); nothing is retried after it.
+//! `Service<ChatCall>`. Each attempt is recorded in the call context (provider, status,
+//! latency). An attempt that fails — an error status, a timeout, or a stream that
+//! errors before its first content or tool-call chunk — is classified once
+//! ([`ProviderError::class`]): retriable and failover failures move on to the next
+//! endpoint at once; client faults (400, 413, 422…) go back as they are. The reply is
+//! returned only when the first content chunk is ready (SPEC §3.1's commit point);
+//! nothing is retried after it.
+//!
+//! Retry rules (SPEC §5, `[retry]`): a different endpoint is tried at once; when the
+//! plan is exhausted and attempts remain, it is walked again, and an endpoint is
+//! re-tried only after its backoff (`base_backoff_ms` doubling up to `max_backoff_ms`,
+//! or the upstream's `Retry-After` when longer; a `Retry-After` longer than
+//! `max_backoff_ms` is left to the client, as a 429). At most `max_attempts` attempts,
+//! never past the request's deadline. Failover failures (401/402/403/404) are not
+//! re-tried on the same endpoint.
+//!
+//! Health (shared with [`HealthFilterLayer`](crate::health::HealthFilterLayer)):
+//! each attempt takes a [`Permit`] (a degraded endpoint, or one whose single probe is
+//! taken, is skipped without being contacted) and records its outcome; the time to
+//! first token is observed at commit, the throughput when the stream ends. When the
+//! plan is a last resort (every candidate degraded), its one failure answers 503.
+//!
+//! Final errors (SPEC §3.2): 429 with `Retry-After` when every attempt was
+//! rate-limited, 504 when the last attempt timed out, else 502 listing every attempt.
+//!
+//! Metrics: `switchboard_endpoint_attempts_total{model,provider,outcome}`,
+//! `switchboard_endpoint_failures_total{model,provider,class,status}`,
+//! `switchboard_fallbacks_total`.
 //!
 //! # Example
 //! ```
@@ -47,47 +69,83 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures_util::{stream, StreamExt};
+use futures_util::{stream, Stream, StreamExt};
+use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::catalog::Endpoint;
-use crate::config::RetryConfig;
+use crate::config::{HealthConfig, RetryConfig};
 use crate::context::{AttemptRecord, CallContext, ChatCall, ChatReply, ChunkStream, ProviderCall};
-use crate::error::{FailureClass, GatewayError, ProviderError};
+use crate::error::{FailureClass, FailureKind, GatewayError, ProviderError};
+use crate::health::{HealthRegistry, InMemoryHealth, Permit, PermitKind};
 
 /// Builds [`Fallback`] services.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FallbackLayer {
     retry: RetryConfig,
+    health: Arc<dyn HealthRegistry>,
 }
 
 impl FallbackLayer {
-    /// Falls back under the `[retry]` settings.
+    /// Falls back under the `[retry]` settings. Health is not tracked until
+    /// [`FallbackLayer::health`] gives the registry shared with
+    /// [`HealthFilterLayer`](crate::health::HealthFilterLayer).
     pub fn new(retry: RetryConfig) -> Self {
-        FallbackLayer { retry }
+        FallbackLayer {
+            retry,
+            health: Arc::new(InMemoryHealth::new(&HealthConfig::default(), 0)),
+        }
+    }
+
+    /// Records every attempt's outcome (and observed speed) in `registry`, and takes
+    /// a permit from it per attempt.
+    pub fn health(mut self, registry: Arc<dyn HealthRegistry>) -> Self {
+        self.health = registry;
+        self
+    }
+}
+
+impl std::fmt::Debug for FallbackLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FallbackLayer")
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
     }
 }
 
 impl<S> Layer<S> for FallbackLayer {
     type Service = Fallback<S>;
     fn layer(&self, inner: S) -> Fallback<S> {
-        Fallback::new(inner, self.retry.clone())
+        Fallback {
+            inner,
+            retry: self.retry.clone(),
+            health: self.health.clone(),
+        }
     }
 }
 
 /// Tries the plan's endpoints in turn; see the [module docs](self).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Fallback<S> {
     inner: S,
     retry: RetryConfig,
+    health: Arc<dyn HealthRegistry>,
+}
+
+impl<S> std::fmt::Debug for Fallback<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fallback")
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S> Fallback<S> {
-    /// Wraps `inner`.
+    /// Wraps `inner` (health untracked; see [`FallbackLayer::health`]).
     pub fn new(inner: S, retry: RetryConfig) -> Self {
-        Fallback { inner, retry }
+        FallbackLayer::new(retry).layer(inner)
     }
 
     /// A [`FallbackLayer`].
@@ -112,9 +170,20 @@ where
 
     fn call(&mut self, call: ChatCall) -> Self::Future {
         let inner = self.inner.clone();
-        let max_attempts = self.retry.max_attempts.max(1) as usize;
-        Box::pin(run(inner, call, max_attempts))
+        Box::pin(run(inner, call, self.retry.clone(), self.health.clone()))
     }
+}
+
+/// The wait before the `n`th re-try (n ≥ 1) of the same endpoint: `base_backoff_ms`
+/// doubling each time, at most `max_backoff_ms`.
+pub fn backoff(retry: &RetryConfig, n: u32) -> Duration {
+    let factor = 1u64 << n.saturating_sub(1).min(32);
+    Duration::from_millis(
+        retry
+            .base_backoff_ms
+            .saturating_mul(factor)
+            .min(retry.max_backoff_ms),
+    )
 }
 
 /// What one attempt came to.
@@ -123,7 +192,21 @@ enum Outcome {
     Failed(ProviderError),
 }
 
-async fn run<S>(inner: S, call: ChatCall, max_attempts: usize) -> Result<ChatReply, GatewayError>
+/// Per plan entry: how retrying it stands.
+#[derive(Clone, Copy, Default)]
+struct Track {
+    tries: u32,
+    last_end: Option<Instant>,
+    retry_after: Option<Duration>,
+    done: bool,
+}
+
+async fn run<S>(
+    inner: S,
+    call: ChatCall,
+    retry: RetryConfig,
+    health: Arc<dyn HealthRegistry>,
+) -> Result<ChatReply, GatewayError>
 where
     S: Service<ProviderCall, Response = ChunkStream, Error = GatewayError> + Clone + Send + 'static,
     S::Future: Send,
@@ -134,45 +217,200 @@ where
             call.request.model
         )));
     }
+    let max_attempts = retry.max_attempts.max(1) as usize;
+    let last_resort = call.ctx.update(|s| s.last_resort);
+    let deadline = call.ctx.deadline().map(Instant::from_std);
+    let max_wait = Duration::from_millis(retry.max_backoff_ms);
+    let mut track = vec![Track::default(); call.plan.len()];
     let mut failures: Vec<ProviderError> = Vec::new();
-    for endpoint in call.plan.iter().take(max_attempts) {
-        let pc = ProviderCall {
-            endpoint: endpoint.clone(),
-            request: call.request.clone(),
-            ctx: call.ctx.clone(),
-        };
-        match attempt(inner.clone(), pc).await? {
-            Outcome::Committed(reply) => return Ok(reply),
-            Outcome::Failed(e) => {
-                call.ctx.update(|s| {
-                    s.usage = None;
-                    s.cost = crate::money::Money::ZERO;
-                });
-                if e.class() == FailureClass::Client {
-                    return Err(e.into());
+    // Round after round over the plan: a different endpoint at once, the same one only
+    // after its backoff (and its Retry-After).
+    'rounds: loop {
+        let mut tried = false;
+        for (i, endpoint) in call.plan.iter().enumerate() {
+            if failures.len() >= max_attempts {
+                break 'rounds;
+            }
+            let t = track[i];
+            if t.done {
+                continue;
+            }
+            if let Some(last_end) = t.last_end {
+                if last_resort || t.retry_after.is_some_and(|r| r > max_wait) {
+                    // A last resort is tried once; a long Retry-After goes to the client.
+                    track[i].done = true;
+                    continue;
                 }
-                failures.push(e);
+                let wait = backoff(&retry, t.tries).max(t.retry_after.unwrap_or_default());
+                let at = last_end + wait;
+                if deadline.is_some_and(|d| at >= d) {
+                    track[i].done = true;
+                    continue;
+                }
+                tokio::time::sleep_until(at).await;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break 'rounds;
+            }
+            let Some(permit) = Permit::acquire(&health, endpoint, last_resort) else {
+                // Degraded, parked, or its one probe taken by another request: skipped
+                // without being contacted.
+                track[i].done = true;
+                continue;
+            };
+            if !failures.is_empty() {
+                metrics::counter!("switchboard_fallbacks_total").increment(1);
+            }
+            tried = true;
+            let pc = ProviderCall {
+                endpoint: endpoint.clone(),
+                request: call.request.clone(),
+                ctx: call.ctx.clone(),
+            };
+            let outcome = attempt(inner.clone(), pc, permit, &health, deadline).await?;
+            let e = match outcome {
+                Outcome::Committed(reply) => return Ok(reply),
+                Outcome::Failed(e) => e,
+            };
+            // Failed attempts cost nothing.
+            call.ctx.update(|s| {
+                s.usage = None;
+                s.cost = crate::money::Money::ZERO;
+            });
+            let class = e.class();
+            if class == FailureClass::Client {
+                return Err(e.into());
+            }
+            track[i] = Track {
+                tries: t.tries + 1,
+                last_end: Some(Instant::now()),
+                retry_after: e.retry_after,
+                // Our key or catalogue at fault: the same endpoint will say the same.
+                done: class == FailureClass::Failover,
+            };
+            let out_of_time = e.message == DEADLINE;
+            failures.push(e);
+            if out_of_time {
+                break 'rounds;
             }
         }
+        if !tried {
+            break;
+        }
+    }
+    if failures.is_empty() {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(GatewayError::UpstreamTimeout(
+                "the request deadline passed before an endpoint answered".into(),
+            ));
+        }
+        return Err(GatewayError::NoHealthyProvider(format!(
+            "every endpoint of `{}` is degraded or being probed; try again shortly",
+            call.request.model
+        )));
+    }
+    if last_resort {
+        return Err(GatewayError::NoHealthyProvider(format!(
+            "every endpoint of `{}` is degraded; the last-resort attempt failed too: {}",
+            call.request.model,
+            failures
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        )));
     }
     Err(final_error(failures))
 }
 
+/// The message of a failure made up when the request deadline cut an attempt.
+const DEADLINE: &str = "the request deadline ([server].request_timeout_secs) passed";
+
 /// One attempt: call, then read until the first content chunk.
-async fn attempt<S>(inner: S, pc: ProviderCall) -> Result<Outcome, GatewayError>
+async fn attempt<S>(
+    inner: S,
+    pc: ProviderCall,
+    permit: Permit,
+    health: &Arc<dyn HealthRegistry>,
+    deadline: Option<Instant>,
+) -> Result<Outcome, GatewayError>
 where
     S: Service<ProviderCall, Response = ChunkStream, Error = GatewayError>,
 {
     let started = Instant::now();
     let ctx = pc.ctx.clone();
     let endpoint = pc.endpoint.clone();
-    let result = inner.oneshot(pc).await;
-    let mut upstream = match result {
-        Ok(s) => s,
-        Err(GatewayError::Provider(e)) => {
+    let work = first_content(inner, pc);
+    let result = match deadline {
+        Some(d) => match tokio::time::timeout_at(d, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Cut by the request's deadline, not the provider's timeout: no news of
+                // the endpoint's health, so the permit is released unrecorded.
+                drop(permit);
+                let e = ProviderError::new(
+                    endpoint.provider.name.clone(),
+                    FailureKind::Timeout,
+                    DEADLINE,
+                );
+                record(&ctx, &endpoint, e.label(), started.elapsed());
+                count_attempt(&endpoint, Some(&e));
+                return Ok(Outcome::Failed(e));
+            }
+        },
+        None => work.await,
+    };
+    let (held, upstream) = match result {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
             record(&ctx, &endpoint, e.label(), started.elapsed());
+            count_attempt(&endpoint, Some(&e));
+            permit.failure(&e);
             return Ok(Outcome::Failed(e));
         }
+        Err(other) => return Err(other),
+    };
+    let latency = started.elapsed();
+    record(&ctx, &endpoint, "200".into(), latency);
+    count_attempt(&endpoint, None);
+    if permit.kind() != PermitKind::Normal {
+        tracing::info!(endpoint = %endpoint.label(), "probe succeeded");
+    }
+    permit.success();
+    let now = Instant::now();
+    health.observe_ttft(&endpoint, latency, now);
+    ctx.update(|s| {
+        s.served = Some(endpoint.clone());
+        s.ttft.get_or_insert(latency);
+    });
+    let chunks: ChunkStream = Box::pin(stream::iter(held.into_iter().map(Ok)).chain(upstream));
+    let chunks: ChunkStream = Box::pin(Observed {
+        inner: chunks,
+        health: health.clone(),
+        endpoint: endpoint.clone(),
+        started,
+        committed: now,
+        tokens: 0,
+        reported: None,
+        ended: false,
+    });
+    Ok(Outcome::Committed(ChatReply { endpoint, chunks }))
+}
+
+type Held = (Vec<crate::chat::ChatChunk>, ChunkStream);
+
+/// Calls the provider and reads until the first content chunk: `Ok(Err(_))` is the
+/// attempt's failure, `Err(_)` a non-provider error that ends the request.
+async fn first_content<S>(
+    inner: S,
+    pc: ProviderCall,
+) -> Result<Result<Held, ProviderError>, GatewayError>
+where
+    S: Service<ProviderCall, Response = ChunkStream, Error = GatewayError>,
+{
+    let mut upstream = match inner.oneshot(pc).await {
+        Ok(s) => s,
+        Err(GatewayError::Provider(e)) => return Ok(Err(e)),
         Err(other) => return Err(other),
     };
     let mut held = Vec::new();
@@ -185,23 +423,94 @@ where
                     break;
                 }
             }
-            Some(Err(GatewayError::Provider(e))) => {
-                record(&ctx, &endpoint, e.label(), started.elapsed());
-                return Ok(Outcome::Failed(e));
-            }
+            Some(Err(GatewayError::Provider(e))) => return Ok(Err(e)),
             Some(Err(other)) => return Err(other),
             // A complete answer without content (e.g. an empty completion) still commits.
             None => break,
         }
     }
-    let latency = started.elapsed();
-    record(&ctx, &endpoint, "200".into(), latency);
-    ctx.update(|s| {
-        s.served = Some(endpoint.clone());
-        s.ttft.get_or_insert(latency);
-    });
-    let chunks: ChunkStream = Box::pin(stream::iter(held.into_iter().map(Ok)).chain(upstream));
-    Ok(Outcome::Committed(ChatReply { endpoint, chunks }))
+    Ok(Ok((held, upstream)))
+}
+
+fn count_attempt(endpoint: &Endpoint, failure: Option<&ProviderError>) {
+    let outcome = match failure.map(ProviderError::class) {
+        None => "success",
+        Some(FailureClass::Retriable) => "retriable",
+        Some(FailureClass::Failover) => "failover",
+        Some(FailureClass::Client) => "client",
+    };
+    let (model, provider) = (
+        endpoint.model.to_string(),
+        endpoint.provider.name.to_string(),
+    );
+    metrics::counter!(
+        "switchboard_endpoint_attempts_total",
+        "model" => model.clone(),
+        "provider" => provider.clone(),
+        "outcome" => outcome
+    )
+    .increment(1);
+    if let Some(e) = failure {
+        metrics::counter!(
+            "switchboard_endpoint_failures_total",
+            "model" => model,
+            "provider" => provider,
+            "class" => outcome,
+            "status" => e.label()
+        )
+        .increment(1);
+    }
+}
+
+/// The committed stream, observed: its throughput goes to the health registry when it
+/// ends (a stream cut short says nothing reliable and is not observed).
+struct Observed {
+    inner: ChunkStream,
+    health: Arc<dyn HealthRegistry>,
+    endpoint: Arc<Endpoint>,
+    started: Instant,
+    committed: Instant,
+    tokens: u64,
+    reported: Option<u64>,
+    ended: bool,
+}
+
+impl Stream for Observed {
+    type Item = Result<crate::chat::ChatChunk, GatewayError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = self.inner.as_mut().poll_next(cx);
+        match &item {
+            Poll::Ready(Some(Ok(chunk))) => {
+                if chunk.is_content() {
+                    self.tokens += 1;
+                }
+                if let Some(u) = &chunk.usage {
+                    self.reported = Some(u.completion_tokens);
+                }
+            }
+            Poll::Ready(None) if !self.ended => {
+                self.ended = true;
+                let now = Instant::now();
+                let tokens = self.reported.unwrap_or(self.tokens);
+                // Generation time after the first token; for a one-chunk answer, the
+                // whole attempt.
+                let mut span = now.saturating_duration_since(self.committed);
+                if span < Duration::from_millis(1) {
+                    span = now.saturating_duration_since(self.started);
+                }
+                if tokens > 0 && span >= Duration::from_millis(1) {
+                    self.health.observe_throughput(
+                        &self.endpoint,
+                        tokens as f64 / span.as_secs_f64(),
+                        now,
+                    );
+                }
+            }
+            _ => {}
+        }
+        item
+    }
 }
 
 fn record(ctx: &CallContext, endpoint: &Arc<Endpoint>, status: String, latency: Duration) {
@@ -238,4 +547,483 @@ pub fn final_error(failures: Vec<ProviderError>) -> GatewayError {
         return GatewayError::UpstreamTimeout(summary);
     }
     GatewayError::UpstreamError(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::ChatChunk;
+    use crate::health::tests::{abc, call};
+    use crate::health::{HealthFilterLayer, InMemoryHealth};
+    use std::sync::Mutex;
+    use tower::{service_fn, ServiceBuilder};
+
+    /// What a scripted provider does on one call.
+    #[derive(Clone)]
+    enum Act {
+        Ok,
+        Status(u16),
+        RetryAfter(u64),
+        Hang,
+        BrokenBeforeContent,
+        /// Waits for the notify, then answers.
+        Gate(Arc<tokio::sync::Notify>),
+    }
+
+    type Log = Arc<Mutex<Vec<(String, Duration)>>>;
+
+    /// A provider service whose behaviour per call is `script(provider, n)` (n = that
+    /// provider's 0-based call count); logs (provider, time since `t0`).
+    fn provider(
+        script: impl Fn(&str, usize) -> Act + Send + Sync + 'static,
+    ) -> (
+        impl Service<ProviderCall, Response = ChunkStream, Error = GatewayError, Future: Send>
+            + Clone
+            + Send
+            + 'static,
+        Log,
+    ) {
+        let log: Log = Arc::default();
+        let t0 = Instant::now();
+        let script = Arc::new(script);
+        let l = log.clone();
+        let svc = service_fn(move |pc: ProviderCall| {
+            let name = pc.endpoint.provider.name.to_string();
+            let n = {
+                let mut g = l.lock().unwrap();
+                let n = g.iter().filter(|(p, _)| *p == name).count();
+                g.push((name.clone(), t0.elapsed()));
+                n
+            };
+            let act = script(&name, n);
+            async move {
+                let ok = || -> ChunkStream {
+                    Box::pin(stream::iter([
+                        Ok(ChatChunk::text("hi")),
+                        Ok(ChatChunk::text(" there")),
+                    ]))
+                };
+                match act {
+                    Act::Ok => Ok(ok()),
+                    Act::Status(s) => Err(ProviderError::status(name, s, "scripted").into()),
+                    Act::RetryAfter(ms) => Err(ProviderError::status(name, 429, "slow down")
+                        .with_retry_after(Some(Duration::from_millis(ms)))
+                        .into()),
+                    Act::Hang => std::future::pending().await,
+                    Act::BrokenBeforeContent => {
+                        let s: ChunkStream = Box::pin(stream::iter([
+                            Ok(ChatChunk::delta(crate::chat::Delta {
+                                role: Some(crate::chat::Role::Assistant),
+                                ..Default::default()
+                            })),
+                            Err(ProviderError::new(name, FailureKind::StreamBroken, "cut").into()),
+                        ]));
+                        Ok(s)
+                    }
+                    Act::Gate(n) => {
+                        n.notified().await;
+                        Ok(ok())
+                    }
+                }
+            }
+        });
+        (svc, log)
+    }
+
+    fn retry(max_attempts: u32, base: u64, max: u64) -> RetryConfig {
+        RetryConfig {
+            max_attempts,
+            base_backoff_ms: base,
+            max_backoff_ms: max,
+        }
+    }
+
+    fn plan_call(providers: &[&str]) -> ChatCall {
+        let cat = abc();
+        let mut c = call("test/model", None);
+        c.plan = providers
+            .iter()
+            .map(|p| {
+                cat.endpoints()
+                    .iter()
+                    .find(|e| e.provider.name.as_ref() == *p)
+                    .unwrap()
+                    .clone()
+            })
+            .collect();
+        c
+    }
+
+    fn log_of(log: &Log) -> Vec<(String, u64)> {
+        log.lock()
+            .unwrap()
+            .iter()
+            .map(|(p, t)| (p.clone(), t.as_millis() as u64))
+            .collect()
+    }
+
+    fn at(v: &[(&str, u64)]) -> Vec<(String, u64)> {
+        v.iter().map(|(p, t)| (p.to_string(), *t)).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn same_endpoint_only_after_exponential_backoff() {
+        let (svc, log) = provider(|_, _| Act::Status(503));
+        let fb = FallbackLayer::new(retry(5, 100, 3200)).layer(svc);
+        let err = fb.oneshot(plan_call(&["a"])).await.unwrap_err();
+        assert_eq!(err.code(), "upstream_error");
+        // Waits of 100, 200, 400, 800 ms between the five attempts.
+        assert_eq!(
+            log_of(&log),
+            at(&[("a", 0), ("a", 100), ("a", 300), ("a", 700), ("a", 1500)])
+        );
+        // Capped at max_backoff_ms.
+        let (svc, log) = provider(|_, _| Act::Status(500));
+        let fb = FallbackLayer::new(retry(5, 100, 250)).layer(svc);
+        fb.oneshot(plan_call(&["a"])).await.unwrap_err();
+        assert_eq!(
+            log_of(&log),
+            at(&[("a", 0), ("a", 100), ("a", 300), ("a", 550), ("a", 800)])
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_different_endpoint_at_once_then_cycle_with_backoff() {
+        let (svc, log) = provider(|p, n| {
+            if p == "b" && n == 1 {
+                Act::Ok
+            } else {
+                Act::Status(503)
+            }
+        });
+        let fb = FallbackLayer::new(retry(5, 100, 3200)).layer(svc);
+        let call = plan_call(&["a", "b", "c"]);
+        let ctx = call.ctx.clone();
+        let reply = fb.oneshot(call).await.unwrap();
+        assert_eq!(reply.endpoint.provider.name.as_ref(), "b");
+        assert_eq!(
+            log_of(&log),
+            at(&[("a", 0), ("b", 0), ("c", 0), ("a", 100), ("b", 100)])
+        );
+        let attempts = ctx.snapshot().attempts;
+        let statuses: Vec<_> = attempts.iter().map(|a| a.status.as_str()).collect();
+        assert_eq!(statuses, ["503", "503", "503", "503", "200"]);
+        assert_eq!(attempts[3].provider.as_ref(), "a");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_honoured_and_long_ones_go_to_the_client() {
+        let (svc, log) = provider(|_, n| {
+            if n == 0 {
+                Act::RetryAfter(700)
+            } else {
+                Act::Ok
+            }
+        });
+        let fb = FallbackLayer::new(retry(5, 100, 3200)).layer(svc);
+        fb.oneshot(plan_call(&["a"])).await.unwrap();
+        assert_eq!(log_of(&log), at(&[("a", 0), ("a", 700)]));
+
+        // Longer than max_backoff_ms: not waited for; 429 with Retry-After.
+        let (svc, log) = provider(|_, _| Act::RetryAfter(5000));
+        let fb = FallbackLayer::new(retry(5, 100, 3200)).layer(svc);
+        let err = fb.oneshot(plan_call(&["a", "b"])).await.unwrap_err();
+        assert_eq!(log_of(&log), at(&[("a", 0), ("b", 0)]));
+        assert_eq!(err.status(), 429);
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(5)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempt_limit_and_final_errors() {
+        // max_attempts bounds attempts across endpoints.
+        let (svc, log) = provider(|_, _| Act::Status(502));
+        let fb = FallbackLayer::new(retry(2, 100, 3200)).layer(svc);
+        let err = fb.oneshot(plan_call(&["a", "b", "c"])).await.unwrap_err();
+        assert_eq!(log_of(&log).len(), 2);
+        assert_eq!(err.status(), 502);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("`a` returned 502") && msg.contains("`b` returned 502"),
+            "{msg}"
+        );
+
+        // The last attempt timed out → 504.
+        let (svc, _) = provider(|p, _| {
+            if p == "a" {
+                Act::Status(500)
+            } else {
+                Act::Hang
+            }
+        });
+        let svc = tower::timeout::TimeoutLayer::new(Duration::from_secs(1)).layer(svc);
+        let svc = tower::util::MapErr::new(svc, |e: tower::BoxError| {
+            match e.downcast::<GatewayError>() {
+                Ok(g) => *g,
+                Err(_) => ProviderError::new("b", FailureKind::Timeout, "").into(),
+            }
+        });
+        let fb = FallbackLayer::new(retry(2, 100, 3200)).layer(svc);
+        let err = fb.oneshot(plan_call(&["a", "b"])).await.unwrap_err();
+        assert_eq!(err.code(), "upstream_timeout");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_faults_go_back_at_once_failover_moves_on() {
+        let (svc, log) = provider(|_, _| Act::Status(400));
+        let fb = FallbackLayer::new(retry(5, 100, 3200)).layer(svc);
+        let err = fb.oneshot(plan_call(&["a", "b"])).await.unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert_eq!(log_of(&log).len(), 1);
+
+        // 401 fails over and is never re-tried on the same endpoint.
+        let (svc, log) = provider(|p, _| {
+            if p == "a" {
+                Act::Status(401)
+            } else {
+                Act::Status(503)
+            }
+        });
+        let fb = FallbackLayer::new(retry(4, 100, 3200)).layer(svc);
+        let err = fb.oneshot(plan_call(&["a", "b"])).await.unwrap_err();
+        assert_eq!(err.status(), 502);
+        assert_eq!(
+            log_of(&log),
+            at(&[("a", 0), ("b", 0), ("b", 100), ("b", 300)])
+        );
+
+        // A stream that breaks before its first content chunk falls over too.
+        let (svc, _) = provider(|p, _| {
+            if p == "a" {
+                Act::BrokenBeforeContent
+            } else {
+                Act::Ok
+            }
+        });
+        let fb = FallbackLayer::new(retry(4, 100, 3200)).layer(svc);
+        let reply = fb.oneshot(plan_call(&["a", "b"])).await.unwrap();
+        assert_eq!(reply.endpoint.provider.name.as_ref(), "b");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_past_the_request_deadline() {
+        let (svc, log) = provider(|_, _| Act::Status(503));
+        let fb = FallbackLayer::new(retry(10, 100, 3200)).layer(svc);
+        let call = plan_call(&["a"]);
+        call.ctx
+            .set_deadline((Instant::now() + Duration::from_millis(350)).into_std());
+        let err = fb.oneshot(call).await.unwrap_err();
+        // 0, 100, 300; the next (700) would pass the deadline.
+        assert_eq!(log_of(&log), at(&[("a", 0), ("a", 100), ("a", 300)]));
+        assert_eq!(err.status(), 502);
+
+        // A hanging attempt is cut at the deadline: 504.
+        let (svc, _) = provider(|_, _| Act::Hang);
+        let fb = FallbackLayer::new(retry(10, 100, 3200)).layer(svc);
+        let call = plan_call(&["a"]);
+        call.ctx
+            .set_deadline((Instant::now() + Duration::from_secs(3)).into_std());
+        let started = Instant::now();
+        let err = fb.oneshot(call).await.unwrap_err();
+        assert_eq!(err.code(), "upstream_timeout");
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    fn stack(
+        health: Arc<dyn HealthRegistry>,
+        attempts: u32,
+        svc: impl Service<ProviderCall, Response = ChunkStream, Error = GatewayError, Future: Send>
+            + Clone
+            + Send
+            + 'static,
+    ) -> impl Service<ChatCall, Response = ChatReply, Error = GatewayError, Future: Send> + Clone
+    {
+        ServiceBuilder::new()
+            .layer(HealthFilterLayer::new(health.clone()).random(|| 0.0))
+            .layer(FallbackLayer::new(retry(attempts, 100, 3200)).health(health))
+            .service(svc)
+    }
+
+    fn registry(threshold: u32) -> Arc<dyn HealthRegistry> {
+        Arc::new(InMemoryHealth::new(
+            &HealthConfig {
+                failure_threshold: threshold,
+                cooldown_secs: 60,
+            },
+            3,
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn degraded_endpoints_are_not_contacted_then_probed_once() {
+        let health = registry(2);
+        let (svc, log) = provider(|p, _| if p == "b" { Act::Status(503) } else { Act::Ok });
+        let svc = stack(health.clone(), 3, svc);
+        // b is cheapest and drawn first (r = 0); it fails twice → degraded.
+        for _ in 0..2 {
+            let r = svc
+                .clone()
+                .oneshot(plan_call(&["a", "b", "c"]))
+                .await
+                .unwrap();
+            assert_eq!(r.endpoint.provider.name.as_ref(), "c");
+        }
+        for _ in 0..5 {
+            svc.clone()
+                .oneshot(plan_call(&["a", "b", "c"]))
+                .await
+                .unwrap();
+        }
+        let hits_b = |log: &Log| log.lock().unwrap().iter().filter(|(p, _)| p == "b").count();
+        assert_eq!(hits_b(&log), 2);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        // One probe (fails → degraded again), then none.
+        for _ in 0..3 {
+            svc.clone()
+                .oneshot(plan_call(&["a", "b", "c"]))
+                .await
+                .unwrap();
+        }
+        assert_eq!(hits_b(&log), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_lets_one_probe_through_under_concurrency() {
+        let health = registry(1);
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let g = gate.clone();
+        let (svc, log) = provider(move |_, n| {
+            if n == 0 {
+                Act::Status(503)
+            } else {
+                Act::Gate(g.clone())
+            }
+        });
+        let svc = stack(health.clone(), 1, svc);
+        svc.clone().oneshot(plan_call(&["a"])).await.unwrap_err(); // degrades a
+        tokio::time::advance(Duration::from_secs(60)).await;
+        // The probe goes and waits at the gate…
+        let probe = tokio::spawn(svc.clone().oneshot(plan_call(&["a"])));
+        while log.lock().unwrap().len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        // …while 20 others get 503 at once without contacting it (an endpoint being
+        // probed is no last resort either).
+        let others =
+            futures_util::future::join_all((0..20).map(|_| svc.clone().oneshot(plan_call(&["a"]))))
+                .await;
+        for r in &others {
+            assert_eq!(r.as_ref().unwrap_err().code(), "no_healthy_provider");
+        }
+        assert_eq!(log.lock().unwrap().len(), 2);
+        gate.notify_one();
+        let reply = probe.await.unwrap().unwrap();
+        assert_eq!(reply.endpoint.provider.name.as_ref(), "a");
+        // Restored: a normal request goes straight through.
+        let g2 = gate.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            g2.notify_one();
+        });
+        svc.clone().oneshot(plan_call(&["a"])).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_probe_re_arms() {
+        let health = registry(1);
+        let (svc, log) = provider(|_, n| {
+            if n == 0 {
+                Act::Status(503)
+            } else if n == 1 {
+                Act::Hang
+            } else {
+                Act::Ok
+            }
+        });
+        let svc = stack(health.clone(), 1, svc);
+        svc.clone().oneshot(plan_call(&["a"])).await.unwrap_err();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let probe = svc.clone().oneshot(plan_call(&["a"]));
+        // The client goes away mid-probe.
+        assert!(tokio::time::timeout(Duration::from_secs(1), probe)
+            .await
+            .is_err());
+        let reply = svc.clone().oneshot(plan_call(&["a"])).await.unwrap();
+        assert_eq!(reply.endpoint.provider.name.as_ref(), "a");
+        assert_eq!(log.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_success_from_before_degradation_does_not_restore() {
+        let health = registry(2);
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let g = gate.clone();
+        let (svc, _) = provider(move |_, n| {
+            if n == 0 {
+                Act::Gate(g.clone())
+            } else {
+                Act::Status(503)
+            }
+        });
+        let svc = stack(health.clone(), 1, svc);
+        let slow = tokio::spawn(svc.clone().oneshot(plan_call(&["a"])));
+        tokio::task::yield_now().await;
+        for _ in 0..2 {
+            svc.clone().oneshot(plan_call(&["a"])).await.unwrap_err();
+        }
+        let a = abc().endpoints()[0].clone();
+        assert!(matches!(
+            health.availability(&a, Instant::now()),
+            crate::health::Availability::Unavailable { .. }
+        ));
+        gate.notify_one();
+        slow.await.unwrap().unwrap();
+        assert!(matches!(
+            health.availability(&a, Instant::now()),
+            crate::health::Availability::Unavailable { .. }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn last_resort_is_tried_once_then_503() {
+        let health = registry(1);
+        let (svc, log) = provider(|_, _| Act::Status(503));
+        let svc = stack(health.clone(), 1, svc);
+        let err = svc
+            .clone()
+            .oneshot(plan_call(&["a", "b"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "upstream_error"); // max_attempts 1: a only…
+        svc.clone()
+            .oneshot(plan_call(&["a", "b"]))
+            .await
+            .unwrap_err(); // …then b
+        assert_eq!(log.lock().unwrap().len(), 2);
+        // Both degraded: the soonest (a) is tried once as last resort, then 503.
+        let err = svc
+            .clone()
+            .oneshot(plan_call(&["a", "b"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "no_healthy_provider");
+        assert_eq!(err.status(), 503);
+        assert_eq!(log_of(&log)[2].0, "a");
+        assert_eq!(log.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn observed_ttft_and_throughput_feed_the_registry() {
+        let health = registry(5);
+        let (svc, _) = provider(|_, _| Act::Ok);
+        let svc = stack(health.clone(), 1, svc);
+        let reply = svc.oneshot(plan_call(&["a"])).await.unwrap();
+        let a = reply.endpoint.clone();
+        assert_eq!(health.ttft(&a), Some(Duration::ZERO));
+        assert!(health.throughput(&a).is_none());
+        // The second chunk arrives 100 ms after the first: 2 tokens / 0.1 s.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let n = reply.chunks.count().await;
+        assert_eq!(n, 2);
+        assert_eq!(health.throughput(&a), Some(20.0));
+    }
 }

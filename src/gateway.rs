@@ -48,6 +48,7 @@ use crate::config::Config;
 use crate::credit::CreditLayer;
 use crate::error::{Body, GatewayError};
 use crate::fallback::FallbackLayer;
+use crate::health::{HealthFilterLayer, HealthRegistry, InMemoryHealth};
 use crate::logging::{LogSink, LogWriter, LoggingLayer};
 use crate::metering::MeteringLayer;
 use crate::normalize::NormalizeLayer;
@@ -83,6 +84,7 @@ pub struct GatewayBuilder {
     provider_client: Option<ProviderClient>,
     log_writer: Option<LogWriter>,
     store: Option<(Arc<dyn KeyStore>, Arc<dyn Ledger>)>,
+    health: Option<Arc<dyn HealthRegistry>>,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -123,6 +125,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// A health registry of your own (default: [`InMemoryHealth`] sized to the catalog).
+    pub fn health_registry(mut self, registry: Arc<dyn HealthRegistry>) -> Self {
+        self.health = Some(registry);
+        self
+    }
+
     /// Builds the stack.
     pub fn build(self) -> Result<Gateway, BuildError> {
         let config = self.config.ok_or(BuildError::NoConfig)?;
@@ -154,26 +162,37 @@ impl GatewayBuilder {
             .ok()
             .filter(|t| !t.is_empty())
             .map(|t| crate::store::hash_secret(&t));
+        // Passive health per endpoint, shared by HealthFilter (reads) and Fallback
+        // (writes); `[health]` settings.
+        let health: Arc<dyn HealthRegistry> = self
+            .health
+            .unwrap_or_else(|| Arc::new(InMemoryHealth::for_catalog(&config.health, &catalog)));
 
         // The typed tier, outermost first.
         let typed = ServiceBuilder::new()
             // 1. Route: model id (+ `models`, variants, allow-list) → candidate endpoints.
             //    First, so every later step works on a plan and unknown models cost nothing.
             .layer(RouteLayer::new(catalog.clone()))
-            // 1b. Credit: reserve the worst case over the plan that is left (402 before
-            //     any upstream is called), settle to the metered cost before the last
-            //     byte. After routing and health filtering (the plan is final), before
-            //     fallback, so one reservation covers every attempt and failed attempts
-            //     cost nothing.
+            // 2. Health filter: drop degraded endpoints (without contacting them) and
+            //    order the healthy ones (order / sort / variants / weighted draw).
+            //    After routing, since it works on the plan; before credit, so the
+            //    reserve is priced over the endpoints that can really be tried; it
+            //    shares its registry with Fallback, which records every outcome.
+            .layer(HealthFilterLayer::new(health.clone()))
+            // 3. Credit: reserve the worst case over the plan that is left (402 before
+            //    any upstream is called), settle to the metered cost before the last
+            //    byte. After routing and health filtering (the plan is final), before
+            //    fallback, so one reservation covers every attempt and failed attempts
+            //    cost nothing.
             .layer(CreditLayer::new(ledger.clone()))
-            // 2. Fallback: walk the plan until an endpoint commits its first content chunk.
+            // 4. Fallback: walk the plan until an endpoint commits its first content chunk.
             //    Outside metering, so each attempt is metered on its own and failed
             //    attempts cost nothing.
-            .layer(FallbackLayer::new(config.retry.clone()))
-            // 3. Metering: count and price each attempt's chunks as they pass, right at
+            .layer(FallbackLayer::new(config.retry.clone()).health(health.clone()))
+            // 5. Metering: count and price each attempt's chunks as they pass, right at
             //    the provider, so a cut stream is metered for exactly what passed.
             .layer(MeteringLayer::new())
-            // 4. The provider client: adapters over one pooled HTTP client.
+            // 6. The provider client: adapters over one pooled HTTP client.
             .service(client);
 
         // The HTTP tier, outermost first.

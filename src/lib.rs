@@ -25,6 +25,7 @@ pub mod credit;
 pub mod error;
 pub mod fallback;
 pub mod gateway;
+pub mod health;
 pub mod keys;
 pub mod logging;
 pub mod metering;

@@ -3,7 +3,11 @@
 //! Resolves `model` (a `:floor` / `:nitro` suffix is accepted), then the `models`
 //! fallback list, checks the key's allow-list (403) and answers 404
 //! `model_not_found` for unknown ids. The plan is every endpoint of each model, in
-//! order; health filtering and ordering happen in the next layers.
+//! order, less those the request's `provider` preferences rule out (`only`, `ignore`,
+//! `order` with `allow_fallbacks: false`, `max_price`, `data_collection`,
+//! `require_parameters`; 404 `no_endpoints` when none is left). Health filtering and
+//! ordering (`order`, `sort`, `:floor`, `:nitro`, the weighted draw) happen in the
+//! next layer, [`HealthFilterLayer`](crate::health::HealthFilterLayer).
 //!
 //! # Example
 //! ```
@@ -27,8 +31,16 @@
 //!     messages: vec![Message::text(Role::User, "hi")],
 //!     ..Default::default()
 //! };
-//! let err = svc.oneshot(ChatCall::new(req, CallContext::new())).await.unwrap_err();
+//! let err = svc.clone().oneshot(ChatCall::new(req.clone(), CallContext::new())).await.unwrap_err();
 //! assert_eq!(err.to_string(), "mock/echo@mock");
+//!
+//! // Preferences that leave no endpoint: 404 `no_endpoints`.
+//! let picky = ChatRequest {
+//!     provider: Some(serde_json::from_value(serde_json::json!({"only": ["openai"]})).unwrap()),
+//!     ..req
+//! };
+//! let err = svc.oneshot(ChatCall::new(picky, CallContext::new())).await.unwrap_err();
+//! assert_eq!((err.status().as_u16(), err.code()), (404, "no_endpoints"));
 //! # }
 //! ```
 
@@ -39,8 +51,11 @@ use futures_util::future::{self, Either, Ready};
 use tower::{Layer, Service};
 
 use crate::catalog::{Catalog, Endpoint};
+use crate::chat::{ChatRequest, DataCollection};
+use crate::config::ProviderKind;
 use crate::context::{ChatCall, ChatReply};
 use crate::error::GatewayError;
+use crate::money::Price;
 
 /// Model variants a request may name with a suffix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +117,9 @@ impl<S> Route<S> {
     }
 }
 
-/// Resolves a call's models into its plan.
+/// Resolves a call's models into its plan, then applies the `provider` preferences
+/// (SPEC §3.1): `only`, `ignore`, `order` with `allow_fallbacks: false`, `max_price`,
+/// `data_collection` and `require_parameters`. 404 `no_endpoints` when they leave none.
 pub fn plan(catalog: &Catalog, call: &ChatCall) -> Result<Vec<Arc<Endpoint>>, GatewayError> {
     let req = &call.request;
     let key = call.ctx.key();
@@ -133,7 +150,107 @@ pub fn plan(catalog: &Catalog, call: &ChatCall) -> Result<Vec<Arc<Endpoint>>, Ga
             }
         }
     }
+    let Some(prefs) = req.provider.as_ref() else {
+        return Ok(plan);
+    };
+    let ceiling = |v: Option<f64>, what: &str| -> Result<Option<Price>, GatewayError> {
+        v.map(|f| {
+            // The shortest decimal text of the float is the number the client wrote.
+            format!("{f}").parse::<Price>().map_err(|e| {
+                GatewayError::InvalidRequest(format!(
+                    "provider.max_price.{what}: {e} (USD per million tokens, ≥ 0, ≤ 6 decimals)"
+                ))
+            })
+        })
+        .transpose()
+    };
+    let max_prompt = ceiling(prefs.max_price.as_ref().and_then(|m| m.prompt), "prompt")?;
+    let max_completion = ceiling(
+        prefs.max_price.as_ref().and_then(|m| m.completion),
+        "completion",
+    )?;
+    let needed = requested_parameters(req);
+    let named = |list: &Option<Vec<String>>, e: &Endpoint| {
+        list.as_ref()
+            .is_some_and(|l| l.iter().any(|n| n.as_str() == e.provider.name.as_ref()))
+    };
+    let before = plan.len();
+    let mut why: Vec<&str> = Vec::new();
+    plan.retain(|e| {
+        let reason = if prefs.only.is_some() && !named(&prefs.only, e) {
+            Some("provider.only")
+        } else if named(&prefs.ignore, e) {
+            Some("provider.ignore")
+        } else if !prefs.allow_fallbacks && prefs.order.is_some() && !named(&prefs.order, e) {
+            Some("provider.order with allow_fallbacks: false")
+        } else if max_prompt.is_some_and(|m| e.pricing.prompt > m)
+            || max_completion.is_some_and(|m| e.pricing.completion > m)
+        {
+            Some("provider.max_price")
+        } else if prefs.data_collection == Some(DataCollection::Deny)
+            && e.provider.data_collection == DataCollection::Allow
+        {
+            Some("provider.data_collection")
+        } else if prefs.require_parameters && !needed.iter().all(|p| supports(e.provider.kind, p)) {
+            Some("provider.require_parameters")
+        } else {
+            None
+        };
+        if let Some(r) = reason {
+            if !why.contains(&r) {
+                why.push(r);
+            }
+        }
+        reason.is_none()
+    });
+    if plan.is_empty() && before > 0 {
+        return Err(GatewayError::NoEndpoints(format!(
+            "no endpoint of `{}` is left by {}; relax the request's provider preferences",
+            req.model,
+            why.join(", ")
+        )));
+    }
     Ok(plan)
+}
+
+/// The optional request parameters a provider must support under
+/// `require_parameters`: `tools`, `tool_choice`, `response_format`, `seed`, `stop`,
+/// `temperature`, `top_p`, `reasoning_effort`, `max_tokens`, and `extra` for any
+/// field the schema does not model (passed through to OpenAI-kind providers only).
+pub fn requested_parameters(req: &ChatRequest) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut need = |cond: bool, name| {
+        if cond {
+            out.push(name)
+        }
+    };
+    need(req.tools.as_ref().is_some_and(|t| !t.is_empty()), "tools");
+    need(req.tool_choice.is_some(), "tool_choice");
+    need(req.response_format.is_some(), "response_format");
+    need(req.seed.is_some(), "seed");
+    need(req.stop.is_some(), "stop");
+    need(req.temperature.is_some(), "temperature");
+    need(req.top_p.is_some(), "top_p");
+    need(req.reasoning_effort.is_some(), "reasoning_effort");
+    need(
+        req.max_tokens.is_some() || req.max_completion_tokens.is_some(),
+        "max_tokens",
+    );
+    need(!req.extra.is_empty(), "extra");
+    out
+}
+
+/// Whether a provider kind honours a request parameter (see
+/// [`requested_parameters`]). OpenAI-kind providers take everything; Anthropic has no
+/// `response_format`, `seed` or pass-through fields; Gemini no `reasoning_effort` or
+/// pass-through fields; the mock honours only `max_tokens`.
+pub fn supports(kind: ProviderKind, param: &str) -> bool {
+    match kind {
+        ProviderKind::OpenAi => true,
+        ProviderKind::Anthropic => !matches!(param, "response_format" | "seed" | "extra"),
+        ProviderKind::Gemini => !matches!(param, "reasoning_effort" | "extra"),
+        ProviderKind::Mock => param == "max_tokens",
+    }
 }
 
 impl<S> Service<ChatCall> for Route<S>
@@ -158,5 +275,176 @@ where
             }
             Err(e) => Either::Left(future::ready(Err(e))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::{MaxPrice, ProviderPreferences, SortBy, Tool};
+    use crate::health::tests::{call, catalog};
+
+    fn cat() -> Arc<Catalog> {
+        catalog(&[
+            ("a", "openai", "1.5", "3", "allow"),
+            ("b", "anthropic", "1.5", "2", "deny"),
+            ("c", "mock", "0.5", "1", "deny"),
+        ])
+    }
+
+    fn routed(prefs: ProviderPreferences) -> Result<Vec<String>, GatewayError> {
+        let c = call("test/model", Some(prefs));
+        plan(&cat(), &c).map(|p| p.iter().map(|e| e.provider.name.to_string()).collect())
+    }
+
+    fn no_endpoints(r: Result<Vec<String>, GatewayError>) -> String {
+        match r {
+            Err(e @ GatewayError::NoEndpoints(_)) => {
+                assert_eq!(e.status(), 404);
+                e.to_string()
+            }
+            other => panic!("expected no_endpoints, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn without_preferences_every_endpoint_in_order() {
+        assert_eq!(
+            routed(ProviderPreferences::default()).unwrap(),
+            ["a", "b", "c"]
+        );
+        // `models` appends the fallback model's endpoints.
+        let mut c = call("test/model:floor", None);
+        std::sync::Arc::get_mut(&mut c.request).unwrap().models = Some(vec!["test/other".into()]);
+        let p = plan(&cat(), &c).unwrap();
+        assert_eq!(p.len(), 4);
+        assert_eq!(p[3].model.as_ref(), "test/other");
+    }
+
+    #[test]
+    fn only_ignore_and_order_without_fallbacks() {
+        let only = ProviderPreferences {
+            only: Some(vec!["c".into(), "a".into()]),
+            ..Default::default()
+        };
+        assert_eq!(routed(only).unwrap(), ["a", "c"]);
+        let ignore = ProviderPreferences {
+            ignore: Some(vec!["a".into()]),
+            ..Default::default()
+        };
+        assert_eq!(routed(ignore).unwrap(), ["b", "c"]);
+        let strict = ProviderPreferences {
+            order: Some(vec!["b".into()]),
+            allow_fallbacks: false,
+            ..Default::default()
+        };
+        assert_eq!(routed(strict).unwrap(), ["b"]);
+        // With fallbacks, `order` only reorders (in the health filter).
+        let loose = ProviderPreferences {
+            order: Some(vec!["b".into()]),
+            ..Default::default()
+        };
+        assert_eq!(routed(loose).unwrap(), ["a", "b", "c"]);
+        let nothing = ProviderPreferences {
+            only: Some(vec!["zzz".into()]),
+            ..Default::default()
+        };
+        assert!(no_endpoints(routed(nothing)).contains("provider.only"));
+    }
+
+    #[test]
+    fn max_price_compares_exactly() {
+        let max = |prompt: Option<f64>, completion: Option<f64>| ProviderPreferences {
+            max_price: Some(MaxPrice { prompt, completion }),
+            ..Default::default()
+        };
+        // 1.5 is not above 1.5: kept.
+        assert_eq!(routed(max(Some(1.5), None)).unwrap(), ["a", "b", "c"]);
+        assert_eq!(routed(max(Some(1.499999), None)).unwrap(), ["c"]);
+        assert_eq!(routed(max(None, Some(2.0))).unwrap(), ["b", "c"]);
+        // 0.1 + 0.2 style floats: the client's text is what counts.
+        assert_eq!(routed(max(Some(0.5), Some(1.0))).unwrap(), ["c"]);
+        // Leaving none is 404 no_endpoints (SPEC §3.2).
+        assert!(no_endpoints(routed(max(Some(0.4), None))).contains("max_price"));
+        // A ceiling the price unit cannot hold is a bad request.
+        let e = routed(max(Some(0.0000001), None)).unwrap_err();
+        assert_eq!(e.code(), "invalid_request");
+        assert!(e.to_string().contains("provider.max_price.prompt"));
+        let e = routed(max(Some(-1.0), None)).unwrap_err();
+        assert_eq!(e.code(), "invalid_request");
+    }
+
+    #[test]
+    fn data_collection_deny_drops_providers_that_train() {
+        let deny = ProviderPreferences {
+            data_collection: Some(DataCollection::Deny),
+            ..Default::default()
+        };
+        assert_eq!(routed(deny).unwrap(), ["b", "c"]);
+        let allow = ProviderPreferences {
+            data_collection: Some(DataCollection::Allow),
+            ..Default::default()
+        };
+        assert_eq!(routed(allow).unwrap(), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn require_parameters_keeps_providers_that_honour_them() {
+        let prefs = ProviderPreferences {
+            require_parameters: true,
+            sort: Some(SortBy::Price),
+            ..Default::default()
+        };
+        let route = |f: &dyn Fn(&mut ChatRequest)| {
+            let mut c = call("test/model", Some(prefs.clone()));
+            f(std::sync::Arc::get_mut(&mut c.request).unwrap());
+            plan(&cat(), &c).map(|p| {
+                p.iter()
+                    .map(|e| e.provider.name.to_string())
+                    .collect::<Vec<_>>()
+            })
+        };
+        // Nothing optional asked: everyone.
+        assert_eq!(route(&|_| {}).unwrap(), ["a", "b", "c"]);
+        // Tools: the mock cannot.
+        let tools = |r: &mut ChatRequest| {
+            r.tools = Some(vec![serde_json::from_value::<Tool>(serde_json::json!(
+                {"type": "function", "function": {"name": "f"}}
+            ))
+            .unwrap()])
+        };
+        assert_eq!(route(&tools).unwrap(), ["a", "b"]);
+        // response_format: not Anthropic either.
+        let rf = |r: &mut ChatRequest| {
+            r.response_format = Some(serde_json::json!({"type": "json_object"}))
+        };
+        assert_eq!(route(&rf).unwrap(), ["a"]);
+        // Without require_parameters nothing is dropped.
+        let mut c = call("test/model", None);
+        rf(std::sync::Arc::get_mut(&mut c.request).unwrap());
+        assert_eq!(plan(&cat(), &c).unwrap().len(), 3);
+        // The mock honours max_tokens only.
+        let seed = |r: &mut ChatRequest| r.seed = Some(1);
+        assert_eq!(route(&seed).unwrap(), ["a"]);
+        let cat = catalog(&[("m", "mock", "0", "0", "deny")]);
+        let mut c = call("test/model", Some(prefs.clone()));
+        std::sync::Arc::get_mut(&mut c.request).unwrap().seed = Some(1);
+        assert!(no_endpoints(plan(&cat, &c).map(|_| vec![])).contains("require_parameters"));
+    }
+
+    #[test]
+    fn variants_are_accepted_and_unknown_ones_refused() {
+        assert_eq!(
+            split_variant("test/model:floor").unwrap(),
+            ("test/model", Some(Variant::Floor))
+        );
+        assert_eq!(
+            split_variant("test/model:nitro").unwrap(),
+            ("test/model", Some(Variant::Nitro))
+        );
+        let c = call("test/model:turbo", None);
+        assert_eq!(plan(&cat(), &c).unwrap_err().code(), "invalid_request");
+        let c = call("nope/model", None);
+        assert_eq!(plan(&cat(), &c).unwrap_err().code(), "model_not_found");
     }
 }

@@ -409,7 +409,10 @@ impl SqliteStore {
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         // Closing the channel lets the writer drain what is queued and stop.
-        self.writer.write().unwrap_or_else(|e| e.into_inner()).take();
+        self.writer
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(t) = self
             .writer_thread
             .lock()
