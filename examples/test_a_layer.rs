@@ -1,11 +1,13 @@
-//! How to test one switchboard layer on its own: `tower_test::mock` as the inner
-//! service, paused tokio time for anything timed, no sockets.
+//! How to test one switchboard layer on its own: `tower_test::mock` (or a counting
+//! `service_fn`) as the inner service, paused tokio time for anything timed, no sockets.
 //!
 //! Run with: cargo run --example test_a_layer
 //!
 //! The same code works inside `#[tokio::test(start_paused = true)]`; here it runs as a
 //! program so CI shows it working.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
@@ -14,8 +16,10 @@ use switchboard::chat::ChatChunk;
 use switchboard::config::Config;
 use switchboard::context::{ChatCall, ChatReply, ChunkStream};
 use switchboard::error::GatewayError;
+use switchboard::keys::KeyRecord;
 use switchboard::normalize::NormalizeLayer;
-use tower::{Layer, ServiceExt};
+use switchboard::rate_limit::RateLimitLayer;
+use tower::{service_fn, Layer, ServiceExt};
 use tower_test::mock;
 
 fn main() {
@@ -27,6 +31,7 @@ fn main() {
     rt.block_on(async {
         keepalive_comments_while_the_typed_stack_is_slow().await;
         typed_errors_become_spec_responses().await;
+        rate_limit_refills_on_the_paused_clock().await;
     });
     println!("test_a_layer: all checks passed");
 }
@@ -95,4 +100,45 @@ async fn typed_errors_become_spec_responses() {
     let body: serde_json::Value =
         serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(body["error"]["code"], "model_not_found");
+}
+
+/// RateLimitLayer reads tokio's clock, so a paused runtime tests a per-minute limit
+/// in no time at all. A `service_fn` that counts its calls stands in for the rest of
+/// the stack (the HTTP-tier layers want an `Infallible` inner service, which
+/// `tower_test::mock` is not): refused requests must never reach it.
+async fn rate_limit_refills_on_the_paused_clock() {
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = reached.clone();
+    let svc = RateLimitLayer::new().layer(service_fn(move |_req: http::Request<()>| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty())) }
+    }));
+    // AuthLayer puts the key record in the extensions; here we put it there ourselves.
+    let key = Arc::new(KeyRecord {
+        rpm: Some(6), // one request back every 10 s
+        ..KeyRecord::new("key_test", "tester")
+    });
+    let req = || {
+        let mut r = http::Request::new(());
+        r.extensions_mut().insert(key.clone());
+        r
+    };
+
+    for _ in 0..6 {
+        assert_eq!(svc.clone().oneshot(req()).await.unwrap().status(), 200);
+    }
+    let refused = svc.clone().oneshot(req()).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "10");
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        6,
+        "a refused request reached the inner service"
+    );
+
+    // 10 virtual seconds later exactly one request is back.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(svc.clone().oneshot(req()).await.unwrap().status(), 200);
+    assert_eq!(svc.clone().oneshot(req()).await.unwrap().status(), 429);
+    assert_eq!(reached.load(Ordering::SeqCst), 7);
 }

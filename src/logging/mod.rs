@@ -6,7 +6,7 @@
 //! dropped because the client went away — and only after the inner body has been
 //! dropped, so the credit settlement inside comes first — it emits exactly one record
 //! to a [`LogWriter`] (a bounded queue; a full queue drops and counts, never waits)
-//! and records the request's metrics (see [`telemetry`](crate::telemetry)).
+//! and records the request's metrics (see [`telemetry`]).
 //!
 //! # Example
 //! ```

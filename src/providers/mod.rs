@@ -59,7 +59,119 @@ use crate::error::{FailureKind, GatewayError, ProviderError};
 /// Translates between the internal schema and one provider's wire format.
 ///
 /// Implement it to add a provider that speaks HTTP; register it with
-/// [`ProviderClient::with_adapter`].
+/// [`ProviderClient::with_adapter`]. The client does the rest: the pooled connection,
+/// timeouts, error statuses (through [`error_message`](Adapter::error_message)), SSE
+/// framing and the idle timeout between events. (A provider that is not HTTP at all,
+/// or answers in-process, is simply a `Service<ProviderCall>` of your own in place of
+/// the client: see `examples/custom_gateway.rs`.)
+///
+/// # Example
+/// A private provider, "acme": `POST {base_url}/generate` with `{"model","prompt"}`
+/// answers `{"text","tokens_in","tokens_out"}`, and streams `data: {"text"}` events
+/// ending in `data: END`. It takes the place of the `openai` kind here, so a
+/// `kind = "openai"` provider in the config speaks acme's format.
+/// ```
+/// use bytes::Bytes;
+/// use futures_util::TryStreamExt;
+/// use switchboard::chat::{ChatChunk, ChatRequest, Message, Role, Usage};
+/// use switchboard::config::{Config, ProviderKind};
+/// use switchboard::context::{CallContext, ProviderCall};
+/// use switchboard::error::{FailureKind, ProviderError};
+/// use switchboard::providers::{api_key, protocol_error, Adapter, Decoded, ProviderClient, StreamDecoder};
+/// use tower::ServiceExt;
+///
+/// struct Acme;
+///
+/// impl Adapter for Acme {
+///     fn build_request(&self, call: &ProviderCall, _stream: bool) -> Result<http::Request<Bytes>, ProviderError> {
+///         let prompt: Vec<String> = call.request.messages.iter()
+///             .filter_map(|m| m.content.as_ref().map(|c| c.text().into_owned()))
+///             .collect();
+///         let body = serde_json::json!({"model": call.endpoint.upstream_model, "prompt": prompt.join("\n")});
+///         http::Request::post(format!("{}/generate", call.endpoint.provider.base_url))
+///             .header("authorization", format!("Bearer {}", api_key(call)?))
+///             .header("content-type", "application/json")
+///             .body(Bytes::from(body.to_string()))
+///             .map_err(|e| protocol_error(call, e))
+///     }
+///
+///     fn parse_response(&self, call: &ProviderCall, body: &[u8]) -> Result<ChatChunk, ProviderError> {
+///         let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| protocol_error(call, e))?;
+///         let mut chunk = ChatChunk::text(v["text"].as_str().unwrap_or_default());
+///         chunk.choices[0].finish_reason = Some("stop".into());
+///         chunk.usage = Some(Usage::new(v["tokens_in"].as_u64().unwrap_or(0), v["tokens_out"].as_u64().unwrap_or(0)));
+///         Ok(chunk)
+///     }
+///
+///     fn stream_decoder(&self, _call: &ProviderCall) -> Box<dyn StreamDecoder> {
+///         Box::new(AcmeStream)
+///     }
+/// }
+///
+/// struct AcmeStream;
+///
+/// impl StreamDecoder for AcmeStream {
+///     fn decode(&mut self, _event: &str, data: &str) -> Result<Decoded, ProviderError> {
+///         if data == "END" {
+///             return Ok(Decoded::Done);
+///         }
+///         let v: serde_json::Value = serde_json::from_str(data)
+///             .map_err(|e| ProviderError::new("acme", FailureKind::Protocol, e.to_string()))?;
+///         Ok(Decoded::Chunk(ChatChunk::text(v["text"].as_str().unwrap_or_default())))
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// // A stand-in for acme's server on 127.0.0.1.
+/// let acme = axum::Router::new().route("/generate", axum::routing::post(
+///     |headers: http::HeaderMap, body: String| async move {
+///         assert_eq!(headers["authorization"], "Bearer acme-secret");
+///         let req: serde_json::Value = serde_json::from_str(&body).unwrap();
+///         assert_eq!(req["model"], "small-1");
+///         axum::Json(serde_json::json!({"text": "hi from acme", "tokens_in": 2, "tokens_out": 3}))
+///     },
+/// ));
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// let base = format!("http://{}", listener.local_addr().unwrap());
+/// tokio::spawn(async move { axum::serve(listener, acme).await.unwrap() });
+///
+/// let config = Config::from_toml(&format!(r#"
+///     [[providers]]
+///     name = "acme"
+///     kind = "openai"
+///     base_url = "{base}"
+///     api_key = "acme-secret"
+///     [[models]]
+///     id = "acme/small"
+///     tokenizer = "o200k_base"
+///     [[models.endpoints]]
+///     provider = "acme"
+///     upstream_model = "small-1"
+///     prompt_usd_per_mtok = 1.0
+///     completion_usd_per_mtok = 1.0
+/// "#)).unwrap();
+/// let catalog = switchboard::catalog::Catalog::from_config(&config);
+/// let client = ProviderClient::new().with_adapter(ProviderKind::OpenAi, Acme);
+/// let call = ProviderCall {
+///     endpoint: catalog.model("acme/small").unwrap().endpoints[0].clone(),
+///     request: ChatRequest {
+///         model: "acme/small".into(),
+///         messages: vec![Message::text(Role::User, "hello")],
+///         ..Default::default()
+///     }
+///     .into(),
+///     ctx: CallContext::new(),
+/// };
+/// let chunks: Vec<ChatChunk> = client.oneshot(call).await.unwrap().try_collect().await.unwrap();
+/// assert_eq!(chunks[0].choices[0].delta.content.as_deref(), Some("hi from acme"));
+/// assert_eq!(chunks[0].usage.as_ref().unwrap().completion_tokens, 3);
+///
+/// // The stream decoder on its own:
+/// let mut decoder = AcmeStream;
+/// assert!(matches!(decoder.decode("", r#"{"text":"hi"}"#), Ok(Decoded::Chunk(c)) if c.is_content()));
+/// assert!(matches!(decoder.decode("", "END"), Ok(Decoded::Done)));
+/// # }
+/// ```
 pub trait Adapter: Send + Sync + 'static {
     /// The upstream request: absolute URL, headers (the provider's key included), body.
     fn build_request(

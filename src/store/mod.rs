@@ -274,6 +274,12 @@ impl KeyPatch {
 ///
 /// Methods may block on I/O (they are called on a cache miss, or by administration);
 /// callers in async code run them where blocking is fine.
+///
+/// # Example
+/// A whole implementation over a `HashMap` is the first example of the
+/// [module docs](self#example); hand yours to
+/// [`GatewayBuilder::store`](crate::gateway::GatewayBuilder::store) (with a [`Ledger`])
+/// or straight to [`AuthLayer::new`](crate::auth::AuthLayer::new).
 pub trait KeyStore: Send + Sync + 'static {
     /// The key whose secret hashes to `hash`.
     fn find(&self, hash: &SecretHash) -> Result<Option<KeyRecord>, StoreError>;
