@@ -6,9 +6,9 @@
 //! `switchboard` binary serves.
 //!
 //! ```text
-//! HTTP tier  (Service<http::Request<B>>)     normalize            HTTP ⇄ typed
-//! typed tier (Service<ChatCall>)             route → fallback     plan, failover
-//! provider   (Service<ProviderCall>)         metering → provider  price, wire formats
+//! HTTP tier  (Service<http::Request<B>>)   logging → auth → rate_limit → normalize
+//! typed tier (Service<ChatCall>)           route → health → credit → fallback
+//! provider   (Service<ProviderCall>)       metering → providers::ProviderClient
 //! ```
 //!
 //! See `ARCHITECTURE.md` for the whole picture and `README.md` for use.
