@@ -3,6 +3,7 @@
 //!
 //! Run with: cargo run --release --example loadbench
 //! (optional: `-- --quick` for a short run, `-- --secs N` per fixed-rate step)
+//! Profiling aid: `loadbench drive ADDR SECS` saturates a server at ADDR.
 //!
 //! Each server runs in its own process (this binary re-executed with a role), so CPU
 //! time and RSS are per process, read from /proc. The server under test is pinned to
@@ -39,6 +40,11 @@ fn main() {
         "upstream" => rt.block_on(upstream()),
         "proxy" => rt.block_on(proxy(args[2].parse().unwrap())),
         "gateway" => rt.block_on(gateway(args[2].parse().unwrap(), &args[3])),
+        // `drive ADDR SECS`: saturate ADDR for SECS seconds (for profiling a server).
+        "drive" => rt.block_on(async {
+            let (rps, n) = saturate(args[2].parse().unwrap(), 64, args[3].parse().unwrap()).await;
+            println!("{n} requests, {rps:.0} req/s");
+        }),
         _ => rt.block_on(bench(&args[1..])),
     }
 }

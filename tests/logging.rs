@@ -282,10 +282,11 @@ async fn metrics_counters_move() {
     }
 }
 
-/// A sink whose writes never return.
-struct Stuck;
+/// A sink whose writes never return; it says when the writer is stuck in it.
+struct Stuck(Arc<std::sync::atomic::AtomicBool>);
 impl LogSink for Stuck {
     fn write(&mut self, _batch: &[RequestRecord]) -> std::io::Result<()> {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
         loop {
             std::thread::park();
         }
@@ -300,15 +301,28 @@ async fn a_sink_that_blocks_forever_delays_no_response_and_drops_are_counted() {
         "[logging]\nsink = \"none\"\n",
     ))
     .unwrap();
+    let stuck = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gateway = Gateway::builder()
         .config(config)
-        .log_writer(LogWriter::spawn(Box::new(Stuck), 1))
+        .log_writer(LogWriter::spawn(Box::new(Stuck(stuck.clone())), 1))
         .build()
         .unwrap();
     let gw = serve_built(gateway).await;
     let dropped = "switchboard_log_records_dropped_total";
     let before = sample(&metrics(&gw).await, dropped);
     let reqs = Arc::new(ask("test/model", false, "hi"));
+    // A first request, whose record the writer takes and gets stuck writing.
+    let res = post(&gw, &reqs).await;
+    assert_eq!(res.status(), 200);
+    res.bytes().await.unwrap();
+    let start = Instant::now();
+    while !stuck.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            start.elapsed() < SOCKET_TIMEOUT,
+            "the writer never reached the sink"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for _ in 0..6 {
         let res = tokio::time::timeout(SOCKET_TIMEOUT, post(&gw, &reqs))
             .await
@@ -316,7 +330,8 @@ async fn a_sink_that_blocks_forever_delays_no_response_and_drops_are_counted() {
         assert_eq!(res.status(), 200);
         res.bytes().await.unwrap();
     }
-    // One record is stuck in the sink, one waits in the queue: the rest are dropped.
+    // The writer is stuck in the sink; one record waits in the queue: the rest of the
+    // six are dropped.
     let start = Instant::now();
     loop {
         let now = sample(&metrics(&gw).await, dropped);
