@@ -54,6 +54,15 @@ pub fn mime_from_url(url: &str) -> &'static str {
     }
 }
 
+/// A tool call's JSON-encoded arguments as the object Anthropic and Gemini want (`{}`
+/// when they are empty or not an object).
+pub fn arguments_object(arguments: &str) -> serde_json::Value {
+    match serde_json::from_str::<serde_json::Value>(arguments) {
+        Ok(v @ serde_json::Value::Object(_)) => v,
+        _ => serde_json::Value::Object(Default::default()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

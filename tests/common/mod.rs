@@ -194,26 +194,7 @@ pub async fn gateway_with(mut config: Config) -> TestGateway {
         .config(config)
         .build()
         .expect("gateway builds");
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let g = gateway.clone();
-    tokio::spawn(async move {
-        let _ = g
-            .serve(
-                listener,
-                async {
-                    let _ = rx.await;
-                },
-                Duration::from_secs(5),
-            )
-            .await;
-    });
-    TestGateway {
-        addr,
-        gateway,
-        shutdown: Some(tx),
-    }
+    serve_built(gateway).await
 }
 
 /// An HTTP client for tests (no proxy, generous timeout).

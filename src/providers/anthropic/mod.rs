@@ -175,7 +175,7 @@ fn to_wire(call: &ProviderCall, stream: bool) -> Result<wire::Request<'_>, Provi
                     blocks.push(Block::ToolUse {
                         id: &tc.id,
                         name: &tc.function.name,
-                        input: arguments_object(&tc.function.arguments),
+                        input: crate::providers::media::arguments_object(&tc.function.arguments),
                     });
                 }
                 push_turn(&mut turns, "assistant", blocks);
@@ -343,15 +343,6 @@ fn push_turn<'a>(turns: &mut Vec<wire::Message<'a>>, role: &'static str, blocks:
             role,
             content: blocks,
         }),
-    }
-}
-
-/// A tool call's JSON-encoded arguments as the object Anthropic wants (`{}` when they
-/// are empty or not an object).
-fn arguments_object(arguments: &str) -> Value {
-    match serde_json::from_str::<Value>(arguments) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => Value::Object(Default::default()),
     }
 }
 

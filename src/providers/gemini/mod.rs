@@ -174,7 +174,7 @@ fn to_wire(call: &ProviderCall) -> Result<wire::Request<'_>, ProviderError> {
                     parts.push(Part {
                         function_call: Some(wire::FunctionCall {
                             name: &tc.function.name,
-                            args: arguments_object(&tc.function.arguments),
+                            args: crate::providers::media::arguments_object(&tc.function.arguments),
                         }),
                         thought_signature: (sign_calls && j == 0).then_some(SKIP_THOUGHT_SIGNATURE),
                         ..Part::default()
@@ -303,14 +303,6 @@ fn push_turn<'a>(contents: &mut Vec<wire::Content<'a>>, role: &'static str, part
     match contents.last_mut() {
         Some(last) if last.role == role => last.parts.extend(parts),
         _ => contents.push(wire::Content { role, parts }),
-    }
-}
-
-/// A tool call's JSON-encoded arguments as an object (`{}` when empty or not one).
-fn arguments_object(arguments: &str) -> Value {
-    match serde_json::from_str::<Value>(arguments) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => Value::Object(Default::default()),
     }
 }
 
