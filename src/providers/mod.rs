@@ -243,6 +243,25 @@ pub fn default_error_message(body: &[u8]) -> String {
         })
 }
 
+/// Parses one SSE event's JSON data; `Ok(None)` for an empty event (keep-alives), a
+/// `Protocol` failure for anything that is not JSON of the expected shape.
+pub fn parse_event<T: serde::de::DeserializeOwned>(
+    provider: &Arc<str>,
+    data: &str,
+) -> Result<Option<T>, ProviderError> {
+    let data = data.trim();
+    if data.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(data).map(Some).map_err(|e| {
+        ProviderError::new(
+            provider.clone(),
+            FailureKind::Protocol,
+            format!("bad event: {e}"),
+        )
+    })
+}
+
 /// The provider's key, or the `NotConfigured` failure that makes fallback move on.
 pub fn api_key(call: &ProviderCall) -> Result<&str, ProviderError> {
     let p = &call.endpoint.provider;

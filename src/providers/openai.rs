@@ -169,22 +169,14 @@ struct OpenAiDecoder {
 
 impl StreamDecoder for OpenAiDecoder {
     fn decode(&mut self, _event: &str, data: &str) -> Result<Decoded, ProviderError> {
-        let data = data.trim();
-        if data == "[DONE]" {
+        if data.trim() == "[DONE]" {
             return Ok(Decoded::Done);
-        }
-        if data.is_empty() {
-            return Ok(Decoded::Skip);
         }
         // Only what the gateway keeps: the upstream's id, model and object are dropped
         // unread (the edge stamps its own).
-        let wire: WireChunk = serde_json::from_str(data).map_err(|e| {
-            ProviderError::new(
-                self.provider.clone(),
-                FailureKind::Protocol,
-                format!("bad chunk: {e}"),
-            )
-        })?;
+        let Some(wire) = super::parse_event::<WireChunk>(&self.provider, data)? else {
+            return Ok(Decoded::Skip);
+        };
         if let Some(err) = wire.error {
             let message = super::default_error_message(
                 serde_json::json!({ "error": err }).to_string().as_bytes(),

@@ -555,17 +555,10 @@ impl AnthropicDecoder {
 
 impl StreamDecoder for AnthropicDecoder {
     fn decode(&mut self, _event: &str, data: &str) -> Result<Decoded, ProviderError> {
-        let data = data.trim();
-        if data.is_empty() {
+        let Some(event) = crate::providers::parse_event::<wire::Event>(&self.provider, data)?
+        else {
             return Ok(Decoded::Skip);
-        }
-        let event: wire::Event = serde_json::from_str(data).map_err(|e| {
-            ProviderError::new(
-                self.provider.clone(),
-                FailureKind::Protocol,
-                format!("bad event: {e}"),
-            )
-        })?;
+        };
         Ok(match event {
             wire::Event::MessageStart { message } => {
                 if let Some(u) = message.usage {

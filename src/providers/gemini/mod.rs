@@ -567,17 +567,10 @@ struct GeminiDecoder {
 
 impl StreamDecoder for GeminiDecoder {
     fn decode(&mut self, _event: &str, data: &str) -> Result<Decoded, ProviderError> {
-        let data = data.trim();
-        if data.is_empty() {
+        let Some(resp) = crate::providers::parse_event::<wire::Response>(&self.provider, data)?
+        else {
             return Ok(Decoded::Skip);
-        }
-        let resp: wire::Response = serde_json::from_str(data).map_err(|e| {
-            ProviderError::new(
-                self.provider.clone(),
-                FailureKind::Protocol,
-                format!("bad event: {e}"),
-            )
-        })?;
+        };
         if let Some(err) = &resp.error {
             return Err(in_band(&self.provider, err));
         }
