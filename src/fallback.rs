@@ -28,7 +28,8 @@
 //!
 //! Metrics: `switchboard_endpoint_attempts_total{model,provider,outcome}`,
 //! `switchboard_endpoint_failures_total{model,provider,class,status}`,
-//! `switchboard_fallbacks_total`.
+//! `switchboard_fallbacks_total` (counted once per request, from its record, by
+//! [`telemetry`](crate::telemetry)).
 //!
 //! # Example
 //! ```
@@ -258,9 +259,6 @@ where
                 track[i].done = true;
                 continue;
             };
-            if !failures.is_empty() {
-                metrics::counter!("switchboard_fallbacks_total").increment(1);
-            }
             tried = true;
             let pc = ProviderCall {
                 endpoint: endpoint.clone(),

@@ -32,13 +32,7 @@ fn config(upstreams: &[(&str, &str)]) -> String {
 }
 
 async fn post(gw: &TestGateway, body: Value) -> reqwest::Response {
-    client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(CLIENT_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
+    post_chat(gw, CLIENT_KEY, &body).await
 }
 
 fn tools() -> Value {

@@ -65,13 +65,7 @@ fn ask(stream: bool) -> Value {
 }
 
 async fn post(gw: &TestGateway, body: &Value) -> reqwest::Response {
-    client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth("sk-demo")
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+    post_chat(gw, "sk-demo", body).await
 }
 
 #[tokio::test]

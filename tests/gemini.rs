@@ -42,13 +42,7 @@ credits_usd = 100
 }
 
 async fn post(gw: &TestGateway, body: Value) -> reqwest::Response {
-    client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(CLIENT_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
+    post_chat(gw, CLIENT_KEY, &body).await
 }
 
 fn assert_gemini_headers(seen: &Seen) {

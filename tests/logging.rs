@@ -59,13 +59,7 @@ async fn answering() -> Upstream {
 }
 
 async fn post(gw: &TestGateway, body: &Value) -> reqwest::Response {
-    client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(CLIENT_KEY)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+    post_chat(gw, CLIENT_KEY, body).await
 }
 
 fn ask(model: &str, stream: bool, text: &str) -> Value {

@@ -123,13 +123,7 @@ fn ask(stream: bool, text: &str) -> Value {
 }
 
 async fn post(gw: &TestGateway, body: &Value) -> reqwest::Response {
-    client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(CLIENT_KEY)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+    post_chat(gw, CLIENT_KEY, body).await
 }
 
 #[tokio::test]

@@ -206,6 +206,17 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// POSTs a chat-completions body to the gateway with the client key `key`.
+pub async fn post_chat(gw: &TestGateway, key: &str, body: &serde_json::Value) -> reqwest::Response {
+    client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Parses an SSE body into its `data:` payloads (comments dropped).
 pub fn sse_data(text: &str) -> Vec<String> {
     text.split("\n\n")
