@@ -249,12 +249,74 @@ impl fmt::Debug for CallContext {
     }
 }
 
-/// A fresh request id: `gen-` + 24 random alphanumerics (unguessable, so a
-/// generation id leaks nothing and cannot be enumerated).
+/// A fresh request id: `gen-`, 8 base-62 digits of the time in milliseconds, then 20
+/// random alphanumerics (≈ 119 bits: unguessable, so an id leaks nothing but its time
+/// and cannot be enumerated).
+///
+/// The time prefix makes ids sort by creation, as ULIDs do, so the ledger's and the
+/// request log's primary-key indexes grow at their right edge instead of touching a
+/// random page per insert (measured: fewer WAL pages per commit; BENCHMARKS.md).
 pub fn new_request_id() -> String {
     use rand::distr::{Alphanumeric, SampleString};
-    let mut id = String::with_capacity(28);
+    const DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut time = [b'0'; 8];
+    for d in time.iter_mut().rev() {
+        *d = DIGITS[(ms % 62) as usize];
+        ms /= 62;
+    }
+    let mut id = String::with_capacity(32);
     id.push_str("gen-");
-    Alphanumeric.append_string(&mut rand::rng(), &mut id, 24);
+    id.extend(time.iter().map(|&b| b as char));
+    Alphanumeric.append_string(&mut rand::rng(), &mut id, 20);
     id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_request_id;
+
+    /// The time prefix decoded back to milliseconds.
+    fn millis(id: &str) -> u64 {
+        id["gen-".len().."gen-".len() + 8]
+            .bytes()
+            .fold(0, |acc, b| {
+                let d = match b {
+                    b'0'..=b'9' => b - b'0',
+                    b'A'..=b'Z' => b - b'A' + 10,
+                    _ => b - b'a' + 36,
+                };
+                acc * 62 + d as u64
+            })
+    }
+
+    #[test]
+    fn ids_carry_their_time_and_sort_by_it() {
+        let now = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        };
+        let t0 = now();
+        let ids: Vec<String> = (0..2000).map(|_| new_request_id()).collect();
+        let t1 = now();
+        for id in &ids {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(
+                id.bytes().skip(4).all(|b| b.is_ascii_alphanumeric()),
+                "{id}"
+            );
+            assert!((t0..=t1).contains(&millis(id)), "{id}: {t0}..{t1}");
+        }
+        // Created later sorts later (the prefix is fixed-width, in ASCII order).
+        for w in ids.windows(2) {
+            assert!(w[0][..12] <= w[1][..12], "{} then {}", w[0], w[1]);
+        }
+        let unique: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+    }
 }

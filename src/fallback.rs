@@ -437,22 +437,21 @@ fn count_attempt(endpoint: &Endpoint, failure: Option<&ProviderError>) {
         Some(FailureClass::Failover) => "failover",
         Some(FailureClass::Client) => "client",
     };
-    let (model, provider) = (
-        endpoint.model.to_string(),
-        endpoint.provider.name.to_string(),
-    );
-    metrics::counter!(
+    let (model, provider) = (&*endpoint.model, &*endpoint.provider.name);
+    crate::telemetry::counter(
         "switchboard_endpoint_attempts_total",
-        "model" => model.clone(),
-        "provider" => provider.clone(),
-        "outcome" => outcome
+        &[
+            ("model", model),
+            ("provider", provider),
+            ("outcome", outcome),
+        ],
     )
     .increment(1);
     if let Some(e) = failure {
         metrics::counter!(
             "switchboard_endpoint_failures_total",
-            "model" => model,
-            "provider" => provider,
+            "model" => model.to_string(),
+            "provider" => provider.to_string(),
             "class" => outcome,
             "status" => e.label()
         )

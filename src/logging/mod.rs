@@ -179,7 +179,7 @@ impl Guard {
     pub(crate) fn start_stream(&mut self) {
         if !self.stream {
             self.stream = true;
-            metrics::gauge!(telemetry::STREAMS_IN_FLIGHT).increment(1.0);
+            telemetry::gauge(telemetry::STREAMS_IN_FLIGHT, &[]).increment(1.0);
         }
     }
 
@@ -200,7 +200,7 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if self.stream {
-            metrics::gauge!(telemetry::STREAMS_IN_FLIGHT).decrement(1.0);
+            telemetry::gauge(telemetry::STREAMS_IN_FLIGHT, &[]).decrement(1.0);
         }
         let total = self.ctx.started().elapsed();
         let record = RequestRecord::from_context(&self.ctx, total, self.complete, self.log_content);

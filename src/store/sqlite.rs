@@ -439,6 +439,11 @@ impl Drop for SqliteStore {
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, accounts: Arc<Accounts>) {
     const MAX_BATCH: usize = 1024;
     while let Ok(first) = rx.recv() {
+        // Let the threads that woke us queue what they have before the commit. When
+        // the request path has nothing else to run this returns at once; under load it
+        // turns a commit per request or two into one per batch (measured: ~2 → tens of
+        // settlements per commit, with the writer sharing a core with the workers).
+        std::thread::yield_now();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
