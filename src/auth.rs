@@ -162,7 +162,7 @@ impl<S> Layer<S> for AuthLayer {
     fn layer(&self, inner: S) -> Auth<S> {
         Auth {
             inner,
-            layer: self.clone(),
+            layer: Arc::new(self.clone()),
         }
     }
 }
@@ -171,7 +171,9 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Clone, Debug)]
 pub struct Auth<S> {
     inner: S,
-    layer: AuthLayer,
+    /// Behind one `Arc`: it is cloned into every request's future (two caches and a
+    /// store otherwise).
+    layer: Arc<AuthLayer>,
 }
 
 impl<S> Auth<S> {

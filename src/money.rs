@@ -94,8 +94,17 @@ impl fmt::Display for Money {
         if frac == 0 {
             return write!(f, "{sign}{whole}");
         }
-        let digits = format!("{frac:012}");
-        write!(f, "{sign}{whole}.{}", digits.trim_end_matches('0'))
+        // The 12 fraction digits without trailing zeros, with no allocation (this runs
+        // in every response that reports a cost).
+        let mut digits = [b'0'; 12];
+        let mut rest = frac;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        let len = digits.iter().rposition(|&d| d != b'0').map_or(0, |i| i + 1);
+        let frac = std::str::from_utf8(&digits[..len]).map_err(|_| fmt::Error)?;
+        write!(f, "{sign}{whole}.{frac}")
     }
 }
 
@@ -162,8 +171,11 @@ impl FromStr for Money {
 impl Serialize for Money {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         // The exact decimal digits, as a JSON number (not a string, not a float).
-        let raw = serde_json::value::RawValue::from_string(self.to_string())
-            .map_err(serde::ser::Error::custom)?;
+        use std::fmt::Write as _;
+        let mut text = String::with_capacity(24);
+        let _ = write!(text, "{self}");
+        let raw =
+            serde_json::value::RawValue::from_string(text).map_err(serde::ser::Error::custom)?;
         raw.serialize(s)
     }
 }

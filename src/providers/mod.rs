@@ -286,7 +286,9 @@ pub fn protocol_error(call: &ProviderCall, what: impl std::fmt::Display) -> Prov
 /// The innermost service: calls the endpoint's provider and yields its chunks.
 #[derive(Clone)]
 pub struct ProviderClient {
-    http: http::HttpsClient,
+    /// Shared: a hyper client is a large struct of builders and `Arc`s, and the
+    /// client is cloned into every attempt.
+    http: Arc<http::HttpsClient>,
     adapters: Arc<HashMap<ProviderKind, Arc<dyn Adapter>>>,
 }
 
@@ -315,7 +317,7 @@ impl ProviderClient {
         );
         adapters.insert(ProviderKind::Gemini, Arc::new(gemini::GeminiAdapter));
         ProviderClient {
-            http: http::new_client(),
+            http: Arc::new(http::new_client()),
             adapters: Arc::new(adapters),
         }
     }
