@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{self, BoxFuture};
 use http::{Request, Response};
 use moka::sync::Cache;
 use tower::{Layer, Service, ServiceExt};
@@ -95,45 +95,70 @@ impl AuthLayer {
         self.unknown.invalidate_all();
     }
 
+    /// What the caches alone say of a secret.
+    fn resolve_cached(&self, secret: Option<&str>) -> Cached {
+        let Some(secret) = secret.filter(|s| !s.is_empty()) else {
+            return Cached::Refused(GatewayError::InvalidApiKey(
+                "no API key: send it as `Authorization: Bearer KEY` or `x-api-key: KEY`".into(),
+            ));
+        };
+        let hash = hash_secret(secret);
+        match self.known.get(&hash) {
+            Some(record) => match usable(record) {
+                Ok(r) => Cached::Key(r),
+                Err(e) => Cached::Refused(e),
+            },
+            None if self.unknown.contains_key(&hash) => Cached::Refused(unknown_key()),
+            None => Cached::Miss(hash),
+        }
+    }
+
     /// Resolves a secret to its record (cache, then store), or the SPEC error.
     pub async fn authenticate(&self, secret: Option<&str>) -> Result<Arc<KeyRecord>, GatewayError> {
-        let secret = secret.filter(|s| !s.is_empty()).ok_or_else(|| {
-            GatewayError::InvalidApiKey(
-                "no API key: send it as `Authorization: Bearer KEY` or `x-api-key: KEY`".into(),
-            )
-        })?;
-        let hash = hash_secret(secret);
-        let record = match self.known.get(&hash) {
-            Some(r) => r,
-            None => {
-                if self.unknown.contains_key(&hash) {
-                    return Err(unknown_key());
-                }
-                let keys = self.keys.clone();
-                let found = tokio::task::spawn_blocking(move || keys.find(&hash))
-                    .await
-                    .map_err(|e| GatewayError::Internal(format!("key lookup failed: {e}")))??;
-                match found {
-                    Some(r) => {
-                        let r = Arc::new(r);
-                        self.known.insert(hash, r.clone());
-                        r
-                    }
-                    None => {
-                        self.unknown.insert(hash, ());
-                        return Err(unknown_key());
-                    }
-                }
-            }
-        };
-        if record.disabled {
-            return Err(GatewayError::Forbidden(format!(
-                "key `{}` is disabled",
-                record.name
-            )));
+        match self.resolve_cached(secret) {
+            Cached::Key(record) => Ok(record),
+            Cached::Refused(e) => Err(e),
+            Cached::Miss(hash) => self.lookup(hash).await,
         }
-        Ok(record)
     }
+
+    /// Asks the store about a secret the caches do not know.
+    async fn lookup(&self, hash: SecretHash) -> Result<Arc<KeyRecord>, GatewayError> {
+        let keys = self.keys.clone();
+        let found = tokio::task::spawn_blocking(move || keys.find(&hash))
+            .await
+            .map_err(|e| GatewayError::Internal(format!("key lookup failed: {e}")))??;
+        match found {
+            Some(r) => {
+                let r = Arc::new(r);
+                self.known.insert(hash, r.clone());
+                usable(r)
+            }
+            None => {
+                self.unknown.insert(hash, ());
+                Err(unknown_key())
+            }
+        }
+    }
+}
+
+/// What the caches say of a secret.
+enum Cached {
+    Key(Arc<KeyRecord>),
+    Refused(GatewayError),
+    /// Not cached either way: the store must be asked.
+    Miss(SecretHash),
+}
+
+/// The record, unless its key is disabled.
+fn usable(record: Arc<KeyRecord>) -> Result<Arc<KeyRecord>, GatewayError> {
+    if record.disabled {
+        return Err(GatewayError::Forbidden(format!(
+            "key `{}` is disabled",
+            record.name
+        )));
+    }
+    Ok(record)
 }
 
 fn unknown_key() -> GatewayError {
@@ -198,20 +223,28 @@ where
     type Error = Infallible;
     type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // `inner` is called after an await (the lookup); its readiness is taken then.
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        // Take the service we were handed and leave a clone (tower-service's "be
-        // careful when cloning inner services"); `oneshot` waits for its readiness.
+        // A cached key (the usual case) is answered at once and `inner` called here,
+        // without cloning the stack below into a future.
+        let hash = match self.layer.resolve_cached(secret_of(req.headers())) {
+            Cached::Key(key) => {
+                req.extensions_mut().insert(key);
+                return Box::pin(self.inner.call(req));
+            }
+            Cached::Refused(e) => return Box::pin(future::ready(Ok(e.into_response()))),
+            Cached::Miss(hash) => hash,
+        };
+        // A store lookup: take the service we readied and leave a clone (tower-service's
+        // "be careful when cloning inner services").
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         Box::pin(async move {
-            let secret = secret_of(req.headers()).map(str::to_owned);
-            match layer.authenticate(secret.as_deref()).await {
+            match layer.lookup(hash).await {
                 Ok(key) => {
                     req.extensions_mut().insert(key);
                     inner.oneshot(req).await

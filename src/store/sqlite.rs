@@ -35,6 +35,8 @@ CREATE TABLE IF NOT EXISTS keys (
     tokens_per_day INTEGER,
     models         TEXT
 );
+-- One B-tree keyed by the (time-ordered) request id, so a settlement appends at its
+-- right edge; per-key history is in the request log, indexed by key and time.
 CREATE TABLE IF NOT EXISTS settlements (
     request_id        TEXT PRIMARY KEY,
     key_id            TEXT NOT NULL,
@@ -49,8 +51,7 @@ CREATE TABLE IF NOT EXISTS settlements (
     attempts          TEXT NOT NULL,
     finish_reason     TEXT,
     created           INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS settlements_key ON settlements(key_id);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS daily_tokens (
     key_id TEXT NOT NULL,
     day    INTEGER NOT NULL,
