@@ -2,14 +2,17 @@
 //! switchboard with the full default stack, all on 127.0.0.1, measured in one run.
 //!
 //! Run with: cargo run --release --example loadbench
-//! (optional: `-- --quick` for a short run, `-- --secs N` per fixed-rate step)
+//! (optional: `-- --quick` for a short run, `-- --secs N` per step, `-- --repeat N`
+//! runs of the fixed-rate and saturation steps, medians reported; default 5)
 //! Profiling aid: `loadbench drive ADDR SECS` saturates a server at ADDR.
 //!
 //! Each server runs in its own process (this binary re-executed with a role), so CPU
 //! time and RSS are per process, read from /proc. The server under test is pinned to
 //! CPU 1 and everything else to CPU 0 when `taskset` exists. Fixed-rate steps are
-//! open-loop (requests are sent on schedule, latency is measured from the scheduled
-//! time, so a stall cannot hide queueing: no coordinated omission).
+//! open loop: requests are sent on schedule whether or not earlier ones were answered,
+//! so a slow server cannot slow the sender (no coordinated omission); latency is timed
+//! from each send. Targets are interleaved within each repeat, and added latency is
+//! the median of the paired per-run differences.
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Write};
@@ -275,14 +278,17 @@ fn request(addr: SocketAddr, stream: bool, hold: bool) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
-/// Sends one request; returns (time to first body byte, total) from `t0`, or None on error.
-async fn one(
-    client: &HttpClient,
-    addr: SocketAddr,
-    stream: bool,
-    t0: Instant,
-) -> Option<(Duration, Duration)> {
-    let res = client.request(request(addr, stream, false)).await.ok()?;
+/// Sends one request; returns (time to first body byte, total) from when it was sent,
+/// or None on error.
+///
+/// Timed from the send, not from the schedule: the generator is open loop (it never
+/// waits for a response before sending the next), so the only lateness between the
+/// two is tokio's 1 ms timer granularity, which would add up to 1 ms of noise to
+/// every sample and hide the µs differences this bench is after.
+async fn one(client: &HttpClient, addr: SocketAddr, stream: bool) -> Option<(Duration, Duration)> {
+    let req = request(addr, stream, false);
+    let t0 = Instant::now();
+    let res = client.request(req).await.ok()?;
     if !res.status().is_success() {
         return None;
     }
@@ -317,6 +323,27 @@ impl Stats {
     }
 }
 
+/// The median of `v` (NaN when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+fn fmt_list(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Open loop at `rate` req/s for `secs`.
 async fn fixed_rate(addr: SocketAddr, rate: u64, secs: u64, stream: bool) -> Stats {
     let client = client();
@@ -328,7 +355,7 @@ async fn fixed_rate(addr: SocketAddr, rate: u64, secs: u64, stream: bool) -> Sta
         tokio::time::sleep_until(at.into()).await;
         let (client, tx) = (client.clone(), tx.clone());
         tokio::spawn(async move {
-            let r = one(&client, addr, stream, at).await;
+            let r = one(&client, addr, stream).await;
             let _ = tx.send(r);
         });
     }
@@ -357,7 +384,7 @@ async fn saturate(addr: SocketAddr, conc: usize, secs: u64) -> (f64, u64) {
         let (client, done) = (client.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             while Instant::now() < stop {
-                if one(&client, addr, false, Instant::now()).await.is_some() {
+                if one(&client, addr, false).await.is_some() {
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -447,6 +474,12 @@ async fn bench(args: &[String]) {
         .and_then(|i| args.get(i + 1)?.parse().ok())
         .unwrap_or(if quick { 2 } else { 5 });
     let streams: usize = if quick { 200 } else { 1000 };
+    let repeat: usize = args
+        .iter()
+        .position(|a| a == "--repeat")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(if quick { 1 } else { 5 })
+        .max(1);
     let pin = has_taskset();
     if pin {
         let _ = Command::new("taskset")
@@ -464,7 +497,7 @@ async fn bench(args: &[String]) {
     let proxy_idle_rss = rss_kib(proxy.child.id());
 
     println!(
-        "# switchboard load benchmark ({} s per step{})",
+        "# switchboard load benchmark ({} s per step, {repeat} runs{})",
         secs,
         if pin {
             ", server under test pinned to CPU 1"
@@ -478,32 +511,60 @@ async fn bench(args: &[String]) {
         fixed_rate(addr, 50, 1, true).await;
     }
 
-    println!("\n## Non-streaming, fixed rate (open loop), latency in ms");
+    println!("\n## Non-streaming, fixed rate (open loop), latency in ms, median of {repeat} runs");
     println!("| rate | target | ok | err | p50 | p90 | p99 |");
     println!("|---|---|---|---|---|---|---|");
+    let targets = [
+        ("direct", up.addr),
+        ("bare proxy", proxy.addr),
+        ("switchboard", gw.addr),
+    ];
     let mut added = Vec::new();
     for rate in [500u64, 1000, 2000] {
-        let mut p = Vec::new();
-        for (name, addr) in [
-            ("direct", up.addr),
-            ("bare proxy", proxy.addr),
-            ("switchboard", gw.addr),
-        ] {
-            let st = fixed_rate(addr, rate, secs, false).await;
-            let (p50, p90, p99) = (
-                Stats::pct(&st.total, 0.5),
-                Stats::pct(&st.total, 0.9),
-                Stats::pct(&st.total, 0.99),
-            );
-            println!(
-                "| {rate} | {name} | {} | {} | {p50:.3} | {p90:.3} | {p99:.3} |",
-                st.ok, st.errors
-            );
-            p.push((p50, p90, p99));
+        // runs[target] = (p50, p90, p99) per repeat; targets interleaved within a repeat.
+        let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
+        let mut counts = vec![(0usize, 0usize); targets.len()];
+        for _ in 0..repeat {
+            for (i, (_, addr)) in targets.iter().enumerate() {
+                let st = fixed_rate(*addr, rate, secs, false).await;
+                runs[i].push((
+                    Stats::pct(&st.total, 0.5),
+                    Stats::pct(&st.total, 0.9),
+                    Stats::pct(&st.total, 0.99),
+                ));
+                counts[i].0 += st.ok;
+                counts[i].1 += st.errors;
+            }
         }
-        added.push((rate, p[2].0 - p[1].0, p[2].1 - p[1].1, p[2].0 - p[0].0));
+        for (i, (name, _)) in targets.iter().enumerate() {
+            let col = |f: fn(&(f64, f64, f64)) -> f64| median(runs[i].iter().map(f).collect());
+            println!(
+                "| {rate} | {name} | {} | {} | {:.3} | {:.3} | {:.3} |",
+                counts[i].0,
+                counts[i].1,
+                col(|r| r.0),
+                col(|r| r.1),
+                col(|r| r.2)
+            );
+        }
+        // Paired differences (same repeat), then their median.
+        let diff = |a: usize, b: usize, f: fn(&(f64, f64, f64)) -> f64| {
+            median(
+                runs[a]
+                    .iter()
+                    .zip(&runs[b])
+                    .map(|(x, y)| f(x) - f(y))
+                    .collect(),
+            )
+        };
+        added.push((
+            rate,
+            diff(2, 1, |r| r.0),
+            diff(2, 1, |r| r.1),
+            diff(2, 0, |r| r.0),
+        ));
     }
-    println!("\nAdded latency of switchboard (µs):");
+    println!("\nAdded latency of switchboard (µs; median of the paired per-run differences):");
     println!("| rate | p50 vs bare proxy | p90 vs bare proxy | p50 vs direct |");
     println!("|---|---|---|---|");
     for (rate, a50, a90, d50) in &added {
@@ -515,23 +576,40 @@ async fn bench(args: &[String]) {
         );
     }
 
-    println!("\n## Saturation (closed loop, 64 connections)");
+    println!("\n## Saturation (closed loop, 64 connections), median of {repeat} runs");
     println!("| target | req/s | CPU µs per request (server process) | peak RSS MiB |");
     println!("|---|---|---|---|");
-    let mut sat = Vec::new();
-    for (name, srv) in [("bare proxy", &proxy), ("switchboard", &gw)] {
-        let c0 = cpu_secs(srv.child.id());
-        let (rps, n) = saturate(srv.addr, 64, secs).await;
-        let c1 = cpu_secs(srv.child.id());
-        let cpu_us = (c1 - c0) * 1e6 / n.max(1) as f64;
+    let mut sat: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); 2];
+    for _ in 0..repeat {
+        for (i, srv) in [&proxy, &gw].into_iter().enumerate() {
+            let c0 = cpu_secs(srv.child.id());
+            let (rps, n) = saturate(srv.addr, 64, secs).await;
+            let c1 = cpu_secs(srv.child.id());
+            sat[i].0.push(rps);
+            sat[i].1.push((c1 - c0) * 1e6 / n.max(1) as f64);
+        }
+    }
+    let mut medians = Vec::new();
+    for (i, (name, srv)) in [("bare proxy", &proxy), ("switchboard", &gw)]
+        .into_iter()
+        .enumerate()
+    {
+        let (rps, cpu_us) = (median(sat[i].0.clone()), median(sat[i].1.clone()));
         let rss = rss_kib(srv.child.id()) as f64 / 1024.0;
         println!("| {name} | {rps:.0} | {cpu_us:.1} | {rss:.1} |");
-        sat.push((rps, cpu_us));
+        medians.push((rps, cpu_us));
     }
+    let ratios = |f: fn(&(f64, f64)) -> f64| -> Vec<f64> {
+        (0..repeat)
+            .map(|r| f(&(sat[1].0[r], sat[1].1[r])) / f(&(sat[0].0[r], sat[0].1[r])))
+            .collect()
+    };
     println!(
-        "\nThroughput ratio switchboard / bare proxy: {:.2}; CPU per request ratio: {:.2}",
-        sat[1].0 / sat[0].0,
-        sat[1].1 / sat[0].1
+        "\nThroughput ratio switchboard / bare proxy: {:.2} (runs: {}); CPU per request ratio: {:.2} (runs: {})",
+        medians[1].0 / medians[0].0,
+        fmt_list(&ratios(|x| x.0)),
+        medians[1].1 / medians[0].1,
+        fmt_list(&ratios(|x| x.1)),
     );
 
     println!("\n## Streaming (20 chunks), 200 req/s, ms");
