@@ -3,7 +3,8 @@
 //!
 //! Run with: cargo run --release --example loadbench
 //! (optional: `-- --quick` for a short run, `-- --secs N` per step, `-- --repeat N`
-//! runs of the fixed-rate and saturation steps, medians reported; default 5)
+//! runs of the fixed-rate and saturation steps, medians reported (default 5),
+//! `-- --memory-only` for just the RSS-per-open-stream step)
 //! Profiling aid: `loadbench drive ADDR SECS` saturates a server at ADDR.
 //!
 //! Each server runs in its own process (this binary re-executed with a role), so CPU
@@ -495,6 +496,22 @@ async fn bench(args: &[String]) {
     let gw = spawn(&["gateway", &up.addr.to_string(), &cfg], Some(1));
     let gw_idle_rss = rss_kib(gw.child.id());
     let proxy_idle_rss = rss_kib(proxy.child.id());
+    if args.iter().any(|a| a == "--memory-only") {
+        // Just the memory step (after a short warm-up), for work on per-stream memory.
+        for addr in [proxy.addr, gw.addr] {
+            fixed_rate(addr, 50, 1, true).await;
+        }
+        let per_proxy = rss_per_open_stream(&proxy, streams).await;
+        let per_gw = rss_per_open_stream(&gw, streams).await;
+        println!("RSS per open idle stream ({streams} streams): bare proxy {per_proxy:.1} KiB, switchboard {per_gw:.1} KiB");
+        println!(
+            "RSS idle: bare proxy {:.1} MiB, switchboard {:.1} MiB",
+            proxy_idle_rss as f64 / 1024.0,
+            gw_idle_rss as f64 / 1024.0
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
 
     println!(
         "# switchboard load benchmark ({} s per step, {repeat} runs{})",

@@ -512,6 +512,8 @@ impl Stream for Observed {
 
 fn record(ctx: &CallContext, endpoint: &Arc<Endpoint>, status: String, latency: Duration) {
     ctx.update(|s| {
+        // Most requests make one attempt; the record lives as long as the stream.
+        s.attempts.reserve_exact(1);
         s.attempts.push(AttemptRecord {
             provider: endpoint.provider.name.clone(),
             model: endpoint.model.clone(),

@@ -316,33 +316,28 @@ impl Gateway {
         drain: Duration,
     ) -> std::io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let app = self.router();
-        // Small SSE events must not wait for Nagle + delayed ACK (a 40 ms stall).
-        let listener =
-            axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-                let _ = tcp.set_nodelay(true);
-            });
+        // `with_state` once, here: axum's own `serve` re-runs it for every accepted
+        // connection (a fresh route table and a boxed clone of every route, ≈ 15 KiB
+        // held for as long as the connection is open).
+        let app = self.router().with_state(());
         let logs = self.logs.clone();
         let ledger = self.accounts.ledger.clone();
-        let server = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                let _ = tx.send(());
-            })
-            .into_future();
+        let server = serve_connections(listener, app, async move {
+            shutdown.await;
+            let _ = tx.send(());
+        });
         tokio::pin!(server);
-        let result = tokio::select! {
-            r = &mut server => r,
+        tokio::select! {
+            () = &mut server => {}
             _ = async { let _ = rx.await; tokio::time::sleep(drain).await } => {
                 tracing::warn!("in-flight requests did not finish within {}s; stopping", drain.as_secs());
-                Ok(())
             }
-        };
+        }
         // Settlements sent without waiting (cut streams) are committed before exit,
         // then the request records still queued are written out.
         ledger.flush().await;
         let _ = tokio::task::spawn_blocking(move || logs.flush(Duration::from_secs(5))).await;
-        result
+        Ok(())
     }
 
     /// Binds `addr` ([`Gateway::serve`] sets TCP_NODELAY on every accepted connection).
@@ -351,7 +346,129 @@ impl Gateway {
     }
 }
 
-use std::future::IntoFuture;
+/// Accepts connections on `listener` and serves `app` on each until `shutdown`
+/// resolves; then stops accepting, lets every connection finish its requests (the
+/// graceful shutdown of `axum::serve`), and returns once all are closed.
+///
+/// HTTP/1.1 and HTTP/2 (prior knowledge) are both served, as `axum::serve` does, but
+/// the version is chosen by peeking at the first bytes ([`opens_with_h2_preface`])
+/// rather than by hyper's auto-detection, which reads them and hands them back
+/// through a rewind buffer: that first short read makes the HTTP/1 read buffer grow
+/// from 8 to 16 KiB, held for the life of every connection.
+async fn serve_connections(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    // Dropping `signal_rx` tells every connection to shut down gracefully; each one
+    // holds a `close_rx` until it is closed.
+    let (signal_tx, signal_rx) = tokio::sync::watch::channel(());
+    tokio::spawn(async move {
+        shutdown.await;
+        drop(signal_rx);
+    });
+    let (close_tx, close_rx) = tokio::sync::watch::channel(());
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    accept_error(e).await;
+                    continue;
+                }
+            },
+            () = signal_tx.closed() => break,
+        };
+        // Small SSE events must not wait for Nagle + delayed ACK (a 40 ms stall).
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let signal_tx = signal_tx.clone();
+        let close_rx = close_rx.clone();
+        tokio::spawn(async move {
+            let h2 = tokio::select! {
+                h2 = opens_with_h2_preface(&tcp) => h2,
+                () = signal_tx.closed() => return,
+            };
+            let io = TokioIo::new(tcp);
+            if h2 {
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, service);
+                until_closed(conn, &signal_tx).await;
+            } else {
+                let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+                until_closed(conn, &signal_tx).await;
+            }
+            drop(close_rx);
+        });
+    }
+    drop(close_rx);
+    drop(listener);
+    close_tx.closed().await;
+}
+
+/// Drives one connection to its end, shutting it down gracefully (in-flight requests
+/// finish, no new ones are read) once `signal` is closed.
+async fn until_closed<C>(conn: C, signal: &tokio::sync::watch::Sender<()>)
+where
+    C: hyper_util::server::graceful::GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut signal_closed = std::pin::pin!(signal.closed());
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::trace!("connection ended: {e}");
+                }
+                return;
+            }
+            () = &mut signal_closed, if !shutting_down => {
+                shutting_down = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Whether a connection opens with the HTTP/2 client preface (h2c with prior
+/// knowledge). Peeks, so the bytes stay in the socket for hyper to read.
+async fn opens_with_h2_preface(tcp: &tokio::net::TcpStream) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; PREFACE.len()];
+    // A peek returns at once while unread bytes wait, so a client that has sent only
+    // part of the preface is re-checked every 10 ms, for at most a second.
+    for _ in 0..100 {
+        match tcp.peek(&mut buf).await {
+            Ok(n) if n > 0 && buf[..n] == PREFACE[..n] => {
+                if n == PREFACE.len() {
+                    return true;
+                }
+            }
+            // Anything else (HTTP/1, end of stream, an error) is left to HTTP/1.
+            _ => return false,
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// After a failed `accept`: carry on at once when only that connection failed;
+/// otherwise (e.g. out of file descriptors) wait a second, as `axum::serve` does.
+async fn accept_error(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!("accept failed: {e}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics() -> Response<Body> {

@@ -211,11 +211,14 @@ where
 pub fn parse_request(bytes: &[u8]) -> Result<ChatRequest, GatewayError> {
     // The plain parse first: tracking the path costs on every field (≈ 4k
     // instructions a request, callgrind), and is only needed to explain an error.
-    let req = match serde_json::from_slice::<ChatRequest>(bytes) {
+    let mut req = match serde_json::from_slice::<ChatRequest>(bytes) {
         Ok(req) => req,
         Err(_) => return Err(explain_parse_error(bytes)),
     };
     req.validate().map_err(GatewayError::InvalidRequest)?;
+    // The request lives as long as its stream: no spare capacity (serde grows the
+    // vector to 4 messages for the first one).
+    req.messages.shrink_to_fit();
     Ok(req)
 }
 
@@ -388,7 +391,7 @@ where
         r = &mut reply => {
             let ChatReply { endpoint, chunks } = r?;
             ctx.update(|s| s.status = 200);
-            let writer = SseWriter::new(ctx, endpoint.model.to_string(), endpoint.provider.name.to_string(), wants_usage);
+            let writer = SseWriter::new(ctx, &endpoint, wants_usage);
             let mut res = sse_response(Body::from_stream(writer.run(chunks, deadline)));
             served_headers(res.headers_mut(), &endpoint.model, &endpoint.provider.name);
             Ok(res)
@@ -433,7 +436,7 @@ where
                     tokio::select! {
                         r = &mut reply => match r {
                             Ok(ChatReply { endpoint, chunks }) => {
-                                let writer = SseWriter::new(ctx, endpoint.model.to_string(), endpoint.provider.name.to_string(), wants_usage);
+                                let writer = SseWriter::new(ctx, &endpoint, wants_usage);
                                 let mut s: std::pin::Pin<Box<dyn Stream<Item = SseItem> + Send>> = Box::pin(writer.run(chunks, deadline));
                                 let first = s.next().await;
                                 first.map(|b| (b, Phase::Streaming(s)))
@@ -480,22 +483,21 @@ fn error_event(ctx: &CallContext, e: &GatewayError, model: &str, provider: &str)
     out.freeze()
 }
 
-/// Writes chunks as SSE events, stamped with the request's id, model and provider.
+/// Writes chunks as SSE events, stamped with the request's id, model and provider
+/// (shared with the context and the catalog, not copied per stream).
 struct SseWriter {
     ctx: CallContext,
-    id: String,
-    model: String,
-    provider: String,
+    model: Arc<str>,
+    provider: Arc<str>,
     wants_usage: bool,
 }
 
 impl SseWriter {
-    fn new(ctx: CallContext, model: String, provider: String, wants_usage: bool) -> Self {
+    fn new(ctx: CallContext, endpoint: &crate::catalog::Endpoint, wants_usage: bool) -> Self {
         SseWriter {
-            id: ctx.request_id().to_string(),
             ctx,
-            model,
-            provider,
+            model: endpoint.model.clone(),
+            provider: endpoint.provider.name.clone(),
             wants_usage,
         }
     }
@@ -519,7 +521,7 @@ impl SseWriter {
             return None;
         }
         let stamped = Stamped {
-            id: &self.id,
+            id: self.ctx.request_id(),
             object: "chat.completion.chunk",
             created: self.ctx.created(),
             model: &self.model,

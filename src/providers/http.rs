@@ -14,10 +14,10 @@ use bytes::Bytes;
 use eventsource_stream::{EventStream, Eventsource};
 use futures_util::Stream;
 use http_body_util::{BodyDataStream, BodyExt, Full};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::time::{Instant, Sleep};
 
 use super::{Adapter, Decoded, StreamDecoder};
@@ -26,7 +26,7 @@ use crate::context::{ChunkStream, ProviderCall};
 use crate::error::{FailureKind, GatewayError, ProviderError};
 
 /// The pooled HTTPS-or-HTTP client every adapter shares.
-pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type HttpsClient = Client<UpstreamConnector, Full<Bytes>>;
 
 /// Largest error body read from an upstream (the rest is not needed for a message).
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -47,7 +47,127 @@ pub fn new_client() -> HttpsClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(512)
-        .build(https)
+        .build(UpstreamConnector(https))
+}
+
+/// An upstream connection: plain TCP, or TLS behind a box.
+///
+/// hyper-rustls's `MaybeHttpsStream` holds the TLS session inline (≈ 1 KiB), so every
+/// plain-HTTP upstream connection (a local model server, a sidecar) would carry that
+/// much unused for its whole life; boxed, a TLS connection pays one more allocation.
+pub enum UpstreamIo {
+    /// Plain HTTP.
+    Plain(TokioIo<tokio::net::TcpStream>),
+    /// HTTPS.
+    Tls(Box<MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>>),
+}
+
+impl UpstreamIo {
+    fn new(io: MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>) -> Self {
+        match io {
+            MaybeHttpsStream::Http(tcp) => UpstreamIo::Plain(tcp),
+            tls => UpstreamIo::Tls(Box::new(tls)),
+        }
+    }
+}
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamIo::Plain(io) => io.connected(),
+            UpstreamIo::Tls(io) => io.connected(),
+        }
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(io) => io.is_write_vectored(),
+            UpstreamIo::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_flush(cx),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The HTTPS-or-HTTP connector, yielding [`UpstreamIo`].
+#[derive(Clone)]
+pub struct UpstreamConnector(HttpsConnector<HttpConnector>);
+
+impl std::fmt::Debug for UpstreamConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConnector").finish_non_exhaustive()
+    }
+}
+
+type MaybeHttps = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+
+impl tower::Service<::http::Uri> for UpstreamConnector {
+    type Response = UpstreamIo;
+    type Error = <HttpsConnector<HttpConnector> as tower::Service<::http::Uri>>::Error;
+    type Future = futures_util::future::MapOk<
+        <HttpsConnector<HttpConnector> as tower::Service<::http::Uri>>::Future,
+        fn(MaybeHttps) -> UpstreamIo,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: ::http::Uri) -> Self::Future {
+        use futures_util::TryFutureExt;
+        self.0
+            .call(uri)
+            .map_ok(UpstreamIo::new as fn(MaybeHttps) -> UpstreamIo)
+    }
 }
 
 /// Sends one attempt and returns its chunks.
