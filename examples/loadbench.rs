@@ -5,7 +5,8 @@
 //! (optional: `-- --quick` for a short run, `-- --secs N` per step, `-- --repeat N`
 //! runs of the fixed-rate and saturation steps, medians reported (default 5),
 //! `-- --memory-only` for just the RSS-per-open-stream step)
-//! Profiling aid: `loadbench drive ADDR SECS` saturates a server at ADDR.
+//! Profiling aids: `loadbench drive ADDR SECS` saturates a server at ADDR;
+//! `loadbench rate ADDR RATE SECS` sends RATE req/s to it and prints percentiles.
 //!
 //! Each server runs in its own process (this binary re-executed with a role), so CPU
 //! time and RSS are per process, read from /proc. The server under test is pinned to
@@ -53,6 +54,19 @@ fn main() {
         "drive" => rt.block_on(async {
             let (rps, n) = saturate(args[2].parse().unwrap(), 64, args[3].parse().unwrap()).await;
             println!("{n} requests, {rps:.0} req/s");
+        }),
+        // `rate ADDR RATE SECS`: open loop at RATE req/s (for profiling latency).
+        "rate" => rt.block_on(async {
+            let (rate, secs) = (args[3].parse().unwrap(), args[4].parse().unwrap());
+            let st = fixed_rate(args[2].parse().unwrap(), rate, secs, false).await;
+            println!(
+                "ok {} err {} p50 {:.3} p90 {:.3} p99 {:.3} ms",
+                st.ok,
+                st.errors,
+                Stats::pct(&st.total, 0.5),
+                Stats::pct(&st.total, 0.9),
+                Stats::pct(&st.total, 0.99)
+            );
         }),
         _ => rt.block_on(bench(&args[1..])),
     }
@@ -532,18 +546,24 @@ async fn bench(args: &[String]) {
     println!("| rate | target | ok | err | p50 | p90 | p99 |");
     println!("|---|---|---|---|---|---|---|");
     let targets = [
-        ("direct", up.addr),
-        ("bare proxy", proxy.addr),
-        ("switchboard", gw.addr),
+        ("direct", up.addr, up.child.id()),
+        ("bare proxy", proxy.addr, proxy.child.id()),
+        ("switchboard", gw.addr, gw.child.id()),
     ];
+    // CPU µs per request of the server under test at each rate (the upstream's for
+    // "direct"): at a fixed rate both servers get the same batching, unlike saturation.
+    let mut cpu_at_rate: Vec<(u64, [f64; 3])> = Vec::new();
     let mut added = Vec::new();
     for rate in [500u64, 1000, 2000] {
         // runs[target] = (p50, p90, p99) per repeat; targets interleaved within a repeat.
         let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
         let mut counts = vec![(0usize, 0usize); targets.len()];
+        let mut cpu = [0.0f64; 3];
         for _ in 0..repeat {
-            for (i, (_, addr)) in targets.iter().enumerate() {
+            for (i, (_, addr, pid)) in targets.iter().enumerate() {
+                let c0 = cpu_secs(*pid);
                 let st = fixed_rate(*addr, rate, secs, false).await;
+                cpu[i] += (cpu_secs(*pid) - c0) * 1e6;
                 runs[i].push((
                     Stats::pct(&st.total, 0.5),
                     Stats::pct(&st.total, 0.9),
@@ -553,7 +573,11 @@ async fn bench(args: &[String]) {
                 counts[i].1 += st.errors;
             }
         }
-        for (i, (name, _)) in targets.iter().enumerate() {
+        for (i, c) in cpu.iter_mut().enumerate() {
+            *c /= counts[i].0.max(1) as f64;
+        }
+        cpu_at_rate.push((rate, cpu));
+        for (i, (name, _, _)) in targets.iter().enumerate() {
             let col = |f: fn(&(f64, f64, f64)) -> f64| median(runs[i].iter().map(f).collect());
             println!(
                 "| {rate} | {name} | {} | {} | {:.3} | {:.3} | {:.3} |",
@@ -590,6 +614,19 @@ async fn bench(args: &[String]) {
             a50 * 1000.0,
             a90 * 1000.0,
             d50 * 1000.0
+        );
+    }
+
+    println!("\nServer CPU µs per request at a fixed rate (all runs):");
+    println!("| rate | upstream (direct) | bare proxy | switchboard | ratio |");
+    println!("|---|---|---|---|---|");
+    for (rate, c) in &cpu_at_rate {
+        println!(
+            "| {rate} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            c[0],
+            c[1],
+            c[2],
+            c[2] / c[1]
         );
     }
 
