@@ -543,3 +543,58 @@ async fn get_model(State(catalog): State<Arc<Catalog>>, Path(id): Path<String>) 
 /// `StatusCode` re-export for handlers.
 #[doc(hidden)]
 pub const _OK: StatusCode = StatusCode::OK;
+
+#[cfg(test)]
+mod tests {
+    use super::opens_with_h2_preface;
+    use tokio::io::AsyncWriteExt;
+
+    /// A connected pair on loopback: (client, server side).
+    async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        (client, l.accept().await.unwrap().0)
+    }
+
+    /// Waits until `n` bytes can be peeked on `tcp`.
+    async fn arrived(tcp: &tokio::net::TcpStream, n: usize) {
+        let mut buf = vec![0; n];
+        while tcp.peek(&mut buf).await.unwrap() < n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_preface_sent_in_pieces_is_still_http2_and_its_bytes_stay_unread() {
+        let (mut client, server) = pair().await;
+        client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        arrived(&server, 16).await;
+        let server = std::sync::Arc::new(server);
+        let s = server.clone();
+        let check = tokio::spawn(async move { opens_with_h2_preface(&s).await });
+        // The check peeks the partial preface (it matches so far) and waits for more.
+        tokio::task::yield_now().await;
+        assert!(!check.is_finished());
+        client.write_all(b"\r\nSM\r\n\r\n").await.unwrap();
+        assert!(check.await.unwrap());
+        // Peeked, not read: hyper still gets the whole preface.
+        arrived(&server, 24).await;
+    }
+
+    #[tokio::test]
+    async fn http1_requests_are_not_taken_for_http2() {
+        let (mut client, server) = pair().await;
+        client
+            .write_all(b"POST /v1/chat/completions HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        arrived(&server, 4).await;
+        assert!(!opens_with_h2_preface(&server).await);
+        let (mut client, server) = pair().await;
+        client.shutdown().await.unwrap(); // closed before a byte
+        assert!(!opens_with_h2_preface(&server).await);
+        drop(client);
+    }
+}

@@ -174,8 +174,10 @@ fn handle<T: Clone>(
     KEY.with_borrow_mut(|key| {
         key.clear();
         key.push_str(name);
-        for (_, v) in labels {
+        for (k, v) in labels {
             key.push('\u{1f}');
+            key.push_str(k);
+            key.push('=');
             key.push_str(v);
         }
         if let Some(h) = cache
@@ -222,13 +224,13 @@ pub(crate) fn observe(record: &RequestRecord, total: Duration, upstream_wait: Du
         .or_else(|| record.attempts.last().map(|a| a.model.as_str()))
         .unwrap_or("none");
     let provider = record.provider.as_deref().unwrap_or("none");
-    let status = itoa_u16(record.status);
+    let mut status = itoa::Buffer::new();
     counter(
         REQUESTS,
         &[
             ("model", model),
             ("provider", provider),
-            ("status", status.as_str()),
+            ("status", status.format(record.status)),
         ],
     )
     .increment(1);
@@ -268,33 +270,6 @@ pub(crate) fn observe(record: &RequestRecord, total: Duration, upstream_wait: Du
     }
 }
 
-/// A status code as text without allocating.
-fn itoa_u16(mut n: u16) -> StatusText {
-    let mut buf = [b'0'; 5];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    StatusText { buf, start: i }
-}
-
-/// The digits [`itoa_u16`] wrote.
-struct StatusText {
-    buf: [u8; 5],
-    start: usize,
-}
-
-impl StatusText {
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.buf[self.start..]).unwrap_or("0")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +290,21 @@ mod tests {
     }
 
     #[test]
+    fn the_same_values_under_other_label_names_are_another_series() {
+        counter("switchboard_cache_test_total", &[("a", "x")]).increment(1);
+        counter("switchboard_cache_test_total", &[("b", "x")]).increment(2);
+        let text = render();
+        assert!(
+            text.contains(r#"switchboard_cache_test_total{a="x"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"switchboard_cache_test_total{b="x"} 2"#),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn labelled_handles_are_distinct_per_value() {
         counter(ATTEMPTS, &[("provider", "cache-test-a"), ("status", "200")]).increment(2);
         counter(ATTEMPTS, &[("provider", "cache-test-b"), ("status", "200")]).increment(5);
@@ -327,12 +317,5 @@ mod tests {
             text.contains(r#"switchboard_attempts_total{provider="cache-test-b",status="200"} 5"#),
             "{text}"
         );
-    }
-
-    #[test]
-    fn status_text_is_the_decimal_code() {
-        for n in [0u16, 7, 200, 499, 65535] {
-            assert_eq!(itoa_u16(n).as_str(), n.to_string());
-        }
     }
 }
