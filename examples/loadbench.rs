@@ -6,7 +6,7 @@
 //! runs of the fixed-rate and saturation steps, medians reported (default 5),
 //! `-- --memory-only` for just the RSS-per-open-stream step)
 //! Profiling aids: `loadbench drive ADDR SECS` saturates a server at ADDR;
-//! `loadbench rate ADDR RATE SECS` sends RATE req/s to it and prints percentiles.
+//! `loadbench rate ADDR RATE SECS [stream]` sends RATE req/s to it and prints percentiles.
 //!
 //! Each server runs in its own process (this binary re-executed with a role), so CPU
 //! time and RSS are per process, read from /proc. The server under test is pinned to
@@ -55,17 +55,20 @@ fn main() {
             let (rps, n) = saturate(args[2].parse().unwrap(), 64, args[3].parse().unwrap()).await;
             println!("{n} requests, {rps:.0} req/s");
         }),
-        // `rate ADDR RATE SECS`: open loop at RATE req/s (for profiling latency).
+        // `rate ADDR RATE SECS [stream]`: open loop at RATE req/s (for profiling latency).
         "rate" => rt.block_on(async {
             let (rate, secs) = (args[3].parse().unwrap(), args[4].parse().unwrap());
-            let st = fixed_rate(args[2].parse().unwrap(), rate, secs, false).await;
+            let stream = args.get(5).is_some_and(|a| a == "stream");
+            let st = fixed_rate(args[2].parse().unwrap(), rate, secs, stream).await;
             println!(
-                "ok {} err {} p50 {:.3} p90 {:.3} p99 {:.3} ms",
+                "ok {} err {} p50 {:.3} p90 {:.3} p99 {:.3} ms; TTFB p50 {:.3} p90 {:.3} ms",
                 st.ok,
                 st.errors,
                 Stats::pct(&st.total, 0.5),
                 Stats::pct(&st.total, 0.9),
-                Stats::pct(&st.total, 0.99)
+                Stats::pct(&st.total, 0.99),
+                Stats::pct(&st.ttfb, 0.5),
+                Stats::pct(&st.ttfb, 0.9)
             );
         }),
         _ => rt.block_on(bench(&args[1..])),

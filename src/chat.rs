@@ -849,6 +849,17 @@ impl ChatCompletion {
     }
 }
 
+/// Deserializes a JSON body. The UTF-8 of the whole body is checked once, in one
+/// pass, instead of string by string as serde_json's slice reader does (≈ 2k
+/// instructions a chat request and its upstream answer, callgrind). Bodies that are
+/// not UTF-8 go through the slice reader, for its error.
+pub(crate) fn from_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Result<T> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(bytes),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

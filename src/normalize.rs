@@ -211,7 +211,7 @@ where
 pub fn parse_request(bytes: &[u8]) -> Result<ChatRequest, GatewayError> {
     // The plain parse first: tracking the path costs on every field (≈ 4k
     // instructions a request, callgrind), and is only needed to explain an error.
-    let mut req = match serde_json::from_slice::<ChatRequest>(bytes) {
+    let mut req = match crate::chat::from_json::<ChatRequest>(bytes) {
         Ok(req) => req,
         Err(_) => return Err(explain_parse_error(bytes)),
     };

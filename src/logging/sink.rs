@@ -333,6 +333,10 @@ impl std::fmt::Debug for SqliteSink {
 }
 
 /// The schema of the SQLite request log.
+///
+/// One B-tree keyed by the request id, which starts with its time, so records
+/// append at its right edge and `ORDER BY id` is time order; plus one index for a
+/// key's history. (A log made before this layout keeps its own; both work.)
 pub const SQLITE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS requests (
     id                TEXT PRIMARY KEY,
@@ -356,8 +360,7 @@ CREATE TABLE IF NOT EXISTS requests (
     attempts          TEXT NOT NULL,
     prompt            TEXT,
     completion        TEXT
-);
-CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);
 ";
 

@@ -113,7 +113,7 @@ impl Adapter for OpenAiAdapter {
     }
 
     fn parse_response(&self, call: &ProviderCall, body: &[u8]) -> Result<ChatChunk, ProviderError> {
-        let wire: WireCompletion = serde_json::from_slice(body)
+        let wire: WireCompletion = crate::chat::from_json(body)
             .map_err(|e| protocol_error(call, format!("not a chat.completion: {e}")))?;
         if let Some(err) = wire.error {
             return Err(ProviderError::new(

@@ -90,7 +90,7 @@ enum Cmd {
 ///   WAL back from its own connection, so the copying never runs inside a commit;
 ///   when steady load keeps that from ever finishing, it finishes it with commits
 ///   paused for a short pass, so the WAL starts over instead of growing (see
-///   [`Checkpointer`]);
+///   `Checkpointer` in this module);
 /// - administration (create, update, top-up) writes through short transactions of
 ///   its own; SQLite serialises them with the writer.
 ///

@@ -463,7 +463,7 @@ impl Adapter for AnthropicAdapter {
     }
 
     fn parse_response(&self, call: &ProviderCall, body: &[u8]) -> Result<ChatChunk, ProviderError> {
-        let wire: wire::Response = serde_json::from_slice(body)
+        let wire: wire::Response = crate::chat::from_json(body)
             .map_err(|e| protocol_error(call, format!("not an Anthropic message: {e}")))?;
         if let Some(err) = wire.error.filter(|_| wire.kind == "error") {
             return Err(ProviderError::new(

@@ -541,7 +541,7 @@ impl Adapter for GeminiAdapter {
     }
 
     fn parse_response(&self, call: &ProviderCall, body: &[u8]) -> Result<ChatChunk, ProviderError> {
-        let wire: wire::Response = serde_json::from_slice(body)
+        let wire: wire::Response = crate::chat::from_json(body)
             .map_err(|e| protocol_error(call, format!("not a GenerateContentResponse: {e}")))?;
         if let Some(err) = &wire.error {
             return Err(in_band(&call.endpoint.provider.name, err));
