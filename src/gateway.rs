@@ -370,6 +370,7 @@ async fn serve_connections(
         drop(signal_rx);
     });
     let (close_tx, close_rx) = tokio::sync::watch::channel(());
+    let heartbeat = tokio::spawn(keep_timer_wheel_armed());
     loop {
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -406,7 +407,29 @@ async fn serve_connections(
     drop(close_rx);
     drop(listener);
     close_tx.closed().await;
+    heartbeat.abort();
 }
+
+/// Keeps a timer due within [`HEARTBEAT`] at all times, so that registering a
+/// request's timeouts does not wake the runtime's driver.
+///
+/// tokio's timer driver unparks the I/O driver (an `eventfd` write, then an extra
+/// `epoll_wait` round) whenever a timer is registered that is due before the
+/// driver's next wake. With no timer pending, that is every timer: each request
+/// arms four (request deadline, attempt deadline, provider timeout, body timeout),
+/// all minutes away. One timer that is always due sooner costs a wake-up a second
+/// (measured with `strace -c` at 1k req/s: 2.4 `write` + 3.1 `epoll_wait` per
+/// request without it).
+async fn keep_timer_wheel_armed() {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
+}
+
+/// The period of [`keep_timer_wheel_armed`]: shorter than any request timeout.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Drives one connection to its end, shutting it down gracefully (in-flight requests
 /// finish, no new ones are read) once `signal` is closed.
