@@ -12,12 +12,21 @@ use switchboard::config::Config;
 use switchboard::context::{CallContext, ChatCall, ChunkStream, ProviderCall};
 use switchboard::error::GatewayError;
 use switchboard::metering::MeteringLayer;
-use switchboard::providers::{openai::OpenAiAdapter, Adapter};
+use switchboard::providers::{
+    anthropic::AnthropicAdapter, gemini::GeminiAdapter, openai::OpenAiAdapter, Adapter,
+};
 use tower::{Layer, ServiceExt};
 
 const BODY: &str = r#"{"model":"bench/model","messages":[{"role":"system","content":"You are a helpful assistant that answers briefly."},{"role":"user","content":"Tell me about the history of the printing press in three sentences, please."}],"max_tokens":256,"temperature":0.7,"stream":true,"stream_options":{"include_usage":true}}"#;
 
 const CHUNK: &str = r#"{"id":"chatcmpl-abc","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":" printing"},"finish_reason":null}]}"#;
+
+/// One Anthropic `content_block_delta` event's data.
+const ANTHROPIC_CHUNK: &str =
+    r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" printing"}}"#;
+
+/// One Gemini `streamGenerateContent?alt=sse` event's data.
+const GEMINI_CHUNK: &str = r#"{"candidates":[{"content":{"parts":[{"text":" printing"}],"role":"model"},"index":0}],"modelVersion":"gemini-2.0-flash"}"#;
 
 fn catalog() -> Arc<Catalog> {
     let config = Config::from_toml(
@@ -32,6 +41,16 @@ name = "b"
 kind = "openai"
 base_url = "http://127.0.0.1:9/v1"
 api_key = "sk-b"
+[[providers]]
+name = "c"
+kind = "anthropic"
+base_url = "http://127.0.0.1:9"
+api_key = "sk-c"
+[[providers]]
+name = "d"
+kind = "gemini"
+base_url = "http://127.0.0.1:9"
+api_key = "sk-d"
 [[models]]
 id = "bench/model"
 max_output_tokens = 1024
@@ -45,10 +64,34 @@ max_output_tokens = 1024
   upstream_model = "m"
   prompt_usd_per_mtok = 0.2
   completion_usd_per_mtok = 0.8
+  [[models.endpoints]]
+  provider = "c"
+  upstream_model = "m"
+  prompt_usd_per_mtok = 0.25
+  completion_usd_per_mtok = 1.0
+  [[models.endpoints]]
+  provider = "d"
+  upstream_model = "m"
+  prompt_usd_per_mtok = 0.3
+  completion_usd_per_mtok = 1.2
 "#,
     )
     .unwrap();
     Arc::new(Catalog::from_config(&config))
+}
+
+/// A call to the endpoint of provider `name`.
+fn provider_call_to(catalog: &Catalog, name: &str) -> ProviderCall {
+    let endpoint = catalog
+        .endpoints()
+        .iter()
+        .find(|e| &*e.provider.name == name)
+        .unwrap()
+        .clone();
+    ProviderCall {
+        endpoint,
+        ..provider_call(catalog)
+    }
 }
 
 fn provider_call(catalog: &Catalog) -> ProviderCall {
@@ -77,6 +120,14 @@ fn request_path(c: &mut Criterion) {
     g.bench_function("openai_build_request", |b| {
         b.iter(|| OpenAiAdapter.build_request(&call, true).unwrap())
     });
+    let anthropic = provider_call_to(&catalog, "c");
+    g.bench_function("anthropic_build_request", |b| {
+        b.iter(|| AnthropicAdapter.build_request(&anthropic, true).unwrap())
+    });
+    let gemini = provider_call_to(&catalog, "d");
+    g.bench_function("gemini_build_request", |b| {
+        b.iter(|| GeminiAdapter.build_request(&gemini, true).unwrap())
+    });
     g.bench_function("call_context_new", |b| b.iter(CallContext::new));
     g.finish();
 }
@@ -89,6 +140,20 @@ fn chunk_path(c: &mut Criterion) {
     let mut decoder = OpenAiAdapter.stream_decoder(&call);
     g.bench_function("openai_decode", |b| {
         b.iter(|| decoder.decode("", CHUNK).unwrap())
+    });
+    let anthropic = provider_call_to(&catalog, "c");
+    let mut decoder = AnthropicAdapter.stream_decoder(&anthropic);
+    g.bench_function("anthropic_decode", |b| {
+        b.iter(|| {
+            decoder
+                .decode("content_block_delta", ANTHROPIC_CHUNK)
+                .unwrap()
+        })
+    });
+    let gemini = provider_call_to(&catalog, "d");
+    let mut decoder = GeminiAdapter.stream_decoder(&gemini);
+    g.bench_function("gemini_decode", |b| {
+        b.iter(|| decoder.decode("", GEMINI_CHUNK).unwrap())
     });
     let chunk: ChatChunk = serde_json::from_str(CHUNK).unwrap();
     g.bench_function("sse_encode", |b| {
