@@ -543,8 +543,9 @@ fn commit_fair(conn: &WriterConn, batch: &[&Settlement]) -> Result<Vec<bool>, St
 /// accounts, answers the waiters, and repeats until the queue is empty.
 ///
 /// With `sync = "normal"` a commit is page-cache writes (tens of µs), so the turn
-/// is a task on the caller's tokio runtime: it first yields, so that the requests
-/// ready to run join its batch, then commits right there. No thread hand-off: at
+/// is a task on the caller's tokio runtime: under load it first yields, so that the
+/// requests ready to run join its batch (an idle writer, see [`QUIET`], does not
+/// wait), then commits right there. No thread hand-off: at
 /// 1k req/s the hand-off to a writer thread and back was a quarter of the
 /// gateway's CPU. The writer thread takes the turn when a commit could block a
 /// runtime worker: `sync = "full"` (an fsync per commit), no runtime (a caller
@@ -829,7 +830,7 @@ fn finish_commit(conn: &mut Connection, batch: &[&Settlement]) -> Result<Vec<boo
     done
 }
 
-/// The statements of one batch, inside the transaction [`commit`] opened.
+/// The statements of one batch, inside the transaction [`begin`] opened.
 fn write_batch(tx: &Connection, batch: &[&Settlement]) -> Result<Vec<bool>, StoreError> {
     let mut applied = Vec::with_capacity(batch.len());
     {
