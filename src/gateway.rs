@@ -153,6 +153,14 @@ impl GatewayBuilder {
             Some(s) => s,
             None => {
                 let store = SqliteStore::open(&config.store)?;
+                if !store.owns_ledger() {
+                    return Err(crate::store::StoreError(format!(
+                        "the store {} is in use by another switchboard process (it holds {}-ledger.lock); stop it, or give this gateway a [store].url of its own",
+                        store.path().display(),
+                        store.path().display()
+                    ))
+                    .into());
+                }
                 store.bootstrap(&config.keys)?;
                 (store.clone() as Arc<dyn KeyStore>, store as Arc<dyn Ledger>)
             }

@@ -169,7 +169,7 @@ async fn sigkill_mid_load_loses_no_completed_charge_and_doubles_none() {
                 let mut i = 0usize;
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     i += 1;
-                    let stream = (w + i) % 2 == 0;
+                    let stream = (w + i).is_multiple_of(2);
                     let words = vec!["ok"; 1 + (w * 7 + i) % 23].join(" ");
                     let sent = client()
                         .post(&url)

@@ -80,6 +80,7 @@ use crate::error::GatewayError;
 use crate::keys::KeyRecord;
 use crate::money::Money;
 
+mod journal;
 mod sqlite;
 
 pub use sqlite::SqliteStore;

@@ -12,6 +12,7 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::journal::{self, Entry};
 use super::{
     hash_secret, new_key_id, now_unix, utc_day, Balance, Generation, GenerationAttempt, KeyPatch,
     KeyStore, Ledger, NewKey, SecretHash, Settlement, StoreError, StoredKey,
@@ -109,7 +110,8 @@ pub struct SqliteStore {
     readers: Mutex<Vec<Connection>>,
     accounts: Arc<Accounts>,
     writer: Arc<Writer>,
-    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The writer thread, then the applier (joined in this order on drop).
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     _stop_checkpoints: mpsc::Sender<()>,
 }
 
@@ -212,21 +214,33 @@ impl SqliteStore {
         // commits for its last pass.
         let writer_conn = Arc::new(WriterConn::new(writer_conn));
 
+        let journal = open_journal(&path, sync, &writer_conn)?;
         let accounts: Arc<Accounts> = Arc::default();
         let (turns, turns_rx) = mpsc::channel::<()>();
+        let (wake, wake_rx) = mpsc::channel::<()>();
         let writer = Arc::new(Writer {
             queue: Default::default(),
             conn: writer_conn.clone(),
             accounts: accounts.clone(),
+            journal: journal.map(parking_lot::Mutex::new),
+            durable: sync == SyncMode::Full,
             on_runtime: sync == SyncMode::Normal,
             thread: parking_lot::Mutex::new(Some(turns)),
+            applier: parking_lot::Mutex::new(Some(wake)),
             handoffs: AtomicU64::new(0),
+            #[cfg(test)]
+            apply_paused: Default::default(),
         });
         let w = writer.clone();
         let writer_thread = std::thread::Builder::new()
             .name("switchboard-ledger".into())
             .spawn(move || writer_thread(&w, turns_rx))
             .map_err(|e| StoreError(format!("cannot start the ledger writer: {e}")))?;
+        let w = writer.clone();
+        let applier_thread = std::thread::Builder::new()
+            .name("switchboard-apply".into())
+            .spawn(move || applier_thread(&w, wake_rx))
+            .map_err(|e| StoreError(format!("cannot start the ledger applier: {e}")))?;
 
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let checkpointer = Checkpointer {
@@ -245,7 +259,7 @@ impl SqliteStore {
             readers: Mutex::new(Vec::new()),
             accounts,
             writer,
-            writer_thread: Mutex::new(Some(writer_thread)),
+            threads: Mutex::new(vec![writer_thread, applier_thread]),
             _stop_checkpoints: stop_tx,
         }))
     }
@@ -253,6 +267,29 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether this store owns its file's ledger (holds `<db>-ledger.lock`) and so
+    /// can settle. Another store open on the same file (the `keys` CLI next to a
+    /// running gateway) administers keys, and its settlements fail.
+    pub fn owns_ledger(&self) -> bool {
+        self.writer.journal.is_some()
+    }
+
+    /// A stored key with the spending this process knows of: its in-memory account
+    /// is ahead of the row by what is journaled and not applied yet.
+    fn with_account(&self, mut key: StoredKey) -> StoredKey {
+        if let Some(acc) = self
+            .accounts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key.record.id)
+        {
+            let a = acc.lock().unwrap_or_else(|e| e.into_inner());
+            key.spent = key.spent.max(a.spent);
+            key.credits = key.credits.max(a.credits);
+        }
+        key
     }
 
     /// Upserts the bootstrap `[[keys]]` of a config: a new secret is created with its
@@ -413,28 +450,106 @@ impl Drop for SqliteStore {
     fn drop(&mut self) {
         // The writer thread finishes the turn it may hold, then stops; a turn still
         // out on a runtime finishes there (it holds the writer), or here if the
-        // thread is gone by then.
+        // thread is gone by then. Then the applier commits what is journaled to
+        // SQLite, and the empty journal is removed.
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut threads = threads.into_iter();
         self.writer.thread.lock().take();
-        if let Some(t) = self
-            .writer_thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(t) = threads.next() {
             let _ = t.join();
+        }
+        self.writer.applier.lock().take();
+        if let Some(t) = threads.next() {
+            let _ = t.join();
+        }
+        if let Some(journal) = &self.writer.journal {
+            let mut j = journal.lock();
+            if j.queued.is_empty() && j.len == 0 && !j.closed {
+                let _ = std::fs::remove_file(&j.paths.journal);
+                j.closed = true;
+            }
         }
         if self.temporary {
             self.readers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
-            for suffix in ["", "-wal", "-shm"] {
+            for suffix in [
+                "",
+                "-wal",
+                "-shm",
+                "-ledger",
+                "-ledger.applying",
+                "-ledger.lock",
+            ] {
                 let mut p = self.path.clone().into_os_string();
                 p.push(suffix);
                 let _ = std::fs::remove_file(p);
             }
         }
     }
+}
+
+/// Takes the ledger of the store at `path` if no other store holds it: commits what
+/// a previous process left in its journal (a crash), then starts a fresh journal.
+/// `None`: another store owns it (this one can administer keys, not settle).
+fn open_journal(
+    path: &Path,
+    sync: SyncMode,
+    conn: &WriterConn,
+) -> Result<Option<JournalState>, StoreError> {
+    let paths = journal::Paths::new(path);
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        StoreError(format!(
+            "cannot {what} the ledger journal {}: {e}",
+            p.display()
+        ))
+    };
+    let Some(lock) = journal::lock(&paths).map_err(|e| io("lock", &paths.lock, e))? else {
+        return Ok(None);
+    };
+    let mut left = Vec::new();
+    let mut cut = 0;
+    for p in [&paths.applying, &paths.journal] {
+        let (entries, skipped) = journal::read(p).map_err(|e| io("read", p, e))?;
+        left.extend(entries.into_iter().map(Arc::new));
+        cut += skipped;
+    }
+    if cut > 0 {
+        tracing::warn!("ledger journal: {cut} line(s) cut by a crash were never answered as committed; skipped");
+    }
+    if !left.is_empty() {
+        let applied = commit(&mut conn.lock(), &left)?;
+        let new = applied.iter().filter(|a| **a).count();
+        tracing::info!(
+            "ledger journal: committed {new} settlement(s) a previous run left ({} were in SQLite already)",
+            left.len() - new
+        );
+    }
+    for p in [&paths.applying, &paths.journal] {
+        match std::fs::remove_file(p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("remove", p, e)),
+            _ => {}
+        }
+    }
+    let file = journal::create(&paths.journal).map_err(|e| io("create", &paths.journal, e))?;
+    if sync == SyncMode::Full {
+        journal::sync_dir(&paths.journal)
+            .map_err(|e| io("sync the directory of", &paths.journal, e))?;
+    }
+    Ok(Some(JournalState {
+        paths,
+        file,
+        len: 0,
+        buf: Vec::new(),
+        pending: HashMap::new(),
+        queued: Vec::new(),
+        flushes: Vec::new(),
+        woken: false,
+        closed: false,
+        seen: open_conn(path, sync)?,
+        _lock: lock,
+    }))
 }
 
 /// WAL frames (pages) past which the checkpointer makes sure the WAL starts over.
@@ -531,7 +646,7 @@ const MAX_BATCH: usize = 1024;
 /// it when done (a fair unlock): the writer takes it again within microseconds,
 /// which would starve the checkpointer of an unfair lock.
 #[cfg(test)]
-fn commit_fair(conn: &WriterConn, batch: &[&Settlement]) -> Result<Vec<bool>, StoreError> {
+fn commit_fair(conn: &WriterConn, batch: &[Arc<Entry>]) -> Result<Vec<bool>, StoreError> {
     let mut guard = conn.lock();
     let result = commit(&mut guard, batch);
     parking_lot::MutexGuard::unlock_fair(guard);
@@ -539,44 +654,85 @@ fn commit_fair(conn: &WriterConn, batch: &[&Settlement]) -> Result<Vec<bool>, St
 }
 
 /// The ledger's one writer (SPEC §4): settlements queue here, and whoever holds the
-/// writer's *turn* commits everything queued in one transaction, applies it to the
-/// accounts, answers the waiters, and repeats until the queue is empty.
+/// writer's *turn* appends everything queued to the journal in one write, applies it
+/// to the accounts, answers the waiters, and repeats until the queue is empty. The
+/// applier thread then commits what was journaled to SQLite, in the background.
 ///
-/// With `sync = "normal"` a commit is page-cache writes (tens of µs), so the turn
-/// is a task on the caller's tokio runtime: under load it first yields, so that the
-/// requests ready to run join its batch (an idle writer, see [`QUIET`], does not
-/// wait), then commits right there. No thread hand-off: at
-/// 1k req/s the hand-off to a writer thread and back was a quarter of the
-/// gateway's CPU. The writer thread takes the turn when a commit could block a
-/// runtime worker: `sync = "full"` (an fsync per commit), no runtime (a caller
-/// outside tokio), the checkpointer pausing commits, another connection holding the
-/// database's write lock, or a runtime that is shutting down (a turn dropped
-/// unfinished passes to the thread, so nothing queued is lost).
+/// With `sync = "normal"` an append is one `write` into the page cache (a few µs),
+/// so the turn is a task on the caller's tokio runtime: under load it first yields,
+/// so that the requests ready to run join its batch (an idle writer, see [`QUIET`],
+/// does not wait), then appends right there. No thread hand-off: at 1k req/s the
+/// hand-off to a writer thread and back was a quarter of the gateway's CPU. The
+/// writer thread takes the turn when an append could block a runtime worker:
+/// `sync = "full"` (an `fdatasync` per batch), no runtime (a caller outside tokio),
+/// or a runtime that is shutting down (a turn dropped unfinished passes to the
+/// thread, so nothing queued is lost). SQLite's locks (another connection writing,
+/// the checkpointer's paused pass) are only ever waited for by the applier.
 struct Writer {
     queue: parking_lot::Mutex<Queue>,
+    /// The connection the applier commits with (and the checkpointer pauses).
     conn: Arc<WriterConn>,
     accounts: Arc<Accounts>,
+    /// `None`: another store owns this file's ledger, and settling fails.
+    journal: Option<parking_lot::Mutex<JournalState>>,
+    /// `fdatasync` after each append (`sync = "full"`).
+    durable: bool,
     /// Whether turns may run on the caller's runtime (`sync = "normal"`).
     on_runtime: bool,
     /// Wakes the writer thread with the turn; `None` once the store is dropped.
     thread: parking_lot::Mutex<Option<mpsc::Sender<()>>>,
+    /// Wakes the applier; `None` once the store is dropped.
+    applier: parking_lot::Mutex<Option<mpsc::Sender<()>>>,
     /// Turns passed to the thread so far (read by tests).
     handoffs: AtomicU64,
+    /// Tests stop the applier to leave entries in the journal, as a crash would.
+    #[cfg(test)]
+    apply_paused: std::sync::atomic::AtomicBool,
 }
 
-/// What waits for the writer, and whether a turn is out to commit it.
+/// The journal and what it holds that SQLite does not have yet.
+struct JournalState {
+    paths: journal::Paths,
+    file: std::fs::File,
+    /// The journal's length (a failed append is cut back to it).
+    len: u64,
+    /// The lines of the batch being appended (kept for its capacity).
+    buf: Vec<u8>,
+    /// Journaled, not yet in SQLite, by request id: settling one again is a
+    /// duplicate, and `/v1/generation` shows it.
+    pending: HashMap<String, Arc<Entry>>,
+    /// The same entries, in journal order, not yet taken by the applier.
+    queued: Vec<Arc<Entry>>,
+    /// Flushes waiting for what was journaled before them to be in SQLite.
+    flushes: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// The applier was woken for what is queued.
+    woken: bool,
+    /// The store was dropped and its empty journal removed; a late append (a turn
+    /// still out on a runtime) creates it again, for the next open to replay.
+    closed: bool,
+    /// Reads whether a request id was settled before (in SQLite).
+    seen: Connection,
+    /// Held for as long as this store owns the ledger.
+    _lock: std::fs::File,
+}
+
+/// What waits for the writer, and whether a turn is out to append it.
 #[derive(Default)]
 struct Queue {
     cmds: Vec<Cmd>,
     turn_out: bool,
-    /// When the last turn was given back (nothing left to commit).
+    /// When the last turn was given back (nothing left to append).
     idle_since: Option<Instant>,
 }
 
-/// A writer idle for this long is not under load: a new turn commits at once
+/// A writer idle for this long is not under load: a new turn appends at once
 /// instead of first yielding for a batch to form (which costs the runtime an extra
-/// poll of its I/O driver, one `epoll_wait`, per commit).
+/// poll of its I/O driver, one `epoll_wait`, per append).
 const QUIET: Duration = Duration::from_micros(250);
+
+/// How long the applier lets journaled settlements gather before committing them
+/// to SQLite in one transaction (so SQLite's own commit cost is shared by many).
+const APPLY_AFTER: Duration = Duration::from_millis(5);
 
 impl Writer {
     /// Queues `cmd`; starts a turn when none is out.
@@ -603,7 +759,7 @@ impl Writer {
     }
 
     /// The next batch of the turn's holder, or `None` after giving the turn back
-    /// (nothing left to commit).
+    /// (nothing left to append).
     fn next_batch(&self) -> Option<Vec<Cmd>> {
         let mut q = self.queue.lock();
         if q.cmds.is_empty() {
@@ -617,61 +773,48 @@ impl Writer {
         Some(q.cmds.drain(..MAX_BATCH).collect())
     }
 
-    /// Puts a batch back at the head of the queue (it goes to the thread instead).
-    fn put_back(&self, mut batch: Vec<Cmd>) {
-        let mut q = self.queue.lock();
-        batch.append(&mut q.cmds);
-        q.cmds = batch;
-    }
-
-    /// Holds the turn on this thread until the queue is empty, waiting for the
-    /// connection and for other connections' write locks as long as it takes.
+    /// Holds the turn on this thread until the queue is empty.
     fn drain_blocking(&self) {
         while let Some(batch) = self.next_batch() {
-            let conn = self.conn.lock();
-            let begun = if has_settlements(&batch) {
-                conn.busy_timeout(BUSY_TIMEOUT).and_then(|()| begin(&conn))
-            } else {
-                Ok(())
-            };
-            self.commit_batch(conn, batch, begun);
+            self.commit_batch(batch);
         }
     }
 
-    /// Finishes the transaction `begun` opened for `batch` (when it has settlements),
-    /// releases the connection, applies the batch to the accounts, answers it.
-    fn commit_batch(
-        &self,
-        mut conn: parking_lot::MutexGuard<'_, Connection>,
-        batch: Vec<Cmd>,
-        begun: rusqlite::Result<()>,
-    ) {
-        let settlements: Vec<&Settlement> = batch
-            .iter()
-            .filter_map(|c| match c {
-                Cmd::Settle(s, _) => Some(&**s),
-                Cmd::Flush(_) => None,
-            })
-            .collect();
-        let result = if settlements.is_empty() {
+    /// Journals `batch`, applies it to the accounts, answers it.
+    fn commit_batch(&self, batch: Vec<Cmd>) {
+        let day = utc_day();
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut waiters = Vec::with_capacity(batch.len());
+        let mut flushes = Vec::new();
+        for cmd in batch {
+            match cmd {
+                Cmd::Settle(s, waiter) => {
+                    entries.push(Arc::new(Entry {
+                        settlement: *s,
+                        day,
+                    }));
+                    waiters.push(waiter);
+                }
+                Cmd::Flush(w) => flushes.push(w),
+            }
+        }
+        let result = if entries.is_empty() {
             Ok(Vec::new())
         } else {
-            begun
-                .map_err(StoreError::from)
-                .and_then(|()| finish_commit(&mut conn, &settlements))
+            self.append(&entries)
         };
-        parking_lot::MutexGuard::unlock_fair(conn);
         if let Err(e) = &result {
             tracing::error!(
                 "ledger commit of {} settlement(s) failed: {e}",
-                settlements.len()
+                entries.len()
             );
         }
         // Accounts change only after the commit, and before anyone is answered; a
         // failed commit charged nothing, and releases its reservations all the same.
         {
             let map = self.accounts.read().unwrap_or_else(|e| e.into_inner());
-            for (i, s) in settlements.iter().enumerate() {
+            for (i, e) in entries.iter().enumerate() {
+                let s = &e.settlement;
                 let Some(acc) = map.get(&s.key_id) else {
                     continue;
                 };
@@ -679,42 +822,222 @@ impl Writer {
                 a.reserved = (a.reserved - s.reserved).max(Money::ZERO);
                 if result.as_ref().is_ok_and(|applied| applied[i]) {
                     a.spent = a.spent + s.generation.total_cost;
-                    let day = utc_day();
-                    if a.day != day {
-                        a.day = day;
+                    if a.day != e.day {
+                        a.day = e.day;
                         a.day_tokens = 0;
                     }
                     a.day_tokens += s.tokens;
                 }
             }
         }
-        drop(settlements);
-        let mut i = 0;
-        for cmd in batch {
-            match cmd {
-                Cmd::Settle(_, waiter) => {
-                    let r = match &result {
-                        Ok(applied) => Ok(applied[i]),
-                        Err(e) => Err(e.clone()),
-                    };
-                    i += 1;
-                    if let Some(w) = waiter {
-                        let _ = w.send(r);
-                    }
-                }
-                Cmd::Flush(w) => {
+        for (i, waiter) in waiters.into_iter().enumerate() {
+            if let Some(w) = waiter {
+                let _ = w.send(match &result {
+                    Ok(applied) => Ok(applied[i]),
+                    Err(e) => Err(e.clone()),
+                });
+            }
+        }
+        if !flushes.is_empty() {
+            self.flush_after_apply(flushes);
+        }
+    }
+
+    /// Appends the settlements not seen before to the journal, in one write; per
+    /// settlement, whether it charged (false: its request id was settled before).
+    fn append(&self, entries: &[Arc<Entry>]) -> Result<Vec<bool>, StoreError> {
+        let Some(journal) = &self.journal else {
+            return Err(StoreError(
+                "another process owns this store's ledger (its -ledger.lock is held); settle through that gateway".into(),
+            ));
+        };
+        let mut guard = journal.lock();
+        let j = &mut *guard;
+        if j.closed {
+            j.file = journal::create(&j.paths.journal)
+                .map_err(|e| StoreError(format!("cannot write the ledger journal: {e}")))?;
+            j.closed = false;
+        }
+        let mut fresh = Vec::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            let id = e.settlement.generation.id.as_str();
+            let twice = j.pending.contains_key(id)
+                || entries[..i]
+                    .iter()
+                    .zip(&fresh)
+                    .any(|(o, f): (&Arc<Entry>, &bool)| *f && o.settlement.generation.id == id)
+                || settled_before(&j.seen, id)?;
+            fresh.push(!twice);
+        }
+        j.buf.clear();
+        for (e, _) in entries.iter().zip(&fresh).filter(|(_, f)| **f) {
+            e.write_line(&mut j.buf);
+        }
+        if !j.buf.is_empty() {
+            journal::append(&mut j.file, &mut j.len, &j.buf, self.durable)
+                .map_err(|e| StoreError(format!("cannot write the ledger journal: {e}")))?;
+        }
+        for (e, _) in entries.iter().zip(&fresh).filter(|(_, f)| **f) {
+            j.pending
+                .insert(e.settlement.generation.id.clone(), e.clone());
+            j.queued.push(e.clone());
+        }
+        if !j.queued.is_empty() && !std::mem::replace(&mut j.woken, true) {
+            self.wake_applier();
+        }
+        Ok(fresh)
+    }
+
+    fn wake_applier(&self) {
+        if let Some(tx) = self.applier.lock().as_ref() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Answers `flushes` once what was journaled before them is in SQLite.
+    fn flush_after_apply(&self, flushes: Vec<tokio::sync::oneshot::Sender<()>>) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        let mut j = journal.lock();
+        j.flushes.extend(flushes);
+        if !std::mem::replace(&mut j.woken, true) {
+            drop(j);
+            self.wake_applier();
+        }
+    }
+
+    /// Commits everything journaled so far to SQLite: takes it (the journal starts
+    /// over in a fresh file), commits it in one transaction, deletes the file it was
+    /// in, answers the flushes. A failed commit is retried (with `stopping`, left in
+    /// the journal files for the next open to replay).
+    fn apply_journaled(&self, stopping: bool) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        #[cfg(test)]
+        if self.apply_paused.load(Ordering::SeqCst) {
+            journal.lock().woken = false;
+            return;
+        }
+        let (entries, flushes, rotated) = {
+            let mut j = journal.lock();
+            j.woken = false;
+            let flushes = std::mem::take(&mut j.flushes);
+            if j.queued.is_empty() {
+                drop(j);
+                flushes.into_iter().for_each(|w| {
                     let _ = w.send(());
+                });
+                return;
+            }
+            let entries = std::mem::take(&mut j.queued);
+            // If the journal cannot start over, its lines stay: replay commits them
+            // again, and the request id makes that charge nothing twice.
+            let rotated = match self.rotate(&mut j) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!("the ledger journal cannot start over: {e}");
+                    false
+                }
+            };
+            (entries, flushes, rotated)
+        };
+        let mut delay = Duration::from_millis(10);
+        loop {
+            let conn = self.conn.lock();
+            let done = conn
+                .busy_timeout(BUSY_TIMEOUT)
+                .map_err(StoreError::from)
+                .and_then(|()| {
+                    let mut conn = conn;
+                    begin(&conn)?;
+                    finish_commit(&mut conn, &entries).map(drop)
+                });
+            match done {
+                Ok(()) => break,
+                Err(e) if stopping => {
+                    return tracing::error!(
+                        "{} journaled settlement(s) are not in SQLite yet ({e}); the next start commits them",
+                        entries.len()
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "committing {} journaled settlement(s) to SQLite failed ({e}); retrying in {delay:?}",
+                        entries.len()
+                    );
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
+        }
+        if rotated {
+            if let Some(j) = &self.journal {
+                let applying = j.lock().paths.applying.clone();
+                if let Err(e) = std::fs::remove_file(&applying) {
+                    tracing::warn!("cannot remove {}: {e}", applying.display());
+                }
+            }
+        }
+        let mut j = journal.lock();
+        for e in &entries {
+            let id = &e.settlement.generation.id;
+            if j.pending.get(id).is_some_and(|p| Arc::ptr_eq(p, e)) {
+                j.pending.remove(id);
+            }
+        }
+        drop(j);
+        flushes.into_iter().for_each(|w| {
+            let _ = w.send(());
+        });
+    }
+
+    /// The journal moves aside (to be applied) and a fresh one takes its place.
+    fn rotate(&self, j: &mut JournalState) -> std::io::Result<()> {
+        std::fs::rename(&j.paths.journal, &j.paths.applying)?;
+        let fresh = journal::create(&j.paths.journal);
+        let fresh = match fresh {
+            Ok(f) => f,
+            Err(e) => {
+                // Keep appending to the file we have, under its old name.
+                std::fs::rename(&j.paths.applying, &j.paths.journal)?;
+                return Err(e);
+            }
+        };
+        j.file = fresh;
+        j.len = 0;
+        if self.durable {
+            journal::sync_dir(&j.paths.journal)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `id` is in SQLite's settlements already.
+fn settled_before(conn: &Connection, id: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM settlements WHERE request_id=?1")?
+        .exists([id])?)
+}
+
+/// The applier thread: each time it is woken, lets more settlements gather for
+/// [`APPLY_AFTER`], then commits the journaled ones to SQLite; when the store is
+/// dropped, commits what is left and stops.
+fn applier_thread(writer: &Writer, wake: mpsc::Receiver<()>) {
+    loop {
+        let stopping = wake.recv().is_err();
+        if !stopping {
+            std::thread::sleep(APPLY_AFTER);
+        }
+        writer.apply_journaled(stopping);
+        if stopping {
+            return;
         }
     }
 }
 
-fn has_settlements(batch: &[Cmd]) -> bool {
-    batch.iter().any(|c| matches!(c, Cmd::Settle(..)))
-}
-
-/// The right to commit the writer's queue, held by one task or thread at a time.
+/// The right to append the writer's queue, held by one task or thread at a time.
 /// Dropped unfinished (a task cancelled by a runtime shutting down), it passes to
 /// the writer thread.
 struct Turn {
@@ -723,8 +1046,7 @@ struct Turn {
 }
 
 impl Turn {
-    /// Commits on the runtime until the queue is empty; passes the turn to the
-    /// writer thread rather than block a worker.
+    /// Appends on the runtime until the queue is empty.
     /// `quiet`: the writer was idle (see [`QUIET`]), so no batch is worth waiting for.
     async fn run_on_runtime(mut self, quiet: bool) {
         let mut wait_for_batch = !quiet;
@@ -732,42 +1054,19 @@ impl Turn {
             // Under load, requests that are ready to run now settle into this batch:
             // the task waits behind them (and behind one poll of the I/O driver).
             // A spawned task runs as soon as the one that spawned it yields, so a
-            // quiet writer commits at once.
+            // quiet writer appends at once.
             if std::mem::replace(&mut wait_for_batch, true) {
                 tokio::task::yield_now().await;
             }
-            // Held only by the checkpointer's short paused pass.
-            let Some(conn) = self.writer.conn.try_lock() else {
-                return self.pass_to_thread();
-            };
             let Some(batch) = self.writer.next_batch() else {
                 self.done = true;
                 return;
             };
-            let begun = if has_settlements(&batch) {
-                // Another connection's write lock (administration, the CLI) is
-                // waited for on the thread, never on a worker.
-                match conn
-                    .busy_timeout(Duration::ZERO)
-                    .and_then(|()| begin(&conn))
-                {
-                    Err(rusqlite::Error::SqliteFailure(f, _))
-                        if f.code == rusqlite::ErrorCode::DatabaseBusy =>
-                    {
-                        drop(conn);
-                        self.writer.put_back(batch);
-                        return self.pass_to_thread();
-                    }
-                    begun => begun,
-                }
-            } else {
-                Ok(())
-            };
-            self.writer.commit_batch(conn, batch, begun);
+            self.writer.commit_batch(batch);
         }
     }
 
-    /// Hands the turn to the writer thread; commits here if the thread has stopped.
+    /// Hands the turn to the writer thread; appends here if the thread has stopped.
     fn pass_to_thread(&mut self) {
         self.done = true;
         self.writer.handoffs.fetch_add(1, Ordering::Relaxed);
@@ -794,7 +1093,7 @@ impl Drop for Turn {
 /// The writer thread: holds the turn each time it is handed one.
 fn writer_thread(writer: &Writer, turns: mpsc::Receiver<()>) {
     while turns.recv().is_ok() {
-        // Let the threads that woke us queue what they have before the commit.
+        // Let the threads that woke us queue what they have before the append.
         std::thread::yield_now();
         writer.drain_blocking();
     }
@@ -807,17 +1106,16 @@ fn begin(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// One transaction for a batch; per settlement, whether it charged (false: that
-/// request id was settled before).
-#[cfg(test)]
-fn commit(conn: &mut Connection, batch: &[&Settlement]) -> Result<Vec<bool>, StoreError> {
+/// One transaction for a batch; per entry, whether it charged (false: that
+/// request id was committed before).
+fn commit(conn: &mut Connection, batch: &[Arc<Entry>]) -> Result<Vec<bool>, StoreError> {
     begin(conn)?;
     finish_commit(conn, batch)
 }
 
 /// The statements and `COMMIT` of the transaction [`begin`] opened; rolls it back on
 /// failure.
-fn finish_commit(conn: &mut Connection, batch: &[&Settlement]) -> Result<Vec<bool>, StoreError> {
+fn finish_commit(conn: &mut Connection, batch: &[Arc<Entry>]) -> Result<Vec<bool>, StoreError> {
     let done = write_batch(conn, batch).and_then(|applied| {
         conn.prepare_cached("COMMIT")?.execute([])?;
         Ok(applied)
@@ -831,7 +1129,7 @@ fn finish_commit(conn: &mut Connection, batch: &[&Settlement]) -> Result<Vec<boo
 }
 
 /// The statements of one batch, inside the transaction [`begin`] opened.
-fn write_batch(tx: &Connection, batch: &[&Settlement]) -> Result<Vec<bool>, StoreError> {
+fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<bool>, StoreError> {
     let mut applied = Vec::with_capacity(batch.len());
     {
         let mut insert = tx.prepare_cached(
@@ -845,11 +1143,11 @@ fn write_batch(tx: &Connection, batch: &[&Settlement]) -> Result<Vec<bool>, Stor
             "INSERT INTO daily_tokens (key_id, day, tokens) VALUES (?1, ?2, ?3)
              ON CONFLICT (key_id, day) DO UPDATE SET tokens = tokens + excluded.tokens",
         )?;
-        let day = utc_day() as i64;
-        // One UPDATE and one UPSERT per key per batch, not per settlement: a batch is
-        // usually many requests of few keys.
-        let mut per_key: HashMap<&str, (i64, i64)> = HashMap::new();
-        for s in batch {
+        // One UPDATE and one UPSERT per key (and day) per batch, not per settlement:
+        // a batch is usually many requests of few keys.
+        let mut per_key: HashMap<(&str, u64), (i64, i64)> = HashMap::new();
+        for e in batch {
+            let s = &e.settlement;
             let g = &s.generation;
             let attempts = serde_json::to_string(&g.attempts).unwrap_or_else(|_| "[]".into());
             let n = insert.execute(params![
@@ -869,16 +1167,16 @@ fn write_batch(tx: &Connection, batch: &[&Settlement]) -> Result<Vec<bool>, Stor
             ])?;
             if n == 1 {
                 let (cost, tokens) = (g.total_cost.pico(), s.tokens as i64);
-                let entry = per_key.entry(&s.key_id).or_default();
+                let entry = per_key.entry((&s.key_id, e.day)).or_default();
                 entry.0 += cost;
                 entry.1 += tokens;
             }
             applied.push(n == 1);
         }
-        for (key_id, (cost, tokens)) in per_key {
+        for ((key_id, day), (cost, tokens)) in per_key {
             spend.execute(params![cost, key_id])?;
             if tokens > 0 {
-                tokens_stmt.execute(params![key_id, day, tokens])?;
+                tokens_stmt.execute(params![key_id, day as i64, tokens])?;
             }
         }
     }
@@ -899,24 +1197,26 @@ impl KeyStore for SqliteStore {
     }
 
     fn get(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
-        self.with_conn(|c| {
+        let key = self.with_conn(|c| {
             Ok(c.query_row(
                 &format!("SELECT {KEY_COLUMNS} FROM keys WHERE id=?1"),
                 [id],
                 row_to_key,
             )
             .optional()?)
-        })
+        })?;
+        Ok(key.map(|k| self.with_account(k)))
     }
 
     fn list(&self) -> Result<Vec<StoredKey>, StoreError> {
-        self.with_conn(|c| {
+        let keys = self.with_conn(|c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT {KEY_COLUMNS} FROM keys ORDER BY created, rowid"
             ))?;
             let rows = stmt.query_map([], row_to_key)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
+        })?;
+        Ok(keys.into_iter().map(|k| self.with_account(k)).collect())
     }
 
     fn create(&self, hash: SecretHash, new: NewKey) -> Result<StoredKey, StoreError> {
@@ -992,6 +1292,7 @@ impl KeyStore for SqliteStore {
             tx.commit()?;
             Ok(Some(key))
         })
+        .map(|k| k.map(|k| self.with_account(k)))
     }
 
     fn ping(&self) -> Result<(), StoreError> {
@@ -1083,6 +1384,12 @@ impl Ledger for SqliteStore {
     }
 
     fn generation(&self, id: &str) -> Result<Option<Generation>, StoreError> {
+        // Journaled and not in SQLite yet (for a few milliseconds).
+        if let Some(journal) = &self.writer.journal {
+            if let Some(e) = journal.lock().pending.get(id) {
+                return Ok(Some(e.settlement.generation.clone()));
+            }
+        }
         self.with_conn(|c| {
             Ok(c.query_row(
                 "SELECT request_id, key_id, amount_pico, model, provider, streamed, prompt_tokens,
@@ -1125,6 +1432,14 @@ mod tests {
     fn file_store(dir: &Path) -> Arc<SqliteStore> {
         SqliteStore::open(&StoreConfig {
             url: format!("sqlite://{}", dir.join("ledger.db").display()),
+            sync: SyncMode::Normal,
+        })
+        .unwrap()
+    }
+
+    fn file_store_at(path: &Path) -> Arc<SqliteStore> {
+        SqliteStore::open(&StoreConfig {
+            url: format!("sqlite://{}", path.display()),
             sync: SyncMode::Normal,
         })
         .unwrap()
@@ -1177,6 +1492,13 @@ mod tests {
         }
     }
 
+    fn entry(settlement: Settlement) -> Arc<Entry> {
+        Arc::new(Entry {
+            settlement,
+            day: utc_day(),
+        })
+    }
+
     #[test]
     fn one_batch_of_many_keys_charges_each_key_its_own_sum_once() {
         let dir = temp_dir();
@@ -1195,7 +1517,7 @@ mod tests {
             settlement("ka", "gen-3", "0.125", "1"),
             settlement("ka", "gen-1", "0.25", "1"), // a repeat: not charged again
         ];
-        let refs: Vec<&Settlement> = batch.iter().collect();
+        let refs: Vec<Arc<Entry>> = batch.into_iter().map(entry).collect();
         assert_eq!(commit(&mut conn, &refs).unwrap(), [true, true, true, false]);
         let spent = |c: &Connection, k: &str| -> i64 {
             c.query_row("SELECT spent_pico FROM keys WHERE id = ?1", [k], |r| {
@@ -1216,7 +1538,7 @@ mod tests {
         assert_eq!((tokens(&conn, "ka"), tokens(&conn, "kb")), (20, 10));
         // A second batch adds to what the first wrote.
         let again = [settlement("kb", "gen-4", "0.5", "1")];
-        let refs: Vec<&Settlement> = again.iter().collect();
+        let refs: Vec<Arc<Entry>> = again.into_iter().map(entry).collect();
         assert_eq!(commit(&mut conn, &refs).unwrap(), [true]);
         assert_eq!(spent(&conn, "kb"), usd("1").pico());
         assert_eq!(tokens(&conn, "kb"), 20);
@@ -1242,7 +1564,7 @@ mod tests {
         };
         let settle = |n: usize| {
             let s = settlement("k", &format!("gen-{n:08}"), "0.001", "0.001");
-            commit_fair(&writer, &[&s]).unwrap();
+            commit_fair(&writer, &[entry(s)]).unwrap();
         };
         // A WAL past the restart threshold (each commit writes at least one frame;
         // nothing has checkpointed yet), then a committer that never pauses.
@@ -1260,7 +1582,7 @@ mod tests {
                 let mut m = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let s = settlement("k", &format!("gen-bg-{m:08}"), "0.001", "0.001");
-                    commit_fair(&writer, &[&s]).unwrap();
+                    commit_fair(&writer, &[entry(s)]).unwrap();
                     m += 1;
                 }
                 m
@@ -1434,13 +1756,6 @@ mod tests {
         (store, k.record.id)
     }
 
-    /// Yields until the writer has passed a turn to its thread.
-    async fn handed_off(store: &SqliteStore) {
-        while store.writer.handoffs.load(Ordering::Relaxed) == 0 {
-            tokio::task::yield_now().await;
-        }
-    }
-
     /// Polls `f` to its end on this thread, outside any runtime.
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
         struct Unpark(std::thread::Thread);
@@ -1468,8 +1783,12 @@ mod tests {
         .unwrap()
     }
 
+    fn journal_text(dir: &Path) -> String {
+        std::fs::read_to_string(dir.join("turns.db-ledger")).unwrap_or_default()
+    }
+
     #[tokio::test(flavor = "current_thread")]
-    async fn a_commit_on_the_runtime_is_in_the_file_before_the_settlement_resolves() {
+    async fn a_settlement_is_journaled_before_it_resolves_and_in_sqlite_after_a_flush() {
         let dir = temp_dir();
         let (store, id) = store_with_reservation(&dir, SyncMode::Normal, "0.5");
         assert!(store.writer.on_runtime);
@@ -1478,36 +1797,57 @@ mod tests {
             .await
             .unwrap());
         let handoffs = store.writer.handoffs.load(Ordering::Relaxed);
-        assert_eq!(handoffs, 0, "committed on the runtime");
-        // Another connection (another process, say) sees the charge already.
-        assert_eq!(spent_in_file(&dir, &id), usd("0.25").pico());
+        assert_eq!(handoffs, 0, "journaled on the runtime");
+        // Durable once resolved: the line is in the file, whatever SQLite has yet.
+        assert!(journal_text(&dir).contains("\"id\":\"gen-rt\""));
         let b = store.balance(&id).unwrap();
         assert_eq!((b.spent, b.reserved), (usd("0.25"), Money::ZERO));
+        assert_eq!(store.get(&id).unwrap().unwrap().spent, usd("0.25"));
+        assert_eq!(
+            store.generation("gen-rt").unwrap().unwrap().total_cost,
+            usd("0.25")
+        );
+        store.flush().await;
+        // Another connection (another process, say) sees it once applied; the
+        // journal started over.
+        assert_eq!(spent_in_file(&dir, &id), usd("0.25").pico());
+        assert!(!journal_text(&dir).contains("gen-rt"));
+        assert!(store
+            .writer
+            .journal
+            .as_ref()
+            .unwrap()
+            .lock()
+            .pending
+            .is_empty());
         drop(store);
+        assert!(!dir.join("turns.db-ledger").exists(), "removed when empty");
         let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn another_connections_write_lock_is_waited_for_on_the_thread_not_the_runtime() {
+    async fn another_connections_write_lock_never_holds_up_a_settlement() {
         let dir = temp_dir();
         let (store, id) = store_with_reservation(&dir, SyncMode::Normal, "0.5");
         // Administration (or the CLI) holds the database's write lock.
         let other = open_conn(&dir.join("turns.db"), SyncMode::Normal).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
-        let started = std::time::Instant::now();
-        let settled = tokio::spawn(store.settle(settlement(&id, "gen-busy", "0.25", "0.5")));
-        // The turn meets the lock and passes to the thread at once: this (only)
-        // runtime thread is never held for the busy timeout.
-        handed_off(&store).await;
-        assert!(
-            started.elapsed() < BUSY_TIMEOUT / 2,
-            "{:?}",
-            started.elapsed()
-        );
-        assert!(!settled.is_finished());
-        other.execute_batch("COMMIT").unwrap();
-        assert!(settled.await.unwrap().unwrap());
+        // This runtime has one thread: were the settlement to wait for the lock (up
+        // to the 10 s busy timeout), this would time out.
+        let settled = tokio::time::timeout(
+            BUSY_TIMEOUT / 2,
+            store.settle(settlement(&id, "gen-busy", "0.25", "0.5")),
+        )
+        .await
+        .expect("settled while SQLite was locked");
+        assert!(settled.unwrap());
+        assert_eq!(store.writer.handoffs.load(Ordering::Relaxed), 0);
         assert_eq!(store.balance(&id).unwrap().spent, usd("0.25"));
+        // The applier waits for the lock, then commits.
+        let flushed = tokio::spawn(store.flush());
+        other.execute_batch("COMMIT").unwrap();
+        flushed.await.unwrap();
+        assert_eq!(spent_in_file(&dir, &id), usd("0.25").pico());
         drop(store);
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -1515,19 +1855,109 @@ mod tests {
     // The lock is held across awaits on purpose: it stands for the checkpointer's.
     #[allow(clippy::await_holding_lock)]
     #[tokio::test(flavor = "current_thread")]
-    async fn the_checkpointers_pause_is_waited_for_on_the_thread_not_the_runtime() {
+    async fn the_checkpointers_pause_never_holds_up_a_settlement() {
         let dir = temp_dir();
         let (store, id) = store_with_reservation(&dir, SyncMode::Normal, "0.5");
         let paused = store.writer.conn.lock(); // as the checkpointer's last pass does
-        let settled = tokio::spawn(store.settle(settlement(&id, "gen-ckpt", "0.25", "0.5")));
-        // Were the turn to wait for the lock here, this runtime (one thread) would
-        // never get past this line.
-        handed_off(&store).await;
-        assert!(!settled.is_finished());
+        let settled = tokio::time::timeout(
+            BUSY_TIMEOUT / 2,
+            store.settle(settlement(&id, "gen-ckpt", "0.25", "0.5")),
+        )
+        .await
+        .expect("settled while commits to SQLite were paused");
+        assert!(settled.unwrap());
+        assert_eq!(store.writer.handoffs.load(Ordering::Relaxed), 0);
         drop(paused);
-        assert!(settled.await.unwrap().unwrap());
+        store.flush().await;
         assert_eq!(spent_in_file(&dir, &id), usd("0.25").pico());
         drop(store);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_crash_before_sqlite_has_them_loses_no_settlement_and_replay_charges_each_once() {
+        let dir = temp_dir();
+        let (store, id) = store_with_reservation(&dir, SyncMode::Normal, "1");
+        // gen-a reaches SQLite; then the applier stops, as in a crash.
+        assert!(store
+            .settle(settlement(&id, "gen-a", "0.125", "0.25"))
+            .await
+            .unwrap());
+        store.flush().await;
+        store.writer.apply_paused.store(true, Ordering::SeqCst);
+        for g in ["gen-b", "gen-c"] {
+            assert!(store
+                .settle(settlement(&id, g, "0.125", "0.25"))
+                .await
+                .unwrap());
+        }
+        assert!(!store
+            .settle(settlement(&id, "gen-b", "0.125", "0"))
+            .await
+            .unwrap());
+        assert_eq!(spent_in_file(&dir, &id), usd("0.125").pico());
+        // The turn gives the writer back (and its share of the store's lock).
+        while store.writer.queue.lock().turn_out {
+            tokio::task::yield_now().await;
+        }
+        drop(store);
+        // The process died while applying (gen-b and gen-c moved aside) and after
+        // it had journaled gen-a again (in SQLite already) and gen-d, and in the
+        // middle of writing another line (never answered).
+        let journal = dir.join("turns.db-ledger");
+        std::fs::rename(&journal, dir.join("turns.db-ledger.applying")).unwrap();
+        let mut lines = Vec::new();
+        for (g, cost) in [("gen-a", "0.125"), ("gen-d", "0.0625")] {
+            let mut s = settlement(&id, g, cost, "0.25");
+            s.key_id = id.clone();
+            entry(s).write_line(&mut lines);
+        }
+        lines.extend_from_slice(b"{\"id\":\"gen-e\",\"key\":\"");
+        std::fs::write(&journal, &lines).unwrap();
+
+        let reopened = file_store_at(&dir.join("turns.db"));
+        assert!(reopened.owns_ledger());
+        let expected = usd("0.125") + usd("0.125") + usd("0.125") + usd("0.0625");
+        assert_eq!(spent_in_file(&dir, &id), expected.pico());
+        assert_eq!(reopened.balance(&id).unwrap().spent, expected);
+        assert_eq!(reopened.tokens_today(&id).unwrap(), 40);
+        assert!(reopened.generation("gen-d").unwrap().is_some());
+        assert!(reopened.generation("gen-e").unwrap().is_none());
+        assert!(!dir.join("turns.db-ledger.applying").exists());
+        assert_eq!(journal_text(&dir), "");
+        drop(reopened);
+        // Replayed once: opening again charges nothing more.
+        let again = file_store_at(&dir.join("turns.db"));
+        assert_eq!(again.balance(&id).unwrap().spent, expected);
+        drop(again);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_second_store_on_the_same_file_administers_keys_but_cannot_settle() {
+        let dir = temp_dir();
+        let (owner, id) = store_with_reservation(&dir, SyncMode::Normal, "0.5");
+        let second = file_store_at(&dir.join("turns.db"));
+        assert!(owner.owns_ledger());
+        assert!(!second.owns_ledger());
+        second.top_up(&id, usd("1")).unwrap().unwrap();
+        let refused = second
+            .settle(settlement(&id, "gen-second", "0.25", "0"))
+            .await
+            .unwrap_err();
+        assert!(refused.0.contains("another process owns"), "{refused}");
+        assert!(second.generation("gen-second").unwrap().is_none());
+        // The owner's settlement goes through; the second store's did not count.
+        assert!(owner
+            .settle(settlement(&id, "gen-own", "0.25", "0.5"))
+            .await
+            .unwrap());
+        owner.flush().await;
+        assert_eq!(spent_in_file(&dir, &id), usd("0.25").pico());
+        drop(second);
+        drop(owner);
+        // Once the owner is gone, the next store to open takes the ledger.
+        assert!(file_store_at(&dir.join("turns.db")).owns_ledger());
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -1554,7 +1984,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn with_sync_full_every_commit_is_the_threads() {
+    async fn with_sync_full_every_append_is_the_threads() {
         let dir = temp_dir();
         let (store, id) = store_with_reservation(&dir, SyncMode::Full, "0.5");
         assert!(!store.writer.on_runtime);
@@ -1563,6 +1993,8 @@ mod tests {
             .await
             .unwrap());
         assert_eq!(store.writer.handoffs.load(Ordering::Relaxed), 1);
+        assert!(journal_text(&dir).contains("\"id\":\"gen-full\""));
+        store.flush().await;
         assert_eq!(spent_in_file(&dir, &id), usd("0.25").pico());
         drop(store);
         let _ = std::fs::remove_dir_all(dir);
@@ -1595,6 +2027,7 @@ mod tests {
         }
         let b = store.balance(&id).unwrap();
         assert_eq!((b.spent, b.reserved), (usd("0.4"), Money::ZERO));
+        store.flush().await;
         assert_eq!(spent_in_file(&dir, &id), usd("0.4").pico());
         drop(store);
         let _ = std::fs::remove_dir_all(dir);
