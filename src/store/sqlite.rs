@@ -1,4 +1,5 @@
-//! The embedded store: one SQLite file in WAL mode, one group-commit writer thread,
+//! The embedded store: one SQLite file in WAL mode, a ledger journal with one
+//! group-commit writer and an applier thread,
 //! passive checkpoints from a connection of their own, and in-memory accounts.
 
 use std::collections::HashMap;
@@ -86,14 +87,18 @@ enum Cmd {
 ///
 /// - WAL mode, `synchronous=NORMAL` (or `FULL` with `[store].sync = "full"`);
 /// - one writer: whoever holds its turn takes every settlement waiting in its
-///   queue, commits them in one transaction, updates the in-memory accounts, then
-///   answers each waiter (group commit: one disk write per batch, not per request).
-///   With `sync = "normal"` the turn runs on the caller's tokio runtime, else on a
-///   writer thread (see `Writer` in this module);
-/// - WAL auto-checkpoints are off on the writer; a checkpoint thread copies the
+///   queue, appends them to the ledger journal in one `write` (see the `journal`
+///   module), updates the in-memory accounts, then answers each waiter (group
+///   commit: one write per batch, not per request). With `sync = "normal"` the turn
+///   runs on the caller's tokio runtime, else on a writer thread (see `Writer` in
+///   this module);
+/// - an applier thread commits what was journaled to SQLite every 5 ms, in one
+///   transaction; opening the store first commits what a crashed process left in
+///   the journal (idempotent by request id);
+/// - WAL auto-checkpoints are off on the applier; a checkpoint thread copies the
 ///   WAL back from its own connection, so the copying never runs inside a commit;
-///   when steady load keeps that from ever finishing, it finishes it with commits
-///   paused for a short pass, so the WAL starts over instead of growing (see
+///   when steady load keeps that from ever finishing, it finishes it with the
+///   applier paused for a short pass, so the WAL starts over instead of growing (see
 ///   `Checkpointer` in this module);
 /// - administration (create, update, top-up) writes through short transactions of
 ///   its own; SQLite serialises them with the writer.
@@ -103,7 +108,13 @@ enum Cmd {
 /// (creation, top-ups); a top-up through [`Ledger::top_up`] counts at once, and one
 /// made by another process (the `switchboard keys top-up` CLI) is seen the moment it
 /// matters: before refusing a request with 402, the ledger re-reads the key's credits
-/// from the database. One gateway process owns a store's ledger at a time.
+/// from the database. One store owns a file's ledger at a time (it holds
+/// `<db>-ledger.lock`, see [`SqliteStore::owns_ledger`]).
+///
+/// Repeats: a request id settled again while it is journaled, or within 30–60 s of
+/// reaching SQLite, resolves `false`. One repeated later resolves `true`, and the
+/// applier, finding the id in SQLite, takes the charge back from the account: it is
+/// never charged twice either way.
 pub struct SqliteStore {
     path: PathBuf,
     temporary: bool,
@@ -211,8 +222,8 @@ impl SqliteStore {
         writer_conn.execute_batch(&format!(
             "PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit={WAL_SIZE_LIMIT};"
         ))?;
-        // The writer thread holds it for each commit; the checkpointer, to pause
-        // commits for its last pass.
+        // The applier holds it for each commit; the checkpointer, to pause commits
+        // for its last pass.
         let writer_conn = Arc::new(WriterConn::new(writer_conn));
 
         let journal = open_journal(&path, sync, &writer_conn)?;
@@ -646,14 +657,14 @@ impl Checkpointer {
     }
 }
 
-/// The writer connection: whoever holds the writer's turn locks it for each commit,
-/// the checkpointer to pause commits for its last pass.
+/// The applier's connection: locked for each commit, and by the checkpointer to
+/// pause commits for its last pass.
 type WriterConn = parking_lot::Mutex<Connection>;
 
-/// How long a commit on the writer thread waits for another connection's write lock
-/// (administration, the `keys` CLI); a commit on the runtime never waits for it.
+/// How long the applier's commit waits for another connection's write lock
+/// (administration, the `keys` CLI) before it retries; a settlement never waits.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-/// The most settlements committed in one transaction.
+/// The most settlements appended in one batch.
 const MAX_BATCH: usize = 1024;
 
 /// [`commit`] on the writer connection, handing it straight to a thread waiting for
