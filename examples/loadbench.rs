@@ -739,6 +739,10 @@ async fn bench(args: &[String]) {
     );
 
     println!("\n## No cliff: p99 at 1000 req/s before and after 10 s at 10x");
+    // The memory step just closed 1,000 streams (each settled and logged as cut):
+    // let that finish, and warm up, so that "before" is the normal rate's p99.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = fixed_rate(gw.addr, 1000, 1, false).await;
     let before = fixed_rate(gw.addr, 1000, secs, false).await;
     let burst = fixed_rate(gw.addr, 10_000, if quick { 2 } else { 10 }, false).await;
     let after = fixed_rate(gw.addr, 1000, secs, false).await;

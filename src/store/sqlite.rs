@@ -891,14 +891,16 @@ impl Writer {
             return Err(StoreError("the store is closed".into()));
         }
         let mut fresh = Vec::with_capacity(entries.len());
-        for (i, e) in entries.iter().enumerate() {
+        // Ids new in this batch so far (a batch is up to MAX_BATCH long).
+        let mut batch_ids = foldhash::HashSet::<&str>::default();
+        for e in entries {
             let id = e.settlement.generation.id.as_str();
             let twice = j.pending.contains_key(id)
-                || entries[..i]
-                    .iter()
-                    .zip(&fresh)
-                    .any(|(o, f): (&Arc<Entry>, &bool)| *f && o.settlement.generation.id == id)
+                || batch_ids.contains(id)
                 || (j.applied_lately(id) && settled_before(&j.seen, id)?);
+            if !twice && entries.len() > 1 {
+                batch_ids.insert(id);
+            }
             fresh.push(!twice);
         }
         j.buf.clear();
