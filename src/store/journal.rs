@@ -55,20 +55,10 @@ struct Line<'a> {
     completion: u64,
     latency_ms: u64,
     ttft_ms: Option<u64>,
-    #[serde(borrow)]
-    attempts: Vec<AttemptLine<'a>>,
+    attempts: Cow<'a, [GenerationAttempt]>,
     #[serde(borrow)]
     finish: Option<Cow<'a, str>>,
     created: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct AttemptLine<'a> {
-    #[serde(borrow)]
-    provider: Cow<'a, str>,
-    #[serde(borrow)]
-    status: Cow<'a, str>,
-    latency_ms: u64,
 }
 
 impl Entry {
@@ -88,15 +78,7 @@ impl Entry {
             completion: g.completion_tokens,
             latency_ms: g.latency_ms,
             ttft_ms: g.ttft_ms,
-            attempts: g
-                .attempts
-                .iter()
-                .map(|a| AttemptLine {
-                    provider: Cow::Borrowed(&a.provider),
-                    status: Cow::Borrowed(&a.status),
-                    latency_ms: a.latency_ms,
-                })
-                .collect(),
+            attempts: Cow::Borrowed(&g.attempts),
             finish: g.finish_reason.as_deref().map(Cow::Borrowed),
             created: g.created,
         };
@@ -124,15 +106,7 @@ impl Entry {
                     total_cost: Money::from_pico(l.pico),
                     latency_ms: l.latency_ms,
                     ttft_ms: l.ttft_ms,
-                    attempts: l
-                        .attempts
-                        .into_iter()
-                        .map(|a| GenerationAttempt {
-                            provider: a.provider.into_owned(),
-                            status: a.status.into_owned(),
-                            latency_ms: a.latency_ms,
-                        })
-                        .collect(),
+                    attempts: l.attempts.into_owned(),
                     finish_reason: l.finish.map(Cow::into_owned),
                     created: l.created,
                 },

@@ -979,15 +979,12 @@ impl Writer {
         };
         let mut delay = Duration::from_millis(10);
         loop {
-            let conn = self.conn.lock();
-            let done = conn
-                .busy_timeout(BUSY_TIMEOUT)
-                .map_err(StoreError::from)
-                .and_then(|()| {
-                    let mut conn = conn;
-                    begin(&conn)?;
-                    finish_commit(&mut conn, &entries)
-                });
+            let done = {
+                let mut conn = self.conn.lock();
+                conn.busy_timeout(BUSY_TIMEOUT)
+                    .map_err(StoreError::from)
+                    .and_then(|()| commit(&mut conn, &entries))
+            };
             match done {
                 Ok(applied) => break self.take_back_repeats(&entries, &applied),
                 Err(e) if stopping => {
@@ -1007,11 +1004,9 @@ impl Writer {
             }
         }
         if rotated {
-            if let Some(j) = &self.journal {
-                let applying = j.lock().paths.applying.clone();
-                if let Err(e) = std::fs::remove_file(&applying) {
-                    tracing::warn!("cannot remove {}: {e}", applying.display());
-                }
+            let applying = journal.lock().paths.applying.clone();
+            if let Err(e) = std::fs::remove_file(&applying) {
+                tracing::warn!("cannot remove {}: {e}", applying.display());
             }
         }
         let mut j = journal.lock();
@@ -1020,11 +1015,10 @@ impl Writer {
             j.recent[0].clear();
             j.recent_since = Instant::now();
         }
+        // A pending id is never journaled again, so its entry is this one.
         for e in &entries {
             let id = &e.settlement.generation.id;
-            if j.pending.get(id).is_some_and(|p| Arc::ptr_eq(p, e)) {
-                j.pending.remove(id);
-            }
+            j.pending.remove(id);
             let h = j.ids.hash_one(id);
             j.recent[0].insert(h);
         }
@@ -1068,8 +1062,13 @@ impl Writer {
         };
         j.file = fresh;
         j.len = 0;
+        // The lines are in a file either way; only the renames' durability waits.
         if self.durable {
-            journal::sync_dir(&j.paths.journal)?;
+            if let Err(e) = journal::sync_dir(&j.paths.journal) {
+                tracing::error!(
+                    "cannot sync the ledger journal's directory (sync = \"full\"): {e}"
+                );
+            }
         }
         Ok(())
     }
