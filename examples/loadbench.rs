@@ -71,6 +71,13 @@ fn main() {
                 Stats::pct(&st.ttfb, 0.9)
             );
         }),
+        // `cliff ADDR SECS PID`: the bench's no-cliff step against a running server.
+        "cliff" => rt.block_on(async {
+            let (addr, secs) = (args[2].parse().unwrap(), args[3].parse().unwrap());
+            no_cliff(addr, args[4].parse().unwrap(), secs, 10)
+                .await
+                .print();
+        }),
         _ => rt.block_on(bench(&args[1..])),
     }
 }
@@ -306,8 +313,19 @@ fn request(addr: SocketAddr, stream: bool, hold: bool) -> Request<Full<Bytes>> {
 async fn one(client: &HttpClient, addr: SocketAddr, stream: bool) -> Option<(Duration, Duration)> {
     let req = request(addr, stream, false);
     let t0 = Instant::now();
-    let res = client.request(req).await.ok()?;
+    let res = match client.request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            if std::env::var_os("LB_ERRORS").is_some() {
+                eprintln!("error: {e:?}");
+            }
+            return None;
+        }
+    };
     if !res.status().is_success() {
+        if std::env::var_os("LB_ERRORS").is_some() {
+            eprintln!("status: {}", res.status());
+        }
         return None;
     }
     let mut body = res.into_body();
@@ -325,6 +343,8 @@ async fn one(client: &HttpClient, addr: SocketAddr, stream: bool) -> Option<(Dur
 struct Stats {
     ok: usize,
     errors: usize,
+    /// Requests an open loop did not send: [`MAX_IN_FLIGHT`] were in flight.
+    not_sent: usize,
     ttfb: Vec<u64>,
     total: Vec<u64>,
 }
@@ -362,23 +382,40 @@ fn fmt_list(v: &[f64]) -> String {
         .join(", ")
 }
 
+/// Most requests [`fixed_rate`] keeps in flight. Above the server's capacity an open
+/// loop has ever more requests in flight, one connection each; past about 10,000 the
+/// load generator itself collapsed (100 % of its CPU, which it shares with the
+/// upstream, while the server idled), so beyond this it does not send (counted in
+/// [`Stats::not_sent`]).
+const MAX_IN_FLIGHT: usize = 2048;
+
 /// Open loop at `rate` req/s for `secs`.
 async fn fixed_rate(addr: SocketAddr, rate: u64, secs: u64, stream: bool) -> Stats {
     let client = client();
     let n = rate * secs;
     let start = Instant::now() + Duration::from_millis(50);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let mut not_sent = 0;
     for i in 0..n {
         let at = start + Duration::from_nanos(i * 1_000_000_000 / rate);
         tokio::time::sleep_until(at.into()).await;
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            not_sent += 1;
+            continue;
+        };
         let (client, tx) = (client.clone(), tx.clone());
         tokio::spawn(async move {
             let r = one(&client, addr, stream).await;
+            drop(permit);
             let _ = tx.send(r);
         });
     }
     drop(tx);
-    let mut st = Stats::default();
+    let mut st = Stats {
+        not_sent,
+        ..Stats::default()
+    };
     while let Some(r) = rx.recv().await {
         match r {
             Some((a, b)) => {
@@ -742,16 +779,55 @@ async fn bench(args: &[String]) {
     // The memory step just closed 1,000 streams (each settled and logged as cut):
     // let that finish, and warm up, so that "before" is the normal rate's p99.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let _ = fixed_rate(gw.addr, 1000, 1, false).await;
-    let before = fixed_rate(gw.addr, 1000, secs, false).await;
-    let burst = fixed_rate(gw.addr, 10_000, if quick { 2 } else { 10 }, false).await;
-    let after = fixed_rate(gw.addr, 1000, secs, false).await;
-    println!(
-        "p99 before {:.3} ms, during burst ok {} err {}, p99 after {:.3} ms",
-        Stats::pct(&before.total, 0.99),
-        burst.ok,
-        burst.errors,
-        Stats::pct(&after.total, 0.99)
-    );
+    no_cliff(gw.addr, gw.child.id(), secs, if quick { 2 } else { 10 })
+        .await
+        .print();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The no-cliff step's results.
+struct Cliff {
+    before: Stats,
+    burst: Stats,
+    /// The server's CPU time in the quiet second after the burst: work it left behind.
+    left_behind: Duration,
+    after: Stats,
+}
+
+impl Cliff {
+    fn print(&self) {
+        println!(
+            "p99 before {:.3} ms; burst: ok {} err {} not sent {} (p50 {:.1} ms); \
+             CPU in the second after it {} ms; p99 after {:.3} ms",
+            Stats::pct(&self.before.total, 0.99),
+            self.burst.ok,
+            self.burst.errors,
+            self.burst.not_sent,
+            Stats::pct(&self.burst.total, 0.5),
+            self.left_behind.as_millis(),
+            Stats::pct(&self.after.total, 0.99)
+        );
+    }
+}
+
+/// 1000 req/s for `secs`, 10x for `burst_secs`, a quiet second, then 1000 req/s again.
+///
+/// The quiet second is for the load generator: dropping the burst's client closes
+/// its ~2,000 connections on the generator's runtime, which otherwise delayed the
+/// first "after" requests by ~40-90 ms while the server was idle (0 CPU ticks). The
+/// server's CPU time in that second is reported: what the burst left it to do.
+async fn no_cliff(addr: SocketAddr, pid: u32, secs: u64, burst_secs: u64) -> Cliff {
+    let _ = fixed_rate(addr, 1000, 1, false).await;
+    let before = fixed_rate(addr, 1000, secs, false).await;
+    let burst = fixed_rate(addr, 10_000, burst_secs, false).await;
+    let c0 = cpu_secs(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let left_behind = Duration::from_secs_f64(cpu_secs(pid) - c0);
+    let after = fixed_rate(addr, 1000, secs, false).await;
+    Cliff {
+        before,
+        burst,
+        left_behind,
+        after,
+    }
 }

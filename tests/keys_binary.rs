@@ -350,9 +350,18 @@ async fn keys_cli_administers_and_never_shows_a_secret() {
     assert_eq!(post("sk-bootstrap-secret-abc").await.unwrap().status(), 200);
     assert_eq!(cli(&config, &["top-up", &id, "2.5"]).status.code(), Some(0));
     assert_eq!(post(&secret).await.unwrap().status(), 200);
-    let shown: Value = serde_json::from_slice(&cli(&config, &["show", &id]).stdout).unwrap();
-    assert_eq!(shown["credits"].as_f64(), Some(2.50001));
-    assert_eq!(shown["usage"].as_f64(), Some(0.00002));
+    // The CLI reads SQLite, which trails the gateway's journal by one applier pass.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let shown: Value = serde_json::from_slice(&cli(&config, &["show", &id]).stdout).unwrap();
+        assert_eq!(shown["credits"].as_f64(), Some(2.50001));
+        if shown["usage"].as_f64() == Some(0.00002) {
+            break;
+        }
+        assert_eq!(shown["usage"].as_f64(), Some(0.0), "{shown}");
+        assert!(Instant::now() < deadline, "usage not in SQLite: {shown}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     assert_eq!(cli(&config, &["disable", &id]).status.code(), Some(0));
     let deadline = Instant::now() + Duration::from_secs(30);
