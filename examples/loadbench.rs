@@ -314,20 +314,10 @@ async fn one(client: &HttpClient, addr: SocketAddr, stream: bool) -> Option<(Dur
     let req = request(addr, stream, false);
     let t0 = Instant::now();
     let res = match client.request(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            if std::env::var_os("LB_ERRORS").is_some() {
-                eprintln!("error: {e:?}");
-            }
-            return None;
-        }
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => return failed(r.status()),
+        Err(e) => return failed(e),
     };
-    if !res.status().is_success() {
-        if std::env::var_os("LB_ERRORS").is_some() {
-            eprintln!("status: {}", res.status());
-        }
-        return None;
-    }
     let mut body = res.into_body();
     let mut first = None;
     while let Some(frame) = body.frame().await {
@@ -337,6 +327,15 @@ async fn one(client: &HttpClient, addr: SocketAddr, stream: bool) -> Option<(Dur
         }
     }
     Some((first.unwrap_or_else(|| t0.elapsed()), t0.elapsed()))
+}
+
+/// A failed request: `None`, and with `LB_ERRORS` set, why on stderr (how the
+/// burst's "Too many open files" was found).
+fn failed<T>(why: impl std::fmt::Debug) -> Option<T> {
+    if std::env::var_os("LB_ERRORS").is_some() {
+        eprintln!("failed: {why:?}");
+    }
+    None
 }
 
 #[derive(Default, Clone)]
@@ -812,10 +811,10 @@ impl Cliff {
 
 /// 1000 req/s for `secs`, 10x for `burst_secs`, a quiet second, then 1000 req/s again.
 ///
-/// The quiet second is for the load generator: dropping the burst's client closes
-/// its ~2,000 connections on the generator's runtime, which otherwise delayed the
-/// first "after" requests by ~40-90 ms while the server was idle (0 CPU ticks). The
-/// server's CPU time in that second is reported: what the burst left it to do.
+/// The quiet second is for the burst's connections: dropping its client closes
+/// ~2,000 of them, on the generator's runtime and in the server, which otherwise
+/// delayed the first "after" requests by ~40-90 ms. The server's CPU time in that
+/// second is reported: what the burst left it to do.
 async fn no_cliff(addr: SocketAddr, pid: u32, secs: u64, burst_secs: u64) -> Cliff {
     let _ = fixed_rate(addr, 1000, 1, false).await;
     let before = fixed_rate(addr, 1000, secs, false).await;
