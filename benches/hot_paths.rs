@@ -156,16 +156,57 @@ fn chunk_path(c: &mut Criterion) {
         b.iter(|| decoder.decode("", GEMINI_CHUNK).unwrap())
     });
     let chunk: ChatChunk = serde_json::from_str(CHUNK).unwrap();
+    // As the gateway encodes: the stream's stamp (id, object, created, model,
+    // provider), encoded once per stream, copied; then the chunk's choices.
+    let prefix = br#"data: {"id":"gen-0VcYRlFHjnPccekiRvK4TxyzAbCd","object":"chat.completion.chunk","created":1700000000,"model":"bench/model","provider":"up","choices":"#;
     g.bench_function("sse_encode", |b| {
         b.iter(|| {
-            let mut out = Vec::with_capacity(256);
-            out.extend_from_slice(b"data: ");
-            serde_json::to_writer(&mut out, &chunk).unwrap();
-            out.extend_from_slice(b"\n\n");
-            out
+            let mut out = Vec::with_capacity(prefix.len() + 160);
+            out.extend_from_slice(prefix);
+            serde_json::to_writer(&mut out, &chunk.choices).unwrap();
+            out.extend_from_slice(b"}\n\n");
+            bytes::Bytes::from(out)
         })
     });
     g.finish();
+
+    // SSE parsing of one upstream read holding a whole 22-event stream (how the load
+    // bench's upstream, and a fast model, deliver it), per event: the parser this
+    // crate uses against `eventsource-stream`, the crate it replaced.
+    let read = {
+        let mut s = String::new();
+        for _ in 0..22 {
+            s.push_str("data: ");
+            s.push_str(CHUNK);
+            s.push_str("\n\n");
+        }
+        bytes::Bytes::from(s)
+    };
+    let mut g3 = c.benchmark_group("sse_parse");
+    g3.throughput(Throughput::Elements(22));
+    g3.bench_function("switchboard", |b| {
+        b.iter(|| {
+            let mut p = switchboard::providers::sse::SseParser::default();
+            p.push(&read);
+            let mut n = 0;
+            while let Some(e) = p.next_event().unwrap() {
+                n += e.data.len();
+            }
+            n
+        })
+    });
+    g3.bench_function("eventsource_stream", |b| {
+        use eventsource_stream::Eventsource;
+        use futures_util::FutureExt;
+        b.iter(|| {
+            futures_util::stream::iter([Ok::<_, std::io::Error>(read.clone())])
+                .eventsource()
+                .fold(0, |n, e| async move { n + e.unwrap().data.len() })
+                .now_or_never()
+                .unwrap()
+        })
+    });
+    g3.finish();
 
     // Metering: 1,000 chunks through a metered stream, reported per chunk.
     const N: u64 = 1000;

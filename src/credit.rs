@@ -297,8 +297,8 @@ impl Charge {
             generation: Generation {
                 id: self.ctx.request_id().to_string(),
                 key_id: self.key_id.clone(),
-                model: endpoint.model.to_string(),
-                provider: endpoint.provider.name.to_string(),
+                model: (*endpoint.model).to_owned(),
+                provider: (*endpoint.provider.name).to_owned(),
                 streamed: s.streamed,
                 prompt_tokens: prompt,
                 completion_tokens: completion,
@@ -309,7 +309,7 @@ impl Charge {
                     .attempts
                     .iter()
                     .map(|a| GenerationAttempt {
-                        provider: a.provider.to_string(),
+                        provider: (*a.provider).to_owned(),
                         status: a.status.clone(),
                         latency_ms: a.latency.as_millis() as u64,
                     })

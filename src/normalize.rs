@@ -317,8 +317,8 @@ where
     let mut completion = agg.finish();
     completion.id = ctx.request_id().to_string();
     completion.created = ctx.created();
-    completion.model = endpoint.model.to_string();
-    completion.provider = Some(endpoint.provider.name.to_string());
+    completion.model = (*endpoint.model).to_owned();
+    completion.provider = Some((*endpoint.provider.name).to_owned());
     // Sized up front: growing from serde_json's default 128 bytes reallocates and
     // copies several times for a typical completion.
     let mut body = Vec::with_capacity(384 + agg_len_hint(&completion));
@@ -490,76 +490,118 @@ struct SseWriter {
     model: Arc<str>,
     provider: Arc<str>,
     wants_usage: bool,
+    /// `data: {"id":…,"object":…,"created":…,"model":…,"provider":…,"choices":`,
+    /// the same in every chunk of the stream: encoded once, copied per chunk.
+    prefix: Vec<u8>,
 }
 
 impl SseWriter {
     fn new(ctx: CallContext, endpoint: &crate::catalog::Endpoint, wants_usage: bool) -> Self {
-        SseWriter {
-            ctx,
-            model: endpoint.model.clone(),
-            provider: endpoint.provider.name.clone(),
-            wants_usage,
-        }
-    }
-
-    /// Encodes one chunk, or `None` when there is nothing for this client in it.
-    /// The chunk is stamped through a borrowing view: no per-chunk string copies.
-    fn encode(&self, chunk: &ChatChunk) -> Option<Bytes> {
         #[derive(serde::Serialize)]
-        struct Stamped<'a> {
+        struct Stamp<'a> {
             id: &'a str,
             object: &'static str,
             created: u64,
             model: &'a str,
             provider: &'a str,
-            choices: &'a [crate::chat::ChunkChoice],
-            #[serde(skip_serializing_if = "Option::is_none")]
-            usage: Option<&'a crate::chat::Usage>,
         }
+        let mut prefix = Vec::with_capacity(160);
+        prefix.extend_from_slice(b"data: ");
+        let stamp = Stamp {
+            id: ctx.request_id(),
+            object: "chat.completion.chunk",
+            created: ctx.created(),
+            model: &endpoint.model,
+            provider: &endpoint.provider.name,
+        };
+        // Strings and an integer: serialising into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut prefix, &stamp);
+        // The object stays open for the chunk's own fields.
+        prefix.pop();
+        prefix.extend_from_slice(b",\"choices\":");
+        SseWriter {
+            model: endpoint.model.clone(),
+            provider: endpoint.provider.name.clone(),
+            ctx,
+            wants_usage,
+            prefix,
+        }
+    }
+
+    /// Encodes one chunk, or `None` when there is nothing for this client in it:
+    /// the stream's prefix, then the chunk's `choices` (and `usage`, if asked for).
+    fn encode(&self, chunk: &ChatChunk) -> Option<Bytes> {
         let usage = chunk.usage.as_ref().filter(|_| self.wants_usage);
         if usage.is_none() && chunk.choices.is_empty() {
             return None;
         }
-        let stamped = Stamped {
-            id: self.ctx.request_id(),
-            object: "chat.completion.chunk",
-            created: self.ctx.created(),
-            model: &self.model,
-            provider: &self.provider,
-            choices: &chunk.choices,
-            usage,
-        };
-        let mut out = BytesMut::with_capacity(256).writer();
-        out.get_mut().put_slice(b"data: ");
-        serde_json::to_writer(&mut out, &stamped).ok()?;
-        let mut out = out.into_inner();
-        out.put_slice(b"\n\n");
-        Some(out.freeze())
+        // Into a Vec, not a `BytesMut` writer: serde_json writes in many small pieces,
+        // and `Vec`'s `write` is a plain copy (the writer's checks were half of this
+        // function's instructions). `Bytes::from(Vec)` takes the buffer without a copy.
+        let mut out = Vec::with_capacity(self.prefix.len() + 160);
+        out.extend_from_slice(&self.prefix);
+        serde_json::to_writer(&mut out, &chunk.choices).ok()?;
+        if let Some(u) = usage {
+            out.extend_from_slice(b",\"usage\":");
+            serde_json::to_writer(&mut out, u).ok()?;
+        }
+        out.extend_from_slice(b"}\n\n");
+        Some(Bytes::from(out))
     }
 
-    fn run(self, chunks: ChunkStream, deadline: Instant) -> impl Stream<Item = SseItem> + Send {
-        futures_util::stream::unfold(Some((self, chunks)), move |state| async move {
-            let (writer, mut chunks) = state?;
-            loop {
-                match tokio::time::timeout_at(deadline, chunks.next()).await {
-                    Err(_) => {
-                        let e =
-                            error_event(&writer.ctx, &timed_out(), &writer.model, &writer.provider);
-                        return Some((Ok(e), None));
+    fn run(self, chunks: ChunkStream, deadline: Instant) -> SseBody {
+        SseBody {
+            writer: self,
+            chunks,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            done: false,
+        }
+    }
+}
+
+/// The SSE body: chunks encoded as they come, an error event if the stream fails or
+/// the request's deadline passes, then `[DONE]`.
+///
+/// One timer for the whole stream, polled only when no chunk is ready: a
+/// `timeout_at` per chunk registered and cancelled a timer for every chunk.
+struct SseBody {
+    writer: SseWriter,
+    chunks: ChunkStream,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    done: bool,
+}
+
+impl Stream for SseBody {
+    type Item = SseItem;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<SseItem>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let w = &this.writer;
+        loop {
+            let last = match this.chunks.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => match w.encode(&chunk) {
+                    Some(bytes) => return Poll::Ready(Some(Ok(bytes))),
+                    None => continue,
+                },
+                Poll::Ready(Some(Err(e))) => error_event(&w.ctx, &e, &w.model, &w.provider),
+                Poll::Ready(None) => Bytes::from_static(DONE_EVENT),
+                Poll::Pending => {
+                    if std::future::Future::poll(this.deadline.as_mut(), cx).is_pending() {
+                        return Poll::Pending;
                     }
-                    Ok(None) => return Some((Ok(Bytes::from_static(DONE_EVENT)), None)),
-                    Ok(Some(Err(e))) => {
-                        let e = error_event(&writer.ctx, &e, &writer.model, &writer.provider);
-                        return Some((Ok(e), None));
-                    }
-                    Ok(Some(Ok(chunk))) => {
-                        if let Some(bytes) = writer.encode(&chunk) {
-                            return Some((Ok(bytes), Some((writer, chunks))));
-                        }
-                    }
+                    error_event(&w.ctx, &timed_out(), &w.model, &w.provider)
                 }
-            }
-        })
+            };
+            this.done = true;
+            return Poll::Ready(Some(Ok(last)));
+        }
     }
 }
 
@@ -750,6 +792,83 @@ mod tests {
         );
         assert!(text.contains(r#""provider":"mock""#), "{text}");
         assert!(text.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_past_the_request_deadline_ends_with_a_timeout_event() {
+        // One chunk at once, then silence: the deadline (30 s) cuts it.
+        let catalog = Arc::new(Catalog::from_config(&Config::demo()));
+        let inner = service_fn(move |_call: ChatCall| {
+            let endpoint = catalog.endpoints()[0].clone();
+            async move {
+                let chunks = futures_util::stream::iter([Ok(ChatChunk::text("first"))])
+                    .chain(futures_util::stream::pending());
+                Ok::<_, GatewayError>(ChatReply {
+                    endpoint,
+                    chunks: Box::pin(chunks),
+                })
+            }
+        });
+        let svc = NormalizeLayer::new()
+            .request_timeout(Duration::from_secs(30))
+            .layer(inner);
+        let started = Instant::now();
+        let res = svc
+            .oneshot(
+                Request::post("/")
+                    .body(chat_body(r#","stream":true"#))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let text = tokio::time::timeout(Duration::from_secs(60), body_text(res))
+            .await
+            .expect("the deadline ends the stream");
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 3, "{text}");
+        assert!(events[0].contains(r#""content":"first""#), "{text}");
+        assert!(events[1].contains(r#""code":"upstream_timeout""#), "{text}");
+        assert!(events[1].contains(r#""finish_reason":"error""#), "{text}");
+        assert_eq!(events[2], "data: [DONE]");
+    }
+
+    #[test]
+    fn an_encoded_chunk_is_the_stamped_chunk_as_json() {
+        let catalog = Catalog::from_config(&Config::demo());
+        let endpoint = &catalog.endpoints()[0];
+        let ctx = CallContext::new();
+        let mut chunk = ChatChunk::text("say \"hi\"\n");
+        chunk.usage = Some(crate::chat::Usage::new(3, 4));
+        let expected = |usage: bool| {
+            let mut v = serde_json::json!({
+                "id": ctx.request_id(), "object": "chat.completion.chunk",
+                "created": ctx.created(), "model": &*endpoint.model,
+                "provider": &*endpoint.provider.name,
+                "choices": serde_json::to_value(&chunk.choices).unwrap(),
+            });
+            if usage {
+                v["usage"] = serde_json::to_value(chunk.usage.as_ref().unwrap()).unwrap();
+            }
+            v
+        };
+        for wants_usage in [false, true] {
+            let w = SseWriter::new(ctx.clone(), endpoint, wants_usage);
+            let bytes = w.encode(&chunk).unwrap();
+            let text = std::str::from_utf8(&bytes).unwrap();
+            let json = text
+                .strip_prefix("data: ")
+                .and_then(|t| t.strip_suffix("\n\n"))
+                .expect("one SSE event");
+            let got: serde_json::Value = serde_json::from_str(json).unwrap();
+            assert_eq!(got, expected(wants_usage), "{text}");
+            assert!(json.starts_with(r#"{"id":"gen-"#), "{text}");
+        }
+        // Nothing for this client: no choices, and usage not asked for.
+        let w = SseWriter::new(ctx.clone(), endpoint, false);
+        assert!(w
+            .encode(&ChatChunk::usage(crate::chat::Usage::new(1, 1)))
+            .is_none());
     }
 
     #[tokio::test]

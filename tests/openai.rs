@@ -126,6 +126,60 @@ async fn upstream_400_comes_back_in_spec_shape() {
 }
 
 #[tokio::test]
+async fn a_stream_with_gaps_shorter_than_the_idle_timeout_is_served_whole() {
+    // 7 events 700 ms apart: 4.9 s in all, more than the 2 s idle timeout, but no
+    // silence as long as it. The idle timer counts from the last event.
+    let up =
+        upstream(|_, _| async { sse(stream_events(&["a", "b", "c"]), Duration::from_millis(700)) })
+            .await;
+    let gw = gateway(&openai_config(&[("alpha", &up.url())], "")).await;
+    let res = post(&gw, ask(true)).await;
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    assert!(!text.contains("\"error\""), "{text}");
+    assert_eq!(sse_text(&text), "abc");
+}
+
+#[tokio::test]
+async fn a_stream_that_stalls_after_content_ends_with_an_idle_error() {
+    use futures_util::StreamExt;
+    let up = upstream(|_, _| async {
+        let events: Vec<_> = stream_events(&["a", "b"])
+            .into_iter()
+            .take(3)
+            .map(|d| {
+                Ok::<_, std::convert::Infallible>(bytes::Bytes::from(format!("data: {d}\n\n")))
+            })
+            .collect();
+        let body = futures_util::stream::iter(events).chain(futures_util::stream::pending());
+        axum::response::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(axum::body::Body::from_stream(body))
+            .unwrap()
+    })
+    .await;
+    let gw = gateway(&openai_config(&[("alpha", &up.url())], "")).await;
+    let res = post(&gw, ask(true)).await;
+    assert_eq!(res.status(), 200);
+    let text = tokio::time::timeout(Duration::from_secs(30), res.text())
+        .await
+        .expect("the gateway gives up on a stalled stream")
+        .unwrap();
+    assert_eq!(sse_text(&text), "ab");
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let err: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(err["choices"][0]["finish_reason"], "error", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("stalled"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn upstream_hang_times_out_with_504() {
     let up = upstream(|_, _| hang()).await;
     let gw = gateway(&openai_config(&[("alpha", &up.url())], "")).await;

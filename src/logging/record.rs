@@ -92,7 +92,10 @@ impl RequestRecord {
             .map_or(0, millis);
         let usage = s.usage.as_ref();
         let (model, provider) = match &s.served {
-            Some(e) => (Some(e.model.to_string()), Some(e.provider.name.to_string())),
+            Some(e) => (
+                Some((*e.model).to_owned()),
+                Some((*e.provider.name).to_owned()),
+            ),
             None => (None, None),
         };
         let prompt = if log_content {
@@ -113,8 +116,8 @@ impl RequestRecord {
                 .attempts
                 .iter()
                 .map(|a| AttemptLog {
-                    provider: a.provider.to_string(),
-                    model: a.model.to_string(),
+                    provider: (*a.provider).to_owned(),
+                    model: (*a.model).to_owned(),
                     status: a.status.clone(),
                     latency_ms: millis(a.latency),
                 })

@@ -11,15 +11,16 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use eventsource_stream::{EventStream, Eventsource};
 use futures_util::Stream;
-use http_body_util::{BodyDataStream, BodyExt, Full};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::time::{Instant, Sleep};
 
+use super::sse::SseParser;
 use super::{Adapter, Decoded, StreamDecoder};
 use crate::chat::ChatChunk;
 use crate::context::{ChunkStream, ProviderCall};
@@ -241,11 +242,12 @@ pub async fn send(
         )));
     }
 
-    let events = BodyDataStream::new(resp.into_body()).eventsource();
     Ok(Box::pin(SseChunks {
-        events,
+        body: resp.into_body(),
+        parser: SseParser::default(),
         decoder: adapter.stream_decoder(&call),
         idle: Box::pin(tokio::time::sleep(provider.stream_idle_timeout)),
+        last_event: Instant::now(),
         idle_for: provider.stream_idle_timeout,
         provider: name,
         finished: false,
@@ -290,17 +292,26 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-pin_project_lite::pin_project! {
-    /// SSE events → chunks, with an idle timeout between events.
-    struct SseChunks {
-        #[pin]
-        events: EventStream<BodyDataStream<hyper::body::Incoming>>,
-        decoder: Box<dyn StreamDecoder>,
-        idle: Pin<Box<Sleep>>,
-        idle_for: Duration,
-        provider: Arc<str>,
-        finished: bool,
-        saw_finish: bool,
+/// SSE events → chunks, with an idle timeout between events.
+struct SseChunks {
+    body: hyper::body::Incoming,
+    parser: SseParser,
+    decoder: Box<dyn StreamDecoder>,
+    /// Fires `idle_for` after `last_event`. Moved forward only when it fires, not at
+    /// every event: resetting a tokio timer per chunk costs more than the check.
+    idle: Pin<Box<Sleep>>,
+    last_event: Instant,
+    idle_for: Duration,
+    provider: Arc<str>,
+    finished: bool,
+    saw_finish: bool,
+}
+
+impl SseChunks {
+    fn broken(&mut self, why: impl Into<String>) -> Poll<Option<Result<ChatChunk, GatewayError>>> {
+        self.finished = true;
+        let err = ProviderError::new(self.provider.clone(), FailureKind::StreamBroken, why);
+        Poll::Ready(Some(Err(err.into())))
     }
 }
 
@@ -308,63 +319,64 @@ impl Stream for SseChunks {
     type Item = Result<ChatChunk, GatewayError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let mut this = self.project();
-        if *this.finished {
+        let this = self.get_mut();
+        if this.finished {
             return Poll::Ready(None);
         }
         loop {
-            match this.events.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(event))) => {
-                    let deadline = Instant::now() + *this.idle_for;
-                    this.idle.as_mut().reset(deadline);
-                    match this.decoder.decode(&event.event, &event.data) {
+            let ended = this.parser.is_ended();
+            match this.parser.next_event() {
+                Ok(Some(event)) => {
+                    this.last_event = Instant::now();
+                    match this.decoder.decode(event.event, event.data) {
                         Ok(Decoded::Chunk(chunk)) => {
                             if chunk.finish_reason().is_some() {
-                                *this.saw_finish = true;
+                                this.saw_finish = true;
                             }
                             return Poll::Ready(Some(Ok(chunk)));
                         }
                         Ok(Decoded::Skip) => continue,
                         Ok(Decoded::Done) => {
-                            *this.finished = true;
+                            this.finished = true;
                             return Poll::Ready(None);
                         }
                         Err(e) => {
-                            *this.finished = true;
+                            this.finished = true;
                             return Poll::Ready(Some(Err(e.into())));
                         }
                     }
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    *this.finished = true;
-                    let err = ProviderError::new(
-                        this.provider.clone(),
-                        FailureKind::StreamBroken,
-                        e.to_string(),
-                    );
-                    return Poll::Ready(Some(Err(err.into())));
-                }
-                Poll::Ready(None) => {
-                    *this.finished = true;
-                    if *this.saw_finish {
+                Err(e) => return this.broken(e.to_string()),
+                Ok(None) if ended => {
+                    this.finished = true;
+                    if this.saw_finish {
                         return Poll::Ready(None);
                     }
-                    let err = ProviderError::new(
-                        this.provider.clone(),
-                        FailureKind::StreamBroken,
-                        "the stream ended before the answer was complete",
-                    );
-                    return Poll::Ready(Some(Err(err.into())));
+                    return this.broken("the stream ended before the answer was complete");
                 }
+                Ok(None) => {}
+            }
+            match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        this.parser.push(data);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return this.broken(error_chain(&e)),
+                Poll::Ready(None) => this.parser.end(),
                 Poll::Pending => {
-                    if this.idle.as_mut().poll(cx).is_ready() {
-                        *this.finished = true;
-                        let err = ProviderError::new(
-                            this.provider.clone(),
-                            FailureKind::StreamIdle,
-                            format!("no event for {}s", this.idle_for.as_secs()),
-                        );
-                        return Poll::Ready(Some(Err(err.into())));
+                    while this.idle.as_mut().poll(cx).is_ready() {
+                        let deadline = this.last_event + this.idle_for;
+                        if Instant::now() >= deadline {
+                            this.finished = true;
+                            let err = ProviderError::new(
+                                this.provider.clone(),
+                                FailureKind::StreamIdle,
+                                format!("no event for {}s", this.idle_for.as_secs()),
+                            );
+                            return Poll::Ready(Some(Err(err.into())));
+                        }
+                        this.idle.as_mut().reset(deadline);
                     }
                     return Poll::Pending;
                 }

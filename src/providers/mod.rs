@@ -42,6 +42,7 @@ pub mod http;
 pub mod media;
 pub mod mock;
 pub mod openai;
+pub mod sse;
 
 use std::collections::HashMap;
 use std::future::Future;
