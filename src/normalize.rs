@@ -618,6 +618,13 @@ mod tests {
         )
     }
 
+    /// A minimal chat request with `"stream": true`.
+    fn stream_request() -> Request<String> {
+        Request::post("/")
+            .body(chat_body(r#","stream":true"#))
+            .unwrap()
+    }
+
     async fn body_text(res: Response<Body>) -> String {
         String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
     }
@@ -734,14 +741,7 @@ mod tests {
             Ok(ChatChunk::usage(crate::chat::Usage::new(1, 1))),
         ];
         let svc = NormalizeLayer::new().layer(answering(chunks.clone(), Duration::ZERO));
-        let res = svc
-            .oneshot(
-                Request::post("/")
-                    .body(chat_body(r#","stream":true"#))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let res = svc.oneshot(stream_request()).await.unwrap();
         assert_eq!(res.headers()["content-type"], "text/event-stream");
         assert_eq!(res.headers()["cache-control"], "no-cache");
         assert_eq!(res.headers()["x-accel-buffering"], "no");
@@ -770,14 +770,7 @@ mod tests {
                 vec![Ok(ChatChunk::text("late"))],
                 Duration::from_secs(25),
             ));
-        let res = svc
-            .oneshot(
-                Request::post("/")
-                    .body(chat_body(r#","stream":true"#))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let res = svc.oneshot(stream_request()).await.unwrap();
         assert_eq!(res.status(), 200);
         assert!(
             res.headers().get(X_PROVIDER).is_none(),
@@ -813,14 +806,7 @@ mod tests {
             .request_timeout(Duration::from_secs(30))
             .layer(inner);
         let started = Instant::now();
-        let res = svc
-            .oneshot(
-                Request::post("/")
-                    .body(chat_body(r#","stream":true"#))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let res = svc.oneshot(stream_request()).await.unwrap();
         let text = tokio::time::timeout(Duration::from_secs(60), body_text(res))
             .await
             .expect("the deadline ends the stream");
@@ -878,16 +864,7 @@ mod tests {
             vec![Ok(ChatChunk::text("partial")), Err(err)],
             Duration::ZERO,
         ));
-        let text = body_text(
-            svc.oneshot(
-                Request::post("/")
-                    .body(chat_body(r#","stream":true"#))
-                    .unwrap(),
-            )
-            .await
-            .unwrap(),
-        )
-        .await;
+        let text = body_text(svc.oneshot(stream_request()).await.unwrap()).await;
         let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
         let last: serde_json::Value =
             serde_json::from_str(events[1].strip_prefix("data: ").unwrap()).unwrap();

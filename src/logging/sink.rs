@@ -425,7 +425,8 @@ fn insert_sql(rows: usize) -> String {
     )
 }
 
-/// Binds `r` to the parameters after `at` (1-based, so row `n` starts at `n × 21`).
+/// Binds `r` to the 21 parameters after the first `at` (row `n` of a multi-row
+/// `INSERT` has `at = n × 21`).
 fn bind(stmt: &mut rusqlite::Statement<'_>, at: usize, r: &RequestRecord) -> io::Result<()> {
     let attempts = serde_json::to_string(&r.attempts)?;
     let prompt = r.prompt.as_ref().map(|p| p.to_string());

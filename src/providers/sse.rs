@@ -30,10 +30,21 @@ pub struct SseEvent<'a> {
     pub data: &'a str,
 }
 
-/// A line of the stream was not UTF-8.
+/// Why a stream cannot be read as events.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the event stream is not UTF-8: {0}")]
-pub struct SseError(std::str::Utf8Error);
+pub enum SseError {
+    /// A line was not UTF-8.
+    #[error("the event stream is not UTF-8: {0}")]
+    NotUtf8(std::str::Utf8Error),
+    /// A line grew past [`MAX_LINE`] bytes without ending.
+    #[error("an event stream line is longer than {} MiB", MAX_LINE >> 20)]
+    LineTooLong,
+}
+
+/// The longest line the parser buffers (16 MiB): far above any real event (a large
+/// tool call's arguments arrive in many small deltas), and a bound on the memory an
+/// upstream that never ends its line can take.
+pub const MAX_LINE: usize = 16 << 20;
 
 /// An incremental SSE parser: [`push`](Self::push) bytes as they arrive, then take
 /// events with [`next_event`](Self::next_event) until it returns `None`.
@@ -42,7 +53,7 @@ pub struct SseError(std::str::Utf8Error);
 /// are comments; one space after a field's colon is dropped; an event ends at a blank
 /// line and is dispatched only if it had a `data` field. An event cut off by the end
 /// of the stream is never dispatched. `id` and `retry` are read past (no caller
-/// reconnects).
+/// reconnects). A line longer than [`MAX_LINE`] is an error.
 #[derive(Debug, Default)]
 pub struct SseParser {
     /// Received bytes; those before `start` are consumed.
@@ -103,6 +114,9 @@ impl SseParser {
         loop {
             let rest = &self.buf[self.start..];
             let Some(i) = memchr::memchr2(b'\n', b'\r', rest) else {
+                if rest.len() > MAX_LINE {
+                    return Err(SseError::LineTooLong);
+                }
                 return Ok(None);
             };
             let mut consumed = i + 1;
@@ -115,7 +129,7 @@ impl SseParser {
                     None => {}
                 }
             }
-            let line = std::str::from_utf8(&rest[..i]).map_err(SseError)?;
+            let line = std::str::from_utf8(&rest[..i]).map_err(SseError::NotUtf8)?;
             self.start += consumed;
             if line.is_empty() {
                 if self.data.is_empty() {
@@ -233,6 +247,22 @@ mod tests {
             got.extend(all(&mut p));
             assert_eq!(got, whole, "split at {cut}");
         }
+    }
+
+    #[test]
+    fn a_line_that_never_ends_is_an_error_not_unbounded_memory() {
+        let mut p = SseParser::default();
+        p.push(b"data: ");
+        let block = vec![b'x'; 1 << 20];
+        for _ in 0..15 {
+            p.push(&block);
+            assert_eq!(p.next_event(), Ok(None));
+        }
+        // Exactly MAX_LINE bytes is still a line that may end.
+        p.push(&block[6..]);
+        assert_eq!(p.next_event(), Ok(None));
+        p.push(b"x");
+        assert_eq!(p.next_event(), Err(SseError::LineTooLong));
     }
 
     #[test]
