@@ -568,7 +568,7 @@ mod tests {
         }
     }
 
-    /// Rows per second the SQLite request log takes, in batches of 32 to 512 (run
+    /// Rows per second the SQLite request log takes, in batches of 10, 50 and 300 (run
     /// with `cargo test --release --lib -- --ignored log_sink_throughput --nocapture`).
     #[test]
     #[ignore]

@@ -36,15 +36,16 @@ pub enum SseError {
     /// A line was not UTF-8.
     #[error("the event stream is not UTF-8: {0}")]
     NotUtf8(std::str::Utf8Error),
-    /// A line grew past [`MAX_LINE`] bytes without ending.
-    #[error("an event stream line is longer than {} MiB", MAX_LINE >> 20)]
-    LineTooLong,
+    /// A line still unended, or an event's data, grew past [`MAX_EVENT`] bytes.
+    #[error("an event stream line or event is longer than {} MiB", MAX_EVENT >> 20)]
+    TooLong,
 }
 
-/// The longest line the parser buffers (16 MiB): far above any real event (a large
-/// tool call's arguments arrive in many small deltas), and a bound on the memory an
-/// upstream that never ends its line can take.
-pub const MAX_LINE: usize = 16 << 20;
+/// The most the parser buffers for one line, and for one event's data (16 MiB):
+/// far above any real event (a large tool call's arguments arrive in many small
+/// deltas), and a bound on the memory an upstream that never ends its line, or its
+/// event, can take.
+pub const MAX_EVENT: usize = 16 << 20;
 
 /// An incremental SSE parser: [`push`](Self::push) bytes as they arrive, then take
 /// events with [`next_event`](Self::next_event) until it returns `None`.
@@ -53,7 +54,7 @@ pub const MAX_LINE: usize = 16 << 20;
 /// are comments; one space after a field's colon is dropped; an event ends at a blank
 /// line and is dispatched only if it had a `data` field. An event cut off by the end
 /// of the stream is never dispatched. `id` and `retry` are read past (no caller
-/// reconnects). A line longer than [`MAX_LINE`] is an error.
+/// reconnects). A line or an event's data longer than [`MAX_EVENT`] is an error.
 #[derive(Debug, Default)]
 pub struct SseParser {
     /// Received bytes; those before `start` are consumed.
@@ -114,8 +115,8 @@ impl SseParser {
         loop {
             let rest = &self.buf[self.start..];
             let Some(i) = memchr::memchr2(b'\n', b'\r', rest) else {
-                if rest.len() > MAX_LINE {
-                    return Err(SseError::LineTooLong);
+                if rest.len() > MAX_EVENT {
+                    return Err(SseError::TooLong);
                 }
                 return Ok(None);
             };
@@ -160,6 +161,9 @@ impl SseParser {
             };
             match field {
                 "data" => {
+                    if self.data.len() + value.len() + 1 > MAX_EVENT {
+                        return Err(SseError::TooLong);
+                    }
                     self.data.push_str(value);
                     self.data.push('\n');
                 }
@@ -258,11 +262,26 @@ mod tests {
             p.push(&block);
             assert_eq!(p.next_event(), Ok(None));
         }
-        // Exactly MAX_LINE bytes is still a line that may end.
+        // Exactly MAX_EVENT bytes is still a line that may end.
         p.push(&block[6..]);
         assert_eq!(p.next_event(), Ok(None));
         p.push(b"x");
-        assert_eq!(p.next_event(), Err(SseError::LineTooLong));
+        assert_eq!(p.next_event(), Err(SseError::TooLong));
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_an_error_not_unbounded_memory() {
+        // Short `data` lines, never a blank line: the event's data is bounded too.
+        let mut p = SseParser::default();
+        let line = format!("data: {}\n", "y".repeat(1023));
+        let block = line.repeat(1024); // 1 MiB of data per push
+        for _ in 0..16 {
+            p.push(block.as_bytes());
+            assert_eq!(p.next_event(), Ok(None));
+        }
+        // Exactly MAX_EVENT bytes of data so far; one more line is too many.
+        p.push(b"data: z\n");
+        assert_eq!(p.next_event(), Err(SseError::TooLong));
     }
 
     #[test]
