@@ -16,8 +16,10 @@ use serde_json::{Map, Value};
 
 use crate::money::Money;
 
-/// A chat-completions request as a client sends it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+mod de;
+
+/// A chat-completions request as a client sends it (`Deserialize` is in `de.rs`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ChatRequest {
     /// Gateway model id, possibly with a `:floor` / `:nitro` variant suffix.
     pub model: String,
@@ -149,8 +151,8 @@ pub enum Role {
     Tool,
 }
 
-/// One conversation turn.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One conversation turn (`Deserialize` is in `de.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Message {
     /// Author.
     pub role: Role,
@@ -185,8 +187,8 @@ impl Message {
     }
 }
 
-/// Message content: a string, or an array of typed parts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Message content: a string, or an array of typed parts (`Deserialize` is in `de.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Content {
     /// Plain text.
@@ -254,8 +256,8 @@ pub struct ImageUrl {
     pub detail: Option<String>,
 }
 
-/// `stop`: one sequence or several.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `stop`: one sequence or several (`Deserialize` is in `de.rs`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Stop {
     /// One stop sequence.
@@ -876,6 +878,104 @@ mod tests {
         assert_eq!(req.messages[0].extra["x_msg"], json!(1));
         let back = serde_json::to_value(&req).unwrap();
         assert_eq!(back["parallel_tool_calls"], json!(false));
+    }
+
+    /// Every modelled field and some unmodelled ones, at both levels.
+    fn full_request() -> Value {
+        json!({
+            "model": "openai/gpt-4o", "models": ["a/b"],
+            "messages": [
+                {"role": "system", "content": "be brief", "name": "sys", "x_msg": {"k": [1, 2]}},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                ]},
+                {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "42"}]}
+            ],
+            "provider": {"order": ["p"], "allow_fallbacks": false},
+            "max_tokens": 10, "max_completion_tokens": 20, "temperature": 0.5, "top_p": 0.9,
+            "stop": ["x", "y"], "tools": [{"type": "function", "function": {"name": "f", "strict": true}}],
+            "tool_choice": "auto", "response_format": {"type": "json_object"}, "seed": -3,
+            "user": "u", "stream": true, "stream_options": {"include_usage": true},
+            "reasoning_effort": "low", "usage": {"include": true},
+            "logit_bias": {"50256": -100}, "parallel_tool_calls": false
+        })
+    }
+
+    #[test]
+    fn a_request_with_every_field_reads_back_as_written() {
+        let written = full_request();
+        let req: ChatRequest = serde_json::from_str(&written.to_string()).unwrap();
+        assert_eq!(req.stop, Some(Stop::Many(vec!["x".into(), "y".into()])));
+        assert_eq!(req.seed, Some(-3));
+        assert!(req.stream && req.wants_stream_usage());
+        assert_eq!(req.messages[1].content, None);
+        assert_eq!(req.messages[0].extra["x_msg"], json!({"k": [1, 2]}));
+        let provider = req.provider.as_ref().unwrap();
+        assert_eq!(provider.order.as_deref(), Some(&["p".to_string()][..]));
+        assert!(!provider.allow_fallbacks);
+        let mut expected = written;
+        // `null` is "absent": it is not written back; `provider` writes its defaults.
+        expected["messages"][1]
+            .as_object_mut()
+            .unwrap()
+            .remove("content");
+        expected["provider"] = serde_json::to_value(provider).unwrap();
+        assert_eq!(serde_json::to_value(&req).unwrap(), expected);
+        let one: ChatRequest = serde_json::from_value(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": "s",
+            "temperature": null, "stream": false
+        }))
+        .unwrap();
+        assert_eq!(one.stop, Some(Stop::One("s".into())));
+        assert_eq!(one.temperature, None);
+    }
+
+    #[test]
+    fn a_known_field_twice_or_a_required_one_missing_is_an_error() {
+        let err = |body: &str| {
+            serde_json::from_str::<ChatRequest>(body)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err(r#"{"model":"a","model":"b","messages":[]}"#).contains("duplicate field `model`")
+        );
+        assert!(
+            err(r#"{"model":"a","messages":[{"role":"user","content":"x","content":"y"}]}"#)
+                .contains("duplicate field `content`")
+        );
+        assert!(err(r#"{"messages":[]}"#).contains("missing field `model`"));
+        assert!(err(r#"{"model":"a"}"#).contains("missing field `messages`"));
+        assert!(
+            err(r#"{"model":"a","messages":[{"content":"x"}]}"#).contains("missing field `role`")
+        );
+        assert!(err(r#"{"model":"a","messages":[],"stream":null}"#).contains("expected a boolean"));
+        assert!(err(r#"["a"]"#).contains("expected a chat request object"));
+        // An unmodelled field given twice keeps its last value, as a JSON object does.
+        let req: ChatRequest =
+            serde_json::from_str(r#"{"model":"a","messages":[],"x":1,"x":2}"#).unwrap();
+        assert_eq!(req.extra["x"], json!(2));
+    }
+
+    #[test]
+    fn content_and_stop_of_the_wrong_type_say_what_they_expect() {
+        let err = |body: &str| match crate::normalize::parse_request(body.as_bytes()) {
+            Err(crate::error::GatewayError::InvalidRequest(m)) => m,
+            other => panic!("expected invalid_request, got {other:?}"),
+        };
+        let m = err(r#"{"model":"a","messages":[{"role":"user","content":5}]}"#);
+        assert!(m.contains("`messages[0].content`"), "{m}");
+        assert!(m.contains("a string or an array of content parts"), "{m}");
+        let m = err(r#"{"model":"a","messages":[{"role":"user","content":"x"}],"stop":{"a":1}}"#);
+        assert!(
+            m.contains("`stop`") && m.contains("a string or an array of strings"),
+            "{m}"
+        );
+        let m = err(r#"{"model":"a","messages":[{"role":"user","content":[{"type":"text"}]}]}"#);
+        assert!(
+            m.contains("`messages[0].content[0]`") && m.contains("text"),
+            "{m}"
+        );
     }
 
     #[test]

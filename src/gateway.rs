@@ -1,7 +1,8 @@
 //! `Gateway::builder()`: the default stack in named steps, and the axum router around it.
 //!
-//! The binary serves exactly [`Gateway::router`], so library users get what the binary
-//! runs. The order of the steps is the architecture; each says why it sits where it does.
+//! The binary serves [`Gateway::router`], so library users get what the binary runs
+//! (its accept loop only hands `POST /v1/chat/completions` to the chat service without
+//! matching routes first: the same service, the same answers). The order of the steps is the architecture; each says why it sits where it does.
 //!
 //! # Example
 //! ```
@@ -327,7 +328,10 @@ impl Gateway {
         // `with_state` once, here: axum's own `serve` re-runs it for every accepted
         // connection (a fresh route table and a boxed clone of every route, ≈ 15 KiB
         // held for as long as the connection is open).
-        let app = self.router().with_state(());
+        let app = Dispatch {
+            chat: self.chat.clone(),
+            router: self.router().with_state(()),
+        };
         let logs = self.logs.clone();
         let ledger = self.accounts.ledger.clone();
         let server = serve_connections(listener, app, async move {
@@ -365,7 +369,7 @@ impl Gateway {
 /// from 8 to 16 KiB, held for the life of every connection.
 async fn serve_connections(
     listener: TcpListener,
-    app: Router,
+    app: Dispatch,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -393,7 +397,7 @@ async fn serve_connections(
         };
         // Small SSE events must not wait for Nagle + delayed ACK (a 40 ms stall).
         let _ = tcp.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let service = app.clone();
         let signal_tx = signal_tx.clone();
         let close_rx = close_rx.clone();
         tokio::spawn(async move {
@@ -416,6 +420,50 @@ async fn serve_connections(
     drop(close_rx);
     drop(listener);
     close_tx.closed().await;
+}
+
+/// What [`Gateway::serve`] hands hyper: `POST /v1/chat/completions` (and its
+/// `/api/v1` twin) straight to the chat service, everything else to the router.
+///
+/// The router would send those requests to the very same service, after matching
+/// the path twice (the `/v1` nest, then the route), rewriting the URI for the nest
+/// and boxing a clone of the route: ≈ 20 µs of the way in on a cold worker
+/// (uprobe timestamps, BENCHMARKS.md, fifth session). The two paths match exactly
+/// what the router matches, so the responses are the same.
+#[derive(Clone)]
+struct Dispatch {
+    chat: ChatService,
+    router: Router,
+}
+
+impl Dispatch {
+    /// Whether the router would route `req` to the chat service.
+    fn is_chat(req: &Request<hyper::body::Incoming>) -> bool {
+        req.method() == http::Method::POST
+            && matches!(
+                req.uri().path(),
+                "/v1/chat/completions" | "/api/v1/chat/completions"
+            )
+    }
+}
+
+impl hyper::service::Service<Request<hyper::body::Incoming>> for Dispatch {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = futures_util::future::Either<
+        tower::util::Oneshot<ChatService, Request<Body>>,
+        tower::util::Oneshot<Router, Request<hyper::body::Incoming>>,
+    >;
+
+    fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
+        use futures_util::future::Either;
+        use tower::ServiceExt;
+        if Self::is_chat(&req) {
+            Either::Left(self.chat.clone().oneshot(req.map(Body::new)))
+        } else {
+            Either::Right(self.router.clone().oneshot(req))
+        }
+    }
 }
 
 /// A timer the accept loop keeps due within [`HEARTBEAT`] at all times, so that

@@ -34,3 +34,62 @@ async fn http2_with_prior_knowledge_is_served_on_the_same_port_as_http1() {
     assert_eq!(res.version(), http::Version::HTTP_11);
     assert_eq!(res.status(), 200);
 }
+
+/// The accept loop hands `POST /v1/chat/completions` (and `/api/v1/…`) to the chat
+/// service without the router; everything near it must still get the router's answer.
+#[tokio::test]
+async fn chat_completions_skip_the_router_and_near_misses_still_reach_it() {
+    let up = upstream(|_, _| async {
+        json(
+            200,
+            serde_json::json!({
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+            }),
+        )
+    })
+    .await;
+    let gw = gateway(&openai_config(&[("a", &up.url())], "")).await;
+    let c = client();
+    let body =
+        serde_json::json!({"model": "test/model", "messages": [{"role": "user", "content": "x"}]});
+    for path in [
+        "/v1/chat/completions",
+        "/api/v1/chat/completions",
+        "/v1/chat/completions?trace=1",
+    ] {
+        let res = c
+            .post(gw.url(path))
+            .bearer_auth("sk-demo")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        assert_eq!(res.headers()["x-provider"], "a", "{path}");
+        assert!(res.headers().contains_key("x-request-id"), "{path}");
+        let v: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "hi", "{path}");
+    }
+    assert_eq!(up.hits(), 3);
+    // Not the chat route: the router's SPEC-shaped 404 / 405, the upstream untouched.
+    for (method, path, status, code) in [
+        ("POST", "/v1/chat/completions/", 404, "not_found"),
+        ("POST", "/v2/chat/completions", 404, "not_found"),
+        ("POST", "/V1/chat/completions", 404, "not_found"),
+        ("PUT", "/v1/chat/completions", 405, "method_not_allowed"),
+        ("GET", "/api/v1/chat/completions", 405, "method_not_allowed"),
+    ] {
+        let res = c
+            .request(method.parse().unwrap(), gw.url(path))
+            .bearer_auth("sk-demo")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status, "{method} {path}");
+        let v: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(v["error"]["code"], code, "{method} {path}");
+    }
+    assert_eq!(up.hits(), 3);
+}
