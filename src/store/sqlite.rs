@@ -684,9 +684,10 @@ fn commit_fair(conn: &WriterConn, batch: &[Arc<Entry>]) -> Result<Vec<bool>, Sto
 /// applier thread then commits what was journaled to SQLite, in the background.
 ///
 /// With `sync = "normal"` an append is one `write` into the page cache (a few µs),
-/// so the turn is a task on the caller's tokio runtime: under load it first yields,
-/// so that the requests ready to run join its batch (an idle writer, see [`QUIET`],
-/// does not wait), then appends right there. No thread hand-off: at 1k req/s the
+/// so the turn stays on the caller's tokio runtime: under load it is a task that
+/// first yields, so that the requests ready to run join its batch, then appends
+/// right there; an idle writer (see [`QUIET`]) appends in the caller, at once. No
+/// thread hand-off: at 1k req/s the
 /// hand-off to a writer thread and back was a quarter of the gateway's CPU. The
 /// writer thread takes the turn when an append could block a runtime worker:
 /// `sync = "full"` (an `fdatasync` per batch), no runtime (a caller outside tokio),
@@ -759,9 +760,10 @@ struct Queue {
     idle_since: Option<Instant>,
 }
 
-/// A writer idle for this long is not under load: a new turn appends at once
-/// instead of first yielding for a batch to form (which costs the runtime an extra
-/// poll of its I/O driver, one `epoll_wait`, per append).
+/// A writer idle for this long is not under load: a new turn appends at once, in
+/// the caller, instead of spawning a task that first yields for a batch to form
+/// (which costs the runtime an extra poll of its I/O driver, one `epoll_wait`, per
+/// append).
 const QUIET: Duration = Duration::from_micros(250);
 
 /// How long the applier lets journaled settlements gather before committing them
@@ -789,7 +791,11 @@ impl Writer {
         };
         if self.on_runtime {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(turn.run_on_runtime(quiet));
+                if quiet {
+                    turn.run_here();
+                } else {
+                    rt.spawn(turn.run_on_runtime());
+                }
                 return;
             }
         }
@@ -1121,24 +1127,27 @@ struct Turn {
 }
 
 impl Turn {
-    /// Appends on the runtime until the queue is empty.
-    /// `quiet`: the writer was idle (see [`QUIET`]), so no batch is worth waiting for.
-    async fn run_on_runtime(mut self, quiet: bool) {
-        let mut wait_for_batch = !quiet;
+    /// Appends on the runtime until the queue is empty, yielding before each batch:
+    /// under load, requests that are ready to run now settle into this batch (the
+    /// task waits behind them, and behind one poll of the I/O driver).
+    async fn run_on_runtime(mut self) {
         loop {
-            // Under load, requests that are ready to run now settle into this batch:
-            // the task waits behind them (and behind one poll of the I/O driver).
-            // A spawned task runs as soon as the one that spawned it yields, so a
-            // quiet writer appends at once.
-            if std::mem::replace(&mut wait_for_batch, true) {
-                tokio::task::yield_now().await;
-            }
+            tokio::task::yield_now().await;
             let Some(batch) = self.writer.next_batch() else {
                 self.done = true;
                 return;
             };
             self.writer.commit_batch(batch);
         }
+    }
+
+    /// Appends right here, in the caller (an idle writer, see [`QUIET`]): no batch
+    /// is forming, and a spawned turn would run as soon as the caller yields anyway,
+    /// after a task allocation, two task switches and a wake-up of the waiter — ≈ a
+    /// tenth of a response's way out on a cold worker (BENCHMARKS.md, fifth session).
+    fn run_here(mut self) {
+        self.writer.drain_blocking();
+        self.done = true;
     }
 
     /// Hands the turn to the writer thread; appends here if the thread has stopped.
@@ -1221,10 +1230,14 @@ fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<bool>, Store
         // One UPDATE and one UPSERT per key (and day) per batch, not per settlement:
         // a batch is usually many requests of few keys.
         let mut per_key: HashMap<(&str, u64), (i64, i64)> = HashMap::new();
+        let mut attempts = Vec::with_capacity(128);
         for e in batch {
             let s = &e.settlement;
             let g = &s.generation;
-            let attempts = serde_json::to_string(&g.attempts).unwrap_or_else(|_| "[]".into());
+            attempts.clear();
+            journal::attempts_json(&mut attempts, &g.attempts);
+            // JSON of `&str`s and integers: UTF-8 by construction.
+            let attempts = std::str::from_utf8(&attempts).unwrap_or("[]");
             let n = insert.execute(params![
                 g.id,
                 s.key_id,
@@ -1920,6 +1933,36 @@ mod tests {
             .is_empty());
         drop(store);
         assert!(!dir.join("turns.db-ledger").exists(), "removed when empty");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_idle_writer_journals_in_the_caller_and_a_busy_one_in_a_task() {
+        use futures_util::FutureExt;
+        let dir = temp_dir();
+        let (store, id) = store_with_reservation(&dir, SyncMode::Normal, "1");
+        // Not idle yet (nothing was appended): the turn is a task, so nothing is
+        // journaled until this task yields.
+        let first = store.settle(settlement(&id, "gen-task", "0.25", "0.5"));
+        assert!(!journal_text(&dir).contains("gen-task"));
+        assert!(first.await.unwrap());
+        // The task looks for more once (after one more yield), then gives the turn back.
+        tokio::task::yield_now().await;
+        assert!(!store.writer.queue.lock().turn_out);
+        // Idle for longer than QUIET: the caller appends before `settle` returns.
+        std::thread::sleep(QUIET * 2);
+        let second = store.settle(settlement(&id, "gen-here", "0.25", "0.5"));
+        assert!(journal_text(&dir).contains("\"id\":\"gen-here\""));
+        assert_eq!(second.now_or_never().map(Result::unwrap), Some(true));
+        assert_eq!(store.balance(&id).unwrap().spent, usd("0.5"));
+        // A duplicate is answered as one, inline too, and charges nothing more.
+        std::thread::sleep(QUIET * 2);
+        let again = store.settle(settlement(&id, "gen-here", "0.25", "0.5"));
+        assert_eq!(again.now_or_never().map(Result::unwrap), Some(false));
+        assert_eq!(store.writer.handoffs.load(Ordering::Relaxed), 0);
+        store.flush().await;
+        assert_eq!(spent_in_file(&dir, &id), usd("0.5").pico());
+        drop(store);
         let _ = std::fs::remove_dir_all(dir);
     }
 
