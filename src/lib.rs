@@ -26,6 +26,7 @@ pub mod error;
 pub mod fallback;
 pub mod gateway;
 pub mod health;
+mod json;
 pub mod keys;
 pub mod logging;
 pub mod metering;

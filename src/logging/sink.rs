@@ -427,8 +427,17 @@ fn insert_sql(rows: usize) -> String {
 
 /// Binds `r` to the 21 parameters after the first `at` (row `n` of a multi-row
 /// `INSERT` has `at = n × 21`).
-fn bind(stmt: &mut rusqlite::Statement<'_>, at: usize, r: &RequestRecord) -> io::Result<()> {
-    let attempts = serde_json::to_string(&r.attempts)?;
+/// `scratch` holds the row's `attempts` JSON (SQLite copies bound text).
+fn bind(
+    stmt: &mut rusqlite::Statement<'_>,
+    at: usize,
+    r: &RequestRecord,
+    scratch: &mut Vec<u8>,
+) -> io::Result<()> {
+    scratch.clear();
+    attempts_json(scratch, &r.attempts);
+    // JSON of `&str`s and integers: UTF-8 by construction.
+    let attempts = std::str::from_utf8(scratch).map_err(io::Error::other)?;
     let prompt = r.prompt.as_ref().map(|p| p.to_string());
     let values: [&dyn rusqlite::ToSql; COLUMNS] = [
         &r.id,
@@ -459,8 +468,31 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, at: usize, r: &RequestRecord) -> io:
     Ok(())
 }
 
+/// The `attempts` column: the JSON array `serde_json` writes for `attempts`, written
+/// directly (serde escapes every field name at every row).
+fn attempts_json(out: &mut Vec<u8>, attempts: &[super::AttemptLog]) {
+    let mut n = itoa::Buffer::new();
+    out.push(b'[');
+    for (i, a) in attempts.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"provider\":");
+        crate::json::push_str(out, &a.provider);
+        out.extend_from_slice(b",\"model\":");
+        crate::json::push_str(out, &a.model);
+        out.extend_from_slice(b",\"status\":");
+        crate::json::push_str(out, &a.status);
+        out.extend_from_slice(b",\"latency_ms\":");
+        out.extend_from_slice(n.format(a.latency_ms).as_bytes());
+        out.push(b'}');
+    }
+    out.push(b']');
+}
+
 impl LogSink for SqliteSink {
     fn write(&mut self, batch: &[RequestRecord]) -> io::Result<()> {
+        let mut scratch = Vec::with_capacity(256);
         let tx = self.conn.transaction().map_err(sql_err)?;
         let mut rest = batch;
         for (rows, sql) in ROWS_PER_INSERT.iter().zip(&self.inserts) {
@@ -471,7 +503,7 @@ impl LogSink for SqliteSink {
             let mut chunks = rest.chunks_exact(*rows);
             for chunk in &mut chunks {
                 for (n, r) in chunk.iter().enumerate() {
-                    bind(&mut insert, n * COLUMNS, r)?;
+                    bind(&mut insert, n * COLUMNS, r, &mut scratch)?;
                 }
                 insert.raw_execute().map_err(sql_err)?;
             }
@@ -485,6 +517,29 @@ impl LogSink for SqliteSink {
 mod tests {
     use super::*;
     use crate::context::CallContext;
+
+    #[test]
+    fn the_attempts_column_is_what_serde_json_writes() {
+        let attempt =
+            |provider: &str, model: &str, status: &str, latency_ms| super::super::AttemptLog {
+                provider: provider.into(),
+                model: model.into(),
+                status: status.into(),
+                latency_ms,
+            };
+        for attempts in [
+            vec![],
+            vec![attempt("a", "m/x", "200", 12)],
+            vec![
+                attempt("p\"q", "m\\n\u{1}", "timeout", 0),
+                attempt("é😀", "", "503", u64::MAX),
+            ],
+        ] {
+            let mut ours = Vec::new();
+            attempts_json(&mut ours, &attempts);
+            assert_eq!(ours, serde_json::to_vec(&attempts).unwrap());
+        }
+    }
 
     /// A sink that reports each write and holds it until released.
     struct Gated {

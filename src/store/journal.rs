@@ -70,9 +70,9 @@ impl Entry {
         let g = &self.settlement.generation;
         let mut n = itoa::Buffer::new();
         out.extend_from_slice(b"{\"id\":");
-        json_str(out, &g.id);
+        crate::json::push_str(out, &g.id);
         out.extend_from_slice(b",\"key\":");
-        json_str(out, &self.settlement.key_id);
+        crate::json::push_str(out, &self.settlement.key_id);
         out.extend_from_slice(b",\"pico\":");
         out.extend_from_slice(n.format(g.total_cost.pico()).as_bytes());
         out.extend_from_slice(b",\"tokens\":");
@@ -80,9 +80,9 @@ impl Entry {
         out.extend_from_slice(b",\"day\":");
         out.extend_from_slice(n.format(self.day).as_bytes());
         out.extend_from_slice(b",\"model\":");
-        json_str(out, &g.model);
+        crate::json::push_str(out, &g.model);
         out.extend_from_slice(b",\"provider\":");
-        json_str(out, &g.provider);
+        crate::json::push_str(out, &g.provider);
         out.extend_from_slice(if g.streamed {
             b",\"streamed\":true,\"prompt\":"
         } else {
@@ -102,7 +102,7 @@ impl Entry {
         attempts_json(out, &g.attempts);
         out.extend_from_slice(b",\"finish\":");
         match &g.finish_reason {
-            Some(f) => json_str(out, f),
+            Some(f) => crate::json::push_str(out, f),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"created\":");
@@ -149,60 +149,14 @@ pub(super) fn attempts_json(out: &mut Vec<u8>, attempts: &[GenerationAttempt]) {
             out.push(b',');
         }
         out.extend_from_slice(b"{\"provider\":");
-        json_str(out, &a.provider);
+        crate::json::push_str(out, &a.provider);
         out.extend_from_slice(b",\"status\":");
-        json_str(out, &a.status);
+        crate::json::push_str(out, &a.status);
         out.extend_from_slice(b",\"latency_ms\":");
         out.extend_from_slice(n.format(a.latency_ms).as_bytes());
         out.push(b'}');
     }
     out.push(b']');
-}
-
-/// Appends `s` as a JSON string, escaped as `serde_json` escapes it: `"` and `\`,
-/// the short escapes `\b \t \n \f \r`, other control characters as `\u00xx`;
-/// everything else (DEL and non-ASCII included) as it is.
-fn json_str(out: &mut Vec<u8>, s: &str) {
-    let bytes = s.as_bytes();
-    // Ids, names and statuses: nearly always nothing to escape. The check has no
-    // early exit, so it compiles to a few wide compares instead of a branch a byte.
-    let plain = !bytes.iter().fold(false, |any, &b| {
-        any | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    out.reserve(bytes.len() + 2);
-    out.push(b'"');
-    if plain {
-        out.extend_from_slice(bytes);
-        out.push(b'"');
-        return;
-    }
-    let mut from = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let short = match b {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            0x08 => b'b',
-            b'\t' => b't',
-            b'\n' => b'n',
-            0x0c => b'f',
-            b'\r' => b'r',
-            0x00..=0x1f => b'u',
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[from..i]);
-        from = i + 1;
-        if short == b'u' {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
-        } else {
-            out.push(b'\\');
-            out.push(short);
-        }
-    }
-    out.extend_from_slice(&bytes[from..]);
-    out.push(b'"');
 }
 
 /// The journal's files, next to the database: `<db>-ledger`, `<db>-ledger.applying`,
