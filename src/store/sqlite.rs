@@ -2204,6 +2204,35 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// The applier's cost per settlement row, by batch size (release build:
+    /// `cargo test --release --lib -- --ignored settlement_rows_throughput --nocapture`).
+    #[test]
+    #[ignore]
+    fn settlement_rows_throughput() {
+        for batch in [10, 50, 300] {
+            let dir = temp_dir();
+            let (store, id) = store_with_reservation(&dir, SyncMode::Normal, "0");
+            let mut conn = open_conn(&dir.join("turns.db"), SyncMode::Normal).unwrap();
+            let n = 60_000;
+            let entries: Vec<Arc<Entry>> = (0..n)
+                .map(|i| {
+                    Arc::new(Entry {
+                        settlement: settlement(&id, &format!("gen-{i:08}"), "0.000001", "0"),
+                        day: 1,
+                    })
+                })
+                .collect();
+            let started = std::time::Instant::now();
+            for chunk in entries.chunks(batch) {
+                assert!(commit(&mut conn, chunk).unwrap().iter().all(|new| *new));
+            }
+            let per_row = started.elapsed().as_secs_f64() * 1e6 / n as f64;
+            println!("settlement_rows_throughput batch={batch}: {per_row:.2} µs per row");
+            drop(store);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
     /// Settled writes per second through the group-commit writer (run on demand:
     /// `cargo test --lib -- --ignored ledger_throughput --nocapture`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
