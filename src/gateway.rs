@@ -2,7 +2,8 @@
 //!
 //! The binary serves [`Gateway::router`], so library users get what the binary runs
 //! (its accept loop only hands `POST /v1/chat/completions` to the chat service without
-//! matching routes first: the same service, the same answers). The order of the steps is the architecture; each says why it sits where it does.
+//! matching routes first: the same service, the same answers). The order of the
+//! steps is the architecture; each says why it sits where it does.
 //!
 //! # Example
 //! ```

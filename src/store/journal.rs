@@ -63,9 +63,9 @@ struct Line<'a> {
 
 impl Entry {
     /// Appends this entry's line (JSON and `\n`) to `out`: the bytes `serde_json`
-    /// writes for a [`Line`], written directly. Through serde it was ≈ 5.1k
-    /// instructions a settlement (callgrind; each field name escaped as a string at
-    /// every line), on the way out of every charged response.
+    /// writes for a [`Line`], written directly: 1.75k instructions a settlement
+    /// against 5.1k through serde (callgrind; serde escapes each field name as a
+    /// string at every line), on the way out of every charged response.
     pub fn write_line(&self, out: &mut Vec<u8>) {
         let g = &self.settlement.generation;
         let mut n = itoa::Buffer::new();

@@ -687,8 +687,8 @@ fn commit_fair(conn: &WriterConn, batch: &[Arc<Entry>]) -> Result<Vec<bool>, Sto
 /// so the turn stays on the caller's tokio runtime: under load it is a task that
 /// first yields, so that the requests ready to run join its batch, then appends
 /// right there; an idle writer (see [`QUIET`]) appends in the caller, at once. No
-/// thread hand-off: at 1k req/s the
-/// hand-off to a writer thread and back was a quarter of the gateway's CPU. The
+/// thread hand-off: at 1k req/s the hand-off to a writer thread and back was a
+/// quarter of the gateway's CPU. The
 /// writer thread takes the turn when an append could block a runtime worker:
 /// `sync = "full"` (an `fdatasync` per batch), no runtime (a caller outside tokio),
 /// or a runtime that is shutting down (a turn dropped unfinished passes to the
@@ -792,7 +792,7 @@ impl Writer {
         if self.on_runtime {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 if quiet {
-                    turn.run_here();
+                    turn.run_here(&rt);
                 } else {
                     rt.spawn(turn.run_on_runtime());
                 }
@@ -815,6 +815,17 @@ impl Writer {
             return Some(std::mem::take(&mut q.cmds));
         }
         Some(q.cmds.drain(..MAX_BATCH).collect())
+    }
+
+    /// Gives the turn back if nothing is queued; `false` (the turn kept) otherwise.
+    fn give_back_if_idle(&self) -> bool {
+        let mut q = self.queue.lock();
+        if !q.cmds.is_empty() {
+            return false;
+        }
+        q.turn_out = false;
+        q.idle_since = Some(Instant::now());
+        true
     }
 
     /// Holds the turn on this thread until the queue is empty.
@@ -1141,12 +1152,20 @@ impl Turn {
         }
     }
 
-    /// Appends right here, in the caller (an idle writer, see [`QUIET`]): no batch
-    /// is forming, and a spawned turn would run as soon as the caller yields anyway,
-    /// after a task allocation, two task switches and a wake-up of the waiter — ≈ a
-    /// tenth of a response's way out on a cold worker (BENCHMARKS.md, fifth session).
-    fn run_here(mut self) {
-        self.writer.drain_blocking();
+    /// Appends the caller's batch right here (an idle writer, see [`QUIET`]): no
+    /// batch is forming, and a spawned turn would run as soon as the caller yields
+    /// anyway, after a task allocation, two task switches and a wake-up of the
+    /// waiter (settlement → commit went 13 → 8–10 µs on a cold worker, uprobes,
+    /// BENCHMARKS.md, fifth session). Whatever other workers queued meanwhile goes
+    /// to a task, so a caller never appends more than its own batch.
+    fn run_here(mut self, rt: &tokio::runtime::Handle) {
+        if let Some(batch) = self.writer.next_batch() {
+            self.writer.commit_batch(batch);
+            if !self.writer.give_back_if_idle() {
+                rt.spawn(self.run_on_runtime());
+                return;
+            }
+        }
         self.done = true;
     }
 
