@@ -51,6 +51,45 @@ pub(crate) fn push_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// One upstream attempt as the ledger and the request log write it: the fields of
+/// `GenerationAttempt` (no model) and of `AttemptLog`, in their order.
+pub(crate) struct Attempt<'a> {
+    /// Provider name.
+    pub provider: &'a str,
+    /// Gateway model id (the request log's attempts only).
+    pub model: Option<&'a str>,
+    /// `"200"`, `"503"`, `"timeout"`, ….
+    pub status: &'a str,
+    /// Milliseconds.
+    pub latency_ms: u64,
+}
+
+/// Appends `attempts` as the JSON array `serde_json` writes for the attempt type.
+pub(crate) fn push_attempts<'a>(
+    out: &mut Vec<u8>,
+    attempts: impl IntoIterator<Item = Attempt<'a>>,
+) {
+    let mut n = itoa::Buffer::new();
+    out.push(b'[');
+    for (i, a) in attempts.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"provider\":");
+        push_str(out, a.provider);
+        if let Some(model) = a.model {
+            out.extend_from_slice(b",\"model\":");
+            push_str(out, model);
+        }
+        out.extend_from_slice(b",\"status\":");
+        push_str(out, a.status);
+        out.extend_from_slice(b",\"latency_ms\":");
+        out.extend_from_slice(n.format(a.latency_ms).as_bytes());
+        out.push(b'}');
+    }
+    out.push(b']');
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -471,23 +471,15 @@ fn bind(
 /// The `attempts` column: the JSON array `serde_json` writes for `attempts`, written
 /// directly (serde escapes every field name at every row).
 fn attempts_json(out: &mut Vec<u8>, attempts: &[super::AttemptLog]) {
-    let mut n = itoa::Buffer::new();
-    out.push(b'[');
-    for (i, a) in attempts.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b"{\"provider\":");
-        crate::json::push_str(out, &a.provider);
-        out.extend_from_slice(b",\"model\":");
-        crate::json::push_str(out, &a.model);
-        out.extend_from_slice(b",\"status\":");
-        crate::json::push_str(out, &a.status);
-        out.extend_from_slice(b",\"latency_ms\":");
-        out.extend_from_slice(n.format(a.latency_ms).as_bytes());
-        out.push(b'}');
-    }
-    out.push(b']');
+    crate::json::push_attempts(
+        out,
+        attempts.iter().map(|a| crate::json::Attempt {
+            provider: &a.provider,
+            model: Some(&a.model),
+            status: &a.status,
+            latency_ms: a.latency_ms,
+        }),
+    );
 }
 
 impl LogSink for SqliteSink {

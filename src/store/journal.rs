@@ -142,21 +142,15 @@ impl Entry {
 /// Appends `attempts` as the JSON array `serde_json` writes for them (the journal's
 /// `attempts` field, and the ledger row's `attempts` column).
 pub(super) fn attempts_json(out: &mut Vec<u8>, attempts: &[GenerationAttempt]) {
-    let mut n = itoa::Buffer::new();
-    out.push(b'[');
-    for (i, a) in attempts.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b"{\"provider\":");
-        crate::json::push_str(out, &a.provider);
-        out.extend_from_slice(b",\"status\":");
-        crate::json::push_str(out, &a.status);
-        out.extend_from_slice(b",\"latency_ms\":");
-        out.extend_from_slice(n.format(a.latency_ms).as_bytes());
-        out.push(b'}');
-    }
-    out.push(b']');
+    crate::json::push_attempts(
+        out,
+        attempts.iter().map(|a| crate::json::Attempt {
+            provider: &a.provider,
+            model: None,
+            status: &a.status,
+            latency_ms: a.latency_ms,
+        }),
+    );
 }
 
 /// The journal's files, next to the database: `<db>-ledger`, `<db>-ledger.applying`,

@@ -760,6 +760,14 @@ struct Queue {
     idle_since: Option<Instant>,
 }
 
+impl Queue {
+    /// The turn is given back: no one holds it, and the writer is idle from now.
+    fn give_back(&mut self) {
+        self.turn_out = false;
+        self.idle_since = Some(Instant::now());
+    }
+}
+
 /// A writer idle for this long is not under load: a new turn appends at once, in
 /// the caller, instead of spawning a task that first yields for a batch to form
 /// (which costs the runtime an extra poll of its I/O driver, one `epoll_wait`, per
@@ -807,8 +815,7 @@ impl Writer {
     fn next_batch(&self) -> Option<Vec<Cmd>> {
         let mut q = self.queue.lock();
         if q.cmds.is_empty() {
-            q.turn_out = false;
-            q.idle_since = Some(Instant::now());
+            q.give_back();
             return None;
         }
         if q.cmds.len() <= MAX_BATCH {
@@ -823,8 +830,7 @@ impl Writer {
         if !q.cmds.is_empty() {
             return false;
         }
-        q.turn_out = false;
-        q.idle_since = Some(Instant::now());
+        q.give_back();
         true
     }
 
