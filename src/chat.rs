@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 use crate::money::Money;
 
 mod de;
+mod ser;
 
 /// A chat-completions request as a client sends it (`Deserialize` is in `de.rs`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

@@ -87,24 +87,51 @@ impl std::iter::Sum for Money {
 impl fmt::Display for Money {
     /// USD with as many decimals as needed and no trailing zeros: `0.00015`, `5`, `-1.5`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let sign = if self.0 < 0 { "-" } else { "" };
+        let mut buf = [0u8; Money::TEXT_MAX];
+        f.write_str(self.text(&mut buf))
+    }
+}
+
+impl Money {
+    /// The longest [`Money::text`]: a sign, 7 whole digits, a point and 12 decimals.
+    pub(crate) const TEXT_MAX: usize = 21;
+
+    /// The decimal text `Display` writes, in `buf`: no allocation and no formatting
+    /// machinery (it runs in every response that reports a cost).
+    pub(crate) fn text(self, buf: &mut [u8; Money::TEXT_MAX]) -> &str {
         let abs = self.0.unsigned_abs();
-        let whole = abs / PICO_PER_USD as u64;
-        let frac = abs % PICO_PER_USD as u64;
-        if frac == 0 {
-            return write!(f, "{sign}{whole}");
+        let (mut whole, mut frac) = (abs / PICO_PER_USD as u64, abs % PICO_PER_USD as u64);
+        // Written backwards from the end: the fraction without trailing zeros, the
+        // point, the whole digits, the sign.
+        let mut at = buf.len();
+        let mut fraction_digits = 12;
+        while frac != 0 && frac % 10 == 0 {
+            frac /= 10;
+            fraction_digits -= 1;
         }
-        // The 12 fraction digits without trailing zeros, with no allocation (this runs
-        // in every response that reports a cost).
-        let mut digits = [b'0'; 12];
-        let mut rest = frac;
-        for d in digits.iter_mut().rev() {
-            *d = b'0' + (rest % 10) as u8;
-            rest /= 10;
+        if frac != 0 {
+            for _ in 0..fraction_digits {
+                at -= 1;
+                buf[at] = b'0' + (frac % 10) as u8;
+                frac /= 10;
+            }
+            at -= 1;
+            buf[at] = b'.';
         }
-        let len = digits.iter().rposition(|&d| d != b'0').map_or(0, |i| i + 1);
-        let frac = std::str::from_utf8(&digits[..len]).map_err(|_| fmt::Error)?;
-        write!(f, "{sign}{whole}.{frac}")
+        loop {
+            at -= 1;
+            buf[at] = b'0' + (whole % 10) as u8;
+            whole /= 10;
+            if whole == 0 {
+                break;
+            }
+        }
+        if self.0 < 0 {
+            at -= 1;
+            buf[at] = b'-';
+        }
+        // ASCII digits, a point and a sign.
+        std::str::from_utf8(&buf[at..]).unwrap_or_default()
     }
 }
 
@@ -171,11 +198,11 @@ impl FromStr for Money {
 impl Serialize for Money {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         // The exact decimal digits, as a JSON number (not a string, not a float).
-        use std::fmt::Write as _;
-        let mut text = String::with_capacity(24);
-        let _ = write!(text, "{self}");
-        let raw =
-            serde_json::value::RawValue::from_string(text).map_err(serde::ser::Error::custom)?;
+        // (The chat responses' own writers, `chat/ser.rs`, skip the `RawValue`'s
+        // re-parse of the text.)
+        let mut buf = [0u8; Money::TEXT_MAX];
+        let raw = serde_json::value::RawValue::from_string(self.text(&mut buf).to_owned())
+            .map_err(serde::ser::Error::custom)?;
         raw.serialize(s)
     }
 }

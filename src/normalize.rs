@@ -48,7 +48,7 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::chat::{Aggregator, ChatChunk, ChatRequest};
+use crate::chat::{Aggregator, ChatChunk, ChatRequest, ChunkChoice};
 use crate::context::{CallContext, ChatCall, ChatReply, ChunkStream};
 use crate::error::{Body, BoxError, GatewayError};
 use crate::keys::KeyRecord;
@@ -322,8 +322,7 @@ where
     // Sized up front: growing from serde_json's default 128 bytes reallocates and
     // copies several times for a typical completion.
     let mut body = Vec::with_capacity(384 + agg_len_hint(&completion));
-    serde_json::to_writer(&mut body, &completion)
-        .map_err(|e| GatewayError::Internal(format!("cannot encode the completion: {e}")))?;
+    completion.write_json(&mut body);
     ctx.update(|s| s.status = 200);
     let mut res = Response::new(Body::from(body));
     let h = res.headers_mut();
@@ -497,27 +496,16 @@ struct SseWriter {
 
 impl SseWriter {
     fn new(ctx: CallContext, endpoint: &crate::catalog::Endpoint, wants_usage: bool) -> Self {
-        #[derive(serde::Serialize)]
-        struct Stamp<'a> {
-            id: &'a str,
-            object: &'static str,
-            created: u64,
-            model: &'a str,
-            provider: &'a str,
-        }
         let mut prefix = Vec::with_capacity(160);
-        prefix.extend_from_slice(b"data: ");
-        let stamp = Stamp {
-            id: ctx.request_id(),
-            object: "chat.completion.chunk",
-            created: ctx.created(),
-            model: &endpoint.model,
-            provider: &endpoint.provider.name,
-        };
-        // Strings and an integer: serialising into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut prefix, &stamp);
+        prefix.extend_from_slice(b"data: {\"id\":");
+        crate::json::push_str(&mut prefix, ctx.request_id());
+        prefix.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
+        prefix.extend_from_slice(itoa::Buffer::new().format(ctx.created()).as_bytes());
+        prefix.extend_from_slice(b",\"model\":");
+        crate::json::push_str(&mut prefix, &endpoint.model);
+        prefix.extend_from_slice(b",\"provider\":");
+        crate::json::push_str(&mut prefix, &endpoint.provider.name);
         // The object stays open for the chunk's own fields.
-        prefix.pop();
         prefix.extend_from_slice(b",\"choices\":");
         SseWriter {
             model: endpoint.model.clone(),
@@ -535,15 +523,14 @@ impl SseWriter {
         if usage.is_none() && chunk.choices.is_empty() {
             return None;
         }
-        // Into a Vec, not a `BytesMut` writer: serde_json writes in many small pieces,
-        // and `Vec`'s `write` is a plain copy (the writer's checks were half of this
-        // function's instructions). `Bytes::from(Vec)` takes the buffer without a copy.
+        // Into a Vec (`Bytes::from(Vec)` takes the buffer without a copy), by the
+        // writers of `chat/ser.rs`: the bytes serde_json would write.
         let mut out = Vec::with_capacity(self.prefix.len() + 160);
         out.extend_from_slice(&self.prefix);
-        serde_json::to_writer(&mut out, &chunk.choices).ok()?;
+        ChunkChoice::write_json_list(&chunk.choices, &mut out);
         if let Some(u) = usage {
             out.extend_from_slice(b",\"usage\":");
-            serde_json::to_writer(&mut out, u).ok()?;
+            u.write_json(&mut out);
         }
         out.extend_from_slice(b"}\n\n");
         Some(Bytes::from(out))
@@ -826,6 +813,7 @@ mod tests {
         let ctx = CallContext::new();
         let mut chunk = ChatChunk::text("say \"hi\"\n");
         chunk.usage = Some(crate::chat::Usage::new(3, 4));
+        chunk.usage.as_mut().unwrap().cost = Some("0.000123".parse().unwrap());
         let expected = |usage: bool| {
             let mut v = serde_json::json!({
                 "id": ctx.request_id(), "object": "chat.completion.chunk",
@@ -849,6 +837,16 @@ mod tests {
             let got: serde_json::Value = serde_json::from_str(json).unwrap();
             assert_eq!(got, expected(wants_usage), "{text}");
             assert!(json.starts_with(r#"{"id":"gen-"#), "{text}");
+            // Byte for byte what serde_json writes for the stamped chunk.
+            let stamped = ChatChunk {
+                id: ctx.request_id().to_string(),
+                created: ctx.created(),
+                model: endpoint.model.to_string(),
+                provider: Some(endpoint.provider.name.to_string()),
+                usage: chunk.usage.clone().filter(|_| wants_usage),
+                ..chunk.clone()
+            };
+            assert_eq!(json, serde_json::to_string(&stamped).unwrap());
         }
         // Nothing for this client: no choices, and usage not asked for.
         let w = SseWriter::new(ctx.clone(), endpoint, false);
