@@ -154,11 +154,14 @@ pub(super) fn attempts_json(out: &mut Vec<u8>, attempts: &[GenerationAttempt]) {
 }
 
 /// The journal's files, next to the database: `<db>-ledger`, `<db>-ledger.applying`,
-/// `<db>-ledger.lock`.
+/// `<db>-ledger.next`, `<db>-ledger.lock`.
 #[derive(Debug, Clone)]
 pub(super) struct Paths {
     pub journal: PathBuf,
     pub applying: PathBuf,
+    /// The next journal, made ready off the critical path (never appended to under
+    /// this name).
+    pub next: PathBuf,
     pub lock: PathBuf,
 }
 
@@ -172,6 +175,7 @@ impl Paths {
         Paths {
             journal: with("-ledger"),
             applying: with("-ledger.applying"),
+            next: with("-ledger.next"),
             lock: with("-ledger.lock"),
         }
     }
@@ -192,9 +196,156 @@ pub(super) fn lock(paths: &Paths) -> std::io::Result<Option<File>> {
     }
 }
 
-/// Opens a fresh journal for appending (the old one is replayed first, see [`read`]).
-pub(super) fn create(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+/// The journal being appended to.
+///
+/// With `sync = "normal"` on Linux it is a shared memory map of a file whose blocks
+/// are reserved up front (`posix_fallocate`): an append is a copy into the page
+/// cache, with no system call, and survives a crash of the process as a `write`
+/// does (the kernel owns a shared mapping's pages). `write` measured 17.7–19.9 µs
+/// per quiet append on this VM's ext4 (`benches/tools/append_cost.py`), on the
+/// critical path of every response settled alone. The reservation means a copy
+/// never meets a full disk (which would be `SIGBUS`, not an error). The file keeps
+/// its reserved length: the tail past the last line is NUL bytes, which [`read`]
+/// skips. A batch that does not fit in what is left goes after the mapped part
+/// with `pwrite`.
+///
+/// Otherwise (`sync = "full"`, which needs `fdatasync` anyway; other systems; or the
+/// file system refusing the reservation) it is a file opened for appending.
+pub(super) struct JournalFile {
+    file: File,
+    /// Bytes appended: where the next batch goes.
+    len: u64,
+    #[cfg(target_os = "linux")]
+    map: Option<memmap2::MmapMut>,
+}
+
+/// The bytes reserved for a mapped journal. The applier starts a new journal every
+/// 50 ms; at 10k settlements a second of ≈ 330 bytes that is ≈ 165 KB.
+#[cfg(target_os = "linux")]
+const MAPPED_BYTES: usize = 1 << 20;
+
+impl JournalFile {
+    /// Creates a fresh journal at `path` (the old one is replayed first, see
+    /// [`read`]); `durable`: every append is followed by `fdatasync`.
+    pub fn create(path: &Path, durable: bool) -> std::io::Result<JournalFile> {
+        #[cfg(target_os = "linux")]
+        if !durable {
+            match Self::create_mapped(path) {
+                Ok(j) => return Ok(j),
+                Err(e) => {
+                    tracing::debug!("the ledger journal is appended with write(2), not mapped: {e}")
+                }
+            }
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(JournalFile {
+            file,
+            len: 0,
+            #[cfg(target_os = "linux")]
+            map: None,
+        })
+    }
+
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn create_mapped(path: &Path) -> std::io::Result<JournalFile> {
+        use std::os::fd::AsRawFd;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(path)?;
+        // SAFETY: a plain call on an open descriptor; it returns an error number.
+        let err = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, MAPPED_BYTES as i64) };
+        if err != 0 {
+            return Err(std::io::Error::from_raw_os_error(err));
+        }
+        // `populate`: its pages are in the page cache before the first append (a
+        // first touch of each page was a fault that read it in, ≈ 150 µs).
+        // SAFETY: the mapping is only ever written through this struct, which owns
+        // the file; the ledger's lock keeps other processes (replay) out, and the
+        // file is never cut shorter than the mapping (see `append`).
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .len(MAPPED_BYTES)
+                .populate()
+                .map_mut(&file)?
+        };
+        Ok(JournalFile {
+            file,
+            len: 0,
+            map: Some(map),
+        })
+    }
+
+    /// Bytes appended so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether appends are copies into a memory map.
+    #[cfg(test)]
+    pub fn is_mapped(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        return self.map.is_some();
+        #[cfg(not(target_os = "linux"))]
+        return false;
+    }
+
+    /// Appends `buf` (one copy into the map, or one `write`, retried only if the
+    /// kernel takes part of it), then `fdatasync` if `durable`. On failure nothing
+    /// of `buf` stays: a batch not answered as committed is never replayed, and a
+    /// half-written one is never followed by the next batch.
+    pub fn append(&mut self, buf: &[u8], durable: bool) -> std::io::Result<()> {
+        #[cfg(target_os = "linux")]
+        if let Some(map) = &mut self.map {
+            let at = self.len as usize;
+            if at + buf.len() <= map.len() {
+                map[at..at + buf.len()].copy_from_slice(buf);
+                self.len += buf.len() as u64;
+                return Ok(());
+            }
+            // Past the mapped part: after it, never inside it (the NUL gap is
+            // skipped on replay), so that cutting a failed write back never makes
+            // the file shorter than its mapping.
+            use std::os::unix::fs::FileExt;
+            let at = self.len.max(map.len() as u64);
+            return match self.file.write_all_at(buf, at) {
+                Ok(()) => {
+                    self.len = at + buf.len() as u64;
+                    Ok(())
+                }
+                Err(e) => {
+                    self.cut_back_to(at);
+                    Err(e)
+                }
+            };
+        }
+        let written = self.file.write_all(buf).and_then(|()| {
+            if durable {
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        match written {
+            Ok(()) => {
+                self.len += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.cut_back_to(self.len);
+                Err(e)
+            }
+        }
+    }
+
+    fn cut_back_to(&self, len: u64) {
+        if let Err(cut) = self.file.set_len(len) {
+            tracing::error!("cannot cut the ledger journal back after a failed write: {cut}");
+        }
+    }
 }
 
 /// The entries left in `path` (none if it does not exist), and how many lines were
@@ -213,8 +364,11 @@ pub(super) fn read(path: &Path) -> std::io::Result<(Vec<Entry>, usize)> {
         if reader.read_until(b'\n', &mut line)? == 0 {
             break;
         }
+        // A mapped journal's reserved tail is NULs, and a batch past the mapped part
+        // follows a gap of them (JSON never holds a NUL byte).
+        let start = line.iter().position(|&b| b != 0).unwrap_or(line.len());
         // Only a complete line was answered; a cut one (no newline) never was.
-        let parsed = line
+        let parsed = line[start..]
             .strip_suffix(b"\n")
             .filter(|l| !l.is_empty())
             .and_then(Entry::parse);
@@ -225,33 +379,6 @@ pub(super) fn read(path: &Path) -> std::io::Result<(Vec<Entry>, usize)> {
         }
     }
     Ok((entries, skipped))
-}
-
-/// Appends `buf` (one `write`, retried only if the kernel takes part of it), then
-/// `fdatasync` if `durable`; `len` is the file's length, kept by the caller. On
-/// failure the file is cut back to `len`: a batch not answered as committed is never
-/// replayed, and a half-written one is never followed by the next batch.
-pub(super) fn append(
-    file: &mut File,
-    len: &mut u64,
-    buf: &[u8],
-    durable: bool,
-) -> std::io::Result<()> {
-    let written = file
-        .write_all(buf)
-        .and_then(|()| if durable { file.sync_data() } else { Ok(()) });
-    match written {
-        Ok(()) => {
-            *len += buf.len() as u64;
-            Ok(())
-        }
-        Err(e) => {
-            if let Err(cut) = file.set_len(*len) {
-                tracing::error!("cannot cut the ledger journal back after a failed write: {cut}");
-            }
-            Err(e)
-        }
-    }
 }
 
 /// Makes renames and creations in `dir` durable (`sync = "full"`).
@@ -369,5 +496,99 @@ mod tests {
             attempts_json(&mut json, &g.attempts);
             assert_eq!(json, serde_json::to_vec(&g.attempts).unwrap());
         }
+    }
+
+    fn temp_dir() -> PathBuf {
+        let r: u64 = rand::random();
+        let d = std::env::temp_dir().join(format!(
+            "switchboard-journal-{}-{r:016x}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// The ids of `entries`, in order.
+    fn ids(entries: &[Entry]) -> Vec<String> {
+        entries
+            .iter()
+            .map(|e| e.settlement.generation.id.clone())
+            .collect()
+    }
+
+    /// Batches of journal lines for ids `gen-{from}`.., `per` lines a batch.
+    fn batches(from: usize, n: usize, per: usize) -> (Vec<Vec<u8>>, Vec<String>) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(from as u64);
+        let (mut out, mut ids) = (Vec::new(), Vec::new());
+        for b in 0..n {
+            let mut buf = Vec::new();
+            for i in 0..per {
+                let mut e = entry(&mut rng);
+                e.settlement.generation.id = format!("gen-{}", from + b * per + i);
+                ids.push(e.settlement.generation.id.clone());
+                e.write_line(&mut buf);
+            }
+            out.push(buf);
+        }
+        (out, ids)
+    }
+
+    #[test]
+    fn a_mapped_journal_reads_back_every_line_and_skips_a_cut_one() {
+        let dir = temp_dir();
+        let path = dir.join("j-ledger");
+        let mut j = JournalFile::create(&path, false).unwrap();
+        assert_eq!(j.is_mapped(), cfg!(target_os = "linux"));
+        let (bufs, want) = batches(0, 20, 3);
+        for b in &bufs {
+            j.append(b, false).unwrap();
+        }
+        // Read while the map is still open, as replay after a crash would find it.
+        let (got, skipped) = read(&path).unwrap();
+        assert_eq!((ids(&got), skipped), (want.clone(), 0));
+        // A copy cut short by a crash: no newline, so never answered, so skipped.
+        j.append(b"{\"id\":\"gen-cut\",\"key\":\"", false).unwrap();
+        let (got, skipped) = read(&path).unwrap();
+        assert_eq!((ids(&got), skipped), (want, 1));
+        drop(j);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn batches_past_the_mapped_part_follow_it_and_read_back_in_order() {
+        let dir = temp_dir();
+        let path = dir.join("j-ledger");
+        let mut j = JournalFile::create(&path, false).unwrap();
+        // Well past the reserved megabyte, in batches that do not end on its edge.
+        let (bufs, want) = batches(0, 1000, 7);
+        let total: usize = bufs.iter().map(Vec::len).sum();
+        assert!(total > (1 << 20) + (1 << 18), "{total}");
+        for b in &bufs {
+            j.append(b, false).unwrap();
+        }
+        let (got, skipped) = read(&path).unwrap();
+        assert_eq!(skipped, 0);
+        assert_eq!(ids(&got), want);
+        drop(j);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_durable_journal_is_appended_not_mapped() {
+        let dir = temp_dir();
+        let path = dir.join("j-ledger");
+        let mut j = JournalFile::create(&path, true).unwrap();
+        assert!(!j.is_mapped());
+        let (bufs, want) = batches(0, 3, 2);
+        for b in &bufs {
+            j.append(b, true).unwrap();
+        }
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            bufs.iter().map(|b| b.len() as u64).sum::<u64>()
+        );
+        assert_eq!(ids(&read(&path).unwrap().0), want);
+        drop(j);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

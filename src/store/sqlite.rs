@@ -485,8 +485,11 @@ impl Drop for SqliteStore {
         }
         if let Some(journal) = &self.writer.journal {
             let mut j = journal.lock();
-            if j.queued.is_empty() && j.len == 0 {
+            if j.queued.is_empty() && j.file.len() == 0 {
                 let _ = std::fs::remove_file(&j.paths.journal);
+            }
+            if j.spare.take().is_some() {
+                let _ = std::fs::remove_file(&j.paths.next);
             }
             j.closed = true;
             j.lock = None;
@@ -548,13 +551,16 @@ fn open_journal(
             left.len() - new
         );
     }
-    for p in [&paths.applying, &paths.journal] {
+    for p in [&paths.applying, &paths.journal, &paths.next] {
         match std::fs::remove_file(p) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("remove", p, e)),
             _ => {}
         }
     }
-    let file = journal::create(&paths.journal).map_err(|e| io("create", &paths.journal, e))?;
+    let durable = sync == SyncMode::Full;
+    let file = journal::JournalFile::create(&paths.journal, durable)
+        .map_err(|e| io("create", &paths.journal, e))?;
+    let spare = journal::JournalFile::create(&paths.next, durable).ok();
     if sync == SyncMode::Full {
         journal::sync_dir(&paths.journal)
             .map_err(|e| io("sync the directory of", &paths.journal, e))?;
@@ -562,7 +568,7 @@ fn open_journal(
     Ok(Some(JournalState {
         paths,
         file,
-        len: 0,
+        spare,
         buf: Vec::new(),
         pending: Default::default(),
         recent: Default::default(),
@@ -719,9 +725,11 @@ struct Writer {
 /// The journal and what it holds that SQLite does not have yet.
 struct JournalState {
     paths: journal::Paths,
-    file: std::fs::File,
-    /// The journal's length (a failed append is cut back to it).
-    len: u64,
+    file: journal::JournalFile,
+    /// The next journal, at `paths.next`, made by the applier after it took the
+    /// last one: a fresh mapped journal costs an `fallocate` and reading in its
+    /// pages, which the journal's lock should not wait for.
+    spare: Option<journal::JournalFile>,
     /// The lines of the batch being appended (kept for its capacity).
     buf: Vec<u8>,
     /// Journaled, not yet in SQLite, by request id: settling one again is a
@@ -935,7 +943,8 @@ impl Writer {
             e.write_line(&mut j.buf);
         }
         if !j.buf.is_empty() {
-            journal::append(&mut j.file, &mut j.len, &j.buf, self.durable)
+            j.file
+                .append(&j.buf, self.durable)
                 .map_err(|e| StoreError(format!("cannot write the ledger journal: {e}")))?;
         }
         for (e, _) in entries.iter().zip(&fresh).filter(|(_, f)| **f) {
@@ -996,14 +1005,24 @@ impl Writer {
             // If the journal cannot start over, its lines stay: replay commits them
             // again, and the request id makes that charge nothing twice.
             let rotated = match self.rotate(&mut j) {
-                Ok(()) => true,
+                Ok(old) => Some(old),
                 Err(e) => {
                     tracing::warn!("the ledger journal cannot start over: {e}");
-                    false
+                    None
                 }
             };
             (entries, flushes, rotated)
         };
+        // The old journal is unmapped and closed outside the lock, and the next one
+        // made ready likewise.
+        let rotated = match rotated {
+            Some(old) => {
+                drop(old);
+                true
+            }
+            None => false,
+        };
+        self.make_spare(journal);
         let mut delay = Duration::from_millis(10);
         loop {
             let done = {
@@ -1075,10 +1094,15 @@ impl Writer {
         }
     }
 
-    /// The journal moves aside (to be applied) and a fresh one takes its place.
-    fn rotate(&self, j: &mut JournalState) -> std::io::Result<()> {
+    /// The journal moves aside (to be applied) and a fresh one takes its place: the
+    /// spare, if there is one. Returns the old journal, for the caller to close
+    /// outside the lock.
+    fn rotate(&self, j: &mut JournalState) -> std::io::Result<journal::JournalFile> {
         std::fs::rename(&j.paths.journal, &j.paths.applying)?;
-        let fresh = journal::create(&j.paths.journal);
+        let fresh = match j.spare.take() {
+            Some(spare) => std::fs::rename(&j.paths.next, &j.paths.journal).map(|()| spare),
+            None => journal::JournalFile::create(&j.paths.journal, self.durable),
+        };
         let fresh = match fresh {
             Ok(f) => f,
             Err(e) => {
@@ -1087,8 +1111,7 @@ impl Writer {
                 return Err(e);
             }
         };
-        j.file = fresh;
-        j.len = 0;
+        let old = std::mem::replace(&mut j.file, fresh);
         // The lines are in a file either way; only the renames' durability waits.
         if self.durable {
             if let Err(e) = journal::sync_dir(&j.paths.journal) {
@@ -1097,7 +1120,33 @@ impl Writer {
                 );
             }
         }
-        Ok(())
+        Ok(old)
+    }
+}
+
+impl Writer {
+    /// Makes the next journal ready at `paths.next`, if none is (outside the lock:
+    /// see [`JournalState::spare`]). Without one, the next rotation makes its own.
+    fn make_spare(&self, journal: &parking_lot::Mutex<JournalState>) {
+        let next = {
+            let j = journal.lock();
+            if j.spare.is_some() || j.closed {
+                return;
+            }
+            j.paths.next.clone()
+        };
+        match journal::JournalFile::create(&next, self.durable) {
+            Ok(spare) => {
+                let mut j = journal.lock();
+                if j.closed {
+                    drop(spare);
+                    let _ = std::fs::remove_file(&next);
+                } else {
+                    j.spare = Some(spare);
+                }
+            }
+            Err(e) => tracing::debug!("cannot make the next ledger journal ready: {e}"),
+        }
     }
 }
 
@@ -1928,8 +1977,11 @@ mod tests {
         .unwrap()
     }
 
+    /// The journal's lines (without a mapped journal's reserved NUL tail).
     fn journal_text(dir: &Path) -> String {
-        std::fs::read_to_string(dir.join("turns.db-ledger")).unwrap_or_default()
+        std::fs::read_to_string(dir.join("turns.db-ledger"))
+            .unwrap_or_default()
+            .replace('\0', "")
     }
 
     #[tokio::test(flavor = "current_thread")]
