@@ -1013,16 +1013,6 @@ impl Writer {
             };
             (entries, flushes, rotated)
         };
-        // The old journal is unmapped and closed outside the lock, and the next one
-        // made ready likewise.
-        let rotated = match rotated {
-            Some(old) => {
-                drop(old);
-                true
-            }
-            None => false,
-        };
-        self.make_spare(journal);
         let mut delay = Duration::from_millis(10);
         loop {
             let done = {
@@ -1049,11 +1039,8 @@ impl Writer {
                 }
             }
         }
-        if rotated {
-            let applying = journal.lock().paths.applying.clone();
-            if let Err(e) = std::fs::remove_file(&applying) {
-                tracing::warn!("cannot remove {}: {e}", applying.display());
-            }
+        if let Some(old) = rotated {
+            self.recycle(journal, old);
         }
         let mut j = journal.lock();
         if j.recent_since.elapsed() >= RECENT {
@@ -1124,7 +1111,52 @@ impl Writer {
     }
 }
 
+/// Removes `path`, if it is there.
+fn remove_if_there(path: &Path) {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!("cannot remove {}: {e}", path.display())
+        }
+        _ => {}
+    }
+}
+
 impl Writer {
+    /// After SQLite has all of `old`'s lines: `old` (at `paths.applying`) becomes
+    /// the next journal (renamed to `paths.next`, never replayed, then emptied),
+    /// else it is removed and a new next journal is made. All outside the lock
+    /// (see [`JournalState::spare`]).
+    fn recycle(&self, journal: &parking_lot::Mutex<JournalState>, mut old: journal::JournalFile) {
+        // Only the applier thread rotates, recycles and makes spares, so what this
+        // reads stays true until it acts on it.
+        let (applying, next, reuse) = {
+            let j = journal.lock();
+            let reuse = j.spare.is_none() && !j.closed;
+            (j.paths.applying.clone(), j.paths.next.clone(), reuse)
+        };
+        if !reuse {
+            drop(old);
+            return remove_if_there(&applying);
+        }
+        // Renamed first: a crash while it is emptied leaves it where replay never
+        // looks (and where the next open removes it).
+        if let Err(e) = std::fs::rename(&applying, &next) {
+            tracing::debug!("the applied ledger journal is not reused: {e}");
+            drop(old);
+            remove_if_there(&applying);
+            return self.make_spare(journal);
+        }
+        match old.recycle() {
+            Ok(()) => journal.lock().spare = Some(old),
+            Err(e) => {
+                tracing::debug!("the applied ledger journal is not reused: {e}");
+                drop(old);
+                remove_if_there(&next);
+                self.make_spare(journal);
+            }
+        }
+    }
+
     /// Makes the next journal ready at `paths.next`, if none is (outside the lock:
     /// see [`JournalState::spare`]). Without one, the next rotation makes its own.
     fn make_spare(&self, journal: &parking_lot::Mutex<JournalState>) {
@@ -2006,9 +2038,16 @@ mod tests {
         );
         store.flush().await;
         // Another connection (another process, say) sees it once applied; the
-        // journal started over.
+        // journal started over, in the file made ready for it, and the applier made
+        // the next one ready.
         assert_eq!(spent_in_file(&dir, &id), usd("0.25").pico());
         assert!(!journal_text(&dir).contains("gen-rt"));
+        assert!(dir.join("turns.db-ledger.next").exists());
+        {
+            let j = store.writer.journal.as_ref().unwrap().lock();
+            assert!(j.spare.is_some());
+            assert_eq!(j.file.is_mapped(), cfg!(target_os = "linux"));
+        }
         assert!(store
             .writer
             .journal
@@ -2017,8 +2056,21 @@ mod tests {
             .lock()
             .pending
             .is_empty());
+        // The applied journal was emptied to be the next one: nothing of it is left
+        // to find, and the next turn's journal (it) holds only that turn's line.
+        let next = std::fs::read(dir.join("turns.db-ledger.next")).unwrap();
+        assert!(next.iter().all(|&b| b == 0), "emptied for reuse");
+        for (g, then) in [("gen-rt2", "gen-rt"), ("gen-rt3", "gen-rt2")] {
+            let s = settlement(&id, g, "0.125", "0");
+            assert!(store.settle(s).await.unwrap());
+            assert!(journal_text(&dir).contains(g));
+            assert!(!journal_text(&dir).contains(&format!("\"{then}\"")));
+            store.flush().await;
+        }
+        assert_eq!(spent_in_file(&dir, &id), usd("0.5").pico());
         drop(store);
         assert!(!dir.join("turns.db-ledger").exists(), "removed when empty");
+        assert!(!dir.join("turns.db-ledger.next").exists(), "removed");
         let _ = std::fs::remove_dir_all(dir);
     }
 
