@@ -1,7 +1,9 @@
 //! Load benchmark: a fast fake upstream, a bare hyper reverse proxy (the floor), and
 //! switchboard with the full default stack, all on 127.0.0.1, measured in one run.
 //!
-//! Run with: cargo run --release --example loadbench
+//! Run with: cargo run --profile dist --example loadbench (the production build, as
+//! BENCHMARKS.md's table is measured; `--release` builds faster and runs ≈ 8 % more
+//! instructions per request)
 //! (optional: `-- --quick` for a short run, `-- --secs N` per step, `-- --repeat N`
 //! runs of the fixed-rate and saturation steps, medians reported (default 5),
 //! `-- --memory-only` for just the RSS-per-open-stream step)
