@@ -152,6 +152,19 @@ pub enum Role {
     Tool,
 }
 
+impl Role {
+    /// The name on the wire (`"system"`, `"assistant"`, …), as serde writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::Developer => "developer",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
 /// One conversation turn (`Deserialize` is in `de.rs`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Message {

@@ -90,6 +90,25 @@ pub(crate) fn push_attempts<'a>(
     out.push(b']');
 }
 
+/// What the writers' tests generate.
+#[cfg(test)]
+pub(crate) mod testing {
+    use rand::Rng;
+
+    /// A string of fewer than `max` characters drawn from what JSON must escape
+    /// and what it must not.
+    pub(crate) fn odd(rng: &mut impl Rng, max: usize) -> String {
+        const CHARS: &[char] = &[
+            'a', 'Z', '0', ' ', '"', '\\', '/', '\u{0}', '\u{1}', '\u{8}', '\t', '\n', '\u{b}',
+            '\u{c}', '\r', '\u{1f}', '\u{7f}', 'é', '€', '😀', '\u{2028}',
+        ];
+        let n = rng.random_range(0..max);
+        (0..n)
+            .map(|_| CHARS[rng.random_range(0..CHARS.len())])
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -66,7 +66,7 @@ use tower::{Layer, Service};
 
 use crate::catalog::Endpoint;
 use crate::chat::{
-    ChatChunk, ChatRequest, CompletionTokensDetails, Content, PromptTokensDetails, Role, Usage,
+    ChatChunk, ChatRequest, CompletionTokensDetails, Content, PromptTokensDetails, Usage,
 };
 use crate::context::{CallContext, ChunkStream, ProviderCall};
 use crate::error::GatewayError;
@@ -371,7 +371,7 @@ pub fn prompt_tokens(tokenizer: &str, req: &ChatRequest) -> u64 {
     let mut n = 3;
     for m in &req.messages {
         n += 3;
-        n += count(tokenizer, role_name(m.role));
+        n += count(tokenizer, m.role.as_str());
         if let Some(name) = &m.name {
             n += 1 + count(tokenizer, name);
         }
@@ -391,16 +391,6 @@ pub fn prompt_tokens(tokenizer: &str, req: &ChatRequest) -> u64 {
         }
     }
     n
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::System => "system",
-        Role::Developer => "developer",
-        Role::User => "user",
-        Role::Assistant => "assistant",
-        Role::Tool => "tool",
-    }
 }
 
 pin_project_lite::pin_project! {
@@ -473,7 +463,7 @@ impl Stream for Metered {
 mod tests {
     use super::*;
     use crate::catalog::Catalog;
-    use crate::chat::{FunctionCallDelta, Message, ToolCallDelta};
+    use crate::chat::{FunctionCallDelta, Message, Role, ToolCallDelta};
     use crate::config::Config;
     use crate::tokenize::count;
     use futures_util::{StreamExt, TryStreamExt};

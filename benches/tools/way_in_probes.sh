@@ -7,22 +7,7 @@
 # Each probe costs a few µs (a trap), so read the stages against each other, and
 # the total against a run without probes. Needs root. Remove with:
 #   echo > /sys/kernel/tracing/uprobe_events
-set -e
-BIN=$(realpath "${1:-target/release/examples/loadbench}")
-T=/sys/kernel/tracing
-echo > $T/uprobe_events
-# Offsets are file offsets: the symbol's address minus its segment's (vaddr - offset).
-read -r OFF VADDR < <(readelf -lW "$BIN" | awk '$1=="LOAD" && $8=="E" {print $2, $3; exit}')
-SHIFT=$((VADDR - OFF))
-SYMS=$(mktemp)
-nm -C "$BIN" | grep -E ' [tT] ' > "$SYMS"
-probe() { # kind name regex: the first (at most 3) functions matching
-  local i=0 a
-  for a in $(grep -E "$3" "$SYMS" | awk '{print $1}' | head -3); do
-    printf '%s:sb/%s%s %s:0x%x\n' "$1" "$2" "${i/#0/}" "$BIN" $((0x$a - SHIFT)) >> $T/uprobe_events
-    i=$((i + 1))
-  done
-}
+source "$(dirname "$0")/uprobes_common.sh"
 probe p srvparse 'role::Server as hyper::proto::h1::Http1Transaction>::parse$'
 probe p router 'axum::routing::Router<S>::call_with_state$'
 probe p logging 'switchboard::logging::Logging<S> as tower_service::Service<http::request::Request<B>>>::call$'
@@ -39,5 +24,4 @@ probe p build 'switchboard::providers::openai::OpenAiAdapter as switchboard::pro
 probe r built 'switchboard::providers::openai::OpenAiAdapter as switchboard::providers::Adapter>::build_request$'
 probe p send 'hyper_util::client::legacy::client::Client<C,B>::send_request::\{\{closure\}\}$'
 probe p encode 'role::Client as hyper::proto::h1::Http1Transaction>::encode$'
-rm "$SYMS"
-echo "$(wc -l < $T/uprobe_events) probes on $BIN"
+probes_done

@@ -8,8 +8,8 @@
 //! on the loadbench (BENCHMARKS.md, sixth session): see there.
 
 use super::{
-    ChatCompletion, ChunkChoice, Delta, FunctionCall, ResponseMessage, Role, ToolCall,
-    ToolCallDelta, Usage,
+    ChatCompletion, ChunkChoice, Delta, FunctionCall, ResponseMessage, ToolCall, ToolCallDelta,
+    Usage,
 };
 use crate::json::push_str;
 use crate::money::Money;
@@ -32,16 +32,6 @@ fn push_field_str(out: &mut Vec<u8>, field: &[u8], s: Option<&str>) {
     if let Some(s) = s {
         out.extend_from_slice(field);
         push_str(out, s);
-    }
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::System => "system",
-        Role::Developer => "developer",
-        Role::User => "user",
-        Role::Assistant => "assistant",
-        Role::Tool => "tool",
     }
 }
 
@@ -124,7 +114,7 @@ impl Delta {
         };
         if let Some(role) = self.role {
             field(out, b"\"role\":");
-            push_str(out, role_name(role));
+            push_str(out, role.as_str());
         }
         if let Some(content) = &self.content {
             field(out, b"\"content\":");
@@ -201,7 +191,7 @@ impl ChatCompletion {
 impl ResponseMessage {
     fn write_json(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"role\":");
-        push_str(out, role_name(self.role));
+        push_str(out, self.role.as_str());
         out.extend_from_slice(b",\"content\":");
         push_opt_str(out, self.content.as_deref());
         push_field_str(out, b",\"reasoning\":", self.reasoning.as_deref());
@@ -230,22 +220,13 @@ impl ToolCall {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Choice, CompletionTokensDetails, FunctionCallDelta, PromptTokensDetails};
+    use super::super::{
+        Choice, CompletionTokensDetails, FunctionCallDelta, PromptTokensDetails, Role,
+    };
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    /// A string of fewer than `max` characters drawn from what JSON must escape and
-    /// what it must not.
-    fn odd(rng: &mut impl Rng, max: usize) -> String {
-        const CHARS: &[char] = &[
-            'a', 'Z', '0', ' ', '"', '\\', '/', '\u{0}', '\u{1}', '\u{8}', '\t', '\n', '\u{b}',
-            '\u{c}', '\r', '\u{1f}', '\u{7f}', 'é', '€', '😀', '\u{2028}',
-        ];
-        let n = rng.random_range(0..max);
-        (0..n)
-            .map(|_| CHARS[rng.random_range(0..CHARS.len())])
-            .collect()
-    }
+    use crate::json::testing::odd;
 
     fn maybe<R: Rng, T>(rng: &mut R, f: impl FnOnce(&mut R) -> T) -> Option<T> {
         if rng.random() {

@@ -424,22 +424,7 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    /// A string of `n` characters drawn from what JSON must escape and what it must not.
-    fn odd_string(rng: &mut impl Rng, n: usize) -> String {
-        const CHARS: &[char] = &[
-            'a', 'Z', '0', ' ', '"', '\\', '/', '\u{0}', '\u{1}', '\u{8}', '\t', '\n', '\u{b}',
-            '\u{c}', '\r', '\u{1f}', '\u{7f}', 'é', '€', '😀', '\u{2028}',
-        ];
-        (0..n)
-            .map(|_| CHARS[rng.random_range(0..CHARS.len())])
-            .collect()
-    }
-
-    /// An odd string of fewer than `max` characters.
-    fn odd(rng: &mut impl Rng, max: usize) -> String {
-        let n = rng.random_range(0..max);
-        odd_string(rng, n)
-    }
+    use crate::json::testing::odd;
 
     fn entry(rng: &mut impl Rng) -> Entry {
         let attempts = (0..rng.random_range(0..4))
