@@ -726,9 +726,10 @@ struct Writer {
 struct JournalState {
     paths: journal::Paths,
     file: journal::JournalFile,
-    /// The next journal, at `paths.next`, made by the applier after it took the
-    /// last one: a fresh mapped journal costs an `fallocate` and reading in its
-    /// pages, which the journal's lock should not wait for.
+    /// The next journal, at `paths.next`: the last applied one, emptied (see
+    /// `Writer::recycle`), or a new one. Made outside the lock: a new mapped
+    /// journal costs a reservation and reading in its pages (≈ 0.8 ms), which
+    /// appends should not wait for.
     spare: Option<journal::JournalFile>,
     /// The lines of the batch being appended (kept for its capacity).
     buf: Vec<u8>,
@@ -1082,8 +1083,8 @@ impl Writer {
     }
 
     /// The journal moves aside (to be applied) and a fresh one takes its place: the
-    /// spare, if there is one. Returns the old journal, for the caller to close
-    /// outside the lock.
+    /// spare, if there is one. Returns the old journal, which the caller reuses
+    /// (outside the lock) once SQLite has its lines.
     fn rotate(&self, j: &mut JournalState) -> std::io::Result<journal::JournalFile> {
         std::fs::rename(&j.paths.journal, &j.paths.applying)?;
         let fresh = match j.spare.take() {
@@ -1125,7 +1126,7 @@ impl Writer {
     /// After SQLite has all of `old`'s lines: `old` (at `paths.applying`) becomes
     /// the next journal (renamed to `paths.next`, never replayed, then emptied),
     /// else it is removed and a new next journal is made. All outside the lock
-    /// (see [`JournalState::spare`]).
+    /// (see `JournalState::spare`).
     fn recycle(&self, journal: &parking_lot::Mutex<JournalState>, mut old: journal::JournalFile) {
         // Only the applier thread rotates, recycles and makes spares, so what this
         // reads stays true until it acts on it.
@@ -1158,7 +1159,7 @@ impl Writer {
     }
 
     /// Makes the next journal ready at `paths.next`, if none is (outside the lock:
-    /// see [`JournalState::spare`]). Without one, the next rotation makes its own.
+    /// see `JournalState::spare`). Without one, the next rotation makes its own.
     fn make_spare(&self, journal: &parking_lot::Mutex<JournalState>) {
         let next = {
             let j = journal.lock();
