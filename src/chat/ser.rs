@@ -91,14 +91,32 @@ impl ChunkChoice {
     }
 
     fn write_json(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"index\":");
-        push_u64(out, u64::from(self.index));
-        out.extend_from_slice(b",\"delta\":");
-        self.delta.write_json(out);
-        out.extend_from_slice(b",\"finish_reason\":");
-        push_opt_str(out, self.finish_reason.as_deref());
-        out.push(b'}');
+        push_choice(
+            out,
+            self.index,
+            b",\"delta\":",
+            self.finish_reason.as_deref(),
+            |out| self.delta.write_json(out),
+        );
     }
+}
+
+/// Appends a choice of a completion or a chunk: `{"index":…,` `field` (the
+/// `message` or the `delta`, written by `body`) `,"finish_reason":…}`.
+fn push_choice(
+    out: &mut Vec<u8>,
+    index: u32,
+    field: &[u8],
+    finish_reason: Option<&str>,
+    body: impl FnOnce(&mut Vec<u8>),
+) {
+    out.extend_from_slice(b"{\"index\":");
+    push_u64(out, u64::from(index));
+    out.extend_from_slice(field);
+    body(out);
+    out.extend_from_slice(b",\"finish_reason\":");
+    push_opt_str(out, finish_reason);
+    out.push(b'}');
 }
 
 impl Delta {
@@ -172,13 +190,13 @@ impl ChatCompletion {
         push_field_str(out, b",\"provider\":", self.provider.as_deref());
         out.extend_from_slice(b",\"choices\":");
         push_list(out, &self.choices, |c, out| {
-            out.extend_from_slice(b"{\"index\":");
-            push_u64(out, u64::from(c.index));
-            out.extend_from_slice(b",\"message\":");
-            c.message.write_json(out);
-            out.extend_from_slice(b",\"finish_reason\":");
-            push_opt_str(out, c.finish_reason.as_deref());
-            out.push(b'}');
+            push_choice(
+                out,
+                c.index,
+                b",\"message\":",
+                c.finish_reason.as_deref(),
+                |out| c.message.write_json(out),
+            )
         });
         if let Some(usage) = &self.usage {
             out.extend_from_slice(b",\"usage\":");
