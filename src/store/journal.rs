@@ -607,6 +607,113 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// Set in the child process of [`a_write_cut_short_by_the_file_system_leaves_none_of_its_batch`]:
+    /// the directory it works in.
+    #[cfg(target_os = "linux")]
+    const CUT_SHORT_CHILD: &str = "SWITCHBOARD_JOURNAL_CUT_SHORT_CHILD";
+
+    /// A write the file system refuses part-way (here the file-size limit,
+    /// `RLIMIT_FSIZE`: the first `write` is short, the next fails with `EFBIG`, as on
+    /// a disk that fills up mid-batch) leaves no byte of its batch in the journal,
+    /// and the next batch follows the last whole one: replay finds every committed
+    /// line and nothing of the failed one. Both ways of appending that can fail
+    /// this way are covered: `write` (`sync = "full"`, and the fallback when the
+    /// reservation or the map is refused, which starts after what the file holds)
+    /// and the `pwrite` of a batch past the mapped part. The limit is per process,
+    /// so this test runs itself again in a child process that sets it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_write_cut_short_by_the_file_system_leaves_none_of_its_batch() {
+        if let Some(dir) = std::env::var_os(CUT_SHORT_CHILD) {
+            return cut_short_in_child(Path::new(&dir));
+        }
+        let dir = temp_dir();
+        let name = concat!(
+            module_path!(),
+            "::a_write_cut_short_by_the_file_system_leaves_none_of_its_batch"
+        );
+        let name = name.split_once("::").unwrap().1;
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--test-threads=1", "--nocapture"])
+            .env(CUT_SHORT_CHILD, &dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "the child failed: {text}");
+        assert!(text.contains("1 passed"), "the child ran no test: {text}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Sets the soft file-size limit of this process to `bytes`.
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn limit_file_size(bytes: u64) {
+        // SAFETY: plain calls with valid arguments. Ignoring SIGXFSZ makes a write past
+        // the limit fail with EFBIG instead of killing the (child) process.
+        unsafe {
+            assert_ne!(libc::signal(libc::SIGXFSZ, libc::SIG_IGN), libc::SIG_ERR);
+            let mut lim = std::mem::zeroed::<libc::rlimit>();
+            assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim), 0);
+            lim.rlim_cur = bytes as libc::rlim_t;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn cut_short_in_child(dir: &Path) {
+        let too_big = |e: std::io::Error| assert_eq!(e.raw_os_error(), Some(libc::EFBIG), "{e}");
+
+        // Appended with `write`, after what a given-up mapped journal left (NULs).
+        let path = dir.join("written-ledger");
+        std::fs::write(&path, [0u8; 1000]).unwrap();
+        limit_file_size(8192);
+        let mut j = JournalFile::create(&path, true).unwrap();
+        assert!(!j.is_mapped());
+        assert_eq!(j.len(), 1000, "starts after what the file holds");
+        let (first, mut want) = batches(0, 1, 3);
+        j.append(&first[0], true).unwrap();
+        let before = j.len();
+        let (big, _) = batches(100, 1, 40);
+        assert!(before + big[0].len() as u64 > 8192);
+        too_big(j.append(&big[0], true).unwrap_err());
+        assert_eq!(j.len(), before);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), before, "cut back");
+        let (last, last_ids) = batches(200, 1, 2);
+        j.append(&last[0], true).unwrap();
+        want.extend(last_ids);
+        let (got, skipped) = read(&path).unwrap();
+        assert_eq!((ids(&got), skipped), (want, 0));
+
+        // Mapped, the batch that no longer fits in the map written after it.
+        let path = dir.join("mapped-ledger");
+        limit_file_size(MAPPED_BYTES as u64 + 4096);
+        let mut j = JournalFile::create(&path, false).unwrap();
+        assert!(j.is_mapped());
+        let (bufs, all) = batches(1000, 600, 7);
+        let mut want = Vec::new();
+        for (b, ids) in bufs.iter().zip(all.chunks(7)) {
+            if j.len() as usize + b.len() > MAPPED_BYTES {
+                break;
+            }
+            j.append(b, false).unwrap();
+            want.extend_from_slice(ids);
+        }
+        let before = j.len();
+        too_big(j.append(&big[0], false).unwrap_err());
+        assert_eq!(j.len(), before);
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(
+            size, MAPPED_BYTES as u64,
+            "cut back to the map, not below it"
+        );
+        j.append(&last[0], false).unwrap();
+        want.extend(batches(200, 1, 2).1);
+        let (got, skipped) = read(&path).unwrap();
+        assert_eq!(skipped, 0);
+        assert_eq!(ids(&got), want);
+    }
+
     #[test]
     fn a_recycled_journal_holds_only_what_is_appended_after() {
         let dir = temp_dir();
