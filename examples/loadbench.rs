@@ -8,7 +8,8 @@
 //! runs of the fixed-rate and saturation steps, medians reported (default 5),
 //! `-- --memory-only` for just the RSS-per-open-stream step)
 //! Profiling aids: `loadbench drive ADDR SECS` saturates a server at ADDR;
-//! `loadbench rate ADDR RATE SECS [stream]` sends RATE req/s to it and prints percentiles.
+//! `loadbench rate ADDR RATE SECS [stream]` sends RATE req/s to it and prints percentiles;
+//! `loadbench config DIR UPSTREAM` writes the gateway config the bench serves.
 //!
 //! Each server runs in its own process (this binary re-executed with a role), so CPU
 //! time and RSS are per process, read from /proc. The server under test is pinned to
@@ -73,6 +74,12 @@ fn main() {
                 Stats::pct(&st.ttfb, 0.9)
             );
         }),
+        // `config DIR UPSTREAM`: write the bench's gateway config into DIR, print its path
+        // (for scripts that serve the gateway themselves, e.g. benches/tools/awake_cpu.sh).
+        "config" => println!(
+            "{}",
+            write_config(std::path::Path::new(&args[2]), args[3].parse().unwrap())
+        ),
         // `cliff ADDR SECS PID`: the bench's no-cliff step against a running server.
         "cliff" => rt.block_on(async {
             let (addr, secs) = (args[2].parse().unwrap(), args[3].parse().unwrap());

@@ -16,32 +16,8 @@ wait_addr() { for _ in $(seq 100); do [[ -s $1 ]] && { head -1 "$1"; return; }; 
 
 taskset -c 0 "$LB" upstream > "$dir/up.addr" &
 UP=$(wait_addr "$dir/up.addr")
-cat > "$dir/gateway.toml" <<EOT
-[server]
-listen = "127.0.0.1:0"
-[store]
-url = "sqlite://$dir/bench.db"
-[logging]
-sink = "sqlite"
-[[providers]]
-name = "up"
-kind = "openai"
-base_url = "http://$UP/v1"
-api_key = "sk-upstream"
-[[models]]
-id = "bench/model"
-max_output_tokens = 64
-  [[models.endpoints]]
-  provider = "up"
-  upstream_model = "up"
-  prompt_usd_per_mtok = 0.15
-  completion_usd_per_mtok = 0.6
-[[keys]]
-secret = "sk-bench-key-0001"
-name = "bench"
-credits_usd = 1000000
-EOT
-(cd "$dir" && RUST_LOG=warn exec taskset -c 1 "$LB" gateway "$UP" "$dir/gateway.toml" > "$dir/gw.addr") &
+config=$("$LB" config "$dir" "$UP")  # the load benchmark's own gateway config
+(cd "$dir" && RUST_LOG=warn exec taskset -c 1 "$LB" gateway "$UP" "$config" > "$dir/gw.addr") &
 taskset -c 1 "$LB" proxy "$UP" > "$dir/px.addr" &
 G=$(wait_addr "$dir/gw.addr"); P=$(wait_addr "$dir/px.addr")
 for a in "$G" "$P"; do taskset -c 0 "$LB" rate "$a" 500 1 > /dev/null; done  # warm-up
