@@ -681,7 +681,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), before, "cut back");
         let (last, last_ids) = batches(200, 1, 2);
         j.append(&last[0], true).unwrap();
-        want.extend(last_ids);
+        want.extend_from_slice(&last_ids);
         let (got, skipped) = read(&path).unwrap();
         assert_eq!((ids(&got), skipped), (want, 0));
 
@@ -708,7 +708,7 @@ mod tests {
             "cut back to the map, not below it"
         );
         j.append(&last[0], false).unwrap();
-        want.extend(batches(200, 1, 2).1);
+        want.extend(last_ids);
         let (got, skipped) = read(&path).unwrap();
         assert_eq!(skipped, 0);
         assert_eq!(ids(&got), want);
