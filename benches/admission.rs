@@ -11,7 +11,7 @@ use switchboard::auth::AuthLayer;
 use switchboard::catalog::Catalog;
 use switchboard::chat::{ChatRequest, Message, Role};
 use switchboard::config::{Config, StoreConfig};
-use switchboard::credit::reserve_for;
+use switchboard::credit::reservation_for;
 use switchboard::store::{hash_secret, KeyStore, Ledger, NewKey, SqliteStore};
 
 fn admission(c: &mut Criterion) {
@@ -50,9 +50,9 @@ fn admission(c: &mut Criterion) {
                 .now_or_never()
                 .expect("a cached record answers without waiting")
                 .unwrap();
-            let amount = reserve_for(&req, &plan);
-            ledger.reserve(&key, amount).unwrap();
-            ledger.release(&key.id, amount);
+            let hold = reservation_for(&req, &plan);
+            ledger.reserve(&key, hold).unwrap();
+            ledger.release(&key.id, hold);
         })
     });
 }

@@ -78,13 +78,28 @@ impl Pricing {
     /// The cost of a usage report (SPEC §4). Cached and cache-write tokens are part of
     /// `prompt_tokens` and priced at their own rates instead of the prompt rate.
     pub fn cost(&self, usage: &crate::chat::Usage) -> Money {
+        self.checked_cost(usage)
+            .unwrap_or(Money::from_pico(i64::MAX))
+    }
+
+    /// [`cost`](Pricing::cost) with every product and sum checked: `None` when the
+    /// usage is too large to price (absurd token counts from a broken upstream).
+    pub fn checked_cost(&self, usage: &crate::chat::Usage) -> Option<Money> {
+        let times = |price: Price, tokens: u64| {
+            price
+                .pico_per_token()
+                .checked_mul(i64::try_from(tokens).ok()?)
+        };
         let cached = usage.cached_tokens();
         let written = usage.cache_write_tokens();
-        let plain = usage.prompt_tokens.saturating_sub(cached + written);
-        self.prompt.times(plain)
-            + self.cache_read.times(cached)
-            + self.cache_write.times(written)
-            + self.completion.times(usage.completion_tokens)
+        let plain = usage
+            .prompt_tokens
+            .saturating_sub(cached.saturating_add(written));
+        let sum = times(self.prompt, plain)?
+            .checked_add(times(self.cache_read, cached)?)?
+            .checked_add(times(self.cache_write, written)?)?
+            .checked_add(times(self.completion, usage.completion_tokens)?)?;
+        Some(Money::from_pico(sum))
     }
 
     /// Prompt + completion price, USD per million tokens (the draw's `price`).

@@ -38,6 +38,10 @@ pub struct ChatRequest {
     /// Upper bound of completion tokens (current name; wins over `max_tokens`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_completion_tokens: Option<u32>,
+    /// How many choices to generate (1–[`MAX_CHOICES`]; default 1). Admission reserves
+    /// the completion bound once per choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
     /// Sampling temperature.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
@@ -79,10 +83,18 @@ pub struct ChatRequest {
     pub extra: Map<String, Value>,
 }
 
+/// The largest `n` (choices per request) accepted, as OpenAI's API.
+pub const MAX_CHOICES: u32 = 128;
+
 impl ChatRequest {
     /// The completion-token bound the client asked for, if any.
     pub fn max_output_tokens(&self) -> Option<u32> {
         self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// How many choices the client asked for (`n`, default 1).
+    pub fn choices(&self) -> u32 {
+        self.n.unwrap_or(1)
     }
 
     /// Whether the client wants `usage` in the final stream chunk.
@@ -131,6 +143,11 @@ impl ChatRequest {
         }
         if self.max_output_tokens() == Some(0) {
             return Err("`max_tokens` must be at least 1".into());
+        }
+        if let Some(n) = self.n {
+            if !(1..=MAX_CHOICES).contains(&n) {
+                return Err(format!("`n` must be between 1 and {MAX_CHOICES}, got {n}"));
+            }
         }
         Ok(())
     }
@@ -472,7 +489,7 @@ impl Usage {
         Usage {
             prompt_tokens,
             completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
             ..Usage::default()
         }
     }

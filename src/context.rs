@@ -28,6 +28,7 @@ use crate::chat::{ChatChunk, ChatRequest, Usage};
 use crate::error::GatewayError;
 use crate::keys::KeyRecord;
 use crate::money::Money;
+use crate::store::Reservation;
 
 /// The stream of chunks every typed layer passes along.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, GatewayError>> + Send>>;
@@ -152,6 +153,9 @@ pub struct CallState {
     /// Set by health filtering when every candidate was degraded and the plan is the
     /// single last-resort endpoint of SPEC §5 (its failure answers 503).
     pub last_resort: bool,
+    /// Set by metering when an upstream reported usage above the request's
+    /// [reservation](CallContext::reservation): the charge was capped at it.
+    pub over_reserve: bool,
 }
 
 struct Inner {
@@ -160,6 +164,7 @@ struct Inner {
     started: Instant,
     deadline: OnceLock<Instant>,
     key: OnceLock<Arc<KeyRecord>>,
+    reservation: OnceLock<Reservation>,
     state: Mutex<CallState>,
 }
 
@@ -184,6 +189,7 @@ impl CallContext {
             started: Instant::now(),
             deadline: OnceLock::new(),
             key: OnceLock::new(),
+            reservation: OnceLock::new(),
             state: Mutex::new(CallState::default()),
         }))
     }
@@ -221,6 +227,18 @@ impl CallContext {
     /// Records the authenticated key (first call wins).
     pub fn set_key(&self, key: Arc<KeyRecord>) {
         let _ = self.0.key.set(key);
+    }
+
+    /// What credit admission holds for this request, if it ran: the most the
+    /// request may be charged (metering caps the cost at it).
+    pub fn reservation(&self) -> Option<Reservation> {
+        self.0.reservation.get().copied()
+    }
+
+    /// Records the reservation (first call wins; set by
+    /// [`CreditLayer`](crate::credit::CreditLayer) before any upstream is called).
+    pub fn set_reservation(&self, hold: Reservation) {
+        let _ = self.0.reservation.set(hold);
     }
 
     /// Changes the state under its lock.

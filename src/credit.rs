@@ -5,12 +5,20 @@
 //! endpoint still in the plan — the prompt's bytes as its token bound (every token
 //! is at least one byte) plus 3 tokens of framing per message and 3 to prime the
 //! reply (and [`IMAGE_TOKEN_BOUND`] per image), priced at the endpoint's dearest
-//! prompt rate, plus the request's
-//! `max_tokens` (else the model's `max_output_tokens`, else
-//! [`DEFAULT_MAX_OUTPUT_TOKENS`]) at its completion rate. The ledger refuses with 402
-//! `insufficient_credits` when the key's credits or `limit_usd` remaining (after
-//! what requests in flight hold) cannot cover it; a key whose `tokens_per_day` are
-//! used up gets 429 until the next UTC midnight.
+//! prompt rate, plus `n` times the [completion bound](completion_bound) of one
+//! choice — the request's `max_tokens` (else the model's `max_output_tokens`, else
+//! [`DEFAULT_MAX_OUTPUT_TOKENS`]) — at its completion rate. Every adapter sends that
+//! bound upstream as the provider's completion limit. The tokens are reserved the
+//! same way (the prompt bound plus `n` completion bounds). The ledger refuses with
+//! 402 `insufficient_credits` when the key's credits or `limit_usd` remaining (after
+//! what requests in flight hold) cannot cover the money, and with 429 until the next
+//! UTC midnight when its `tokens_per_day` cannot hold today's tokens, those held in
+//! flight and this request's.
+//!
+//! The charge never exceeds the reservation, whatever an upstream reports: the
+//! reservation is recorded in the [`CallContext`] before any upstream is called,
+//! metering caps the cost at it (and flags the request), and the settlement counts
+//! at most the reserved tokens against the key's day.
 //!
 //! Settlement: the reply's chunk stream is wrapped. When it ends (or fails) the
 //! charge — the cost that metering wrote into the [`CallContext`], the very number
@@ -58,18 +66,17 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures_util::future::{self, BoxFuture, Either};
 use futures_util::{FutureExt, Stream};
 use tower::{Layer, Service};
 
-use crate::catalog::Endpoint;
+use crate::catalog::{Endpoint, Pricing};
 use crate::chat::{ChatChunk, ChatRequest};
 use crate::context::{CallContext, ChatCall, ChatReply, ChunkStream};
 use crate::error::GatewayError;
-use crate::money::Money;
-use crate::store::{Generation, GenerationAttempt, Ledger, Settlement, StoreError};
+use crate::money::{Money, Price};
+use crate::store::{Generation, GenerationAttempt, Ledger, Reservation, Settlement, StoreError};
 
 /// The completion-token bound when neither the request nor the model gives one.
 pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
@@ -165,52 +172,67 @@ pub fn prompt_bound(req: &ChatRequest) -> u64 {
     n.0 + 3 + 3 * req.messages.len() as u64 + images * IMAGE_TOKEN_BOUND
 }
 
-/// The reserve of a request over a plan: the largest upper bound among its endpoints.
-pub fn reserve_for(req: &ChatRequest, plan: &[Arc<Endpoint>]) -> Money {
+/// The completion-token bound of one choice of `req` at `endpoint`: the request's
+/// `max_completion_tokens` / `max_tokens`, else the model's `max_output_tokens`, else
+/// [`DEFAULT_MAX_OUTPUT_TOKENS`]. Every adapter sends it upstream as the provider's
+/// completion limit, so a reply cannot outgrow what admission reserved for it.
+pub fn completion_bound(req: &ChatRequest, endpoint: &Endpoint) -> u32 {
+    req.max_output_tokens()
+        .or(endpoint.max_output_tokens)
+        .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS as u32)
+}
+
+/// What admission holds for a request over a plan: the largest cost bound among its
+/// endpoints (the [prompt bound](prompt_bound) at the dearest prompt rate plus `n`
+/// [completion bounds](completion_bound) at the completion rate), and the largest
+/// token bound (the prompt bound plus `n` completion bounds). A bound too large for
+/// [`Money`] is `i64::MAX` pico-USD, which no key can cover.
+pub fn reservation_for(req: &ChatRequest, plan: &[Arc<Endpoint>]) -> Reservation {
     let prompt = prompt_bound(req);
-    plan.iter()
-        .map(|e| {
-            let completion = req
-                .max_output_tokens()
-                .or(e.max_output_tokens)
-                .map_or(DEFAULT_MAX_OUTPUT_TOKENS, u64::from);
-            let p = &e.pricing;
-            let prompt_price = p.prompt.max(p.cache_read).max(p.cache_write);
-            prompt_price.times(prompt) + p.completion.times(completion)
-        })
-        .max()
-        .unwrap_or(Money::ZERO)
+    let n = u64::from(req.choices());
+    let mut hold = Reservation::NONE;
+    for e in plan {
+        // ≤ 128 × u32::MAX: no overflow.
+        let completion = n * u64::from(completion_bound(req, e));
+        hold.tokens = hold.tokens.max(prompt.saturating_add(completion));
+        hold.amount = hold.amount.max(cost_bound(&e.pricing, prompt, completion));
+    }
+    hold
 }
 
-/// Seconds until the next UTC midnight (when `tokens_per_day` resets).
-fn until_midnight() -> Duration {
-    let now = crate::store::now_unix();
-    Duration::from_secs(86_400 - now % 86_400)
+/// The money [`reservation_for`] a request over a plan.
+pub fn reserve_for(req: &ChatRequest, plan: &[Arc<Endpoint>]) -> Money {
+    reservation_for(req, plan).amount
 }
 
-/// Admission: the `tokens_per_day` check, then the reservation.
+/// `prompt` tokens at the dearest prompt-side rate plus `completion` tokens at the
+/// completion rate, or `i64::MAX` pico-USD when that overflows.
+fn cost_bound(p: &Pricing, prompt: u64, completion: u64) -> Money {
+    let times = |price: Price, tokens: u64| {
+        i64::try_from(tokens)
+            .ok()
+            .and_then(|t| price.pico_per_token().checked_mul(t))
+    };
+    let prompt_price = p.prompt.max(p.cache_read).max(p.cache_write);
+    times(prompt_price, prompt)
+        .zip(times(p.completion, completion))
+        .and_then(|(a, b)| a.checked_add(b))
+        .map_or(Money::from_pico(i64::MAX), Money::from_pico)
+}
+
+/// Admission: the reservation (money and tokens), recorded in the context so that
+/// metering caps the charge at it.
 fn admit(ledger: &Arc<dyn Ledger>, call: &ChatCall) -> Result<Option<Charge>, GatewayError> {
     let Some(key) = call.ctx.key() else {
         return Ok(None);
     };
-    if let Some(limit) = key.tokens_per_day {
-        let used = ledger.tokens_today(&key.id)?;
-        if used >= limit {
-            return Err(GatewayError::RateLimited {
-                message: format!(
-                    "key `{}` has used its {limit} tokens for today (UTC); it resets at midnight UTC",
-                    key.name
-                ),
-                retry_after: Some(until_midnight()),
-            });
-        }
-    }
-    let amount = reserve_for(&call.request, &call.plan);
-    ledger.reserve(key, amount)?;
+    let hold = reservation_for(&call.request, &call.plan);
+    ledger.reserve(key, hold)?;
+    call.ctx.set_reservation(hold);
     Ok(Some(Charge {
         ledger: ledger.clone(),
         key_id: key.id.clone(),
-        reserved: amount,
+        reserved: hold,
         ctx: call.ctx.clone(),
         done: false,
     }))
@@ -273,7 +295,7 @@ where
 struct Charge {
     ledger: Arc<dyn Ledger>,
     key_id: String,
-    reserved: Money,
+    reserved: Reservation,
     ctx: CallContext,
     done: bool,
 }
@@ -287,13 +309,14 @@ impl Charge {
             .usage
             .as_ref()
             .map_or((0, 0), |u| (u.prompt_tokens, u.completion_tokens));
-        // Metering prices a reply without completion tokens at zero (SPEC §4); the
-        // charge is the context's cost, the same integer the client sees.
-        let cost = s.cost;
+        // Metering prices a reply without completion tokens at zero (SPEC §4), and
+        // caps the cost at the reservation; the charge is the context's cost, the same
+        // integer the client sees. The cap here only guards a stack without metering.
+        let cost = s.cost.min(self.reserved.amount);
         Some(Settlement {
             key_id: self.key_id.clone(),
             reserved: self.reserved,
-            tokens: prompt + completion,
+            tokens: prompt.saturating_add(completion).min(self.reserved.tokens),
             generation: Generation {
                 id: self.ctx.request_id().to_string(),
                 key_id: self.key_id.clone(),

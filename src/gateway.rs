@@ -200,8 +200,10 @@ impl GatewayBuilder {
             //    attempts cost nothing.
             .layer(FallbackLayer::new(config.retry.clone()).health(health.clone()))
             // 5. Metering: count and price each attempt's chunks as they pass, right at
-            //    the provider, so a cut stream is metered for exactly what passed.
-            .layer(MeteringLayer::new())
+            //    the provider, so a cut stream is metered for exactly what passed. It
+            //    caps each cost at credit's reservation; an upstream whose usage goes
+            //    past it counts as a failure in the shared health registry.
+            .layer(MeteringLayer::new().health(health.clone()))
             // 6. The provider client: adapters over one pooled HTTP client.
             .service(client);
 

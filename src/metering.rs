@@ -11,6 +11,15 @@
 //! written to the call context, where credit settlement reads it: `ctx.cost` is
 //! exactly the `usage.cost` the client sees.
 //!
+//! The cost never exceeds the request's [reservation](CallContext::reservation)
+//! (SPEC §4: a key is never charged more than admission held for it). A usage report
+//! that prices above it, or counts more tokens than were reserved, or is too large to
+//! price at all, is a broken upstream answer: the cost is the reservation, and the
+//! request is flagged — `CallState::over_reserve` (the request log's `over_reserve`),
+//! the metric `switchboard_usage_over_reserve_total{model,provider}`, a warning naming
+//! the endpoint, and one failure of the endpoint in the [`HealthRegistry`] given with
+//! [`MeteringLayer::health`] (through a [`Permit`], as fallback records attempts).
+//!
 //! The attempt settles once, when its stream ends, fails (before the error goes up),
 //! or is dropped (the client went away; the upstream stream, and with it the upstream
 //! connection, is dropped right after). A cut stream is charged for the prompt and
@@ -69,39 +78,72 @@ use crate::chat::{
     ChatChunk, ChatRequest, CompletionTokensDetails, Content, PromptTokensDetails, Usage,
 };
 use crate::context::{CallContext, ChunkStream, ProviderCall};
-use crate::error::GatewayError;
+use crate::error::{FailureKind, GatewayError, ProviderError};
+use crate::health::{HealthRegistry, Permit};
 use crate::money::Money;
+use crate::store::Reservation;
 
 /// Builds [`Metering`] services.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct MeteringLayer {
-    _priv: (),
+    health: Option<Arc<dyn HealthRegistry>>,
+}
+
+impl std::fmt::Debug for MeteringLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeteringLayer")
+            .field("health", &self.health.is_some())
+            .finish()
+    }
 }
 
 impl MeteringLayer {
     /// A metering layer.
     pub fn new() -> Self {
-        MeteringLayer { _priv: () }
+        MeteringLayer { health: None }
+    }
+
+    /// Counts a failure of an endpoint whose usage report is above the reservation
+    /// in `registry` (the one shared with
+    /// [`FallbackLayer::health`](crate::fallback::FallbackLayer::health)).
+    pub fn health(mut self, registry: Arc<dyn HealthRegistry>) -> Self {
+        self.health = Some(registry);
+        self
     }
 }
 
 impl<S> Layer<S> for MeteringLayer {
     type Service = Metering<S>;
     fn layer(&self, inner: S) -> Metering<S> {
-        Metering { inner }
+        Metering {
+            inner,
+            health: self.health.clone(),
+        }
     }
 }
 
 /// Meters each attempt's chunks; see the [module docs](self).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Metering<S> {
     inner: S,
+    health: Option<Arc<dyn HealthRegistry>>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Metering<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metering")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S> Metering<S> {
-    /// Wraps `inner`.
+    /// Wraps `inner` (no health registry: see [`MeteringLayer::health`]).
     pub fn new(inner: S) -> Self {
-        Metering { inner }
+        Metering {
+            inner,
+            health: None,
+        }
     }
 
     /// A [`MeteringLayer`].
@@ -127,6 +169,7 @@ where
         let endpoint = call.endpoint.clone();
         let request = call.request.clone();
         let ctx = call.ctx.clone();
+        let health = self.health.clone();
         let started = Instant::now();
         self.inner
             .call(call)
@@ -136,7 +179,7 @@ where
                 r.map(|inner| -> ChunkStream {
                     Box::pin(Metered {
                         inner,
-                        meter: Meter::new(endpoint, request, ctx),
+                        meter: Meter::new(endpoint, request, ctx, health),
                         ended: false,
                     })
                 })
@@ -179,6 +222,12 @@ struct Meter {
     reported: Option<Usage>,
     /// Whether that report came after the finish (so it is final even if cut).
     report_final: bool,
+    /// What credit admission holds for the request: the cost is capped at it.
+    cap: Option<Reservation>,
+    /// Whether a usage report above `cap` was seen (and flagged).
+    over: bool,
+    /// Where such an endpoint's failure is counted.
+    health: Option<Arc<dyn HealthRegistry>>,
     /// Time the stream was pending on the upstream.
     wait: Duration,
     pending_since: Option<Instant>,
@@ -186,7 +235,12 @@ struct Meter {
 }
 
 impl Meter {
-    fn new(endpoint: Arc<Endpoint>, request: Arc<ChatRequest>, ctx: CallContext) -> Self {
+    fn new(
+        endpoint: Arc<Endpoint>,
+        request: Arc<ChatRequest>,
+        ctx: CallContext,
+        health: Option<Arc<dyn HealthRegistry>>,
+    ) -> Self {
         let keep_text = ctx.update(|s| {
             let keep = s.completion_text.is_some();
             if keep {
@@ -194,10 +248,14 @@ impl Meter {
             }
             keep
         });
+        let cap = ctx.reservation();
         Meter {
             endpoint,
             request,
             ctx,
+            cap,
+            over: false,
+            health,
             text: String::new(),
             reasoning: String::new(),
             arguments: String::new(),
@@ -254,18 +312,19 @@ impl Meter {
             self.price(usage);
             self.report_final = self.saw_finish;
             self.reported = Some(usage.clone());
-            let (u, cost) = (usage.clone(), usage.cost.unwrap_or_default());
+            let (u, cost, over) = (usage.clone(), usage.cost.unwrap_or_default(), self.over);
             self.ctx.update(|s| {
                 s.usage = Some(u);
                 s.cost = cost;
+                s.over_reserve |= over;
             });
         }
     }
 
     /// Fills the totals and details, and sets `cost` at the endpoint's prices
-    /// (zero when nothing was delivered, SPEC §4).
-    fn price(&self, usage: &mut Usage) {
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    /// (zero when nothing was delivered, SPEC §4), at most the reservation.
+    fn price(&mut self, usage: &mut Usage) {
+        usage.total_tokens = usage.prompt_tokens.saturating_add(usage.completion_tokens);
         usage
             .prompt_tokens_details
             .get_or_insert_with(PromptTokensDetails::default);
@@ -274,11 +333,62 @@ impl Meter {
             .get_or_insert_with(CompletionTokensDetails::default);
         // SPEC §4: nothing delivered, or no completion tokens, is not charged; `usage.cost`
         // is the debit, so it is zero too.
-        usage.cost = Some(if self.any_content && usage.completion_tokens > 0 {
-            self.endpoint.pricing.cost(usage)
+        let cost = if self.any_content && usage.completion_tokens > 0 {
+            self.endpoint.pricing.checked_cost(usage)
         } else {
-            Money::ZERO
+            Some(Money::ZERO)
+        };
+        usage.cost = Some(match self.cap {
+            Some(cap) => match cost {
+                Some(c) if c <= cap.amount => {
+                    if usage.total_tokens > cap.tokens {
+                        self.flag_over_reserve(usage, cap);
+                    }
+                    c
+                }
+                // Above the reservation, or too large to price: charge what was held.
+                _ => {
+                    self.flag_over_reserve(usage, cap);
+                    cap.amount
+                }
+            },
+            None => cost.unwrap_or(Money::from_pico(i64::MAX)),
         });
+    }
+
+    /// A usage report above the reservation: a broken upstream answer. Flagged once
+    /// per attempt: the context's flag (set by the caller's next update), the metric,
+    /// a warning, and one failure of the endpoint.
+    fn flag_over_reserve(&mut self, usage: &Usage, cap: Reservation) {
+        if std::mem::replace(&mut self.over, true) {
+            return;
+        }
+        let e = &self.endpoint;
+        crate::telemetry::counter(
+            crate::telemetry::USAGE_OVER_RESERVE,
+            &[("model", &*e.model), ("provider", &*e.provider.name)],
+        )
+        .increment(1);
+        tracing::warn!(
+            endpoint = %e.label(),
+            request_id = %self.ctx.request_id(),
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            reserved_tokens = cap.tokens,
+            reserved_usd = %cap.amount,
+            "upstream reported usage above the request's reservation; charging the reservation"
+        );
+        if let Some(permit) = self
+            .health
+            .as_ref()
+            .and_then(|h| Permit::acquire(h, e, false))
+        {
+            permit.failure(&ProviderError::new(
+                e.provider.name.clone(),
+                FailureKind::Protocol,
+                "reported usage above the request's reservation",
+            ));
+        }
     }
 
     /// Completion and reasoning tokens of what was delivered, by the tokenizer.
@@ -349,8 +459,10 @@ impl Meter {
         };
         let wait = self.wait;
         let recorded = usage.clone();
+        let over = self.over;
         self.ctx.update(|s| {
             s.upstream_wait += wait;
+            s.over_reserve |= over;
             if let Some(u) = recorded {
                 s.cost = u.cost.unwrap_or_default();
                 s.usage = Some(u);
@@ -770,6 +882,116 @@ tokenizer = "o200k_base"
             Some(words().concat().as_str())
         );
         assert!(st.logged_request.is_some());
+    }
+
+    /// The value of `switchboard_usage_over_reserve_total` for the test endpoint.
+    fn over_reserve_count() -> u64 {
+        crate::telemetry::render()
+            .lines()
+            .find(|l| {
+                l.starts_with("switchboard_usage_over_reserve_total{")
+                    && l.contains("model=\"mock/echo\"")
+                    && l.contains("provider=\"mock\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn usage_above_the_reservation_is_charged_the_reservation_and_flagged() {
+        let health: Arc<dyn HealthRegistry> = Arc::new(crate::health::InMemoryHealth::new(
+            &crate::config::HealthConfig {
+                failure_threshold: 1,
+                cooldown_secs: 60,
+            },
+            1,
+        ));
+        let cap = Reservation {
+            amount: price(100, 50),
+            tokens: 150,
+        };
+        let before = over_reserve_count();
+        let mut chunks = text_chunks();
+        chunks.push(Ok(ChatChunk::usage(Usage::new(
+            1_000_000_000_000_000,
+            1_000_000_000_000_000,
+        ))));
+        let ctx = CallContext::new();
+        ctx.set_reservation(cap);
+        let svc = MeteringLayer::new()
+            .health(health.clone())
+            .layer(service_fn(move |_c: ProviderCall| {
+                let s: ChunkStream = Box::pin(futures_util::stream::iter(chunks.clone()));
+                async move { Ok::<_, GatewayError>(s) }
+            }));
+        let e = endpoint();
+        let call = ProviderCall {
+            endpoint: e.clone(),
+            request: request(),
+            ctx: ctx.clone(),
+        };
+        assert_eq!(
+            health.availability(&e, tokio::time::Instant::now()),
+            crate::health::Availability::Healthy
+        );
+        let out: Vec<ChatChunk> = svc
+            .oneshot(call)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let usage = out.last().unwrap().usage.clone().unwrap();
+        // The client sees the reservation as the cost, and it is the context's cost.
+        assert_eq!(usage.cost, Some(cap.amount));
+        let st = ctx.snapshot();
+        assert_eq!(st.cost, cap.amount);
+        assert!(st.over_reserve);
+        // One failure of the endpoint (threshold 1: degraded) and the metric.
+        assert!(matches!(
+            health.availability(&e, tokio::time::Instant::now()),
+            crate::health::Availability::Unavailable { .. }
+        ));
+        assert!(over_reserve_count() > before);
+    }
+
+    #[tokio::test]
+    async fn within_the_reservation_nothing_is_capped_or_flagged_but_extra_tokens_are() {
+        let cap = Reservation {
+            amount: price(100, 50),
+            tokens: 150,
+        };
+        // 12 + 9 tokens, well within.
+        let mut chunks = text_chunks();
+        chunks.push(Ok(ChatChunk::usage(Usage::new(12, 9))));
+        let ctx = CallContext::new();
+        ctx.set_reservation(cap);
+        let (s, ctx) = metered_ctx(chunks, ctx).await;
+        let _: Vec<ChatChunk> = s.try_collect().await.unwrap();
+        let st = ctx.snapshot();
+        assert_eq!((st.cost, st.over_reserve), (price(12, 9), false));
+        // Cheaper than the reservation but more tokens than it holds (a dearer endpoint
+        // set the money bound): the cost stands, the request is flagged.
+        let mut chunks = text_chunks();
+        chunks.push(Ok(ChatChunk::usage(Usage::new(140, 20))));
+        let ctx = CallContext::new();
+        ctx.set_reservation(Reservation {
+            amount: price(1_000, 1_000),
+            tokens: 150,
+        });
+        let (s, ctx) = metered_ctx(chunks, ctx).await;
+        let _: Vec<ChatChunk> = s.try_collect().await.unwrap();
+        let st = ctx.snapshot();
+        assert_eq!((st.cost, st.over_reserve), (price(140, 20), true));
+        // Without a reservation (no credit layer), absurd usage saturates instead of
+        // wrapping or panicking.
+        let mut chunks = text_chunks();
+        chunks.push(Ok(ChatChunk::usage(Usage::new(u64::MAX, u64::MAX))));
+        let (s, ctx) = metered(chunks).await;
+        let out: Vec<ChatChunk> = s.try_collect().await.unwrap();
+        let usage = out.last().unwrap().usage.clone().unwrap();
+        assert_eq!(usage.total_tokens, u64::MAX);
+        assert_eq!(ctx.snapshot().cost, Money::from_pico(i64::MAX));
     }
 
     #[tokio::test]

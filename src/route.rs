@@ -215,8 +215,9 @@ pub fn plan(catalog: &Catalog, call: &ChatCall) -> Result<Vec<Arc<Endpoint>>, Ga
 
 /// The optional request parameters a provider must support under
 /// `require_parameters`: `tools`, `tool_choice`, `response_format`, `seed`, `stop`,
-/// `temperature`, `top_p`, `reasoning_effort`, `max_tokens`, and `extra` for any
-/// field the schema does not model (passed through to OpenAI-kind providers only).
+/// `temperature`, `top_p`, `reasoning_effort`, `max_tokens`, `n` (when above 1), and
+/// `extra` for any field the schema does not model (passed through to OpenAI-kind
+/// providers only).
 pub fn requested_parameters(req: &ChatRequest) -> Vec<&'static str> {
     let mut out = Vec::new();
     let mut need = |cond: bool, name| {
@@ -236,18 +237,20 @@ pub fn requested_parameters(req: &ChatRequest) -> Vec<&'static str> {
         req.max_tokens.is_some() || req.max_completion_tokens.is_some(),
         "max_tokens",
     );
+    need(req.choices() > 1, "n");
     need(!req.extra.is_empty(), "extra");
     out
 }
 
 /// Whether a provider kind honours a request parameter (see
 /// [`requested_parameters`]). OpenAI-kind providers take everything; Anthropic has no
-/// `response_format`, `seed` or pass-through fields; Gemini no `reasoning_effort` or
-/// pass-through fields; the mock honours only `max_tokens`.
+/// `response_format`, `seed`, `n` or pass-through fields (it answers one choice);
+/// Gemini no `reasoning_effort` or pass-through fields; the mock honours only
+/// `max_tokens`.
 pub fn supports(kind: ProviderKind, param: &str) -> bool {
     match kind {
         ProviderKind::OpenAi => true,
-        ProviderKind::Anthropic => !matches!(param, "response_format" | "seed" | "extra"),
+        ProviderKind::Anthropic => !matches!(param, "response_format" | "seed" | "n" | "extra"),
         ProviderKind::Gemini => !matches!(param, "reasoning_effort" | "extra"),
         ProviderKind::Mock => param == "max_tokens",
     }

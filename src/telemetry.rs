@@ -20,6 +20,7 @@
 //! | `switchboard_streams_in_flight` | gauge | |
 //! | `switchboard_log_records_dropped_total` | counter | |
 //! | `switchboard_log_write_errors_total` | counter | |
+//! | `switchboard_usage_over_reserve_total` | counter (upstream usage above the request's reservation; charged the reservation) | `model`, `provider` |
 //!
 //! # Example
 //! ```
@@ -62,6 +63,9 @@ pub const STREAMS_IN_FLIGHT: &str = "switchboard_streams_in_flight";
 pub const LOG_RECORDS_DROPPED: &str = "switchboard_log_records_dropped_total";
 /// Request records a sink failed to write.
 pub const LOG_WRITE_ERRORS: &str = "switchboard_log_write_errors_total";
+/// Attempts whose upstream usage was above the request's reservation, by `model` and
+/// `provider` (each was charged the reservation; see [`crate::metering`]).
+pub const USAGE_OVER_RESERVE: &str = "switchboard_usage_over_reserve_total";
 
 /// Buckets for request durations and TTFT (seconds).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -146,6 +150,10 @@ fn describe() {
     describe_counter!(
         LOG_WRITE_ERRORS,
         "Request records a log sink failed to write"
+    );
+    describe_counter!(
+        USAGE_OVER_RESERVE,
+        "Attempts whose upstream-reported usage was above the request's reservation (charged the reservation), by model and provider"
     );
 }
 

@@ -603,10 +603,10 @@ mod flaky_impl {
     }
 
     impl Ledger for Flaky {
-        fn reserve(&self, k: &KeyRecord, a: Money) -> Result<(), GatewayError> {
+        fn reserve(&self, k: &KeyRecord, a: Reservation) -> Result<(), GatewayError> {
             self.inner.reserve(k, a)
         }
-        fn release(&self, id: &str, a: Money) {
+        fn release(&self, id: &str, a: Reservation) {
             self.inner.release(id, a)
         }
         fn settle(&self, s: Settlement) -> BoxFuture<'static, Result<bool, StoreError>> {

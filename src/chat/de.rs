@@ -88,6 +88,7 @@ impl<'de> Deserialize<'de> for ChatRequest {
                     (None, None, None, None);
                 let (mut stream, mut stream_options, mut reasoning_effort, mut usage) =
                     (None, None, None, None);
+                let mut n = None;
                 let mut extra = Map::new();
                 while let Some(key) = map.next_key::<Key<'de>>()? {
                     match &*key.0 {
@@ -101,6 +102,7 @@ impl<'de> Deserialize<'de> for ChatRequest {
                             &mut max_completion_tokens,
                             "max_completion_tokens",
                         )?,
+                        "n" => once(&mut map, &mut n, "n")?,
                         "temperature" => once(&mut map, &mut temperature, "temperature")?,
                         "top_p" => once(&mut map, &mut top_p, "top_p")?,
                         "stop" => once(&mut map, &mut stop, "stop")?,
@@ -127,6 +129,7 @@ impl<'de> Deserialize<'de> for ChatRequest {
                     provider: provider.flatten(),
                     max_tokens: max_tokens.flatten(),
                     max_completion_tokens: max_completion_tokens.flatten(),
+                    n: n.flatten(),
                     temperature: temperature.flatten(),
                     top_p: top_p.flatten(),
                     stop: stop.flatten(),

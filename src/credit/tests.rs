@@ -10,6 +10,7 @@ use crate::route::RouteLayer;
 use crate::store::{hash_secret, KeyStore, NewKey, SqliteStore};
 use futures_util::StreamExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 
 fn store() -> Arc<SqliteStore> {
@@ -188,18 +189,42 @@ async fn an_error_mid_stream_settles_what_was_delivered_then_passes_the_error() 
 }
 
 #[tokio::test]
-async fn tokens_per_day_exhausted_is_429_until_midnight() {
+async fn tokens_per_day_reserves_the_bound_and_settles_at_most_it() {
     let store = store();
-    let k = key(&store, "1", |n| n.tokens_per_day = Some(10));
-    let svc = CreditLayer::new(store.clone()).layer(serving(6, Arc::default()));
-    // 5 + 6 = 11 tokens: admitted (under the limit before), then over.
-    let reply = svc.clone().oneshot(call(&k, Some(10))).await.unwrap();
-    drop(reply.chunks.collect::<Vec<_>>().await);
-    assert_eq!(store.tokens_today(&k.id).unwrap(), 11);
-    let err = svc.oneshot(call(&k, Some(10))).await.unwrap_err();
+    // A request holds its prompt bound (JSON bytes + framing) plus max_tokens.
+    let c = call(&key(&store, "1", |_| {}), Some(10));
+    let bound = reservation_for(&c.request, &c.plan).tokens;
+    assert_eq!(bound, prompt_bound(&c.request) + 10);
+    // Room for two such holds, not three.
+    let k = key(&store, "1", |n| {
+        n.tokens_per_day = Some(2 * bound + bound / 2)
+    });
+    let hits = Arc::new(AtomicUsize::new(0));
+    let svc = CreditLayer::new(store.clone()).layer(serving(6, hits.clone()));
+    let first = svc.clone().oneshot(call(&k, Some(10))).await.unwrap();
+    let second = svc.clone().oneshot(call(&k, Some(10))).await.unwrap();
+    assert_eq!(store.balance(&k.id).unwrap().reserved_tokens, 2 * bound);
+    // The third does not fit beside the two in flight: 429 to midnight, not served.
+    let err = svc.clone().oneshot(call(&k, Some(10))).await.unwrap_err();
     assert_eq!(err.code(), "rate_limited");
     let after = err.retry_after().unwrap();
     assert!(after > Duration::ZERO && after <= Duration::from_secs(86_400));
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    // Settled at what was used (5 + 6 tokens each), the holds released.
+    drop(first.chunks.collect::<Vec<_>>().await);
+    drop(second.chunks.collect::<Vec<_>>().await);
+    assert_eq!(store.tokens_today(&k.id).unwrap(), 22);
+    assert_eq!(store.balance(&k.id).unwrap().reserved_tokens, 0);
+    // Now it fits.
+    let reply = svc.clone().oneshot(call(&k, Some(10))).await.unwrap();
+    drop(reply.chunks.collect::<Vec<_>>().await);
+    // A request whose bound alone is over the day's limit is never served.
+    let small = key(&store, "1", |n| n.tokens_per_day = Some(20));
+    let err = svc.oneshot(call(&small, Some(5_000))).await.unwrap_err();
+    assert_eq!(err.code(), "rate_limited");
+    assert!(err.to_string().contains("lower max_tokens"), "{err}");
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+    assert_eq!(store.tokens_today(&small.id).unwrap(), 0);
 }
 
 #[tokio::test]
@@ -298,6 +323,113 @@ max_output_tokens = 100
     assert_eq!(hits.load(Ordering::SeqCst), 5);
     let b = store.balance(&k.id).unwrap();
     assert_eq!((b.spent, b.reserved), (usd("0.0005"), Money::ZERO));
+}
+
+#[test]
+fn every_choice_is_reserved_and_the_bound_is_what_upstreams_are_sent() {
+    let k = Arc::new(KeyRecord::new("key_x", "x"));
+    let mut c = call(&k, Some(1000));
+    let one = reservation_for(&c.request, &c.plan);
+    Arc::make_mut(&mut c.request).n = Some(128);
+    let many = reservation_for(&c.request, &c.plan);
+    let prompt = prompt_bound(&c.request);
+    assert_eq!(one.tokens, prompt + 1000);
+    assert_eq!(many.tokens, prompt + 128 * 1000);
+    // mock/echo: $1 prompt, $2 completion per Mtok.
+    let price = |tokens: u64, per_mtok: i64| Money::from_pico(tokens as i64 * per_mtok * 1_000_000);
+    assert_eq!(many.amount, price(prompt, 1) + price(128_000, 2));
+    assert_eq!(one.amount, price(prompt, 1) + price(1000, 2));
+    // No max_tokens: the model's max_output_tokens (1024 in the demo), else 4096.
+    let plan = &c.plan;
+    let req = ChatRequest {
+        max_tokens: None,
+        ..(*c.request).clone()
+    };
+    assert_eq!(completion_bound(&req, &plan[0]), 1024);
+    assert_eq!(reservation_for(&req, plan).tokens, prompt + 128 * 1024);
+    let unbounded = Config::from_toml(
+        r#"
+[[providers]]
+name = "mock"
+kind = "mock"
+[[models]]
+id = "mock/echo"
+  [[models.endpoints]]
+  provider = "mock"
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 2
+"#,
+    )
+    .unwrap();
+    let e = Catalog::from_config(&unbounded).endpoints()[0].clone();
+    assert_eq!(
+        u64::from(completion_bound(&req, &e)),
+        DEFAULT_MAX_OUTPUT_TOKENS
+    );
+    // A bound too large to price is more than any key holds.
+    let huge = ChatRequest {
+        max_tokens: Some(u32::MAX),
+        n: Some(128),
+        ..req
+    };
+    let dear = Config::from_toml(
+        r#"
+[[providers]]
+name = "mock"
+kind = "mock"
+[[models]]
+id = "mock/echo"
+  [[models.endpoints]]
+  provider = "mock"
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1000
+"#,
+    )
+    .unwrap();
+    let e = Catalog::from_config(&dear).endpoints()[0].clone();
+    assert_eq!(
+        reservation_for(&huge, &[e]).amount,
+        Money::from_pico(i64::MAX)
+    );
+}
+
+#[tokio::test]
+async fn a_cost_above_the_reservation_is_never_charged_and_the_context_holds_it() {
+    let store = store();
+    let k = key(&store, "1", |_| {});
+    // The rest of the stack claims a huge cost and token count (no metering to cap it).
+    let svc = CreditLayer::new(store.clone()).layer(service_fn(|call: ChatCall| async move {
+        let endpoint = call.plan[0].clone();
+        let reserved = call
+            .ctx
+            .reservation()
+            .expect("recorded before the inner call");
+        call.ctx.update(|s| {
+            s.served = Some(endpoint.clone());
+            s.cost = Money::from_pico(i64::MAX);
+            s.usage = Some(Usage::new(1_000_000_000_000_000, 1_000_000_000_000_000));
+        });
+        assert!(reserved.amount > Money::ZERO);
+        let chunks: ChunkStream = Box::pin(futures_util::stream::iter([Ok(ChatChunk::text("x"))]));
+        Ok::<_, GatewayError>(ChatReply { endpoint, chunks })
+    }));
+    let c = call(&k, Some(100));
+    let hold = reservation_for(&c.request, &c.plan);
+    let id = c.ctx.request_id().to_string();
+    let reply = svc.oneshot(c).await.unwrap();
+    drop(reply.chunks.collect::<Vec<_>>().await);
+    let b = store.balance(&k.id).unwrap();
+    assert_eq!(
+        (b.spent, b.reserved, b.reserved_tokens),
+        (hold.amount, Money::ZERO, 0)
+    );
+    assert_eq!(
+        store.generation(&id).unwrap().unwrap().total_cost,
+        hold.amount
+    );
+    assert_eq!(store.tokens_today(&k.id).unwrap(), hold.tokens);
 }
 
 #[test]

@@ -56,6 +56,10 @@ pub struct RequestRecord {
     /// The completion text delivered, only with `log_content = true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion: Option<String>,
+    /// Whether an upstream reported usage above the request's reservation (the
+    /// charge was capped at the reservation; see [`crate::metering`]).
+    #[serde(default)]
+    pub over_reserve: bool,
 }
 
 /// One upstream attempt of a [`RequestRecord`].
@@ -137,6 +141,7 @@ impl RequestRecord {
             error_code: s.error_code.map(str::to_string),
             prompt,
             completion: if log_content { s.completion_text } else { None },
+            over_reserve: s.over_reserve,
         }
     }
 }

@@ -361,7 +361,8 @@ CREATE TABLE IF NOT EXISTS requests (
     error_code        TEXT,
     attempts          TEXT NOT NULL,
     prompt            TEXT,
-    completion        TEXT
+    completion        TEXT,
+    over_reserve      INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);
 ";
@@ -394,6 +395,17 @@ impl SqliteSink {
             .map_err(sql_err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
         conn.execute_batch(SQLITE_SCHEMA).map_err(sql_err)?;
+        // A log made before `over_reserve` existed gets the column (last, as here).
+        let has_flag = conn
+            .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'over_reserve'")
+            .and_then(|mut q| q.exists([]))
+            .map_err(sql_err)?;
+        if !has_flag {
+            conn.execute_batch(
+                "ALTER TABLE requests ADD COLUMN over_reserve INTEGER NOT NULL DEFAULT 0",
+            )
+            .map_err(sql_err)?;
+        }
         Ok(SqliteSink {
             conn,
             inserts: ROWS_PER_INSERT.map(insert_sql),
@@ -407,12 +419,12 @@ impl SqliteSink {
 }
 
 /// Columns of the `requests` table.
-const COLUMNS: usize = 21;
+const COLUMNS: usize = 22;
 
 /// Rows per multi-row `INSERT`, largest first: a batch goes in as many 32-row
 /// statements as fit, then 8-row ones, then single rows. One statement run per
 /// several records, not per record, saves SQLite's per-statement work (opening the
-/// B-tree cursors, the halt, the reset). 32 × 21 parameters is well under SQLite's
+/// B-tree cursors, the halt, the reset). 32 × 22 parameters is well under SQLite's
 /// limit of 32,766.
 const ROWS_PER_INSERT: [usize; 3] = [32, 8, 1];
 
@@ -425,8 +437,8 @@ fn insert_sql(rows: usize) -> String {
     )
 }
 
-/// Binds `r` to the 21 parameters after the first `at` (row `n` of a multi-row
-/// `INSERT` has `at = n × 21`).
+/// Binds `r` to the 22 parameters after the first `at` (row `n` of a multi-row
+/// `INSERT` has `at = n × 22`).
 /// `scratch` holds the row's `attempts` JSON (SQLite copies bound text).
 fn bind(
     stmt: &mut rusqlite::Statement<'_>,
@@ -461,6 +473,7 @@ fn bind(
         &attempts,
         &prompt,
         &r.completion,
+        &r.over_reserve,
     ];
     for (i, v) in values.iter().enumerate() {
         stmt.raw_bind_parameter(at + i + 1, v).map_err(sql_err)?;

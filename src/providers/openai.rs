@@ -28,6 +28,8 @@ struct WireRequest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     max_completion_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    n: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f64>,
@@ -58,25 +60,43 @@ struct WireStreamOptions {
     include_usage: bool,
 }
 
+/// The completion limit sent upstream, as `(max_tokens, max_completion_tokens)`: always
+/// the [bound credit admission reserved](crate::credit::completion_bound) per choice.
+/// It goes in each field the client used; when the client used neither, in
+/// `max_completion_tokens` for OpenAI itself (`api.openai.com`, Azure OpenAI: its
+/// reasoning models refuse `max_tokens`) and in `max_tokens` for every other
+/// OpenAI-compatible server (the field they all know; some ignore the newer one,
+/// which would leave the reply unbounded).
+fn completion_limit(call: &ProviderCall) -> (Option<u32>, Option<u32>) {
+    let req = &call.request;
+    let bound = crate::credit::completion_bound(req, &call.endpoint);
+    match (req.max_tokens, req.max_completion_tokens) {
+        (None, None) => {
+            let url = &call.endpoint.provider.base_url;
+            if url.contains("api.openai.com") || url.contains(".openai.azure.com") {
+                (None, Some(bound))
+            } else {
+                (Some(bound), None)
+            }
+        }
+        (max_tokens, max_completion_tokens) => (
+            max_tokens.map(|_| bound),
+            max_completion_tokens.map(|_| bound),
+        ),
+    }
+}
+
 /// Builds the exact JSON body sent to an OpenAI-kind provider (used by golden tests).
 pub fn wire_body(call: &ProviderCall, stream: bool) -> Result<Vec<u8>, serde_json::Error> {
     let req = &call.request;
     let endpoint = &call.endpoint;
-    // A default bound keeps the upstream within what credit admission reserved.
-    let (mut max_tokens, mut max_completion_tokens) = (req.max_tokens, req.max_completion_tokens);
-    if max_tokens.is_none() && max_completion_tokens.is_none() {
-        if endpoint.provider.base_url.contains("api.openai.com") {
-            // OpenAI's reasoning models refuse the legacy name.
-            max_completion_tokens = endpoint.max_output_tokens;
-        } else {
-            max_tokens = endpoint.max_output_tokens;
-        }
-    }
+    let (max_tokens, max_completion_tokens) = completion_limit(call);
     let wire = WireRequest {
         model: &endpoint.upstream_model,
         messages: &req.messages,
         max_tokens,
         max_completion_tokens,
+        n: req.n,
         temperature: req.temperature,
         top_p: req.top_p,
         stop: req.stop.as_ref(),

@@ -119,7 +119,7 @@ impl Entry {
         Some(Entry {
             settlement: Settlement {
                 key_id: l.key.clone().into_owned(),
-                reserved: Money::ZERO,
+                reserved: super::Reservation::NONE,
                 tokens: l.tokens,
                 generation: Generation {
                     id: l.id.into_owned(),
@@ -437,7 +437,7 @@ mod tests {
         Entry {
             settlement: Settlement {
                 key_id: odd(rng, 12),
-                reserved: Money::ZERO,
+                reserved: crate::store::Reservation::NONE,
                 tokens: rng.random(),
                 generation: Generation {
                     id: odd(rng, 30),

@@ -59,13 +59,15 @@
 //! ```
 //! use switchboard::config::StoreConfig;
 //! use switchboard::keys::KeyRecord;
+//! use switchboard::money::Money;
 //! use switchboard::store::{Ledger, KeyStore, NewKey, SqliteStore, hash_secret};
 //!
 //! let store = SqliteStore::open(&StoreConfig { url: "sqlite::memory:".into(), ..Default::default() }).unwrap();
 //! let key = store.create(hash_secret("sk-bob"), NewKey::new("bob", "1".parse().unwrap())).unwrap();
-//! store.reserve(&key.record, "0.6".parse().unwrap()).unwrap();
+//! let sixty_cents: Money = "0.6".parse().unwrap();
+//! store.reserve(&key.record, sixty_cents.into()).unwrap();
 //! // A second reserve of $0.60 does not fit in what is left of $1.
-//! let err = store.reserve(&key.record, "0.6".parse().unwrap()).unwrap_err();
+//! let err = store.reserve(&key.record, sixty_cents.into()).unwrap_err();
 //! assert_eq!(err.code(), "insufficient_credits");
 //! assert_eq!(store.balance(&key.record.id).unwrap().reserved.to_string(), "0.6");
 //! ```
@@ -115,6 +117,11 @@ pub fn now_unix() -> u64 {
 /// Today's UTC day number (days since 1970-01-01).
 pub fn utc_day() -> u64 {
     now_unix() / 86_400
+}
+
+/// How long until the next UTC midnight, when `tokens_per_day` starts over.
+pub fn until_utc_midnight() -> std::time::Duration {
+    std::time::Duration::from_secs(86_400 - now_unix() % 86_400)
 }
 
 /// A store failure (disk, corruption, a broken writer).
@@ -305,6 +312,33 @@ pub struct Balance {
     pub spent: Money,
     /// Held by requests in flight.
     pub reserved: Money,
+    /// Tokens held by requests in flight (against `tokens_per_day`).
+    pub reserved_tokens: u64,
+}
+
+/// What admission holds for one request until it settles (SPEC §4): an upper bound
+/// of its cost and of its tokens. A settlement never charges more than either.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Reservation {
+    /// The most the request may cost.
+    pub amount: Money,
+    /// The most tokens (prompt + completion) it may count against `tokens_per_day`.
+    pub tokens: u64,
+}
+
+impl Reservation {
+    /// Nothing held (a settlement replayed from the journal).
+    pub const NONE: Reservation = Reservation {
+        amount: Money::ZERO,
+        tokens: 0,
+    };
+}
+
+impl From<Money> for Reservation {
+    /// A hold of `amount` and no tokens.
+    fn from(amount: Money) -> Self {
+        Reservation { amount, tokens: 0 }
+    }
 }
 
 impl Balance {
@@ -364,8 +398,9 @@ pub struct Settlement {
     /// The key charged.
     pub key_id: String,
     /// The reservation this settlement releases.
-    pub reserved: Money,
-    /// Tokens counted against the key's day (prompt + completion).
+    pub reserved: Reservation,
+    /// Tokens counted against the key's day (prompt + completion, at most
+    /// `reserved.tokens`).
     pub tokens: u64,
     /// The row (its `id` is the idempotency key, its `total_cost` the debit).
     pub generation: Generation,
@@ -377,6 +412,10 @@ pub struct Settlement {
 /// accounts (they may read the store on a key's first use, or to re-read credits
 /// before refusing); `settle` resolves once the charge is durably committed.
 ///
+/// A [`Reservation`] holds money and tokens: `reserve` refuses with 402 when the
+/// money does not fit, and with 429 when the key's `tokens_per_day` cannot hold
+/// today's tokens, those held by requests in flight and this request's together.
+///
 /// # Example
 /// A ledger kept only in memory (no durability: for tests and experiments):
 /// ```
@@ -386,37 +425,47 @@ pub struct Settlement {
 /// use switchboard::error::GatewayError;
 /// use switchboard::keys::KeyRecord;
 /// use switchboard::money::Money;
-/// use switchboard::store::{Balance, Generation, Ledger, Settlement, StoreError};
+/// use switchboard::store::{Balance, Generation, Ledger, Reservation, Settlement, StoreError};
 ///
 /// #[derive(Default)]
 /// struct MemoryLedger {
-///     accounts: Mutex<HashMap<String, Balance>>,
+///     accounts: Mutex<HashMap<String, (Balance, u64)>>, // the balance, tokens used today
 ///     rows: Mutex<HashMap<String, Generation>>,
 /// }
 ///
 /// impl Ledger for MemoryLedger {
-///     fn reserve(&self, key: &KeyRecord, amount: Money) -> Result<(), GatewayError> {
+///     fn reserve(&self, key: &KeyRecord, hold: Reservation) -> Result<(), GatewayError> {
 ///         let mut map = self.accounts.lock().unwrap();
-///         let b = map.entry(key.id.clone()).or_default();
-///         if amount > b.available() {
-///             return Err(GatewayError::InsufficientCredits(format!("key `{}` cannot cover ${amount}", key.name)));
+///         let (b, today) = map.entry(key.id.clone()).or_default();
+///         if key.tokens_per_day.is_some_and(|l| *today + b.reserved_tokens + hold.tokens > l) {
+///             return Err(GatewayError::RateLimited {
+///                 message: format!("key `{}` is out of tokens for today", key.name),
+///                 retry_after: Some(switchboard::store::until_utc_midnight()),
+///             });
 ///         }
-///         b.reserved = b.reserved + amount;
+///         if hold.amount > b.available() {
+///             return Err(GatewayError::InsufficientCredits(format!("key `{}` cannot cover ${}", key.name, hold.amount)));
+///         }
+///         b.reserved = b.reserved + hold.amount;
+///         b.reserved_tokens += hold.tokens;
 ///         Ok(())
 ///     }
-///     fn release(&self, key_id: &str, amount: Money) {
-///         if let Some(b) = self.accounts.lock().unwrap().get_mut(key_id) {
-///             b.reserved = b.reserved - amount;
+///     fn release(&self, key_id: &str, hold: Reservation) {
+///         if let Some((b, _)) = self.accounts.lock().unwrap().get_mut(key_id) {
+///             b.reserved = b.reserved - hold.amount;
+///             b.reserved_tokens -= hold.tokens;
 ///         }
 ///     }
 ///     fn settle(&self, s: Settlement) -> BoxFuture<'static, Result<bool, StoreError>> {
 ///         let mut rows = self.rows.lock().unwrap();
 ///         let fresh = !rows.contains_key(&s.generation.id);
 ///         let mut map = self.accounts.lock().unwrap();
-///         let b = map.entry(s.key_id.clone()).or_default();
-///         b.reserved = b.reserved - s.reserved;
+///         let (b, today) = map.entry(s.key_id.clone()).or_default();
+///         b.reserved = b.reserved - s.reserved.amount;
+///         b.reserved_tokens -= s.reserved.tokens;
 ///         if fresh {
 ///             b.spent = b.spent + s.generation.total_cost;
+///             *today += s.tokens;
 ///             rows.insert(s.generation.id.clone(), s.generation);
 ///         }
 ///         future::ready(Ok(fresh)).boxed()
@@ -428,14 +477,14 @@ pub struct Settlement {
 ///         future::ready(()).boxed()
 ///     }
 ///     fn balance(&self, key_id: &str) -> Result<Balance, StoreError> {
-///         Ok(self.accounts.lock().unwrap().get(key_id).copied().unwrap_or_default())
+///         Ok(self.accounts.lock().unwrap().get(key_id).map(|a| a.0).unwrap_or_default())
 ///     }
-///     fn tokens_today(&self, _key_id: &str) -> Result<u64, StoreError> {
-///         Ok(0)
+///     fn tokens_today(&self, key_id: &str) -> Result<u64, StoreError> {
+///         Ok(self.accounts.lock().unwrap().get(key_id).map_or(0, |a| a.1))
 ///     }
 ///     fn top_up(&self, key_id: &str, amount: Money) -> Result<Option<Balance>, StoreError> {
 ///         let mut map = self.accounts.lock().unwrap();
-///         let b = map.entry(key_id.to_string()).or_default();
+///         let (b, _) = map.entry(key_id.to_string()).or_default();
 ///         b.credits = b.credits + amount;
 ///         Ok(Some(*b))
 ///     }
@@ -445,18 +494,26 @@ pub struct Settlement {
 /// }
 ///
 /// let ledger = MemoryLedger::default();
-/// let alice = KeyRecord::new("key_1", "alice");
+/// let mut alice = KeyRecord::new("key_1", "alice");
+/// alice.tokens_per_day = Some(1_000);
 /// ledger.top_up("key_1", "1".parse().unwrap()).unwrap();
-/// ledger.reserve(&alice, "0.75".parse().unwrap()).unwrap();
-/// let err = ledger.reserve(&alice, "0.5".parse().unwrap()).unwrap_err();
+/// let hold = |usd: &str, tokens| Reservation { amount: usd.parse().unwrap(), tokens };
+/// ledger.reserve(&alice, hold("0.75", 600)).unwrap();
+/// let err = ledger.reserve(&alice, hold("0.5", 100)).unwrap_err();
 /// assert_eq!(err.code(), "insufficient_credits");
+/// // Money would fit, tokens would not: 600 held + 500 > 1,000 a day.
+/// let err = ledger.reserve(&alice, hold("0.1", 500)).unwrap_err();
+/// assert_eq!(err.code(), "rate_limited");
 /// ```
 pub trait Ledger: Send + Sync + 'static {
-    /// Holds `amount` for a request of `key`, or refuses with 402
-    /// `insufficient_credits` when credits or `limit_usd` remaining cannot cover it.
-    fn reserve(&self, key: &KeyRecord, amount: Money) -> Result<(), GatewayError>;
+    /// Holds `hold` for a request of `key`, or refuses: 429 `rate_limited` (with a
+    /// `Retry-After` to UTC midnight) when the key's `tokens_per_day` cannot hold
+    /// today's tokens, the tokens held by requests in flight and `hold.tokens`
+    /// together; 402 `insufficient_credits` when credits or `limit_usd` remaining
+    /// (after what requests in flight hold) cannot cover `hold.amount`.
+    fn reserve(&self, key: &KeyRecord, hold: Reservation) -> Result<(), GatewayError>;
     /// Gives back a reservation that will not be settled.
-    fn release(&self, key_id: &str, amount: Money);
+    fn release(&self, key_id: &str, hold: Reservation);
     /// Commits a settlement durably and then releases its reservation; resolves to
     /// `true` when it charged, `false` when that request id was already settled.
     fn settle(&self, s: Settlement) -> BoxFuture<'static, Result<bool, StoreError>>;

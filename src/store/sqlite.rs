@@ -15,6 +15,7 @@ use futures_util::FutureExt;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::journal::{self, Entry};
+use super::Reservation;
 use super::{
     hash_secret, new_key_id, now_unix, utc_day, Balance, Generation, GenerationAttempt, KeyPatch,
     KeyStore, Ledger, NewKey, SecretHash, Settlement, StoreError, StoredKey,
@@ -69,6 +70,8 @@ struct Account {
     credits: Money,
     spent: Money,
     reserved: Money,
+    /// Tokens held by requests in flight (against `tokens_per_day`).
+    reserved_tokens: u64,
     day: u64,
     day_tokens: u64,
 }
@@ -397,6 +400,7 @@ impl SqliteStore {
                 credits: money(credits),
                 spent: money(spent),
                 reserved: Money::ZERO,
+                reserved_tokens: 0,
                 day,
                 day_tokens: tokens.unwrap_or(0) as u64,
             }))
@@ -433,27 +437,56 @@ impl SqliteStore {
         Ok(())
     }
 
-    fn try_reserve(acc: &Mutex<Account>, key: &KeyRecord, amount: Money) -> Result<(), String> {
+    /// Holds `hold` under the key's lock: the `tokens_per_day` check (429), then
+    /// credits and `limit_usd` (402), then both amounts are added to what is held.
+    fn try_reserve(
+        acc: &Mutex<Account>,
+        key: &KeyRecord,
+        hold: Reservation,
+    ) -> Result<(), GatewayError> {
         let mut a = acc.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(limit) = key.tokens_per_day {
+            let used = if a.day == utc_day() { a.day_tokens } else { 0 };
+            let held = used.saturating_add(a.reserved_tokens);
+            if held.saturating_add(hold.tokens) > limit {
+                let message = if hold.tokens > limit {
+                    format!(
+                        "key `{}` may use {limit} tokens a day (UTC) and this request may use up to {} (prompt + max_tokens × n); lower max_tokens or n",
+                        key.name, hold.tokens
+                    )
+                } else {
+                    format!(
+                        "key `{}` has used {used} of its {limit} tokens for today (UTC), {} more are held by requests in flight, and this request may use up to {}; it resets at midnight UTC",
+                        key.name, a.reserved_tokens, hold.tokens
+                    )
+                };
+                return Err(GatewayError::RateLimited {
+                    message,
+                    retry_after: Some(super::until_utc_midnight()),
+                });
+            }
+        }
+        let amount = hold.amount;
         let available = a.credits - a.spent - a.reserved;
         if amount > available {
-            return Err(format!(
+            return Err(GatewayError::InsufficientCredits(format!(
                 "key `{}` has ${} of credit available (after requests in flight); this request may cost up to ${amount}. Add credits or lower max_tokens",
                 key.name,
                 available.max(Money::ZERO)
-            ));
+            )));
         }
         if let Some(limit) = key.limit {
             let left = limit - a.spent - a.reserved;
             if amount > left {
-                return Err(format!(
+                return Err(GatewayError::InsufficientCredits(format!(
                     "key `{}` has ${} left of its ${limit} spending limit; this request may cost up to ${amount}. Raise limit_usd or lower max_tokens",
                     key.name,
                     left.max(Money::ZERO)
-                ));
+                )));
             }
         }
         a.reserved = a.reserved + amount;
+        a.reserved_tokens = a.reserved_tokens.saturating_add(hold.tokens);
         Ok(())
     }
 }
@@ -906,7 +939,8 @@ impl Writer {
                     continue;
                 };
                 let mut a = acc.lock().unwrap_or_else(|e| e.into_inner());
-                a.reserved = (a.reserved - s.reserved).max(Money::ZERO);
+                a.reserved = (a.reserved - s.reserved.amount).max(Money::ZERO);
+                a.reserved_tokens = a.reserved_tokens.saturating_sub(s.reserved.tokens);
                 if result.as_ref().is_ok_and(|applied| applied[i]) {
                     a.spent = a.spent + s.generation.total_cost;
                     if a.day != e.day {
@@ -1516,21 +1550,21 @@ impl KeyStore for SqliteStore {
 }
 
 impl Ledger for SqliteStore {
-    fn reserve(&self, key: &KeyRecord, amount: Money) -> Result<(), GatewayError> {
+    fn reserve(&self, key: &KeyRecord, hold: Reservation) -> Result<(), GatewayError> {
         let acc = self.account(&key.id)?;
-        match Self::try_reserve(&acc, key, amount) {
-            Ok(()) => Ok(()),
-            Err(_) => {
+        match Self::try_reserve(&acc, key, hold) {
+            Err(GatewayError::InsufficientCredits(_)) => {
                 // Before refusing: a top-up made by another process (the CLI) is in the
                 // database, not yet in memory. Credits only grow, so this is the only
                 // way memory can be behind.
                 self.refresh_credits(&key.id)?;
-                Self::try_reserve(&acc, key, amount).map_err(GatewayError::InsufficientCredits)
+                Self::try_reserve(&acc, key, hold)
             }
+            other => other,
         }
     }
 
-    fn release(&self, key_id: &str, amount: Money) {
+    fn release(&self, key_id: &str, hold: Reservation) {
         if let Some(acc) = self
             .accounts
             .read()
@@ -1538,7 +1572,8 @@ impl Ledger for SqliteStore {
             .get(key_id)
         {
             let mut a = acc.lock().unwrap_or_else(|e| e.into_inner());
-            a.reserved = (a.reserved - amount).max(Money::ZERO);
+            a.reserved = (a.reserved - hold.amount).max(Money::ZERO);
+            a.reserved_tokens = a.reserved_tokens.saturating_sub(hold.tokens);
         }
     }
 
@@ -1572,6 +1607,7 @@ impl Ledger for SqliteStore {
             credits: a.credits,
             spent: a.spent,
             reserved: a.reserved,
+            reserved_tokens: a.reserved_tokens,
         })
     }
 
@@ -1668,7 +1704,7 @@ mod tests {
     fn settlement(key_id: &str, id: &str, cost: &str, reserved: &str) -> Settlement {
         Settlement {
             key_id: key_id.into(),
-            reserved: usd(reserved),
+            reserved: usd(reserved).into(),
             tokens: 10,
             generation: Generation {
                 id: id.into(),
@@ -1848,8 +1884,8 @@ mod tests {
             .create(hash_secret("sk-one-1"), NewKey::new("one", usd("1")))
             .unwrap();
         let id = k.record.id.clone();
-        store.reserve(&k.record, usd("0.5")).unwrap();
-        store.reserve(&k.record, usd("0.5")).unwrap();
+        store.reserve(&k.record, usd("0.5").into()).unwrap();
+        store.reserve(&k.record, usd("0.5").into()).unwrap();
         assert!(store
             .settle(settlement(&id, "gen-a", "0.25", "0.5"))
             .await
@@ -1907,7 +1943,7 @@ mod tests {
             .bootstrap(&[bootstrap_key("sk-boot-1", "5", None)])
             .unwrap();
         let rec = store.find(&hash_secret("sk-boot-1")).unwrap().unwrap();
-        store.reserve(&rec, usd("1")).unwrap();
+        store.reserve(&rec, usd("1").into()).unwrap();
         store
             .settle(settlement(&rec.id, "gen-b", "1", "1"))
             .await
@@ -1935,13 +1971,13 @@ mod tests {
         let k = gateway
             .create(hash_secret("sk-two-2"), NewKey::new("two", usd("0.1")))
             .unwrap();
-        gateway.reserve(&k.record, usd("0.1")).unwrap();
-        assert!(gateway.reserve(&k.record, usd("0.1")).is_err());
+        gateway.reserve(&k.record, usd("0.1").into()).unwrap();
+        assert!(gateway.reserve(&k.record, usd("0.1").into()).is_err());
         // The CLI opens the same file and tops up.
         let cli = file_store(&dir);
         cli.top_up(&k.record.id, usd("0.1")).unwrap().unwrap();
         drop(cli);
-        gateway.reserve(&k.record, usd("0.1")).unwrap();
+        gateway.reserve(&k.record, usd("0.1").into()).unwrap();
         assert_eq!(gateway.balance(&k.record.id).unwrap().credits, usd("0.2"));
         // A top-up through this ledger counts at once.
         gateway.top_up(&k.record.id, usd("1")).unwrap().unwrap();
@@ -1967,7 +2003,7 @@ mod tests {
             .find(&hash_secret("sk-created-secret-QQQ"))
             .unwrap()
             .unwrap();
-        store.reserve(&rec, usd("0.1")).unwrap();
+        store.reserve(&rec, usd("0.1").into()).unwrap();
         store
             .settle(settlement(&rec.id, "gen-c", "0.1", "0.1"))
             .await
@@ -2006,7 +2042,7 @@ mod tests {
         let k = store
             .create(hash_secret("sk-turns-1"), NewKey::new("turns", usd("1")))
             .unwrap();
-        store.reserve(&k.record, usd(reserved)).unwrap();
+        store.reserve(&k.record, usd(reserved).into()).unwrap();
         (store, k.record.id)
     }
 
@@ -2310,7 +2346,7 @@ mod tests {
         let record = store.get(&id).unwrap().unwrap().record;
         let n = 400;
         for _ in 0..n {
-            store.reserve(&record, usd("0.001")).unwrap();
+            store.reserve(&record, usd("0.001").into()).unwrap();
         }
         let tasks: Vec<_> = (0..n)
             .map(|i| {
@@ -2350,7 +2386,7 @@ mod tests {
         let n = 5000;
         let mut times = Vec::with_capacity(n);
         for i in 0..n {
-            store.reserve(&k.record, usd("0.001")).unwrap();
+            store.reserve(&k.record, usd("0.001").into()).unwrap();
             let s = settlement(&k.record.id, &format!("gen-{i:06}"), "0.0005", "0.001");
             let t0 = std::time::Instant::now();
             assert!(store.settle(s).await.unwrap());
@@ -2419,7 +2455,7 @@ mod tests {
                 .unwrap();
             let (tasks, per_task) = (64, 200);
             for _ in 0..tasks * per_task {
-                store.reserve(&k.record, usd("0.001")).unwrap();
+                store.reserve(&k.record, usd("0.001").into()).unwrap();
             }
             let started = std::time::Instant::now();
             let handles: Vec<_> = (0..tasks)

@@ -7,8 +7,11 @@
 //!   when any part carries `cache_control`, which is kept);
 //! - consecutive same-role turns are merged (Anthropic wants strict alternation), and
 //!   `tool` messages become `tool_result` blocks of a user turn, ahead of its text;
-//! - `max_tokens` is always set: the request's, else the model's `max_output_tokens`,
-//!   else [`DEFAULT_MAX_TOKENS`];
+//! - `max_tokens` is always set to the
+//!   [bound credit admission reserved](crate::credit::completion_bound): the
+//!   request's, else the model's `max_output_tokens`, else [`DEFAULT_MAX_TOKENS`].
+//!   Anthropic has no `n`: one choice is answered (a request that asks for more with
+//!   `provider.require_parameters` skips Anthropic endpoints);
 //! - `stop` → `stop_sequences`, `temperature` (capped at 1, Anthropic's maximum),
 //!   `top_p`, `user` → `metadata.user_id`;
 //! - images: `data:` URLs → base64 sources, `http(s)` URLs → URL sources; PDF files
@@ -83,7 +86,7 @@ pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// `max_tokens` when neither the request nor the model's `max_output_tokens` sets one
 /// (Anthropic requires it).
-pub const DEFAULT_MAX_TOKENS: u32 = 4096;
+pub const DEFAULT_MAX_TOKENS: u32 = crate::credit::DEFAULT_MAX_OUTPUT_TOKENS as u32;
 
 /// The smallest thinking budget Anthropic accepts.
 pub const MIN_THINKING_BUDGET: u32 = 1024;
@@ -141,10 +144,8 @@ pub fn wire_body(call: &ProviderCall, stream: bool) -> Result<Vec<u8>, ProviderE
 
 fn to_wire(call: &ProviderCall, stream: bool) -> Result<wire::Request<'_>, ProviderError> {
     let req = &call.request;
-    let max_tokens = req
-        .max_output_tokens()
-        .or(call.endpoint.max_output_tokens)
-        .unwrap_or(DEFAULT_MAX_TOKENS);
+    // The bound credit admission reserved (Anthropic answers one choice whatever `n`).
+    let max_tokens = crate::credit::completion_bound(req, &call.endpoint);
 
     let mut system: Vec<Block<'_>> = Vec::new();
     let mut turns: Vec<wire::Message<'_>> = Vec::new();
@@ -423,7 +424,10 @@ fn to_usage(u: wire::Usage) -> Usage {
     let read = u.cache_read_input_tokens.unwrap_or(0);
     let written = u.cache_creation_input_tokens.unwrap_or(0);
     let mut usage = Usage::new(
-        u.input_tokens.unwrap_or(0) + read + written,
+        u.input_tokens
+            .unwrap_or(0)
+            .saturating_add(read)
+            .saturating_add(written),
         u.output_tokens.unwrap_or(0),
     );
     usage.prompt_tokens_details = Some(PromptTokensDetails {

@@ -12,8 +12,10 @@
 //!   `allowedFunctionNames`; assistant `tool_calls` → `functionCall` parts; `tool`
 //!   messages → `functionResponse` parts, named after the call they answer (Gemini needs
 //!   the name, OpenAI only sends the id) with the result as a JSON object;
-//! - `generationConfig`: `maxOutputTokens` (the request's, else the model's
-//!   `max_output_tokens`), `temperature`, `topP`, `stopSequences`, `seed`,
+//! - `generationConfig`: `maxOutputTokens`, always (the
+//!   [bound credit admission reserved](crate::credit::completion_bound) per choice:
+//!   the request's, else the model's `max_output_tokens`, else 4096), `candidateCount`
+//!   from `n` above 1, `temperature`, `topP`, `stopSequences`, `seed`,
 //!   `responseMimeType: application/json` for `json_object` / `json_schema` (with
 //!   `responseJsonSchema`), and `thinkingConfig` from `reasoning_effort`
 //!   ([`thinking_budget`]).
@@ -265,7 +267,9 @@ fn to_wire(call: &ProviderCall) -> Result<wire::Request<'_>, ProviderError> {
             include_thoughts: thinking_budget > 0,
         });
     let config = wire::GenerationConfig {
-        max_output_tokens: req.max_output_tokens().or(call.endpoint.max_output_tokens),
+        // Always the bound credit admission reserved per choice.
+        max_output_tokens: Some(crate::credit::completion_bound(req, &call.endpoint)),
+        candidate_count: req.n.filter(|&n| n > 1),
         temperature: req.temperature,
         top_p: req.top_p,
         stop_sequences: req.stop.as_ref().map(|s| match s {
@@ -277,13 +281,6 @@ fn to_wire(call: &ProviderCall) -> Result<wire::Request<'_>, ProviderError> {
         response_json_schema,
         thinking_config,
     };
-    let empty_config = config.max_output_tokens.is_none()
-        && config.temperature.is_none()
-        && config.top_p.is_none()
-        && config.stop_sequences.is_none()
-        && config.seed.is_none()
-        && config.response_mime_type.is_none()
-        && config.thinking_config.is_none();
 
     Ok(wire::Request {
         contents,
@@ -291,7 +288,7 @@ fn to_wire(call: &ProviderCall) -> Result<wire::Request<'_>, ProviderError> {
             .then_some(wire::SystemInstruction { parts: system }),
         tools,
         tool_config,
-        generation_config: (!empty_config).then_some(config),
+        generation_config: Some(config),
     })
 }
 
@@ -392,7 +389,8 @@ fn content_parts<'a>(
 fn to_usage(u: wire::UsageMetadata) -> Usage {
     let mut usage = Usage::new(
         u.prompt_token_count,
-        u.candidates_token_count + u.thoughts_token_count,
+        u.candidates_token_count
+            .saturating_add(u.thoughts_token_count),
     );
     usage.prompt_tokens_details = Some(PromptTokensDetails {
         cached_tokens: u.cached_content_token_count,

@@ -127,15 +127,24 @@ fn text_system_multi_turn_and_generation_config() {
             }
         })
     );
-    // The model's max_output_tokens is the default bound; none at all sends no config.
+    // The model's max_output_tokens is the default bound; with none at all, the bound
+    // credit reserved (4096) is sent all the same: Gemini's own default is larger.
     let plain = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
     assert_eq!(
         body(&call(plain.clone()))["generationConfig"],
         json!({"maxOutputTokens": 1000})
     );
-    assert!(body(&call_with(plain, "gemini-2.5-flash", None))
-        .get("generationConfig")
-        .is_none());
+    assert_eq!(
+        body(&call_with(plain.clone(), "gemini-2.5-flash", None))["generationConfig"],
+        json!({"maxOutputTokens": crate::credit::DEFAULT_MAX_OUTPUT_TOKENS})
+    );
+    // `n` asks for that many candidates; the limit stays per candidate.
+    let mut three = plain;
+    three["n"] = json!(3);
+    assert_eq!(
+        body(&call(three))["generationConfig"],
+        json!({"maxOutputTokens": 1000, "candidateCount": 3})
+    );
 }
 
 #[test]
