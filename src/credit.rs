@@ -4,7 +4,8 @@
 //! Admission (SPEC §4): the reserve is an upper bound of the cost at the dearest
 //! endpoint still in the plan — the prompt's bytes as its token bound (every token
 //! is at least one byte) plus 3 tokens of framing per message and 3 to prime the
-//! reply (and [`IMAGE_TOKEN_BOUND`] per image), priced at the endpoint's dearest
+//! reply (and [`IMAGE_TOKEN_BOUND`] per image, [`TOOLS_TOKEN_BOUND`] with tools),
+//! priced at the endpoint's dearest
 //! prompt rate, plus `n` times the [completion bound](completion_bound) of one
 //! choice — the request's `max_tokens` (else the model's `max_output_tokens`, else
 //! [`DEFAULT_MAX_OUTPUT_TOKENS`]) — at its completion rate. Every adapter sends that
@@ -86,6 +87,12 @@ pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
 /// high-detail 2048² image, Anthropic ~1,600 for its largest), so this is generous.
 pub const IMAGE_TOKEN_BOUND: u64 = 4096;
 
+/// The prompt-token allowance of a request with tools, on top of their bytes:
+/// providers add a tool-use system prompt the client never sent (Anthropic: 313–530
+/// tokens, by model and `tool_choice`), so a short request with one small tool would
+/// otherwise count more prompt tokens than its bytes.
+pub const TOOLS_TOKEN_BOUND: u64 = 1024;
+
 /// Builds [`Credit`] services.
 #[derive(Clone)]
 pub struct CreditLayer {
@@ -139,7 +146,7 @@ impl<S> Credit<S> {
 
 /// The prompt-token bound of a request: its messages' (and tools') JSON bytes, plus
 /// the framing tokens metering counts (3 per message, 3 to prime the reply), plus
-/// [`IMAGE_TOKEN_BOUND`] per image.
+/// [`IMAGE_TOKEN_BOUND`] per image and [`TOOLS_TOKEN_BOUND`] when it has tools.
 pub fn prompt_bound(req: &ChatRequest) -> u64 {
     struct Count(u64);
     impl std::io::Write for Count {
@@ -153,8 +160,9 @@ pub fn prompt_bound(req: &ChatRequest) -> u64 {
     }
     let mut n = Count(0);
     let _ = serde_json::to_writer(&mut n, &req.messages);
-    if let Some(tools) = &req.tools {
+    if let Some(tools) = req.tools.as_ref().filter(|t| !t.is_empty()) {
         let _ = serde_json::to_writer(&mut n, tools);
+        n.0 += TOOLS_TOKEN_BOUND;
     }
     let images = req
         .messages

@@ -461,4 +461,19 @@ fn the_prompt_bound_covers_the_counted_prompt() {
     }))
     .unwrap();
     assert!(prompt_bound(&with_image) > IMAGE_TOKEN_BOUND);
+    // Tools: their JSON, plus the allowance for the tool-use prompt a provider adds.
+    let plain: ChatRequest = serde_json::from_value(serde_json::json!({
+        "model": "m", "messages": [{"role": "user", "content": "weather in Paris?"}]
+    }))
+    .unwrap();
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let with_tools = ChatRequest {
+        tools: Some(serde_json::from_value(tools.clone()).unwrap()),
+        ..plain.clone()
+    };
+    assert_eq!(
+        prompt_bound(&with_tools),
+        prompt_bound(&plain) + tools.to_string().len() as u64 + TOOLS_TOKEN_BOUND
+    );
 }
