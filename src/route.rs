@@ -422,6 +422,9 @@ mod tests {
             r.response_format = Some(serde_json::json!({"type": "json_object"}))
         };
         assert_eq!(route(&rf).unwrap(), ["a"]);
+        // n above 1: Anthropic and the mock answer one choice; n = 1 asks nothing.
+        assert_eq!(route(&|r| r.n = Some(2)).unwrap(), ["a"]);
+        assert_eq!(route(&|r| r.n = Some(1)).unwrap(), ["a", "b", "c"]);
         // Without require_parameters nothing is dropped.
         let mut c = call("test/model", None);
         rf(std::sync::Arc::get_mut(&mut c.request).unwrap());
