@@ -162,7 +162,10 @@ pub fn prompt_bound(req: &ChatRequest) -> u64 {
             _ => None,
         })
         .sum::<u64>();
-    n.0 + 3 + 3 * req.messages.len() as u64 + images * IMAGE_TOKEN_BOUND
+    // Bounded by the body size (`max_body_bytes`); saturating all the same.
+    n.0.saturating_add(3)
+        .saturating_add(3u64.saturating_mul(req.messages.len() as u64))
+        .saturating_add(images.saturating_mul(IMAGE_TOKEN_BOUND))
 }
 
 /// The reserve of a request over a plan: the largest upper bound among its endpoints.
@@ -176,6 +179,8 @@ pub fn reserve_for(req: &ChatRequest, plan: &[Arc<Endpoint>]) -> Money {
                 .map_or(DEFAULT_MAX_OUTPUT_TOKENS, u64::from);
             let p = &e.pricing;
             let prompt_price = p.prompt.max(p.cache_read).max(p.cache_write);
+            // Saturating (`Price::times`, `Money + Money`): a reserve past i64::MAX is
+            // more than any key holds (`money::MAX_CREDITS`), so it is refused.
             prompt_price.times(prompt) + p.completion.times(completion)
         })
         .max()
@@ -293,7 +298,7 @@ impl Charge {
         Some(Settlement {
             key_id: self.key_id.clone(),
             reserved: self.reserved,
-            tokens: prompt + completion,
+            tokens: prompt.saturating_add(completion),
             generation: Generation {
                 id: self.ctx.request_id().to_string(),
                 key_id: self.key_id.clone(),

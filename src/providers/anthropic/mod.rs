@@ -423,7 +423,10 @@ fn to_usage(u: wire::Usage) -> Usage {
     let read = u.cache_read_input_tokens.unwrap_or(0);
     let written = u.cache_creation_input_tokens.unwrap_or(0);
     let mut usage = Usage::new(
-        u.input_tokens.unwrap_or(0) + read + written,
+        u.input_tokens
+            .unwrap_or(0)
+            .saturating_add(read)
+            .saturating_add(written),
         u.output_tokens.unwrap_or(0),
     );
     usage.prompt_tokens_details = Some(PromptTokensDetails {
