@@ -626,8 +626,7 @@ impl Config {
                     ),
                 );
             }
-            if m
-                .max_output_tokens
+            if m.max_output_tokens
                 .is_some_and(|t| t == 0 || u64::from(t) > MAX_MODEL_TOKENS)
             {
                 bad(
@@ -709,7 +708,10 @@ impl Config {
                 );
             }
             if k.limit_usd.is_some_and(|l| !l.within(MAX_CREDITS)) {
-                bad(at("limit_usd"), format!("must be from 0 to {MAX_CREDITS} USD"));
+                bad(
+                    at("limit_usd"),
+                    format!("must be from 0 to {MAX_CREDITS} USD"),
+                );
             }
             if k.rpm.is_some_and(|r| r == 0 || r > MAX_RPM) {
                 bad(
@@ -803,13 +805,14 @@ id = "m/echo"
 
     #[test]
     fn short_config_secrets_are_refused_but_the_demos_is_not() {
-        let key = |secret: &str| {
-            format!("[[keys]]\nsecret = \"{secret}\"\ncredits_usd = 1\n")
-        };
+        let key = |secret: &str| format!("[[keys]]\nsecret = \"{secret}\"\ncredits_usd = 1\n");
         let err = Config::from_toml(&key("sk-only-19-chars-xx")).unwrap_err();
         assert_eq!(err.problems.len(), 1, "{err}");
         assert_eq!(err.problems[0].path, "keys[0].secret");
-        assert!(err.problems[0].message.contains("at least 20 characters"), "{err}");
+        assert!(
+            err.problems[0].message.contains("at least 20 characters"),
+            "{err}"
+        );
         // The demo's own text, read as a config file, is refused like any other.
         let err = Config::from_toml(DEMO_TOML).unwrap_err();
         assert_eq!(err.problems[0].path, "keys[0].secret");

@@ -413,7 +413,10 @@ mod tests {
     fn checked_operations_refuse_what_would_wrap() {
         let max = Money::from_pico(i64::MAX);
         assert_eq!(max.checked_add(Money::from_pico(1)), None);
-        assert_eq!(Money::from_pico(i64::MIN).checked_sub(Money::from_pico(1)), None);
+        assert_eq!(
+            Money::from_pico(i64::MIN).checked_sub(Money::from_pico(1)),
+            None
+        );
         assert_eq!(max + Money::from_pico(1), max, "`+` saturates");
         let p: Price = "10000".parse().unwrap();
         assert_eq!(p, MAX_PRICE);

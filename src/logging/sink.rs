@@ -1,7 +1,7 @@
 //! Where request records go: the [`LogSink`] trait, its SQLite and JSONL
 //! implementations, and the [`LogWriter`] that feeds a sink off the request path.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
@@ -288,7 +288,7 @@ pub struct JsonlSink {
 impl JsonlSink {
     /// Opens (creating, appending to) `path`.
     pub fn open(path: &Path) -> io::Result<JsonlSink> {
-        let file = OpenOptions::new()
+        let file = crate::store::private_file_options()
             .create(true)
             .append(true)
             .open(path)
@@ -334,11 +334,47 @@ impl std::fmt::Debug for SqliteSink {
     }
 }
 
-/// The schema of the SQLite request log.
+/// The `requests` table of the SQLite request log, `{table}` standing for its name.
 ///
 /// One B-tree keyed by the request id, which starts with its time, so records
-/// append at its right edge and `ORDER BY id` is time order; plus one index for a
-/// key's history. (A log made before this layout keeps its own; both work.)
+/// append at its right edge and `ORDER BY id` is time order. `STRICT`: an `INTEGER`
+/// column (`cost_pico`, the token counts) never holds anything else.
+const REQUESTS_TABLE: &str = "CREATE TABLE {table} (
+    id                TEXT PRIMARY KEY,
+    time_ms           INTEGER NOT NULL,
+    key_id            TEXT,
+    requested_model   TEXT NOT NULL,
+    model             TEXT,
+    provider          TEXT,
+    status            INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens     INTEGER NOT NULL,
+    reasoning_tokens  INTEGER NOT NULL,
+    cost_pico         INTEGER NOT NULL,
+    latency_ms        INTEGER NOT NULL,
+    ttft_ms           INTEGER,
+    streamed          INTEGER NOT NULL,
+    complete          INTEGER NOT NULL,
+    finish_reason     TEXT,
+    error_code        TEXT,
+    attempts          TEXT NOT NULL,
+    prompt            TEXT,
+    completion        TEXT
+) STRICT, WITHOUT ROWID";
+
+/// The columns of `requests`, in order.
+const REQUESTS_COLUMNS: &str = "id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion";
+
+/// The index of a key's history.
+const REQUESTS_INDEX: &str =
+    "CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);";
+
+/// The request log's schema version (`PRAGMA user_version`): 1 = `STRICT`. A log
+/// made before is migrated when opened (a copy of its rows, in one transaction).
+const SQLITE_VERSION: i64 = 1;
+
+/// The schema of the SQLite request log (what [`SqliteSink`] creates in a new file).
 pub const SQLITE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS requests (
     id                TEXT PRIMARY KEY,
@@ -362,9 +398,15 @@ CREATE TABLE IF NOT EXISTS requests (
     attempts          TEXT NOT NULL,
     prompt            TEXT,
     completion        TEXT
-) WITHOUT ROWID;
+) STRICT, WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);
 ";
+
+/// A count as SQLite's signed integer: past `i64::MAX` it is `i64::MAX`, never a
+/// negative number.
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
 
 fn sql_err(e: rusqlite::Error) -> io::Error {
     io::Error::other(e)
@@ -373,6 +415,13 @@ fn sql_err(e: rusqlite::Error) -> io::Error {
 impl SqliteSink {
     /// Opens (creating) the log database at `path`.
     pub fn open(path: &Path) -> io::Result<SqliteSink> {
+        // Created here, mode 0600, so that SQLite's -wal and -shm take the same mode.
+        crate::store::create_private(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot create the request log {}: {e}", path.display()),
+            )
+        })?;
         let conn = rusqlite::Connection::open(path).map_err(|e| {
             io::Error::other(format!(
                 "cannot open the request log {}: {e}",
@@ -389,11 +438,18 @@ impl SqliteSink {
         Self::init(rusqlite::Connection::open_in_memory().map_err(sql_err)?)
     }
 
-    fn init(conn: rusqlite::Connection) -> io::Result<SqliteSink> {
+    fn init(mut conn: rusqlite::Connection) -> io::Result<SqliteSink> {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql_err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
-        conn.execute_batch(SQLITE_SCHEMA).map_err(sql_err)?;
+        let requests = crate::store::schema::Table {
+            name: "requests",
+            columns: REQUESTS_COLUMNS,
+            create: REQUESTS_TABLE,
+            rowid: false,
+        };
+        crate::store::schema::migrate(&mut conn, SQLITE_VERSION, &[requests], REQUESTS_INDEX)
+            .map_err(|e| io::Error::other(format!("the request log: {e}")))?;
         Ok(SqliteSink {
             conn,
             inserts: ROWS_PER_INSERT.map(insert_sql),
@@ -441,19 +497,19 @@ fn bind(
     let prompt = r.prompt.as_ref().map(|p| p.to_string());
     let values: [&dyn rusqlite::ToSql; COLUMNS] = [
         &r.id,
-        &(r.time_ms as i64),
+        &int(r.time_ms),
         &r.key_id,
         &r.requested_model,
         &r.model,
         &r.provider,
         &r.status,
-        &(r.prompt_tokens as i64),
-        &(r.completion_tokens as i64),
-        &(r.cached_tokens as i64),
-        &(r.reasoning_tokens as i64),
+        &int(r.prompt_tokens),
+        &int(r.completion_tokens),
+        &int(r.cached_tokens),
+        &int(r.reasoning_tokens),
         &r.cost.pico(),
-        &(r.latency_ms as i64),
-        &r.ttft_ms.map(|t| t as i64),
+        &int(r.latency_ms),
+        &r.ttft_ms.map(int),
         &r.streamed,
         &r.complete,
         &r.finish_reason,
