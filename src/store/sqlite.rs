@@ -1804,6 +1804,10 @@ impl Ledger for SqliteStore {
 }
 
 #[cfg(test)]
+#[path = "sqlite_bounds.rs"]
+mod bounds;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
