@@ -9,8 +9,10 @@ fn usd(s: &str) -> Money {
 
 fn temp_dir() -> PathBuf {
     let r: u64 = rand::random();
-    let d =
-        std::env::temp_dir().join(format!("switchboard-bounds-{}-{r:016x}", std::process::id()));
+    let d = std::env::temp_dir().join(format!(
+        "switchboard-bounds-{}-{r:016x}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -128,7 +130,10 @@ async fn the_ledger_refuses_charges_past_its_bounds_before_journaling_them() {
     let path = dir.join("bounds.db");
     let store = open_at(&path).unwrap();
     let k = store
-        .create(hash_secret("sk-bounds-0123456789"), NewKey::new("b", usd("1")))
+        .create(
+            hash_secret("sk-bounds-0123456789"),
+            NewKey::new("b", usd("1")),
+        )
         .unwrap();
     let id = k.record.id.clone();
     store.reserve(&k.record, usd("0.5")).unwrap();
@@ -150,7 +155,12 @@ async fn the_ledger_refuses_charges_past_its_bounds_before_journaling_them() {
     // and no further; those within their reservation need no look at the account.
     for n in 0..2 {
         assert!(store
-            .settle(charge(&id, &format!("gen-big-{n}"), MAX_CHARGE, Money::ZERO))
+            .settle(charge(
+                &id,
+                &format!("gen-big-{n}"),
+                MAX_CHARGE,
+                Money::ZERO
+            ))
             .await
             .unwrap());
     }
@@ -177,7 +187,10 @@ fn a_top_up_past_the_credit_bound_is_refused_with_nothing_written() {
     let dir = temp_dir();
     let store = open_at(&dir.join("topup.db")).unwrap();
     let k = store
-        .create(hash_secret("sk-topup-0123456789"), NewKey::new("t", usd("1")))
+        .create(
+            hash_secret("sk-topup-0123456789"),
+            NewKey::new("t", usd("1")),
+        )
         .unwrap();
     let id = k.record.id.clone();
     let err = store.top_up(&id, usd("9223372")).unwrap_err();
@@ -185,14 +198,19 @@ fn a_top_up_past_the_credit_bound_is_refused_with_nothing_written() {
     assert_eq!(store.get(&id).unwrap().unwrap().credits, usd("1"));
     // Up to the bound exactly, then not one pico more.
     let rest = MAX_CREDITS.checked_sub(usd("1")).unwrap();
-    assert_eq!(store.top_up(&id, rest).unwrap().unwrap().credits, MAX_CREDITS);
+    assert_eq!(
+        store.top_up(&id, rest).unwrap().unwrap().credits,
+        MAX_CREDITS
+    );
     assert!(store.top_up(&id, Money::from_pico(1)).is_err());
     assert!(store.top_up(&id, Money::ZERO).is_err());
     assert_eq!(store.get(&id).unwrap().unwrap().credits, MAX_CREDITS);
     assert!(store.top_up("key_none", usd("1")).unwrap().is_none());
     // Creation is bounded by the store itself too.
     let over = NewKey::new("o", MAX_CREDITS.checked_add(Money::from_pico(1)).unwrap());
-    assert!(store.create(hash_secret("sk-over-0123456789ab"), over).is_err());
+    assert!(store
+        .create(hash_secret("sk-over-0123456789ab"), over)
+        .is_err());
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -261,13 +279,21 @@ fn a_database_of_the_old_schema_is_migrated_to_strict_tables_at_open() {
         assert!(!is_strict(&conn, "keys"));
     }
     let store = open_at(&path).unwrap();
-    let ids: Vec<_> = store.list().unwrap().into_iter().map(|k| k.record.id).collect();
+    let ids: Vec<_> = store
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|k| k.record.id)
+        .collect();
     assert_eq!(ids, ["key_c", "key_b", "key_a"], "order kept");
     let b = store.get("key_b").unwrap().unwrap();
     assert_eq!((b.credits, b.spent), (usd("2"), usd("0.5")));
     assert_eq!(b.record.rpm, Some(60));
     assert_eq!(b.record.models, Some(vec!["mock/*".to_string()]));
-    assert_eq!(store.find(&hash_secret("sk-a")).unwrap().unwrap().id, "key_a");
+    assert_eq!(
+        store.find(&hash_secret("sk-a")).unwrap().unwrap().id,
+        "key_a"
+    );
     assert_eq!(store.tokens_today("key_b").unwrap(), 77);
     let g = store.generation("gen-old").unwrap().unwrap();
     assert_eq!((g.total_cost, g.streamed), (usd("0.5"), true));
@@ -301,7 +327,10 @@ fn a_database_holding_a_real_in_a_money_column_is_refused_with_a_clear_error() {
         .unwrap();
     }
     let err = open_at(&path).unwrap_err();
-    assert!(err.0.contains("cannot migrate table `keys` to STRICT"), "{err}");
+    assert!(
+        err.0.contains("cannot migrate table `keys` to STRICT"),
+        "{err}"
+    );
     // Nothing was changed: the old table is still there, as it was.
     let conn = Connection::open(&path).unwrap();
     assert!(!is_strict(&conn, "keys"));
@@ -316,7 +345,10 @@ async fn the_store_and_its_journal_are_created_readable_by_their_owner_only() {
     let path = dir.join("modes.db");
     let store = open_at(&path).unwrap();
     let k = store
-        .create(hash_secret("sk-modes-0123456789ab"), NewKey::new("m", usd("1")))
+        .create(
+            hash_secret("sk-modes-0123456789ab"),
+            NewKey::new("m", usd("1")),
+        )
         .unwrap();
     store.reserve(&k.record, usd("0.5")).unwrap();
     store
@@ -331,7 +363,13 @@ async fn the_store_and_its_journal_are_created_readable_by_their_owner_only() {
         seen.push(e.file_name().to_string_lossy().into_owned());
         assert_eq!(mode, 0o600, "{:?} is {mode:o}", e.file_name());
     }
-    for f in ["modes.db", "modes.db-wal", "modes.db-shm", "modes.db-ledger", "modes.db-ledger.lock"] {
+    for f in [
+        "modes.db",
+        "modes.db-wal",
+        "modes.db-shm",
+        "modes.db-ledger",
+        "modes.db-ledger.lock",
+    ] {
         assert!(seen.iter().any(|s| s == f), "{f} not in {seen:?}");
     }
     drop(store);
@@ -359,8 +397,7 @@ mod properties {
             (1i64..2_000_000).prop_map(Op::Reserve),
             (0u8..=100).prop_map(Op::Settle),
             Just(Op::Release),
-            prop_oneof![1i64..5_000_000, Just(MAX_CREDITS.pico() / 1_000_000)]
-                .prop_map(Op::TopUp),
+            prop_oneof![1i64..5_000_000, Just(MAX_CREDITS.pico() / 1_000_000)].prop_map(Op::TopUp),
         ]
     }
 
