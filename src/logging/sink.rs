@@ -705,4 +705,82 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    fn log_dir() -> std::path::PathBuf {
+        let r: u64 = rand::random();
+        let d =
+            std::env::temp_dir().join(format!("switchboard-sink-{}-{r:016x}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn request_logs_are_created_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = log_dir();
+        let mut sqlite = SqliteSink::open(&dir.join("log.db")).unwrap();
+        let mut jsonl = JsonlSink::open(&dir.join("log.jsonl")).unwrap();
+        let batch = [record(1), record(2)];
+        sqlite.write(&batch).unwrap();
+        jsonl.write(&batch).unwrap();
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{:?} is {mode:o}", e.file_name());
+            names.push(e.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        assert_eq!(names, ["log.db", "log.db-shm", "log.db-wal", "log.jsonl"]);
+        drop(sqlite);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_request_log_of_the_old_schema_is_migrated_to_a_strict_table() {
+        let dir = log_dir();
+        let path = dir.join("old.db");
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            // The layout before STRICT (and before WITHOUT ROWID, with a time index).
+            conn.execute_batch(&format!(
+                "CREATE TABLE requests ({});
+                 CREATE INDEX requests_time ON requests (time_ms);",
+                REQUESTS_TABLE
+                    .split_once('(')
+                    .unwrap()
+                    .1
+                    .rsplit_once(')')
+                    .unwrap()
+                    .0
+            ))
+            .unwrap();
+            conn.execute(
+                "INSERT INTO requests VALUES ('gen-1', 1, 'key_a', 'm/x', 'm/x', 'p', 200, 4, 6, 0, 0, 500, 12, NULL, 0, 1, 'stop', NULL, '[]', NULL, NULL)",
+                [],
+            )
+            .unwrap();
+        }
+        let sink = SqliteSink::open(&path).unwrap();
+        let c = sink.connection();
+        let strict: i64 = c
+            .query_row(
+                "SELECT strict FROM pragma_table_list WHERE name = 'requests'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(strict, 1);
+        let ids: Vec<String> = c
+            .prepare("SELECT id FROM requests")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(ids, ["gen-1"]);
+        drop(sink);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
