@@ -268,12 +268,9 @@ async fn demo_config_answers_with_no_network() {
     assert_eq!(body["choices"][0]["message"]["content"], "say this back");
     assert_eq!(body["provider"], "mock");
 
-    let res = post(
-        &gw,
-        json!({"model": "mock/lorem", "max_tokens": 5, "stream": true,
-                               "messages": [{"role": "user", "content": "x"}]}),
-    )
-    .await;
+    let body = json!({"model": "mock/lorem", "max_tokens": 5, "stream": true,
+                      "messages": [{"role": "user", "content": "x"}]});
+    let res = post_chat(&gw, "sk-demo", &body).await;
     let text = res.text().await.unwrap();
     assert_eq!(sse_text(&text).split_whitespace().count(), 5);
     assert!(text.ends_with("data: [DONE]\n\n"));
