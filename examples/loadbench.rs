@@ -35,7 +35,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 const COMPLETION: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"up","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox jumps over the lazy dog."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":10,"total_tokens":22}}"#;
-const KEY: &str = "sk-bench-key-0001";
+const KEY: &str = "sk-bench-key-0001-0123456789";
 
 /// The same allocator as the `switchboard` binary, for every role (the bare proxy too).
 #[cfg(feature = "mimalloc")]

@@ -42,9 +42,10 @@ use subtle::ConstantTimeEq;
 use crate::auth::AuthLayer;
 use crate::error::{Body, GatewayError};
 use crate::keys::KeyRecord;
-use crate::money::Money;
+use crate::money::{Money, MAX_CREDITS, MAX_RPM, MAX_TOKENS_PER_DAY};
 use crate::store::{
-    hash_secret, new_secret, KeyPatch, KeyStore, KeyView, Ledger, NewKey, SecretHash, StoredKey,
+    credits_after_top_up, hash_secret, new_secret, KeyPatch, KeyStore, KeyView, Ledger, NewKey,
+    SecretHash, StoredKey,
 };
 
 /// `GET /v1/key`'s `data`.
@@ -298,21 +299,44 @@ struct PatchBody {
 
 /// The checks shared by the CLI and the admin API; `Err` says what is wrong.
 pub fn validate_new_key(new: &NewKey) -> Result<(), String> {
-    if new.credits.is_negative() {
-        return Err("credits must not be negative".into());
+    if !new.credits.within(MAX_CREDITS) {
+        return Err(format!(
+            "credits must be from 0 to {MAX_CREDITS} USD (got {})",
+            new.credits
+        ));
     }
-    if new.limit.is_some_and(Money::is_negative) {
-        return Err("limit_usd must not be negative".into());
-    }
-    if new.rpm == Some(0) {
-        return Err("rpm must be at least 1 (leave it out for no limit)".into());
-    }
+    validate_limits(new.limit, new.rpm, new.tokens_per_day)?;
     if new
         .models
         .as_ref()
         .is_some_and(|m| m.iter().any(|p| p.trim().is_empty()))
     {
         return Err("models patterns must not be empty".into());
+    }
+    Ok(())
+}
+
+/// The bounds of a key's `limit_usd`, `rpm` and `tokens_per_day` (see
+/// [`money`](crate::money)'s constants); `Err` says which is out of range.
+pub fn validate_limits(
+    limit: Option<Money>,
+    rpm: Option<u32>,
+    tokens_per_day: Option<u64>,
+) -> Result<(), String> {
+    if let Some(l) = limit.filter(|l| !l.within(MAX_CREDITS)) {
+        return Err(format!(
+            "limit_usd must be from 0 to {MAX_CREDITS} USD (got {l})"
+        ));
+    }
+    if let Some(r) = rpm.filter(|r| *r == 0 || *r > MAX_RPM) {
+        return Err(format!(
+            "rpm must be from 1 to {MAX_RPM} (got {r}; leave it out for no limit)"
+        ));
+    }
+    if let Some(t) = tokens_per_day.filter(|t| *t > MAX_TOKENS_PER_DAY) {
+        return Err(format!(
+            "tokens_per_day must be at most {MAX_TOKENS_PER_DAY} (got {t}; leave it out for no limit)"
+        ));
     }
     Ok(())
 }
@@ -397,13 +421,19 @@ async fn admin_patch(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    if b.top_up_usd.is_some_and(|m| m <= Money::ZERO) {
-        return GatewayError::InvalidRequest("top_up_usd must be more than 0".into())
-            .into_response();
-    }
     if b.rpm == Some(Some(0)) {
         return GatewayError::InvalidRequest("rpm must be at least 1 (null for no limit)".into())
             .into_response();
+    }
+    if let Err(m) = validate_limits(
+        b.limit_usd.flatten(),
+        b.rpm.flatten(),
+        b.tokens_per_day.flatten(),
+    ) {
+        return GatewayError::InvalidRequest(m).into_response();
+    }
+    if let Some(Err(m)) = b.top_up_usd.map(|t| credits_after_top_up(Money::ZERO, t)) {
+        return GatewayError::InvalidRequest(format!("top_up_usd: {m}")).into_response();
     }
     let patch = KeyPatch {
         name: b.name,
@@ -415,11 +445,20 @@ async fn admin_patch(
     };
     let (keys, ledger) = (state.keys.clone(), state.ledger.clone());
     let r = blocking(move || {
+        // Every check before any write: the top-up's bound first (the ledger checks it
+        // again in the transaction that writes it), then the top-up, then the record.
+        let Some(key) = keys.get(&id)? else {
+            return Err(no_key(&id));
+        };
+        if let Some(amount) = b.top_up_usd {
+            credits_after_top_up(key.credits, amount)
+                .map_err(|m| GatewayError::InvalidRequest(format!("top_up_usd: {m}")))?;
+            if ledger.top_up(&id, amount)?.is_none() {
+                return Err(no_key(&id));
+            }
+        }
         if keys.update(&id, &patch)?.is_none() {
             return Err(no_key(&id));
-        }
-        if let Some(amount) = b.top_up_usd {
-            ledger.top_up(&id, amount)?;
         }
         match keys.get(&id)? {
             Some(k) => Ok(k.view()),

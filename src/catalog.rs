@@ -77,29 +77,29 @@ pub struct Pricing {
 impl Pricing {
     /// The cost of a usage report (SPEC §4). Cached and cache-write tokens are part of
     /// `prompt_tokens` and priced at their own rates instead of the prompt rate.
+    ///
+    /// Saturates at `i64::MAX` pico-USD when the usage is absurd (see
+    /// [`Pricing::checked_cost`]): more than any key holds, so the charge is capped by
+    /// its reservation, never wrapped.
     pub fn cost(&self, usage: &crate::chat::Usage) -> Money {
         self.checked_cost(usage)
             .unwrap_or(Money::from_pico(i64::MAX))
     }
 
-    /// [`cost`](Pricing::cost) with every product and sum checked: `None` when the
-    /// usage is too large to price (absurd token counts from a broken upstream).
+    /// The cost of a usage report, or `None` when it does not fit in `i64` pico-USD
+    /// (only absurd usage can do that: within [`MAX_PRICE`](crate::money::MAX_PRICE)
+    /// a billion tokens cost 10¹⁹ pico-USD at most).
     pub fn checked_cost(&self, usage: &crate::chat::Usage) -> Option<Money> {
-        let times = |price: Price, tokens: u64| {
-            price
-                .pico_per_token()
-                .checked_mul(i64::try_from(tokens).ok()?)
-        };
         let cached = usage.cached_tokens();
         let written = usage.cache_write_tokens();
         let plain = usage
             .prompt_tokens
             .saturating_sub(cached.saturating_add(written));
-        let sum = times(self.prompt, plain)?
-            .checked_add(times(self.cache_read, cached)?)?
-            .checked_add(times(self.cache_write, written)?)?
-            .checked_add(times(self.completion, usage.completion_tokens)?)?;
-        Some(Money::from_pico(sum))
+        self.prompt
+            .checked_times(plain)?
+            .checked_add(self.cache_read.checked_times(cached)?)?
+            .checked_add(self.cache_write.checked_times(written)?)?
+            .checked_add(self.completion.checked_times(usage.completion_tokens)?)
     }
 
     /// Prompt + completion price, USD per million tokens (the draw's `price`).
@@ -272,5 +272,36 @@ mod tests {
         });
         // 200×3 + 600×0.3 + 200×3.75 + 100×15 = 600 + 180 + 750 + 1500 = 3030 µUSD.
         assert_eq!(pricing.cost(&usage).to_string(), "0.00303");
+    }
+
+    #[test]
+    fn absurd_usage_saturates_instead_of_wrapping() {
+        let p = |s: &str| s.parse::<Price>().unwrap();
+        let pricing = Pricing {
+            prompt: p("10000"),
+            completion: p("10000"),
+            cache_read: p("10000"),
+            cache_write: p("10000"),
+        };
+        // 10¹⁵ tokens at $10,000/Mtok is 10²⁵ pico-USD: no i64 holds it.
+        let mut usage = Usage::new(1_000_000_000_000_000, 1_000_000_000_000_000);
+        assert_eq!(pricing.checked_cost(&usage), None);
+        assert_eq!(pricing.cost(&usage), Money::from_pico(i64::MAX));
+        // Cache counts past u64 when added: no overflow either.
+        usage.prompt_tokens_details = Some(PromptTokensDetails {
+            cached_tokens: u64::MAX,
+            cache_write_tokens: u64::MAX,
+        });
+        assert_eq!(pricing.checked_cost(&usage), None);
+        // Two halves that together pass i64::MAX: the sum is refused, not wrapped.
+        let half = Pricing {
+            prompt: Price::from_pico_per_token(1),
+            completion: Price::from_pico_per_token(1),
+            cache_read: Price::ZERO,
+            cache_write: Price::ZERO,
+        };
+        let u = Usage::new(i64::MAX as u64, i64::MAX as u64);
+        assert_eq!(half.checked_cost(&u), None);
+        assert!(!half.cost(&u).is_negative());
     }
 }

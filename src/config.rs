@@ -31,7 +31,15 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::chat::DataCollection;
-use crate::money::{Money, Price};
+use crate::money::{
+    Money, Price, MAX_CREDITS, MAX_MODEL_TOKENS, MAX_PRICE, MAX_RPM, MAX_TOKENS_PER_DAY,
+};
+
+/// The shortest `[[keys]] secret` a config file may hold. Keys are stored as the
+/// unsalted SHA-256 of their secret: fine for the 40-character random secrets
+/// `switchboard keys create` makes, guessable for short typed ones. The built-in
+/// demo's `sk-demo` (SPEC §1) is exempt: it is not a config file.
+pub const MIN_SECRET_CHARS: usize = 20;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -64,6 +72,10 @@ pub struct Config {
     /// `[[keys]]`: bootstrap keys, upserted on start.
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// Set by [`Config::demo`] only: the built-in demo, whose fixed key `sk-demo` is
+    /// exempt from [`MIN_SECRET_CHARS`]. Never read from a file.
+    #[serde(skip)]
+    pub builtin: bool,
 }
 
 /// `[server]`.
@@ -443,10 +455,14 @@ impl Config {
 
     /// The built-in demo.
     pub fn demo() -> Config {
-        Self::parse_named(DEMO_TOML, "built-in demo config").expect("the demo config is valid")
+        Self::parse_as(DEMO_TOML, "built-in demo config", true).expect("the demo config is valid")
     }
 
     fn parse_named(text: &str, name: &str) -> Result<Config, ConfigError> {
+        Self::parse_as(text, name, false)
+    }
+
+    fn parse_as(text: &str, name: &str, builtin: bool) -> Result<Config, ConfigError> {
         let fail = |problems| ConfigError {
             source_name: name.to_string(),
             problems,
@@ -457,7 +473,7 @@ impl Config {
                 message: format!("not valid TOML: {}", e.to_string().trim()),
             }])
         })?;
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let message = inner.message().to_string();
@@ -470,6 +486,7 @@ impl Config {
                 message: format!("{message}{line}"),
             }])
         })?;
+        config.builtin = builtin;
         let problems = config.problems();
         if problems.is_empty() {
             Ok(config)
@@ -587,7 +604,6 @@ impl Config {
         }
 
         let mut ids = HashSet::new();
-        let max_price: Price = "1000000".parse().expect("constant");
         for (i, m) in self.models.iter().enumerate() {
             let at = |f: &str| format!("models[{i}].{f}");
             if m.id.trim().is_empty() {
@@ -610,8 +626,19 @@ impl Config {
                     ),
                 );
             }
-            if m.max_output_tokens == Some(0) {
-                bad(at("max_output_tokens"), "must be at least 1".into());
+            if m.max_output_tokens
+                .is_some_and(|t| t == 0 || u64::from(t) > MAX_MODEL_TOKENS)
+            {
+                bad(
+                    at("max_output_tokens"),
+                    format!("must be from 1 to {MAX_MODEL_TOKENS}"),
+                );
+            }
+            if m.context_length.is_some_and(|t| t > MAX_MODEL_TOKENS) {
+                bad(
+                    at("context_length"),
+                    format!("must be at most {MAX_MODEL_TOKENS}"),
+                );
             }
             if m.endpoints.is_empty() {
                 bad(
@@ -645,10 +672,10 @@ impl Config {
                     ("cache_read_usd_per_mtok", e.cache_read_usd_per_mtok),
                     ("cache_write_usd_per_mtok", e.cache_write_usd_per_mtok),
                 ] {
-                    if price.is_some_and(|p| p >= max_price) {
+                    if price.is_some_and(|p| p > MAX_PRICE) {
                         bad(
                             at(field),
-                            "must be below 1000000 USD per million tokens".into(),
+                            format!("must be at most {MAX_PRICE} USD per million tokens"),
                         );
                     }
                 }
@@ -663,21 +690,39 @@ impl Config {
         let mut secrets = HashSet::new();
         for (i, k) in self.keys.iter().enumerate() {
             let at = |f: &str| format!("keys[{i}].{f}");
-            if k.secret.trim().len() < 6 {
-                bad(at("secret"), "must be at least 6 characters".into());
+            let chars = k.secret.trim().chars().count();
+            if chars < 6 || (!self.builtin && chars < MIN_SECRET_CHARS) {
+                bad(
+                    at("secret"),
+                    format!(
+                        "must be at least {MIN_SECRET_CHARS} characters (it is stored as an unsalted SHA-256: a short secret can be guessed from it; `switchboard keys create` makes random ones)"
+                    ),
+                );
             } else if !secrets.insert(k.secret.as_str()) {
                 bad(at("secret"), "is used by another key".into());
             }
-            if k.credits_usd.is_negative() {
-                bad(at("credits_usd"), "must not be negative".into());
+            if !k.credits_usd.within(MAX_CREDITS) {
+                bad(
+                    at("credits_usd"),
+                    format!("must be from 0 to {MAX_CREDITS} USD"),
+                );
             }
-            if k.limit_usd.is_some_and(|l| l.is_negative()) {
-                bad(at("limit_usd"), "must not be negative".into());
+            if k.limit_usd.is_some_and(|l| !l.within(MAX_CREDITS)) {
+                bad(
+                    at("limit_usd"),
+                    format!("must be from 0 to {MAX_CREDITS} USD"),
+                );
             }
-            if k.rpm == Some(0) {
+            if k.rpm.is_some_and(|r| r == 0 || r > MAX_RPM) {
                 bad(
                     at("rpm"),
-                    "must be at least 1 (leave it out for no limit)".into(),
+                    format!("must be from 1 to {MAX_RPM} (leave it out for no limit)"),
+                );
+            }
+            if k.tokens_per_day.is_some_and(|t| t > MAX_TOKENS_PER_DAY) {
+                bad(
+                    at("tokens_per_day"),
+                    format!("must be at most {MAX_TOKENS_PER_DAY} (leave it out for no limit)"),
                 );
             }
             if let Some(models) = &k.models {
@@ -756,6 +801,75 @@ id = "m/echo"
         )
         .unwrap_err();
         assert!(err.to_string().contains("prompt_usd_per_mtok"), "{err}");
+    }
+
+    #[test]
+    fn short_config_secrets_are_refused_but_the_demos_is_not() {
+        let key = |secret: &str| format!("[[keys]]\nsecret = \"{secret}\"\ncredits_usd = 1\n");
+        let err = Config::from_toml(&key("sk-only-19-chars-xx")).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].path, "keys[0].secret");
+        assert!(
+            err.problems[0].message.contains("at least 20 characters"),
+            "{err}"
+        );
+        // The demo's own text, read as a config file, is refused like any other.
+        let err = Config::from_toml(DEMO_TOML).unwrap_err();
+        assert_eq!(err.problems[0].path, "keys[0].secret");
+        // Twenty characters are enough; the built-in demo is exempt.
+        Config::from_toml(&key("sk-exactly-20-chars-")).unwrap();
+        let demo = Config::demo();
+        assert!(demo.builtin && demo.problems().is_empty());
+    }
+
+    #[test]
+    fn amounts_past_their_bounds_are_problems_with_their_paths() {
+        let err = Config::from_toml(
+            r#"
+[[providers]]
+name = "m"
+kind = "mock"
+[[models]]
+id = "m/echo"
+context_length = 100000001
+max_output_tokens = 100000001
+  [[models.endpoints]]
+  provider = "m"
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 10000.000001
+  completion_usd_per_mtok = 10000
+  cache_read_usd_per_mtok = 99999999
+[[keys]]
+secret = "sk-a-long-enough-secret-1"
+credits_usd = "1000000.000000000001"
+limit_usd = 9223372
+rpm = 1000001
+tokens_per_day = 1000000000000001
+[[keys]]
+secret = "sk-a-long-enough-secret-2"
+credits_usd = 1000000
+limit_usd = 1000000
+rpm = 1000000
+tokens_per_day = 1000000000000000
+"#,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "models[0].max_output_tokens",
+                "models[0].context_length",
+                "models[0].endpoints[0].prompt_usd_per_mtok",
+                "models[0].endpoints[0].cache_read_usd_per_mtok",
+                "keys[0].credits_usd",
+                "keys[0].limit_usd",
+                "keys[0].rpm",
+                "keys[0].tokens_per_day",
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("from 0 to 1000000 USD"), "{err}");
     }
 
     #[test]

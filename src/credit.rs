@@ -76,7 +76,7 @@ use crate::catalog::{Endpoint, Pricing};
 use crate::chat::{ChatChunk, ChatRequest};
 use crate::context::{CallContext, ChatCall, ChatReply, ChunkStream};
 use crate::error::GatewayError;
-use crate::money::{Money, Price};
+use crate::money::Money;
 use crate::store::{Generation, GenerationAttempt, Ledger, Reservation, Settlement, StoreError};
 
 /// The completion-token bound when neither the request nor the model gives one.
@@ -177,7 +177,10 @@ pub fn prompt_bound(req: &ChatRequest) -> u64 {
             _ => None,
         })
         .sum::<u64>();
-    n.0 + 3 + 3 * req.messages.len() as u64 + images * IMAGE_TOKEN_BOUND
+    // Bounded by the body size (`max_body_bytes`); saturating all the same.
+    n.0.saturating_add(3)
+        .saturating_add(3u64.saturating_mul(req.messages.len() as u64))
+        .saturating_add(images.saturating_mul(IMAGE_TOKEN_BOUND))
 }
 
 /// The completion-token bound of one choice of `req` at `endpoint`: the request's
@@ -216,16 +219,12 @@ pub fn reserve_for(req: &ChatRequest, plan: &[Arc<Endpoint>]) -> Money {
 /// `prompt` tokens at the dearest prompt-side rate plus `completion` tokens at the
 /// completion rate, or `i64::MAX` pico-USD when that overflows.
 fn cost_bound(p: &Pricing, prompt: u64, completion: u64) -> Money {
-    let times = |price: Price, tokens: u64| {
-        i64::try_from(tokens)
-            .ok()
-            .and_then(|t| price.pico_per_token().checked_mul(t))
-    };
     let prompt_price = p.prompt.max(p.cache_read).max(p.cache_write);
-    times(prompt_price, prompt)
-        .zip(times(p.completion, completion))
+    prompt_price
+        .checked_times(prompt)
+        .zip(p.completion.checked_times(completion))
         .and_then(|(a, b)| a.checked_add(b))
-        .map_or(Money::from_pico(i64::MAX), Money::from_pico)
+        .unwrap_or(Money::from_pico(i64::MAX))
 }
 
 /// Admission: the reservation (money and tokens), recorded in the context so that

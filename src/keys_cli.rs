@@ -9,7 +9,8 @@ use switchboard::accounts::validate_new_key;
 use switchboard::config::Config;
 use switchboard::money::Money;
 use switchboard::store::{
-    hash_secret, new_secret, KeyPatch, KeyStore, Ledger, NewKey, SqliteStore, StoredKey,
+    credits_after_top_up, hash_secret, new_secret, KeyPatch, KeyStore, Ledger, NewKey, SqliteStore,
+    StoredKey,
 };
 
 #[derive(Subcommand)]
@@ -144,8 +145,14 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
             Err(e) => runtime(e),
         },
         KeysCommand::TopUp { id, usd } => {
-            if usd <= Money::ZERO {
-                eprintln!("switchboard: the amount must be more than 0 (got {usd})");
+            // Checked before writing (and again in the transaction that writes it).
+            let credits = match store.get(&id) {
+                Ok(Some(k)) => k.credits,
+                Ok(None) => return not_found(&id),
+                Err(e) => return runtime(e),
+            };
+            if let Err(m) = credits_after_top_up(credits, usd) {
+                eprintln!("switchboard: cannot top up `{id}`: {m}");
                 return ExitCode::from(1);
             }
             match store.top_up(&id, usd) {

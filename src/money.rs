@@ -24,6 +24,42 @@ use serde::{Deserialize, Serialize};
 /// Pico-USD per USD.
 pub const PICO_PER_USD: i64 = 1_000_000_000_000;
 
+// Bounds on every amount the gateway accepts (config, CLI, admin API). They make
+// overflow impossible by construction: a key's credits (and its limit) are at most
+// [`MAX_CREDITS`], so credits + one top-up ≤ 2 × 10¹⁸ and a key's spending, which
+// never passes its credits (every charge fits in its reservation), stays far below
+// `i64::MAX` (≈ 9.2 × 10¹⁸ pico-USD). The ledger still adds with checked arithmetic
+// and refuses, with an error, anything past these bounds.
+
+/// The most credit a key can hold, and the largest `limit_usd`: $1,000,000
+/// (10¹⁸ pico-USD). A top-up that would take a key's credits past it is refused.
+pub const MAX_CREDITS: Money = Money(1_000_000 * PICO_PER_USD);
+
+/// The largest single charge the ledger accepts: [`MAX_CREDITS`] (a charge never
+/// exceeds its reservation, which never exceeds what the key holds).
+pub const MAX_CHARGE: Money = MAX_CREDITS;
+
+/// The most a key's spending may reach in the ledger: 2 × [`MAX_CREDITS`]. Only a
+/// charge larger than its own reservation (a bug elsewhere) can get near it; one that
+/// would pass it is refused instead of wrapping.
+pub const MAX_SPENT: Money = Money(2 * MAX_CREDITS.0);
+
+/// The highest price accepted for a token kind: $10,000 per million tokens (10¹⁰
+/// pico-USD a token), far above any real model's, so that [`MAX_MODEL_TOKENS`] at
+/// this price is exactly [`MAX_CHARGE`].
+pub const MAX_PRICE: Price = Price(10_000 * 1_000_000);
+
+/// The largest token count accepted for a model's `context_length` and
+/// `max_output_tokens`: 100 million.
+pub const MAX_MODEL_TOKENS: u64 = 100_000_000;
+
+/// The largest `tokens_per_day` of a key: 10¹⁵ (fits SQLite's signed 64-bit
+/// integers with room for a day's sum).
+pub const MAX_TOKENS_PER_DAY: u64 = 1_000_000_000_000_000;
+
+/// The largest `rpm` of a key: 1,000,000 requests a minute.
+pub const MAX_RPM: u32 = 1_000_000;
+
 /// An amount of money in integer pico-USD. Serialises as a JSON number in USD,
 /// written from its exact decimal digits.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,6 +89,22 @@ impl Money {
         Money(self.0.saturating_sub(other.0))
     }
 
+    /// Adds, or `None` on overflow. Whatever changes stored state (the ledger's
+    /// spending, a top-up) adds with this, never with `+`.
+    pub fn checked_add(self, other: Money) -> Option<Money> {
+        self.0.checked_add(other.0).map(Money)
+    }
+
+    /// Subtracts, or `None` on overflow.
+    pub fn checked_sub(self, other: Money) -> Option<Money> {
+        self.0.checked_sub(other.0).map(Money)
+    }
+
+    /// Whether the amount is in `0..=max`.
+    pub fn within(self, max: Money) -> bool {
+        (0..=max.0).contains(&self.0)
+    }
+
     /// Whether the amount is negative.
     pub fn is_negative(self) -> bool {
         self.0 < 0
@@ -64,6 +116,10 @@ impl Money {
     }
 }
 
+/// `+` **saturates** (it is [`Money::saturating_add`]): it is used only where the
+/// bounds ([`MAX_CREDITS`], [`MAX_PRICE`], …) make overflow impossible, or where a
+/// saturated result is refused anyway (a reserve of `i64::MAX` pico-USD is more than
+/// any key can hold). State that is stored adds with [`Money::checked_add`].
 impl std::ops::Add for Money {
     type Output = Money;
     fn add(self, rhs: Money) -> Money {
@@ -71,6 +127,7 @@ impl std::ops::Add for Money {
     }
 }
 
+/// `-` **saturates** (it is [`Money::saturating_sub`]); see [`Add`](#impl-Add-for-Money).
 impl std::ops::Sub for Money {
     type Output = Money;
     fn sub(self, rhs: Money) -> Money {
@@ -249,10 +306,18 @@ impl Price {
         self.0
     }
 
-    /// The cost of `tokens` tokens at this price.
+    /// The cost of `tokens` tokens at this price, **saturating** at `i64::MAX`
+    /// pico-USD: a saturated cost is more than any key can hold ([`MAX_CREDITS`]),
+    /// so a reserve of it is refused and a charge of it is capped or refused, never
+    /// wrapped. [`Price::checked_times`] says when it would overflow.
     pub fn times(self, tokens: u64) -> Money {
-        let t = i64::try_from(tokens).unwrap_or(i64::MAX);
-        Money(self.0.saturating_mul(t))
+        self.checked_times(tokens).unwrap_or(Money(i64::MAX))
+    }
+
+    /// The cost of `tokens` tokens at this price, or `None` if it does not fit.
+    pub fn checked_times(self, tokens: u64) -> Option<Money> {
+        let t = i64::try_from(tokens).ok()?;
+        self.0.checked_mul(t).map(Money)
     }
 
     /// USD per token as decimal text (OpenRouter's `/models` pricing format).
@@ -342,5 +407,98 @@ mod tests {
         let p: Price = "0.6".parse().unwrap();
         // 7 tokens at $0.60/Mtok = $0.0000042 exactly.
         assert_eq!(p.times(7).to_string(), "0.0000042");
+    }
+
+    #[test]
+    fn checked_operations_refuse_what_would_wrap() {
+        let max = Money::from_pico(i64::MAX);
+        assert_eq!(max.checked_add(Money::from_pico(1)), None);
+        assert_eq!(
+            Money::from_pico(i64::MIN).checked_sub(Money::from_pico(1)),
+            None
+        );
+        assert_eq!(max + Money::from_pico(1), max, "`+` saturates");
+        let p: Price = "10000".parse().unwrap();
+        assert_eq!(p, MAX_PRICE);
+        assert_eq!(p.checked_times(u64::MAX), None);
+        assert_eq!(p.checked_times(1u64 << 62), None);
+        assert_eq!(p.times(1u64 << 62), max, "`times` saturates");
+        // A model's most tokens at the highest price is the largest charge.
+        assert_eq!(p.checked_times(MAX_MODEL_TOKENS), Some(MAX_CHARGE));
+        assert!(MAX_CREDITS.within(MAX_CREDITS) && !Money::from_pico(-1).within(MAX_CREDITS));
+        // The bounds leave room: credits + a top-up, and the most spent, fit.
+        assert!(MAX_CREDITS.checked_add(MAX_CREDITS).is_some());
+        assert!(MAX_SPENT.checked_add(MAX_CHARGE).is_some());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn money_prints_and_parses_back_exactly(pico in any::<i64>()) {
+                let m = Money::from_pico(pico);
+                let text = m.to_string();
+                prop_assert_eq!(text.parse::<Money>().unwrap(), m);
+                // As a JSON string, exact whatever the digits.
+                let quoted = serde_json::to_string(&text).unwrap();
+                prop_assert_eq!(serde_json::from_str::<Money>(&quoted).unwrap(), m);
+            }
+
+            #[test]
+            fn money_as_a_json_number_is_exact_up_to_15_digits(
+                pico in -999_999_999_999_999i64..=999_999_999_999_999,
+            ) {
+                // A JSON number arrives as a float: exact up to 15 significant
+                // digits (see `decimal_text`); more digits must come as a string.
+                let m = Money::from_pico(pico);
+                let json = serde_json::to_string(&m).unwrap();
+                prop_assert_eq!(serde_json::from_str::<Money>(&json).unwrap(), m);
+            }
+
+            #[test]
+            fn prices_print_and_parse_back_exactly(p in 0..=i64::MAX) {
+                let price = Price::from_pico_per_token(p);
+                prop_assert_eq!(price.to_string().parse::<Price>().unwrap(), price);
+            }
+
+            #[test]
+            fn checked_money_arithmetic_is_exact_or_none(a in any::<i64>(), b in any::<i64>()) {
+                let (x, y) = (Money::from_pico(a), Money::from_pico(b));
+                let sum = i128::from(a) + i128::from(b);
+                let diff = i128::from(a) - i128::from(b);
+                prop_assert_eq!(x.checked_add(y).map(|m| i128::from(m.pico())),
+                    i64::try_from(sum).ok().map(i128::from));
+                prop_assert_eq!(x.checked_sub(y).map(|m| i128::from(m.pico())),
+                    i64::try_from(diff).ok().map(i128::from));
+                // Saturating `+` / `-` never wrap: they land on the exact value or a bound.
+                prop_assert_eq!(i128::from((x + y).pico()), sum.clamp(i64::MIN.into(), i64::MAX.into()));
+                prop_assert_eq!(i128::from((x - y).pico()), diff.clamp(i64::MIN.into(), i64::MAX.into()));
+            }
+
+            #[test]
+            fn price_times_tokens_is_exact_or_refused(p in 0..=i64::MAX, tokens in any::<u64>()) {
+                let price = Price::from_pico_per_token(p);
+                let exact = i128::from(p) * i128::from(tokens);
+                match price.checked_times(tokens) {
+                    Some(m) => prop_assert_eq!(i128::from(m.pico()), exact),
+                    None => prop_assert!(exact > i128::from(i64::MAX)),
+                }
+                prop_assert!(i128::from(price.times(tokens).pico()) == exact.min(i64::MAX.into()));
+            }
+
+            #[test]
+            fn within_the_bounds_nothing_can_overflow(
+                p in 0..=MAX_PRICE.pico_per_token(),
+                tokens in 0..=MAX_MODEL_TOKENS,
+            ) {
+                // A whole model's worth of tokens at the highest price fits a charge.
+                let cost = Price::from_pico_per_token(p).checked_times(tokens).unwrap();
+                prop_assert!(cost <= MAX_CHARGE);
+            }
+        }
     }
 }

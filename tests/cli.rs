@@ -138,7 +138,7 @@ id = "slow/model"
   prompt_usd_per_mtok = 0
   completion_usd_per_mtok = 0
 [[keys]]
-secret = "sk-demo"
+secret = "sk-test-client-0123456789"
 credits_usd = 10
 "#
     );
@@ -146,7 +146,7 @@ credits_usd = 10
     let (mut child, addr, _) = serve(&dir, &[]);
     let res = reqwest::Client::new()
         .post(format!("http://{addr}/v1/chat/completions"))
-        .bearer_auth("sk-demo")
+        .bearer_auth("sk-test-client-0123456789")
         .json(&serde_json::json!({"model": "slow/model", "stream": true, "messages": [{"role": "user", "content": "go"}]}))
         .send()
         .await
@@ -191,8 +191,52 @@ fn check_reports_every_problem_with_its_path_and_exits_1() {
         assert!(err.contains(path), "{path} not named in: {err}");
     }
 
+    // The demo's text as a config file: its short `sk-demo` is refused there (only
+    // the built-in demo is exempt), by `check` and by `serve`.
+    let short = dir.join("short.toml");
+    std::fs::write(
+        &short,
+        switchboard::config::DEMO_TOML.replace("127.0.0.1:8080", "127.0.0.1:0"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&short)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("keys[0].secret") && err.contains("at least 20 characters"),
+        "{err}"
+    );
+    let mut serving = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&short)
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = serving.try_wait().unwrap() {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = serving.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "serve refuses it");
+
     let good = dir.join("good.toml");
-    std::fs::write(&good, switchboard::config::DEMO_TOML).unwrap();
+    std::fs::write(
+        &good,
+        switchboard::config::DEMO_TOML.replace("sk-demo", "sk-demo-0123456789abcdef"),
+    )
+    .unwrap();
     let out = Command::new(BIN)
         .args(["check", "--config"])
         .arg(&good)

@@ -65,7 +65,7 @@ fn ask(stream: bool) -> Value {
 }
 
 async fn post(gw: &TestGateway, body: &Value) -> reqwest::Response {
-    post_chat(gw, "sk-demo", body).await
+    post_chat(gw, TEST_KEY, body).await
 }
 
 #[tokio::test]
@@ -383,7 +383,7 @@ async fn chaos_flapping_primary() {
                 let t = Instant::now();
                 let res = http
                     .post(&url)
-                    .bearer_auth("sk-demo")
+                    .bearer_auth(TEST_KEY)
                     .json(&body)
                     .send()
                     .await

@@ -87,7 +87,7 @@ fn usd(s: &str) -> Money {
 
 async fn fifty_on_a_key_that_covers_five(stream: bool) {
     let gw = gateway(&exact_config(
-        "[[keys]]\nsecret = \"sk-five-x\"\ncredits_usd = 0.0005\n",
+        "[[keys]]\nsecret = \"sk-five-x-0123456789abc\"\ncredits_usd = 0.0005\n",
     ))
     .await;
     let gw = Arc::new(gw);
@@ -97,7 +97,7 @@ async fn fifty_on_a_key_that_covers_five(stream: bool) {
             tokio::spawn(async move {
                 let res = post(
                     &gw,
-                    Some("sk-five-x"),
+                    Some("sk-five-x-0123456789abc"),
                     json!({"model": "mock/lorem", "max_tokens": 100, "stream": stream,
                            "messages": [{"role": "user", "content": "go"}]}),
                 )
@@ -122,9 +122,9 @@ async fn fifty_on_a_key_that_covers_five(stream: bool) {
     }
     assert!(served <= 5, "{served} served");
     assert_eq!(served, 5, "each reserve equals its cost, so exactly 5 fit");
-    let spent = total_usage(&gw, "sk-five-x").await;
+    let spent = total_usage(&gw, "sk-five-x-0123456789abc").await;
     assert_eq!(spent, usd("0.0005"));
-    let (s, key) = get_json(&gw, "/v1/key", "sk-five-x").await;
+    let (s, key) = get_json(&gw, "/v1/key", "sk-five-x-0123456789abc").await;
     assert_eq!(s, 200);
     assert_eq!(key["data"]["credits_remaining"].to_string(), "0");
 }
@@ -143,11 +143,11 @@ async fn fifty_concurrent_streams_on_a_key_that_covers_five() {
 async fn a_thousand_costs_sum_to_the_balance_change_exactly() {
     let gw = Arc::new(
         gateway(&exact_config(
-            "[[keys]]\nsecret = \"sk-exact-1\"\ncredits_usd = 100\n",
+            "[[keys]]\nsecret = \"sk-exact-1-0123456789abc\"\ncredits_usd = 100\n",
         ))
         .await,
     );
-    let before = total_usage(&gw, "sk-exact-1").await;
+    let before = total_usage(&gw, "sk-exact-1-0123456789abc").await;
     let sem = Arc::new(tokio::sync::Semaphore::new(16));
     let tasks: Vec<_> = (0..1000)
         .map(|i| {
@@ -159,7 +159,7 @@ async fn a_thousand_costs_sum_to_the_balance_change_exactly() {
                 let words = vec!["word"; 1 + i % 37].join(" ");
                 let res = post(
                     &gw,
-                    Some("sk-exact-1"),
+                    Some("sk-exact-1-0123456789abc"),
                     json!({"model": "mock/echo", "stream": stream,
                            "stream_options": {"include_usage": true},
                            "messages": [{"role": "system", "content": "be brief"},
@@ -176,7 +176,7 @@ async fn a_thousand_costs_sum_to_the_balance_change_exactly() {
     for t in tasks {
         sum = sum + t.await.unwrap();
     }
-    let after = total_usage(&gw, "sk-exact-1").await;
+    let after = total_usage(&gw, "sk-exact-1-0123456789abc").await;
     assert!(sum > Money::ZERO);
     assert_eq!(after - before, sum, "balance change vs sum of usage.cost");
 }
@@ -198,21 +198,21 @@ async fn rejected_requests_never_reach_an_upstream_and_cost_nothing() {
 token_env = "SB_TEST_ADMIN_REJECTS"
 
 [[keys]]
-secret = "sk-poor-1"
+secret = "sk-poor-1-0123456789abc"
 credits_usd = 0.000001
 
 [[keys]]
-secret = "sk-gone-1"
+secret = "sk-gone-1-0123456789abc"
 name = "gone"
 credits_usd = 1
 
 [[keys]]
-secret = "sk-narrow"
+secret = "sk-narrow-0123456789abc"
 credits_usd = 1
 models = ["mock/*"]
 
 [[keys]]
-secret = "sk-slow-1"
+secret = "sk-slow-1-0123456789abc"
 credits_usd = 1
 rpm = 1
 "#;
@@ -249,17 +249,32 @@ rpm = 1
     let cases: Vec<(Option<&str>, Value, u16, &str)> = vec![
         (None, ask.clone(), 401, "invalid_api_key"),
         (Some("sk-nobody"), ask.clone(), 401, "invalid_api_key"),
-        (Some("sk-poor-1"), ask.clone(), 402, "insufficient_credits"),
-        (Some("sk-gone-1"), ask.clone(), 403, "forbidden"),
-        (Some("sk-narrow"), ask.clone(), 403, "forbidden"),
         (
-            Some("sk-demo"),
+            Some("sk-poor-1-0123456789abc"),
+            ask.clone(),
+            402,
+            "insufficient_credits",
+        ),
+        (
+            Some("sk-gone-1-0123456789abc"),
+            ask.clone(),
+            403,
+            "forbidden",
+        ),
+        (
+            Some("sk-narrow-0123456789abc"),
+            ask.clone(),
+            403,
+            "forbidden",
+        ),
+        (
+            Some(TEST_KEY),
             json!({"model": "test/model"}),
             400,
             "invalid_request",
         ),
         (
-            Some("sk-demo"),
+            Some(TEST_KEY),
             json!({"model": "nope/nope", "messages": [{"role": "user", "content": "hi"}]}),
             404,
             "model_not_found",
@@ -281,10 +296,12 @@ rpm = 1
     }
     // rpm = 1: the first goes through, the second is 429 with Retry-After.
     assert_eq!(
-        post(&gw, Some("sk-slow-1"), ask.clone()).await.status(),
+        post(&gw, Some("sk-slow-1-0123456789abc"), ask.clone())
+            .await
+            .status(),
         200
     );
-    let res = post(&gw, Some("sk-slow-1"), ask.clone()).await;
+    let res = post(&gw, Some("sk-slow-1-0123456789abc"), ask.clone()).await;
     assert_eq!(res.status(), 429);
     let after: u64 = res.headers()["retry-after"]
         .to_str()
@@ -298,7 +315,11 @@ rpm = 1
         "only the one admitted request reached the upstream"
     );
 
-    for key in ["sk-poor-1", "sk-narrow", "sk-demo"] {
+    for key in [
+        "sk-poor-1-0123456789abc",
+        "sk-narrow-0123456789abc",
+        TEST_KEY,
+    ] {
         assert_eq!(total_usage(&gw, key).await, Money::ZERO, "{key}");
     }
 }
@@ -308,21 +329,21 @@ async fn key_credits_and_generation_routes_show_the_ledger() {
     let gw = gateway(&exact_config(
         r#"
 [[keys]]
-secret = "sk-owner-1"
+secret = "sk-owner-1-0123456789abc"
 name = "owner"
 credits_usd = 2
 limit_usd = 1.5
 rpm = 600
 
 [[keys]]
-secret = "sk-other-1"
+secret = "sk-other-1-0123456789abc"
 credits_usd = 1
 "#,
     ))
     .await;
     let res = post(
         &gw,
-        Some("sk-owner-1"),
+        Some("sk-owner-1-0123456789abc"),
         json!({"model": "mock/lorem", "max_tokens": 7, "messages": [{"role": "user", "content": "go"}]}),
     )
     .await;
@@ -330,7 +351,7 @@ credits_usd = 1
     let body: Value = res.json().await.unwrap();
     let id = body["id"].as_str().unwrap().to_string();
 
-    let (s, key) = get_json(&gw, "/v1/key", "sk-owner-1").await;
+    let (s, key) = get_json(&gw, "/v1/key", "sk-owner-1-0123456789abc").await;
     assert_eq!(s, 200);
     assert_eq!(
         key,
@@ -338,12 +359,17 @@ credits_usd = 1
                         "limit_remaining": 1.499993, "credits_remaining": 1.999993,
                         "rate_limit": {"requests": 600, "interval": "1m"}}})
     );
-    let (_, credits) = get_json(&gw, "/api/v1/credits", "sk-owner-1").await;
+    let (_, credits) = get_json(&gw, "/api/v1/credits", "sk-owner-1-0123456789abc").await;
     assert_eq!(
         credits,
         json!({"data": {"total_credits": 2, "total_usage": 0.000007}})
     );
-    let (s, g) = get_json(&gw, &format!("/v1/generation?id={id}"), "sk-owner-1").await;
+    let (s, g) = get_json(
+        &gw,
+        &format!("/v1/generation?id={id}"),
+        "sk-owner-1-0123456789abc",
+    )
+    .await;
     assert_eq!(s, 200);
     let d = &g["data"];
     assert_eq!(d["id"], id.as_str());
@@ -358,9 +384,14 @@ credits_usd = 1
     assert!(d["latency_ms"].is_u64() && d["ttft_ms"].is_u64());
 
     // Someone else's generation does not exist for you.
-    let (s, e) = get_json(&gw, &format!("/v1/generation?id={id}"), "sk-other-1").await;
+    let (s, e) = get_json(
+        &gw,
+        &format!("/v1/generation?id={id}"),
+        "sk-other-1-0123456789abc",
+    )
+    .await;
     assert_eq!((s, e["error"]["code"].as_str()), (404, Some("not_found")));
-    let (_, other) = get_json(&gw, "/v1/key", "sk-other-1").await;
+    let (_, other) = get_json(&gw, "/v1/key", "sk-other-1-0123456789abc").await;
     assert_eq!(other["data"]["rate_limit"], Value::Null);
     assert_eq!(other["data"]["limit"], Value::Null);
 
@@ -461,6 +492,83 @@ async fn admin_api_creates_tops_up_and_disables_keys() {
     assert_eq!(res.status(), 400);
 }
 
+/// Reproduced: `PATCH /admin/keys/ID {"top_up_usd": 9223372}` answered 500 after
+/// committing, leaving a key that could not be read. Every amount is now checked
+/// against its bound before anything is written.
+#[tokio::test]
+async fn admin_api_refuses_amounts_past_their_bounds_with_nothing_written() {
+    std::env::set_var("SB_TEST_ADMIN_BOUNDS", "the-admin-token");
+    let gw = gateway(&exact_config(
+        "[admin]\ntoken_env = \"SB_TEST_ADMIN_BOUNDS\"\n",
+    ))
+    .await;
+    let admin = |req: reqwest::RequestBuilder| req.bearer_auth("the-admin-token");
+    let res = admin(client().post(gw.url("/admin/keys")))
+        .json(&json!({"name": "rich", "credits_usd": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let made: Value = res.json().await.unwrap();
+    let id = made["data"]["id"].as_str().unwrap().to_string();
+
+    for body in [
+        json!({"top_up_usd": 9223372, "name": "renamed"}),
+        json!({"top_up_usd": 1000000, "name": "renamed"}), // $1 + $1M > $1M
+        json!({"limit_usd": 9223372, "name": "renamed"}),
+        json!({"rpm": 4000000000u32, "name": "renamed"}),
+        json!({"tokens_per_day": 9223372036854775807u64, "name": "renamed"}),
+    ] {
+        let res = admin(client().patch(gw.url(&format!("/admin/keys/{id}"))))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400, "{body}");
+        let err: Value = res.json().await.unwrap();
+        assert_eq!(err["error"]["code"], "invalid_request", "{err}");
+        assert_eq!(err["error"]["type"], "invalid_request_error", "{err}");
+    }
+    for body in [
+        json!({"credits_usd": 1000000.5}),
+        json!({"credits_usd": 1, "limit_usd": 2000000}),
+    ] {
+        let res = admin(client().post(gw.url("/admin/keys")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400, "{body}");
+    }
+    // Nothing was written, and every key still reads.
+    let (status, list) = {
+        let res = admin(client().get(gw.url("/admin/keys")))
+            .send()
+            .await
+            .unwrap();
+        (res.status(), res.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, 200, "{list}");
+    let rich = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(rich["name"], "rich");
+    assert_eq!(rich["credits"].as_f64(), Some(1.0));
+    assert_eq!(rich["limit"], Value::Null);
+    // Up to the bound is fine.
+    let res = admin(client().patch(gw.url(&format!("/admin/keys/{id}"))))
+        .json(&json!({"top_up_usd": 999999}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let shown: Value = res.json().await.unwrap();
+    assert_eq!(shown["data"]["credits"].as_f64(), Some(1_000_000.0));
+}
+
 #[tokio::test]
 async fn admin_api_is_absent_without_its_token_variable() {
     let gw = gateway(&exact_config(
@@ -488,17 +596,17 @@ async fn a_reply_without_completion_tokens_costs_nothing() {
     })
     .await;
     let gw = gateway(&openai_config(&[("alpha", &up.url())], "")).await;
-    let before = total_usage(&gw, "sk-demo").await;
+    let before = total_usage(&gw, TEST_KEY).await;
     let res = post(
         &gw,
-        Some("sk-demo"),
+        Some(TEST_KEY),
         json!({"model": "test/model", "messages": [{"role": "user", "content": "hi"}]}),
     )
     .await;
     assert_eq!(res.status(), 200);
     let text = res.text().await.unwrap();
     assert_eq!(money_field(&text, "cost"), Some(Money::ZERO), "{text}");
-    assert_eq!(total_usage(&gw, "sk-demo").await, before);
+    assert_eq!(total_usage(&gw, TEST_KEY).await, before);
     assert_eq!(up.hits(), 1);
 }
 
@@ -523,7 +631,7 @@ async fn a_client_that_leaves_mid_stream_pays_for_what_was_delivered() {
     let gw = gateway(&openai_config(&[("alpha", &up.url())], "")).await;
     let mut res = post(
         &gw,
-        Some("sk-demo"),
+        Some(TEST_KEY),
         json!({"model": "test/model", "stream": true, "max_tokens": 500,
                "messages": [{"role": "user", "content": "talk"}]}),
     )
@@ -537,7 +645,7 @@ async fn a_client_that_leaves_mid_stream_pays_for_what_was_delivered() {
     // The cut is settled from the drop guard, without anyone waiting: poll for it.
     let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
     let g = loop {
-        let (s, g) = get_json(&gw, &format!("/v1/generation?id={id}"), "sk-demo").await;
+        let (s, g) = get_json(&gw, &format!("/v1/generation?id={id}"), TEST_KEY).await;
         if s == 200 {
             break g;
         }
@@ -551,7 +659,7 @@ async fn a_client_that_leaves_mid_stream_pays_for_what_was_delivered() {
     );
     let raw = client()
         .get(gw.url(&format!("/v1/generation?id={id}")))
-        .bearer_auth("sk-demo")
+        .bearer_auth(TEST_KEY)
         .send()
         .await
         .unwrap()
@@ -561,7 +669,7 @@ async fn a_client_that_leaves_mid_stream_pays_for_what_was_delivered() {
     let cost = money_field(&raw, "total_cost").unwrap();
     assert!(cost > Money::ZERO);
     // The only charge on the key is this one, to the unit.
-    assert_eq!(total_usage(&gw, "sk-demo").await, cost);
+    assert_eq!(total_usage(&gw, TEST_KEY).await, cost);
 }
 
 /// A store that delegates to SQLite but can be told to stop answering `ping`.

@@ -154,7 +154,7 @@ async fn sigkill_mid_load_loses_no_completed_charge_and_doubles_none() {
     let dir = temp_dir("durable");
     let config = write_config(
         &dir,
-        "[[keys]]\nsecret = \"sk-durable-1\"\nname = \"durable\"\ncredits_usd = 1000\n",
+        "[[keys]]\nsecret = \"sk-durable-1-0123456789\"\nname = \"durable\"\ncredits_usd = 1000\n",
     );
     let log = dir.join("serve.log");
     let first = serve(&config, &log).await;
@@ -173,7 +173,7 @@ async fn sigkill_mid_load_loses_no_completed_charge_and_doubles_none() {
                     let words = vec!["ok"; 1 + (w * 7 + i) % 23].join(" ");
                     let sent = client()
                         .post(&url)
-                        .bearer_auth("sk-durable-1")
+                        .bearer_auth("sk-durable-1-0123456789")
                         .json(&json!({"model": "mock/echo", "stream": stream,
                                       "stream_options": {"include_usage": true},
                                       "messages": [{"role": "user", "content": words}]}))
@@ -215,7 +215,7 @@ async fn sigkill_mid_load_loses_no_completed_charge_and_doubles_none() {
     for (id, cost) in &completed {
         let res = client()
             .get(second.url(&format!("/v1/generation?id={id}")))
-            .bearer_auth("sk-durable-1")
+            .bearer_auth("sk-durable-1-0123456789")
             .send()
             .await
             .unwrap();
@@ -230,7 +230,7 @@ async fn sigkill_mid_load_loses_no_completed_charge_and_doubles_none() {
     }
     let credits = client()
         .get(second.url("/v1/credits"))
-        .bearer_auth("sk-durable-1")
+        .bearer_auth("sk-durable-1-0123456789")
         .send()
         .await
         .unwrap()
@@ -267,6 +267,43 @@ async fn sigkill_mid_load_loses_no_completed_charge_and_doubles_none() {
     assert_eq!(spent_col, total);
     assert_eq!(Money::from_pico(total), spent);
     assert!(rows as usize >= completed.len() && rows as usize <= completed.len() + 8);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Reproduced: `switchboard keys top-up ID 9223372` answered an error after
+/// committing, leaving a key that could not be read. Now: exit 1, nothing written.
+#[test]
+fn keys_cli_refuses_a_top_up_past_the_bound_with_nothing_written() {
+    let dir = temp_dir("cli-bounds");
+    let config = write_config(&dir, "");
+    let out = cli(&config, &["create", "--credits", "1", "--name", "b"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let id = stdout(&out).split('\t').next().unwrap().to_string();
+    for usd in ["9223372", "1000000"] {
+        let out = cli(&config, &["top-up", &id, usd]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("1000000 USD"), "{err}");
+    }
+    let out = cli(&config, &["create", "--credits", "1000001"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = cli(
+        &config,
+        &["create", "--credits", "1", "--limit-usd", "9223372"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // Nothing written: the key reads as it was, and so does every key.
+    let show = cli(&config, &["show", &id]);
+    assert_eq!(show.status.code(), Some(0), "{show:?}");
+    let shown: Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(shown["credits"].as_f64(), Some(1.0));
+    let list = cli(&config, &["list"]);
+    assert_eq!(list.status.code(), Some(0), "{list:?}");
+    assert_eq!(stdout(&list).lines().count(), 1);
+    assert_eq!(
+        cli(&config, &["top-up", &id, "999999"]).status.code(),
+        Some(0)
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -14,7 +14,7 @@ use switchboard::logging::{LogSink, LogWriter, RequestRecord};
 use switchboard::money::Money;
 use switchboard::Gateway;
 
-const CLIENT_KEY: &str = "sk-demo";
+const CLIENT_KEY: &str = TEST_KEY;
 
 fn completion(text: &str) -> Value {
     json!({

@@ -17,7 +17,7 @@ use switchboard::chat::Usage;
 use switchboard::money::Money;
 use switchboard::tokenize::count;
 
-const CLIENT_KEY: &str = "sk-demo";
+const CLIENT_KEY: &str = TEST_KEY;
 
 fn chunk(delta: Value, finish: Option<&str>) -> String {
     json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up-model",

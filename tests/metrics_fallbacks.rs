@@ -31,7 +31,7 @@ async fn one_fallback_is_counted_once() {
     .await;
     let body = json!({"model": "test/model", "messages": [{"role": "user", "content": "hi"}],
                       "provider": {"order": ["down", "up"]}});
-    let res = post_chat(&gw, "sk-demo", &body).await;
+    let res = post_chat(&gw, TEST_KEY, &body).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-provider"], "up");
     res.bytes().await.unwrap();

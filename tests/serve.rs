@@ -60,7 +60,7 @@ async fn chat_completions_skip_the_router_and_near_misses_still_reach_it() {
     ] {
         let res = c
             .post(gw.url(path))
-            .bearer_auth("sk-demo")
+            .bearer_auth(TEST_KEY)
             .json(&body)
             .send()
             .await
@@ -82,7 +82,7 @@ async fn chat_completions_skip_the_router_and_near_misses_still_reach_it() {
     ] {
         let res = c
             .request(method.parse().unwrap(), gw.url(path))
-            .bearer_auth("sk-demo")
+            .bearer_auth(TEST_KEY)
             .json(&body)
             .send()
             .await

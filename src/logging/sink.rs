@@ -1,7 +1,7 @@
 //! Where request records go: the [`LogSink`] trait, its SQLite and JSONL
 //! implementations, and the [`LogWriter`] that feeds a sink off the request path.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
@@ -288,7 +288,7 @@ pub struct JsonlSink {
 impl JsonlSink {
     /// Opens (creating, appending to) `path`.
     pub fn open(path: &Path) -> io::Result<JsonlSink> {
-        let file = OpenOptions::new()
+        let file = crate::store::private_file_options()
             .create(true)
             .append(true)
             .open(path)
@@ -334,11 +334,48 @@ impl std::fmt::Debug for SqliteSink {
     }
 }
 
-/// The schema of the SQLite request log.
+/// The `requests` table of the SQLite request log, `{table}` standing for its name.
 ///
 /// One B-tree keyed by the request id, which starts with its time, so records
-/// append at its right edge and `ORDER BY id` is time order; plus one index for a
-/// key's history. (A log made before this layout keeps its own; both work.)
+/// append at its right edge and `ORDER BY id` is time order. `STRICT`: an `INTEGER`
+/// column (`cost_pico`, the token counts) never holds anything else.
+const REQUESTS_TABLE: &str = "CREATE TABLE {table} (
+    id                TEXT PRIMARY KEY,
+    time_ms           INTEGER NOT NULL,
+    key_id            TEXT,
+    requested_model   TEXT NOT NULL,
+    model             TEXT,
+    provider          TEXT,
+    status            INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens     INTEGER NOT NULL,
+    reasoning_tokens  INTEGER NOT NULL,
+    cost_pico         INTEGER NOT NULL,
+    latency_ms        INTEGER NOT NULL,
+    ttft_ms           INTEGER,
+    streamed          INTEGER NOT NULL,
+    complete          INTEGER NOT NULL,
+    finish_reason     TEXT,
+    error_code        TEXT,
+    attempts          TEXT NOT NULL,
+    prompt            TEXT,
+    completion        TEXT,
+    over_reserve      INTEGER NOT NULL DEFAULT 0
+) STRICT, WITHOUT ROWID";
+
+/// The columns of `requests`, in order.
+const REQUESTS_COLUMNS: &str = "id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion";
+
+/// The index of a key's history.
+const REQUESTS_INDEX: &str =
+    "CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);";
+
+/// The request log's schema version (`PRAGMA user_version`): 1 = `STRICT`. A log
+/// made before is migrated when opened (a copy of its rows, in one transaction).
+const SQLITE_VERSION: i64 = 1;
+
+/// The schema of the SQLite request log (what [`SqliteSink`] creates in a new file).
 pub const SQLITE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS requests (
     id                TEXT PRIMARY KEY,
@@ -363,9 +400,15 @@ CREATE TABLE IF NOT EXISTS requests (
     prompt            TEXT,
     completion        TEXT,
     over_reserve      INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
+) STRICT, WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);
 ";
+
+/// A count as SQLite's signed integer: past `i64::MAX` it is `i64::MAX`, never a
+/// negative number.
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
 
 fn sql_err(e: rusqlite::Error) -> io::Error {
     io::Error::other(e)
@@ -374,6 +417,13 @@ fn sql_err(e: rusqlite::Error) -> io::Error {
 impl SqliteSink {
     /// Opens (creating) the log database at `path`.
     pub fn open(path: &Path) -> io::Result<SqliteSink> {
+        // Created here, mode 0600, so that SQLite's -wal and -shm take the same mode.
+        crate::store::create_private(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot create the request log {}: {e}", path.display()),
+            )
+        })?;
         let conn = rusqlite::Connection::open(path).map_err(|e| {
             io::Error::other(format!(
                 "cannot open the request log {}: {e}",
@@ -390,22 +440,18 @@ impl SqliteSink {
         Self::init(rusqlite::Connection::open_in_memory().map_err(sql_err)?)
     }
 
-    fn init(conn: rusqlite::Connection) -> io::Result<SqliteSink> {
+    fn init(mut conn: rusqlite::Connection) -> io::Result<SqliteSink> {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql_err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
-        conn.execute_batch(SQLITE_SCHEMA).map_err(sql_err)?;
-        // A log made before `over_reserve` existed gets the column (last, as here).
-        let has_flag = conn
-            .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'over_reserve'")
-            .and_then(|mut q| q.exists([]))
-            .map_err(sql_err)?;
-        if !has_flag {
-            conn.execute_batch(
-                "ALTER TABLE requests ADD COLUMN over_reserve INTEGER NOT NULL DEFAULT 0",
-            )
-            .map_err(sql_err)?;
-        }
+        let requests = crate::store::schema::Table {
+            name: "requests",
+            columns: REQUESTS_COLUMNS,
+            create: REQUESTS_TABLE,
+            rowid: false,
+        };
+        crate::store::schema::migrate(&mut conn, SQLITE_VERSION, &[requests], REQUESTS_INDEX)
+            .map_err(|e| io::Error::other(format!("the request log: {e}")))?;
         Ok(SqliteSink {
             conn,
             inserts: ROWS_PER_INSERT.map(insert_sql),
@@ -453,19 +499,19 @@ fn bind(
     let prompt = r.prompt.as_ref().map(|p| p.to_string());
     let values: [&dyn rusqlite::ToSql; COLUMNS] = [
         &r.id,
-        &(r.time_ms as i64),
+        &int(r.time_ms),
         &r.key_id,
         &r.requested_model,
         &r.model,
         &r.provider,
         &r.status,
-        &(r.prompt_tokens as i64),
-        &(r.completion_tokens as i64),
-        &(r.cached_tokens as i64),
-        &(r.reasoning_tokens as i64),
+        &int(r.prompt_tokens),
+        &int(r.completion_tokens),
+        &int(r.cached_tokens),
+        &int(r.reasoning_tokens),
         &r.cost.pico(),
-        &(r.latency_ms as i64),
-        &r.ttft_ms.map(|t| t as i64),
+        &int(r.latency_ms),
+        &r.ttft_ms.map(int),
         &r.streamed,
         &r.complete,
         &r.finish_reason,
@@ -660,6 +706,84 @@ mod tests {
                 secs * 1e6 / total as f64
             );
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn log_dir() -> std::path::PathBuf {
+        let r: u64 = rand::random();
+        let d =
+            std::env::temp_dir().join(format!("switchboard-sink-{}-{r:016x}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn request_logs_are_created_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = log_dir();
+        let mut sqlite = SqliteSink::open(&dir.join("log.db")).unwrap();
+        let mut jsonl = JsonlSink::open(&dir.join("log.jsonl")).unwrap();
+        let batch = [record(1), record(2)];
+        sqlite.write(&batch).unwrap();
+        jsonl.write(&batch).unwrap();
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{:?} is {mode:o}", e.file_name());
+            names.push(e.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        assert_eq!(names, ["log.db", "log.db-shm", "log.db-wal", "log.jsonl"]);
+        drop(sqlite);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_request_log_of_the_old_schema_is_migrated_to_a_strict_table() {
+        let dir = log_dir();
+        let path = dir.join("old.db");
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            // The layout before STRICT (and before WITHOUT ROWID, with a time index).
+            conn.execute_batch(&format!(
+                "CREATE TABLE requests ({});
+                 CREATE INDEX requests_time ON requests (time_ms);",
+                REQUESTS_TABLE
+                    .split_once('(')
+                    .unwrap()
+                    .1
+                    .rsplit_once(')')
+                    .unwrap()
+                    .0
+            ))
+            .unwrap();
+            conn.execute(
+                "INSERT INTO requests VALUES ('gen-1', 1, 'key_a', 'm/x', 'm/x', 'p', 200, 4, 6, 0, 0, 500, 12, NULL, 0, 1, 'stop', NULL, '[]', NULL, NULL)",
+                [],
+            )
+            .unwrap();
+        }
+        let sink = SqliteSink::open(&path).unwrap();
+        let c = sink.connection();
+        let strict: i64 = c
+            .query_row(
+                "SELECT strict FROM pragma_table_list WHERE name = 'requests'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(strict, 1);
+        let ids: Vec<String> = c
+            .prepare("SELECT id FROM requests")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(ids, ["gen-1"]);
+        drop(sink);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

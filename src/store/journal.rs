@@ -22,14 +22,14 @@
 //!   process appends and replays at a time.
 
 use std::borrow::Cow;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::{Generation, GenerationAttempt, Settlement};
-use crate::money::Money;
+use crate::money::{Money, MAX_CHARGE};
 
 /// A settlement as the journal holds it: with the UTC day its tokens count against,
 /// fixed when it was journaled (SQLite may get it after midnight).
@@ -114,8 +114,14 @@ impl Entry {
     }
 
     /// The entry of one line, or `None` for a cut or damaged one.
+    ///
+    /// A line whose charge is outside `0..=`[`MAX_CHARGE`] was never written by the
+    /// ledger (it refuses such a charge before journaling it): damaged.
     fn parse(line: &[u8]) -> Option<Entry> {
         let l: Line<'_> = serde_json::from_slice(line).ok()?;
+        if !Money::from_pico(l.pico).within(MAX_CHARGE) {
+            return None;
+        }
         Some(Entry {
             settlement: Settlement {
                 key_id: l.key.clone().into_owned(),
@@ -187,7 +193,7 @@ impl Paths {
 /// Takes the ledger's lock: `Ok(None)` when another store (another process, or
 /// another open of the same file here) holds it.
 pub(super) fn lock(paths: &Paths) -> std::io::Result<Option<File>> {
-    let file = OpenOptions::new()
+    let file = super::private_file_options()
         .create(true)
         .truncate(false)
         .write(true)
@@ -240,7 +246,10 @@ impl JournalFile {
                 }
             }
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = super::private_file_options()
+            .create(true)
+            .append(true)
+            .open(path)?;
         // Not 0 if a mapped journal was begun here and given up (its reserved NULs
         // stay, and replay skips them): a failed append is cut back to this.
         let len = file.metadata()?.len();
@@ -256,7 +265,7 @@ impl JournalFile {
     #[allow(unsafe_code)]
     fn create_mapped(path: &Path) -> std::io::Result<JournalFile> {
         use std::os::fd::AsRawFd;
-        let file = OpenOptions::new()
+        let file = super::private_file_options()
             .create(true)
             .truncate(true)
             .read(true)
@@ -447,7 +456,7 @@ mod tests {
                     streamed: rng.random(),
                     prompt_tokens: rng.random(),
                     completion_tokens: rng.random(),
-                    total_cost: Money::from_pico(rng.random_range(i64::MIN..=i64::MAX)),
+                    total_cost: Money::from_pico(rng.random_range(0..=MAX_CHARGE.pico())),
                     latency_ms: rng.random(),
                     ttft_ms: rng.random::<bool>().then(|| rng.random()),
                     attempts,
@@ -510,6 +519,25 @@ mod tests {
             let mut json = Vec::new();
             attempts_json(&mut json, &g.attempts);
             assert_eq!(json, serde_json::to_vec(&g.attempts).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_line_with_a_charge_out_of_bounds_is_damaged() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for (pico, ok) in [
+            (0, true),
+            (MAX_CHARGE.pico(), true),
+            (MAX_CHARGE.pico() + 1, false),
+            (i64::MAX, false),
+            (-1, false),
+        ] {
+            let mut e = entry(&mut rng);
+            e.settlement.generation.total_cost = Money::from_pico(pico);
+            let mut line = Vec::new();
+            e.write_line(&mut line);
+            let parsed = Entry::parse(line.strip_suffix(b"\n").unwrap());
+            assert_eq!(parsed.is_some(), ok, "{pico}");
         }
     }
 

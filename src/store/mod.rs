@@ -83,6 +83,7 @@ use crate::keys::KeyRecord;
 use crate::money::Money;
 
 mod journal;
+pub(crate) mod schema;
 mod sqlite;
 
 pub use sqlite::SqliteStore;
@@ -122,6 +123,46 @@ pub fn utc_day() -> u64 {
 /// How long until the next UTC midnight, when `tokens_per_day` starts over.
 pub fn until_utc_midnight() -> std::time::Duration {
     std::time::Duration::from_secs(86_400 - now_unix() % 86_400)
+}
+
+/// A key's credits after a top-up of `amount`, or why the top-up is refused: it must
+/// be more than 0, and the credits after it at most
+/// [`MAX_CREDITS`](crate::money::MAX_CREDITS). The admin API and the CLI check it
+/// before writing; a [`Ledger`] checks it again in the transaction that writes it.
+pub fn credits_after_top_up(credits: Money, amount: Money) -> Result<Money, String> {
+    use crate::money::MAX_CREDITS;
+    if amount <= Money::ZERO {
+        return Err(format!("the amount must be more than 0 (got {amount})"));
+    }
+    match credits.checked_add(amount) {
+        Some(after) if after <= MAX_CREDITS => Ok(after),
+        _ => Err(format!(
+            "credits would be more than {MAX_CREDITS} USD, the most a key can hold (it has {credits}; at most {} can be added)",
+            MAX_CREDITS.saturating_sub(credits).max(Money::ZERO)
+        )),
+    }
+}
+
+/// Options that create a file readable by its owner only (mode 0600 on Unix): the
+/// store, its journal and the request logs hold who spent what.
+pub(crate) fn private_file_options() -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o
+}
+
+/// Creates `path` empty, mode 0600, unless it exists: SQLite then opens it as it is,
+/// and gives its `-wal` and `-shm` files the same mode.
+pub(crate) fn create_private(path: &std::path::Path) -> std::io::Result<()> {
+    match private_file_options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        r => r.map(drop),
+    }
 }
 
 /// A store failure (disk, corruption, a broken writer).

@@ -15,6 +15,7 @@ use futures_util::FutureExt;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::journal::{self, Entry};
+use super::schema;
 use super::Reservation;
 use super::{
     hash_secret, new_key_id, now_unix, utc_day, Balance, Generation, GenerationAttempt, KeyPatch,
@@ -23,10 +24,18 @@ use super::{
 use crate::config::{KeyConfig, StoreConfig, SyncMode};
 use crate::error::GatewayError;
 use crate::keys::KeyRecord;
-use crate::money::Money;
+use crate::money::{Money, MAX_CHARGE, MAX_CREDITS, MAX_SPENT};
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS keys (
+/// The store's schema version (`PRAGMA user_version`): 1 = `STRICT` tables (see
+/// [`schema`]).
+const SCHEMA_VERSION: i64 = 1;
+
+/// The store's tables, each `STRICT`: an `INTEGER` column never holds a REAL.
+const TABLES: [schema::Table; 3] = [
+    schema::Table {
+        name: "keys",
+        columns: "id, secret_sha256, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models",
+        create: "CREATE TABLE {table} (
     id             TEXT PRIMARY KEY,
     secret_sha256  BLOB NOT NULL UNIQUE,
     name           TEXT NOT NULL,
@@ -38,10 +47,15 @@ CREATE TABLE IF NOT EXISTS keys (
     rpm            INTEGER,
     tokens_per_day INTEGER,
     models         TEXT
-);
--- One B-tree keyed by the (time-ordered) request id, so a settlement appends at its
--- right edge; per-key history is in the request log, indexed by key and time.
-CREATE TABLE IF NOT EXISTS settlements (
+) STRICT",
+        rowid: true,
+    },
+    // One B-tree keyed by the (time-ordered) request id, so a settlement appends at its
+    // right edge; per-key history is in the request log, indexed by key and time.
+    schema::Table {
+        name: "settlements",
+        columns: "request_id, key_id, amount_pico, model, provider, streamed, prompt_tokens, completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created",
+        create: "CREATE TABLE {table} (
     request_id        TEXT PRIMARY KEY,
     key_id            TEXT NOT NULL,
     amount_pico       INTEGER NOT NULL,
@@ -55,14 +69,35 @@ CREATE TABLE IF NOT EXISTS settlements (
     attempts          TEXT NOT NULL,
     finish_reason     TEXT,
     created           INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS daily_tokens (
+) STRICT, WITHOUT ROWID",
+        rowid: false,
+    },
+    schema::Table {
+        name: "daily_tokens",
+        columns: "key_id, day, tokens",
+        create: "CREATE TABLE {table} (
     key_id TEXT NOT NULL,
     day    INTEGER NOT NULL,
     tokens INTEGER NOT NULL,
     PRIMARY KEY (key_id, day)
-);
-";
+) STRICT",
+        rowid: true,
+    },
+];
+
+/// Creates the store's tables, or migrates those of an older layout (in one
+/// transaction; see [`schema`]).
+fn prepare_schema(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    schema::migrate(conn, SCHEMA_VERSION, &TABLES, "")
+        .map_err(|e| StoreError(format!("cannot prepare the store {}: {e}", path.display())))
+}
+
+/// A count (tokens, milliseconds, seconds) as SQLite's signed integer: past
+/// `i64::MAX` it is `i64::MAX` (only an absurd upstream report gets there), never a
+/// negative number.
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
 
 /// One key's money, in memory; changed only under its own lock.
 #[derive(Debug, Default)]
@@ -187,6 +222,17 @@ fn money(v: i64) -> Money {
     Money::from_pico(v)
 }
 
+/// Refuses credits or a limit outside `0..=`[`MAX_CREDITS`] (callers validate first;
+/// this keeps the store's own bound whoever calls it).
+fn check_amounts(credits: Money, limit: Option<Money>) -> Result<(), StoreError> {
+    if !credits.within(MAX_CREDITS) || limit.is_some_and(|l| !l.within(MAX_CREDITS)) {
+        return Err(StoreError(format!(
+            "credits and limits must be from $0 to ${MAX_CREDITS}"
+        )));
+    }
+    Ok(())
+}
+
 fn row_to_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
     let models: Option<String> = r.get("models")?;
     let record = KeyRecord {
@@ -218,8 +264,16 @@ impl SqliteStore {
     pub fn open(config: &StoreConfig) -> Result<Arc<SqliteStore>, StoreError> {
         let (path, temporary) = store_path(&config.url)?;
         let sync = config.sync;
-        let writer_conn = open_conn(&path, sync)?;
-        writer_conn.execute_batch(SCHEMA)?;
+        // Created here, mode 0600, so that SQLite's own files (-wal, -shm) take the
+        // same mode; the journal's files are created 0600 too.
+        super::create_private(&path).map_err(|e| {
+            StoreError(format!(
+                "cannot create the store {}: {e} (check [store].url and that its directory exists and is writable)",
+                path.display()
+            ))
+        })?;
+        let mut writer_conn = open_conn(&path, sync)?;
+        prepare_schema(&mut writer_conn, &path)?;
         // Checkpoints run from their own connection (below), never inside a commit.
         // After a burst, a WAL that starts over is cut back to this size.
         writer_conn.execute_batch(&format!(
@@ -314,6 +368,7 @@ impl SqliteStore {
         self.with_conn(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             for k in keys {
+                check_amounts(k.credits_usd, k.limit_usd)?;
                 let hash = hash_secret(&k.secret);
                 let name = k.name.clone().unwrap_or_else(|| "bootstrap".into());
                 let updated = tx.execute(
@@ -909,6 +964,10 @@ impl Writer {
         for cmd in batch {
             match cmd {
                 Cmd::Settle(s, waiter) => {
+                    if let Some(why) = self.refusal(&s, &entries) {
+                        self.refuse(&s, why, waiter);
+                        continue;
+                    }
                     entries.push(Arc::new(Entry {
                         settlement: *s,
                         day,
@@ -942,12 +1001,16 @@ impl Writer {
                 a.reserved = (a.reserved - s.reserved.amount).max(Money::ZERO);
                 a.reserved_tokens = a.reserved_tokens.saturating_sub(s.reserved.tokens);
                 if result.as_ref().is_ok_and(|applied| applied[i]) {
-                    a.spent = a.spent + s.generation.total_cost;
+                    // Within MAX_SPENT + MAX_CREDITS by `refusal`: never `None`.
+                    a.spent = a
+                        .spent
+                        .checked_add(s.generation.total_cost)
+                        .unwrap_or(Money::from_pico(i64::MAX));
                     if a.day != e.day {
                         a.day = e.day;
                         a.day_tokens = 0;
                     }
-                    a.day_tokens += s.tokens;
+                    a.day_tokens = a.day_tokens.saturating_add(s.tokens);
                 }
             }
         }
@@ -961,6 +1024,78 @@ impl Writer {
         }
         if !flushes.is_empty() {
             self.flush_after_apply(flushes);
+        }
+    }
+
+    /// Why the ledger refuses a settlement before journaling it, if it does: a charge
+    /// outside `0..=`[`MAX_CHARGE`], or one larger than its own reservation that would
+    /// take the key's spending past [`MAX_SPENT`] (`earlier`: this batch's entries so
+    /// far).
+    ///
+    /// A charge within its reservation needs no look at the account: reservations are
+    /// admitted only while credits (≤ [`MAX_CREDITS`]) cover spent + reserved, so such
+    /// charges never add more than the key's credits, and once a key's spending is
+    /// past its credits no reservation is admitted. Spending thus stays below
+    /// `MAX_SPENT + MAX_CREDITS` (3 × 10¹⁸ pico-USD < `i64::MAX`), in memory and in
+    /// SQLite: no sum can overflow.
+    fn refusal(&self, s: &Settlement, earlier: &[Arc<Entry>]) -> Option<String> {
+        let cost = s.generation.total_cost;
+        if !cost.within(MAX_CHARGE) {
+            return Some(format!(
+                "a charge of ${cost} is outside the ledger's bounds ($0 to ${MAX_CHARGE})"
+            ));
+        }
+        if cost <= s.reserved.amount {
+            return None;
+        }
+        let spent = self
+            .accounts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&s.key_id)
+            .map_or(Money::ZERO, |a| {
+                a.lock().unwrap_or_else(|e| e.into_inner()).spent
+            });
+        let after = earlier
+            .iter()
+            .filter(|e| e.settlement.key_id == s.key_id)
+            .try_fold(spent, |sum, e| {
+                sum.checked_add(e.settlement.generation.total_cost)
+            })
+            .and_then(|sum| sum.checked_add(cost));
+        match after {
+            Some(after) if after <= MAX_SPENT => None,
+            _ => Some(format!(
+                "a charge of ${cost} (more than its reservation of ${}) would take the spending of key `{}` past ${MAX_SPENT}",
+                s.reserved.amount, s.key_id
+            )),
+        }
+    }
+
+    /// Answers a refused settlement with an error and gives back its reservation:
+    /// nothing of it is journaled or charged.
+    fn refuse(
+        &self,
+        s: &Settlement,
+        why: String,
+        waiter: Option<tokio::sync::oneshot::Sender<Result<bool, StoreError>>>,
+    ) {
+        tracing::error!(
+            "ledger: settlement {} refused, not charged: {why}",
+            s.generation.id
+        );
+        if let Some(acc) = self
+            .accounts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&s.key_id)
+        {
+            let mut a = acc.lock().unwrap_or_else(|e| e.into_inner());
+            a.reserved = (a.reserved - s.reserved.amount).max(Money::ZERO);
+            a.reserved_tokens = a.reserved_tokens.saturating_sub(s.reserved.tokens);
+        }
+        if let Some(w) = waiter {
+            let _ = w.send(Err(StoreError(format!("settlement refused: {why}"))));
         }
     }
 
@@ -1379,15 +1514,24 @@ fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<bool>, Store
                prompt_tokens, completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
-        let mut spend =
-            tx.prepare_cached("UPDATE keys SET spent_pico = spent_pico + ?1 WHERE id = ?2")?;
+        // Checked in SQL too: a sum that would overflow updates nothing (and the
+        // batch fails) instead of turning into a REAL (which the STRICT table would
+        // refuse anyway). The ledger's bounds keep it far from there: see
+        // `Writer::refusal`.
+        let mut spend = tx.prepare_cached(
+            "UPDATE keys SET spent_pico = spent_pico + ?1 WHERE id = ?2 AND spent_pico <= ?3 - ?1",
+        )?;
+        let mut key_exists = tx.prepare_cached("SELECT 1 FROM keys WHERE id = ?1")?;
+        // A day's count saturates at i64::MAX (it is only compared with a limit).
         let mut tokens_stmt = tx.prepare_cached(
             "INSERT INTO daily_tokens (key_id, day, tokens) VALUES (?1, ?2, ?3)
-             ON CONFLICT (key_id, day) DO UPDATE SET tokens = tokens + excluded.tokens",
+             ON CONFLICT (key_id, day) DO UPDATE SET tokens = CASE
+               WHEN tokens > 9223372036854775807 - excluded.tokens THEN 9223372036854775807
+               ELSE tokens + excluded.tokens END",
         )?;
         // One UPDATE and one UPSERT per key (and day) per batch, not per settlement:
         // a batch is usually many requests of few keys.
-        let mut per_key: HashMap<(&str, u64), (i64, i64)> = HashMap::new();
+        let mut per_key: HashMap<(&str, u64), (Money, u64)> = HashMap::new();
         let mut attempts = Vec::with_capacity(128);
         for e in batch {
             let s = &e.settlement;
@@ -1403,26 +1547,36 @@ fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<bool>, Store
                 g.model,
                 g.provider,
                 g.streamed,
-                g.prompt_tokens as i64,
-                g.completion_tokens as i64,
-                g.latency_ms as i64,
-                g.ttft_ms.map(|t| t as i64),
+                int(g.prompt_tokens),
+                int(g.completion_tokens),
+                int(g.latency_ms),
+                g.ttft_ms.map(int),
                 attempts,
                 g.finish_reason,
-                g.created as i64
+                int(g.created)
             ])?;
             if n == 1 {
-                let (cost, tokens) = (g.total_cost.pico(), s.tokens as i64);
                 let entry = per_key.entry((&s.key_id, e.day)).or_default();
-                entry.0 += cost;
-                entry.1 += tokens;
+                entry.0 = entry.0.checked_add(g.total_cost).ok_or_else(|| {
+                    StoreError(format!(
+                        "the charges of key `{}` in one batch overflow; nothing of the batch was written",
+                        s.key_id
+                    ))
+                })?;
+                entry.1 = entry.1.saturating_add(s.tokens);
             }
             applied.push(n == 1);
         }
         for ((key_id, day), (cost, tokens)) in per_key {
-            spend.execute(params![cost, key_id])?;
+            if spend.execute(params![cost.pico(), key_id, i64::MAX])? == 0
+                && key_exists.exists([key_id])?
+            {
+                return Err(StoreError(format!(
+                    "charging ${cost} to key `{key_id}` would overflow its spending; nothing of the batch was written"
+                )));
+            }
             if tokens > 0 {
-                tokens_stmt.execute(params![key_id, day as i64, tokens])?;
+                tokens_stmt.execute(params![key_id, int(day), int(tokens)])?;
             }
         }
     }
@@ -1466,6 +1620,7 @@ impl KeyStore for SqliteStore {
     }
 
     fn create(&self, hash: SecretHash, new: NewKey) -> Result<StoredKey, StoreError> {
+        check_amounts(new.credits, new.limit)?;
         let id = new_key_id();
         let created = now_unix();
         self.with_conn(|c| {
@@ -1617,14 +1772,30 @@ impl Ledger for SqliteStore {
         Ok(if a.day == utc_day() { a.day_tokens } else { 0 })
     }
 
+    /// Refuses (with nothing written) a top-up that is not more than 0 or that would
+    /// take the key's credits past [`MAX_CREDITS`], checked in the transaction that
+    /// writes it (see [`credits_after_top_up`](super::credits_after_top_up)).
     fn top_up(&self, key_id: &str, amount: Money) -> Result<Option<Balance>, StoreError> {
-        let n = self.with_conn(|c| {
-            Ok(c.execute(
-                "UPDATE keys SET credits_pico = credits_pico + ?1 WHERE id = ?2",
-                params![amount.pico(), key_id],
-            )?)
+        let found = self.with_conn(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let credits: Option<i64> = tx
+                .query_row("SELECT credits_pico FROM keys WHERE id=?1", [key_id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let Some(credits) = credits else {
+                return Ok(false);
+            };
+            let after = super::credits_after_top_up(money(credits), amount)
+                .map_err(|m| StoreError(format!("top-up of key `{key_id}` refused: {m}")))?;
+            tx.execute(
+                "UPDATE keys SET credits_pico = ?1 WHERE id = ?2",
+                params![after.pico(), key_id],
+            )?;
+            tx.commit()?;
+            Ok(true)
         })?;
-        if n == 0 {
+        if !found {
             return Ok(None);
         }
         self.refresh_credits(key_id)?;
@@ -1668,6 +1839,10 @@ impl Ledger for SqliteStore {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "sqlite_bounds.rs"]
+mod bounds;
 
 #[cfg(test)]
 mod tests {
@@ -1750,8 +1925,9 @@ mod tests {
     #[test]
     fn one_batch_of_many_keys_charges_each_key_its_own_sum_once() {
         let dir = temp_dir();
-        let mut conn = open_conn(&dir.join("batch.db"), SyncMode::Normal).unwrap();
-        conn.execute_batch(SCHEMA).unwrap();
+        let path = dir.join("batch.db");
+        let mut conn = open_conn(&path, SyncMode::Normal).unwrap();
+        prepare_schema(&mut conn, &path).unwrap();
         for k in ["ka", "kb"] {
             conn.execute(
                 "INSERT INTO keys (id, secret_sha256, name, created, credits_pico) VALUES (?1, ?2, ?1, 0, 0)",
@@ -1797,8 +1973,8 @@ mod tests {
     fn the_wal_starts_over_while_commits_never_stop() {
         let dir = temp_dir();
         let path = dir.join("wal.db");
-        let conn = open_conn(&path, SyncMode::Normal).unwrap();
-        conn.execute_batch(SCHEMA).unwrap();
+        let mut conn = open_conn(&path, SyncMode::Normal).unwrap();
+        prepare_schema(&mut conn, &path).unwrap();
         conn.execute_batch("PRAGMA wal_autocheckpoint=0;").unwrap();
         conn.execute(
             "INSERT INTO keys (id, secret_sha256, name, created, credits_pico) VALUES ('k', x'00', 'k', 0, 0)",

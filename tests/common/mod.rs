@@ -239,6 +239,10 @@ pub fn sse_text(text: &str) -> String {
         .collect()
 }
 
+/// The client key of [`openai_config`] (config secrets are at least 20 characters;
+/// only the built-in demo's `sk-demo` is shorter).
+pub const TEST_KEY: &str = "sk-test-client-key-0123456789";
+
 /// A config with one OpenAI-kind provider per `(name, base_url)`, all serving model
 /// `test/model` in the given order, prices $1/$2 per Mtok, and the demo mock models.
 pub fn openai_config(upstreams: &[(&str, &str)], extra: &str) -> String {
@@ -257,7 +261,9 @@ pub fn openai_config(upstreams: &[(&str, &str)], extra: &str) -> String {
     s.push('\n');
     s.push_str(extra);
     // The client key the tests use, with generous credits.
-    s.push_str("\n[[keys]]\nsecret = \"sk-demo\"\nname = \"demo\"\ncredits_usd = 1000\n");
+    s.push_str(&format!(
+        "\n[[keys]]\nsecret = \"{TEST_KEY}\"\nname = \"demo\"\ncredits_usd = 1000\n"
+    ));
     s
 }
 

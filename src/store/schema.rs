@@ -1,0 +1,82 @@
+//! SQLite schemas as `STRICT` tables, and the migration of databases made before.
+//!
+//! In a `STRICT` table an `INTEGER` column holds integers only: an integer overflow in
+//! SQL (which SQLite turns into a REAL) is an error that rolls the transaction back,
+//! never a REAL stored in a money column that every later read fails on. SQLite cannot
+//! make an existing table `STRICT`, so a database of an older layout is migrated at
+//! open, in one transaction: each table is created anew as `STRICT`, its rows copied
+//! (rowids kept), the old one dropped and the new one renamed. `PRAGMA user_version`
+//! records that it is done.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+/// A table of a schema: its name, its columns (to copy) and its definition, where
+/// `{table}` stands for the name it is created under.
+pub(crate) struct Table {
+    pub name: &'static str,
+    pub columns: &'static str,
+    pub create: &'static str,
+    /// Whether the table has rowids (to keep them, and so the order of `rowid`).
+    pub rowid: bool,
+}
+
+/// Brings the database of `conn` to `version` with `tables` (plus `extra` statements,
+/// e.g. indexes, run after). A database below `version` has every existing table of
+/// the list copied into its `STRICT` form; a missing table is created. Another
+/// connection doing it at the same moment waits (`BEGIN IMMEDIATE`), then finds it done.
+pub(crate) fn migrate(
+    conn: &mut Connection,
+    version: i64,
+    tables: &[Table],
+    extra: &str,
+) -> Result<(), String> {
+    let current = |c: &Connection| -> rusqlite::Result<i64> {
+        c.query_row("PRAGMA user_version", [], |r| r.get(0))
+    };
+    if current(conn).map_err(|e| e.to_string())? >= version {
+        return Ok(());
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| e.to_string())?;
+    if current(&tx).map_err(|e| e.to_string())? >= version {
+        return Ok(());
+    }
+    for t in tables {
+        let exists = tx
+            .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")
+            .and_then(|mut s| s.exists([t.name]))
+            .map_err(|e| e.to_string())?;
+        if !exists {
+            tx.execute_batch(&t.create.replace("{table}", t.name))
+                .map_err(|e| format!("cannot create table `{}`: {e}", t.name))?;
+            continue;
+        }
+        let new = format!("{}_strict", t.name);
+        let (rowid, with_rowid) = if t.rowid {
+            ("rowid, ", "rowid, ")
+        } else {
+            ("", "")
+        };
+        let sql = format!(
+            "DROP TABLE IF EXISTS {new};
+             {create};
+             INSERT INTO {new} ({rowid}{cols}) SELECT {with_rowid}{cols} FROM {old};
+             DROP TABLE {old};
+             ALTER TABLE {new} RENAME TO {old};",
+            create = t.create.replace("{table}", &new),
+            cols = t.columns,
+            old = t.name,
+        );
+        tx.execute_batch(&sql).map_err(|e| {
+            format!(
+                "cannot migrate table `{}` to STRICT (a value of the wrong type in it: fix or remove that row, then start again): {e}",
+                t.name
+            )
+        })?;
+    }
+    tx.execute_batch(extra).map_err(|e| e.to_string())?;
+    tx.pragma_update(None, "user_version", version)
+        .map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())
+}
