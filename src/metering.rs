@@ -265,7 +265,8 @@ impl Meter {
     /// Fills the totals and details, and sets `cost` at the endpoint's prices
     /// (zero when nothing was delivered, SPEC §4).
     fn price(&self, usage: &mut Usage) {
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+        // Saturating: both counts are the upstream's, and may be absurd.
+        usage.total_tokens = usage.prompt_tokens.saturating_add(usage.completion_tokens);
         usage
             .prompt_tokens_details
             .get_or_insert_with(PromptTokensDetails::default);
