@@ -9,6 +9,7 @@
 //! |---|---|
 //! | choices of one answer | indices `< n` asked (until `n` is parsed: [`MAX_CHOICES`]) |
 //! | tool calls of one choice | indices `<` [`MAX_TOOL_CALLS`] |
+//! | each token count of `usage` | `≤` [`MAX_USAGE_TOKENS`] |
 //! | a non-stream body, a whole stream | `[[providers]].max_response_bytes` ([`DEFAULT_MAX_RESPONSE_BYTES`]) |
 //! | one SSE line or event | [`MAX_EVENT`](super::sse::MAX_EVENT) |
 //! | `Retry-After` / `retry-after-ms` | [`MAX_RETRY_AFTER`] |
@@ -39,6 +40,11 @@ pub const MAX_CHOICES: u32 = 128;
 /// request; a model may call one several times, so the bound is wider).
 pub const MAX_TOOL_CALLS: u32 = 1024;
 
+/// The largest token count an upstream may report in `usage` (2^53, the largest
+/// integer a JSON number holds exactly): a sum of a few never overflows a u64, and
+/// anything above is no real answer.
+pub const MAX_USAGE_TOKENS: u64 = 1 << 53;
+
 /// The default `[[providers]].max_response_bytes`: 32 MiB.
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 32 << 20;
 
@@ -55,10 +61,26 @@ pub fn max_choices(call: &ProviderCall) -> u32 {
 }
 
 /// Checks the indices and counts of one chunk (a stream chunk, or a whole non-stream
-/// answer) against `max_choices` and [`MAX_TOOL_CALLS`]; `Err` says what is wrong.
+/// answer) against `max_choices`, [`MAX_TOOL_CALLS`] and [`MAX_USAGE_TOKENS`]; `Err`
+/// says what is wrong.
 ///
 /// Cheap enough for every chunk: no allocation unless the chunk is refused.
 pub fn check_chunk(chunk: &ChatChunk, max_choices: u32) -> Result<(), String> {
+    if let Some(u) = &chunk.usage {
+        let counts = [
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.total_tokens,
+            u.cached_tokens(),
+            u.cache_write_tokens(),
+            u.reasoning_tokens(),
+        ];
+        if let Some(n) = counts.into_iter().find(|n| *n > MAX_USAGE_TOKENS) {
+            return Err(format!(
+                "a usage count of {n} tokens (at most {MAX_USAGE_TOKENS})"
+            ));
+        }
+    }
     if chunk.choices.len() > max_choices as usize {
         return Err(format!(
             "{} choices in one answer (at most {max_choices})",
@@ -217,6 +239,17 @@ mod tests {
         let many = vec![ToolCallDelta::default(); MAX_TOOL_CALLS as usize + 1];
         c.choices[0].delta.tool_calls = Some(many);
         assert!(check_chunk(&c, 1).is_err());
+        // Usage counts.
+        let mut c = ChatChunk::usage(crate::chat::Usage::new(MAX_USAGE_TOKENS, 1));
+        assert!(check_chunk(&c, 1).is_ok());
+        c.usage.as_mut().unwrap().prompt_tokens = MAX_USAGE_TOKENS + 1;
+        assert!(check_chunk(&c, 1).unwrap_err().contains("usage count"));
+        let mut u = crate::chat::Usage::new(1, 1);
+        u.prompt_tokens_details = Some(crate::chat::PromptTokensDetails {
+            cached_tokens: u64::MAX,
+            cache_write_tokens: 0,
+        });
+        assert!(check_chunk(&ChatChunk::usage(u), 1).is_err());
         // More choice entries than allowed, even all at index 0.
         let mut c = ChatChunk::text("x");
         c.choices.push(c.choices[0].clone());
