@@ -15,6 +15,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 /// One hostile provider of a test config.
@@ -405,15 +406,41 @@ static LINE: [u8; 65536] = [b'x'; 65536];
 #[tokio::test]
 async fn giant_endless_and_dripping_bodies_are_failed_attempts() {
     let good = good_upstream().await;
-    // 300 MB announced by Content-Length: refused before it is read.
+    // A valid chat.completion of 300 MB (it went through to the client, RSS +900 MB),
+    // announced by Content-Length: refused before it is read.
     let giant = upstream(|_, _| async {
-        let body = futures_util::stream::iter((0..4800).map(|_| {
-            Ok::<_, std::convert::Infallible>(bytes::Bytes::from_static(&LINE))
-        }));
+        const HEAD: &[u8] = br#"{"choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":""#;
+        const TAIL: &[u8] = br#""}}]}"#;
+        let body = futures_util::stream::once(async { bytes::Bytes::from_static(HEAD) })
+            .chain(futures_util::stream::iter(
+                (0..4800).map(|_| bytes::Bytes::from_static(&LINE)),
+            ))
+            .chain(futures_util::stream::once(async { bytes::Bytes::from_static(TAIL) }))
+            .map(Ok::<_, std::convert::Infallible>);
         axum::response::Response::builder()
             .status(200)
             .header("content-type", "application/json")
-            .header("content-length", (4800 * LINE.len()).to_string())
+            .header(
+                "content-length",
+                (HEAD.len() + 4800 * LINE.len() + TAIL.len()).to_string(),
+            )
+            .body(axum::body::Body::from_stream(body))
+            .unwrap()
+    })
+    .await;
+    // The same without Content-Length (chunked): cut off at the limit.
+    let giant_chunked = upstream(|_, _| async {
+        const HEAD: &[u8] = br#"{"choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":""#;
+        const TAIL: &[u8] = br#""}}]}"#;
+        let body = futures_util::stream::once(async { bytes::Bytes::from_static(HEAD) })
+            .chain(futures_util::stream::iter(
+                (0..32).map(|_| bytes::Bytes::from_static(&LINE)),
+            ))
+            .chain(futures_util::stream::once(async { bytes::Bytes::from_static(TAIL) }))
+            .map(Ok::<_, std::convert::Infallible>);
+        axum::response::Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
             .body(axum::body::Body::from_stream(body))
             .unwrap()
     })
@@ -446,6 +473,7 @@ async fn giant_endless_and_dripping_bodies_are_failed_attempts() {
         &good,
         &[
             hostile("giant", "openai", &giant, SMALL),
+            hostile("giant_chunked", "openai", &giant_chunked, SMALL),
             hostile("endless_json", "openai", &endless_json, SMALL),
             hostile("endless_pings", "openai", &endless_pings, SMALL),
             hostile("endless_content", "openai", &endless_content, SMALL),
@@ -459,6 +487,7 @@ async fn giant_endless_and_dripping_bodies_are_failed_attempts() {
     .await;
 
     check_case(&mut gw, "giant", false, 502, "upstream_error").await;
+    check_case(&mut gw, "giant_chunked", false, 502, "upstream_error").await;
     check_case(&mut gw, "endless_json", false, 502, "upstream_error").await;
     check_case(&mut gw, "endless_pings", true, 502, "upstream_error").await;
     check_case(&mut gw, "endless_line", true, 502, "upstream_error").await;
