@@ -169,8 +169,7 @@ impl Catalog {
                     stream_idle_timeout: Duration::from_secs(p.stream_idle_timeout_secs),
                     data_collection: p.data_collection,
                     // Validated ≤ 1 GiB, so it fits a usize on every target.
-                    max_response_bytes: usize::try_from(p.max_response_bytes)
-                        .unwrap_or(usize::MAX),
+                    max_response_bytes: usize::try_from(p.max_response_bytes).unwrap_or(usize::MAX),
                     headers,
                 })
             })

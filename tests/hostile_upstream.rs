@@ -81,7 +81,10 @@ fn config(good: &Upstream, hostiles: &[Hostile], extra: &str) -> String {
         ));
     }
     for h in hostiles {
-        s.push_str(&format!("[[models]]\nid = \"h/{}\"\nmax_output_tokens = 100\n", h.name));
+        s.push_str(&format!(
+            "[[models]]\nid = \"h/{}\"\nmax_output_tokens = 100\n",
+            h.name
+        ));
         for p in [h.name, "good"] {
             s.push_str(&format!(
                 "  [[models.endpoints]]\n  provider = \"{p}\"\n  upstream_model = \"m\"\n  prompt_usd_per_mtok = 1\n  completion_usd_per_mtok = 2\n"
@@ -95,7 +98,13 @@ fn config(good: &Upstream, hostiles: &[Hostile], extra: &str) -> String {
 }
 
 /// Asks model `h/NAME`, through `NAME` only or with `good` behind it.
-async fn ask(gw: &GatewayProcess, key: &str, name: &str, stream: bool, only: bool) -> reqwest::Response {
+async fn ask(
+    gw: &GatewayProcess,
+    key: &str,
+    name: &str,
+    stream: bool,
+    only: bool,
+) -> reqwest::Response {
     let provider = if only {
         json!({"only": [name]})
     } else {
@@ -121,7 +130,10 @@ async fn error_of(res: reqwest::Response, what: &str) -> Value {
         .unwrap_or_else(|e| panic!("{what}: not a JSON error body: {e}"));
     let err = &body["error"];
     for field in ["message", "type", "code"] {
-        assert!(err[field].is_string(), "{what}: error without {field}: {body}");
+        assert!(
+            err[field].is_string(),
+            "{what}: error without {field}: {body}"
+        );
     }
     err.clone()
 }
@@ -360,8 +372,18 @@ async fn absurd_retry_after_headers_are_clamped() {
         ("ra_neg", "retry-after", "-1", None),
         ("ra_u64", "retry-after", "18446744073709551616", Some(86400)),
         ("ra_ms", "retry-after-ms", "1e300", Some(86400)),
-        ("ra_far_date", "retry-after", "Fri, 31 Dec 9999 23:59:59 GMT", Some(86400)),
-        ("ra_past_date", "retry-after", "Sun, 06 Nov 1994 08:49:37 GMT", None),
+        (
+            "ra_far_date",
+            "retry-after",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+            Some(86400),
+        ),
+        (
+            "ra_past_date",
+            "retry-after",
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            None,
+        ),
     ];
     let mut hostiles = Vec::new();
     for (name, header, value, _) in cases {
@@ -370,7 +392,9 @@ async fn absurd_retry_after_headers_are_clamped() {
                 .status(429)
                 .header("content-type", "application/json")
                 .header(header, value)
-                .body(axum::body::Body::from(r#"{"error":{"message":"slow down"}}"#))
+                .body(axum::body::Body::from(
+                    r#"{"error":{"message":"slow down"}}"#,
+                ))
                 .unwrap()
         })
         .await;
@@ -445,9 +469,14 @@ async fn giant_endless_and_dripping_bodies_are_failed_attempts() {
             .unwrap()
     })
     .await;
-    let endless_json = upstream(|_, _| async { endless("application/json", b"{\"choices\":[", &LINE) }).await;
+    let endless_json =
+        upstream(|_, _| async { endless("application/json", b"{\"choices\":[", &LINE) }).await;
     let endless_pings = upstream(|_, _| async {
-        endless("text/event-stream", b"", b": still thinking, still thinking, still thinking\n")
+        endless(
+            "text/event-stream",
+            b"",
+            b": still thinking, still thinking, still thinking\n",
+        )
     })
     .await;
     let endless_content = upstream(|_, _| async {
@@ -458,13 +487,24 @@ async fn giant_endless_and_dripping_bodies_are_failed_attempts() {
         )
     })
     .await;
-    let endless_line = upstream(|_, _| async { endless("text/event-stream", b"data: ", &LINE) }).await;
+    let endless_line =
+        upstream(|_, _| async { endless("text/event-stream", b"data: ", &LINE) }).await;
     let drip_json = upstream(|_, _| async {
-        drip("application/json", b"{\"choices\":[", b" ", Duration::from_millis(100))
+        drip(
+            "application/json",
+            b"{\"choices\":[",
+            b" ",
+            Duration::from_millis(100),
+        )
     })
     .await;
     let drip_sse = upstream(|_, _| async {
-        drip("text/event-stream", b"", b"data: {\"choices\":", Duration::from_millis(100))
+        drip(
+            "text/event-stream",
+            b"",
+            b"data: {\"choices\":",
+            Duration::from_millis(100),
+        )
     })
     .await;
     const SMALL: &str = "max_response_bytes = 1048576\nstream_idle_timeout_secs = 30";
@@ -478,7 +518,12 @@ async fn giant_endless_and_dripping_bodies_are_failed_attempts() {
             hostile("endless_pings", "openai", &endless_pings, SMALL),
             hostile("endless_content", "openai", &endless_content, SMALL),
             // Above the SSE parser's 16 MiB event cap, so that cap is what ends it.
-            hostile("endless_line", "openai", &endless_line, "max_response_bytes = 67108864\nstream_idle_timeout_secs = 30"),
+            hostile(
+                "endless_line",
+                "openai",
+                &endless_line,
+                "max_response_bytes = 67108864\nstream_idle_timeout_secs = 30",
+            ),
             hostile("drip_json", "openai", &drip_json, DRIP),
             hostile("drip_sse", "openai", &drip_sse, DRIP),
         ],
@@ -505,14 +550,20 @@ async fn giant_endless_and_dripping_bodies_are_failed_attempts() {
     assert_eq!(last["choices"][0]["finish_reason"], "error", "{last}");
     assert_eq!(last["error"]["code"], "upstream_error", "{last}");
     assert!(
-        last["error"]["message"].as_str().unwrap().contains("max_response_bytes"),
+        last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_response_bytes"),
         "{last}"
     );
     // At most max_response_bytes of upstream events were relayed.
     let event = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"more \"}}]}\n\n";
     let most = (1 << 20) / event.len();
     let relayed = data.len() - 2;
-    assert!(relayed > 0 && relayed <= most, "{relayed} chunks relayed, at most {most}");
+    assert!(
+        relayed > 0 && relayed <= most,
+        "{relayed} chunks relayed, at most {most}"
+    );
     gw.assert_alive("an endless stream of content");
 }
 
@@ -524,7 +575,10 @@ async fn echoed_credentials_are_redacted() {
     // 400: the request's fault, relayed to the client as it is (but redacted).
     let echo400 = upstream(|seen, _| async move {
         let auth = seen.header("authorization").unwrap_or_default().to_string();
-        json(400, json!({"error": {"message": format!("bad request; you sent authorization: {auth}")}}))
+        json(
+            400,
+            json!({"error": {"message": format!("bad request; you sent authorization: {auth}")}}),
+        )
     })
     .await;
     // 500 with a plain-text body: the 502 lists the attempt's message.
@@ -532,7 +586,9 @@ async fn echoed_credentials_are_redacted() {
         let auth = seen.header("authorization").unwrap_or_default().to_string();
         axum::response::Response::builder()
             .status(500)
-            .body(axum::body::Body::from(format!("upstream crashed on request: Authorization: {auth}\n")))
+            .body(axum::body::Body::from(format!(
+                "upstream crashed on request: Authorization: {auth}\n"
+            )))
             .unwrap()
     })
     .await;
@@ -544,9 +600,15 @@ async fn echoed_credentials_are_redacted() {
     .await;
     // Gemini's key arrives in `x-goog-api-key`; an in-band stream error echoes it.
     let echo_gem = upstream(|seen, _| async move {
-        let key = seen.header("x-goog-api-key").unwrap_or_default().to_string();
+        let key = seen
+            .header("x-goog-api-key")
+            .unwrap_or_default()
+            .to_string();
         sse(
-            vec![json!({"error": {"code": 500, "message": format!("internal; key={key} {key}")}}).to_string()],
+            vec![
+                json!({"error": {"code": 500, "message": format!("internal; key={key} {key}")}})
+                    .to_string(),
+            ],
             Duration::ZERO,
         )
     })
@@ -571,7 +633,10 @@ async fn echoed_credentials_are_redacted() {
         let res = ask(&gw, "sk-hostile", name, stream, true).await;
         assert_eq!(res.status(), status, "{name}");
         let text = res.text().await.unwrap();
-        assert!(!text.contains(&format!("sk-upstream-{name}")), "{name} leaked its key: {text}");
+        assert!(
+            !text.contains(&format!("sk-upstream-{name}")),
+            "{name} leaked its key: {text}"
+        );
         assert!(text.contains("[REDACTED]"), "{name}: {text}");
         gw.assert_alive(name);
     }
@@ -606,8 +671,10 @@ credits_usd = 1
         let res = client()
             .post(gw.url("/v1/chat/completions"))
             .bearer_auth("sk-hostile")
-            .json(&json!({"model": "mock/lorem", "max_tokens": 4294967295u32, "stream": stream,
-                          "messages": [{"role": "user", "content": "go"}]}))
+            .json(
+                &json!({"model": "mock/lorem", "max_tokens": 4294967295u32, "stream": stream,
+                          "messages": [{"role": "user", "content": "go"}]}),
+            )
             .send()
             .await
             .unwrap_or_else(|e| panic!("stream {stream}: no answer: {e}"));

@@ -231,7 +231,9 @@ pub async fn send(
         let body = match tokio::time::timeout(provider.stream_idle_timeout, limited.collect()).await
         {
             Err(_) => {
-                return Err(ProviderError::new(name, FailureKind::StreamIdle, "body stalled").into())
+                return Err(
+                    ProviderError::new(name, FailureKind::StreamIdle, "body stalled").into(),
+                )
             }
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                 return Err(too_large(name, max_bytes).into())

@@ -196,7 +196,11 @@ mod tests {
             ("retry-after-ms", "NaN", None),
             ("retry-after-ms", "-1", None),
         ] {
-            assert_eq!(retry_after(&headers(&[(name, value)]), now), want, "{name}: {value}");
+            assert_eq!(
+                retry_after(&headers(&[(name, value)]), now),
+                want,
+                "{name}: {value}"
+            );
         }
         // A bad `retry-after-ms` falls back to `Retry-After`.
         let h = headers(&[("retry-after-ms", "NaN"), ("retry-after", "7")]);

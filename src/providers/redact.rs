@@ -92,7 +92,10 @@ mod tests {
                 "Authorization: Bearer abc.def-ghi",
                 "Authorization: [REDACTED]",
             ),
-            ("missing bearer tok_12345 here", "missing bearer [REDACTED] here"),
+            (
+                "missing bearer tok_12345 here",
+                "missing bearer [REDACTED] here",
+            ),
             (
                 r#"{"x-api-key":"ant-123","other":1}"#,
                 r#"{"x-api-key":"[REDACTED]","other":1}"#,

@@ -316,7 +316,11 @@ mod tests {
         let ev = p.next_event().unwrap().unwrap();
         assert_eq!(ev.data.len(), 4096 * 1024);
         let total = 6 + 4096 * 1024 + 2;
-        assert!(p.searched <= 2 * total, "searched {} of {total} bytes", p.searched);
+        assert!(
+            p.searched <= 2 * total,
+            "searched {} of {total} bytes",
+            p.searched
+        );
     }
 
     #[test]

@@ -402,7 +402,9 @@ impl Drop for GatewayProcess {
 /// an upstream that never ends its answer.
 pub fn endless(content_type: &str, head: &'static [u8], chunk: &'static [u8]) -> Response {
     let body = futures_util::stream::once(async move { bytes::Bytes::from_static(head) })
-        .chain(futures_util::stream::repeat(bytes::Bytes::from_static(chunk)))
+        .chain(futures_util::stream::repeat(bytes::Bytes::from_static(
+            chunk,
+        )))
         .map(Ok::<_, std::convert::Infallible>);
     Response::builder()
         .status(200)
@@ -418,10 +420,11 @@ pub fn drip(
     drip: &'static [u8],
     every: Duration,
 ) -> Response {
-    let drops = futures_util::stream::iter(drip.iter().cycle().copied()).then(move |b| async move {
-        tokio::time::sleep(every).await;
-        bytes::Bytes::from(vec![b])
-    });
+    let drops =
+        futures_util::stream::iter(drip.iter().cycle().copied()).then(move |b| async move {
+            tokio::time::sleep(every).await;
+            bytes::Bytes::from(vec![b])
+        });
     let body = futures_util::stream::once(async move { bytes::Bytes::from_static(head) })
         .chain(drops)
         .map(Ok::<_, std::convert::Infallible>);
