@@ -244,7 +244,7 @@ mod tests {
         c.choices[0].delta.tool_calls = Some(many);
         assert!(check_chunk(&c, 1).is_err());
         // Usage counts.
-        let mut c = ChatChunk::usage(crate::chat::Usage::new(MAX_USAGE_TOKENS, 1));
+        let mut c = ChatChunk::usage(crate::chat::Usage::new(MAX_USAGE_TOKENS - 1, 1));
         assert!(check_chunk(&c, 1).is_ok());
         c.usage.as_mut().unwrap().prompt_tokens = MAX_USAGE_TOKENS + 1;
         assert!(check_chunk(&c, 1).unwrap_err().contains("usage count"));
