@@ -36,8 +36,8 @@ static SECRET: LazyLock<Regex> = LazyLock::new(|| {
           | \baccess[_-]?token | \bsecret | \bpassword | \bkey )
         (?P<sep> \\?["']? [\ \t]* [:=] [\ \t]* \\?["']? )
         (?: (?:bearer|basic|token) \s+ )?
-        [^\s"'\\,;&}\]]+
-      | \b(?P<scheme> bearer | basic ) \s+ [^\s"'\\,;&}\]]+
+        (?: \[REDACTED\] | [^\s"'\\,;&}\[\]]+ )
+      | \b(?P<scheme> bearer | basic ) \s+ (?: \[REDACTED\] | [^\s"'\\,;&}\[\]]+ )
       | \bsk-[A-Za-z0-9_\-]{6,}
       | \bAIza[0-9A-Za-z_\-]{20,}
     "#,
@@ -83,6 +83,12 @@ mod tests {
         let got = redact(&format!("echo: {key}{key} and x{key}y"), Some(key));
         assert!(!got.contains(key), "{got}");
         assert_eq!(got, "echo: [REDACTED][REDACTED] and x[REDACTED]y");
+        // The key inside a credential's value: one redaction, not two.
+        let got = redact(
+            &format!("Authorization: Bearer {key}, bearer {key}"),
+            Some(key),
+        );
+        assert_eq!(got, "Authorization: [REDACTED], bearer [REDACTED]");
     }
 
     #[test]
