@@ -42,6 +42,8 @@ pub struct Provider {
     pub stream_idle_timeout: Duration,
     /// Whether it may train on prompts.
     pub data_collection: DataCollection,
+    /// The most bytes of one answer: a non-stream body, or a whole stream.
+    pub max_response_bytes: usize,
     /// Extra headers sent upstream.
     pub headers: HeaderMap,
 }
@@ -179,6 +181,8 @@ impl Catalog {
                     timeout: Duration::from_secs(p.timeout_secs),
                     stream_idle_timeout: Duration::from_secs(p.stream_idle_timeout_secs),
                     data_collection: p.data_collection,
+                    // Validated ≤ 1 GiB, so it fits a usize on every target.
+                    max_response_bytes: usize::try_from(p.max_response_bytes).unwrap_or(usize::MAX),
                     headers,
                 })
             })

@@ -489,6 +489,8 @@ impl Usage {
         Usage {
             prompt_tokens,
             completion_tokens,
+            // Saturating: the counts come from upstreams, and a sum past u64 must not
+            // panic (the adapters refuse such usage as a broken answer first).
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
             ..Usage::default()
         }
@@ -733,9 +735,13 @@ pub struct ResponseMessage {
 /// Folds a chunk stream back into one [`ChatCompletion`].
 ///
 /// Used by the HTTP edge for non-stream clients, and by adapters' golden tests.
+/// Choices and tool calls are kept by the index their chunks name, sparsely: an
+/// index is never an allocation size, whatever a chunk says (the provider tier
+/// refuses absurd ones first, [`crate::providers::limits`]).
 #[derive(Debug, Default)]
 pub struct Aggregator {
-    choices: Vec<ChoiceAcc>,
+    /// `(choice index, choice)`, in order of first appearance.
+    choices: Vec<(u32, ChoiceAcc)>,
     usage: Option<Usage>,
 }
 
@@ -743,8 +749,22 @@ pub struct Aggregator {
 struct ChoiceAcc {
     content: Option<String>,
     reasoning: Option<String>,
-    tool_calls: Vec<ToolCall>,
+    /// `(tool-call index, call)`, in order of first appearance.
+    tool_calls: Vec<(u32, ToolCall)>,
     finish_reason: Option<String>,
+}
+
+/// The entry of `index` in a sparse list, added (with `new`) when missing. A linear
+/// search: answers hold one choice, or a handful.
+fn slot<T>(list: &mut Vec<(u32, T)>, index: u32, new: impl FnOnce() -> T) -> &mut T {
+    let at = match list.iter().position(|(i, _)| *i == index) {
+        Some(at) => at,
+        None => {
+            list.push((index, new()));
+            list.len() - 1
+        }
+    };
+    &mut list[at].1
 }
 
 impl Aggregator {
@@ -754,11 +774,7 @@ impl Aggregator {
             self.usage = Some(u);
         }
         for c in chunk.choices {
-            let i = c.index as usize;
-            if self.choices.len() <= i {
-                self.choices.resize_with(i + 1, ChoiceAcc::default);
-            }
-            let acc = &mut self.choices[i];
+            let acc = slot(&mut self.choices, c.index, ChoiceAcc::default);
             if let Some(text) = c.delta.content {
                 acc.content.get_or_insert_with(String::new).push_str(&text);
             }
@@ -768,18 +784,14 @@ impl Aggregator {
                     .push_str(&text);
             }
             for tc in c.delta.tool_calls.into_iter().flatten() {
-                let j = tc.index as usize;
-                if acc.tool_calls.len() <= j {
-                    acc.tool_calls.resize_with(j + 1, || ToolCall {
-                        id: String::new(),
-                        kind: function_type(),
-                        function: FunctionCall {
-                            name: String::new(),
-                            arguments: String::new(),
-                        },
-                    });
-                }
-                let call = &mut acc.tool_calls[j];
+                let call = slot(&mut acc.tool_calls, tc.index, || ToolCall {
+                    id: String::new(),
+                    kind: function_type(),
+                    function: FunctionCall {
+                        name: String::new(),
+                        arguments: String::new(),
+                    },
+                });
                 if let Some(id) = tc.id {
                     call.id = id;
                 }
@@ -798,21 +810,27 @@ impl Aggregator {
         }
     }
 
-    /// The completion so far; `id`, `model`, `provider` and `created` are left empty.
-    pub fn finish(self) -> ChatCompletion {
+    /// The completion so far, choices and tool calls in index order; `id`, `model`,
+    /// `provider` and `created` are left empty.
+    pub fn finish(mut self) -> ChatCompletion {
+        self.choices.sort_by_key(|(i, _)| *i);
         let mut choices: Vec<Choice> = self
             .choices
             .into_iter()
-            .enumerate()
-            .map(|(i, acc)| Choice {
-                index: i as u32,
-                message: ResponseMessage {
-                    role: Role::Assistant,
-                    content: acc.content,
-                    reasoning: acc.reasoning,
-                    tool_calls: (!acc.tool_calls.is_empty()).then_some(acc.tool_calls),
-                },
-                finish_reason: acc.finish_reason,
+            .map(|(index, mut acc)| {
+                acc.tool_calls.sort_by_key(|(i, _)| *i);
+                let tool_calls: Vec<ToolCall> =
+                    acc.tool_calls.into_iter().map(|(_, call)| call).collect();
+                Choice {
+                    index,
+                    message: ResponseMessage {
+                        role: Role::Assistant,
+                        content: acc.content,
+                        reasoning: acc.reasoning,
+                        tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+                    },
+                    finish_reason: acc.finish_reason,
+                }
             })
             .collect();
         if choices.is_empty() {
@@ -897,6 +915,37 @@ pub(crate) fn from_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// An index from a chunk was an allocation size (`resize_with(index + 1)`): an
+    /// upstream's `choices[].index` of 4294967295 aborted the process.
+    #[test]
+    fn aggregator_indices_are_not_allocation_sizes() {
+        let mut agg = Aggregator::default();
+        let mut chunk = ChatChunk::text("far");
+        chunk.choices[0].index = 1_000_000;
+        chunk.choices[0].delta.tool_calls = Some(vec![ToolCallDelta {
+            index: 3_000_000,
+            id: Some("call_1".into()),
+            ..ToolCallDelta::default()
+        }]);
+        agg.push(chunk);
+        let mut first = ChatChunk::text("near");
+        first.choices[0].finish_reason = Some("stop".into());
+        agg.push(first);
+        let done = agg.finish();
+        assert_eq!(done.choices.len(), 2);
+        assert_eq!(done.choices[0].index, 0);
+        assert_eq!(done.choices[0].message.content.as_deref(), Some("near"));
+        assert_eq!(done.choices[1].index, 1_000_000);
+        let calls = done.choices[1].message.tool_calls.as_ref().unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].id, "call_1");
+    }
+
+    #[test]
+    fn usage_totals_saturate() {
+        assert_eq!(Usage::new(u64::MAX, 5).total_tokens, u64::MAX);
+    }
 
     #[test]
     fn unknown_fields_are_kept_for_pass_through() {

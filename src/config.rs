@@ -262,16 +262,29 @@ pub struct ProviderConfig {
     /// Whether the provider may train on prompts.
     #[serde(default = "default_data_collection")]
     pub data_collection: DataCollection,
+    /// The largest non-stream upstream body, and the most bytes of one streamed
+    /// reply; a larger one is a failed attempt.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: u64,
     /// Extra headers sent upstream.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
 }
+
+/// The smallest `max_response_bytes` accepted (1 KiB): below it no real answer fits.
+const MIN_RESPONSE_BYTES: u64 = 1024;
+/// The largest `max_response_bytes` accepted (1 GiB): the gateway holds a whole
+/// non-stream body in memory.
+const MAX_RESPONSE_BYTES: u64 = 1 << 30;
 
 fn default_timeout() -> u64 {
     120
 }
 fn default_idle() -> u64 {
     60
+}
+fn default_max_response_bytes() -> u64 {
+    crate::providers::limits::DEFAULT_MAX_RESPONSE_BYTES
 }
 fn default_data_collection() -> DataCollection {
     DataCollection::Deny
@@ -590,6 +603,15 @@ impl Config {
             }
             if p.stream_idle_timeout_secs == 0 {
                 bad(at("stream_idle_timeout_secs"), "must be at least 1".into());
+            }
+            if !(MIN_RESPONSE_BYTES..=MAX_RESPONSE_BYTES).contains(&p.max_response_bytes) {
+                bad(
+                    at("max_response_bytes"),
+                    format!(
+                        "must be between {MIN_RESPONSE_BYTES} and {MAX_RESPONSE_BYTES} (1 GiB); the default is {}",
+                        default_max_response_bytes()
+                    ),
+                );
             }
             for (k, v) in &p.headers {
                 if http::HeaderName::try_from(k.as_str()).is_err()

@@ -20,8 +20,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::time::{Instant, Sleep};
 
+use super::limits;
+use super::redact::redact;
 use super::sse::SseParser;
 use super::{Adapter, Decoded, StreamDecoder};
+use crate::catalog::Provider;
 use crate::chat::ChatChunk;
 use crate::context::{ChunkStream, ProviderCall};
 use crate::error::{FailureKind, GatewayError, ProviderError};
@@ -207,36 +210,47 @@ pub async fn send(
     };
 
     let status = resp.status();
+    let key = provider.api_key.as_deref();
     if !status.is_success() {
-        let retry_after = retry_after(resp.headers());
+        let retry_after = limits::retry_after(resp.headers(), std::time::SystemTime::now());
         let body = read_limited(resp.into_body(), provider.stream_idle_timeout).await;
-        let message = adapter.error_message(&body);
+        let message = redact(&adapter.error_message(&body), key);
         return Err(ProviderError::status(name, status.as_u16(), message)
             .with_retry_after(retry_after)
             .into());
     }
 
+    let max_bytes = provider.max_response_bytes;
+    let max_choices = limits::max_choices(&call);
     if !stream {
-        let body =
-            match tokio::time::timeout(provider.stream_idle_timeout, resp.into_body().collect())
-                .await
-            {
-                Err(_) => {
-                    return Err(
-                        ProviderError::new(name, FailureKind::StreamIdle, "body stalled").into(),
-                    )
-                }
-                Ok(Err(e)) => {
-                    return Err(ProviderError::new(
-                        name,
-                        FailureKind::StreamBroken,
-                        error_chain(&e),
-                    )
-                    .into())
-                }
-                Ok(Ok(b)) => b.to_bytes(),
-            };
-        let chunk = adapter.parse_response(&call, &body)?;
+        let body = resp.into_body();
+        if body.size_hint().lower() > max_bytes as u64 {
+            return Err(too_large(name, max_bytes).into());
+        }
+        let limited = http_body_util::Limited::new(body, max_bytes);
+        let body = match tokio::time::timeout(provider.stream_idle_timeout, limited.collect()).await
+        {
+            Err(_) => {
+                return Err(
+                    ProviderError::new(name, FailureKind::StreamIdle, "body stalled").into(),
+                )
+            }
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(too_large(name, max_bytes).into())
+            }
+            Ok(Err(e)) => {
+                return Err(
+                    ProviderError::new(name, FailureKind::StreamBroken, error_chain(&*e)).into(),
+                )
+            }
+            Ok(Ok(b)) => b.to_bytes(),
+        };
+        let chunk = adapter
+            .parse_response(&call, &body)
+            .map_err(|e| redacted(e, key))?;
+        if let Err(why) = limits::check_chunk(&chunk, max_choices) {
+            return Err(ProviderError::new(name, FailureKind::Protocol, why).into());
+        }
         return Ok(Box::pin(futures_util::stream::once(
             async move { Ok(chunk) },
         )));
@@ -249,10 +263,29 @@ pub async fn send(
         idle: Box::pin(tokio::time::sleep(provider.stream_idle_timeout)),
         last_event: Instant::now(),
         idle_for: provider.stream_idle_timeout,
+        received: 0,
+        max_bytes,
+        max_choices,
+        upstream: provider,
         provider: name,
         finished: false,
         saw_finish: false,
     }))
+}
+
+/// The failure of an answer larger than `max_response_bytes`.
+fn too_large(provider: Arc<str>, max: usize) -> ProviderError {
+    ProviderError::new(
+        provider,
+        FailureKind::Protocol,
+        format!("the answer is larger than max_response_bytes ({max} bytes)"),
+    )
+}
+
+/// `e` with its upstream-supplied message redacted ([`redact`]).
+fn redacted(mut e: ProviderError, key: Option<&str>) -> ProviderError {
+    e.message = redact(&e.message, key);
+    e
 }
 
 /// Reads at most [`MAX_ERROR_BODY`] bytes of a body, giving up after `idle`.
@@ -264,21 +297,10 @@ async fn read_limited(body: hyper::body::Incoming, idle: Duration) -> Bytes {
     }
 }
 
-/// `Retry-After` in seconds (integer or decimal), or `retry-after-ms`.
+/// `Retry-After` (seconds or an HTTP date) or `retry-after-ms`, clamped to
+/// [`MAX_RETRY_AFTER`](limits::MAX_RETRY_AFTER): see [`limits::retry_after`].
 pub fn retry_after(headers: &::http::HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-    {
-        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
-    }
-    headers
-        .get(::http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+    limits::retry_after(headers, std::time::SystemTime::now())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -302,6 +324,13 @@ struct SseChunks {
     idle: Pin<Box<Sleep>>,
     last_event: Instant,
     idle_for: Duration,
+    /// Bytes of the stream so far, bounded by `max_bytes` (`max_response_bytes`).
+    received: usize,
+    max_bytes: usize,
+    /// Choice indices must be below this ([`limits::max_choices`]).
+    max_choices: u32,
+    /// The provider (its key is redacted from in-band error messages).
+    upstream: Arc<Provider>,
     provider: Arc<str>,
     finished: bool,
     saw_finish: bool,
@@ -330,6 +359,15 @@ impl Stream for SseChunks {
                     this.last_event = Instant::now();
                     match this.decoder.decode(event.event, event.data) {
                         Ok(Decoded::Chunk(chunk)) => {
+                            if let Err(why) = limits::check_chunk(&chunk, this.max_choices) {
+                                this.finished = true;
+                                let err = ProviderError::new(
+                                    this.provider.clone(),
+                                    FailureKind::Protocol,
+                                    why,
+                                );
+                                return Poll::Ready(Some(Err(err.into())));
+                            }
                             if chunk.finish_reason().is_some() {
                                 this.saw_finish = true;
                             }
@@ -342,6 +380,7 @@ impl Stream for SseChunks {
                         }
                         Err(e) => {
                             this.finished = true;
+                            let e = redacted(e, this.upstream.api_key.as_deref());
                             return Poll::Ready(Some(Err(e.into())));
                         }
                     }
@@ -359,6 +398,12 @@ impl Stream for SseChunks {
             match Pin::new(&mut this.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
+                        this.received = this.received.saturating_add(data.len());
+                        if this.received > this.max_bytes {
+                            this.finished = true;
+                            let err = too_large(this.provider.clone(), this.max_bytes);
+                            return Poll::Ready(Some(Err(err.into())));
+                        }
                         this.parser.push(data);
                     }
                 }
@@ -386,17 +431,3 @@ impl Stream for SseChunks {
 }
 
 use std::future::Future as _;
-
-#[cfg(test)]
-mod tests {
-    use super::retry_after;
-
-    #[test]
-    fn retry_after_reads_seconds_and_milliseconds() {
-        let mut h = ::http::HeaderMap::new();
-        h.insert("retry-after", "3".parse().unwrap());
-        assert_eq!(retry_after(&h).unwrap().as_secs(), 3);
-        h.insert("retry-after-ms", "250".parse().unwrap());
-        assert_eq!(retry_after(&h).unwrap().as_millis(), 250);
-    }
-}

@@ -1,7 +1,8 @@
 //! The in-process `mock` provider: no network, deterministic, reports usage.
 //!
 //! `echo` repeats the last user message; `lorem` writes `max_tokens` words (the
-//! request's, else the model's `max_output_tokens`, else 16). Streams go word by word.
+//! request's, else the model's `max_output_tokens`, else 16), at most
+//! [`LOREM_MAX_WORDS`]. Streams go word by word.
 //! Tokens are counted as whitespace-separated words, so tests can predict usage.
 
 use futures_util::stream;
@@ -31,17 +32,28 @@ const LOREM: &[&str] = &[
     "aliqua",
 ];
 
+/// The most words `lorem` writes, whatever `max_tokens` asks (4,096 words, about
+/// 28 KB): the demo's free model must not let a client size an allocation.
+pub const LOREM_MAX_WORDS: usize = 4096;
+
 /// The completion text the mock gives for a call.
 pub fn completion_text(call: &ProviderCall) -> (String, &'static str) {
     let req = &call.request;
     match call.endpoint.upstream_model.as_str() {
         "lorem" => {
-            let n = req
+            let asked = req
                 .max_output_tokens()
                 .or(call.endpoint.max_output_tokens)
-                .unwrap_or(16) as usize;
-            let words: Vec<&str> = (0..n).map(|i| LOREM[i % LOREM.len()]).collect();
-            (words.join(" "), "length")
+                .unwrap_or(16);
+            let n = usize::try_from(asked).map_or(LOREM_MAX_WORDS, |n| n.min(LOREM_MAX_WORDS));
+            let mut text = String::new();
+            for (i, word) in LOREM.iter().cycle().take(n).enumerate() {
+                if i > 0 {
+                    text.push(' ');
+                }
+                text.push_str(word);
+            }
+            (text, "length")
         }
         _ => {
             let last = req
@@ -96,4 +108,43 @@ pub fn respond(call: &ProviderCall) -> ChunkStream {
         chunks.push(chunk);
     }
     Box::pin(stream::iter(chunks.into_iter().map(Ok)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::chat::{ChatRequest, Message};
+    use crate::config::Config;
+    use crate::context::CallContext;
+
+    fn lorem(max_tokens: Option<u32>) -> String {
+        let catalog = Catalog::from_config(&Config::demo());
+        let call = ProviderCall {
+            endpoint: catalog.model("mock/lorem").unwrap().endpoints[0].clone(),
+            request: ChatRequest {
+                model: "mock/lorem".into(),
+                messages: vec![Message::text(Role::User, "go")],
+                max_tokens,
+                ..Default::default()
+            }
+            .into(),
+            ctx: CallContext::new(),
+        };
+        completion_text(&call).0
+    }
+
+    #[test]
+    fn lorem_writes_max_tokens_words() {
+        assert_eq!(lorem(Some(3)), "lorem ipsum dolor");
+        assert_eq!(lorem(Some(20)).split(' ').count(), 20);
+    }
+
+    /// `max_tokens: 4294967295` aborted the process on a 68 GB allocation.
+    #[test]
+    fn lorem_is_capped_whatever_max_tokens_asks() {
+        let text = lorem(Some(u32::MAX));
+        assert_eq!(text.split(' ').count(), LOREM_MAX_WORDS);
+        assert!(text.len() < 40_000);
+    }
 }

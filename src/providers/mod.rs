@@ -39,9 +39,11 @@
 pub mod anthropic;
 pub mod gemini;
 pub mod http;
+pub mod limits;
 pub mod media;
 pub mod mock;
 pub mod openai;
+pub mod redact;
 pub mod sse;
 
 use std::collections::HashMap;

@@ -60,6 +60,12 @@ pub struct SseParser {
     /// Received bytes; those before `start` are consumed.
     buf: Vec<u8>,
     start: usize,
+    /// Bytes after `start` already searched for a line end: a long line is scanned
+    /// once, not again at every read (an upstream could make that quadratic).
+    scanned: usize,
+    /// Bytes searched for line ends in all (tests check the scan is linear).
+    #[cfg(test)]
+    searched: usize,
     /// The event being built (or the one last returned, cleared on the next call).
     event: String,
     data: String,
@@ -78,6 +84,7 @@ impl SseParser {
         if self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
+            self.scanned = 0;
         } else if self.start >= 4096 && self.start * 2 >= self.buf.len() {
             // Move a partial line to the front, at most once per half buffer.
             self.buf.drain(..self.start);
@@ -114,24 +121,34 @@ impl SseParser {
         }
         loop {
             let rest = &self.buf[self.start..];
-            let Some(i) = memchr::memchr2(b'\n', b'\r', rest) else {
+            #[cfg(test)]
+            {
+                self.searched += rest.len() - self.scanned;
+            }
+            let Some(i) = memchr::memchr2(b'\n', b'\r', &rest[self.scanned..]) else {
                 if rest.len() > MAX_EVENT {
                     return Err(SseError::TooLong);
                 }
+                self.scanned = rest.len();
                 return Ok(None);
             };
+            let i = self.scanned + i;
             let mut consumed = i + 1;
             if rest[i] == b'\r' {
                 match rest.get(i + 1) {
                     Some(b'\n') => consumed += 1,
                     Some(_) => {}
                     // A `\n` may follow in the next read.
-                    None if !self.ended => return Ok(None),
+                    None if !self.ended => {
+                        self.scanned = i;
+                        return Ok(None);
+                    }
                     None => {}
                 }
             }
             let line = std::str::from_utf8(&rest[..i]).map_err(SseError::NotUtf8)?;
             self.start += consumed;
+            self.scanned = 0;
             if line.is_empty() {
                 if self.data.is_empty() {
                     self.event.clear();
@@ -282,6 +299,28 @@ mod tests {
         // Exactly MAX_EVENT bytes of data so far; one more line is too many.
         p.push(b"data: z\n");
         assert_eq!(p.next_event(), Err(SseError::TooLong));
+    }
+
+    /// A long line arriving in many reads is searched once: rescanning it from its
+    /// start at every read let an upstream make the parser quadratic.
+    #[test]
+    fn a_long_line_is_scanned_once() {
+        let mut p = SseParser::default();
+        p.push(b"data: ");
+        let piece = [b'x'; 1024];
+        for _ in 0..4096 {
+            p.push(&piece);
+            assert_eq!(p.next_event(), Ok(None));
+        }
+        p.push(b"\n\n");
+        let ev = p.next_event().unwrap().unwrap();
+        assert_eq!(ev.data.len(), 4096 * 1024);
+        let total = 6 + 4096 * 1024 + 2;
+        assert!(
+            p.searched <= 2 * total,
+            "searched {} of {total} bytes",
+            p.searched
+        );
     }
 
     #[test]

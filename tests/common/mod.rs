@@ -295,3 +295,148 @@ pub async fn serve_built(gateway: Gateway) -> TestGateway {
         shutdown: Some(tx),
     }
 }
+
+/// The data-segment limit (`RLIMIT_DATA`, which covers heap and anonymous maps) the
+/// real binary runs under in process-level hostile tests: 2 GiB. A normal gateway
+/// takes ≈ 1.07 GB of it (mimalloc reserves a 1 GiB arena up front; RSS ≈ 47 MB), so
+/// an allocation bomb (the 412 GB and 68 GB ones of issue 20) fails and kills the
+/// process under test, never the machine.
+pub const PROCESS_DATA_LIMIT: u64 = 2 << 30;
+
+/// The real `switchboard serve` process, under [`PROCESS_DATA_LIMIT`]; killed on drop.
+pub struct GatewayProcess {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// Its stderr.
+    pub log: std::path::PathBuf,
+}
+
+impl GatewayProcess {
+    /// Writes `toml` (which must not set `[store]` or `[server].listen`) beside a
+    /// fresh store, starts `switchboard serve` on a free port under `prlimit`, and
+    /// waits until it answers `/healthz`.
+    pub async fn start(toml: &str) -> GatewayProcess {
+        let dir = temp_dir("process");
+        let config = dir.join("switchboard.toml");
+        let store = dir.join("switchboard.db");
+        std::fs::write(
+            &config,
+            format!("[store]\nurl = \"sqlite://{}\"\n\n{toml}", store.display()),
+        )
+        .unwrap();
+        let log = dir.join("stderr.log");
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = std::process::Command::new("prlimit")
+                .arg(format!("--data={PROCESS_DATA_LIMIT}"))
+                .arg("--")
+                .arg(env!("CARGO_BIN_EXE_switchboard"))
+                .args(["serve", "--config"])
+                .arg(&config)
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .env("RUST_LOG", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&log)
+                        .unwrap(),
+                )
+                .spawn()
+                .expect("prlimit (util-linux) runs the switchboard binary");
+            let mut gw = GatewayProcess {
+                child,
+                base: format!("http://127.0.0.1:{port}"),
+                log: log.clone(),
+            };
+            let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = gw.child.try_wait() {
+                    break; // the port was taken meanwhile: try another
+                }
+                if let Ok(r) = client().get(gw.url("/healthz")).send().await {
+                    if r.status() == 200 {
+                        return gw;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        panic!(
+            "switchboard did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// `base` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Panics, with the exit status and the end of its log, if the process has died.
+    pub fn assert_alive(&mut self, after: &str) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!("the gateway died ({status}) after {after}; its log ends:\n{tail}");
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A 200 response whose body is `chunk` repeated forever (no `Content-Length`):
+/// an upstream that never ends its answer.
+pub fn endless(content_type: &str, head: &'static [u8], chunk: &'static [u8]) -> Response {
+    let body = futures_util::stream::once(async move { bytes::Bytes::from_static(head) })
+        .chain(futures_util::stream::repeat(bytes::Bytes::from_static(
+            chunk,
+        )))
+        .map(Ok::<_, std::convert::Infallible>);
+    Response::builder()
+        .status(200)
+        .header("content-type", content_type)
+        .body(Body::from_stream(body))
+        .unwrap()
+}
+
+/// A 200 response that sends `head`, then one byte of `drip` every `every`, forever.
+pub fn drip(
+    content_type: &str,
+    head: &'static [u8],
+    drip: &'static [u8],
+    every: Duration,
+) -> Response {
+    let drops =
+        futures_util::stream::iter(drip.iter().cycle().copied()).then(move |b| async move {
+            tokio::time::sleep(every).await;
+            bytes::Bytes::from(vec![b])
+        });
+    let body = futures_util::stream::once(async move { bytes::Bytes::from_static(head) })
+        .chain(drops)
+        .map(Ok::<_, std::convert::Infallible>);
+    Response::builder()
+        .status(200)
+        .header("content-type", content_type)
+        .body(Body::from_stream(body))
+        .unwrap()
+}

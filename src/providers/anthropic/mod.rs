@@ -424,6 +424,7 @@ fn to_usage(u: wire::Usage) -> Usage {
     let read = u.cache_read_input_tokens.unwrap_or(0);
     let written = u.cache_creation_input_tokens.unwrap_or(0);
     let mut usage = Usage::new(
+        // Saturating: upstream numbers, and a sum past u64 must not panic.
         u.input_tokens
             .unwrap_or(0)
             .saturating_add(read)

@@ -389,6 +389,7 @@ fn content_parts<'a>(
 fn to_usage(u: wire::UsageMetadata) -> Usage {
     let mut usage = Usage::new(
         u.prompt_token_count,
+        // Saturating: upstream numbers, and a sum past u64 must not panic.
         u.candidates_token_count
             .saturating_add(u.thoughts_token_count),
     );
