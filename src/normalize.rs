@@ -269,7 +269,12 @@ where
             )));
         }
     }
-    let request = read_request(req.into_body(), cfg.max_body_bytes).await?;
+    // The body is read inside the request's deadline: a client that stalls halfway
+    // through it holds the connection no longer than any other request.
+    let request =
+        tokio::time::timeout_at(deadline, read_request(req.into_body(), cfg.max_body_bytes))
+            .await
+            .map_err(|_| body_timed_out())??;
     let stream = request.stream;
     let wants_usage = request.wants_stream_usage();
     ctx.update(|s| {
@@ -284,6 +289,13 @@ where
     } else {
         json_response(reply, ctx, deadline).await
     }
+}
+
+/// The request body did not arrive before the request's deadline.
+pub fn body_timed_out() -> GatewayError {
+    GatewayError::RequestTimeout(
+        "the request body did not arrive within [server].request_timeout_secs".into(),
+    )
 }
 
 fn timed_out() -> GatewayError {
@@ -804,6 +816,37 @@ mod tests {
         assert!(events[1].contains(r#""code":"upstream_timeout""#), "{text}");
         assert!(events[1].contains(r#""finish_reason":"error""#), "{text}");
         assert_eq!(events[2], "data: [DONE]");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_halfway_is_cut_at_the_request_deadline() {
+        // Half a JSON body, then nothing (a half-sent Content-Length or chunked body).
+        let half = futures_util::stream::iter([Ok::<_, Infallible>(http_body::Frame::data(
+            Bytes::from_static(br#"{"model":"mock/echo","messa"#),
+        ))])
+        .chain(futures_util::stream::pending());
+        let req = Request::post("/")
+            .body(http_body_util::StreamBody::new(half))
+            .unwrap();
+        let svc = NormalizeLayer::new()
+            .request_timeout(Duration::from_secs(30))
+            .layer(answering(vec![], Duration::ZERO));
+        let started = Instant::now();
+        let res = tokio::time::timeout(Duration::from_secs(3600), svc.oneshot(req))
+            .await
+            .expect("the deadline bounds the body read")
+            .unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
+        let v: serde_json::Value = serde_json::from_str(&body_text(res).await).unwrap();
+        assert_eq!(v["error"]["code"], "request_timeout", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("request_timeout_secs"),
+            "{v}"
+        );
     }
 
     #[test]
