@@ -229,6 +229,7 @@ impl GatewayBuilder {
             )
             .service(typed);
 
+        let body_timeout = Duration::from_secs(config.server.request_timeout_secs);
         Ok(Gateway {
             config: Arc::new(config),
             catalog,
@@ -239,6 +240,7 @@ impl GatewayBuilder {
                 ledger,
                 auth,
                 admin_token,
+                body_timeout,
             },
         })
     }
