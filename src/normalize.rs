@@ -710,6 +710,79 @@ mod tests {
         );
     }
 
+    /// Every field given a value of the wrong JSON type is a 400 that names it;
+    /// the valid forms of the same fields still parse.
+    #[test]
+    fn wrongly_typed_fields_are_refused_by_name() {
+        let bad = [
+            ("tool_choice", "1"),
+            ("tool_choice", "true"),
+            ("tool_choice", "[]"),
+            ("tool_choice", r#""sometimes""#),
+            ("tool_choice", "{}"),
+            ("tool_choice", r#"{"type":7}"#),
+            ("tool_choice", r#"{"type":"function"}"#),
+            ("response_format", "1"),
+            ("response_format", "false"),
+            ("response_format", r#""json_object""#),
+            ("response_format", "[]"),
+            ("response_format", "{}"),
+            ("response_format", r#"{"type":["text"]}"#),
+            ("response_format", r#"{"type":"json_schema"}"#),
+            ("stream_options", "[]"),
+            ("stream_options", "[true]"),
+            ("stream_options", "1"),
+            ("usage", "[]"),
+            ("usage", "[true]"),
+            ("usage", r#""yes""#),
+            ("provider", "[]"),
+            ("provider", r#"[["a"]]"#),
+            ("provider", "true"),
+            ("provider", r#"{"max_price":[]}"#),
+        ];
+        for (field, value) in bad {
+            let body = chat_body(&format!(r#","{field}":{value}"#));
+            let err = parse_request(body.as_bytes()).expect_err(&body);
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(err.code(), "invalid_request", "{body}");
+            assert!(
+                err.to_string().contains(&format!("`{field}")),
+                "{body}: {err}"
+            );
+        }
+        let good = [
+            ("tool_choice", r#""auto""#),
+            ("tool_choice", r#""none""#),
+            ("tool_choice", r#""required""#),
+            (
+                "tool_choice",
+                r#"{"type":"function","function":{"name":"f"}}"#,
+            ),
+            (
+                "tool_choice",
+                r#"{"type":"allowed_tools","allowed_tools":{"mode":"auto","tools":[]}}"#,
+            ),
+            ("tool_choice", "null"),
+            ("response_format", r#"{"type":"text"}"#),
+            ("response_format", r#"{"type":"json_object"}"#),
+            (
+                "response_format",
+                r#"{"type":"json_schema","json_schema":{"name":"x","schema":{}}}"#,
+            ),
+            ("stream_options", r#"{"include_usage":true}"#),
+            ("stream_options", "{}"),
+            ("usage", r#"{"include":true}"#),
+            ("provider", r#"{"order":["a"],"max_price":{"prompt":1}}"#),
+            ("provider", "null"),
+        ];
+        for (field, value) in good {
+            let body = chat_body(&format!(r#","{field}":{value}"#));
+            if let Err(e) = parse_request(body.as_bytes()) {
+                panic!("{body}: {e}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn non_stream_reply_is_one_completion_with_served_headers() {
         let mut last = ChatChunk::text(" world");
