@@ -573,3 +573,39 @@ async fn a_connection_flood_past_max_connections_is_refused_then_served_again() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let server = serve(Limits {
+        header_timeout_secs: 2,
+        idle_timeout_secs: 3,
+        request_timeout_secs: 10,
+        max_connections: 100,
+    })
+    .await;
+    let tcp = server.connect().await;
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("an HTTP/2 handshake");
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/healthz", server.addr))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let res = h2.send_request(req).await.expect("an HTTP/2 response");
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    let idle_since = Instant::now();
+    tokio::time::timeout(SOCKET_TIMEOUT, conn)
+        .await
+        .expect("the gateway closes an idle HTTP/2 connection")
+        .unwrap()
+        .ok();
+    assert_closed_in_time(
+        "an idle HTTP/2 connection",
+        idle_since.elapsed(),
+        Duration::from_secs(3),
+    );
+}
