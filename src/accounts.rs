@@ -84,6 +84,9 @@ pub struct AccountState {
     pub auth: AuthLayer,
     /// SHA-256 of the admin token; `None` turns `/admin/*` off.
     pub admin_token: Option<SecretHash>,
+    /// How long an admin request body may take to arrive
+    /// (`[server].request_timeout_secs`).
+    pub body_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for AccountState {
@@ -242,6 +245,31 @@ fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), GatewayE
     }
 }
 
+/// The largest admin request body; larger ones get 413.
+pub const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
+
+/// Reads an admin request body (after the token was checked): at most
+/// [`MAX_ADMIN_BODY_BYTES`] (413), within the request deadline (408).
+async fn read_admin_body(
+    state: &AccountState,
+    body: axum::body::Body,
+) -> Result<Bytes, GatewayError> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(body, MAX_ADMIN_BODY_BYTES).collect();
+    match tokio::time::timeout(state.body_timeout, limited).await {
+        Err(_) => Err(crate::normalize::body_timed_out()),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::PayloadTooLarge(format!(
+                "an admin request body is at most {MAX_ADMIN_BODY_BYTES} bytes"
+            )))
+        }
+        Ok(Err(e)) => Err(GatewayError::InvalidRequest(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, GatewayError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
@@ -341,14 +369,21 @@ pub fn validate_limits(
     Ok(())
 }
 
+// The admin handlers take the body unread (`axum::body::Body`, not `Bytes`, which
+// axum would read before the handler runs): the token is checked first, so a client
+// without it never gets a byte of its body read.
 async fn admin_create(
     State(state): State<AccountState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response<Body> {
     if let Err(e) = admin_check(&state, &headers) {
         return e.into_response();
     }
+    let body = match read_admin_body(&state, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
     let b: CreateBody = match parse(&body) {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -412,11 +447,15 @@ async fn admin_patch(
     State(state): State<AccountState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response<Body> {
     if let Err(e) = admin_check(&state, &headers) {
         return e.into_response();
     }
+    let body = match read_admin_body(&state, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
     let b: PatchBody = match parse(&body) {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -469,4 +508,119 @@ async fn admin_patch(
     // The change counts at once in this process.
     state.auth.invalidate_all();
     reply(r, StatusCode::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use crate::config::Config;
+    use crate::gateway::Gateway;
+
+    /// A gateway with the admin API on (token `admin-token-accounts-tests`) and a
+    /// request deadline of 30 s.
+    fn gateway() -> Gateway {
+        std::env::set_var("SB_ACCOUNTS_TESTS_ADMIN", "admin-token-accounts-tests");
+        let mut config = Config::demo();
+        config.store.url = "sqlite::memory:".into();
+        config.logging.sink = "none".into();
+        config.admin.token_env = "SB_ACCOUNTS_TESTS_ADMIN".into();
+        config.server.request_timeout_secs = 30;
+        Gateway::builder().config(config).build().unwrap()
+    }
+
+    /// A body that sends `head` and then nothing more, ever.
+    fn stalled(head: &'static [u8]) -> axum::body::Body {
+        let s = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(head))])
+            .chain(futures_util::stream::pending());
+        axum::body::Body::from_stream(s)
+    }
+
+    async fn call(
+        gw: &Gateway,
+        method: &str,
+        token: Option<&str>,
+        body: axum::body::Body,
+    ) -> (u16, serde_json::Value) {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(if method == "POST" {
+                "/admin/keys"
+            } else {
+                "/admin/keys/key_x"
+            })
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let res = tokio::time::timeout(
+            Duration::from_secs(3600),
+            gw.router().oneshot(req.body(body).unwrap()),
+        )
+        .await
+        .expect("the admin API answers")
+        .unwrap();
+        let status = res.status().as_u16();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_admin_token_is_checked_before_the_body_is_read() {
+        let gw = gateway();
+        for method in ["POST", "PATCH"] {
+            for token in [None, Some("wrong")] {
+                let started = tokio::time::Instant::now();
+                let (status, v) = call(&gw, method, token, stalled(b"{\"credits_usd\":")).await;
+                assert_eq!(
+                    (status, v["error"]["code"].as_str()),
+                    (401, Some("invalid_api_key")),
+                    "{method} {token:?}"
+                );
+                assert_eq!(
+                    started.elapsed(),
+                    Duration::ZERO,
+                    "{method}: answered without waiting for the body"
+                );
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admin_bodies_are_bounded_in_size_and_time_with_json_errors() {
+        let gw = gateway();
+        let token = Some("admin-token-accounts-tests");
+        for method in ["POST", "PATCH"] {
+            let big = axum::body::Body::from(vec![b' '; super::MAX_ADMIN_BODY_BYTES + 1]);
+            let (status, v) = call(&gw, method, token, big).await;
+            assert_eq!(
+                (status, v["error"]["code"].as_str()),
+                (413, Some("payload_too_large")),
+                "{method} {v}"
+            );
+
+            let started = tokio::time::Instant::now();
+            let (status, v) = call(&gw, method, token, stalled(b"{\"credits_usd\":")).await;
+            assert_eq!(
+                (status, v["error"]["code"].as_str()),
+                (408, Some("request_timeout")),
+                "{method} {v}"
+            );
+            assert_eq!(started.elapsed(), Duration::from_secs(30), "{method}");
+        }
+        // A good body still works.
+        let (status, v) = call(
+            &gw,
+            "POST",
+            token,
+            axum::body::Body::from(r#"{"credits_usd":1}"#),
+        )
+        .await;
+        assert_eq!(status, 201, "{v}");
+    }
 }

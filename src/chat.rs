@@ -149,7 +149,69 @@ impl ChatRequest {
                 return Err(format!("`n` must be between 1 and {MAX_CHOICES}, got {n}"));
             }
         }
+        if let Some(choice) = &self.tool_choice {
+            check_tool_choice(choice)?;
+        }
+        if let Some(format) = &self.response_format {
+            check_response_format(format)?;
+        }
         Ok(())
+    }
+}
+
+/// What kind of JSON value `v` is, for error messages.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `tool_choice`: `"none"`, `"auto"`, `"required"`, or an object with a string
+/// `type` (`{"type":"function","function":{"name"}}`, and OpenAI's newer
+/// `allowed_tools` / `custom` forms, passed through).
+fn check_tool_choice(choice: &Value) -> Result<(), String> {
+    const WANT: &str = r#"`tool_choice` must be "none", "auto", "required" or an object like {"type":"function","function":{"name":"..."}}"#;
+    match choice {
+        Value::String(s) if matches!(s.as_str(), "none" | "auto" | "required") => Ok(()),
+        Value::String(s) => Err(format!("{WANT}; got the string {s:?}")),
+        Value::Object(o) => match o.get("type") {
+            Some(Value::String(t)) if t == "function" => {
+                match o.get("function").and_then(|f| f.get("name")) {
+                    Some(Value::String(_)) => Ok(()),
+                    _ => Err(format!(
+                        "{WANT}; `tool_choice.function.name` must be a string"
+                    )),
+                }
+            }
+            Some(Value::String(_)) => Ok(()),
+            _ => Err(format!("{WANT}; `tool_choice.type` must be a string")),
+        },
+        other => Err(format!("{WANT}; got {}", json_kind(other))),
+    }
+}
+
+/// `response_format`: an object with a string `type` (`"text"`, `"json_object"`,
+/// `"json_schema"` with a `json_schema` object, …).
+fn check_response_format(format: &Value) -> Result<(), String> {
+    const WANT: &str = r#"`response_format` must be an object like {"type":"json_object"}"#;
+    let Value::Object(o) = format else {
+        return Err(format!("{WANT}; got {}", json_kind(format)));
+    };
+    match o.get("type") {
+        Some(Value::String(t)) if t == "json_schema" => match o.get("json_schema") {
+            Some(Value::Object(_)) => Ok(()),
+            _ => Err(
+                "`response_format.json_schema` must be an object when `type` is \"json_schema\""
+                    .into(),
+            ),
+        },
+        Some(Value::String(_)) => Ok(()),
+        _ => Err(format!("{WANT}; `response_format.type` must be a string")),
     }
 }
 
@@ -394,7 +456,7 @@ pub struct ProviderPreferences {
     #[serde(default)]
     pub sort: Option<SortBy>,
     /// Price ceilings in USD per million tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::object_or_null")]
     pub max_price: Option<MaxPrice>,
     /// `"deny"` keeps prompts away from providers that may train on them.
     #[serde(default)]

@@ -90,6 +90,13 @@ pub struct ServerConfig {
     pub request_timeout_secs: u64,
     /// No first chunk after this long: commit the 200 and send SSE comments.
     pub keepalive_secs: u64,
+    /// A client must send its request headers within this: from the connection's
+    /// start for its first request, from the first byte of each next one.
+    pub header_timeout_secs: u64,
+    /// A keep-alive connection with no request in flight is closed after this.
+    pub idle_timeout_secs: u64,
+    /// Open client connections at most; past it, new ones get 503 and are closed.
+    pub max_connections: u32,
 }
 
 impl Default for ServerConfig {
@@ -99,6 +106,9 @@ impl Default for ServerConfig {
             max_body_bytes: 10_485_760,
             request_timeout_secs: 600,
             keepalive_secs: 10,
+            header_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_connections: 10_000,
         }
     }
 }
@@ -534,6 +544,22 @@ impl Config {
         if self.server.keepalive_secs == 0 {
             bad("server.keepalive_secs".into(), "must be at least 1".into());
         }
+        // A day at most: a timer that long is a mistake, and far past it a
+        // `Duration` added to now would overflow.
+        for (name, secs) in [
+            ("header_timeout_secs", self.server.header_timeout_secs),
+            ("idle_timeout_secs", self.server.idle_timeout_secs),
+        ] {
+            if !(1..=86_400).contains(&secs) {
+                bad(
+                    format!("server.{name}"),
+                    format!("must be between 1 and 86400 seconds, got {secs}"),
+                );
+            }
+        }
+        if self.server.max_connections == 0 {
+            bad("server.max_connections".into(), "must be at least 1".into());
+        }
         if !(self.store.url.starts_with("sqlite://") || self.store.url == "sqlite::memory:") {
             bad(
                 "store.url".into(),
@@ -796,6 +822,28 @@ mod tests {
         assert_eq!(err.problems[0].path, "server.max_body_bytes");
         let err = Config::from_toml("[server]\nlisen = \"x\"\n").unwrap_err();
         assert!(err.problems[0].message.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn server_connection_limits_have_defaults_and_bounds() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.server.header_timeout_secs, 10);
+        assert_eq!(c.server.idle_timeout_secs, 60);
+        assert_eq!(c.server.max_connections, 10_000);
+        let err = Config::from_toml(
+            "[server]\nheader_timeout_secs = 0\nidle_timeout_secs = 86401\nmax_connections = 0\n",
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.header_timeout_secs",
+                "server.idle_timeout_secs",
+                "server.max_connections"
+            ],
+            "{err}"
+        );
     }
 
     #[test]

@@ -87,6 +87,14 @@ pub enum GatewayError {
     /// 500: a bug or a broken store.
     #[error("{0}")]
     Internal(String),
+    /// 408: the client did not send its request (body) within
+    /// `[server].request_timeout_secs`. Not in SPEC §3.2's table (`request_timeout`).
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// 503: the gateway has `[server].max_connections` open; a new connection is
+    /// refused. Not in SPEC §3.2's table (`overloaded`).
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 impl GatewayError {
@@ -107,6 +115,8 @@ impl GatewayError {
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Provider(e) => e.client_status(),
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -135,6 +145,8 @@ impl GatewayError {
                 _ => "invalid_request",
             },
             Internal(_) => "internal_error",
+            RequestTimeout(_) => "request_timeout",
+            Overloaded(_) => "overloaded",
         }
     }
 

@@ -59,6 +59,8 @@ use crate::rate_limit::RateLimitLayer;
 use crate::route::RouteLayer;
 use crate::store::{KeyStore, Ledger, SqliteStore, StoreError};
 
+mod conn;
+
 /// The HTTP-tier chat service: what `/v1/chat/completions` is routed to.
 pub type ChatService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
@@ -229,6 +231,7 @@ impl GatewayBuilder {
             )
             .service(typed);
 
+        let body_timeout = Duration::from_secs(config.server.request_timeout_secs);
         Ok(Gateway {
             config: Arc::new(config),
             catalog,
@@ -239,6 +242,7 @@ impl GatewayBuilder {
                 ledger,
                 auth,
                 admin_token,
+                body_timeout,
             },
         })
     }
@@ -334,10 +338,12 @@ impl Gateway {
         let app = Dispatch {
             chat: self.chat.clone(),
             router: self.router().with_state(()),
+            activity: None,
         };
+        let limits = ConnLimits::from_config(&self.config.server);
         let logs = self.logs.clone();
         let ledger = self.accounts.ledger.clone();
-        let server = serve_connections(listener, app, async move {
+        let server = serve_connections(listener, app, limits, async move {
             shutdown.await;
             let _ = tx.send(());
         });
@@ -361,6 +367,31 @@ impl Gateway {
     }
 }
 
+/// What one client connection may cost (`[server]` settings).
+#[derive(Debug, Clone, Copy)]
+struct ConnLimits {
+    /// A request head must arrive within this (see [`conn::HeadTimer`]).
+    header_timeout: Duration,
+    /// A keep-alive connection with nothing in flight is closed after this.
+    idle_timeout: Duration,
+    /// Connections open at once; past it, new ones get a 503 and are closed.
+    max_connections: usize,
+}
+
+impl ConnLimits {
+    fn from_config(server: &crate::config::ServerConfig) -> Self {
+        ConnLimits {
+            header_timeout: Duration::from_secs(server.header_timeout_secs),
+            idle_timeout: Duration::from_secs(server.idle_timeout_secs),
+            max_connections: server.max_connections as usize,
+        }
+    }
+}
+
+/// Refused connections answered at once at most (each for at most a second); past
+/// it, a refused connection is just closed.
+const MAX_REFUSING: usize = 256;
+
 /// Accepts connections on `listener` and serves `app` on each until `shutdown`
 /// resolves; then stops accepting, lets every connection finish its requests (the
 /// graceful shutdown of `axum::serve`), and returns once all are closed.
@@ -370,9 +401,15 @@ impl Gateway {
 /// rather than by hyper's auto-detection, which reads them and hands them back
 /// through a rewind buffer: that first short read makes the HTTP/1 read buffer grow
 /// from 8 to 16 KiB, held for the life of every connection.
+///
+/// Every connection holds a permit of a semaphore of `max_connections` for its whole
+/// life; one accepted without a permit gets a 503 ([`conn::refuse`]) and is closed.
+/// A client must send its request heads in time and an idle connection is closed
+/// ([`conn::HeadTimer`] for HTTP/1, [`conn::close_when_idle`] for HTTP/2).
 async fn serve_connections(
     listener: TcpListener,
     app: Dispatch,
+    limits: ConnLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -385,6 +422,8 @@ async fn serve_connections(
         drop(signal_rx);
     });
     let (close_tx, close_rx) = tokio::sync::watch::channel(());
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
     let mut heartbeat = timer_wheel_heartbeat();
     loop {
         let tcp = tokio::select! {
@@ -398,26 +437,63 @@ async fn serve_connections(
             },
             () = signal_tx.closed() => break,
         };
+        let accepted = tokio::time::Instant::now();
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Past `max_connections`: a 503 without reading the request, then close.
+            if let Ok(slot) = refusing.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    conn::refuse(tcp).await;
+                    drop(slot);
+                });
+            }
+            continue;
+        };
         // Small SSE events must not wait for Nagle + delayed ACK (a 40 ms stall).
         let _ = tcp.set_nodelay(true);
         let service = app.clone();
         let signal_tx = signal_tx.clone();
         let close_rx = close_rx.clone();
         tokio::spawn(async move {
+            // A silent client is held here at most until its head is due.
             let h2 = tokio::select! {
-                h2 = opens_with_h2_preface(&tcp) => h2,
+                h2 = tokio::time::timeout_at(accepted + limits.header_timeout, opens_with_h2_preface(&tcp)) => match h2 {
+                    Ok(h2) => h2,
+                    Err(_) => return,
+                },
                 () = signal_tx.closed() => return,
             };
-            let io = TokioIo::new(tcp);
+            let shared = Arc::new(conn::ConnShared::default());
+            let io = TokioIo::new(conn::ConnIo::new(tcp, shared.clone()));
             if h2 {
+                let activity = Arc::new(conn::Activity::default());
+                let service = Dispatch {
+                    activity: Some(activity.clone()),
+                    ..service
+                };
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(io, service);
-                until_closed(conn, &signal_tx).await;
+                until_closed(
+                    conn,
+                    &signal_tx,
+                    conn::close_when_idle(&activity, limits.idle_timeout),
+                )
+                .await;
             } else {
-                let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-                until_closed(conn, &signal_tx).await;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(conn::HeadTimer::new(
+                        shared,
+                        accepted,
+                        limits.header_timeout,
+                        limits.idle_timeout,
+                    ))
+                    // hyper hands the deadline to `HeadTimer`, which sets its own.
+                    .header_read_timeout(limits.header_timeout)
+                    .max_header_size(conn::MAX_HEAD_BYTES)
+                    .serve_connection(io, service);
+                until_closed(conn, &signal_tx, std::future::pending()).await;
             }
             drop(close_rx);
+            drop(permit);
         });
     }
     drop(close_rx);
@@ -437,6 +513,9 @@ async fn serve_connections(
 struct Dispatch {
     chat: ChatService,
     router: Router,
+    /// An HTTP/2 connection's requests in flight (for its idle timeout); `None` on
+    /// HTTP/1, where hyper's head timer covers idleness.
+    activity: Option<Arc<conn::Activity>>,
 }
 
 impl Dispatch {
@@ -454,17 +533,34 @@ impl hyper::service::Service<Request<hyper::body::Incoming>> for Dispatch {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = futures_util::future::Either<
-        tower::util::Oneshot<ChatService, Request<Body>>,
-        tower::util::Oneshot<Router, Request<hyper::body::Incoming>>,
+        futures_util::future::Either<
+            tower::util::Oneshot<ChatService, Request<Body>>,
+            tower::util::Oneshot<Router, Request<hyper::body::Incoming>>,
+        >,
+        futures_util::future::BoxFuture<'static, Result<Response<Body>, Infallible>>,
     >;
 
     fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
         use futures_util::future::Either;
+        use futures_util::FutureExt;
         use tower::ServiceExt;
-        if Self::is_chat(&req) {
+        let fut = if Self::is_chat(&req) {
             Either::Left(self.chat.clone().oneshot(req.map(Body::new)))
         } else {
             Either::Right(self.router.clone().oneshot(req))
+        };
+        match &self.activity {
+            None => Either::Left(fut),
+            // HTTP/2: the request counts as in flight until its response body ends.
+            Some(activity) => {
+                let guard = activity.start();
+                Either::Right(
+                    fut.map(move |res| {
+                        res.map(|res| res.map(|b| Body::new(conn::CountedBody::new(b, guard))))
+                    })
+                    .boxed(),
+                )
+            }
         }
     }
 }
@@ -489,14 +585,18 @@ fn timer_wheel_heartbeat() -> tokio::time::Interval {
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Drives one connection to its end, shutting it down gracefully (in-flight requests
-/// finish, no new ones are read) once `signal` is closed.
-async fn until_closed<C>(conn: C, signal: &tokio::sync::watch::Sender<()>)
-where
+/// finish, no new ones are read) once `signal` is closed or `idle` resolves.
+async fn until_closed<C>(
+    conn: C,
+    signal: &tokio::sync::watch::Sender<()>,
+    idle: impl Future<Output = ()>,
+) where
     C: hyper_util::server::graceful::GracefulConnection,
     C::Error: std::fmt::Display,
 {
     let mut conn = std::pin::pin!(conn);
     let mut signal_closed = std::pin::pin!(signal.closed());
+    let mut idle = std::pin::pin!(idle);
     let mut shutting_down = false;
     loop {
         tokio::select! {
@@ -507,6 +607,10 @@ where
                 return;
             }
             () = &mut signal_closed, if !shutting_down => {
+                shutting_down = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = &mut idle, if !shutting_down => {
                 shutting_down = true;
                 conn.as_mut().graceful_shutdown();
             }

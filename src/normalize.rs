@@ -269,7 +269,12 @@ where
             )));
         }
     }
-    let request = read_request(req.into_body(), cfg.max_body_bytes).await?;
+    // The body is read inside the request's deadline: a client that stalls halfway
+    // through it holds the connection no longer than any other request.
+    let request =
+        tokio::time::timeout_at(deadline, read_request(req.into_body(), cfg.max_body_bytes))
+            .await
+            .map_err(|_| body_timed_out())??;
     let stream = request.stream;
     let wants_usage = request.wants_stream_usage();
     ctx.update(|s| {
@@ -284,6 +289,13 @@ where
     } else {
         json_response(reply, ctx, deadline).await
     }
+}
+
+/// The request body did not arrive before the request's deadline.
+pub fn body_timed_out() -> GatewayError {
+    GatewayError::RequestTimeout(
+        "the request body did not arrive within [server].request_timeout_secs".into(),
+    )
 }
 
 fn timed_out() -> GatewayError {
@@ -698,6 +710,79 @@ mod tests {
         );
     }
 
+    /// Every field given a value of the wrong JSON type is a 400 that names it;
+    /// the valid forms of the same fields still parse.
+    #[test]
+    fn wrongly_typed_fields_are_refused_by_name() {
+        let bad = [
+            ("tool_choice", "1"),
+            ("tool_choice", "true"),
+            ("tool_choice", "[]"),
+            ("tool_choice", r#""sometimes""#),
+            ("tool_choice", "{}"),
+            ("tool_choice", r#"{"type":7}"#),
+            ("tool_choice", r#"{"type":"function"}"#),
+            ("response_format", "1"),
+            ("response_format", "false"),
+            ("response_format", r#""json_object""#),
+            ("response_format", "[]"),
+            ("response_format", "{}"),
+            ("response_format", r#"{"type":["text"]}"#),
+            ("response_format", r#"{"type":"json_schema"}"#),
+            ("stream_options", "[]"),
+            ("stream_options", "[true]"),
+            ("stream_options", "1"),
+            ("usage", "[]"),
+            ("usage", "[true]"),
+            ("usage", r#""yes""#),
+            ("provider", "[]"),
+            ("provider", r#"[["a"]]"#),
+            ("provider", "true"),
+            ("provider", r#"{"max_price":[]}"#),
+        ];
+        for (field, value) in bad {
+            let body = chat_body(&format!(r#","{field}":{value}"#));
+            let err = parse_request(body.as_bytes()).expect_err(&body);
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(err.code(), "invalid_request", "{body}");
+            assert!(
+                err.to_string().contains(&format!("`{field}")),
+                "{body}: {err}"
+            );
+        }
+        let good = [
+            ("tool_choice", r#""auto""#),
+            ("tool_choice", r#""none""#),
+            ("tool_choice", r#""required""#),
+            (
+                "tool_choice",
+                r#"{"type":"function","function":{"name":"f"}}"#,
+            ),
+            (
+                "tool_choice",
+                r#"{"type":"allowed_tools","allowed_tools":{"mode":"auto","tools":[]}}"#,
+            ),
+            ("tool_choice", "null"),
+            ("response_format", r#"{"type":"text"}"#),
+            ("response_format", r#"{"type":"json_object"}"#),
+            (
+                "response_format",
+                r#"{"type":"json_schema","json_schema":{"name":"x","schema":{}}}"#,
+            ),
+            ("stream_options", r#"{"include_usage":true}"#),
+            ("stream_options", "{}"),
+            ("usage", r#"{"include":true}"#),
+            ("provider", r#"{"order":["a"],"max_price":{"prompt":1}}"#),
+            ("provider", "null"),
+        ];
+        for (field, value) in good {
+            let body = chat_body(&format!(r#","{field}":{value}"#));
+            if let Err(e) = parse_request(body.as_bytes()) {
+                panic!("{body}: {e}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn non_stream_reply_is_one_completion_with_served_headers() {
         let mut last = ChatChunk::text(" world");
@@ -804,6 +889,37 @@ mod tests {
         assert!(events[1].contains(r#""code":"upstream_timeout""#), "{text}");
         assert!(events[1].contains(r#""finish_reason":"error""#), "{text}");
         assert_eq!(events[2], "data: [DONE]");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_halfway_is_cut_at_the_request_deadline() {
+        // Half a JSON body, then nothing (a half-sent Content-Length or chunked body).
+        let half = futures_util::stream::iter([Ok::<_, Infallible>(http_body::Frame::data(
+            Bytes::from_static(br#"{"model":"mock/echo","messa"#),
+        ))])
+        .chain(futures_util::stream::pending());
+        let req = Request::post("/")
+            .body(http_body_util::StreamBody::new(half))
+            .unwrap();
+        let svc = NormalizeLayer::new()
+            .request_timeout(Duration::from_secs(30))
+            .layer(answering(vec![], Duration::ZERO));
+        let started = Instant::now();
+        let res = tokio::time::timeout(Duration::from_secs(3600), svc.oneshot(req))
+            .await
+            .expect("the deadline bounds the body read")
+            .unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
+        let v: serde_json::Value = serde_json::from_str(&body_text(res).await).unwrap();
+        assert_eq!(v["error"]["code"], "request_timeout", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("request_timeout_secs"),
+            "{v}"
+        );
     }
 
     #[test]

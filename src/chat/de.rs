@@ -47,6 +47,57 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
+/// `T` read from a JSON object only.
+///
+/// serde's derived `Deserialize` of a struct also accepts an array (the fields by
+/// position), so `[]` is a valid value of any struct whose fields all have defaults:
+/// `"stream_options": []` was taken for `{}`. Through this, an array is the type
+/// error it should be ("invalid type: sequence, expected an object").
+pub(super) struct ObjectOnly<T>(pub(super) T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOnly<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(ObjectVisitor(std::marker::PhantomData))
+            .map(ObjectOnly)
+    }
+}
+
+/// For `#[serde(deserialize_with)]`: an optional field that must be an object.
+pub(super) fn object_or_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<ObjectOnly<T>>::deserialize(d)?.map(|o| o.0))
+}
+
+/// Reads an object-only field (see [`ObjectOnly`]) into `slot`, once.
+fn once_object<'de, A, T>(
+    map: &mut A,
+    slot: &mut Option<Option<T>>,
+    name: &'static str,
+) -> Result<(), A::Error>
+where
+    A: MapAccess<'de>,
+    T: Deserialize<'de>,
+{
+    if slot.is_some() {
+        return Err(de::Error::duplicate_field(name));
+    }
+    *slot = Some(map.next_value::<Option<ObjectOnly<T>>>()?.map(|o| o.0));
+    Ok(())
+}
+
 /// Reads the next value into `slot`; a second value for the same field is an error.
 fn once<'de, A, T>(map: &mut A, slot: &mut Option<T>, name: &'static str) -> Result<(), A::Error>
 where
@@ -95,7 +146,7 @@ impl<'de> Deserialize<'de> for ChatRequest {
                         "model" => once(&mut map, &mut model, "model")?,
                         "messages" => once(&mut map, &mut messages, "messages")?,
                         "models" => once(&mut map, &mut models, "models")?,
-                        "provider" => once(&mut map, &mut provider, "provider")?,
+                        "provider" => once_object(&mut map, &mut provider, "provider")?,
                         "max_tokens" => once(&mut map, &mut max_tokens, "max_tokens")?,
                         "max_completion_tokens" => once(
                             &mut map,
@@ -114,11 +165,13 @@ impl<'de> Deserialize<'de> for ChatRequest {
                         "seed" => once(&mut map, &mut seed, "seed")?,
                         "user" => once(&mut map, &mut user, "user")?,
                         "stream" => once(&mut map, &mut stream, "stream")?,
-                        "stream_options" => once(&mut map, &mut stream_options, "stream_options")?,
+                        "stream_options" => {
+                            once_object(&mut map, &mut stream_options, "stream_options")?
+                        }
                         "reasoning_effort" => {
                             once(&mut map, &mut reasoning_effort, "reasoning_effort")?
                         }
-                        "usage" => once(&mut map, &mut usage, "usage")?,
+                        "usage" => once_object(&mut map, &mut usage, "usage")?,
                         _ => keep(&mut map, &mut extra, key)?,
                     }
                 }
