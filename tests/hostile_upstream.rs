@@ -93,7 +93,7 @@ fn config(good: &Upstream, hostiles: &[Hostile], extra: &str) -> String {
         s.push('\n');
     }
     s.push_str(extra);
-    s.push_str("\n[[keys]]\nsecret = \"sk-hostile\"\nname = \"hostile\"\ncredits_usd = 1000\n");
+    s.push_str("\n[[keys]]\nsecret = \"sk-hostile-client-key-000\"\nname = \"hostile\"\ncredits_usd = 1000\n");
     s
 }
 
@@ -142,13 +142,13 @@ async fn error_of(res: reqwest::Response, what: &str) -> Value {
 /// served by `good`; the process is alive after both.
 async fn check_case(gw: &mut GatewayProcess, name: &str, stream: bool, status: u16, code: &str) {
     let what = format!("{name} (stream: {stream})");
-    let res = ask(gw, "sk-hostile", name, stream, true).await;
+    let res = ask(gw, "sk-hostile-client-key-000", name, stream, true).await;
     assert_eq!(res.status(), status, "{what}: status alone");
     let err = error_of(res, &what).await;
     assert_eq!(err["code"], code, "{what}: {err}");
     gw.assert_alive(&what);
 
-    let res = ask(gw, "sk-hostile", name, stream, false).await;
+    let res = ask(gw, "sk-hostile-client-key-000", name, stream, false).await;
     assert_eq!(res.status(), 200, "{what}: with a fallback");
     assert_eq!(res.headers()["x-provider"], "good", "{what}");
     let text = res.text().await.unwrap();
@@ -261,7 +261,7 @@ async fn absurd_indices_are_broken_answers_not_allocations() {
     check_case(&mut gw, "gem", false, 502, "upstream_error").await;
     check_case(&mut gw, "gem", true, 502, "upstream_error").await;
 
-    let res = ask(&gw, "sk-hostile", "anth", true, true).await;
+    let res = ask(&gw, "sk-hostile-client-key-000", "anth", true, true).await;
     assert_eq!(res.status(), 200);
     assert_eq!(sse_text(&res.text().await.unwrap()), "fine");
     gw.assert_alive("a large anthropic block index");
@@ -331,7 +331,7 @@ async fn absurd_usage_numbers_never_panic() {
             hostile("not_u64", "openai", &not_u64, ""),
         ],
         // Its own key: whatever such a charge does to a balance is not this test's.
-        "[[keys]]\nsecret = \"sk-usage\"\nname = \"usage\"\ncredits_usd = 1000\n",
+        "[[keys]]\nsecret = \"sk-usage-client-key-00000\"\nname = \"usage\"\ncredits_usd = 1000\n",
     ))
     .await;
 
@@ -340,7 +340,7 @@ async fn absurd_usage_numbers_never_panic() {
     }
     // 1e15, -5, 1e29: one of each per round (the upstream cycles through them).
     for _ in 0..3 {
-        let res = ask(&gw, "sk-hostile", "not_u64", false, true).await;
+        let res = ask(&gw, "sk-hostile-client-key-000", "not_u64", false, true).await;
         assert_eq!(res.status(), 502);
         assert_eq!(error_of(res, "not_u64").await["code"], "upstream_error");
         gw.assert_alive("usage that is not a u64");
@@ -348,7 +348,7 @@ async fn absurd_usage_numbers_never_panic() {
     check_case(&mut gw, "not_u64", false, 502, "upstream_error").await;
     // Below the bound, a large count is served (what it may cost is the credit
     // layer's business): 2^53 tokens is still a number.
-    let res = ask(&gw, "sk-usage", "at_bound", false, true).await;
+    let res = ask(&gw, "sk-usage-client-key-00000", "at_bound", false, true).await;
     let status = res.status();
     let text = res.text().await.unwrap();
     if status != 200 {
@@ -402,7 +402,7 @@ async fn absurd_retry_after_headers_are_clamped() {
     }
     let mut gw = GatewayProcess::start(&config(&good, &hostiles, "")).await;
     for (name, _, value, want) in cases {
-        let res = ask(&gw, "sk-hostile", name, false, true).await;
+        let res = ask(&gw, "sk-hostile-client-key-000", name, false, true).await;
         assert_eq!(res.status(), 429, "{name}");
         let after: u64 = res.headers()["retry-after"]
             .to_str()
@@ -416,7 +416,7 @@ async fn absurd_retry_after_headers_are_clamped() {
         assert_eq!(error_of(res, name).await["code"], "rate_limited");
         gw.assert_alive(name);
         // Parked or not, the model is still served by `good`.
-        let res = ask(&gw, "sk-hostile", name, false, false).await;
+        let res = ask(&gw, "sk-hostile-client-key-000", name, false, false).await;
         assert_eq!(res.status(), 200, "{name} with a fallback");
         assert_eq!(res.headers()["x-provider"], "good");
         gw.assert_alive(name);
@@ -541,7 +541,14 @@ async fn giant_endless_and_dripping_bodies_are_failed_attempts() {
 
     // Content was forwarded, then the stream passed max_response_bytes: the SPEC
     // §3.2 mid-stream error chunk, then [DONE].
-    let res = ask(&gw, "sk-hostile", "endless_content", true, true).await;
+    let res = ask(
+        &gw,
+        "sk-hostile-client-key-000",
+        "endless_content",
+        true,
+        true,
+    )
+    .await;
     assert_eq!(res.status(), 200);
     let text = res.text().await.unwrap();
     let data = sse_data(&text);
@@ -630,7 +637,7 @@ async fn echoed_credentials_are_redacted() {
         ("echo_bad", false, 502),
         ("echo_gem", true, 502),
     ] {
-        let res = ask(&gw, "sk-hostile", name, stream, true).await;
+        let res = ask(&gw, "sk-hostile-client-key-000", name, stream, true).await;
         assert_eq!(res.status(), status, "{name}");
         let text = res.text().await.unwrap();
         assert!(
@@ -661,7 +668,7 @@ id = "mock/lorem"
   completion_usd_per_mtok = 0
 
 [[keys]]
-secret = "sk-hostile"
+secret = "sk-hostile-client-key-000"
 name = "hostile"
 credits_usd = 1
 "#,
@@ -670,7 +677,7 @@ credits_usd = 1
     for stream in [false, true] {
         let res = client()
             .post(gw.url("/v1/chat/completions"))
-            .bearer_auth("sk-hostile")
+            .bearer_auth("sk-hostile-client-key-000")
             .json(
                 &json!({"model": "mock/lorem", "max_tokens": 4294967295u32, "stream": stream,
                           "messages": [{"role": "user", "content": "go"}]}),

@@ -746,7 +746,8 @@ mod tests {
         let path = dir.join("old.db");
         {
             let conn = rusqlite::Connection::open(&path).unwrap();
-            // The layout before STRICT (and before WITHOUT ROWID, with a time index).
+            // The layout before STRICT (and before WITHOUT ROWID, with a time index),
+            // and before the `over_reserve` column.
             conn.execute_batch(&format!(
                 "CREATE TABLE requests ({});
                  CREATE INDEX requests_time ON requests (time_ms);",
@@ -757,10 +758,11 @@ mod tests {
                     .rsplit_once(')')
                     .unwrap()
                     .0
+                    .replace(",\n    over_reserve      INTEGER NOT NULL DEFAULT 0", "")
             ))
             .unwrap();
             conn.execute(
-                "INSERT INTO requests VALUES ('gen-1', 1, 'key_a', 'm/x', 'm/x', 'p', 200, 4, 6, 0, 0, 500, 12, NULL, 0, 1, 'stop', NULL, '[]', NULL, NULL)",
+                &format!("INSERT INTO requests ({REQUESTS_COLUMNS}) VALUES ('gen-1', 1, 'key_a', 'm/x', 'm/x', 'p', 200, 4, 6, 0, 0, 500, 12, NULL, 0, 1, 'stop', NULL, '[]', NULL, NULL)"),
                 [],
             )
             .unwrap();
