@@ -434,3 +434,163 @@ async fn keys_cli_administers_and_never_shows_a_secret() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An upstream that reports absurd usage (10¹⁵ tokens each way), in a JSON answer or
+/// at the end of a stream.
+fn absurd_usage_answer(seen: &Seen) -> axum::response::Response {
+    const HUGE: u64 = 1_000_000_000_000_000;
+    let usage = json!({"prompt_tokens": HUGE, "completion_tokens": HUGE, "total_tokens": 2 * HUGE});
+    if seen.body["stream"] == true {
+        let chunk = |delta: Value, finish: Option<&str>| {
+            json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up",
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            .to_string()
+        };
+        sse(
+            vec![
+                chunk(json!({"role": "assistant", "content": "Hello"}), None),
+                chunk(json!({}), Some("stop")),
+                json!({"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": usage})
+                    .to_string(),
+                "[DONE]".into(),
+            ],
+            Duration::ZERO,
+        )
+    } else {
+        json(
+            200,
+            json!({"id": "c", "object": "chat.completion", "created": 1, "model": "up",
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+                   "usage": usage}),
+        )
+    }
+}
+
+/// Charges capped at their reservation (SPEC §4 invariant 2: an upstream reported
+/// absurd usage) are committed as capped: after a SIGKILL the ledger holds each once,
+/// at the cost the client was shown, and the key is never overdrawn in money or in
+/// tokens.
+#[tokio::test]
+async fn sigkill_keeps_capped_charges_once_and_never_overdraws_the_key() {
+    const SECRET: &str = "sk-capped-0123456789abcdef";
+    let up = upstream(|seen: Seen, _| async move { absurd_usage_answer(&seen) }).await;
+    let dir = temp_dir("capped");
+    let config = dir.join("switchboard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[store]
+url = "sqlite://{store}"
+
+[[providers]]
+name = "broken"
+kind = "openai"
+base_url = "{base}/v1"
+api_key = "sk-upstream-broken"
+
+[[models]]
+id = "test/model"
+max_output_tokens = 50
+  [[models.endpoints]]
+  provider = "broken"
+  upstream_model = "up"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 2
+
+[[keys]]
+secret = "{SECRET}"
+name = "capped"
+credits_usd = 0.01
+tokens_per_day = 100000
+"#,
+            store = dir.join("ledger.db").display(),
+            base = up.url(),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("serve.log");
+    let first = serve(&config, &log).await;
+
+    // Until the key cannot cover another reservation: every answer is charged its
+    // reservation, never the $9.2M its usage prices at.
+    let mut shown: Vec<(String, Money)> = Vec::new();
+    let mut refused = false;
+    for i in 0..200 {
+        let stream = i % 2 == 1;
+        let res = client()
+            .post(first.url("/v1/chat/completions"))
+            .bearer_auth(SECRET)
+            .json(&json!({"model": "test/model", "stream": stream,
+                          "stream_options": {"include_usage": true},
+                          "messages": [{"role": "user", "content": "Say hello."}]}))
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 402 {
+            refused = true;
+            break;
+        }
+        assert_eq!(res.status(), 200);
+        let text = res.text().await.unwrap();
+        let id_at = text.find("\"id\":\"").unwrap() + 6;
+        let id = text[id_at..].split('"').next().unwrap().to_string();
+        let cost = money_field(&text, "cost").expect("usage.cost");
+        assert!(cost < "0.001".parse().unwrap(), "charged {cost}: {text}");
+        shown.push((id, cost));
+    }
+    assert!(refused, "a $0.01 key was never refused");
+    assert!(shown.len() >= 10, "only {} requests served", shown.len());
+    drop(first); // SIGKILL, straight after the last answer: no graceful flush
+
+    let second = serve(&config, &log).await;
+    let mut sum = Money::ZERO;
+    for (id, cost) in &shown {
+        let text = client()
+            .get(second.url(&format!("/v1/generation?id={id}")))
+            .bearer_auth(SECRET)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(money_field(&text, "total_cost"), Some(*cost), "{text}");
+        sum = sum + *cost;
+    }
+    let key = client()
+        .get(second.url("/v1/key"))
+        .bearer_auth(SECRET)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let remaining = money_field(&key, "credits_remaining").unwrap();
+    assert!(!remaining.is_negative(), "overdrawn: {key}");
+    assert_eq!(money_field(&key, "usage"), Some(sum), "{key}");
+    drop(second);
+
+    // In the file: one row per answer, the key's spent their exact sum, and the day's
+    // tokens within the key's limit.
+    let db = rusqlite::Connection::open(dir.join("ledger.db")).unwrap();
+    let (rows, total): (i64, i64) = db
+        .query_row(
+            "SELECT count(*), coalesce(sum(amount_pico), 0) FROM settlements",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(rows as usize, shown.len());
+    assert_eq!(Money::from_pico(total), sum);
+    let tokens: i64 = db
+        .query_row(
+            "SELECT coalesce(sum(tokens), 0) FROM daily_tokens",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(tokens > 0 && tokens <= 100_000, "day tokens {tokens}");
+    let _ = std::fs::remove_dir_all(dir);
+}
