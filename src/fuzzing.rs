@@ -315,19 +315,18 @@ fn ledger_path(db: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// A directory of this process's own (fuzzers run several processes at once).
+/// A directory of this call's own (fuzzers run several processes, tests several
+/// threads), in memory where there is a tmpfs.
 fn scratch_dir() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let shm = Path::new("/dev/shm");
-        let base = if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        base.join(format!("switchboard-fuzz-{}", std::process::id()))
-    })
-    .clone()
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!("switchboard-fuzz-{}-{call}", std::process::id()))
 }
 
 fn replace_all(data: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
