@@ -138,7 +138,9 @@ fn same_request(a: &ChatRequest, b: &ChatRequest) -> bool {
                 Value::String(format!("{f:.11e}"))
             }
             Value::Array(items) => Value::Array(items.into_iter().map(rounded).collect()),
-            Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k, rounded(v))).collect()),
+            Value::Object(m) => {
+                Value::Object(m.into_iter().map(|(k, v)| (k, rounded(v))).collect())
+            }
             v => v,
         }
     }

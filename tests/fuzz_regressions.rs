@@ -28,9 +28,16 @@ fn replay(target: &str, file: &str) {
     let exe = std::env::current_exe().expect("the test binary");
     let out = Command::new("sh")
         .arg("-c")
-        .arg(format!("ulimit -v {MEMORY_LIMIT_KIB} && exec \"$0\" \"$@\""))
+        .arg(format!(
+            "ulimit -v {MEMORY_LIMIT_KIB} && exec \"$0\" \"$@\""
+        ))
         .arg(exe)
-        .args(["child_replays_one_input", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "child_replays_one_input",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_TARGET, target)
         .env(CHILD_INPUT, &input)
         .output()
