@@ -66,6 +66,9 @@ for t in "${targets[@]}"; do
     fi
 done
 
+# What journal_replay runs that crashed left behind (a store each, in memory).
+rm -rf /dev/shm/switchboard-fuzz-* "${TMPDIR:-/tmp}"/switchboard-fuzz-* 2>/dev/null || true
+
 if [ ${#found[@]} -gt 0 ]; then
     echo
     echo "fuzz/run.sh: ${#found[@]} finding(s):"
