@@ -25,6 +25,9 @@ pub mod context;
 pub mod credit;
 pub mod error;
 pub mod fallback;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod health;
 mod json;
