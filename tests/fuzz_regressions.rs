@@ -78,26 +78,19 @@ macro_rules! cases {
 cases! {
     // An upstream chunk's `choices[].index` is the size the Aggregator grows to: a
     // 34-byte answer asked for 42 GB (fuzz/run.sh, aggregator, 57 s).
-    #[ignore = "fixed on branch hc: upstream indices bounded (issue 20)"]
     aggregator_choice_index_444444444: "aggregator" / "choice-index-444444444.jsonl";
     // The same, minimised by `cargo fuzz tmin`: 4,445 choices (363 KB of JSON) out
     // of a 28-byte chunk.
-    #[ignore = "fixed on branch hc: upstream indices bounded (issue 20)"]
     aggregator_choice_index_4444: "aggregator" / "choice-index-4444.jsonl";
 
     // Issue 20's reports, written by hand and confirmed by the harness (the 90-150 s
     // runs had not found them yet): the index as an allocation size through each
     // adapter (412 GB), the mock writing `max_tokens` words (68 GB), and two
     // settlements whose sum wraps an i64 in one journal replay.
-    #[ignore = "fixed on branch hc: upstream indices bounded (issue 20)"]
     openai_choice_index_u32_max: "openai_response" / "choice-index-u32-max.json";
-    #[ignore = "fixed on branch hc: upstream indices bounded (issue 20)"]
     gemini_candidate_index_u32_max: "gemini_response" / "candidate-index-u32-max.json";
-    #[ignore = "fixed on branch hc: upstream indices bounded (issue 20)"]
     openai_stream_tool_call_index_u32_max: "openai_stream" / "tool-call-index-u32-max.sse";
-    #[ignore = "fixed on branch hc or hd: mock `lorem` max_tokens capped (issue 20)"]
     request_lorem_max_tokens_u32_max: "request" / "lorem-max-tokens-u32-max.json";
-    #[ignore = "fixed on branch hb: checked ledger arithmetic (issue 20)"]
     journal_pico_sum_overflow_in_one_batch: "journal_replay" / "pico-sum-overflow-in-one-batch.ledger";
 }
 
