@@ -334,12 +334,11 @@ impl std::fmt::Debug for SqliteSink {
     }
 }
 
-/// The `requests` table of the SQLite request log, `{table}` standing for its name.
-///
-/// One B-tree keyed by the request id, which starts with its time, so records
-/// append at its right edge and `ORDER BY id` is time order. `STRICT`: an `INTEGER`
-/// column (`cost_pico`, the token counts) never holds anything else.
-const REQUESTS_TABLE: &str = "CREATE TABLE {table} (
+/// The column definitions of the request log's `requests` table (one text for
+/// [`REQUESTS_TABLE`] and [`SQLITE_SCHEMA`]).
+macro_rules! requests_columns {
+    () => {
+        "
     id                TEXT PRIMARY KEY,
     time_ms           INTEGER NOT NULL,
     key_id            TEXT,
@@ -362,9 +361,23 @@ const REQUESTS_TABLE: &str = "CREATE TABLE {table} (
     prompt            TEXT,
     completion        TEXT,
     over_reserve      INTEGER NOT NULL DEFAULT 0
-) STRICT, WITHOUT ROWID";
+"
+    };
+}
 
-/// The columns of `requests`, in order.
+/// The `requests` table of the SQLite request log, `{table}` standing for its name.
+///
+/// One B-tree keyed by the request id, which starts with its time, so records
+/// append at its right edge and `ORDER BY id` is time order. `STRICT`: an `INTEGER`
+/// column (`cost_pico`, the token counts) never holds anything else.
+const REQUESTS_TABLE: &str = concat!(
+    "CREATE TABLE {table} (",
+    requests_columns!(),
+    ") STRICT, WITHOUT ROWID"
+);
+
+/// The columns of `requests` copied by the migration, in order (`over_reserve`, the
+/// last, came after the first layout and takes its default).
 const REQUESTS_COLUMNS: &str = "id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion";
 
 /// The index of a key's history.
@@ -376,33 +389,12 @@ const REQUESTS_INDEX: &str =
 const SQLITE_VERSION: i64 = 1;
 
 /// The schema of the SQLite request log (what [`SqliteSink`] creates in a new file).
-pub const SQLITE_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS requests (
-    id                TEXT PRIMARY KEY,
-    time_ms           INTEGER NOT NULL,
-    key_id            TEXT,
-    requested_model   TEXT NOT NULL,
-    model             TEXT,
-    provider          TEXT,
-    status            INTEGER NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cached_tokens     INTEGER NOT NULL,
-    reasoning_tokens  INTEGER NOT NULL,
-    cost_pico         INTEGER NOT NULL,
-    latency_ms        INTEGER NOT NULL,
-    ttft_ms           INTEGER,
-    streamed          INTEGER NOT NULL,
-    complete          INTEGER NOT NULL,
-    finish_reason     TEXT,
-    error_code        TEXT,
-    attempts          TEXT NOT NULL,
-    prompt            TEXT,
-    completion        TEXT,
-    over_reserve      INTEGER NOT NULL DEFAULT 0
-) STRICT, WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);
-";
+pub const SQLITE_SCHEMA: &str = concat!(
+    "CREATE TABLE IF NOT EXISTS requests (",
+    requests_columns!(),
+    ") STRICT, WITHOUT ROWID;\n",
+    "CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);\n"
+);
 
 /// A count as SQLite's signed integer: past `i64::MAX` it is `i64::MAX`, never a
 /// negative number.
