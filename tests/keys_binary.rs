@@ -435,37 +435,6 @@ async fn keys_cli_administers_and_never_shows_a_secret() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// An upstream that reports absurd usage (10¹⁵ tokens each way), in a JSON answer or
-/// at the end of a stream.
-fn absurd_usage_answer(seen: &Seen) -> axum::response::Response {
-    const HUGE: u64 = 1_000_000_000_000_000;
-    let usage = json!({"prompt_tokens": HUGE, "completion_tokens": HUGE, "total_tokens": 2 * HUGE});
-    if seen.body["stream"] == true {
-        let chunk = |delta: Value, finish: Option<&str>| {
-            json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up",
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-            .to_string()
-        };
-        sse(
-            vec![
-                chunk(json!({"role": "assistant", "content": "Hello"}), None),
-                chunk(json!({}), Some("stop")),
-                json!({"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": usage})
-                    .to_string(),
-                "[DONE]".into(),
-            ],
-            Duration::ZERO,
-        )
-    } else {
-        json(
-            200,
-            json!({"id": "c", "object": "chat.completion", "created": 1, "model": "up",
-                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
-                   "usage": usage}),
-        )
-    }
-}
-
 /// Charges capped at their reservation (SPEC §4 invariant 2: an upstream reported
 /// absurd usage) are committed as capped: after a SIGKILL the ledger holds each once,
 /// at the cost the client was shown, and the key is never overdrawn in money or in

@@ -25,9 +25,6 @@ const TWENTY: &str = "sk-twenty-0123456789abcdef";
 const DAY: &str = "sk-day-0123456789abcdef";
 const RICH: &str = "sk-rich-0123456789abcdef";
 
-/// 10¹⁵: what a broken upstream reported.
-const HUGE: u64 = 1_000_000_000_000_000;
-
 /// An OpenAI-style answer with `n` choices and the usage an honest upstream reports
 /// for them: each choice used its whole limit.
 fn honest_completion(seen: &Seen) -> Value {
@@ -44,38 +41,6 @@ fn honest_completion(seen: &Seen) -> Value {
         "choices": choices,
         "usage": {"prompt_tokens": 10, "completion_tokens": n * limit, "total_tokens": 10 + n * limit}
     })
-}
-
-/// An answer whose usage is absurd (10¹⁵ prompt and completion tokens), JSON or SSE.
-fn absurd_answer(seen: &Seen) -> axum::response::Response {
-    let usage = json!({"prompt_tokens": HUGE, "completion_tokens": HUGE, "total_tokens": 2 * HUGE});
-    if seen.body["stream"] == true {
-        let chunk = |delta: Value, finish: Option<&str>| {
-            json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up-model",
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-            .to_string()
-        };
-        sse(
-            vec![
-                chunk(json!({"role": "assistant", "content": "Hello"}), None),
-                chunk(json!({"content": " there"}), None),
-                chunk(json!({}), Some("stop")),
-                json!({"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": usage})
-                    .to_string(),
-                "[DONE]".into(),
-            ],
-            std::time::Duration::ZERO,
-        )
-    } else {
-        json(
-            200,
-            json!({
-                "id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": "up-model",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there"}, "finish_reason": "stop"}],
-                "usage": usage
-            }),
-        )
-    }
 }
 
 fn ask(max_tokens: Option<u32>, n: Option<u32>, stream: bool) -> Value {
@@ -266,7 +231,7 @@ async fn n_is_reserved_for_every_choice_and_concurrent_requests_never_overdraw()
 /// flagged in the log, the metric and the endpoint's health.
 async fn absurd_usage_is_charged_the_reservation(stream: bool) {
     let provider = if stream { "huge-sse" } else { "huge-json" };
-    let up = upstream(|seen, _| async move { absurd_answer(&seen) }).await;
+    let up = upstream(|seen, _| async move { absurd_usage_answer(&seen) }).await;
     let log = fresh_temp_dir().join("requests.jsonl");
     let toml = openai_config(
         &[(provider, &up.url())],
@@ -300,7 +265,7 @@ async fn absurd_usage_is_charged_the_reservation(stream: bool) {
     let cost: Money = serde_json::from_value(usage["cost"].clone()).unwrap();
     assert_eq!(cost, hold.amount, "usage.cost is the reservation");
     // The tokens reported are shown as reported.
-    assert_eq!(usage["prompt_tokens"].as_u64(), Some(HUGE));
+    assert_eq!(usage["prompt_tokens"].as_u64(), Some(ABSURD_TOKENS));
 
     // The debit is exactly the cost shown, and the key is still solvent.
     let left = credits_remaining(&gw, POOR).await;

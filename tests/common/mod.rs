@@ -440,3 +440,40 @@ pub fn drip(
         .body(Body::from_stream(body))
         .unwrap()
 }
+
+/// 10¹⁵: the usage a broken upstream reported (issue 20).
+pub const ABSURD_TOKENS: u64 = 1_000_000_000_000_000;
+
+/// An OpenAI-style answer whose usage is absurd ([`ABSURD_TOKENS`] prompt and
+/// completion tokens), JSON or SSE as the request asked.
+pub fn absurd_usage_answer(seen: &Seen) -> axum::response::Response {
+    use serde_json::{json as json_value, Value};
+    let usage = json_value!({"prompt_tokens": ABSURD_TOKENS, "completion_tokens": ABSURD_TOKENS, "total_tokens": 2 * ABSURD_TOKENS});
+    if seen.body["stream"] == true {
+        let chunk = |delta: Value, finish: Option<&str>| {
+            json_value!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up-model",
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            .to_string()
+        };
+        sse(
+            vec![
+                chunk(json_value!({"role": "assistant", "content": "Hello"}), None),
+                chunk(json_value!({"content": " there"}), None),
+                chunk(json_value!({}), Some("stop")),
+                json_value!({"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": usage})
+                    .to_string(),
+                "[DONE]".into(),
+            ],
+            std::time::Duration::ZERO,
+        )
+    } else {
+        json(
+            200,
+            json_value!({
+                "id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": "up-model",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there"}, "finish_reason": "stop"}],
+                "usage": usage
+            }),
+        )
+    }
+}
