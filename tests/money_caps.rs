@@ -43,6 +43,42 @@ fn honest_completion(seen: &Seen) -> Value {
     })
 }
 
+/// Sends `body` with `secret` `count` times at once; how many were served (200). Any
+/// status but 200 and `refused` fails the test.
+async fn served_at_once(
+    gw: &TestGateway,
+    secret: &'static str,
+    body: &Value,
+    count: usize,
+    refused: u16,
+) -> usize {
+    let tasks: Vec<_> = (0..count)
+        .map(|_| {
+            let (url, body) = (gw.url("/v1/chat/completions"), body.clone());
+            tokio::spawn(async move {
+                client()
+                    .post(url)
+                    .bearer_auth(secret)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut served = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => served += 1,
+            s if s == refused => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    served
+}
+
 fn ask(max_tokens: Option<u32>, n: Option<u32>, stream: bool) -> Value {
     let mut body = json!({
         "model": "test/model",
@@ -176,30 +212,7 @@ async fn n_is_reserved_for_every_choice_and_concurrent_requests_never_overdraw()
     assert!(!left.is_negative(), "{left}");
 
     // 20 at once, each reserving 2 choices ($0.004 + the prompt): never below zero.
-    let tasks: Vec<_> = (0..20)
-        .map(|_| {
-            let url = gw.url("/v1/chat/completions");
-            tokio::spawn(async move {
-                client()
-                    .post(url)
-                    .bearer_auth(MANY)
-                    .json(&ask(Some(1000), Some(2), false))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            })
-        })
-        .collect();
-    let mut served = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            200 => served += 1,
-            402 => {}
-            other => panic!("unexpected status {other}"),
-        }
-    }
+    let served = served_at_once(&gw, MANY, &ask(Some(1000), Some(2), false), 20, 402).await;
     // Two fit in $0.01 ($0.00401 charged each), a third never does.
     assert_eq!(served, 2, "{served} served");
     let left = credits_remaining(&gw, MANY).await;
@@ -379,31 +392,7 @@ async fn tokens_per_day_is_reserved_like_money() {
     );
 
     // Ten at once on a key with room for two: never more than the limit together.
-    let tasks: Vec<_> = (0..10)
-        .map(|_| {
-            let url = gw.url("/v1/chat/completions");
-            let body = body.clone();
-            tokio::spawn(async move {
-                client()
-                    .post(url)
-                    .bearer_auth(DAY)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            })
-        })
-        .collect();
-    let mut served = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            200 => served += 1,
-            429 => {}
-            other => panic!("unexpected status {other}"),
-        }
-    }
+    let served = served_at_once(&gw, DAY, &body, 10, 429).await;
     let key = key_id(&gw, DAY);
     let used = gw.gateway.ledger().tokens_today(&key).unwrap();
     assert_eq!(served, 2, "served {served}, {used} tokens of {limit}");

@@ -263,22 +263,7 @@ async fn allow_list_globs_are_enforced_by_route_before_credit() {
 async fn concurrent_calls_never_spend_more_than_the_key_holds() {
     let store = store();
     // Prompt free, completion $1/M: 100 tokens = $0.0001 = the reserve = the cost.
-    let cfg = Config::from_toml(
-        r#"
-[[providers]]
-name = "mock"
-kind = "mock"
-[[models]]
-id = "mock/echo"
-max_output_tokens = 100
-  [[models.endpoints]]
-  provider = "mock"
-  upstream_model = "echo"
-  prompt_usd_per_mtok = 0
-  completion_usd_per_mtok = 1
-"#,
-    )
-    .unwrap();
+    let cfg = mock_echo(Some(100), "0", "1");
     let catalog = Arc::new(Catalog::from_config(&cfg));
     let k = key(&store, "0.0005", |_| {});
     let hits = Arc::new(AtomicUsize::new(0));
@@ -347,21 +332,7 @@ fn every_choice_is_reserved_and_the_bound_is_what_upstreams_are_sent() {
     };
     assert_eq!(completion_bound(&req, &plan[0]), 1024);
     assert_eq!(reservation_for(&req, plan).tokens, prompt + 128 * 1024);
-    let unbounded = Config::from_toml(
-        r#"
-[[providers]]
-name = "mock"
-kind = "mock"
-[[models]]
-id = "mock/echo"
-  [[models.endpoints]]
-  provider = "mock"
-  upstream_model = "echo"
-  prompt_usd_per_mtok = 1
-  completion_usd_per_mtok = 2
-"#,
-    )
-    .unwrap();
+    let unbounded = mock_echo(None, "1", "2");
     let e = Catalog::from_config(&unbounded).endpoints()[0].clone();
     assert_eq!(
         u64::from(completion_bound(&req, &e)),
@@ -373,21 +344,7 @@ id = "mock/echo"
         n: Some(128),
         ..req
     };
-    let dear = Config::from_toml(
-        r#"
-[[providers]]
-name = "mock"
-kind = "mock"
-[[models]]
-id = "mock/echo"
-  [[models.endpoints]]
-  provider = "mock"
-  upstream_model = "echo"
-  prompt_usd_per_mtok = 1
-  completion_usd_per_mtok = 1000
-"#,
-    )
-    .unwrap();
+    let dear = mock_echo(None, "1", "1000");
     let e = Catalog::from_config(&dear).endpoints()[0].clone();
     assert_eq!(
         reservation_for(&huge, &[e]).amount,
@@ -476,4 +433,16 @@ fn the_prompt_bound_covers_the_counted_prompt() {
         prompt_bound(&with_tools),
         prompt_bound(&plain) + tools.to_string().len() as u64 + TOOLS_TOKEN_BOUND
     );
+}
+
+/// A config with one model, `mock/echo`, served by the mock at the given prices (USD
+/// per million tokens), with `max_output_tokens` when given.
+fn mock_echo(max_output_tokens: Option<u32>, prompt: &str, completion: &str) -> Config {
+    let max = max_output_tokens.map_or(String::new(), |m| format!("max_output_tokens = {m}\n"));
+    Config::from_toml(&format!(
+        "[[providers]]\nname = \"mock\"\nkind = \"mock\"\n[[models]]\nid = \"mock/echo\"\n{max}\
+         [[models.endpoints]]\nprovider = \"mock\"\nupstream_model = \"echo\"\n\
+         prompt_usd_per_mtok = {prompt}\ncompletion_usd_per_mtok = {completion}\n"
+    ))
+    .unwrap()
 }
