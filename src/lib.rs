@@ -41,6 +41,9 @@ pub mod rate_limit;
 pub mod route;
 pub mod store;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod testing;
 pub mod tokenize;
 
 pub use gateway::Gateway;
