@@ -12,7 +12,7 @@
 //! ```
 //!
 //! See `ARCHITECTURE.md` for the whole picture and `README.md` for use.
-// No unsafe code but the ledger journal's memory map (`store/journal.rs`, two calls).
+// No unsafe code but the ledger journal's memory map (`store/sqlite/journal.rs`, two calls).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -82,10 +82,9 @@ use crate::error::GatewayError;
 use crate::keys::KeyRecord;
 use crate::money::Money;
 
-mod journal;
-pub(crate) mod schema;
 mod sqlite;
 
+pub(crate) use sqlite::schema;
 pub use sqlite::SqliteStore;
 
 /// The SHA-256 of a key's secret: what the store keeps instead of the secret.

@@ -1,5 +1,5 @@
 //! The ledger's bounds and checked arithmetic, the STRICT migration, and a property
-//! test of the ledger (tests of `sqlite.rs`, kept apart to keep that file short).
+//! test of the ledger (tests of the SQLite store, kept apart to keep `mod.rs` short).
 
 use super::*;
 

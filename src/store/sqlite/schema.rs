@@ -8,7 +8,11 @@
 //! (rowids kept), the old one dropped and the new one renamed. `PRAGMA user_version`
 //! records that it is done.
 
+use std::path::Path;
+
 use rusqlite::{Connection, TransactionBehavior};
+
+use crate::store::StoreError;
 
 /// A table of a schema: its name, its columns (to copy) and its definition, where
 /// `{table}` stands for the name it is created under.
@@ -79,4 +83,70 @@ pub(crate) fn migrate(
     tx.pragma_update(None, "user_version", version)
         .map_err(|e| e.to_string())?;
     tx.commit().map_err(|e| e.to_string())
+}
+
+/// The store's schema version (`PRAGMA user_version`): 1 = `STRICT` tables (see
+/// the module docs).
+pub(super) const SCHEMA_VERSION: i64 = 1;
+
+/// The store's tables, each `STRICT`: an `INTEGER` column never holds a REAL.
+pub(super) const TABLES: [Table; 3] = [
+    Table {
+        name: "keys",
+        columns: "id, secret_sha256, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models",
+        create: "CREATE TABLE {table} (
+    id             TEXT PRIMARY KEY,
+    secret_sha256  BLOB NOT NULL UNIQUE,
+    name           TEXT NOT NULL,
+    created        INTEGER NOT NULL,
+    disabled       INTEGER NOT NULL DEFAULT 0,
+    credits_pico   INTEGER NOT NULL,
+    spent_pico     INTEGER NOT NULL DEFAULT 0,
+    limit_pico     INTEGER,
+    rpm            INTEGER,
+    tokens_per_day INTEGER,
+    models         TEXT
+) STRICT",
+        rowid: true,
+    },
+    // One B-tree keyed by the (time-ordered) request id, so a settlement appends at its
+    // right edge; per-key history is in the request log, indexed by key and time.
+    Table {
+        name: "settlements",
+        columns: "request_id, key_id, amount_pico, model, provider, streamed, prompt_tokens, completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created",
+        create: "CREATE TABLE {table} (
+    request_id        TEXT PRIMARY KEY,
+    key_id            TEXT NOT NULL,
+    amount_pico       INTEGER NOT NULL,
+    model             TEXT NOT NULL,
+    provider          TEXT NOT NULL,
+    streamed          INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    latency_ms        INTEGER NOT NULL,
+    ttft_ms           INTEGER,
+    attempts          TEXT NOT NULL,
+    finish_reason     TEXT,
+    created           INTEGER NOT NULL
+) STRICT, WITHOUT ROWID",
+        rowid: false,
+    },
+    Table {
+        name: "daily_tokens",
+        columns: "key_id, day, tokens",
+        create: "CREATE TABLE {table} (
+    key_id TEXT NOT NULL,
+    day    INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    PRIMARY KEY (key_id, day)
+) STRICT",
+        rowid: true,
+    },
+];
+
+/// Creates the store's tables, or migrates those of an older layout (in one
+/// transaction; see the module docs).
+pub(super) fn prepare_schema(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    migrate(conn, SCHEMA_VERSION, &TABLES, "")
+        .map_err(|e| StoreError(format!("cannot prepare the store {}: {e}", path.display())))
 }

@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Generation, GenerationAttempt, Settlement};
 use crate::money::{Money, MAX_CHARGE};
+use crate::store::{Generation, GenerationAttempt, Settlement};
 
 /// A settlement as the journal holds it: with the UTC day its tokens count against,
 /// fixed when it was journaled (SQLite may get it after midnight).
@@ -125,7 +125,7 @@ impl Entry {
         Some(Entry {
             settlement: Settlement {
                 key_id: l.key.clone().into_owned(),
-                reserved: super::Reservation::NONE,
+                reserved: crate::store::Reservation::NONE,
                 tokens: l.tokens,
                 generation: Generation {
                     id: l.id.into_owned(),
@@ -193,7 +193,7 @@ impl Paths {
 /// Takes the ledger's lock: `Ok(None)` when another store (another process, or
 /// another open of the same file here) holds it.
 pub(super) fn lock(paths: &Paths) -> std::io::Result<Option<File>> {
-    let file = super::private_file_options()
+    let file = crate::store::private_file_options()
         .create(true)
         .truncate(false)
         .write(true)
@@ -246,7 +246,7 @@ impl JournalFile {
                 }
             }
         }
-        let file = super::private_file_options()
+        let file = crate::store::private_file_options()
             .create(true)
             .append(true)
             .open(path)?;
@@ -265,7 +265,7 @@ impl JournalFile {
     #[allow(unsafe_code)]
     fn create_mapped(path: &Path) -> std::io::Result<JournalFile> {
         use std::os::fd::AsRawFd;
-        let file = super::private_file_options()
+        let file = crate::store::private_file_options()
             .create(true)
             .truncate(true)
             .read(true)

@@ -1,0 +1,168 @@
+//! The [`KeyStore`] impl of [`SqliteStore`]: key rows in and out of SQLite.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::{money, SqliteStore};
+use crate::keys::KeyRecord;
+use crate::money::{Money, MAX_CREDITS};
+use crate::store::{
+    new_key_id, now_unix, KeyPatch, KeyStore, NewKey, SecretHash, StoreError, StoredKey,
+};
+
+/// Refuses credits or a limit outside `0..=`[`MAX_CREDITS`] (callers validate first;
+/// this keeps the store's own bound whoever calls it).
+pub(super) fn check_amounts(credits: Money, limit: Option<Money>) -> Result<(), StoreError> {
+    if !credits.within(MAX_CREDITS) || limit.is_some_and(|l| !l.within(MAX_CREDITS)) {
+        return Err(StoreError(format!(
+            "credits and limits must be from $0 to ${MAX_CREDITS}"
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn row_to_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
+    let models: Option<String> = r.get("models")?;
+    let record = KeyRecord {
+        id: r.get("id")?,
+        name: r.get("name")?,
+        disabled: r.get::<_, i64>("disabled")? != 0,
+        limit: r.get::<_, Option<i64>>("limit_pico")?.map(money),
+        rpm: r.get::<_, Option<i64>>("rpm")?.map(|v| v as u32),
+        tokens_per_day: r.get::<_, Option<i64>>("tokens_per_day")?.map(|v| v as u64),
+        models: models.and_then(|m| serde_json::from_str(&m).ok()),
+    };
+    Ok(StoredKey {
+        record,
+        created: r.get::<_, i64>("created")? as u64,
+        credits: money(r.get("credits_pico")?),
+        spent: money(r.get("spent_pico")?),
+    })
+}
+
+pub(super) const KEY_COLUMNS: &str = "id, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models";
+
+pub(super) fn models_json(m: &Option<Vec<String>>) -> Option<String> {
+    m.as_ref()
+        .map(|m| serde_json::to_string(m).unwrap_or_default())
+}
+
+impl KeyStore for SqliteStore {
+    fn find(&self, hash: &SecretHash) -> Result<Option<KeyRecord>, StoreError> {
+        self.with_conn(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM keys WHERE secret_sha256=?1"),
+                [&hash[..]],
+                row_to_key,
+            )
+            .optional()?
+            .map(|k| k.record))
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<Option<StoredKey>, StoreError> {
+        let key = self.with_conn(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM keys WHERE id=?1"),
+                [id],
+                row_to_key,
+            )
+            .optional()?)
+        })?;
+        Ok(key.map(|k| self.with_account(k)))
+    }
+
+    fn list(&self) -> Result<Vec<StoredKey>, StoreError> {
+        let keys = self.with_conn(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {KEY_COLUMNS} FROM keys ORDER BY created, rowid"
+            ))?;
+            let rows = stmt.query_map([], row_to_key)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })?;
+        Ok(keys.into_iter().map(|k| self.with_account(k)).collect())
+    }
+
+    fn create(&self, hash: SecretHash, new: NewKey) -> Result<StoredKey, StoreError> {
+        check_amounts(new.credits, new.limit)?;
+        let id = new_key_id();
+        let created = now_unix();
+        self.with_conn(|c| {
+            c.execute(
+                "INSERT INTO keys (id, secret_sha256, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, ?6, ?7, ?8, ?9)",
+                params![
+                    id,
+                    &hash[..],
+                    new.name,
+                    created as i64,
+                    new.credits.pico(),
+                    new.limit.map(Money::pico),
+                    new.rpm,
+                    new.tokens_per_day.map(|t| t as i64),
+                    models_json(&new.models)
+                ],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    StoreError("a key with this secret already exists".into())
+                }
+                e => e.into(),
+            })?;
+            Ok(())
+        })?;
+        Ok(StoredKey {
+            record: KeyRecord {
+                limit: new.limit,
+                rpm: new.rpm,
+                tokens_per_day: new.tokens_per_day,
+                models: new.models,
+                ..KeyRecord::new(id, new.name)
+            },
+            created,
+            credits: new.credits,
+            spent: Money::ZERO,
+        })
+    }
+
+    fn update(&self, id: &str, patch: &KeyPatch) -> Result<Option<StoredKey>, StoreError> {
+        self.with_conn(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let Some(mut key) = tx
+                .query_row(
+                    &format!("SELECT {KEY_COLUMNS} FROM keys WHERE id=?1"),
+                    [id],
+                    row_to_key,
+                )
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            patch.apply(&mut key.record);
+            let r = &key.record;
+            tx.execute(
+                "UPDATE keys SET name=?1, disabled=?2, limit_pico=?3, rpm=?4, tokens_per_day=?5, models=?6 WHERE id=?7",
+                params![
+                    r.name,
+                    r.disabled,
+                    r.limit.map(Money::pico),
+                    r.rpm,
+                    r.tokens_per_day.map(|t| t as i64),
+                    models_json(&r.models),
+                    id
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Some(key))
+        })
+        .map(|k| k.map(|k| self.with_account(k)))
+    }
+
+    fn ping(&self) -> Result<(), StoreError> {
+        self.with_conn(|c| {
+            c.query_row("SELECT count(*) FROM keys", [], |_| Ok(()))?;
+            Ok(())
+        })
+    }
+}
