@@ -159,7 +159,7 @@ impl GatewayBuilder {
                 let store = SqliteStore::open(&config.store)?;
                 if !store.owns_ledger() {
                     return Err(crate::store::StoreError(format!(
-                        "the store {} is in use by another switchboard process (it holds {}-ledger.lock); stop it, or give this gateway a [store].url of its own",
+                        "the store {} is in use by another switchboard process (it holds {}-ledger.lock); stop it, or give this gateway a [store].url of its own; to run several instances on one ledger, give them a PostgreSQL store ([store].url = \"postgres://…\", docs/deployment.md)",
                         store.path().display(),
                         store.path().display()
                     ))

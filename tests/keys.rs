@@ -790,3 +790,39 @@ async fn readyz_follows_the_store_and_builders_take_a_store_of_their_own() {
     flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(r.oneshot(get("/readyz", None)).await.unwrap().status(), 503);
 }
+
+#[tokio::test]
+async fn a_second_gateway_on_the_same_sqlite_store_refuses_and_names_postgresql() {
+    let dir = temp_dir("second-instance");
+    let mut config = switchboard::config::Config::from_toml(&exact_config("")).unwrap();
+    config.store.url = format!("sqlite://{}", dir.join("switchboard.db").display());
+    config.logging.sink = "none".into();
+    let first = switchboard::Gateway::builder()
+        .config(config.clone())
+        .build()
+        .expect("the first gateway owns the store");
+    let err = switchboard::Gateway::builder()
+        .config(config.clone())
+        .build()
+        .map(drop)
+        .expect_err("a second gateway on the same SQLite store must refuse")
+        .to_string();
+    assert!(
+        err.contains("is in use by another switchboard process"),
+        "{err}"
+    );
+    // SPEC §6: the refusal names PostgreSQL as the way to run several instances.
+    assert!(
+        err.contains("to run several instances on one ledger, give them a PostgreSQL store")
+            && err.contains("[store].url = \"postgres://")
+            && err.contains("docs/deployment.md"),
+        "{err}"
+    );
+    // Once the first is gone, the store opens again.
+    drop(first);
+    switchboard::Gateway::builder()
+        .config(config)
+        .build()
+        .expect("the store is free again");
+    let _ = std::fs::remove_dir_all(dir);
+}
