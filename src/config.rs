@@ -204,7 +204,8 @@ impl Default for RetryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoggingConfig {
-    /// `sqlite`, `sqlite:PATH`, `jsonl:PATH` or `none`.
+    /// `sqlite`, `sqlite:PATH`, `jsonl:PATH`, `postgres` (the `requests` table of
+    /// the `[store].url` PostgreSQL database) or `none`.
     pub sink: String,
     /// Store prompts and completions in request logs.
     pub log_content: bool,
@@ -582,13 +583,26 @@ impl Config {
             );
         }
         let sink = self.logging.sink.as_str();
-        let sink_ok = matches!(sink, "sqlite" | "none")
+        let sink_ok = matches!(sink, "sqlite" | "none" | "postgres")
             || sink.strip_prefix("sqlite:").is_some_and(|p| !p.is_empty())
             || sink.strip_prefix("jsonl:").is_some_and(|p| !p.is_empty());
         if !sink_ok {
             bad(
                 "logging.sink".into(),
-                format!("`{sink}` is not one of sqlite, sqlite:PATH, jsonl:PATH, none"),
+                format!("`{sink}` is not one of sqlite, sqlite:PATH, jsonl:PATH, postgres, none"),
+            );
+        }
+        // The request log goes into the store's own PostgreSQL database.
+        let pg_store = ["postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| self.store.url.starts_with(scheme));
+        if sink == "postgres" && !pg_store {
+            bad(
+                "logging.sink".into(),
+                format!(
+                    "`postgres` writes the request log into the store's PostgreSQL database, but store.url `{}` is not a PostgreSQL URL (postgres://…); set store.url to one, or choose another sink (sqlite, sqlite:PATH, jsonl:PATH, none)",
+                    self.store.url
+                ),
             );
         }
 
@@ -970,5 +984,37 @@ id = "a:b"
         ] {
             assert!(paths.contains(&want), "{want} missing from {paths:?}");
         }
+    }
+
+    #[test]
+    fn a_postgres_request_log_needs_a_postgresql_store() {
+        let err = Config::from_toml("[logging]\nsink = \"postgres\"\n").unwrap_err();
+        let p: Vec<&Problem> = err
+            .problems
+            .iter()
+            .filter(|p| p.path == "logging.sink")
+            .collect();
+        assert_eq!(p.len(), 1, "{err}");
+        // Both keys are named: the sink's path, and store.url in the message.
+        assert!(
+            p[0].message.contains("store.url `sqlite://switchboard.db`")
+                && p[0].message.contains("not a PostgreSQL URL"),
+            "{err}"
+        );
+        for url in ["postgres://u@127.0.0.1:5432/db", "postgresql://u@h/db"] {
+            let toml = format!("[store]\nurl = \"{url}\"\n[logging]\nsink = \"postgres\"\n");
+            // store.url itself is the store's to judge; the sink has no complaint.
+            if let Err(err) = Config::from_toml(&toml) {
+                assert!(
+                    err.problems.iter().all(|p| p.path != "logging.sink"),
+                    "{err}"
+                );
+            }
+        }
+        let err = Config::from_toml("[logging]\nsink = \"mysql\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("jsonl:PATH, postgres, none"),
+            "{err}"
+        );
     }
 }

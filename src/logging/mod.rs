@@ -45,6 +45,7 @@
 
 mod body;
 mod future;
+mod postgres;
 mod record;
 mod sink;
 
@@ -56,6 +57,7 @@ use tower::{Layer, Service};
 
 pub use body::LoggedBody;
 pub use future::ResponseFuture;
+pub use postgres::{PostgresSink, POSTGRES_SCHEMA};
 pub use record::{AttemptLog, RequestRecord};
 pub use sink::{
     open_sink, sqlite_path_beside_store, JsonlSink, LogSink, LogWriter, SqliteSink, DEFAULT_QUEUE,

@@ -1,10 +1,13 @@
 //! Where request records go: the [`LogSink`] trait, its SQLite and JSONL
-//! implementations, and the [`LogWriter`] that feeds a sink off the request path.
+//! implementations (PostgreSQL's is [`PostgresSink`](super::PostgresSink)), and the
+//! [`LogWriter`] that feeds a sink off the request path.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -16,7 +19,11 @@ use super::RequestRecord;
 ///
 /// A sink is owned by the [`LogWriter`]'s thread and only ever called there, in
 /// batches, so it may block (disk, network) without delaying any response. An error
-/// is logged and counted (`switchboard_log_write_errors_total`); the batch is lost.
+/// is logged and counted (`switchboard_log_write_errors_total`); the batch is lost,
+/// unless the sink says the error will pass ([`retry`](LogSink::retry): a server that
+/// is down), in which case the writer keeps the batch and writes it again after a
+/// backoff while new records wait in its bounded queue (and, once that is full, are
+/// dropped and counted).
 ///
 /// # Example
 /// ```
@@ -50,6 +57,18 @@ pub trait LogSink: Send + 'static {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+
+    /// Called once on the writer's thread before any write (a sink that talks to a
+    /// server connects and prepares its table here). Does nothing by default.
+    fn start(&mut self) {}
+
+    /// Whether a batch whose [`write`](LogSink::write) failed with `error` is to be
+    /// kept and written again after a backoff (a server that is unreachable now and
+    /// may come back) rather than lost. `false` by default.
+    fn retry(&self, error: &io::Error) -> bool {
+        let _ = error;
+        false
+    }
 }
 
 /// How many records wait for the writer at most; more are dropped and counted.
@@ -65,15 +84,42 @@ enum Msg {
 /// The handle that hands records to a sink's writer thread through a bounded queue.
 ///
 /// [`send`](LogWriter::send) never blocks: when the queue is full the record is
-/// dropped and counted in `switchboard_log_records_dropped_total`. Cheap to clone; the
-/// thread drains the queue and exits when the last clone is dropped.
+/// dropped and counted in `switchboard_log_records_dropped_total` (and
+/// [`dropped`](LogWriter::dropped)), with a warning when the drops begin. Cheap to
+/// clone; the thread drains the queue and exits when the last clone is dropped.
 #[derive(Clone)]
 pub struct LogWriter {
     tx: Option<SyncSender<Msg>>,
     /// The writer thread, woken early by a flush (records never wake it: it sleeps
     /// through its linger and then drains the queue).
     thread: Option<std::thread::Thread>,
+    /// Shared by every clone and the thread (which also uses its count to tell
+    /// whether any clone is left).
+    shared: Arc<Shared>,
 }
+
+/// What a writer's clones and its thread share.
+#[derive(Debug)]
+struct Shared {
+    /// Records dropped because the queue was full (or the thread gone).
+    dropped: AtomicU64,
+    /// When drops were last warned of: seconds since `since`, plus one (0: never).
+    warned: AtomicU64,
+    since: Instant,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            dropped: AtomicU64::new(0),
+            warned: AtomicU64::new(0),
+            since: Instant::now(),
+        }
+    }
+}
+
+/// How often, at most, drops are warned of.
+const DROP_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for LogWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -89,19 +135,23 @@ impl LogWriter {
         LogWriter {
             tx: None,
             thread: None,
+            shared: Arc::default(),
         }
     }
 
     /// Starts a writer thread for `sink` with a queue of `capacity` records.
     pub fn spawn(sink: Box<dyn LogSink>, capacity: usize) -> LogWriter {
         let (tx, rx) = mpsc::sync_channel(capacity.max(1));
+        let shared = Arc::new(Shared::default());
+        let ours = shared.clone();
         let handle = std::thread::Builder::new()
             .name("switchboard-logs".into())
-            .spawn(move || run(rx, sink))
+            .spawn(move || run(rx, sink, &ours))
             .expect("can spawn the log writer thread");
         LogWriter {
             tx: Some(tx),
             thread: Some(handle.thread().clone()),
+            shared,
         }
     }
 
@@ -124,12 +174,33 @@ impl LogWriter {
         let Some(tx) = &self.tx else { return };
         match tx.try_send(Msg::Record(Box::new(record))) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                metrics::counter!(telemetry::LOG_RECORDS_DROPPED).increment(1);
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                metrics::counter!(telemetry::LOG_RECORDS_DROPPED).increment(1);
-            }
+            Err(TrySendError::Full(_)) => self.count_drop("its queue is full"),
+            Err(TrySendError::Disconnected(_)) => self.count_drop("its writer has stopped"),
+        }
+    }
+
+    /// Records dropped so far by this writer and its clones (the queue was full).
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    fn count_drop(&self, why: &str) {
+        metrics::counter!(telemetry::LOG_RECORDS_DROPPED).increment(1);
+        let shared = &self.shared;
+        let total = shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = shared.since.elapsed().as_secs() + 1;
+        let last = shared.warned.load(Ordering::Relaxed);
+        if (last == 0 || now - last >= DROP_WARNING_EVERY.as_secs())
+            && shared
+                .warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                dropped = total,
+                "the request log drops records: {why} (its sink is slow or unreachable); they are counted in {} (this warning repeats at most once a minute)",
+                telemetry::LOG_RECORDS_DROPPED
+            );
         }
     }
 
@@ -175,7 +246,8 @@ const LINGER: Duration = Duration::from_millis(50);
 /// While it lingers it is parked, not waiting on the queue, so senders never wake it:
 /// one wake-up per batch instead of one per record (that was 3 context switches per
 /// request under load, measured with `perf stat`).
-fn run(rx: mpsc::Receiver<Msg>, mut sink: Box<dyn LogSink>) {
+fn run(rx: mpsc::Receiver<Msg>, mut sink: Box<dyn LogSink>, shared: &Arc<Shared>) {
+    sink.start();
     let mut batch: Vec<RequestRecord> = Vec::with_capacity(MAX_BATCH);
     let mut acks = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -189,7 +261,7 @@ fn run(rx: mpsc::Receiver<Msg>, mut sink: Box<dyn LogSink>) {
                     Ok(m) => {
                         take(m, &mut batch, &mut acks);
                         if batch.len() >= MAX_BATCH {
-                            write(sink.as_mut(), &mut batch);
+                            write(sink.as_mut(), &mut batch, shared);
                         }
                     }
                     Err(mpsc::TryRecvError::Empty) => break,
@@ -205,7 +277,7 @@ fn run(rx: mpsc::Receiver<Msg>, mut sink: Box<dyn LogSink>) {
             }
             std::thread::park_timeout(until - now);
         }
-        write(sink.as_mut(), &mut batch);
+        write(sink.as_mut(), &mut batch, shared);
         if !acks.is_empty() {
             if let Err(e) = sink.flush() {
                 tracing::warn!(error = %e, "could not flush the request log");
@@ -228,15 +300,54 @@ fn take(msg: Msg, batch: &mut Vec<RequestRecord>, acks: &mut Vec<mpsc::Sender<()
     }
 }
 
+/// The first wait before a batch is written again (see [`LogSink::retry`]); it
+/// doubles after each failure, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The longest wait between two tries of a batch.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
 /// Writes and empties `batch` (errors are logged and counted: the log never blocks
-/// requests).
-fn write(sink: &mut dyn LogSink, batch: &mut Vec<RequestRecord>) {
+/// requests). A batch the sink wants retried is written again after a backoff (a
+/// flush wakes it early) for as long as a [`LogWriter`] is left, while new records
+/// wait in the queue; with none left, it is tried once more and then lost.
+fn write(sink: &mut dyn LogSink, batch: &mut Vec<RequestRecord>, shared: &Arc<Shared>) {
     if batch.is_empty() {
         return;
     }
-    if let Err(e) = sink.write(batch) {
-        tracing::warn!(error = %e, records = batch.len(), "could not write request records");
-        metrics::counter!(telemetry::LOG_WRITE_ERRORS).increment(batch.len() as u64);
+    let mut failures = 0u32;
+    let mut wait = RETRY_FIRST;
+    loop {
+        let err = match sink.write(batch) {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!(
+                        records = batch.len(),
+                        "the request log writes again (after {failures} failed tries)"
+                    );
+                }
+                break;
+            }
+            Err(e) => e,
+        };
+        // The writer thread holds one `Shared`; every `LogWriter` clone another.
+        let writers_left = Arc::strong_count(shared) > 1;
+        if !(writers_left && sink.retry(&err)) {
+            tracing::warn!(error = %err, records = batch.len(), "could not write request records");
+            metrics::counter!(telemetry::LOG_WRITE_ERRORS).increment(batch.len() as u64);
+            break;
+        }
+        if failures == 0 {
+            tracing::warn!(
+                error = %err,
+                records = batch.len(),
+                "could not write request records; they are kept and tried again (new records wait in the queue, and are dropped and counted once it is full)"
+            );
+        } else {
+            tracing::debug!(error = %err, "request records not written yet");
+        }
+        failures = failures.saturating_add(1);
+        std::thread::park_timeout(wait);
+        wait = (wait * 2).min(RETRY_MAX);
     }
     batch.clear();
 }
@@ -258,6 +369,11 @@ pub fn open_sink(config: &Config) -> io::Result<Option<Box<dyn LogSink>>> {
     if sink == "none" {
         return Ok(None);
     }
+    if sink == "postgres" {
+        return Ok(Some(Box::new(super::PostgresSink::open(
+            &config.store.url,
+        )?)));
+    }
     if sink == "sqlite" {
         return Ok(Some(Box::new(
             match sqlite_path_beside_store(&config.store.url) {
@@ -275,7 +391,9 @@ pub fn open_sink(config: &Config) -> io::Result<Option<Box<dyn LogSink>>> {
     }
     Err(io::Error::new(
         io::ErrorKind::InvalidInput,
-        format!("[logging].sink `{sink}` is not one of sqlite, sqlite:PATH, jsonl:PATH, none"),
+        format!(
+            "[logging].sink `{sink}` is not one of sqlite, sqlite:PATH, jsonl:PATH, postgres, none"
+        ),
     ))
 }
 
@@ -398,7 +516,7 @@ pub const SQLITE_SCHEMA: &str = concat!(
 
 /// A count as SQLite's signed integer: past `i64::MAX` it is `i64::MAX`, never a
 /// negative number.
-fn int(v: u64) -> i64 {
+pub(super) fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -521,7 +639,7 @@ fn bind(
 
 /// The `attempts` column: the JSON array `serde_json` writes for `attempts`, written
 /// directly (serde escapes every field name at every row).
-fn attempts_json(out: &mut Vec<u8>, attempts: &[super::AttemptLog]) {
+pub(super) fn attempts_json(out: &mut Vec<u8>, attempts: &[super::AttemptLog]) {
     crate::json::push_attempts(
         out,
         attempts.iter().map(|a| crate::json::Attempt {
