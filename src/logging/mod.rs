@@ -48,6 +48,7 @@ mod future;
 mod postgres;
 mod record;
 mod sink;
+mod sqlite;
 
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -60,9 +61,9 @@ pub use future::ResponseFuture;
 pub use postgres::{PostgresSink, POSTGRES_SCHEMA};
 pub use record::{AttemptLog, RequestRecord};
 pub use sink::{
-    open_sink, sqlite_path_beside_store, JsonlSink, LogSink, LogWriter, SqliteSink, DEFAULT_QUEUE,
-    MAX_BATCH, SQLITE_SCHEMA,
+    open_sink, sqlite_path_beside_store, JsonlSink, LogSink, LogWriter, DEFAULT_QUEUE, MAX_BATCH,
 };
+pub use sqlite::{SqliteSink, SQLITE_SCHEMA};
 
 use crate::context::CallContext;
 use crate::telemetry;

@@ -1,37 +1,5 @@
 //! [`PostgresSink`]: the request log in the store's PostgreSQL database
-//! (`[logging].sink = "postgres"`, SPEC §6).
-//!
-//! The same columns as the SQLite log ([`SQLITE_SCHEMA`](super::SQLITE_SCHEMA)), in a
-//! `requests` table of the database `[store].url` names: money exact in `cost_pico`
-//! (`BIGINT`, 10⁻¹² USD), counts `BIGINT`, flags `BOOLEAN` (SQLite's 0 / 1), JSON
-//! columns as the same text. Indexed by `(key_id, time_ms)` for a key's history and
-//! by `time_ms` for a day's (see [`POSTGRES_SCHEMA`]).
-//!
-//! Off the request path like every sink: the [`LogWriter`](super::LogWriter)'s thread
-//! drives a connection of its own on a current-thread tokio runtime the sink owns.
-//! A batch is one statement, so one round trip and one transaction: an
-//! `INSERT … SELECT * FROM UNNEST($1, …, $22)` of one array per column, `ON CONFLICT
-//! (id) DO NOTHING` (a batch written again after a lost answer doubles nothing).
-//! Measured against a binary `COPY` and multi-row `VALUES` (see
-//! `postgres_sink_throughput` below): the cheapest per row of the three that keep a
-//! retried batch from doubling.
-//!
-//! PostgreSQL unreachable (or restarting): the batch is kept and written again after
-//! a backoff ([`LogSink::retry`]), new records wait in the writer's bounded queue,
-//! and once that is full they are dropped and counted; nothing blocks or fails a
-//! request. The connection, the table and its indexes are made when the writer
-//! starts, and again after any failure.
-//!
-//! # Example
-//! ```no_run
-//! use switchboard::logging::{LogWriter, PostgresSink, DEFAULT_QUEUE};
-//!
-//! let sink = PostgresSink::open("postgres://switchboard@127.0.0.1:5432/switchboard")?;
-//! let writer = LogWriter::spawn(Box::new(sink), DEFAULT_QUEUE);
-//! // … hand `writer` to `Gateway::builder().log_writer(..)` or a `LoggingLayer`.
-//! assert!(writer.flush(std::time::Duration::from_secs(10)));
-//! # Ok::<(), std::io::Error>(())
-//! ```
+//! (`[logging].sink = "postgres"`, SPEC §6); see its docs.
 
 use std::borrow::Cow;
 use std::io;
@@ -40,7 +8,7 @@ use std::time::Duration;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
-use super::sink::{attempts_json, int};
+use super::sqlite::{attempts_json, int};
 use super::{LogSink, RequestRecord};
 
 /// The request log's table and indexes in PostgreSQL: the columns of
@@ -92,9 +60,42 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// batch is then written again on a new one).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Writes request records to the `requests` table of a PostgreSQL database, one
-/// statement (one round trip, one transaction) per batch; see the
-/// [module docs](self).
+/// Writes request records to the `requests` table of a PostgreSQL database
+/// (`[logging].sink = "postgres"`), one statement (one round trip, one transaction)
+/// per batch.
+///
+/// The same columns as the SQLite log ([`SQLITE_SCHEMA`](super::SQLITE_SCHEMA)), in a
+/// `requests` table of the database `[store].url` names: money exact in `cost_pico`
+/// (`BIGINT`, 10⁻¹² USD), counts `BIGINT`, flags `BOOLEAN` (SQLite's 0 / 1), JSON
+/// columns as the same text. Indexed by `(key_id, time_ms)` for a key's history and
+/// by `time_ms` for a day's (see [`POSTGRES_SCHEMA`]).
+///
+/// Off the request path like every sink: the [`LogWriter`](super::LogWriter)'s thread
+/// drives a connection of its own on a current-thread tokio runtime the sink owns.
+/// A batch is one statement, so one round trip and one transaction: an
+/// `INSERT … SELECT * FROM UNNEST($1, …, $22)` of one array per column, `ON CONFLICT
+/// (id) DO NOTHING` (a batch written again after a lost answer doubles nothing).
+/// Measured against multi-row `VALUES` and a binary `COPY` (the
+/// `postgres_sink_throughput` test; figures in docs/observability.md): the least CPU
+/// per row for the writer, and of the ways that skip a batch written twice (a `COPY`
+/// needs a temporary table and a merge for that) the fastest.
+///
+/// PostgreSQL unreachable (or restarting): the batch is kept and written again after
+/// a backoff ([`LogSink::retry`]), new records wait in the writer's bounded queue,
+/// and once that is full they are dropped and counted; nothing blocks or fails a
+/// request. The connection, the table and its indexes are made when the writer
+/// starts, and again after any failure.
+///
+/// # Example
+/// ```no_run
+/// use switchboard::logging::{LogWriter, PostgresSink, DEFAULT_QUEUE};
+///
+/// let sink = PostgresSink::open("postgres://switchboard@127.0.0.1:5432/switchboard")?;
+/// let writer = LogWriter::spawn(Box::new(sink), DEFAULT_QUEUE);
+/// // … hand `writer` to `Gateway::builder().log_writer(..)` or a `LoggingLayer`.
+/// assert!(writer.flush(std::time::Duration::from_secs(10)));
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct PostgresSink {
     config: tokio_postgres::Config,
     /// `host:port/database`, for messages (never the password).

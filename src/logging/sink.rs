@@ -1,6 +1,7 @@
-//! Where request records go: the [`LogSink`] trait, its SQLite and JSONL
-//! implementations (PostgreSQL's is [`PostgresSink`](super::PostgresSink)), and the
-//! [`LogWriter`] that feeds a sink off the request path.
+//! Where request records go: the [`LogSink`] trait, its JSONL implementation
+//! (SQLite's is [`SqliteSink`](super::SqliteSink), PostgreSQL's
+//! [`PostgresSink`](super::PostgresSink)), [`open_sink`] which picks one from the
+//! config, and the [`LogWriter`] that feeds a sink off the request path.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::telemetry;
 
-use super::RequestRecord;
+use super::{RequestRecord, SqliteSink};
 
 /// A destination for request records.
 ///
@@ -438,269 +439,10 @@ impl LogSink for JsonlSink {
     }
 }
 
-/// Writes records to the `requests` table of their own SQLite file (WAL), one
-/// transaction per batch. Money is kept exact in `cost_pico` (10⁻¹² USD).
-pub struct SqliteSink {
-    conn: rusqlite::Connection,
-    /// The `INSERT` of each size in [`ROWS_PER_INSERT`] (prepared once, cached).
-    inserts: [String; 3],
-}
-
-impl std::fmt::Debug for SqliteSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteSink").finish_non_exhaustive()
-    }
-}
-
-/// The column definitions of the request log's `requests` table (one text for
-/// [`REQUESTS_TABLE`] and [`SQLITE_SCHEMA`]).
-macro_rules! requests_columns {
-    () => {
-        "
-    id                TEXT PRIMARY KEY,
-    time_ms           INTEGER NOT NULL,
-    key_id            TEXT,
-    requested_model   TEXT NOT NULL,
-    model             TEXT,
-    provider          TEXT,
-    status            INTEGER NOT NULL,
-    prompt_tokens     INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cached_tokens     INTEGER NOT NULL,
-    reasoning_tokens  INTEGER NOT NULL,
-    cost_pico         INTEGER NOT NULL,
-    latency_ms        INTEGER NOT NULL,
-    ttft_ms           INTEGER,
-    streamed          INTEGER NOT NULL,
-    complete          INTEGER NOT NULL,
-    finish_reason     TEXT,
-    error_code        TEXT,
-    attempts          TEXT NOT NULL,
-    prompt            TEXT,
-    completion        TEXT,
-    over_reserve      INTEGER NOT NULL DEFAULT 0
-"
-    };
-}
-
-/// The `requests` table of the SQLite request log, `{table}` standing for its name.
-///
-/// One B-tree keyed by the request id, which starts with its time, so records
-/// append at its right edge and `ORDER BY id` is time order. `STRICT`: an `INTEGER`
-/// column (`cost_pico`, the token counts) never holds anything else.
-const REQUESTS_TABLE: &str = concat!(
-    "CREATE TABLE {table} (",
-    requests_columns!(),
-    ") STRICT, WITHOUT ROWID"
-);
-
-/// The columns of `requests` copied by the migration, in order (`over_reserve`, the
-/// last, came after the first layout and takes its default).
-const REQUESTS_COLUMNS: &str = "id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion";
-
-/// The index of a key's history.
-const REQUESTS_INDEX: &str =
-    "CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);";
-
-/// The request log's schema version (`PRAGMA user_version`): 1 = `STRICT`. A log
-/// made before is migrated when opened (a copy of its rows, in one transaction).
-const SQLITE_VERSION: i64 = 1;
-
-/// The schema of the SQLite request log (what [`SqliteSink`] creates in a new file).
-pub const SQLITE_SCHEMA: &str = concat!(
-    "CREATE TABLE IF NOT EXISTS requests (",
-    requests_columns!(),
-    ") STRICT, WITHOUT ROWID;\n",
-    "CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);\n"
-);
-
-/// A count as SQLite's signed integer: past `i64::MAX` it is `i64::MAX`, never a
-/// negative number.
-pub(super) fn int(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn sql_err(e: rusqlite::Error) -> io::Error {
-    io::Error::other(e)
-}
-
-impl SqliteSink {
-    /// Opens (creating) the log database at `path`.
-    pub fn open(path: &Path) -> io::Result<SqliteSink> {
-        // Created here, mode 0600, so that SQLite's -wal and -shm take the same mode.
-        crate::store::create_private(path).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot create the request log {}: {e}", path.display()),
-            )
-        })?;
-        let conn = rusqlite::Connection::open(path).map_err(|e| {
-            io::Error::other(format!(
-                "cannot open the request log {}: {e}",
-                path.display()
-            ))
-        })?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql_err)?;
-        Self::init(conn)
-    }
-
-    /// An in-memory log (for an in-memory store, and tests).
-    pub fn memory() -> io::Result<SqliteSink> {
-        Self::init(rusqlite::Connection::open_in_memory().map_err(sql_err)?)
-    }
-
-    fn init(mut conn: rusqlite::Connection) -> io::Result<SqliteSink> {
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(sql_err)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
-        let requests = crate::store::schema::Table {
-            name: "requests",
-            columns: REQUESTS_COLUMNS,
-            create: REQUESTS_TABLE,
-            rowid: false,
-        };
-        crate::store::schema::migrate(&mut conn, SQLITE_VERSION, &[requests], REQUESTS_INDEX)
-            .map_err(|e| io::Error::other(format!("the request log: {e}")))?;
-        Ok(SqliteSink {
-            conn,
-            inserts: ROWS_PER_INSERT.map(insert_sql),
-        })
-    }
-
-    /// The connection (to query the log, e.g. in tests).
-    pub fn connection(&self) -> &rusqlite::Connection {
-        &self.conn
-    }
-}
-
-/// Columns of the `requests` table.
-const COLUMNS: usize = 22;
-
-/// Rows per multi-row `INSERT`, largest first: a batch goes in as many 32-row
-/// statements as fit, then 8-row ones, then single rows. One statement run per
-/// several records, not per record, saves SQLite's per-statement work (opening the
-/// B-tree cursors, the halt, the reset). 32 × 22 parameters is well under SQLite's
-/// limit of 32,766.
-const ROWS_PER_INSERT: [usize; 3] = [32, 8, 1];
-
-/// `INSERT OR IGNORE INTO requests VALUES (?, …), …` for `rows` rows.
-fn insert_sql(rows: usize) -> String {
-    let row = format!("({})", vec!["?"; COLUMNS].join(","));
-    format!(
-        "INSERT OR IGNORE INTO requests VALUES {}",
-        vec![row; rows].join(",")
-    )
-}
-
-/// Binds `r` to the 22 parameters after the first `at` (row `n` of a multi-row
-/// `INSERT` has `at = n × 22`).
-/// `scratch` holds the row's `attempts` JSON (SQLite copies bound text).
-fn bind(
-    stmt: &mut rusqlite::Statement<'_>,
-    at: usize,
-    r: &RequestRecord,
-    scratch: &mut Vec<u8>,
-) -> io::Result<()> {
-    scratch.clear();
-    attempts_json(scratch, &r.attempts);
-    // JSON of `&str`s and integers: UTF-8 by construction.
-    let attempts = std::str::from_utf8(scratch).map_err(io::Error::other)?;
-    let prompt = r.prompt.as_ref().map(|p| p.to_string());
-    let values: [&dyn rusqlite::ToSql; COLUMNS] = [
-        &r.id,
-        &int(r.time_ms),
-        &r.key_id,
-        &r.requested_model,
-        &r.model,
-        &r.provider,
-        &r.status,
-        &int(r.prompt_tokens),
-        &int(r.completion_tokens),
-        &int(r.cached_tokens),
-        &int(r.reasoning_tokens),
-        &r.cost.pico(),
-        &int(r.latency_ms),
-        &r.ttft_ms.map(int),
-        &r.streamed,
-        &r.complete,
-        &r.finish_reason,
-        &r.error_code,
-        &attempts,
-        &prompt,
-        &r.completion,
-        &r.over_reserve,
-    ];
-    for (i, v) in values.iter().enumerate() {
-        stmt.raw_bind_parameter(at + i + 1, v).map_err(sql_err)?;
-    }
-    Ok(())
-}
-
-/// The `attempts` column: the JSON array `serde_json` writes for `attempts`, written
-/// directly (serde escapes every field name at every row).
-pub(super) fn attempts_json(out: &mut Vec<u8>, attempts: &[super::AttemptLog]) {
-    crate::json::push_attempts(
-        out,
-        attempts.iter().map(|a| crate::json::Attempt {
-            provider: &a.provider,
-            model: Some(&a.model),
-            status: &a.status,
-            latency_ms: a.latency_ms,
-        }),
-    );
-}
-
-impl LogSink for SqliteSink {
-    fn write(&mut self, batch: &[RequestRecord]) -> io::Result<()> {
-        let mut scratch = Vec::with_capacity(256);
-        let tx = self.conn.transaction().map_err(sql_err)?;
-        let mut rest = batch;
-        for (rows, sql) in ROWS_PER_INSERT.iter().zip(&self.inserts) {
-            if rest.len() < *rows {
-                continue;
-            }
-            let mut insert = tx.prepare_cached(sql).map_err(sql_err)?;
-            let mut chunks = rest.chunks_exact(*rows);
-            for chunk in &mut chunks {
-                for (n, r) in chunk.iter().enumerate() {
-                    bind(&mut insert, n * COLUMNS, r, &mut scratch)?;
-                }
-                insert.raw_execute().map_err(sql_err)?;
-            }
-            rest = chunks.remainder();
-        }
-        tx.commit().map_err(sql_err)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::context::CallContext;
-
-    #[test]
-    fn the_attempts_column_is_what_serde_json_writes() {
-        let attempt =
-            |provider: &str, model: &str, status: &str, latency_ms| super::super::AttemptLog {
-                provider: provider.into(),
-                model: model.into(),
-                status: status.into(),
-                latency_ms,
-            };
-        for attempts in [
-            vec![],
-            vec![attempt("a", "m/x", "200", 12)],
-            vec![
-                attempt("p\"q", "m\\n\u{1}", "timeout", 0),
-                attempt("é😀", "", "503", u64::MAX),
-            ],
-        ] {
-            let mut ours = Vec::new();
-            attempts_json(&mut ours, &attempts);
-            assert_eq!(ours, serde_json::to_vec(&attempts).unwrap());
-        }
-    }
 
     /// A sink that reports each write and holds it until released.
     struct Gated {
@@ -751,151 +493,104 @@ mod tests {
         assert!(started.try_recv().is_err(), "nothing else was written");
     }
 
-    #[test]
-    fn sqlite_rows_in_full_inserts_and_the_rest_are_all_written_once() {
-        let mut sink = SqliteSink::memory().unwrap();
-        // 73 records: two 32-row inserts, an 8-row one and a single row; an id twice.
-        let mut batch: Vec<RequestRecord> = (0..72).map(record).collect();
-        batch.push(record(5));
-        for (i, r) in batch.iter_mut().enumerate() {
-            r.status = 200 + (i % 72) as u16;
-            r.prompt_tokens = i as u64;
-        }
-        sink.write(&batch).unwrap();
-        // Written again (a retried batch): nothing doubles.
-        sink.write(&batch).unwrap();
-        let conn = sink.connection();
-        let n: i64 = conn
-            .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(n, 72);
-        for i in [0usize, 31, 32, 63, 64, 71] {
-            let (status, prompt, attempts): (u16, i64, String) = conn
-                .query_row(
-                    "SELECT status, prompt_tokens, attempts FROM requests WHERE id = ?1",
-                    [format!("gen-{i}")],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .unwrap();
-            assert_eq!(
-                (status, prompt, attempts.as_str()),
-                (200 + i as u16, i as i64, "[]")
-            );
-        }
+    /// A sink for a server that is away until `up` is set: it fails (asking for a
+    /// retry) until then, and says when it is dropped (its writer thread has ended).
+    struct Away {
+        up: Arc<std::sync::atomic::AtomicBool>,
+        tries: Arc<AtomicU64>,
+        written: Arc<std::sync::Mutex<Vec<String>>>,
+        dropped: Arc<std::sync::atomic::AtomicBool>,
     }
-
-    /// Rows per second the SQLite request log takes, in batches of 10, 50 and 300 (run
-    /// with `cargo test --release --lib -- --ignored log_sink_throughput --nocapture`).
-    #[test]
-    #[ignore]
-    fn log_sink_throughput() {
-        let dir = std::env::temp_dir().join(format!("switchboard-sink-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        for batch in [10usize, 50, 300] {
-            let path = dir.join(format!("log-{batch}.db"));
-            let mut sink = SqliteSink::open(&path).unwrap();
-            let total = 60_000;
-            let records: Vec<RequestRecord> = (0..total)
-                .map(|i| {
-                    let mut r = record(i);
-                    r.id = format!("gen-{i:012}-abcdefghijklmnopqrst");
-                    r.key_id = Some("key-1".into());
-                    r.model = Some("bench/model".into());
-                    r.provider = Some("up".into());
-                    r
-                })
-                .collect();
-            let started = std::time::Instant::now();
-            for b in records.chunks(batch) {
-                sink.write(b).unwrap();
+    impl LogSink for Away {
+        fn write(&mut self, batch: &[RequestRecord]) -> io::Result<()> {
+            self.tries.fetch_add(1, Ordering::SeqCst);
+            if !self.up.load(Ordering::SeqCst) {
+                return Err(io::Error::other("the server is away"));
             }
-            let secs = started.elapsed().as_secs_f64();
-            println!(
-                "batch {batch}: {:.0} rows/s, {:.2} µs per row",
-                total as f64 / secs,
-                secs * 1e6 / total as f64
+            let mut w = self.written.lock().unwrap();
+            w.extend(batch.iter().map(|r| r.id.clone()));
+            Ok(())
+        }
+        fn retry(&self, _error: &io::Error) -> bool {
+            true
+        }
+    }
+    impl Drop for Away {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn until(what: &str, f: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !f() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "timed out: {what}"
             );
+            std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    fn log_dir() -> std::path::PathBuf {
-        let r: u64 = rand::random();
-        let d =
-            std::env::temp_dir().join(format!("switchboard-sink-{}-{r:016x}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    #[cfg(unix)]
-    #[test]
-    fn request_logs_are_created_readable_by_their_owner_only() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = log_dir();
-        let mut sqlite = SqliteSink::open(&dir.join("log.db")).unwrap();
-        let mut jsonl = JsonlSink::open(&dir.join("log.jsonl")).unwrap();
-        let batch = [record(1), record(2)];
-        sqlite.write(&batch).unwrap();
-        jsonl.write(&batch).unwrap();
-        let mut names = Vec::new();
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let e = e.unwrap();
-            let mode = e.metadata().unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode, 0o600, "{:?} is {mode:o}", e.file_name());
-            names.push(e.file_name().to_string_lossy().into_owned());
-        }
-        names.sort();
-        assert_eq!(names, ["log.db", "log.db-shm", "log.db-wal", "log.jsonl"]);
-        drop(sqlite);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
-    fn a_request_log_of_the_old_schema_is_migrated_to_a_strict_table() {
-        let dir = log_dir();
-        let path = dir.join("old.db");
-        {
-            let conn = rusqlite::Connection::open(&path).unwrap();
-            // The layout before STRICT (and before WITHOUT ROWID, with a time index),
-            // and before the `over_reserve` column.
-            conn.execute_batch(&format!(
-                "CREATE TABLE requests ({});
-                 CREATE INDEX requests_time ON requests (time_ms);",
-                REQUESTS_TABLE
-                    .split_once('(')
-                    .unwrap()
-                    .1
-                    .rsplit_once(')')
-                    .unwrap()
-                    .0
-                    .replace(",\n    over_reserve      INTEGER NOT NULL DEFAULT 0", "")
-            ))
-            .unwrap();
-            conn.execute(
-                &format!("INSERT INTO requests ({REQUESTS_COLUMNS}) VALUES ('gen-1', 1, 'key_a', 'm/x', 'm/x', 'p', 200, 4, 6, 0, 0, 500, 12, NULL, 0, 1, 'stop', NULL, '[]', NULL, NULL)"),
-                [],
-            )
-            .unwrap();
+    fn a_batch_the_sink_asks_to_retry_is_kept_until_it_is_written_and_the_overflow_is_counted() {
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tries = Arc::new(AtomicU64::new(0));
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let capacity = 16;
+        let writer = LogWriter::spawn(
+            Box::new(Away {
+                up: up.clone(),
+                tries: tries.clone(),
+                written: written.clone(),
+                dropped: gone.clone(),
+            }),
+            capacity,
+        );
+        writer.send(record(0));
+        until("a first failed try", || tries.load(Ordering::SeqCst) >= 1);
+        // The writer holds record 0 and retries it; the queue takes `capacity` more,
+        // the rest is dropped and counted.
+        for i in 1..100 {
+            writer.send(record(i));
         }
-        let sink = SqliteSink::open(&path).unwrap();
-        let c = sink.connection();
-        let strict: i64 = c
-            .query_row(
-                "SELECT strict FROM pragma_table_list WHERE name = 'requests'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(strict, 1);
-        let ids: Vec<String> = c
-            .prepare("SELECT id FROM requests")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(ids, ["gen-1"]);
-        drop(sink);
-        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(writer.dropped(), 100 - 1 - capacity as u64);
+        until("a second try, after the backoff", || {
+            tries.load(Ordering::SeqCst) >= 2
+        });
+        up.store(true, Ordering::SeqCst);
+        assert!(writer.flush(Duration::from_secs(30)));
+        let w = written.lock().unwrap().clone();
+        let mut want: Vec<String> = (0..=capacity).map(|i| format!("gen-{i}")).collect();
+        want.sort();
+        let mut got = w.clone();
+        got.sort();
+        assert_eq!(got, want, "each kept record written once");
+
+        // Away again, and every writer handle dropped: the thread tries what it holds
+        // once more and ends (it does not wait for a server forever).
+        up.store(false, Ordering::SeqCst);
+        writer.send(record(1000));
+        drop(writer);
+        until("the writer thread to end", || gone.load(Ordering::SeqCst));
+        assert_eq!(written.lock().unwrap().len(), capacity + 1);
+    }
+
+    #[test]
+    fn a_batch_the_sink_does_not_ask_to_retry_is_lost_once() {
+        struct Broken(Arc<AtomicU64>);
+        impl LogSink for Broken {
+            fn write(&mut self, _batch: &[RequestRecord]) -> io::Result<()> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                Err(io::Error::other("disk full"))
+            }
+        }
+        let tries = Arc::new(AtomicU64::new(0));
+        let writer = LogWriter::spawn(Box::new(Broken(tries.clone())), 16);
+        writer.send(record(0));
+        // The flush is answered: nothing is kept, nothing waits.
+        assert!(writer.flush(Duration::from_secs(30)));
+        assert_eq!(tries.load(Ordering::SeqCst), 1);
     }
 }
