@@ -379,7 +379,14 @@ pub fn open_sink(config: &Config) -> io::Result<Option<Box<dyn LogSink>>> {
         return Ok(Some(Box::new(
             match sqlite_path_beside_store(&config.store.url) {
                 Some(path) => SqliteSink::open(&path)?,
-                None => SqliteSink::memory()?,
+                None => {
+                    if !config.store.url.starts_with("sqlite:") {
+                        tracing::warn!(
+                            "[logging].sink = \"sqlite\" (the default) keeps the request log in memory: the store is not a SQLite file; set [logging].sink = \"postgres\" (the store's database) or \"sqlite:PATH\""
+                        );
+                    }
+                    SqliteSink::memory()?
+                }
             },
         )));
     }
