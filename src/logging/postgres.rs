@@ -84,7 +84,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// a backoff ([`LogSink::retry`]), new records wait in the writer's bounded queue,
 /// and once that is full they are dropped and counted; nothing blocks or fails a
 /// request. The connection, the table and its indexes are made when the writer
-/// starts, and again after any failure.
+/// starts, and again after the connection fails.
 ///
 /// # Example
 /// ```no_run
