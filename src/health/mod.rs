@@ -281,3 +281,5 @@ impl fmt::Debug for Permit {
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod shared_tests;

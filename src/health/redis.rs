@@ -220,6 +220,12 @@ impl RedisHealth {
     pub fn shared(&self) -> &SharedState {
         &self.core.shared
     }
+
+    /// Whether it has caught up with Redis since it last (re)connected (until then,
+    /// and while Redis is down, its health is this instance's own).
+    pub fn is_synced(&self) -> bool {
+        self.core.synced.load(Ordering::Acquire) && self.core.shared.is_up()
+    }
 }
 
 impl HealthRegistry for RedisHealth {

@@ -67,6 +67,11 @@ impl RedisRpm {
         }
     }
 
+    /// The shared state it keeps budgets in.
+    pub fn shared(&self) -> &SharedState {
+        &self.shared
+    }
+
     /// Counts one request of `key_id` in Redis only (no fallback): admitted, or the
     /// wait until the next one is (to the µs, on Redis's clock).
     pub async fn admit(&self, key_id: &str, rpm: NonZeroU32) -> Result<Verdict, SharedError> {

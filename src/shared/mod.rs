@@ -480,4 +480,4 @@ async fn subscribe_loop(weak: Weak<Inner>, mut status: watch::Receiver<bool>) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
