@@ -384,6 +384,9 @@ impl SharedState {
 impl Inner {
     fn set_up(&self, up: bool, why: &str) {
         let new = if up { UP } else { DOWN };
+        if self.status.load(Ordering::Acquire) == new {
+            return; // the common case: no write to a line every request reads
+        }
         let old = self.status.swap(new, Ordering::AcqRel);
         if old == new {
             return;
