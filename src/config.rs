@@ -1011,16 +1011,23 @@ id = "a:b"
             "redis://:secret@10.0.0.5:6380/2",
             "unix:///run/redis.sock",
         ] {
-            let c = Config::from_toml(&format!("[shared]\nredis_url = \"{ok}\"\nprefix = \"a:\"\n"));
+            let c = Config::from_toml(&format!(
+                "[shared]\nredis_url = \"{ok}\"\nprefix = \"a:\"\n"
+            ));
             assert!(c.is_ok(), "{ok}: {:?}", c.err().map(|e| e.to_string()));
         }
-        for bad in ["http://127.0.0.1:6379", "127.0.0.1:6379", "rediss://cache:6380"] {
+        for bad in [
+            "http://127.0.0.1:6379",
+            "127.0.0.1:6379",
+            "rediss://cache:6380",
+        ] {
             let err = Config::from_toml(&format!("[shared]\nredis_url = \"{bad}\"\n")).unwrap_err();
             assert_eq!(err.problems.len(), 1, "{bad}: {err}");
             assert_eq!(err.problems[0].path, "shared.redis_url", "{bad}");
         }
         // The password never shows in the message.
-        let err = Config::from_toml("[shared]\nredis_url = \"http://u:hunter2@h:1\"\n").unwrap_err();
+        let err =
+            Config::from_toml("[shared]\nredis_url = \"http://u:hunter2@h:1\"\n").unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
         assert!(Config::from_toml("[shared]\nredis = \"x\"\n").is_err());
     }

@@ -91,7 +91,11 @@ async fn two_gateways_share_rpm_and_endpoint_health() {
         assert_eq!(res.status(), 200);
         assert_eq!(res.headers()["x-provider"], "good");
     }
-    assert_eq!(flaky.hits(), 2, "the second gateway contacted the degraded endpoint");
+    assert_eq!(
+        flaky.hits(),
+        2,
+        "the second gateway contacted the degraded endpoint"
+    );
 
     // rpm = 3 is one budget across both gateways.
     let only_good = json!({"model": "test/model", "messages": [{"role": "user", "content": "hi"}],
@@ -100,7 +104,11 @@ async fn two_gateways_share_rpm_and_endpoint_health() {
     for gw in [&one, &two, &one, &two, &one, &two] {
         let res = post_chat(gw, LIMITED_KEY, &only_good).await;
         if res.status() == 429 {
-            let after: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+            let after: u64 = res.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
             assert!((1..=20).contains(&after), "{after}");
         }
         statuses.push(res.status().as_u16());

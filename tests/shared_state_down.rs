@@ -94,5 +94,9 @@ async fn with_redis_unreachable_the_gateway_serves_and_says_so() {
         .filter(|l| l.contains("WARN") && l.contains("Redis is unreachable"))
         .collect();
     assert_eq!(warnings.len(), 1, "warned once: {text}");
-    assert!(warnings[0].contains("redis://127.0.0.1:1"), "{}", warnings[0]);
+    assert!(
+        warnings[0].contains("redis://127.0.0.1:1"),
+        "{}",
+        warnings[0]
+    );
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Availability, AttemptOutcome, HealthRegistry, PermitKind, Ticket};
+use super::{AttemptOutcome, Availability, HealthRegistry, PermitKind, Ticket};
 use crate::catalog::Endpoint;
 use crate::config::HealthConfig;
 use crate::error::FailureClass;
@@ -404,4 +404,3 @@ impl HealthRegistry for InMemoryHealth {
         self.slot(e, |s| s.throughput.map(|t| t.value)).flatten()
     }
 }
-

@@ -22,6 +22,11 @@
 //! (time-decayed, peak-sensitive EWMAs, as tower's `load::PeakEwma`), which
 //! `sort=latency|throughput` and `:nitro` read.
 //!
+//! Two registries implement [`HealthRegistry`]: [`InMemoryHealth`] (`memory.rs`, one
+//! process) and [`RedisHealth`] (`redis.rs`, `[shared].redis_url`: the same in-memory
+//! state, its changes shared with every instance through Redis, one probe at a time
+//! across all of them). The layer and the ordering of plans are in `filter.rs`.
+//!
 //! # Example
 //! ```
 //! use std::sync::Arc;
@@ -62,7 +67,6 @@
 //!
 //! [`CallState::last_resort`]: crate::context::CallState::last_resort
 
-
 mod filter;
 mod memory;
 mod redis;
@@ -76,11 +80,11 @@ use tokio::time::Instant;
 use crate::catalog::Endpoint;
 use crate::error::{FailureClass, ProviderError};
 
+pub use self::redis::RedisHealth;
 pub use filter::{
     filter_plan, order_endpoints, weighted_draw, HealthFilter, HealthFilterLayer, Ordering, Random,
 };
 pub use memory::InMemoryHealth;
-pub use self::redis::RedisHealth;
 
 // ---------------------------------------------------------------------------
 // The registry
@@ -153,8 +157,8 @@ impl AttemptOutcome {
 /// [`HealthFilter`] (reads) and [`Fallback`](crate::fallback::Fallback) (writes).
 ///
 /// Implementations must be cheap and never block: they are called on every attempt.
-/// [`InMemoryHealth`] is the default; a shared one (e.g. Redis) would let many
-/// gateway instances agree.
+/// [`InMemoryHealth`] is the default; [`RedisHealth`] lets many gateway instances
+/// agree.
 ///
 /// # Example: a registry that considers every endpoint healthy
 /// ```
@@ -278,8 +282,7 @@ impl fmt::Debug for Permit {
     }
 }
 
-
-#[cfg(test)]
-pub(crate) mod tests;
 #[cfg(test)]
 mod shared_tests;
+#[cfg(test)]
+pub(crate) mod tests;

@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::memory::{Change, InMemoryHealth};
-use super::{Availability, AttemptOutcome, HealthRegistry, PermitKind, Ticket};
+use super::{AttemptOutcome, Availability, HealthRegistry, PermitKind, Ticket};
 use crate::catalog::{Catalog, Endpoint};
 use crate::config::HealthConfig;
 use crate::shared::{Notice, SharedState};
@@ -52,6 +52,9 @@ const LEASE: Duration = Duration::from_secs(1);
 /// The lock lives this much longer in Redis than its holder believes it holds it, so
 /// two instances never both think they hold it.
 const LOCK_MARGIN: Duration = Duration::from_millis(500);
+/// On catching up, a shared degraded state gone this long before the local cooldown
+/// ends was deleted (a recovery), not expired.
+const RESYNC_SLACK: Duration = Duration::from_millis(500);
 /// Queued changes past this are dropped (Redis too slow): local state still has them.
 const QUEUE: usize = 1024;
 
@@ -162,7 +165,11 @@ impl RedisHealth {
     /// A registry for every endpoint of `catalog` under the `[health]` settings,
     /// sharing through `shared`.
     pub fn new(shared: SharedState, config: &HealthConfig, catalog: &Catalog) -> Self {
-        Self::with_local(shared, InMemoryHealth::for_catalog(config, catalog), catalog)
+        Self::with_local(
+            shared,
+            InMemoryHealth::for_catalog(config, catalog),
+            catalog,
+        )
     }
 
     /// The same around an [`InMemoryHealth`] of your own (e.g. with
@@ -304,7 +311,9 @@ impl Core {
 
     /// A request wanted `e` while its cooldown was over but its probe slot elsewhere.
     fn wanted(&self, e: &Endpoint) {
-        let Some(f) = self.flags.get(e.index) else { return };
+        let Some(f) = self.flags.get(e.index) else {
+            return;
+        };
         if !f.demand.load(Ordering::Relaxed) && !f.demand.swap(true, Ordering::AcqRel) {
             self.wake.notify_one();
         }
@@ -350,7 +359,9 @@ impl Core {
         if instance == self.shared.instance_id() {
             return;
         }
-        let Some(&i) = self.by_label.get(label) else { return };
+        let Some(&i) = self.by_label.get(label) else {
+            return;
+        };
         let (e, f, now) = (&self.endpoints[i], &self.flags[i], Instant::now());
         let left = Duration::from_millis(ms);
         match kind {
@@ -395,7 +406,9 @@ impl Core {
         let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for (i, e) in self.endpoints.iter().enumerate() {
             let v = self.local.view(e);
-            let Some(until) = v.degraded_until else { continue };
+            let Some(until) = v.degraded_until else {
+                continue;
+            };
             let b = *self.book(i);
             if until > now {
                 at(until);
@@ -497,7 +510,10 @@ impl Core {
             }
             Op::Parked(i, until) => {
                 let left = ms(until.saturating_duration_since(now));
-                let (parked, me) = (self.keys[i].parked.clone(), self.shared.instance_id().to_string());
+                let (parked, me) = (
+                    self.keys[i].parked.clone(),
+                    self.shared.instance_id().to_string(),
+                );
                 let _ = self
                     .shared
                     .call(move |mut c| async move {
@@ -517,7 +533,9 @@ impl Core {
                 let keys = [k.degraded.clone(), k.parked.clone(), k.failures.clone()];
                 let _ = self
                     .shared
-                    .call(move |mut c| async move { redis::cmd("DEL").arg(&keys).exec_async(&mut c).await })
+                    .call(move |mut c| async move {
+                        redis::cmd("DEL").arg(&keys).exec_async(&mut c).await
+                    })
                     .await;
                 self.flags[i].maybe_failures.store(false, Ordering::Release);
                 self.release_lock(i).await;
@@ -528,7 +546,9 @@ impl Core {
                 let key = self.keys[i].failures.clone();
                 let _ = self
                     .shared
-                    .call(move |mut c| async move { redis::cmd("DEL").arg(&key).exec_async(&mut c).await })
+                    .call(move |mut c| async move {
+                        redis::cmd("DEL").arg(&key).exec_async(&mut c).await
+                    })
                     .await;
             }
             Op::ProbeStarted(i) => {
@@ -575,10 +595,17 @@ impl Core {
 
     /// Runs the lock script on endpoint `i`'s lock: `px` = 0 deletes it.
     async fn lock_script(&self, i: usize, px: u64) -> bool {
-        let (key, me) = (self.keys[i].probe.clone(), self.shared.instance_id().to_string());
+        let (key, me) = (
+            self.keys[i].probe.clone(),
+            self.shared.instance_id().to_string(),
+        );
         self.shared
             .call(move |mut c| async move {
-                LOCK.key(key).arg(me).arg(px).invoke_async::<i64>(&mut c).await
+                LOCK.key(key)
+                    .arg(me)
+                    .arg(px)
+                    .invoke_async::<i64>(&mut c)
+                    .await
             })
             .await
             .is_ok_and(|n| n == 1)
@@ -637,9 +664,13 @@ impl Core {
                 f.from_shared.store(true, Ordering::Release);
             } else if let Some(until) = self.local.view(e).degraded_until {
                 if f.from_shared.load(Ordering::Acquire) {
-                    // Recovered elsewhere while this instance was not listening.
-                    self.local.apply_recovered(e);
-                    f.from_shared.store(false, Ordering::Release);
+                    // Gone from Redis before its cooldown ended: recovered elsewhere
+                    // while this instance was not listening. (Gone after it: the
+                    // cooldown merely ended; it stays degraded until a probe.)
+                    if until > now + RESYNC_SLACK {
+                        self.local.apply_recovered(e);
+                        f.from_shared.store(false, Ordering::Release);
+                    }
                 } else if until > now {
                     // Learnt here while Redis was away: news for the others.
                     self.send(Op::Degraded(i, until));
@@ -698,7 +729,10 @@ impl Core {
                 continue;
             }
             f.demand.store(false, Ordering::Release);
-            let (key, me) = (self.keys[i].probe.clone(), self.shared.instance_id().to_string());
+            let (key, me) = (
+                self.keys[i].probe.clone(),
+                self.shared.instance_id().to_string(),
+            );
             let px = ms(LEASE + LOCK_MARGIN);
             let sent = Instant::now();
             let r: Result<(Option<String>, i64), _> = self

@@ -94,7 +94,10 @@ async fn failures_through_one_instance_degrade_it_on_the_other() {
     );
     let learnt = t0.elapsed();
     let left = until(&b, &a_ep);
-    assert!(left > Duration::from_secs(58) && left <= Duration::from_secs(60), "{left:?}");
+    assert!(
+        left > Duration::from_secs(58) && left <= Duration::from_secs(60),
+        "{left:?}"
+    );
     let mut c = call("test/model", None);
     c.plan = cat.endpoints()[..3].to_vec();
     filter_plan(&mut c, b.as_ref(), &|| 0.0).unwrap();
@@ -129,7 +132,10 @@ async fn consecutive_failures_are_counted_across_instances() {
     }
     attempt(&b, &e_a, 200);
     while get_i64(&s, failures("a")).await.is_some() {
-        assert!(Instant::now() < deadline, "the success did not reset the count");
+        assert!(
+            Instant::now() < deadline,
+            "the success did not reset the count"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     attempt(&a, &e_a, 503);
@@ -146,8 +152,9 @@ async fn consecutive_failures_are_counted_across_instances() {
     attempt(&a, &e_b, 502);
     attempt(&b, &e_b, 502);
     assert!(
-        eventually(Duration::from_secs(2), || unavailable(&a, &e_b) && unavailable(&b, &e_b))
-            .await,
+        eventually(Duration::from_secs(2), || unavailable(&a, &e_b)
+            && unavailable(&b, &e_b))
+        .await,
         "3 consecutive failures across instances did not degrade the endpoint"
     );
 
@@ -198,12 +205,18 @@ async fn after_the_cooldown_one_probe_across_instances_and_its_success_recovers_
     // While the probe is in flight (past the lock's lease) the other stays out.
     let watch_until = Instant::now() + Duration::from_millis(2500);
     while Instant::now() < watch_until {
-        assert!(unavailable(&loser, &e), "the other instance got a second probe");
+        assert!(
+            unavailable(&loser, &e),
+            "the other instance got a second probe"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Its success recovers the endpoint on both, and frees the lock.
     probe.success();
-    assert_eq!(winner.availability(&e, Instant::now()), Availability::Healthy);
+    assert_eq!(
+        winner.availability(&e, Instant::now()),
+        Availability::Healthy
+    );
     assert!(
         eventually(Duration::from_secs(1), || {
             loser.availability(&e, Instant::now()) == Availability::Healthy
@@ -298,7 +311,8 @@ async fn a_retry_after_park_through_one_instance_is_seen_by_the_other() {
     let b = instance(open(&r).await, &cat, 1, Duration::from_secs(60)).await;
     let p = Permit::acquire(&dyn_reg(&a), &e, false).unwrap();
     p.failure(
-        &ProviderError::status("b", 429, "slow down").with_retry_after(Some(Duration::from_secs(5))),
+        &ProviderError::status("b", 429, "slow down")
+            .with_retry_after(Some(Duration::from_secs(5))),
     );
     assert!(unavailable(&a, &e));
     assert!(
@@ -307,7 +321,10 @@ async fn a_retry_after_park_through_one_instance_is_seen_by_the_other() {
     );
     // Parked for its Retry-After, not degraded for the cooldown.
     let left = until(&b, &e);
-    assert!(left > Duration::from_secs(3) && left <= Duration::from_secs(5), "{left:?}");
+    assert!(
+        left > Duration::from_secs(3) && left <= Duration::from_secs(5),
+        "{left:?}"
+    );
 }
 
 #[tokio::test]
@@ -387,18 +404,32 @@ async fn an_instance_that_was_cut_off_catches_up_and_shares_what_it_learnt() {
         return;
     };
     let cat = abc();
-    let [ea, _, ec] = [0, 1, 2].map(|i| cat.endpoints()[i].clone());
+    let [ea, eb, ec] = [0, 1, 2].map(|i| cat.endpoints()[i].clone());
     let proxy = Proxy::start(r.url()).await;
-    let away = instance(open_at(&proxy.url(), r.prefix()).await, &cat, 1, Duration::from_secs(60)).await;
+    let away = instance(
+        open_at(&proxy.url(), r.prefix()).await,
+        &cat,
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
     let other = instance(open(&r).await, &cat, 1, Duration::from_secs(60)).await;
+
+    // b is degraded (through `other`) while both listen.
+    attempt(&other, &eb, 503);
+    assert!(eventually(Duration::from_secs(1), || unavailable(&away, &eb)).await);
 
     proxy.cut();
     assert!(eventually(Duration::from_secs(5), || !away.shared().is_up()).await);
-    // Meanwhile: `other` degrades a (unheard by `away`), `away` degrades c on its own.
+    // Meanwhile: `other` degrades a and recovers b (a last resort answered), unheard
+    // by `away`; `away` degrades c on its own.
     attempt(&other, &ea, 503);
+    let t = other.acquire(&eb, Instant::now(), true).unwrap();
+    other.record(&eb, t, AttemptOutcome::Success, Instant::now());
     attempt(&away, &ec, 503);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!unavailable(&away, &ea));
+    assert!(unavailable(&away, &eb));
     assert!(!unavailable(&other, &ec));
 
     // Back: each learns what the other found.
@@ -406,6 +437,10 @@ async fn an_instance_that_was_cut_off_catches_up_and_shares_what_it_learnt() {
     assert!(
         eventually(Duration::from_secs(10), || unavailable(&away, &ea)).await,
         "the instance back did not catch up"
+    );
+    assert!(
+        eventually(Duration::from_secs(1), || !unavailable(&away, &eb)).await,
+        "the recovery it missed was not caught up"
     );
     assert!(
         eventually(Duration::from_secs(5), || unavailable(&other, &ec)).await,

@@ -1,10 +1,10 @@
 use super::*;
 use crate::catalog::Catalog;
 use crate::chat::{ChatRequest, Message, ProviderPreferences, Role, SortBy};
-use crate::config::HealthConfig;
-use crate::context::ChatCall;
 use crate::config::Config;
+use crate::config::HealthConfig;
 use crate::context::CallContext;
+use crate::context::ChatCall;
 use rand::{Rng, SeedableRng};
 
 /// One endpoint of `test/model` at provider `name`: (name, kind, prompt, completion,
@@ -344,8 +344,8 @@ async fn retry_after_parks_instead_of_counting() {
     let reg = registry(&cat, 1, 60);
     let a = cat.endpoints()[0].clone();
     let t = reg.acquire(&a, Instant::now(), false).unwrap();
-    let throttled = ProviderError::status("a", 429, "slow down")
-        .with_retry_after(Some(Duration::from_secs(5)));
+    let throttled =
+        ProviderError::status("a", 429, "slow down").with_retry_after(Some(Duration::from_secs(5)));
     reg.record(
         &a,
         t,

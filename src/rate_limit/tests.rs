@@ -93,10 +93,8 @@ async fn one_rpm_budget_across_three_instances() {
     let key = KeyRecord::new("key_burst", "burst");
     let started = tokio::time::Instant::now();
     // 15 requests at once, spread over the three: the burst is 5 in total.
-    let verdicts = futures_util::future::join_all(
-        (0..15).map(|i| decide(&instances[i % 3], &key, 5)),
-    )
-    .await;
+    let verdicts =
+        futures_util::future::join_all((0..15).map(|i| decide(&instances[i % 3], &key, 5))).await;
     let took = started.elapsed();
     let admitted = verdicts.iter().filter(|v| v.is_ok()).count();
     assert_eq!(admitted, 5, "{verdicts:?}");
@@ -104,7 +102,10 @@ async fn one_rpm_budget_across_three_instances() {
     // (less the time the burst itself took).
     for wait in verdicts.iter().filter_map(|v| v.err()) {
         assert!(wait <= Duration::from_secs(12), "{wait:?}");
-        assert!(wait + took >= Duration::from_secs(12), "{wait:?} after {took:?}");
+        assert!(
+            wait + took >= Duration::from_secs(12),
+            "{wait:?} after {took:?}"
+        );
     }
     // Another key has its own budget; a key's state lives under the prefix.
     let other = KeyRecord::new("key_other", "other");
@@ -132,7 +133,10 @@ async fn the_budget_refills_one_per_interval_of_redis_time() {
         assert_eq!(b.admit("key_r", nz(60)).await.unwrap(), Ok(()));
     }
     let wait = a.admit("key_r", nz(60)).await.unwrap().unwrap_err();
-    assert!(wait <= Duration::from_secs(1) && wait > Duration::ZERO, "{wait:?}");
+    assert!(
+        wait <= Duration::from_secs(1) && wait > Duration::ZERO,
+        "{wait:?}"
+    );
     // Come back when told: exactly one more is admitted (on whichever instance), then
     // the next waits about a whole interval again.
     tokio::time::sleep(wait).await;
@@ -148,7 +152,10 @@ async fn the_budget_refills_one_per_interval_of_redis_time() {
         }
     }
     let again = a.admit("key_r", nz(60)).await.unwrap().unwrap_err();
-    assert!(again > Duration::from_millis(500) && again <= Duration::from_secs(1), "{again:?}");
+    assert!(
+        again > Duration::from_millis(500) && again <= Duration::from_secs(1),
+        "{again:?}"
+    );
 }
 
 #[tokio::test]
@@ -185,14 +192,20 @@ async fn keys_without_rpm_make_no_redis_calls() {
     for _ in 0..500 {
         assert_eq!(s.clone().oneshot(req(&free)).await.unwrap().status(), 200);
     }
-    assert_eq!(s.clone().oneshot(Request::new(())).await.unwrap().status(), 200);
+    assert_eq!(
+        s.clone().oneshot(Request::new(())).await.unwrap().status(),
+        200
+    );
     assert_eq!(shared.calls(), before, "a key without rpm reached Redis");
     // A key with rpm does (so the count above could have moved).
     let limited = Arc::new(KeyRecord {
         rpm: Some(1000),
         ..KeyRecord::new("key_l", "limited")
     });
-    assert_eq!(s.clone().oneshot(req(&limited)).await.unwrap().status(), 200);
+    assert_eq!(
+        s.clone().oneshot(req(&limited)).await.unwrap().status(),
+        200
+    );
     assert_eq!(shared.calls(), before + 1);
 }
 
@@ -218,7 +231,11 @@ async fn with_redis_down_the_shared_layer_limits_like_the_local_one() {
     let calls = shared.calls();
     let res = s.clone().oneshot(req(&alice)).await.unwrap();
     assert_eq!(res.status(), 429);
-    assert_eq!(shared.calls(), calls, "asked Redis although it is known down");
+    assert_eq!(
+        shared.calls(),
+        calls,
+        "asked Redis although it is known down"
+    );
 }
 
 #[tokio::test]
@@ -232,7 +249,9 @@ async fn redis_back_shares_the_budget_again() {
     let other = RedisRpm::new(open(&r).await);
     let key = KeyRecord::new("key_back", "back");
     proxy.cut();
-    assert!(crate::shared::tests::eventually(Duration::from_secs(5), || !shared.is_available()).await);
+    assert!(
+        crate::shared::tests::eventually(Duration::from_secs(5), || !shared.is_available()).await
+    );
     // Down: this instance's own budget (2 of rpm 2), unseen by the other instance.
     assert_eq!(decide(&limiter, &key, 2).await, Ok(()));
     assert_eq!(decide(&limiter, &key, 2).await, Ok(()));

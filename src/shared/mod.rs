@@ -142,7 +142,12 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        for t in self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for t in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             t.abort();
         }
     }
@@ -394,9 +399,15 @@ impl Inner {
         metrics::gauge!(SHARED_STATE_UP).set(if up { 1.0 } else { 0.0 });
         self.status_tx.send_replace(up);
         match (old, up) {
-            (UNKNOWN, true) => tracing::info!(url = %self.shown_url, "shared state: connected to Redis"),
-            (_, true) => tracing::info!(url = %self.shown_url, "shared state: Redis is back; rate limits and endpoint health are shared again"),
-            (_, false) => tracing::warn!(url = %self.shown_url, error = why, "shared state: Redis is unreachable; rate limits and endpoint health fall back to this instance's own state until it is back"),
+            (UNKNOWN, true) => {
+                tracing::info!(url = %self.shown_url, "shared state: connected to Redis")
+            }
+            (_, true) => {
+                tracing::info!(url = %self.shown_url, "shared state: Redis is back; rate limits and endpoint health are shared again")
+            }
+            (_, false) => {
+                tracing::warn!(url = %self.shown_url, error = why, "shared state: Redis is unreachable; rate limits and endpoint health fall back to this instance's own state until it is back")
+            }
         }
     }
 
@@ -419,11 +430,8 @@ async fn ping_loop(weak: Weak<Inner>) {
         let every = inner.options.ping_every;
         let mut conn = inner.conn.clone();
         let wait = inner.options.timeout.max(Duration::from_secs(1));
-        let r = tokio::time::timeout(
-            wait,
-            redis::cmd("PING").query_async::<String>(&mut conn),
-        )
-        .await;
+        let r =
+            tokio::time::timeout(wait, redis::cmd("PING").query_async::<String>(&mut conn)).await;
         match r {
             Ok(Ok(_)) => inner.set_up(true, ""),
             Ok(Err(e)) => inner.set_up(false, &e.to_string()),

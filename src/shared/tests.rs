@@ -69,13 +69,17 @@ impl Proxy {
         let (o, c) = (open.clone(), cut.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = listener.accept().await else { return };
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
                 if !o.load(Ordering::SeqCst) {
                     continue; // dropped: the client sees its connection closed
                 }
                 let (target, mut cut) = (target.clone(), c.subscribe());
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(&target).await else { return };
+                    let Ok(mut server) = TcpStream::connect(&target).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                         _ = cut.changed() => {}
@@ -152,7 +156,11 @@ async fn events_reach_every_instance_and_calls_are_counted() {
         Notice::Message(m) => s2.lock().unwrap().push(m.to_string()),
     });
     // Told it is subscribed (now, or as soon as it is), then only its topic's events.
-    assert!(eventually(Duration::from_secs(5), || subscribed.load(Ordering::SeqCst) >= 1).await);
+    assert!(
+        eventually(Duration::from_secs(5), || subscribed.load(Ordering::SeqCst)
+            >= 1)
+        .await
+    );
     let before = a.calls();
     a.publish("other", "no").await.unwrap();
     a.publish("t", "hello world").await.unwrap();
@@ -199,7 +207,11 @@ async fn a_lost_connection_recovers_by_itself() {
         }
         Notice::Message(m) => s2.lock().unwrap().push(m.to_string()),
     });
-    assert!(eventually(Duration::from_secs(5), || subscribed.load(Ordering::SeqCst) == 1).await);
+    assert!(
+        eventually(Duration::from_secs(5), || subscribed.load(Ordering::SeqCst)
+            == 1)
+        .await
+    );
 
     // Redis goes away: noticed (by the ping) without any call.
     proxy.cut();
@@ -217,7 +229,10 @@ async fn a_lost_connection_recovers_by_itself() {
         "Redis back was not noticed"
     );
     assert!(
-        eventually(Duration::from_secs(10), || subscribed.load(Ordering::SeqCst) == 2).await,
+        eventually(Duration::from_secs(10), || subscribed
+            .load(Ordering::SeqCst)
+            == 2)
+        .await,
         "not re-subscribed"
     );
     let pong: String = s
