@@ -227,7 +227,8 @@ impl Default for LoggingConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SharedConfig {
-    /// `redis://HOST:PORT[/DB]` or `unix:///path`; absent: each instance on its own.
+    /// `redis://HOST:PORT[/DB]`, `rediss://…` (TLS) or `unix:///path`; absent: each
+    /// instance on its own.
     pub redis_url: Option<String>,
     /// Prefix of every Redis key and channel.
     pub prefix: String,
@@ -1010,17 +1011,14 @@ id = "a:b"
             "redis://127.0.0.1:6379",
             "redis://:secret@10.0.0.5:6380/2",
             "unix:///run/redis.sock",
+            "rediss://cache.example:6380",
         ] {
             let c = Config::from_toml(&format!(
                 "[shared]\nredis_url = \"{ok}\"\nprefix = \"a:\"\n"
             ));
             assert!(c.is_ok(), "{ok}: {:?}", c.err().map(|e| e.to_string()));
         }
-        for bad in [
-            "http://127.0.0.1:6379",
-            "127.0.0.1:6379",
-            "rediss://cache:6380",
-        ] {
+        for bad in ["http://127.0.0.1:6379", "127.0.0.1:6379", "redis://h:port"] {
             let err = Config::from_toml(&format!("[shared]\nredis_url = \"{bad}\"\n")).unwrap_err();
             assert_eq!(err.problems.len(), 1, "{bad}: {err}");
             assert_eq!(err.problems[0].path, "shared.redis_url", "{bad}");

@@ -184,12 +184,6 @@ pub fn check_url(url: &str) -> Result<(), String> {
             shown(url)
         ));
     }
-    if url.starts_with("rediss://") {
-        return Err(
-            "rediss:// (TLS) is not supported by this build; use redis:// (e.g. over a private network or a TLS tunnel)"
-                .into(),
-        );
-    }
     redis::Client::open(url)
         .map(|_| ())
         .map_err(|e| format!("`{}` is not a valid Redis URL: {e}", shown(url)))

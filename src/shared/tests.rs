@@ -123,7 +123,6 @@ fn bad_urls_and_a_missing_runtime_are_clear_errors() {
     for (url, words) in [
         ("http://127.0.0.1:6379", "not a Redis URL"),
         ("127.0.0.1:6379", "not a Redis URL"),
-        ("rediss://cache:6380", "TLS"),
         ("redis://h:notaport", "not a valid Redis URL"),
     ] {
         let err = check_url(url).unwrap_err();
@@ -131,6 +130,8 @@ fn bad_urls_and_a_missing_runtime_are_clear_errors() {
     }
     assert!(check_url("redis://127.0.0.1:6379/3").is_ok());
     assert!(check_url("unix:///run/redis.sock").is_ok());
+    // TLS (rustls, the system's certificate store).
+    assert!(check_url("rediss://:pw@cache.example:6380/0").is_ok());
     assert_eq!(shown("redis://u:pw@h:1/0"), "redis://***@h:1/0");
     // Built outside a runtime: said, not a panic.
     let err = SharedState::open("redis://127.0.0.1:6379", "p:").unwrap_err();
@@ -175,6 +176,10 @@ async fn events_reach_every_instance_and_calls_are_counted() {
 
 #[tokio::test]
 async fn redis_down_is_noticed_and_calls_fail_fast() {
+    // A TLS URL to a server that does not speak TLS (the test Redis, if any): the
+    // handshake fails, and that is Redis down too, not a panic.
+    let plain = testing::redis_url().replacen("redis://", "rediss://", 1);
+    let tls = SharedState::open_with(&plain, "down:", options()).unwrap();
     let s = SharedState::open_with("redis://127.0.0.1:1", "down:", options()).unwrap();
     assert!(
         eventually(Duration::from_secs(5), || !s.is_available()).await,
@@ -188,6 +193,7 @@ async fn redis_down_is_noticed_and_calls_fail_fast() {
         .unwrap_err();
     assert!(matches!(err, SharedError::Unavailable(_)), "{err}");
     assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(eventually(Duration::from_secs(5), || !tls.is_available()).await);
 }
 
 #[tokio::test]
