@@ -42,6 +42,19 @@ fn ewma_update(slot: &mut Option<Ewma>, sample: f64, now: Instant, worse: fn(f64
     }
 }
 
+/// Who may probe a degraded endpoint once its cooldown is over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum ProbeGate {
+    /// This instance alone decides (one probe at a time here).
+    #[default]
+    Local,
+    /// The probe slot is shared and another instance (or none yet) holds it.
+    Closed,
+    /// This instance holds the shared probe slot until then (a probe taken before
+    /// keeps it while in flight).
+    OpenUntil(Instant),
+}
+
 /// One endpoint's state in [`InMemoryHealth`].
 #[derive(Debug, Default)]
 struct Slot {
@@ -49,9 +62,9 @@ struct Slot {
     degraded_until: Option<Instant>,
     parked_until: Option<Instant>,
     probing: bool,
-    /// The probe after the cooldown needs a lock this instance does not hold (set by
-    /// [`RedisHealth`](super::RedisHealth) while Redis is up; never set otherwise).
-    gated: bool,
+    /// Who may probe after the cooldown ([`ProbeGate::Local`] unless
+    /// [`RedisHealth`](super::RedisHealth) shares the probe slot through Redis).
+    gate: ProbeGate,
     epoch: u64,
     ttft: Option<Ewma>,
     throughput: Option<Ewma>,
@@ -60,7 +73,12 @@ struct Slot {
 impl Slot {
     fn availability(&self, now: Instant) -> Availability {
         if let Some(until) = self.degraded_until {
-            if now < until || self.probing || self.gated {
+            let slot_here = match self.gate {
+                ProbeGate::Local => true,
+                ProbeGate::Closed => false,
+                ProbeGate::OpenUntil(t) => now < t,
+            };
+            if now < until || self.probing || !slot_here {
                 return Availability::Unavailable { until };
             }
             return Availability::HalfOpen;
@@ -305,9 +323,9 @@ impl InMemoryHealth {
         .unwrap_or(false)
     }
 
-    /// Whether the probe after a cooldown needs a lock held elsewhere (see `Slot::gated`).
-    pub(crate) fn set_gated(&self, e: &Endpoint, gated: bool) {
-        self.slot(e, |s| s.gated = gated);
+    /// Who may probe `e` after its cooldown.
+    pub(crate) fn set_gate(&self, e: &Endpoint, gate: ProbeGate) {
+        self.slot(e, |s| s.gate = gate);
     }
 
     /// Degraded until when, and whether a probe is in flight.

@@ -39,7 +39,7 @@ use std::sync::LazyLock;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
-use super::memory::{Change, InMemoryHealth};
+use super::memory::{Change, InMemoryHealth, ProbeGate};
 use super::{AttemptOutcome, Availability, HealthRegistry, PermitKind, Ticket};
 use crate::catalog::{Catalog, Endpoint};
 use crate::config::HealthConfig;
@@ -287,7 +287,7 @@ impl HealthRegistry for RedisHealth {
 }
 
 /// The `(kind, ms, instance, label)` of an event's payload.
-fn parse_event(payload: &str) -> Option<(&str, u64, &str, &str)> {
+pub(super) fn parse_event(payload: &str) -> Option<(&str, u64, &str, &str)> {
     let mut parts = payload.splitn(4, ' ');
     let kind = parts.next()?;
     let ms = parts.next()?.parse().ok()?;
@@ -562,6 +562,8 @@ impl Core {
             Op::ProbeEnded(i) => {
                 if self.book(i).holds_lock {
                     self.book(i).lock_until = Some(now + LEASE);
+                    self.local
+                        .set_gate(&self.endpoints[i], ProbeGate::OpenUntil(now + LEASE));
                     self.extend_lock(i, LEASE).await;
                 }
             }
@@ -571,7 +573,7 @@ impl Core {
                 // Each instance on its own: every probe slot is this instance's again.
                 self.synced.store(false, Ordering::Release);
                 for (i, e) in self.endpoints.iter().enumerate() {
-                    self.local.set_gated(e, false);
+                    self.local.set_gate(e, ProbeGate::Local);
                     *self.book(i) = Book::default();
                 }
             }
@@ -624,7 +626,7 @@ impl Core {
         if held {
             self.book(i).lock_until = None;
             if self.synced.load(Ordering::Acquire) {
-                self.local.set_gated(&self.endpoints[i], true);
+                self.local.set_gate(&self.endpoints[i], ProbeGate::Closed);
             }
             self.lock_script(i, 0).await;
         }
@@ -681,16 +683,19 @@ impl Core {
                     .apply_parked(e, now + Duration::from_millis(parked as u64));
             }
             f.maybe_failures.store(failing > 0, Ordering::Release);
+            // A lock this instance still holds is kept while its probe is in flight
+            // (its result releases it), else given back: its time left is unknown here.
             let holds = probe.as_deref() == Some(me);
-            {
-                let mut b = self.book(i);
-                *b = Book {
-                    holds_lock: holds,
-                    lock_until: holds.then_some(now + LEASE),
-                    ..Book::default()
-                };
+            let probing = self.local.view(e).probing;
+            *self.book(i) = Book {
+                holds_lock: holds,
+                lock_until: None,
+                ..Book::default()
+            };
+            self.local.set_gate(e, ProbeGate::Closed);
+            if holds && !probing {
+                self.send(Op::ReleaseLock(i));
             }
-            self.local.set_gated(e, !holds);
         }
         self.synced.store(true, Ordering::Release);
         tracing::debug!("shared health: caught up with Redis");
@@ -758,7 +763,9 @@ impl Core {
                     b.lock_until = Some(sent + LEASE);
                     b.retry_at = None;
                     drop(b);
-                    self.local.set_gated(e, false);
+                    // Open only for the lease this instance is sure of: if its task
+                    // runs late, the slot closes here before the lock can expire there.
+                    self.local.set_gate(e, ProbeGate::OpenUntil(sent + LEASE));
                     tracing::debug!(endpoint = %e.label(), "shared health: this instance holds the probe");
                 }
                 Ok((None, pttl)) => {

@@ -447,3 +447,56 @@ async fn an_instance_that_was_cut_off_catches_up_and_shares_what_it_learnt() {
         "what it learnt alone was not shared"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_probe_gate_opens_only_for_the_holders_lease() {
+    use super::memory::ProbeGate;
+    let cat = abc();
+    let e = cat.endpoints()[0].clone();
+    let cfg = HealthConfig {
+        failure_threshold: 1,
+        cooldown_secs: 10,
+    };
+    let reg = InMemoryHealth::new(&cfg, 3);
+    let t = reg.acquire(&e, Instant::now(), false).unwrap();
+    reg.record(
+        &e,
+        t,
+        AttemptOutcome::from_error(&ProviderError::status("a", 503, "")),
+        Instant::now(),
+    );
+    let start = Instant::now();
+    let after = start + Duration::from_secs(10);
+    // Local (alone): half-open once the cooldown is over.
+    assert_eq!(reg.availability(&e, after), Availability::HalfOpen);
+    // Shared, slot elsewhere: unavailable, and not a last-resort candidate either
+    // (`until` is past: someone is probing it).
+    reg.set_gate(&e, ProbeGate::Closed);
+    assert_eq!(
+        reg.availability(&e, after),
+        Availability::Unavailable { until: after }
+    );
+    assert!(reg.acquire(&e, after, false).is_none());
+    // Held here until a moment: half-open until then only.
+    let lease_end = after + Duration::from_secs(1);
+    reg.set_gate(&e, ProbeGate::OpenUntil(lease_end));
+    assert_eq!(reg.availability(&e, after), Availability::HalfOpen);
+    assert!(matches!(
+        reg.availability(&e, lease_end),
+        Availability::Unavailable { .. }
+    ));
+    assert!(reg.acquire(&e, lease_end, false).is_none());
+    let probe = reg.acquire(&e, after, false).unwrap();
+    assert_eq!(probe.kind, PermitKind::Probe);
+    // Before the cooldown the gate changes nothing.
+    assert!(matches!(
+        reg.availability(&e, start),
+        Availability::Unavailable { .. }
+    ));
+    // Events name the endpoint last, so a label may hold spaces.
+    assert_eq!(
+        super::redis::parse_event("degraded 1500 abc test/model@a b"),
+        Some(("degraded", 1500, "abc", "test/model@a b"))
+    );
+    assert_eq!(super::redis::parse_event("degraded soon abc x"), None);
+}
