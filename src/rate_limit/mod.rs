@@ -204,18 +204,22 @@ pin_project! {
         S: Service<Request<B>>,
     {
         // Waiting for the limiter; holds the ready inner service and the request.
-        Checking {
-            check: Pin<Box<dyn Future<Output = Verdict> + Send>>,
-            inner: Option<S>,
-            req: Option<Request<B>>,
-            key: Arc<KeyRecord>,
-            rpm: NonZeroU32,
-        },
+        // (Boxed: only the shared limiter's path pays for holding them.)
+        Checking { checking: Option<Box<Checking<S, B>>> },
         // Admitted: the inner service's future.
         Called { #[pin] fut: S::Future },
         // Refused (or done).
         Refused { res: Option<Response<Body>> },
     }
+}
+
+/// What waits for a pending limiter: the ready inner service and the request.
+struct Checking<S, B> {
+    check: Pin<Box<dyn Future<Output = Verdict> + Send>>,
+    inner: S,
+    req: Request<B>,
+    key: Arc<KeyRecord>,
+    rpm: NonZeroU32,
 }
 
 impl<S, B> RateLimitFuture<S, B>
@@ -252,26 +256,22 @@ where
                         .take()
                         .expect("RateLimitFuture polled after completion")))
                 }
-                StateProj::Checking {
-                    check,
-                    inner,
-                    req,
-                    key,
-                    rpm,
-                } => {
-                    let verdict = ready!(check.as_mut().poll(cx));
+                StateProj::Checking { checking } => {
+                    let c = checking.as_mut().expect("polled after completion");
+                    let verdict = ready!(c.check.as_mut().poll(cx));
+                    let Checking {
+                        mut inner,
+                        req,
+                        key,
+                        rpm,
+                        ..
+                    } = *checking.take().expect("polled after completion");
                     let next = match verdict {
-                        Ok(()) => {
-                            let (mut inner, req) = (
-                                inner.take().expect("polled after completion"),
-                                req.take().expect("polled after completion"),
-                            );
-                            State::Called {
-                                fut: inner.call(req),
-                            }
-                        }
+                        Ok(()) => State::Called {
+                            fut: inner.call(req),
+                        },
                         Err(wait) => State::Refused {
-                            res: Some(refusal(key, *rpm, wait).into_response()),
+                            res: Some(refusal(&key, rpm, wait).into_response()),
                         },
                     };
                     state.set(next);
@@ -320,11 +320,13 @@ where
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
                 RateLimitFuture::new(State::Checking {
-                    check,
-                    inner: Some(inner),
-                    req: Some(req),
-                    key,
-                    rpm,
+                    checking: Some(Box::new(Checking {
+                        check,
+                        inner,
+                        req,
+                        key,
+                        rpm,
+                    })),
                 })
             }
         }
