@@ -847,6 +847,34 @@ mod tests {
     }
 
     #[test]
+    fn shared_redis_url_schemes_are_checked() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.shared.redis_url, None);
+        assert_eq!(c.shared.prefix, "switchboard:");
+        for ok in [
+            "redis://127.0.0.1:6379",
+            "redis://:secret@10.0.0.5:6380/2",
+            "unix:///run/redis.sock",
+            "rediss://cache.example:6380",
+        ] {
+            let c = Config::from_toml(&format!(
+                "[shared]\nredis_url = \"{ok}\"\nprefix = \"a:\"\n"
+            ));
+            assert!(c.is_ok(), "{ok}: {:?}", c.err().map(|e| e.to_string()));
+        }
+        for bad in ["http://127.0.0.1:6379", "127.0.0.1:6379", "redis://h:port"] {
+            let err = Config::from_toml(&format!("[shared]\nredis_url = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{bad}: {err}");
+            assert_eq!(err.problems[0].path, "shared.redis_url", "{bad}");
+        }
+        // The password never shows in the message.
+        let err =
+            Config::from_toml("[shared]\nredis_url = \"http://u:hunter2@h:1\"\n").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(Config::from_toml("[shared]\nredis = \"x\"\n").is_err());
+    }
+
+    #[test]
     fn type_errors_name_the_toml_path() {
         let err = Config::from_toml("[server]\nmax_body_bytes = \"big\"\n").unwrap_err();
         assert_eq!(err.problems[0].path, "server.max_body_bytes");
@@ -1000,33 +1028,5 @@ id = "a:b"
         ] {
             assert!(paths.contains(&want), "{want} missing from {paths:?}");
         }
-    }
-
-    #[test]
-    fn shared_redis_url_schemes_are_checked() {
-        let c = Config::from_toml("").unwrap();
-        assert_eq!(c.shared.redis_url, None);
-        assert_eq!(c.shared.prefix, "switchboard:");
-        for ok in [
-            "redis://127.0.0.1:6379",
-            "redis://:secret@10.0.0.5:6380/2",
-            "unix:///run/redis.sock",
-            "rediss://cache.example:6380",
-        ] {
-            let c = Config::from_toml(&format!(
-                "[shared]\nredis_url = \"{ok}\"\nprefix = \"a:\"\n"
-            ));
-            assert!(c.is_ok(), "{ok}: {:?}", c.err().map(|e| e.to_string()));
-        }
-        for bad in ["http://127.0.0.1:6379", "127.0.0.1:6379", "redis://h:port"] {
-            let err = Config::from_toml(&format!("[shared]\nredis_url = \"{bad}\"\n")).unwrap_err();
-            assert_eq!(err.problems.len(), 1, "{bad}: {err}");
-            assert_eq!(err.problems[0].path, "shared.redis_url", "{bad}");
-        }
-        // The password never shows in the message.
-        let err =
-            Config::from_toml("[shared]\nredis_url = \"http://u:hunter2@h:1\"\n").unwrap_err();
-        assert!(!err.to_string().contains("hunter2"), "{err}");
-        assert!(Config::from_toml("[shared]\nredis = \"x\"\n").is_err());
     }
 }

@@ -57,7 +57,6 @@ use crate::normalize::NormalizeLayer;
 use crate::providers::ProviderClient;
 use crate::rate_limit::RateLimitLayer;
 use crate::route::RouteLayer;
-use crate::shared::{SharedError, SharedState};
 use crate::store::{KeyStore, Ledger, SqliteStore, StoreError};
 
 mod conn;
@@ -82,7 +81,7 @@ pub enum BuildError {
     Store(#[from] StoreError),
     /// `[shared]` cannot be set up (built outside a tokio runtime).
     #[error(transparent)]
-    Shared(#[from] SharedError),
+    Shared(#[from] crate::shared::SharedError),
 }
 
 /// Assembles a [`Gateway`].
@@ -181,7 +180,10 @@ impl GatewayBuilder {
         // `[shared].redis_url`: rpm budgets and endpoint health shared with the other
         // instances through Redis (each falls back to its own while Redis is down).
         let shared = match &config.shared.redis_url {
-            Some(url) => Some(SharedState::open(url, &config.shared.prefix)?),
+            Some(url) => Some(crate::shared::SharedState::open(
+                url,
+                &config.shared.prefix,
+            )?),
             None => None,
         };
         // Passive health per endpoint, shared by HealthFilter (reads) and Fallback
