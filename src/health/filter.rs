@@ -64,7 +64,7 @@ impl<S> Layer<S> for HealthFilterLayer {
 }
 
 /// Drops unavailable endpoints from the plan and orders the rest; see the
-/// [module docs](self).
+/// [module docs](crate::health).
 #[derive(Clone)]
 pub struct HealthFilter<S> {
     inner: S,
@@ -208,7 +208,7 @@ pub fn weighted_draw(group: &[Arc<Endpoint>], random: &dyn Fn() -> f64) -> usize
     weights.iter().rposition(|w| *w > 0.0).unwrap_or(0)
 }
 
-/// Filters and orders `call.plan` in place (see the [module docs](self)); 503
+/// Filters and orders `call.plan` in place (see the [module docs](crate::health)); 503
 /// `no_healthy_provider` when no endpoint may be contacted, not even as a last resort
 /// (every one is being probed).
 pub fn filter_plan(

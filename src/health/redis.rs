@@ -1,33 +1,4 @@
 //! [`RedisHealth`]: endpoint health learned by one instance, used by all (SPEC §6).
-//!
-//! Every sync call reads and writes an [`InMemoryHealth`], as a single instance does;
-//! what is shared is each *change* of state, never each request:
-//! - a retriable failure increments a shared consecutive-failure counter
-//!   (`health:failures:{label}`, expiring one cooldown after its last failure); the
-//!   instance that sees it reach `failure_threshold` marks the endpoint degraded in
-//!   Redis (`health:degraded:{label}`, `SET NX` with the cooldown as its TTL) and
-//!   publishes it. A success resets the counter only where it may be non-zero (this
-//!   instance counted a failure, or was told of one): a healthy endpoint costs no
-//!   Redis call at all;
-//! - an endpoint degraded by this instance's own count, a failed probe, a 429 park
-//!   (`health:parked:{label}`) and a recovery (a probe's success) are written and
-//!   published the same way;
-//! - every instance applies the events it receives to its `InMemoryHealth` at once,
-//!   and on (re)subscribing reads the shared states back to catch up;
-//! - after a cooldown, one probe at a time across all instances: the probe slot is a
-//!   lock (`health:probe:{label}`, `SET NX PX`). `acquire` is sync and must not wait on
-//!   Redis, so each instance's background task tries the lock when the cooldown ends
-//!   (and again when its requests want the endpoint and the lock has expired); only
-//!   the holder sees the endpoint `HalfOpen` and lets one request probe it, the others
-//!   keep seeing it unavailable. The lock is held for a short lease, extended to the
-//!   provider's timeout while a probe is in flight, and released with its result (or
-//!   when the lease ends unused, so an idle instance never sits on it).
-//!
-//! Endpoints are named across instances by [`Endpoint::label`] (`model@provider`),
-//! not by index. Times travel as durations left (`PTTL`, milliseconds in events), so
-//! the instances' clocks never matter. While Redis is down each instance keeps its own
-//! health, probes included, exactly as [`InMemoryHealth`] alone; when Redis is back it
-//! catches up and shares again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,8 +40,37 @@ return 0
 
 static LOCK: LazyLock<Script> = LazyLock::new(|| Script::new(LOCK_SCRIPT));
 
-/// A [`HealthRegistry`] shared by every instance on one Redis; see the
-/// [module docs](self).
+/// A [`HealthRegistry`] shared by every instance on one Redis: endpoint health
+/// learned by one instance, used by all (SPEC §6).
+///
+/// Every sync call reads and writes an [`InMemoryHealth`], as a single instance does;
+/// what is shared is each *change* of state, never each request:
+/// - a retriable failure increments a shared consecutive-failure counter
+///   (`health:failures:{label}`, expiring one cooldown after its last failure); the
+///   instance that sees it reach `failure_threshold` marks the endpoint degraded in
+///   Redis (`health:degraded:{label}`, `SET NX` with the cooldown as its TTL) and
+///   publishes it. A success resets the counter only where it may be non-zero (this
+///   instance counted a failure, or was told of one): a healthy endpoint costs no
+///   Redis call at all;
+/// - an endpoint degraded by this instance's own count, a failed probe, a 429 park
+///   (`health:parked:{label}`) and a recovery (a probe's success) are written and
+///   published the same way;
+/// - every instance applies the events it receives to its `InMemoryHealth` at once,
+///   and on (re)subscribing reads the shared states back to catch up;
+/// - after a cooldown, one probe at a time across all instances: the probe slot is a
+///   lock (`health:probe:{label}`, `SET NX PX`). `acquire` is sync and must not wait on
+///   Redis, so each instance's background task tries the lock when the cooldown ends
+///   (and again when its requests want the endpoint and the lock has expired); only
+///   the holder sees the endpoint `HalfOpen` and lets one request probe it, the others
+///   keep seeing it unavailable. The lock is held for a short lease, extended to the
+///   provider's timeout while a probe is in flight, and released with its result (or
+///   when the lease ends unused, so an idle instance never sits on it).
+///
+/// Endpoints are named across instances by [`Endpoint::label`] (`model@provider`),
+/// not by index. Times travel as durations left (`PTTL`, milliseconds in events), so
+/// the instances' clocks never matter. While Redis is down each instance keeps its own
+/// health, probes included, exactly as [`InMemoryHealth`] alone; when Redis is back it
+/// catches up and shares again.
 ///
 /// # Example
 /// ```no_run
