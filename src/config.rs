@@ -63,6 +63,9 @@ pub struct Config {
     /// `[logging]`.
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// `[shared]`: Redis shared by many instances (SPEC §6).
+    #[serde(default)]
+    pub shared: SharedConfig,
     /// `[[providers]]`.
     #[serde(default)]
     pub providers: Vec<ProviderConfig>,
@@ -216,6 +219,27 @@ impl Default for LoggingConfig {
         LoggingConfig {
             sink: "sqlite".into(),
             log_content: false,
+        }
+    }
+}
+
+/// `[shared]`: the Redis that several instances share rate limits and endpoint health
+/// through (SPEC §6; [`crate::shared`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedConfig {
+    /// `redis://HOST:PORT[/DB]`, `rediss://…` (TLS) or `unix:///path`; absent: each
+    /// instance on its own.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel.
+    pub prefix: String,
+}
+
+impl Default for SharedConfig {
+    fn default() -> Self {
+        SharedConfig {
+            redis_url: None,
+            prefix: "switchboard:".into(),
         }
     }
 }
@@ -606,6 +630,12 @@ impl Config {
             );
         }
 
+        if let Some(url) = &self.shared.redis_url {
+            if let Err(message) = crate::shared::check_url(url) {
+                bad("shared.redis_url".into(), message);
+            }
+        }
+
         let mut names = HashSet::new();
         for (i, p) in self.providers.iter().enumerate() {
             let at = |f: &str| format!("providers[{i}].{f}");
@@ -828,6 +858,34 @@ mod tests {
         let c = Config::demo();
         assert_eq!(c.models.len(), 2);
         assert_eq!(c.keys[0].credits_usd, "1".parse().unwrap());
+    }
+
+    #[test]
+    fn shared_redis_url_schemes_are_checked() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.shared.redis_url, None);
+        assert_eq!(c.shared.prefix, "switchboard:");
+        for ok in [
+            "redis://127.0.0.1:6379",
+            "redis://:secret@10.0.0.5:6380/2",
+            "unix:///run/redis.sock",
+            "rediss://cache.example:6380",
+        ] {
+            let c = Config::from_toml(&format!(
+                "[shared]\nredis_url = \"{ok}\"\nprefix = \"a:\"\n"
+            ));
+            assert!(c.is_ok(), "{ok}: {:?}", c.err().map(|e| e.to_string()));
+        }
+        for bad in ["http://127.0.0.1:6379", "127.0.0.1:6379", "redis://h:port"] {
+            let err = Config::from_toml(&format!("[shared]\nredis_url = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{bad}: {err}");
+            assert_eq!(err.problems[0].path, "shared.redis_url", "{bad}");
+        }
+        // The password never shows in the message.
+        let err =
+            Config::from_toml("[shared]\nredis_url = \"http://u:hunter2@h:1\"\n").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(Config::from_toml("[shared]\nredis = \"x\"\n").is_err());
     }
 
     #[test]

@@ -50,7 +50,7 @@ use crate::config::Config;
 use crate::credit::CreditLayer;
 use crate::error::{Body, GatewayError};
 use crate::fallback::FallbackLayer;
-use crate::health::{HealthFilterLayer, HealthRegistry, InMemoryHealth};
+use crate::health::{HealthFilterLayer, HealthRegistry, InMemoryHealth, RedisHealth};
 use crate::logging::{LogSink, LogWriter, LoggingLayer};
 use crate::metering::MeteringLayer;
 use crate::normalize::NormalizeLayer;
@@ -79,6 +79,9 @@ pub enum BuildError {
     /// The store cannot be opened (a runtime failure: exit code 2).
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// `[shared]` cannot be set up (built outside a tokio runtime).
+    #[error(transparent)]
+    Shared(#[from] crate::shared::SharedError),
 }
 
 /// Assembles a [`Gateway`].
@@ -174,11 +177,25 @@ impl GatewayBuilder {
             .ok()
             .filter(|t| !t.is_empty())
             .map(|t| crate::store::hash_secret(&t));
+        // `[shared].redis_url`: rpm budgets and endpoint health shared with the other
+        // instances through Redis (each falls back to its own while Redis is down).
+        let shared = match &config.shared.redis_url {
+            Some(url) => Some(crate::shared::SharedState::open(
+                url,
+                &config.shared.prefix,
+            )?),
+            None => None,
+        };
         // Passive health per endpoint, shared by HealthFilter (reads) and Fallback
         // (writes); `[health]` settings.
-        let health: Arc<dyn HealthRegistry> = self
-            .health
-            .unwrap_or_else(|| Arc::new(InMemoryHealth::for_catalog(&config.health, &catalog)));
+        let health: Arc<dyn HealthRegistry> = self.health.unwrap_or_else(|| match &shared {
+            Some(s) => Arc::new(RedisHealth::new(s.clone(), &config.health, &catalog)),
+            None => Arc::new(InMemoryHealth::for_catalog(&config.health, &catalog)),
+        });
+        let rate_limit = match &shared {
+            Some(s) => RateLimitLayer::shared(s.clone()),
+            None => RateLimitLayer::new(),
+        };
 
         // The typed tier, outermost first.
         let typed = ServiceBuilder::new()
@@ -221,7 +238,7 @@ impl GatewayBuilder {
             // disabled key (401 / 403). The record (never the balance) is cached.
             .layer(auth.clone())
             // Rate limit on the authenticated key id, before the body is even read.
-            .layer(RateLimitLayer::new())
+            .layer(rate_limit)
             // Normalize is where HTTP ends: body limit, JSON, SSE, keep-alive, deadline.
             .layer(
                 NormalizeLayer::new()

@@ -39,6 +39,7 @@ pub mod normalize;
 pub mod providers;
 pub mod rate_limit;
 pub mod route;
+pub mod shared;
 pub mod store;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]

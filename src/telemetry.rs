@@ -21,6 +21,7 @@
 //! | `switchboard_log_records_dropped_total` | counter | |
 //! | `switchboard_log_write_errors_total` | counter | |
 //! | `switchboard_usage_over_reserve_total` | counter (upstream usage above the request's reservation; charged the reservation) | `model`, `provider` |
+//! | `switchboard_shared_state_up` | gauge: 1 while the `[shared]` Redis answers, 0 while limits and health are local (absent without `[shared]`) | |
 //!
 //! # Example
 //! ```
@@ -154,6 +155,10 @@ fn describe() {
     describe_counter!(
         USAGE_OVER_RESERVE,
         "Attempts whose upstream-reported usage was above the request's reservation (charged the reservation), by model and provider"
+    );
+    describe_gauge!(
+        crate::shared::SHARED_STATE_UP,
+        "1 while the [shared] Redis answers, 0 while rate limits and health are this instance's own"
     );
 }
 

@@ -1,0 +1,298 @@
+//! [`HealthFilterLayer`]: drops unavailable endpoints from a plan and orders the rest.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::{self, Either, Ready};
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::{Availability, HealthRegistry};
+use crate::catalog::Endpoint;
+use crate::chat::SortBy;
+use crate::context::{ChatCall, ChatReply};
+use crate::error::GatewayError;
+use crate::route::{split_variant, Variant};
+
+// ---------------------------------------------------------------------------
+// The layer
+// ---------------------------------------------------------------------------
+
+/// A source of uniform random numbers in `[0, 1)` for the weighted draw.
+pub type Random = Arc<dyn Fn() -> f64 + Send + Sync>;
+
+/// Builds [`HealthFilter`] services.
+#[derive(Clone)]
+pub struct HealthFilterLayer {
+    registry: Arc<dyn HealthRegistry>,
+    random: Random,
+}
+
+impl HealthFilterLayer {
+    /// Filters and orders plans with `registry`'s view of health.
+    pub fn new(registry: Arc<dyn HealthRegistry>) -> Self {
+        HealthFilterLayer {
+            registry,
+            random: Arc::new(rand::random::<f64>),
+        }
+    }
+
+    /// Uses `random` (uniform in `[0, 1)`) for the weighted draw; tests pass a seeded
+    /// generator.
+    pub fn random(mut self, random: impl Fn() -> f64 + Send + Sync + 'static) -> Self {
+        self.random = Arc::new(random);
+        self
+    }
+}
+
+impl fmt::Debug for HealthFilterLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthFilterLayer").finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for HealthFilterLayer {
+    type Service = HealthFilter<S>;
+    fn layer(&self, inner: S) -> HealthFilter<S> {
+        HealthFilter {
+            inner,
+            registry: self.registry.clone(),
+            random: self.random.clone(),
+        }
+    }
+}
+
+/// Drops unavailable endpoints from the plan and orders the rest; see the
+/// [module docs](crate::health).
+#[derive(Clone)]
+pub struct HealthFilter<S> {
+    inner: S,
+    registry: Arc<dyn HealthRegistry>,
+    random: Random,
+}
+
+impl<S> HealthFilter<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, registry: Arc<dyn HealthRegistry>) -> Self {
+        HealthFilterLayer::new(registry).layer(inner)
+    }
+
+    /// A [`HealthFilterLayer`].
+    pub fn layer(registry: Arc<dyn HealthRegistry>) -> HealthFilterLayer {
+        HealthFilterLayer::new(registry)
+    }
+}
+
+impl<S> fmt::Debug for HealthFilter<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthFilter").finish_non_exhaustive()
+    }
+}
+
+/// How a plan's healthy endpoints are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    /// The weighted draw for the first, the rest cheapest first (SPEC §5 default).
+    Default,
+    /// Strictly cheapest first (`:floor`, `sort=price`).
+    Price,
+    /// Highest observed tokens/s first (`:nitro`, `sort=throughput`).
+    Throughput,
+    /// Lowest observed time to first token first (`sort=latency`).
+    Latency,
+}
+
+impl Ordering {
+    /// The ordering a request asks for: `provider.sort` wins over a model variant.
+    pub fn of(call: &ChatCall) -> Ordering {
+        let prefs = call.request.provider.as_ref();
+        match prefs.and_then(|p| p.sort) {
+            Some(SortBy::Price) => return Ordering::Price,
+            Some(SortBy::Throughput) => return Ordering::Throughput,
+            Some(SortBy::Latency) => return Ordering::Latency,
+            None => {}
+        }
+        match split_variant(&call.request.model) {
+            Ok((_, Some(Variant::Floor))) => Ordering::Price,
+            Ok((_, Some(Variant::Nitro))) => Ordering::Throughput,
+            _ => Ordering::Default,
+        }
+    }
+}
+
+fn price_key(e: &Endpoint) -> i64 {
+    e.pricing.prompt.pico_per_token() + e.pricing.completion.pico_per_token()
+}
+
+/// Orders one model's healthy endpoints (stable: ties keep plan order).
+pub fn order_endpoints(
+    mut group: Vec<Arc<Endpoint>>,
+    how: Ordering,
+    provider_order: &[String],
+    registry: &dyn HealthRegistry,
+    random: &dyn Fn() -> f64,
+) -> Vec<Arc<Endpoint>> {
+    // `order` first, in its order; the rest follow under `how`.
+    let mut head = Vec::new();
+    for name in provider_order {
+        while let Some(i) = group
+            .iter()
+            .position(|e| e.provider.name.as_ref() == name.as_str())
+        {
+            head.push(group.remove(i));
+        }
+    }
+    let mut rest = group;
+    rest.sort_by_key(|e| price_key(e));
+    match how {
+        Ordering::Price => {}
+        Ordering::Throughput => {
+            rest.sort_by(
+                |a, b| match (registry.throughput(a), registry.throughput(b)) {
+                    (Some(x), Some(y)) => y.total_cmp(&x),
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (None, None) => std::cmp::Ordering::Equal,
+                },
+            )
+        }
+        Ordering::Latency => rest.sort_by(|a, b| match (registry.ttft(a), registry.ttft(b)) {
+            (Some(x), Some(y)) => x.cmp(&y),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        }),
+        Ordering::Default if head.is_empty() && rest.len() > 1 => {
+            let first = weighted_draw(&rest, random);
+            let e = rest.remove(first);
+            rest.insert(0, e);
+        }
+        Ordering::Default => {}
+    }
+    head.extend(rest);
+    head
+}
+
+/// SPEC §5's draw: the index of the first endpoint, with probability ∝ `weight /
+/// price²` (price = prompt + completion USD/Mtok); free endpoints, when there are any,
+/// are drawn among themselves ∝ `weight`. `group` is sorted cheapest first.
+pub fn weighted_draw(group: &[Arc<Endpoint>], random: &dyn Fn() -> f64) -> usize {
+    let any_free = group.iter().any(|e| price_key(e) == 0);
+    let weights: Vec<f64> = group
+        .iter()
+        .map(|e| {
+            let w = e.weight.max(0.0);
+            match (any_free, price_key(e)) {
+                (true, 0) => w,
+                (true, _) => 0.0,
+                (false, _) => {
+                    let p = e.pricing.sum_per_mtok();
+                    w / (p * p)
+                }
+            }
+        })
+        .collect();
+    let total: f64 = weights.iter().sum();
+    if !(total.is_finite() && total > 0.0) {
+        return 0;
+    }
+    let mut r = random().clamp(0.0, 1.0) * total;
+    for (i, w) in weights.iter().enumerate() {
+        if r < *w {
+            return i;
+        }
+        r -= w;
+    }
+    // Rounding: the last endpoint with a weight.
+    weights.iter().rposition(|w| *w > 0.0).unwrap_or(0)
+}
+
+/// Filters and orders `call.plan` in place (see the [module docs](crate::health)); 503
+/// `no_healthy_provider` when no endpoint may be contacted, not even as a last resort
+/// (every one is being probed).
+pub fn filter_plan(
+    call: &mut ChatCall,
+    registry: &dyn HealthRegistry,
+    random: &dyn Fn() -> f64,
+) -> Result<(), GatewayError> {
+    let now = Instant::now();
+    let how = Ordering::of(call);
+    let prefs = call.request.provider.clone().unwrap_or_default();
+    let provider_order = prefs.order.clone().unwrap_or_default();
+    let only_first = !prefs.allow_fallbacks && provider_order.is_empty();
+
+    // Group by model, keeping the models' order (`model`, then `models`).
+    let mut groups: Vec<Vec<Arc<Endpoint>>> = Vec::new();
+    for e in &call.plan {
+        match groups.last_mut() {
+            Some(g) if g[0].model == e.model => g.push(e.clone()),
+            _ => groups.push(vec![e.clone()]),
+        }
+    }
+    let mut plan = Vec::new();
+    for g in groups {
+        let healthy: Vec<_> = g
+            .into_iter()
+            .filter(|e| {
+                !matches!(
+                    registry.availability(e, now),
+                    Availability::Unavailable { .. }
+                )
+            })
+            .collect();
+        let mut ordered = order_endpoints(healthy, how, &provider_order, registry, random);
+        if only_first {
+            ordered.truncate(1);
+        }
+        plan.extend(ordered);
+    }
+    if plan.is_empty() && !call.plan.is_empty() {
+        // Every candidate is unavailable: the one whose cooldown ends soonest, once.
+        // One whose cooldown is over is being probed: not a last resort, since exactly
+        // one request at a time may probe.
+        let soonest = call
+            .plan
+            .iter()
+            .filter_map(|e| match registry.availability(e, now) {
+                Availability::Unavailable { until } if until > now => Some((until, e)),
+                _ => None,
+            })
+            .min_by_key(|(until, _)| *until)
+            .map(|(_, e)| e.clone());
+        match soonest {
+            Some(e) => {
+                plan.push(e);
+                call.ctx.update(|s| s.last_resort = true);
+            }
+            None => {
+                return Err(GatewayError::NoHealthyProvider(format!(
+                    "every endpoint of `{}` is degraded and being probed; try again shortly",
+                    call.request.model
+                )))
+            }
+        }
+    }
+    call.plan = plan;
+    Ok(())
+}
+
+impl<S> Service<ChatCall> for HealthFilter<S>
+where
+    S: Service<ChatCall, Response = ChatReply, Error = GatewayError>,
+{
+    type Response = ChatReply;
+    type Error = GatewayError;
+    type Future = Either<Ready<Result<ChatReply, GatewayError>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut call: ChatCall) -> Self::Future {
+        match filter_plan(&mut call, self.registry.as_ref(), self.random.as_ref()) {
+            Ok(()) => Either::Right(self.inner.call(call)),
+            Err(e) => Either::Left(future::ready(Err(e))),
+        }
+    }
+}
