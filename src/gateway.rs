@@ -57,7 +57,7 @@ use crate::normalize::NormalizeLayer;
 use crate::providers::ProviderClient;
 use crate::rate_limit::RateLimitLayer;
 use crate::route::RouteLayer;
-use crate::store::{KeyStore, Ledger, SqliteStore, StoreError};
+use crate::store::{KeyChange, KeyStore, Ledger, PgStore, SqliteStore, StoreError};
 
 mod conn;
 
@@ -122,8 +122,9 @@ impl GatewayBuilder {
         self
     }
 
-    /// A store of your own for keys and the ledger (default: the SQLite store that
-    /// `[store].url` names, opened at `build`, with the `[[keys]]` upserted).
+    /// A store of your own for keys and the ledger (default: the store that
+    /// `[store].url` names, SQLite or PostgreSQL, opened at `build`, with the
+    /// `[[keys]]` upserted).
     pub fn store<S: KeyStore + Ledger>(mut self, store: Arc<S>) -> Self {
         self.store = Some((store.clone(), store));
         self
@@ -155,6 +156,12 @@ impl GatewayBuilder {
         crate::telemetry::install();
         let (keys, ledger) = match self.store {
             Some(s) => s,
+            // Shared by any number of gateways (SPEC §6).
+            None if crate::store::is_postgres_url(&config.store.url) => {
+                let store = PgStore::open(&config.store)?;
+                store.bootstrap(&config.keys)?;
+                (store.clone() as Arc<dyn KeyStore>, store as Arc<dyn Ledger>)
+            }
             None => {
                 let store = SqliteStore::open(&config.store)?;
                 if !store.owns_ledger() {
@@ -170,6 +177,9 @@ impl GatewayBuilder {
             }
         };
         let auth = AuthLayer::new(keys.clone());
+        if let Some(changes) = keys.changes() {
+            forget_on_change(changes, auth.clone());
+        }
         let admin_token = std::env::var(&config.admin.token_env)
             .ok()
             .filter(|t| !t.is_empty())
@@ -245,6 +255,29 @@ impl GatewayBuilder {
                 body_timeout,
             },
         })
+    }
+}
+
+/// Empties the auth cache (records and unknown secrets alike) on every key change
+/// made elsewhere, so a key created, disabled or changed on another instance counts
+/// here at once; stops when the store does. A thread of its own: `build` may run with
+/// or without a runtime.
+fn forget_on_change(mut changes: tokio::sync::broadcast::Receiver<KeyChange>, auth: AuthLayer) {
+    let spawned = std::thread::Builder::new()
+        .name("switchboard-key-changes".into())
+        .spawn(move || loop {
+            match changes.blocking_recv() {
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    auth.invalidate_all()
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(
+            "cannot follow key changes made elsewhere ({e}); they count here within {} s",
+            crate::auth::DEFAULT_TTL.as_secs()
+        );
     }
 }
 

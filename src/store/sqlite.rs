@@ -1704,8 +1704,9 @@ impl KeyStore for SqliteStore {
     }
 }
 
-impl Ledger for SqliteStore {
-    fn reserve(&self, key: &KeyRecord, hold: Reservation) -> Result<(), GatewayError> {
+impl SqliteStore {
+    /// [`Ledger::reserve`], decided here and now (the accounts are in memory).
+    pub fn reserve(&self, key: &KeyRecord, hold: Reservation) -> Result<(), GatewayError> {
         let acc = self.account(&key.id)?;
         match Self::try_reserve(&acc, key, hold) {
             Err(GatewayError::InsufficientCredits(_)) => {
@@ -1717,6 +1718,12 @@ impl Ledger for SqliteStore {
             }
             other => other,
         }
+    }
+}
+
+impl Ledger for SqliteStore {
+    fn reserve(&self, key: &KeyRecord, hold: Reservation) -> super::Admission {
+        super::admitted(SqliteStore::reserve(self, key, hold))
     }
 
     fn release(&self, key_id: &str, hold: Reservation) {
@@ -1856,6 +1863,7 @@ mod tests {
         SqliteStore::open(&StoreConfig {
             url: format!("sqlite://{}", dir.join("ledger.db").display()),
             sync: SyncMode::Normal,
+            ..Default::default()
         })
         .unwrap()
     }
@@ -1864,6 +1872,7 @@ mod tests {
         SqliteStore::open(&StoreConfig {
             url: format!("sqlite://{}", path.display()),
             sync: SyncMode::Normal,
+            ..Default::default()
         })
         .unwrap()
     }
@@ -2213,6 +2222,7 @@ mod tests {
         let store = SqliteStore::open(&StoreConfig {
             url: format!("sqlite://{}", dir.join("turns.db").display()),
             sync,
+            ..Default::default()
         })
         .unwrap();
         let k = store
@@ -2621,6 +2631,7 @@ mod tests {
             let store = SqliteStore::open(&StoreConfig {
                 url: format!("sqlite://{}", dir.join(format!("{sync:?}.db")).display()),
                 sync,
+                ..Default::default()
             })
             .unwrap();
             let k = store
