@@ -18,6 +18,9 @@ const MAX_BATCH: usize = 512;
 
 type Waiter = oneshot::Sender<Result<bool, StoreError>>;
 
+/// A settlement's waiter (if any) and when it was queued.
+type Waiting = (Option<Waiter>, Instant);
+
 /// A queued settlement.
 struct Queued {
     settlement: Box<Settlement>,
@@ -182,7 +185,7 @@ impl Writer {
 
     /// Answers, with an error, the waiters queued for longer than [`WAIT`] (their
     /// charges stay queued and are committed when PostgreSQL answers).
-    fn answer_overdue(&self, waiters: &mut [(Option<Waiter>, Instant)], server: &str) {
+    fn answer_overdue(&self, waiters: &mut [Waiting], server: &str) {
         let now = Instant::now();
         let overdue = |waiter: &mut Option<Waiter>, since: Instant| {
             if now.duration_since(since) >= WAIT {
@@ -241,7 +244,7 @@ struct Committed {
 /// Commits a batch, retrying until it commits; a batch PostgreSQL refuses is
 /// committed one settlement at a time, and the one at fault is refused alone.
 async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
-    let (batch, mut waiters): (Vec<Box<Settlement>>, Vec<(Option<Waiter>, Instant)>) = batch
+    let (batch, mut waiters): (Vec<Box<Settlement>>, Vec<Waiting>) = batch
         .into_iter()
         .map(|q| (q.settlement, (q.waiter, q.since)))
         .unzip();
