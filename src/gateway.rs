@@ -177,9 +177,11 @@ impl GatewayBuilder {
             }
         };
         let auth = AuthLayer::new(keys.clone());
-        if let Some(changes) = keys.changes() {
-            forget_on_change(changes, auth.clone());
-        }
+        let follows_changes = keys.changes().map(|changes| {
+            let anchor = Arc::new(auth.clone());
+            forget_on_change(changes, Arc::downgrade(&anchor));
+            anchor
+        });
         let admin_token = std::env::var(&config.admin.token_env)
             .ok()
             .filter(|t| !t.is_empty())
@@ -247,6 +249,7 @@ impl GatewayBuilder {
             catalog,
             chat: BoxCloneSyncService::new(chat),
             logs,
+            _follows_changes: follows_changes,
             accounts: AccountState {
                 keys,
                 ledger,
@@ -260,15 +263,22 @@ impl GatewayBuilder {
 
 /// Empties the auth cache (records and unknown secrets alike) on every key change
 /// made elsewhere, so a key created, disabled or changed on another instance counts
-/// here at once; stops when the store does. A thread of its own: `build` may run with
-/// or without a runtime.
-fn forget_on_change(mut changes: tokio::sync::broadcast::Receiver<KeyChange>, auth: AuthLayer) {
+/// here at once; stops when the store or the gateway is gone. A thread of its own:
+/// `build` may run with or without a runtime. It holds the auth layer weakly (the
+/// layer holds the store, whose drop ends `changes`).
+fn forget_on_change(
+    mut changes: tokio::sync::broadcast::Receiver<KeyChange>,
+    auth: std::sync::Weak<AuthLayer>,
+) {
     let spawned = std::thread::Builder::new()
         .name("switchboard-key-changes".into())
         .spawn(move || loop {
             match changes.blocking_recv() {
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    auth.invalidate_all()
+                    match auth.upgrade() {
+                        Some(auth) => auth.invalidate_all(),
+                        None => return,
+                    }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
@@ -288,6 +298,8 @@ pub struct Gateway {
     catalog: Arc<Catalog>,
     chat: ChatService,
     logs: LogWriter,
+    /// What the key-change thread holds weakly (see `forget_on_change`).
+    _follows_changes: Option<Arc<AuthLayer>>,
     accounts: AccountState,
 }
 

@@ -22,11 +22,15 @@ const OWNER: &str = "sk-owner-pg-0123456789abc";
 /// Mock models (the prompt free, `mock/lorem` writing exactly `max_tokens` words at
 /// $1 per Mtok) on the store `url`, with one bootstrap key.
 fn config(url: &str) -> String {
+    config_ttl(url, 5)
+}
+
+fn config_ttl(url: &str, ttl: u64) -> String {
     format!(
         r#"
 [store]
 url = "{url}"
-reservation_ttl_secs = 5
+reservation_ttl_secs = {ttl}
 
 [logging]
 sink = "none"
@@ -354,4 +358,39 @@ fn the_keys_cli_administers_a_postgres_store() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_stops_gives_its_leases_back_at_once() {
+    let Some(db) = postgres("a_gateway_that_stops_gives_its_leases_back") else {
+        return;
+    };
+    // Leases that would last 60 s if nobody gave them back.
+    let a = gateway(&config_ttl(db.url(), 60)).await;
+    let b = gateway(&config_ttl(db.url(), 60)).await;
+    assert_eq!(post(&a, OWNER, 7).await.status(), 200);
+    let (_, key) = get_json(&b, "/v1/key", OWNER).await;
+    assert_eq!(key["data"]["usage"], json!(0.000007));
+    let ledger = b.gateway.ledger().clone();
+    let keys = b.gateway.keys().clone();
+    let reserved_on_b = move || {
+        let id = keys.list().unwrap()[0].record.id.clone();
+        ledger.balance(&id).unwrap().reserved
+    };
+    let r = reserved_on_b.clone();
+    let held = tokio::task::spawn_blocking(move || r()).await.unwrap();
+    assert!(held > Money::ZERO, "A holds a lease with headroom");
+    drop(a);
+    let started = Instant::now();
+    loop {
+        let r = reserved_on_b.clone();
+        if tokio::task::spawn_blocking(move || r()).await.unwrap() == Money::ZERO {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the stopped gateway's lease was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -89,6 +89,9 @@ pub(super) struct Account {
     valid_until: Option<Instant>,
     /// The last admission.
     last_used: Instant,
+    /// Until then, a refusal does not wait for other instances to give back (they
+    /// were just asked, and did not give enough).
+    pressed_until: Option<Instant>,
 }
 
 impl Account {
@@ -102,6 +105,7 @@ impl Account {
             settling: Amounts::default(),
             valid_until: None,
             last_used: Instant::now(),
+            pressed_until: None,
         }
     }
 
@@ -389,14 +393,24 @@ impl Shared {
                 tokio::task::yield_now().await;
                 continue;
             }
-            if row.pressure {
+            let pressed = cell
+                .state
+                .lock()
+                .pressed_until
+                .is_some_and(|t| Instant::now() < t);
+            if row.pressure && !pressed {
                 if let Some(ms) = waits.next() {
                     tokio::time::sleep(Duration::from_millis(*ms)).await;
                     continue;
                 }
             }
-            let in_use = cell.state.lock().in_use;
-            return Err(refusal(key, &row, in_use, hold));
+            let mut a = cell.state.lock();
+            if row.pressure && !pressed {
+                // Asked and waited for: the next refusals for a while are at once
+                // (they would wait in turn behind this key's slow path).
+                a.pressed_until = Some(Instant::now() + Duration::from_secs(1));
+            }
+            return Err(refusal(key, &row, a.in_use, hold));
         }
         Err(GatewayError::Internal(format!(
             "store: the lease of key `{}` kept changing; try again",

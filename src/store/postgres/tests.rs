@@ -558,3 +558,51 @@ async fn postgres_going_away_is_503_at_once_and_everything_recovers() {
     assert!(row.is_some());
     Ledger::reserve(&*store, &key, hold).await.unwrap();
 }
+
+/// Not a test: statements per request under load (`cargo test --release -- --ignored
+/// round_trips_per_request --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn round_trips_per_request() {
+    let Some(db) = postgres("round_trips_per_request") else {
+        return;
+    };
+    let (a, b) = (open(&db, 30), open(&db, 30));
+    let key = make_key(&a, "hot", NewKey::new("hot", usd("1000")));
+    let hold = money_hold("0.001");
+    let requests = 20_000;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..64 {
+        let store = if worker % 2 == 0 {
+            a.clone()
+        } else {
+            b.clone()
+        };
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0..requests / 64 {
+                Ledger::reserve(&*store, &key, hold).await.unwrap();
+                let id = format!("w{worker}-{n}");
+                store
+                    .settle(settlement(&key.id, &id, usd("0.0004"), hold, 0))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let n = (requests / 64 * 64) as f64;
+    for op in ["lease", "settle", "renew", "shrink", "prepare"] {
+        let total = a.round_trips(Some(op)) + b.round_trips(Some(op));
+        eprintln!("{op}: {total} ({:.4} per request)", total as f64 / n);
+    }
+    eprintln!(
+        "{n} requests in {elapsed:?} ({:.0}/s); all statements: {:.4} per request",
+        n / elapsed.as_secs_f64(),
+        (a.round_trips(None) + b.round_trips(None)) as f64 / n
+    );
+}
