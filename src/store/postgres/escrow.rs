@@ -612,7 +612,7 @@ impl Shared {
         let stmt = self
             .prepare(
                 &client,
-                "UPDATE sb_leases l SET expires_at = now() + $2 * interval '1 millisecond'
+                "UPDATE sb_leases l SET expires_at = now() + $2::bigint * interval '1 millisecond'
                    FROM (SELECT key_id FROM sb_leases
                           WHERE instance = $1 AND expires_at > now()
                           ORDER BY key_id FOR UPDATE) s

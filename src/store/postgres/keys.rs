@@ -77,15 +77,24 @@ impl Shared {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&schema::LOCK_ID])
             .await
             .map_err(|e| self.error(e))?;
+        // Made here the first time (under the lock: no other instance races it).
         self.count(Op::Migrate);
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS sb_schema_version (
-                 version    INTEGER PRIMARY KEY,
-                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
-             )",
-        )
-        .await
-        .map_err(|e| self.error(e))?;
+        let exists: bool = tx
+            .query_one("SELECT to_regclass('sb_schema_version') IS NOT NULL", &[])
+            .await
+            .map_err(|e| self.error(e))?
+            .get(0);
+        if !exists {
+            self.count(Op::Migrate);
+            tx.batch_execute(
+                "CREATE TABLE sb_schema_version (
+                     version    INTEGER PRIMARY KEY,
+                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                 )",
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        }
         self.count(Op::Migrate);
         let current: i32 = tx
             .query_one(

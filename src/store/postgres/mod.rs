@@ -485,6 +485,10 @@ impl PgStore {
                 StoreError(message)
             });
         }
+        tracing::info!(
+            "store: PostgreSQL at {server}, this instance is {}",
+            shared.instance
+        );
         let handle = shared.handle.clone();
         handle.spawn(writer::run(shared.clone()));
         handle.spawn(escrow::renew_forever(shared.clone()));

@@ -250,6 +250,52 @@ async fn a_dead_instances_lease_holds_its_money_until_the_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_in_use_are_renewed_and_idle_ones_given_back() {
+    let Some(db) = postgres("leases_in_use_are_renewed_and_idle_ones_given_back") else {
+        return;
+    };
+    let ttl = 1;
+    let (a, b) = (open(&db, ttl), open(&db, ttl));
+    let key = make_key(&a, "held", NewKey::new("held", usd("1")));
+    Ledger::reserve(&*a, &key, money_hold("0.6")).await.unwrap();
+    let leases = a.round_trips(Some("lease"));
+    // Past two TTLs with the hold in flight: the lease is renewed, not expired.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(a.round_trips(Some("renew")) >= 3);
+    // A still admits within it without asking…
+    Ledger::reserve(&*a, &key, money_hold("0.01"))
+        .now_or_never()
+        .expect("on the fast path")
+        .unwrap();
+    assert_eq!(a.round_trips(Some("lease")), leases);
+    // …and B cannot have what A holds.
+    let err = Ledger::reserve(&*b, &key, money_hold("0.5"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "insufficient_credits", "{err}");
+
+    // Released and idle: the lease is given back within about two renewal periods.
+    a.release(&key.id, money_hold("0.6"));
+    a.release(&key.id, money_hold("0.01"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (b2, id) = (b.clone(), key.id.clone());
+        let reserved = tokio::task::spawn_blocking(move || b2.balance(&id).unwrap().reserved)
+            .await
+            .unwrap();
+        if reserved == Money::ZERO {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A kept an idle lease of {reserved}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(a.round_trips(Some("shrink")) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_per_day_is_one_budget_across_instances() {
     let Some(db) = postgres("tokens_per_day_is_one_budget_across_instances") else {
         return;
