@@ -377,14 +377,18 @@ async fn a_gateway_that_stops_gives_its_leases_back_at_once() {
         let id = keys.list().unwrap()[0].record.id.clone();
         ledger.balance(&id).unwrap().reserved
     };
-    let r = reserved_on_b.clone();
-    let held = tokio::task::spawn_blocking(move || r()).await.unwrap();
+    let held = tokio::task::spawn_blocking(reserved_on_b.clone())
+        .await
+        .unwrap();
     assert!(held > Money::ZERO, "A holds a lease with headroom");
     drop(a);
     let started = Instant::now();
     loop {
-        let r = reserved_on_b.clone();
-        if tokio::task::spawn_blocking(move || r()).await.unwrap() == Money::ZERO {
+        if tokio::task::spawn_blocking(reserved_on_b.clone())
+            .await
+            .unwrap()
+            == Money::ZERO
+        {
             break;
         }
         assert!(
