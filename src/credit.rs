@@ -445,10 +445,18 @@ impl Stream for Settling {
                 this.commit = None;
                 if let Err(e) = result {
                     tracing::error!("could not commit a charge: {e}");
-                    this.error.get_or_insert(GatewayError::Internal(
-                        "the gateway could not record this request's charge; it was not charged"
-                            .into(),
-                    ));
+                    this.error.get_or_insert(if e.is_unavailable() {
+                        // A shared store keeps the charge queued until it commits.
+                        GatewayError::StoreUnavailable(
+                            "the gateway's store did not confirm this request's charge in time; it stays queued and will be recorded"
+                                .into(),
+                        )
+                    } else {
+                        GatewayError::Internal(
+                            "the gateway could not record this request's charge; it was not charged"
+                                .into(),
+                        )
+                    });
                 }
             }
             if this.finished {

@@ -375,7 +375,8 @@ impl Shared {
                     let until = t0 + self.valid_for();
                     a.valid_until = Some(a.valid_until.map_or(until, |v| v.max(until)));
                 }
-                if a.try_take(hold, limited) {
+                // The row's limit is current; the record may be a second behind it.
+                if a.try_take(hold, limited && row.tokens_per_day.is_some()) {
                     return Ok(granted(cell));
                 }
                 !a.settling.is_zero()

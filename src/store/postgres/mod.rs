@@ -327,7 +327,7 @@ impl Shared {
             self.mark_down(&text);
             StoreError::unavailable(format!("PostgreSQL at {}: {text}", self.server))
         } else {
-            StoreError(format!("PostgreSQL: {text}"))
+            StoreError(format!("PostgreSQL at {}: {text}", self.server))
         }
     }
 
@@ -478,7 +478,7 @@ impl PgStore {
             // `store` only stops its runtime.
             store.shared.closing.store(true, Ordering::Relaxed);
             let why = e.0.strip_prefix(super::UNAVAILABLE).unwrap_or(&e.0);
-            let message = format!("cannot open the store at {server}: {why}");
+            let message = format!("cannot open the store: {why}");
             return Err(if e.is_unavailable() {
                 StoreError::unavailable(message)
             } else {
@@ -652,6 +652,8 @@ impl Ledger for PgStore {
         let _ = self.shared.writer.settle(&self.shared, s, false);
     }
 
+    /// Resolves when everything queued before it is committed, or after 30 s
+    /// while PostgreSQL does not answer (what is queued stays queued).
     fn flush(&self) -> BoxFuture<'static, ()> {
         let rx = self.shared.writer.flush();
         async move {

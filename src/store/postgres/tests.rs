@@ -585,6 +585,10 @@ async fn postgres_going_away_is_503_at_once_and_everything_recovers() {
     let queued = store.settle(settlement(&key.id, "while-down", usd("0.004"), hold, 0));
     let err = queued.await.unwrap_err();
     assert!(err.is_unavailable(), "{err}");
+    // A flush (a gateway shutting down) does not wait for ever.
+    tokio::time::timeout(Duration::from_secs(10), store.flush())
+        .await
+        .expect("a flush gives up while PostgreSQL does not answer");
 
     // Back: the store notices within a few seconds, commits the queued charge, serves.
     let _proxy = Proxy::start(proxy.port).await;

@@ -16,6 +16,10 @@ use crate::store::{Settlement, StoreError};
 /// Settlements per statement at most.
 const MAX_BATCH: usize = 512;
 
+/// How long a flush waits while PostgreSQL does not answer (a gateway shutting down
+/// must not wait for ever).
+const FLUSH_WAIT: Duration = Duration::from_secs(if cfg!(test) { 2 } else { 30 });
+
 type Waiter = oneshot::Sender<Result<bool, StoreError>>;
 
 /// A settlement's waiter (if any) and when it was queued.
@@ -30,7 +34,9 @@ struct Queued {
 
 enum Item {
     Settle(Queued),
-    Flush(oneshot::Sender<()>),
+    /// Answered once what is before it is committed, or after [`FLUSH_WAIT`] while
+    /// PostgreSQL does not answer (`None` then).
+    Flush(Option<oneshot::Sender<()>>, Instant),
 }
 
 #[derive(Default)]
@@ -119,7 +125,7 @@ impl Writer {
         if q.closing && q.items.is_empty() && q.in_flight == 0 {
             let _ = tx.send(());
         } else {
-            q.items.push_back(Item::Flush(tx));
+            q.items.push_back(Item::Flush(Some(tx), Instant::now()));
         }
         drop(q);
         self.wake.notify_one();
@@ -158,11 +164,13 @@ impl Writer {
         let mut batch = Vec::new();
         while let Some(item) = q.items.pop_front() {
             match item {
-                Item::Flush(tx) if batch.is_empty() => {
-                    let _ = tx.send(());
+                Item::Flush(tx, _) if batch.is_empty() => {
+                    if let Some(tx) = tx {
+                        let _ = tx.send(());
+                    }
                 }
-                Item::Flush(tx) => {
-                    q.items.push_front(Item::Flush(tx));
+                Item::Flush(tx, since) => {
+                    q.items.push_front(Item::Flush(tx, since));
                     break;
                 }
                 Item::Settle(s) => {
@@ -201,8 +209,17 @@ impl Writer {
         }
         let mut q = self.queue.lock();
         for item in q.items.iter_mut() {
-            if let Item::Settle(s) = item {
-                overdue(&mut s.waiter, s.since);
+            match item {
+                Item::Settle(s) => overdue(&mut s.waiter, s.since),
+                Item::Flush(tx, since) if now.duration_since(*since) >= FLUSH_WAIT => {
+                    if let Some(tx) = tx.take() {
+                        tracing::error!(
+                            "PostgreSQL at {server} does not answer: a flush gives up waiting; the charges before it stay queued"
+                        );
+                        let _ = tx.send(());
+                    }
+                }
+                Item::Flush(..) => {}
             }
         }
     }
