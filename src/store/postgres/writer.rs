@@ -22,14 +22,18 @@ const FLUSH_WAIT: Duration = Duration::from_secs(if cfg!(test) { 2 } else { 30 }
 
 type Waiter = oneshot::Sender<Result<bool, StoreError>>;
 
-/// A settlement's waiter (if any) and when it was queued.
-type Waiting = (Option<Waiter>, Instant);
+/// A settlement's waiter (if any), when it was queued, and whether its reservation
+/// counts in its key's account here.
+struct Waiting {
+    waiter: Option<Waiter>,
+    since: Instant,
+    counted: bool,
+}
 
 /// A queued settlement.
 struct Queued {
     settlement: Box<Settlement>,
-    waiter: Option<Waiter>,
-    since: Instant,
+    meta: Waiting,
 }
 
 enum Item {
@@ -99,13 +103,20 @@ impl Writer {
             }
             return rx;
         }
-        if let Some(cell) = shared.existing(&s.key_id) {
-            cell.state.lock().queue_settling(reserved);
-        }
+        let counted = match shared.existing(&s.key_id) {
+            Some(cell) => {
+                cell.state.lock().queue_settling(reserved);
+                true
+            }
+            None => false,
+        };
         q.items.push_back(Item::Settle(Queued {
             settlement: Box::new(s),
-            waiter: tx,
-            since: Instant::now(),
+            meta: Waiting {
+                waiter: tx,
+                since: Instant::now(),
+                counted,
+            },
         }));
         drop(q);
         self.wake.notify_one();
@@ -204,13 +215,13 @@ impl Writer {
                 }
             }
         };
-        for (w, since) in waiters.iter_mut() {
-            overdue(w, *since);
+        for w in waiters.iter_mut() {
+            overdue(&mut w.waiter, w.since);
         }
         let mut q = self.queue.lock();
         for item in q.items.iter_mut() {
             match item {
-                Item::Settle(s) => overdue(&mut s.waiter, s.since),
+                Item::Settle(s) => overdue(&mut s.meta.waiter, s.meta.since),
                 Item::Flush(tx, since) if now.duration_since(*since) >= FLUSH_WAIT => {
                     if let Some(tx) = tx.take() {
                         tracing::error!(
@@ -261,10 +272,8 @@ struct Committed {
 /// Commits a batch, retrying until it commits; a batch PostgreSQL refuses is
 /// committed one settlement at a time, and the one at fault is refused alone.
 async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
-    let (batch, mut waiters): (Vec<Box<Settlement>>, Vec<Waiting>) = batch
-        .into_iter()
-        .map(|q| (q.settlement, (q.waiter, q.since)))
-        .unzip();
+    let (batch, mut waiters): (Vec<Box<Settlement>>, Vec<Waiting>) =
+        batch.into_iter().map(|q| (q.settlement, q.meta)).unzip();
     // Each request id once per statement; a repeat is answered `false` after it.
     let mut seen = HashSet::with_capacity(batch.len());
     let first: Vec<bool> = batch
@@ -273,14 +282,16 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
         .collect();
     let mut in_statement: PerKey<Amounts> = PerKey::default();
     let mut all: PerKey<Amounts> = PerKey::default();
-    for (s, first) in batch.iter().zip(&first) {
+    for ((s, first), w) in batch.iter().zip(&first).zip(&waiters) {
         let r = Amounts::of(s.reserved);
         let add = |m: &mut PerKey<Amounts>| {
             let e = m.entry(s.key_id.clone()).or_default();
             e.money = e.money.saturating_add(r.money);
             e.tokens = e.tokens.saturating_add(r.tokens);
         };
-        add(&mut all);
+        if w.counted {
+            add(&mut all);
+        }
         if *first {
             add(&mut in_statement);
         }
@@ -318,9 +329,29 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
         }
     };
     drop(rows);
-    for key_id in in_statement.keys() {
+    // Per key, under its lock at once: the statement is answered, the lease is what
+    // PostgreSQL says, and the holds of the settled requests end.
+    let leases: PerKey<(Amounts, i64)> = match &outcome {
+        Ok(c) => c
+            .leases
+            .iter()
+            .map(|(k, l, v)| (k.clone(), (*l, *v)))
+            .collect(),
+        Err(_) => PerKey::default(),
+    };
+    let keys: HashSet<&String> = in_statement.keys().chain(all.keys()).collect();
+    for key_id in keys {
         if let Some(cell) = shared.existing(key_id) {
-            cell.state.lock().settled_statement(id);
+            let mut a = cell.state.lock();
+            a.settled_statement(id);
+            if let Some((lease, ver)) = leases.get(key_id) {
+                a.observe(*ver, *lease);
+            }
+            if outcome.is_ok() {
+                if let Some(r) = all.get(key_id) {
+                    a.end_settling(*r);
+                }
+            }
         }
     }
     match outcome {
@@ -331,18 +362,8 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
                     batch.len()
                 );
             }
-            for (key_id, lease, ver) in &committed.leases {
-                if let Some(cell) = shared.existing(key_id) {
-                    cell.state.lock().observe(*ver, *lease);
-                }
-            }
-            for (key_id, r) in &all {
-                if let Some(cell) = shared.existing(key_id) {
-                    cell.state.lock().end_settling(*r);
-                }
-            }
-            for ((s, first), (w, _)) in batch.iter().zip(first).zip(waiters) {
-                if let Some(w) = w {
+            for ((s, first), w) in batch.iter().zip(first).zip(waiters) {
+                if let Some(w) = w.waiter {
                     let charged = first && committed.inserted.contains(&s.generation.id);
                     let _ = w.send(Ok(charged));
                 }
@@ -353,25 +374,21 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
                 "PostgreSQL refused a batch of {} settlements ({e}); committing them one by one",
                 batch.len()
             );
-            for (settlement, (waiter, since)) in batch.into_iter().zip(waiters) {
-                let one = Queued {
-                    settlement,
-                    waiter,
-                    since,
-                };
+            for (settlement, meta) in batch.into_iter().zip(waiters) {
+                let one = Queued { settlement, meta };
                 Box::pin(commit(shared, vec![one])).await;
             }
         }
         Err(e) => {
-            for (s, (w, _)) in batch.iter().zip(waiters) {
+            for (s, w) in batch.iter().zip(waiters) {
                 tracing::error!(
                     "ledger: settlement {} refused, not charged: {e}",
                     s.generation.id
                 );
-                if let Some(cell) = shared.existing(&s.key_id) {
+                if let Some(cell) = shared.existing(&s.key_id).filter(|_| w.counted) {
                     cell.state.lock().end_settling(Amounts::of(s.reserved));
                 }
-                if let Some(w) = w {
+                if let Some(w) = w.waiter {
                     let _ = w.send(Err(StoreError(format!("settlement refused: {e}"))));
                 }
             }
