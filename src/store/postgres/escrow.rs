@@ -434,23 +434,37 @@ impl Shared {
                 "SELECT * FROM sb_lease($1, $2, $3, $4, $5, $6, $7)",
             )
             .await?;
-        self.count(Op::Lease);
         let ttl_ms = self.ttl.as_millis() as i64;
-        let row = client
-            .query_opt(
-                &stmt,
-                &[
-                    &key_id,
-                    &self.instance,
-                    &need.money,
-                    &headroom.money,
-                    &need.tokens,
-                    &headroom.tokens,
-                    &ttl_ms,
-                ],
-            )
-            .await
-            .map_err(|e| self.error(e))?;
+        let mut tries = 0;
+        let row = loop {
+            self.count(Op::Lease);
+            let answer = client
+                .query_opt(
+                    &stmt,
+                    &[
+                        &key_id,
+                        &self.instance,
+                        &need.money,
+                        &headroom.money,
+                        &need.tokens,
+                        &headroom.tokens,
+                        &ttl_ms,
+                    ],
+                )
+                .await;
+            match answer {
+                Ok(row) => break row,
+                // Met another transaction (a deadlock PostgreSQL broke): again.
+                Err(e)
+                    if tries < 3
+                        && e.code()
+                            .is_some_and(|c| c.code() == "40P01" || c.code() == "40001") =>
+                {
+                    tries += 1;
+                }
+                Err(e) => return Err(self.error(e)),
+            }
+        };
         self.mark_up();
         let Some(r) = row else {
             return Ok(None);

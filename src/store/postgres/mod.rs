@@ -37,8 +37,9 @@
 //!   a round trip: exact, and slow only when the money is nearly gone). A refusal
 //!   that the other instances' leases could lift sends them a notification
 //!   (`sb_lease_pressure`): each gives back what it does not use, and the slow path
-//!   asks again for about 0.6 s before refusing. So a request is refused only when
-//!   `cap − spent − what other instances have in use` cannot hold it. Concurrent
+//!   asks again for about 0.6 s before refusing (for a second after that, refusals of
+//!   the key are at once). So a request is refused only when `cap − spent − what
+//!   other instances have in use` cannot hold it. Concurrent
 //!   slow paths of one key in one instance take turns: the next one first checks
 //!   whether the previous round trip made room.
 //! - **Validity.** `t0` is taken before the lease statement is sent, and the lease is
