@@ -120,10 +120,16 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `sqlite://PATH` (or `sqlite::memory:` for tests).
+    /// `sqlite://PATH` (or `sqlite::memory:` for tests), or `postgres://…` /
+    /// `postgresql://…` for a database shared by several gateways (SPEC §6).
     pub url: String,
-    /// `normal` survives a process crash; `full` also power loss.
+    /// `normal` survives a process crash; `full` also power loss (SQLite).
     pub sync: SyncMode,
+    /// PostgreSQL: what an instance that died had reserved is released after this
+    /// (its leases expire); 1 to 3600.
+    pub reservation_ttl_secs: u64,
+    /// PostgreSQL: connections in each instance's pool; 1 to 1000.
+    pub pool_size: u32,
 }
 
 impl Default for StoreConfig {
@@ -131,6 +137,8 @@ impl Default for StoreConfig {
         StoreConfig {
             url: "sqlite://switchboard.db".into(),
             sync: SyncMode::Normal,
+            reservation_ttl_secs: 30,
+            pool_size: 16,
         }
     }
 }
@@ -585,10 +593,31 @@ impl Config {
         if self.server.max_connections == 0 {
             bad("server.max_connections".into(), "must be at least 1".into());
         }
-        if !(self.store.url.starts_with("sqlite://") || self.store.url == "sqlite::memory:") {
+        if !(self.store.url.starts_with("sqlite://")
+            || self.store.url == "sqlite::memory:"
+            || crate::store::is_postgres_url(&self.store.url))
+        {
             bad(
                 "store.url".into(),
-                format!("`{}` is not supported; use sqlite://PATH", self.store.url),
+                format!(
+                    "`{}` is not supported; use sqlite://PATH or postgres://USER@HOST:PORT/DATABASE",
+                    self.store.url
+                ),
+            );
+        }
+        if !(1..=3600).contains(&self.store.reservation_ttl_secs) {
+            bad(
+                "store.reservation_ttl_secs".into(),
+                format!(
+                    "must be between 1 and 3600 seconds, got {}",
+                    self.store.reservation_ttl_secs
+                ),
+            );
+        }
+        if !(1..=1000).contains(&self.store.pool_size) {
+            bad(
+                "store.pool_size".into(),
+                format!("must be between 1 and 1000, got {}", self.store.pool_size),
             );
         }
         if self.health.failure_threshold == 0 {

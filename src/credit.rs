@@ -14,7 +14,11 @@
 //! 402 `insufficient_credits` when the key's credits or `limit_usd` remaining (after
 //! what requests in flight hold) cannot cover the money, and with 429 until the next
 //! UTC midnight when its `tokens_per_day` cannot hold today's tokens, those held in
-//! flight and this request's.
+//! flight and this request's. The ledger usually decides at once, in memory, and the
+//! inner service is called right away; a shared store
+//! ([`PgStore`](crate::store::PgStore)) may first need a round trip (its
+//! [`Admission`](crate::store::Admission) is then a future), and the inner service is
+//! called once it is granted.
 //!
 //! The charge never exceeds the reservation, whatever an upstream reports: the
 //! reservation is recorded in the [`CallContext`] before any upstream is called,
@@ -227,27 +231,56 @@ fn cost_bound(p: &Pricing, prompt: u64, completion: u64) -> Money {
         .unwrap_or(Money::from_pico(i64::MAX))
 }
 
-/// Admission: the reservation (money and tokens), recorded in the context so that
-/// metering caps the charge at it.
-fn admit(ledger: &Arc<dyn Ledger>, call: &ChatCall) -> Result<Option<Charge>, GatewayError> {
-    let Some(key) = call.ctx.key() else {
-        return Ok(None);
-    };
-    let hold = reservation_for(&call.request, &call.plan);
-    ledger.reserve(key, hold)?;
+/// The hold taken for a call by admission, recorded in the context so that metering
+/// caps the charge at it.
+fn charge_for(
+    ledger: &Arc<dyn Ledger>,
+    key_id: String,
+    hold: Reservation,
+    call: &ChatCall,
+) -> Charge {
     call.ctx.set_reservation(hold);
-    Ok(Some(Charge {
+    Charge {
         ledger: ledger.clone(),
-        key_id: key.id.clone(),
+        key_id,
         reserved: hold,
         ctx: call.ctx.clone(),
         done: false,
-    }))
+    }
+}
+
+/// Waits for the reply; wraps its chunks so that the charge settles before the end.
+async fn respond<F>(reply: F, charge: Option<Charge>) -> Result<ChatReply, GatewayError>
+where
+    F: std::future::Future<Output = Result<ChatReply, GatewayError>>,
+{
+    // `charge` lives in this future: dropped before a reply, it releases.
+    match reply.await {
+        Ok(reply) => Ok(match charge {
+            Some(charge) => ChatReply {
+                endpoint: reply.endpoint,
+                chunks: Box::pin(Settling {
+                    inner: Some(reply.chunks),
+                    charge: Some(charge),
+                    commit: None,
+                    error: None,
+                    finished: false,
+                }),
+            },
+            None => reply,
+        }),
+        Err(e) => {
+            if let Some(c) = charge {
+                c.release();
+            }
+            Err(e)
+        }
+    }
 }
 
 impl<S> Service<ChatCall> for Credit<S>
 where
-    S: Service<ChatCall, Response = ChatReply, Error = GatewayError>,
+    S: Service<ChatCall, Response = ChatReply, Error = GatewayError> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = ChatReply;
@@ -258,43 +291,43 @@ where
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Admission is synchronous and `inner` is called at once in `call`.
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, call: ChatCall) -> Self::Future {
-        let charge = match admit(&self.ledger, &call) {
-            Ok(c) => c,
-            Err(e) => return Either::Left(future::ready(Err(e))),
+        let Some(key) = call.ctx.key() else {
+            // No key (no AuthLayer in front): passes uncharged.
+            return Either::Right(respond(self.inner.call(call), None).boxed());
         };
-        let reply = self.inner.call(call);
-        Either::Right(
-            async move {
-                // `charge` lives in this future: dropped before a reply, it releases.
-                match reply.await {
-                    Ok(reply) => Ok(match charge {
-                        Some(charge) => ChatReply {
-                            endpoint: reply.endpoint,
-                            chunks: Box::pin(Settling {
-                                inner: Some(reply.chunks),
-                                charge: Some(charge),
-                                commit: None,
-                                error: None,
-                                finished: false,
-                            }),
-                        },
-                        None => reply,
-                    }),
-                    Err(e) => {
-                        if let Some(c) = charge {
-                            c.release();
-                        }
-                        Err(e)
-                    }
+        let hold = reservation_for(&call.request, &call.plan);
+        match self.ledger.reserve(key, hold) {
+            // Decided in memory (the hot path): `inner` is called here and now.
+            Either::Left(ready) => match ready.into_inner() {
+                Ok(()) => {
+                    let charge = charge_for(&self.ledger, key.id.clone(), hold, &call);
+                    Either::Right(respond(self.inner.call(call), Some(charge)).boxed())
                 }
+                Err(e) => Either::Left(future::ready(Err(e))),
+            },
+            // The ledger has to ask its store first. `inner` is called after that, in
+            // the future: take the service we readied and leave a clone in its place
+            // (tower-service's "be careful when cloning inner services").
+            Either::Right(admission) => {
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let ledger = self.ledger.clone();
+                let key_id = key.id.clone();
+                Either::Right(
+                    async move {
+                        admission.await?;
+                        // Nothing awaits between the hold and the charge that owns it.
+                        let charge = charge_for(&ledger, key_id, hold, &call);
+                        respond(inner.call(call), Some(charge)).await
+                    }
+                    .boxed(),
+                )
             }
-            .boxed(),
-        )
+        }
     }
 }
 
@@ -412,10 +445,18 @@ impl Stream for Settling {
                 this.commit = None;
                 if let Err(e) = result {
                     tracing::error!("could not commit a charge: {e}");
-                    this.error.get_or_insert(GatewayError::Internal(
-                        "the gateway could not record this request's charge; it was not charged"
-                            .into(),
-                    ));
+                    this.error.get_or_insert(if e.is_unavailable() {
+                        // A shared store keeps the charge queued until it commits.
+                        GatewayError::StoreUnavailable(
+                            "the gateway's store did not confirm this request's charge in time; it stays queued and will be recorded"
+                                .into(),
+                        )
+                    } else {
+                        GatewayError::Internal(
+                            "the gateway could not record this request's charge; it was not charged"
+                                .into(),
+                        )
+                    });
                 }
             }
             if this.finished {

@@ -95,6 +95,10 @@ pub enum GatewayError {
     /// refused. Not in SPEC §3.2's table (`overloaded`).
     #[error("{0}")]
     Overloaded(String),
+    /// 503: the shared store (PostgreSQL) does not answer; nothing is served that
+    /// might not be charged (SPEC §6).
+    #[error("{0}")]
+    StoreUnavailable(String),
 }
 
 impl GatewayError {
@@ -117,6 +121,7 @@ impl GatewayError {
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -147,6 +152,7 @@ impl GatewayError {
             Internal(_) => "internal_error",
             RequestTimeout(_) => "request_timeout",
             Overloaded(_) => "overloaded",
+            StoreUnavailable(_) => "store_unavailable",
         }
     }
 

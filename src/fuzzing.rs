@@ -285,6 +285,7 @@ pub fn journal_replay(data: &[u8]) {
     let config = StoreConfig {
         url: format!("sqlite://{}", db.display()),
         sync: SyncMode::Normal,
+        ..Default::default()
     };
     let id = {
         let store = SqliteStore::open(&config).expect("a fresh store opens");

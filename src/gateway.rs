@@ -57,7 +57,7 @@ use crate::normalize::NormalizeLayer;
 use crate::providers::ProviderClient;
 use crate::rate_limit::RateLimitLayer;
 use crate::route::RouteLayer;
-use crate::store::{KeyStore, Ledger, SqliteStore, StoreError};
+use crate::store::{KeyChange, KeyStore, Ledger, PgStore, SqliteStore, StoreError};
 
 mod conn;
 
@@ -125,8 +125,9 @@ impl GatewayBuilder {
         self
     }
 
-    /// A store of your own for keys and the ledger (default: the SQLite store that
-    /// `[store].url` names, opened at `build`, with the `[[keys]]` upserted).
+    /// A store of your own for keys and the ledger (default: the store that
+    /// `[store].url` names, SQLite or PostgreSQL, opened at `build`, with the
+    /// `[[keys]]` upserted).
     pub fn store<S: KeyStore + Ledger>(mut self, store: Arc<S>) -> Self {
         self.store = Some((store.clone(), store));
         self
@@ -158,6 +159,12 @@ impl GatewayBuilder {
         crate::telemetry::install();
         let (keys, ledger) = match self.store {
             Some(s) => s,
+            // Shared by any number of gateways (SPEC §6).
+            None if crate::store::is_postgres_url(&config.store.url) => {
+                let store = PgStore::open(&config.store)?;
+                store.bootstrap(&config.keys)?;
+                (store.clone() as Arc<dyn KeyStore>, store as Arc<dyn Ledger>)
+            }
             None => {
                 let store = SqliteStore::open(&config.store)?;
                 if !store.owns_ledger() {
@@ -173,6 +180,11 @@ impl GatewayBuilder {
             }
         };
         let auth = AuthLayer::new(keys.clone());
+        let follows_changes = keys.changes().map(|changes| {
+            let anchor = Arc::new(auth.clone());
+            forget_on_change(changes, Arc::downgrade(&anchor));
+            anchor
+        });
         let admin_token = std::env::var(&config.admin.token_env)
             .ok()
             .filter(|t| !t.is_empty())
@@ -254,6 +266,7 @@ impl GatewayBuilder {
             catalog,
             chat: BoxCloneSyncService::new(chat),
             logs,
+            _follows_changes: follows_changes,
             accounts: AccountState {
                 keys,
                 ledger,
@@ -265,6 +278,36 @@ impl GatewayBuilder {
     }
 }
 
+/// Empties the auth cache (records and unknown secrets alike) on every key change
+/// made elsewhere, so a key created, disabled or changed on another instance counts
+/// here at once; stops when the store or the gateway is gone. A thread of its own:
+/// `build` may run with or without a runtime. It holds the auth layer weakly (the
+/// layer holds the store, whose drop ends `changes`).
+fn forget_on_change(
+    mut changes: tokio::sync::broadcast::Receiver<KeyChange>,
+    auth: std::sync::Weak<AuthLayer>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("switchboard-key-changes".into())
+        .spawn(move || loop {
+            match changes.blocking_recv() {
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    match auth.upgrade() {
+                        Some(auth) => auth.invalidate_all(),
+                        None => return,
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(
+            "cannot follow key changes made elsewhere ({e}); they count here within {} s",
+            crate::auth::DEFAULT_TTL.as_secs()
+        );
+    }
+}
+
 /// A built gateway: config, catalog, and the assembled chat service.
 #[derive(Clone)]
 pub struct Gateway {
@@ -272,6 +315,8 @@ pub struct Gateway {
     catalog: Arc<Catalog>,
     chat: ChatService,
     logs: LogWriter,
+    /// What the key-change thread holds weakly (see `forget_on_change`).
+    _follows_changes: Option<Arc<AuthLayer>>,
     accounts: AccountState,
 }
 

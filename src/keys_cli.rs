@@ -9,8 +9,7 @@ use switchboard::accounts::validate_new_key;
 use switchboard::config::Config;
 use switchboard::money::Money;
 use switchboard::store::{
-    credits_after_top_up, hash_secret, new_secret, KeyPatch, KeyStore, Ledger, NewKey, SqliteStore,
-    StoredKey,
+    credits_after_top_up, hash_secret, new_secret, KeyPatch, NewKey, StoredKey,
 };
 
 #[derive(Subcommand)]
@@ -85,13 +84,15 @@ fn runtime(e: impl std::fmt::Display) -> ExitCode {
 }
 
 pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
-    let store = match SqliteStore::open(&config.store) {
+    // SQLite or PostgreSQL, as `[store].url` says.
+    let opened = match switchboard::store::open(&config.store) {
         Ok(s) => s,
         Err(e) => return runtime(e),
     };
-    if let Err(e) = store.bootstrap(&config.keys) {
+    if let Err(e) = opened.bootstrap(&config.keys) {
         return runtime(e);
     }
+    let (store, ledger) = (opened.keys(), opened.ledger());
     match command {
         KeysCommand::Create {
             credits,
@@ -155,7 +156,7 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
                 eprintln!("switchboard: cannot top up `{id}`: {m}");
                 return ExitCode::from(1);
             }
-            match store.top_up(&id, usd) {
+            match ledger.top_up(&id, usd) {
                 Ok(Some(b)) => {
                     println!(
                         "{id}: credits={} usage={} remaining={}",

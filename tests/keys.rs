@@ -681,7 +681,6 @@ struct Flaky {
 mod flaky_impl {
     use super::Flaky;
     use futures_util::future::BoxFuture;
-    use switchboard::error::GatewayError;
     use switchboard::keys::KeyRecord;
     use switchboard::money::Money;
     use switchboard::store::*;
@@ -711,8 +710,8 @@ mod flaky_impl {
     }
 
     impl Ledger for Flaky {
-        fn reserve(&self, k: &KeyRecord, a: Reservation) -> Result<(), GatewayError> {
-            self.inner.reserve(k, a)
+        fn reserve(&self, k: &KeyRecord, a: Reservation) -> switchboard::store::Admission {
+            Ledger::reserve(&*self.inner, k, a)
         }
         fn release(&self, id: &str, a: Reservation) {
             self.inner.release(id, a)

@@ -74,7 +74,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either, Ready};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -82,8 +82,10 @@ use crate::error::GatewayError;
 use crate::keys::KeyRecord;
 use crate::money::Money;
 
+pub mod postgres;
 mod sqlite;
 
+pub use postgres::PgStore;
 pub(crate) use sqlite::schema;
 pub use sqlite::SqliteStore;
 
@@ -164,10 +166,26 @@ pub(crate) fn create_private(path: &std::path::Path) -> std::io::Result<()> {
     }
 }
 
-/// A store failure (disk, corruption, a broken writer).
+/// A store failure (disk, corruption, a broken writer, a server that does not answer).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("store: {0}")]
 pub struct StoreError(pub String);
+
+/// How the message of an [unavailable](StoreError::unavailable) store error starts.
+const UNAVAILABLE: &str = "unavailable: ";
+
+impl StoreError {
+    /// The store's server does not answer (or not in time): requests get 503
+    /// `store_unavailable` ([`GatewayError::StoreUnavailable`]) instead of 500.
+    pub fn unavailable(why: impl std::fmt::Display) -> Self {
+        StoreError(format!("{UNAVAILABLE}{why}"))
+    }
+
+    /// Whether this is an [unavailable](StoreError::unavailable) error.
+    pub fn is_unavailable(&self) -> bool {
+        self.0.starts_with(UNAVAILABLE)
+    }
+}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
@@ -177,7 +195,12 @@ impl From<rusqlite::Error> for StoreError {
 
 impl From<StoreError> for GatewayError {
     fn from(e: StoreError) -> Self {
-        GatewayError::Internal(e.to_string())
+        match e.0.strip_prefix(UNAVAILABLE) {
+            Some(why) => GatewayError::StoreUnavailable(format!(
+                "the gateway's store is unavailable ({why}); try again shortly"
+            )),
+            None => GatewayError::Internal(e.to_string()),
+        }
     }
 }
 
@@ -341,6 +364,22 @@ pub trait KeyStore: Send + Sync + 'static {
     fn update(&self, id: &str, patch: &KeyPatch) -> Result<Option<StoredKey>, StoreError>;
     /// Whether the store answers (for `/readyz`).
     fn ping(&self) -> Result<(), StoreError>;
+    /// Key changes made by any process on this store (other instances, the CLI), for
+    /// stores shared by several gateways: the gateway forgets its cached records on
+    /// each one. `None` (the default) when only this process changes keys.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<KeyChange>> {
+        None
+    }
+}
+
+/// A key changed somewhere (see [`KeyStore::changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyChange {
+    /// This key was created, changed or topped up.
+    Key(String),
+    /// Any key may have changed (changes may have been missed, e.g. while the
+    /// store's connection was down).
+    All,
 }
 
 /// A key's money as the ledger holds it.
@@ -446,11 +485,23 @@ pub struct Settlement {
     pub generation: Generation,
 }
 
+/// What [`Ledger::reserve`] answers: ready at once when admission is decided in
+/// memory (`Either::Left`, no allocation: the hot path), or a future when it needs the
+/// store (`Either::Right`, e.g. [`PgStore`] asking PostgreSQL for a larger lease).
+pub type Admission =
+    Either<Ready<Result<(), GatewayError>>, BoxFuture<'static, Result<(), GatewayError>>>;
+
+/// An [`Admission`] decided already.
+pub fn admitted(result: Result<(), GatewayError>) -> Admission {
+    Either::Left(futures_util::future::ready(result))
+}
+
 /// What keys hold and spend: reservations in memory, settlements committed durably.
 ///
-/// `reserve`, `release`, `balance` and `tokens_today` work on the in-memory
-/// accounts (they may read the store on a key's first use, or to re-read credits
-/// before refusing); `settle` resolves once the charge is durably committed.
+/// `reserve` decides in memory when it can (its [`Admission`] is then ready at once)
+/// and may wait for the store otherwise; `release` never waits; `balance` and
+/// `tokens_today` read the accounts or the store; `settle` resolves once the charge
+/// is durably committed.
 ///
 /// A [`Reservation`] holds money and tokens: `reserve` refuses with 402 when the
 /// money does not fit, and with 429 when the key's `tokens_per_day` cannot hold
@@ -465,7 +516,7 @@ pub struct Settlement {
 /// use switchboard::error::GatewayError;
 /// use switchboard::keys::KeyRecord;
 /// use switchboard::money::Money;
-/// use switchboard::store::{Balance, Generation, Ledger, Reservation, Settlement, StoreError};
+/// use switchboard::store::{admitted, Admission, Balance, Generation, Ledger, Reservation, Settlement, StoreError};
 ///
 /// #[derive(Default)]
 /// struct MemoryLedger {
@@ -473,8 +524,8 @@ pub struct Settlement {
 ///     rows: Mutex<HashMap<String, Generation>>,
 /// }
 ///
-/// impl Ledger for MemoryLedger {
-///     fn reserve(&self, key: &KeyRecord, hold: Reservation) -> Result<(), GatewayError> {
+/// impl MemoryLedger {
+///     fn hold(&self, key: &KeyRecord, hold: Reservation) -> Result<(), GatewayError> {
 ///         let mut map = self.accounts.lock().unwrap();
 ///         let (b, today) = map.entry(key.id.clone()).or_default();
 ///         if key.tokens_per_day.is_some_and(|l| *today + b.reserved_tokens + hold.tokens > l) {
@@ -489,6 +540,13 @@ pub struct Settlement {
 ///         b.reserved = b.reserved + hold.amount;
 ///         b.reserved_tokens += hold.tokens;
 ///         Ok(())
+///     }
+/// }
+///
+/// impl Ledger for MemoryLedger {
+///     fn reserve(&self, key: &KeyRecord, hold: Reservation) -> Admission {
+///         // Decided in memory: ready at once.
+///         admitted(self.hold(key, hold))
 ///     }
 ///     fn release(&self, key_id: &str, hold: Reservation) {
 ///         if let Some((b, _)) = self.accounts.lock().unwrap().get_mut(key_id) {
@@ -538,11 +596,13 @@ pub struct Settlement {
 /// alice.tokens_per_day = Some(1_000);
 /// ledger.top_up("key_1", "1".parse().unwrap()).unwrap();
 /// let hold = |usd: &str, tokens| Reservation { amount: usd.parse().unwrap(), tokens };
-/// ledger.reserve(&alice, hold("0.75", 600)).unwrap();
-/// let err = ledger.reserve(&alice, hold("0.5", 100)).unwrap_err();
+/// // Ready at once: `now_or_never` takes the answer without a runtime.
+/// let reserve = |h| ledger.reserve(&alice, h).now_or_never().expect("decided in memory");
+/// reserve(hold("0.75", 600)).unwrap();
+/// let err = reserve(hold("0.5", 100)).unwrap_err();
 /// assert_eq!(err.code(), "insufficient_credits");
 /// // Money would fit, tokens would not: 600 held + 500 > 1,000 a day.
-/// let err = ledger.reserve(&alice, hold("0.1", 500)).unwrap_err();
+/// let err = reserve(hold("0.1", 500)).unwrap_err();
 /// assert_eq!(err.code(), "rate_limited");
 /// ```
 pub trait Ledger: Send + Sync + 'static {
@@ -550,8 +610,14 @@ pub trait Ledger: Send + Sync + 'static {
     /// `Retry-After` to UTC midnight) when the key's `tokens_per_day` cannot hold
     /// today's tokens, the tokens held by requests in flight and `hold.tokens`
     /// together; 402 `insufficient_credits` when credits or `limit_usd` remaining
-    /// (after what requests in flight hold) cannot cover `hold.amount`.
-    fn reserve(&self, key: &KeyRecord, hold: Reservation) -> Result<(), GatewayError>;
+    /// (after what requests in flight hold) cannot cover `hold.amount`; 503
+    /// `store_unavailable` when a shared store does not answer.
+    ///
+    /// The [`Admission`] is ready at once when the ledger decides in memory (always
+    /// for [`SqliteStore`], on the fast path for [`PgStore`]); otherwise it resolves
+    /// after a store round trip. A hold is taken only when it resolves `Ok`: dropping
+    /// it before then holds nothing.
+    fn reserve(&self, key: &KeyRecord, hold: Reservation) -> Admission;
     /// Gives back a reservation that will not be settled.
     fn release(&self, key_id: &str, hold: Reservation);
     /// Commits a settlement durably and then releases its reservation; resolves to
@@ -569,4 +635,66 @@ pub trait Ledger: Send + Sync + 'static {
     fn top_up(&self, key_id: &str, amount: Money) -> Result<Option<Balance>, StoreError>;
     /// One settled request's stats.
     fn generation(&self, id: &str) -> Result<Option<Generation>, StoreError>;
+}
+
+/// Whether a `[store].url` names PostgreSQL (`postgres://…` or `postgresql://…`).
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// A store opened from `[store].url` by [`open`]: the embedded SQLite file, or a
+/// PostgreSQL database shared by any number of gateways.
+#[derive(Debug, Clone)]
+pub enum AnyStore {
+    /// `sqlite://PATH` or `sqlite::memory:`.
+    Sqlite(std::sync::Arc<SqliteStore>),
+    /// `postgres://…` or `postgresql://…`.
+    Postgres(std::sync::Arc<PgStore>),
+}
+
+impl AnyStore {
+    /// The store as a [`KeyStore`].
+    pub fn keys(&self) -> std::sync::Arc<dyn KeyStore> {
+        match self {
+            AnyStore::Sqlite(s) => s.clone(),
+            AnyStore::Postgres(s) => s.clone(),
+        }
+    }
+
+    /// The store as a [`Ledger`].
+    pub fn ledger(&self) -> std::sync::Arc<dyn Ledger> {
+        match self {
+            AnyStore::Sqlite(s) => s.clone(),
+            AnyStore::Postgres(s) => s.clone(),
+        }
+    }
+
+    /// Upserts the bootstrap `[[keys]]` of a config ([`SqliteStore::bootstrap`],
+    /// [`PgStore::bootstrap`]: the same rules).
+    pub fn bootstrap(&self, keys: &[crate::config::KeyConfig]) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.bootstrap(keys),
+            AnyStore::Postgres(s) => s.bootstrap(keys),
+        }
+    }
+}
+
+/// Opens the store `config.url` names: [`PgStore`] for a PostgreSQL URL, else
+/// [`SqliteStore`].
+///
+/// # Example
+/// ```
+/// use switchboard::config::StoreConfig;
+/// use switchboard::store::{open, AnyStore, KeyStore};
+///
+/// let store = open(&StoreConfig { url: "sqlite::memory:".into(), ..Default::default() }).unwrap();
+/// assert!(matches!(store, AnyStore::Sqlite(_)));
+/// assert!(store.keys().list().unwrap().is_empty());
+/// ```
+pub fn open(config: &crate::config::StoreConfig) -> Result<AnyStore, StoreError> {
+    if is_postgres_url(&config.url) {
+        PgStore::open(config).map(AnyStore::Postgres)
+    } else {
+        SqliteStore::open(config).map(AnyStore::Sqlite)
+    }
 }

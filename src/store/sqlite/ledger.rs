@@ -17,8 +17,9 @@ use crate::store::{
     utc_day, Balance, Generation, GenerationAttempt, Ledger, Reservation, Settlement, StoreError,
 };
 
-impl Ledger for SqliteStore {
-    fn reserve(&self, key: &KeyRecord, hold: Reservation) -> Result<(), GatewayError> {
+impl SqliteStore {
+    /// [`Ledger::reserve`], decided here and now (the accounts are in memory).
+    pub fn reserve(&self, key: &KeyRecord, hold: Reservation) -> Result<(), GatewayError> {
         let acc = self.account(&key.id)?;
         match Self::try_reserve(&acc, key, hold) {
             Err(GatewayError::InsufficientCredits(_)) => {
@@ -30,6 +31,12 @@ impl Ledger for SqliteStore {
             }
             other => other,
         }
+    }
+}
+
+impl Ledger for SqliteStore {
+    fn reserve(&self, key: &KeyRecord, hold: Reservation) -> crate::store::Admission {
+        crate::store::admitted(SqliteStore::reserve(self, key, hold))
     }
 
     fn release(&self, key_id: &str, hold: Reservation) {

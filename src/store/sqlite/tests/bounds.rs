@@ -21,6 +21,7 @@ fn open_at(path: &Path) -> Result<Arc<SqliteStore>, StoreError> {
     SqliteStore::open(&StoreConfig {
         url: format!("sqlite://{}", path.display()),
         sync: SyncMode::Normal,
+        ..Default::default()
     })
 }
 

@@ -27,6 +27,7 @@ fn file_store(dir: &Path) -> Arc<SqliteStore> {
     SqliteStore::open(&StoreConfig {
         url: format!("sqlite://{}", dir.join("ledger.db").display()),
         sync: SyncMode::Normal,
+        ..Default::default()
     })
     .unwrap()
 }
@@ -35,6 +36,7 @@ fn file_store_at(path: &Path) -> Arc<SqliteStore> {
     SqliteStore::open(&StoreConfig {
         url: format!("sqlite://{}", path.display()),
         sync: SyncMode::Normal,
+        ..Default::default()
     })
     .unwrap()
 }
@@ -383,6 +385,7 @@ fn store_with_reservation(
     let store = SqliteStore::open(&StoreConfig {
         url: format!("sqlite://{}", dir.join("turns.db").display()),
         sync,
+        ..Default::default()
     })
     .unwrap();
     let k = store
@@ -791,6 +794,7 @@ async fn ledger_throughput() {
         let store = SqliteStore::open(&StoreConfig {
             url: format!("sqlite://{}", dir.join(format!("{sync:?}.db")).display()),
             sync,
+            ..Default::default()
         })
         .unwrap();
         let k = store

@@ -1,0 +1,242 @@
+//! The PostgreSQL schema: tables prefixed `sb_`, the two SQL functions the ledger calls
+//! (`sb_lease`, `sb_settle`, and `sb_shrink` for giving leases back), and their
+//! migration at open.
+//!
+//! Migrations run in one transaction under `pg_advisory_xact_lock(`[`LOCK_ID`]`)`:
+//! several instances starting at once wait for each other, and each step is applied
+//! once. `sb_schema_version` records the steps done; a later step (idempotency
+//! records, period counters) is a new entry of [`MIGRATIONS`].
+
+use crate::money::{MAX_CREDITS, MAX_SPENT};
+
+/// The advisory lock held while migrating ("SWITCHBD" in ASCII).
+pub(super) const LOCK_ID: i64 = 0x5357_4954_4348_4244;
+
+/// The schema steps, in order: step `n` brings the database to version `n + 1`.
+pub(super) fn migrations() -> Vec<String> {
+    vec![step_1()]
+}
+
+/// Version 1: keys, leases, settlements; `sb_lease`, `sb_settle`, `sb_shrink`.
+fn step_1() -> String {
+    let max_credits = MAX_CREDITS.pico();
+    let max_spent = MAX_SPENT.pico();
+    format!(
+        r#"
+CREATE TABLE IF NOT EXISTS sb_keys (
+    id             TEXT PRIMARY KEY,
+    n              BIGINT GENERATED ALWAYS AS IDENTITY,
+    secret_sha256  BYTEA NOT NULL UNIQUE,
+    name           TEXT NOT NULL,
+    created        BIGINT NOT NULL,
+    disabled       BOOLEAN NOT NULL DEFAULT false,
+    credits        BIGINT NOT NULL CHECK (credits BETWEEN 0 AND {max_credits}),
+    spent          BIGINT NOT NULL DEFAULT 0 CHECK (spent BETWEEN 0 AND {max_spent}),
+    limit_usd      BIGINT CHECK (limit_usd BETWEEN 0 AND {max_credits}),
+    rpm            INTEGER CHECK (rpm >= 1),
+    tokens_per_day BIGINT CHECK (tokens_per_day >= 0),
+    models         TEXT,
+    tokens_day     BIGINT NOT NULL DEFAULT 0,
+    tokens_used    BIGINT NOT NULL DEFAULT 0 CHECK (tokens_used >= 0)
+);
+
+-- Each instance's escrow on a key: money and tokens it may admit against without
+-- asking, until expires_at (PostgreSQL's clock). ver orders the answers about a row.
+CREATE TABLE IF NOT EXISTS sb_leases (
+    key_id     TEXT NOT NULL,
+    instance   TEXT NOT NULL,
+    amount     BIGINT NOT NULL CHECK (amount >= 0),
+    tokens     BIGINT NOT NULL CHECK (tokens >= 0),
+    ver        BIGINT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (key_id, instance)
+);
+CREATE INDEX IF NOT EXISTS sb_leases_instance ON sb_leases (instance);
+CREATE SEQUENCE IF NOT EXISTS sb_lease_versions;
+
+-- One row per settled request, keyed by the gateway's request id (never twice);
+-- /v1/generation reads it.
+CREATE TABLE IF NOT EXISTS sb_settlements (
+    id                TEXT PRIMARY KEY,
+    key_id            TEXT NOT NULL,
+    cost              BIGINT NOT NULL CHECK (cost >= 0),
+    tokens            BIGINT NOT NULL CHECK (tokens >= 0),
+    model             TEXT NOT NULL,
+    provider          TEXT NOT NULL,
+    streamed          BOOLEAN NOT NULL,
+    prompt_tokens     BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
+    latency_ms        BIGINT NOT NULL,
+    ttft_ms           BIGINT,
+    attempts          TEXT NOT NULL,
+    finish_reason     TEXT,
+    created           BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sb_settlements_key_created ON sb_settlements (key_id, created);
+
+-- Sets this instance's lease on a key to what it needs plus headroom, or refuses.
+-- Under the key's row lock: expired leases of the key are deleted; what is free for
+-- this instance is cap - spent - the other instances' leases (cap = least(credits,
+-- limit_usd)); with free >= need (and the same for tokens against tokens_per_day)
+-- the lease becomes need + least(headroom, (free - need) / 8), never less than it
+-- was, else it stays as it was (ok = false). A refusal that the other instances'
+-- leases could lift asks them to give back what they do not use (pressure = true,
+-- NOTIFY sb_lease_pressure).
+CREATE OR REPLACE FUNCTION sb_lease(
+    p_key TEXT, p_instance TEXT, p_need BIGINT, p_headroom BIGINT,
+    p_need_tokens BIGINT, p_headroom_tokens BIGINT, p_ttl_ms BIGINT)
+RETURNS TABLE (ok BOOLEAN, pressure BOOLEAN, amount BIGINT, tokens BIGINT, ver BIGINT,
+               credits BIGINT, spent BIGINT, limit_usd BIGINT, others BIGINT,
+               tokens_per_day BIGINT, tokens_used BIGINT, others_tokens BIGINT)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    k sb_keys%ROWTYPE;
+    today BIGINT := floor(extract(epoch FROM now()) / 86400)::bigint;
+    mine_amount BIGINT := 0;
+    mine_tokens BIGINT := 0;
+    o NUMERIC;
+    ot NUMERIC;
+    used BIGINT;
+    free NUMERIC;
+    tfree NUMERIC;
+    fits BOOLEAN;
+    new_amount BIGINT;
+    new_tokens BIGINT;
+    v BIGINT;
+BEGIN
+    SELECT * INTO k FROM sb_keys WHERE id = p_key FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    DELETE FROM sb_leases l WHERE l.key_id = p_key AND l.expires_at <= now();
+    SELECT coalesce(sum(l.amount), 0), coalesce(sum(l.tokens), 0) INTO o, ot
+      FROM sb_leases l WHERE l.key_id = p_key AND l.instance <> p_instance;
+    SELECT l.amount, l.tokens INTO mine_amount, mine_tokens
+      FROM sb_leases l WHERE l.key_id = p_key AND l.instance = p_instance;
+    mine_amount := coalesce(mine_amount, 0);
+    mine_tokens := coalesce(mine_tokens, 0);
+    used := CASE WHEN k.tokens_day = today THEN k.tokens_used ELSE 0 END;
+    free := least(k.credits, coalesce(k.limit_usd, k.credits))::numeric - k.spent - o;
+    tfree := CASE WHEN k.tokens_per_day IS NULL THEN NULL
+                  ELSE k.tokens_per_day::numeric - used - ot END;
+    fits := free >= p_need AND (tfree IS NULL OR tfree >= p_need_tokens);
+    v := nextval('sb_lease_versions');
+    IF fits THEN
+        new_amount := greatest(mine_amount, p_need + least(p_headroom::numeric, floor((free - p_need) / 8)));
+        new_tokens := CASE WHEN tfree IS NULL THEN mine_tokens
+            ELSE greatest(mine_tokens, p_need_tokens + least(p_headroom_tokens::numeric, floor((tfree - p_need_tokens) / 8))) END;
+        INSERT INTO sb_leases AS l (key_id, instance, amount, tokens, ver, expires_at)
+        VALUES (p_key, p_instance, new_amount, new_tokens, v, now() + p_ttl_ms * interval '1 millisecond')
+        ON CONFLICT (key_id, instance) DO UPDATE
+            SET amount = excluded.amount, tokens = excluded.tokens, ver = excluded.ver,
+                expires_at = excluded.expires_at;
+        RETURN QUERY SELECT true, false, new_amount, new_tokens, v, k.credits, k.spent,
+            k.limit_usd, o::bigint, k.tokens_per_day, used, ot::bigint;
+    ELSE
+        pressure := (o > 0 OR ot > 0) AND free + o >= p_need
+            AND (tfree IS NULL OR tfree + ot >= p_need_tokens);
+        IF pressure THEN
+            PERFORM pg_notify('sb_lease_pressure', p_key || ' ' || p_instance);
+        END IF;
+        RETURN QUERY SELECT false, pressure, mine_amount, mine_tokens, v, k.credits, k.spent,
+            k.limit_usd, o::bigint, k.tokens_per_day, used, ot::bigint;
+    END IF;
+END
+$fn$;
+
+-- Commits a batch of settlements of one instance: the rows (a request id already
+-- settled is skipped), their cost added to spent and their tokens to the day's
+-- count, and this instance's leases of those keys shrunk by the reservations the
+-- new rows release. Key rows, then lease rows, are locked in key order (no deadlock
+-- with another instance's batch). Returns the ids inserted (kind 'i') and each
+-- changed lease (kind 'l'). The spend CTE runs though nothing reads it.
+CREATE OR REPLACE FUNCTION sb_settle(
+    p_instance TEXT, p_ids TEXT[], p_keys TEXT[], p_costs BIGINT[], p_tokens BIGINT[],
+    p_reserved BIGINT[], p_reserved_tokens BIGINT[], p_models TEXT[], p_providers TEXT[],
+    p_streamed BOOLEAN[], p_prompt BIGINT[], p_completion BIGINT[], p_latency BIGINT[],
+    p_ttft BIGINT[], p_attempts TEXT[], p_finish TEXT[], p_created BIGINT[])
+RETURNS TABLE (kind TEXT, id TEXT, amount BIGINT, tokens BIGINT, ver BIGINT)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    today BIGINT := floor(extract(epoch FROM now()) / 86400)::bigint;
+BEGIN
+    PERFORM 1 FROM sb_keys k WHERE k.id = ANY(p_keys) ORDER BY k.id FOR UPDATE;
+    PERFORM 1 FROM sb_leases l WHERE l.instance = p_instance AND l.key_id = ANY(p_keys)
+      ORDER BY l.key_id FOR UPDATE;
+    RETURN QUERY
+    WITH input AS (
+        SELECT * FROM unnest(p_ids, p_keys, p_costs, p_tokens, p_reserved, p_reserved_tokens,
+                             p_models, p_providers, p_streamed, p_prompt, p_completion,
+                             p_latency, p_ttft, p_attempts, p_finish, p_created)
+            AS t(id, key_id, cost, tokens, reserved, reserved_tokens, model, provider,
+                 streamed, prompt_tokens, completion_tokens, latency_ms, ttft_ms,
+                 attempts, finish_reason, created)
+    ), ins AS (
+        INSERT INTO sb_settlements (id, key_id, cost, tokens, model, provider, streamed,
+            prompt_tokens, completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created)
+        SELECT i.id, i.key_id, i.cost, i.tokens, i.model, i.provider, i.streamed,
+               i.prompt_tokens, i.completion_tokens, i.latency_ms, i.ttft_ms, i.attempts,
+               i.finish_reason, i.created
+          FROM input i
+        ON CONFLICT ON CONSTRAINT sb_settlements_pkey DO NOTHING
+        RETURNING sb_settlements.id
+    ), done AS (
+        SELECT i.key_id, sum(i.cost) AS cost, sum(i.tokens) AS tokens,
+               sum(i.reserved) AS reserved, sum(i.reserved_tokens) AS reserved_tokens
+          FROM input i JOIN ins ON ins.id = i.id
+         GROUP BY i.key_id
+    ), spend AS (
+        UPDATE sb_keys k
+           SET spent = k.spent + d.cost,
+               tokens_used = least(
+                   CASE WHEN k.tokens_day = today THEN k.tokens_used ELSE 0 END + d.tokens,
+                   9223372036854775807),
+               tokens_day = today
+          FROM done d
+         WHERE k.id = d.key_id
+        RETURNING k.id
+    ), lease AS (
+        UPDATE sb_leases l
+           SET amount = greatest(l.amount - d.reserved, 0),
+               tokens = greatest(l.tokens - d.reserved_tokens, 0),
+               ver = nextval('sb_lease_versions')
+          FROM done d
+         WHERE l.key_id = d.key_id AND l.instance = p_instance
+        RETURNING l.key_id, l.amount, l.tokens, l.ver
+    )
+    SELECT 'i'::text, ins.id, NULL::bigint, NULL::bigint, NULL::bigint FROM ins
+    UNION ALL
+    SELECT 'l'::text, lease.key_id, lease.amount, lease.tokens, lease.ver FROM lease;
+END
+$fn$;
+
+-- Shrinks this instance's leases of some keys to at most the given amounts (what it
+-- has in use), deleting those left empty. Returns every given key's lease after it
+-- (0, 0 for none), with a version to order the answer.
+CREATE OR REPLACE FUNCTION sb_shrink(
+    p_instance TEXT, p_keys TEXT[], p_amounts BIGINT[], p_tokens BIGINT[])
+RETURNS TABLE (key_id TEXT, amount BIGINT, tokens BIGINT, ver BIGINT)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+BEGIN
+    PERFORM 1 FROM sb_keys k WHERE k.id = ANY(p_keys) ORDER BY k.id FOR UPDATE;
+    PERFORM 1 FROM sb_leases l WHERE l.instance = p_instance AND l.key_id = ANY(p_keys)
+      ORDER BY l.key_id FOR UPDATE;
+    UPDATE sb_leases l
+       SET amount = least(l.amount, t.amount), tokens = least(l.tokens, t.tokens)
+      FROM unnest(p_keys, p_amounts, p_tokens) AS t(key_id, amount, tokens)
+     WHERE l.key_id = t.key_id AND l.instance = p_instance;
+    DELETE FROM sb_leases l
+     WHERE l.instance = p_instance AND l.key_id = ANY(p_keys) AND l.amount = 0 AND l.tokens = 0;
+    RETURN QUERY
+    SELECT t.key_id, coalesce(l.amount, 0), coalesce(l.tokens, 0), nextval('sb_lease_versions')
+      FROM unnest(p_keys) AS t(key_id)
+      LEFT JOIN sb_leases l ON l.key_id = t.key_id AND l.instance = p_instance
+     ORDER BY t.key_id;
+END
+$fn$;
+"#
+    )
+}
