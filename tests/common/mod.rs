@@ -567,8 +567,14 @@ impl ServeProcess {
             self.base = format!("http://127.0.0.1:{port}");
             let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
             while std::time::Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.as_mut().unwrap().try_wait() {
-                    break; // exited: the port was taken meanwhile, or a real failure
+                if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
+                    assert_ne!(
+                        status.code(),
+                        Some(1),
+                        "switchboard serve refused its config; its log ends:\n{}",
+                        tail(&self.log, 30)
+                    );
+                    break; // the port was taken meanwhile, or a runtime failure: again
                 }
                 if let Ok(r) = client().get(self.url("/healthz")).send().await {
                     if r.status() == 200 {
