@@ -1,5 +1,6 @@
 //! When a shared server fails (SPEC §6): PostgreSQL unreachable → `/readyz` 503 and
-//! chat 503 `store_unavailable`, never a request served uncharged; Redis unreachable →
+//! chat 503 `store_unavailable`, never a request served uncharged (at start: `serve`
+//! refuses to start, exit 2); Redis unreachable →
 //! served on each instance's own limits, `switchboard_shared_state_up 0`, a warning;
 //! both recover by themselves. "Unreachable" is a wrong port at start, or a
 //! [`TcpRelay`] between the gateway and the real server taken down while it serves.
@@ -36,19 +37,20 @@ async fn shared_state_becomes(gw: &ServeProcess, want: f64) -> Duration {
     .unwrap_or_else(|| panic!("{SHARED_UP} never became {want}"))
 }
 
-/// `[store].url` on a port where nothing listens: the process starts, `/readyz` is
-/// 503, and a chat request is 503 `store_unavailable` (quickly: bounded timeouts),
-/// with nothing sent upstream.
+/// `[store].url` on a port where nothing listens, at start: `serve` cannot create or
+/// check the schema, so it refuses to start (exit 2, SPEC §1: "store unreadable") at
+/// once, naming the store's address and never its password. (A running instance
+/// that loses PostgreSQL answers 503 instead: the next test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_unreachable_at_start_answers_503_store_unavailable() {
-    let Some(s) = shared("postgres_unreachable_at_start_answers_503_store_unavailable") else {
+async fn postgres_unreachable_at_start_refuses_to_start_with_exit_2() {
+    let Some(s) = shared("postgres_unreachable_at_start_refuses_to_start_with_exit_2") else {
         return;
     };
     let _serial = serial().await;
     let up = upstream(|seen, _| async move { full_answer(&seen, Duration::ZERO) }).await;
+    let port = free_port();
     let nowhere = format!(
-        "postgres://postgres@127.0.0.1:{}/{}",
-        free_port(),
+        "postgres://postgres:hunter2@127.0.0.1:{port}/{}",
         s.db.name()
     );
     let toml = config_on(
@@ -58,26 +60,45 @@ async fn postgres_unreachable_at_start_answers_503_store_unavailable() {
         30,
         "",
     );
-    let mut gw = ServeProcess::spawn(&toml).await;
-    let (status, _) = get(&gw.base, "/readyz", "").await;
-    assert_eq!(status, 503, "/readyz with PostgreSQL unreachable");
+    let dir = temp_dir("pg-unreachable");
+    let path = dir.join("switchboard.toml");
+    std::fs::write(&path, toml).unwrap();
     let t = Instant::now();
-    let a = chat(&gw.base, TEST_KEY, &ask("hi", false)).await;
-    assert_eq!(
-        (a.status, a.code().as_str()),
-        (503, "store_unavailable"),
-        "{}",
-        a.text
-    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > SOCKET_TIMEOUT {
+            let _ = child.kill();
+            panic!("serve kept running without its store");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
     assert!(
         t.elapsed() < Duration::from_secs(15),
-        "answered after {:?}",
+        "gave up after {:?}",
         t.elapsed()
     );
-    let error: Value = serde_json::from_str(&a.text).unwrap();
-    assert_eq!(error["error"]["type"], "api_error");
-    assert_eq!(up.hits(), 0, "nothing served");
-    gw.assert_alive("answering without its store");
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("store"),
+        "the message names the store: {err}"
+    );
+    assert!(
+        !err.contains("hunter2"),
+        "the password is never shown: {err}"
+    );
+    assert_eq!(up.hits(), 0);
 }
 
 /// A gateway whose PostgreSQL goes away while it serves: `/readyz` turns 503 and chat
