@@ -61,10 +61,13 @@ pub const PICO_PER_COMPLETION_TOKEN: i64 = 2_000_000;
 /// every request here (none sets `max_tokens`).
 pub const COMPLETION_BOUND: i64 = 100;
 
-/// The prompt-token bound of one user message of `content` (credit.rs: its bytes, 3
-/// tokens of framing per message, 3 to prime the reply).
+/// The prompt-token bound of one user message of `content`, as admission computes it
+/// (`switchboard::credit::prompt_bound`: the messages' JSON bytes, 3 tokens of framing
+/// per message, 3 to prime the reply).
 pub fn prompt_bound(content: &str) -> i64 {
-    content.len() as i64 + 6
+    let req: switchboard::chat::ChatRequest =
+        serde_json::from_value(ask(content, false)).expect("a chat request");
+    switchboard::credit::prompt_bound(&req) as i64
 }
 
 /// The reservation of a request with one user message of `content` and `n` choices.
