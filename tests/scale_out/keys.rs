@@ -140,21 +140,39 @@ async fn an_unknown_key_answer_is_not_cached_past_a_create_elsewhere() {
     acts_within(&gws[1].base, LATE, t, (200, ""), "bootstrap of a new key").await;
 }
 
-/// Two instances started at the same moment on an empty database both come up (the
-/// schema migration is safe concurrently), both bootstrap the same `[[keys]]` entry
-/// into one key, and both serve it.
+/// Four instances started at the same moment on an empty database all come up (the
+/// schema migration is safe concurrently: none exits), bootstrap the same `[[keys]]`
+/// entry into one key, and serve it; three times on fresh databases, then once more
+/// on a database already made (the migration finds nothing to do).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_starting_at_once_on_an_empty_database_both_come_up() {
-    let Some(s) = shared("two_instances_starting_at_once_on_an_empty_database_both_come_up") else {
+async fn instances_starting_at_once_on_an_empty_database_all_come_up() {
+    const TEST: &str = "instances_starting_at_once_on_an_empty_database_all_come_up";
+    let Some(s) = shared(TEST) else {
         return;
     };
     let _serial = serial().await;
     let up = upstream(|seen, _| async move { full_answer(&seen, Duration::ZERO) }).await;
-    let toml = config(&s, &[("up", &up.url())], 30, "");
-    for round in 0..2 {
-        // Round 0 on the empty database; round 1 on the one round 0 made.
-        let (a, b) = tokio::join!(ServeProcess::spawn(&toml), ServeProcess::spawn(&toml));
-        let mut gws = [a, b];
+    let mut dbs = vec![s.db];
+    for _ in 0..2 {
+        dbs.push(switchboard::testing::postgres(TEST).expect("PostgreSQL answered just now"));
+    }
+    let each = reserve("hi", 1).pico();
+    for (round, db) in (0..4).zip(dbs.iter().chain(dbs.last())) {
+        let toml = config_on(
+            db.url(),
+            Some((s.redis.url(), s.redis.prefix())),
+            &[("up", &up.url())],
+            30,
+            "",
+        );
+        // Spawned together (each `spawn` starts its process before its first wait).
+        let (a, b, c, d) = tokio::join!(
+            ServeProcess::spawn(&toml),
+            ServeProcess::spawn(&toml),
+            ServeProcess::spawn(&toml),
+            ServeProcess::spawn(&toml)
+        );
+        let mut gws = [a, b, c, d];
         for gw in &mut gws {
             gw.wait_ready().await;
             let a = chat(&gw.base, TEST_KEY, &ask("hi", false)).await;
@@ -162,14 +180,13 @@ async fn two_instances_starting_at_once_on_an_empty_database_both_come_up() {
         }
         let (st, list) = admin(&gws[0].base, "GET", "/admin/keys", None).await;
         assert_eq!(st, 200, "{list}");
-        let keys = list["data"].as_array().unwrap();
-        assert_eq!(keys.len(), 1, "one key, bootstrapped once: {list}");
-        let (_, debit) = credits(&gws[1].base, TEST_KEY).await;
-        let each = reserve("hi", 1).pico();
         assert_eq!(
-            debit,
-            Money::from_pico(each * 2 * (round + 1)),
-            "round {round}"
+            list["data"].as_array().unwrap().len(),
+            1,
+            "one key, bootstrapped once: {list}"
         );
+        let (_, debit) = credits(&gws[1].base, TEST_KEY).await;
+        let served = if round == 3 { 8 } else { 4 };
+        assert_eq!(debit, Money::from_pico(each * served), "round {round}");
     }
 }
