@@ -1,6 +1,8 @@
 //! `loadbench --shared`: what many instances cost (issue 21). Same fake upstream, same
 //! machine, same requests, against
-//! (a) `sqlite`: one instance on the embedded SQLite store (the default),
+//! (a) `sqlite`: one instance on the embedded SQLite store (the default,
+//!     `sync = "normal"`), and `sqlite, sync=full` (an fsync at every group commit,
+//!     as PostgreSQL's default `synchronous_commit = on` does at every commit),
 //! (b) `pg+redis ×1`: one instance on PostgreSQL + Redis,
 //! (c) `pg+redis ×2`: two instances on one PostgreSQL database + Redis prefix, the
 //!     load split between them (requests, or connections, in turn),
@@ -182,7 +184,7 @@ fn cpu_delta(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
         .iter()
         .map(|(pid, t)| t - before.get(pid).copied().unwrap_or(0.0))
         .filter(|d| *d > 0.0)
-        .sum()
+        .fold(0.0, |a, d| a + d)
 }
 
 /// What a step cost: CPU seconds of the gateways, PostgreSQL and Redis, round trips.
@@ -350,23 +352,39 @@ pub async fn run(args: &[String]) {
 
     let up = spawn(&["upstream"], Some(0));
     let proxy = spawn(&["proxy", &up.addr.to_string()], Some(1));
-    let sqlite = target_config(
-        &dir.join("sqlite.toml"),
-        up.addr,
-        &format!(
-            "[store]\nurl = \"sqlite://{}\"\n[logging]\nsink = \"sqlite\"\n",
-            dir.join("bench.db").display()
-        ),
+    // `--sink none` takes the request log out of every target (to see its share).
+    let sink = args
+        .iter()
+        .position(|a| a == "--sink")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
+    let sqlite_store = |name: &str, sync: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        target_config(
+            &dir.join(format!("{name}.toml")),
+            up.addr,
+            &format!(
+                "[store]\nurl = \"sqlite://{}\"\nsync = \"{sync}\"\n[logging]\nsink = \"{}\"\n",
+                d.join("bench.db").display(),
+                sink.unwrap_or("sqlite")
+            ),
+        )
+    };
+    let (sqlite, sqlite_full) = (
+        sqlite_store("sqlite", "normal"),
+        sqlite_store("sqlite-full", "full"),
     );
     let shared_store = |db: &TestDb, r: &TestRedis, file: &str| {
         target_config(
             &dir.join(file),
             up.addr,
             &format!(
-                "[store]\nurl = \"{}\"\n[shared]\nredis_url = \"{}\"\nprefix = \"{}\"\n[logging]\nsink = \"postgres\"\n",
+                "[store]\nurl = \"{}\"\n[shared]\nredis_url = \"{}\"\nprefix = \"{}\"\n[logging]\nsink = \"{}\"\n",
                 db.url(),
                 r.url(),
-                r.prefix()
+                r.prefix(),
+                sink.unwrap_or("postgres")
             ),
         )
     };
@@ -378,6 +396,12 @@ pub async fn run(args: &[String]) {
         Target {
             name: "sqlite",
             servers: gateways(up.addr, &sqlite, 1),
+            db: None,
+            _redis: None,
+        },
+        Target {
+            name: "sqlite, sync=full",
+            servers: gateways(up.addr, &sqlite_full, 1),
             db: None,
             _redis: None,
         },
@@ -412,19 +436,6 @@ pub async fn run(args: &[String]) {
         cpu_delta(&r0, &cpu_of("redis-server")) * 500.0
     );
 
-    // Warm up pools, caches and leases; one request's cost (every answer is alike).
-    for t in &targets {
-        fixed_rate_over(&t.addrs(), 200, 1, false).await;
-    }
-    fixed_rate(proxy.addr, 200, 1, false).await;
-    let cost = {
-        let res = client
-            .request(request(targets[0].servers[0].addr, false, false))
-            .await
-            .unwrap();
-        let body = res.into_body().collect().await.unwrap().to_bytes();
-        money_field(&String::from_utf8_lossy(&body), "cost").expect("usage.cost")
-    };
     let xact0: Vec<Option<i64>> = {
         let mut v = Vec::new();
         for t in &targets {
@@ -436,6 +447,20 @@ pub async fn run(args: &[String]) {
         v
     };
     let mut requests_on = vec![0u64; targets.len()];
+    // Warm up pools, caches and leases; one request's cost (every answer is alike).
+    for (i, t) in targets.iter().enumerate() {
+        requests_on[i] += fixed_rate_over(&t.addrs(), 200, 1, false).await.ok as u64;
+    }
+    fixed_rate(proxy.addr, 200, 1, false).await;
+    let cost = {
+        let res = client
+            .request(request(targets[0].servers[0].addr, false, false))
+            .await
+            .unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        money_field(&String::from_utf8_lossy(&body), "cost").expect("usage.cost")
+    };
+    requests_on[0] += 1;
     let mut checks: Vec<Check> = Vec::new();
 
     // Runs one step on a target: the load, then the snapshot and the overspend check.
@@ -554,6 +579,41 @@ pub async fn run(args: &[String]) {
         let last = checks.last_mut().unwrap();
         last.credits = Some(credit);
         assert_eq!(spent, last.debit, "the tight key was new");
+    }
+
+    println!("\n## PostgreSQL round trips by kind over the whole run (switchboard_store_round_trips_total, all instances)");
+    println!("| target | requests | op: round trips (per request) |");
+    println!("|---|---|---|");
+    for (i, t) in targets.iter().enumerate() {
+        if !t.shared() {
+            continue;
+        }
+        let mut by_op: std::collections::BTreeMap<String, f64> = Default::default();
+        for srv in &t.servers {
+            let text = get_text(&client, format!("http://{}/metrics", srv.addr), None).await;
+            for l in text.lines() {
+                let Some(rest) = l.strip_prefix("switchboard_store_round_trips_total{") else {
+                    continue;
+                };
+                let (labels, value) = rest.rsplit_once("} ").unwrap_or(("", "0"));
+                let op = labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("op=\""))
+                    .map_or("?", |v| v.trim_end_matches('"'));
+                *by_op.entry(op.to_string()).or_default() += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        let n = requests_on[i].max(1) as f64;
+        println!(
+            "| {} | {} | {} |",
+            t.name,
+            requests_on[i],
+            by_op
+                .iter()
+                .map(|(op, c)| format!("{op}: {c:.0} ({:.3})", c / n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
 
     // Let the statistics collector see the last transactions.
