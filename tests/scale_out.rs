@@ -12,7 +12,7 @@
 //! - `money`: concurrency spread over instances, SIGKILL mid-load, `/v1/generation`
 //!   on any instance;
 //! - `keys`: key changes seen everywhere within 1 s, concurrent first start;
-//! - `limits`: one `rpm` budget, one view of endpoint health;
+//! - `limits`: one `rpm` and one `tokens_per_day` budget, one view of endpoint health;
 //! - `failures`: PostgreSQL or Redis unreachable, at start or taken away while serving.
 
 mod common;

@@ -1,6 +1,6 @@
-//! Limits and health across instances (SPEC §6): one `rpm` budget per key, and an
-//! endpoint degraded through one instance skipped by the others without being
-//! contacted.
+//! Limits and health across instances (SPEC §6): one `rpm` budget and one
+//! `tokens_per_day` budget per key, and an endpoint degraded through one instance
+//! skipped by the others without being contacted.
 
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,67 @@ async fn rpm_is_one_budget_across_three_instances() {
     // One more, on any instance: nothing is left this minute.
     let a = chat(&gws[0].base, LIMITED, &ask("hi", false)).await;
     assert_eq!(a.status, 429, "{}", a.text);
+}
+
+/// `tokens_per_day` holding four and a half requests' tokens, 40 requests at once
+/// over three instances (each answer uses every token it reserved): at most four are
+/// admitted in total, the rest get 429 `rate_limited` with a `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_per_day_is_one_budget_across_three_instances() {
+    let Some(s) = shared("tokens_per_day_is_one_budget_across_three_instances") else {
+        return;
+    };
+    let _serial = serial().await;
+    const DAILY: &str = "sk-scale-daily-key-0123456789";
+    let up = upstream(|seen, _| async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        full_answer(&seen, Duration::ZERO)
+    })
+    .await;
+    let per_request = prompt_bound("hi") + COMPLETION_BOUND;
+    let daily = per_request * 9 / 2;
+    let toml = config(
+        &s,
+        &[("up", &up.url())],
+        30,
+        &key_entry(DAILY, "100", &format!("tokens_per_day = {daily}")),
+    );
+    let gws = start_all(&toml, 3).await;
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let base = gws[i % 3].base.clone();
+            tokio::spawn(async move {
+                let res = client()
+                    .post(format!("{base}/v1/chat/completions"))
+                    .bearer_auth(DAILY)
+                    .json(&ask("hi", false))
+                    .send()
+                    .await
+                    .unwrap();
+                let retry_after = res.headers().contains_key("retry-after");
+                (
+                    res.status().as_u16(),
+                    retry_after,
+                    res.text().await.unwrap(),
+                )
+            })
+        })
+        .collect();
+    let (mut admitted, mut limited) = (0i64, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            (200, _, _) => admitted += 1,
+            (429, true, text) if text.contains("rate_limited") => limited += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!(admitted >= 1, "nothing admitted");
+    assert!(
+        admitted * per_request <= daily,
+        "{admitted} admitted × {per_request} tokens > tokens_per_day {daily}"
+    );
+    assert_eq!(admitted + limited, 40);
+    assert_eq!(up.hits() as i64, admitted);
 }
 
 /// Endpoint `bad` (first in the request's `provider.order`) answers 500. Through
