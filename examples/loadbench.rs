@@ -6,7 +6,9 @@
 //! instructions per request)
 //! (optional: `-- --quick` for a short run, `-- --secs N` per step, `-- --repeat N`
 //! runs of the fixed-rate and saturation steps, medians reported (default 5),
-//! `-- --memory-only` for just the RSS-per-open-stream step)
+//! `-- --memory-only` for just the RSS-per-open-stream step, `-- --shared` for the
+//! many-instances comparison: SQLite against one and two instances on PostgreSQL +
+//! Redis, see `loadbench/shared.rs`; run that one with `--release`)
 //! Profiling aids: `loadbench drive ADDR SECS` saturates a server at ADDR;
 //! `loadbench rate ADDR RATE SECS [stream]` sends RATE req/s to it and prints percentiles;
 //! `loadbench config DIR UPSTREAM` writes the gateway config the bench serves.
@@ -36,6 +38,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 const COMPLETION: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"up","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox jumps over the lazy dog."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":10,"total_tokens":22}}"#;
 const KEY: &str = "sk-bench-key-0001-0123456789";
+
+#[path = "loadbench/shared.rs"]
+mod shared;
 
 /// The same allocator as the `switchboard` binary, for every role (the bare proxy too).
 #[cfg(feature = "mimalloc")]
@@ -87,6 +92,7 @@ fn main() {
                 .await
                 .print();
         }),
+        _ if args.iter().any(|a| a == "--shared") => rt.block_on(shared::run(&args[1..])),
         _ => rt.block_on(bench(&args[1..])),
     }
 }
@@ -304,9 +310,28 @@ fn body(stream: bool, hold: bool) -> Bytes {
     ))
 }
 
+/// Which key each request uses: [`KEY`] (`0`, the default: every request on one hot
+/// key), the first N bench keys in turn (`N`), or the tight key of `--shared`'s
+/// overspend step ([`shared::TIGHT_KEYS`]).
+static KEYS_IN_USE: AtomicUsize = AtomicUsize::new(0);
+static NEXT_KEY: AtomicUsize = AtomicUsize::new(0);
+
+/// The `i`th bench key (`0` is [`KEY`]).
+fn bench_key(i: usize) -> String {
+    format!("sk-bench-key-{:04}-0123456789", i + 1)
+}
+
 fn request(addr: SocketAddr, stream: bool, hold: bool) -> Request<Full<Bytes>> {
+    let key = match KEYS_IN_USE.load(Ordering::Relaxed) {
+        0 => format!("Bearer {KEY}"),
+        shared::TIGHT_KEYS => format!("Bearer {}", shared::TIGHT),
+        n => format!(
+            "Bearer {}",
+            bench_key(NEXT_KEY.fetch_add(1, Ordering::Relaxed) % n)
+        ),
+    };
     Request::post(format!("http://{addr}/v1/chat/completions"))
-        .header("authorization", format!("Bearer {KEY}"))
+        .header("authorization", key)
         .header("content-type", "application/json")
         .body(Full::new(body(stream, hold)))
         .unwrap()
@@ -399,6 +424,11 @@ const MAX_IN_FLIGHT: usize = 2048;
 
 /// Open loop at `rate` req/s for `secs`.
 async fn fixed_rate(addr: SocketAddr, rate: u64, secs: u64, stream: bool) -> Stats {
+    fixed_rate_over(&[addr], rate, secs, stream).await
+}
+
+/// Open loop at `rate` req/s for `secs`, the requests sent to `addrs` in turn.
+async fn fixed_rate_over(addrs: &[SocketAddr], rate: u64, secs: u64, stream: bool) -> Stats {
     let client = client();
     let n = rate * secs;
     let start = Instant::now() + Duration::from_millis(50);
@@ -413,6 +443,7 @@ async fn fixed_rate(addr: SocketAddr, rate: u64, secs: u64, stream: bool) -> Sta
             continue;
         };
         let (client, tx) = (client.clone(), tx.clone());
+        let addr = addrs[i as usize % addrs.len()];
         tokio::spawn(async move {
             let r = one(&client, addr, stream).await;
             drop(permit);
@@ -439,12 +470,19 @@ async fn fixed_rate(addr: SocketAddr, rate: u64, secs: u64, stream: bool) -> Sta
 
 /// Closed loop with `conc` workers for `secs`: (requests/s, completed).
 async fn saturate(addr: SocketAddr, conc: usize, secs: u64) -> (f64, u64) {
+    saturate_over(&[addr], conc, secs).await
+}
+
+/// Closed loop with `conc` workers for `secs`, spread evenly over `addrs`:
+/// (requests/s, completed).
+async fn saturate_over(addrs: &[SocketAddr], conc: usize, secs: u64) -> (f64, u64) {
     let client = client();
     let done = Arc::new(AtomicU64::new(0));
     let stop = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
-    for _ in 0..conc {
+    for w in 0..conc {
         let (client, done) = (client.clone(), done.clone());
+        let addr = addrs[w % addrs.len()];
         tasks.push(tokio::spawn(async move {
             while Instant::now() < stop {
                 if one(&client, addr, false).await.is_some() {

@@ -477,3 +477,334 @@ pub fn absurd_usage_answer(seen: &Seen) -> axum::response::Response {
         )
     }
 }
+
+// ---------------------------------------------------------------------------
+// Many instances (tests/scale_out.rs): whole-config `switchboard serve` processes
+// and a TCP relay that can take a server away and give it back.
+// ---------------------------------------------------------------------------
+
+/// The admin token every [`ServeProcess`] runs with (in `SWITCHBOARD_ADMIN_TOKEN`,
+/// the default `[admin].token_env`).
+pub const ADMIN_TOKEN: &str = "sb-test-admin-token-0123456789";
+
+/// A free port on 127.0.0.1 (free when asked: the caller retries if it is taken).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The last `lines` lines of a file (empty when it cannot be read).
+pub fn tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A real `switchboard serve` process running a WHOLE given config (its own
+/// `[store]`, `[shared]`, `[logging]`: nothing is added but `--listen`), on a free
+/// port of 127.0.0.1, with [`ADMIN_TOKEN`] and `RUST_LOG=info`. It can be SIGKILLed
+/// ([`kill`](Self::kill)) and started again on the same config
+/// ([`restart`](Self::restart)); it is SIGKILLed on drop.
+pub struct ServeProcess {
+    child: Option<std::process::Child>,
+    /// The config file it runs.
+    pub config: std::path::PathBuf,
+    /// `http://127.0.0.1:PORT` of the current run.
+    pub base: String,
+    /// Its stderr (every run appends).
+    pub log: std::path::PathBuf,
+}
+
+impl ServeProcess {
+    /// Writes `toml` to a fresh directory and starts it; waits until `/readyz`
+    /// answers 200 (the store is reachable). Panics with the log's end if it never does.
+    pub async fn start(toml: &str) -> ServeProcess {
+        let mut p = ServeProcess::spawn(toml).await;
+        p.wait_ready().await;
+        p
+    }
+
+    /// Writes `toml` to a fresh directory and starts it; waits only until it answers
+    /// `/healthz` (the process serves HTTP), whatever its store says.
+    pub async fn spawn(toml: &str) -> ServeProcess {
+        let dir = temp_dir("serve");
+        let config = dir.join("switchboard.toml");
+        std::fs::write(&config, toml).unwrap();
+        let mut p = ServeProcess {
+            child: None,
+            log: dir.join("stderr.log"),
+            config,
+            base: String::new(),
+        };
+        p.launch().await;
+        p
+    }
+
+    /// Starts the process (the first run or a restart) and waits for `/healthz`.
+    async fn launch(&mut self) {
+        for _ in 0..5 {
+            let port = free_port();
+            let log_before = std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
+            let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+                .args(["serve", "--config"])
+                .arg(&self.config)
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .env("RUST_LOG", "info")
+                .env("SWITCHBOARD_ADMIN_TOKEN", ADMIN_TOKEN)
+                .stdout(std::process::Stdio::null())
+                .stderr(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&self.log)
+                        .unwrap(),
+                )
+                .spawn()
+                .expect("the switchboard binary runs");
+            self.child = Some(child);
+            self.base = format!("http://127.0.0.1:{port}");
+            let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
+                    // Only a port taken meanwhile is worth another try; any other
+                    // exit is what the test is about.
+                    let log = std::fs::read(&self.log).unwrap_or_default();
+                    let this_run = String::from_utf8_lossy(&log[log_before.min(log.len())..]);
+                    assert!(
+                        this_run.contains("cannot listen on"),
+                        "switchboard serve exited ({status}); its log ends:\n{}",
+                        tail(&self.log, 30)
+                    );
+                    break;
+                }
+                if let Ok(r) = client().get(self.url("/healthz")).send().await {
+                    if r.status() == 200 {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            self.kill();
+        }
+        panic!(
+            "switchboard serve did not start ({}); its log ends:\n{}",
+            self.config.display(),
+            tail(&self.log, 30)
+        );
+    }
+
+    /// Polls `/readyz` until it answers 200 (within [`SOCKET_TIMEOUT`]).
+    pub async fn wait_ready(&mut self) {
+        let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
+        loop {
+            self.assert_alive("starting");
+            if let Ok(r) = client().get(self.url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/readyz never answered 200; the log ends:\n{}",
+                tail(&self.log, 30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `base` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// SIGKILL (`Child::kill` on unix), and reap it. Nothing runs at exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same config (after [`kill`](Self::kill)), on a free
+    /// port, and waits for `/readyz` 200.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.launch().await;
+        self.wait_ready().await;
+    }
+
+    /// Its stderr so far (every run).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics, with the exit status and the end of its log, if the process has died.
+    pub fn assert_alive(&mut self, after: &str) {
+        let Some(child) = self.child.as_mut() else {
+            panic!("the gateway is not running ({after})");
+        };
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "the gateway died ({status}) {after}; its log ends:\n{}",
+                tail(&self.log, 30)
+            );
+        }
+    }
+
+    /// `/metrics` as text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The value of a Prometheus sample `name` (with its labels, exactly as rendered,
+/// e.g. `switchboard_shared_state_up` or `foo_total{op="lease"}`) in `/metrics` text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The sum of every sample of metric `name` (all label sets) in `/metrics` text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = if rest.starts_with('{') {
+                rest.rsplit_once("} ")?.1
+            } else {
+                rest.strip_prefix(' ')?
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// A TCP relay on 127.0.0.1 to a real server (PostgreSQL, Redis): point a gateway at
+/// [`port`](Self::port) instead of the server's, and [`down`](Self::down) takes the
+/// server away from it (every relayed connection closed, new ones refused) and
+/// [`up`](Self::up) gives it back on the same port, so a test sees a server fail
+/// and return without touching the real one.
+pub struct TcpRelay {
+    port: u16,
+    target: String,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TcpRelay {
+    /// Relays a free port of 127.0.0.1 to `target` (`host:port`).
+    pub async fn start(target: &str) -> TcpRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut relay = TcpRelay {
+            port,
+            target: target.to_string(),
+            task: None,
+        };
+        relay.task = Some(tokio::spawn(Self::relay(listener, relay.target.clone())));
+        relay
+    }
+
+    async fn relay(listener: TcpListener, target: String) {
+        // Dropping the set (when this task is aborted) aborts every connection's
+        // task, which closes both of its sockets.
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((mut inbound, _)) = accepted else { continue };
+                    let target = target.clone();
+                    conns.spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+    }
+
+    /// The relay's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server is gone: every relayed connection is closed and the port refuses
+    /// new ones.
+    pub async fn down(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// The server is back, on the same port.
+    pub async fn up(&mut self) {
+        self.down().await;
+        let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the relay's port {} could not be bound again: {e}",
+                        self.port
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        self.task = Some(tokio::spawn(Self::relay(listener, self.target.clone())));
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// `url` (`scheme://[user@]host:port/…`) with its port replaced by `port` (and its
+/// host by 127.0.0.1), and the `host:port` it named: to send a gateway's store or
+/// Redis connections through a [`TcpRelay`].
+pub fn through_port(url: &str, port: u16) -> (String, String) {
+    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+    let end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let (user, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h),
+        None => (String::new(), authority),
+    };
+    let target = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        let default = if scheme.starts_with("redis") {
+            6379
+        } else {
+            5432
+        };
+        format!("{hostport}:{default}")
+    };
+    (format!("{scheme}://{user}127.0.0.1:{port}{path}"), target)
+}
