@@ -163,3 +163,41 @@ async fn requests_through_the_gateway_land_in_postgresql_with_what_they_were_cha
     let usd: Money = day.get::<_, String>("usd").parse().unwrap();
     assert_eq!(usd, total);
 }
+
+/// With a PostgreSQL store, the default sink (`sqlite`: "beside the store") has no
+/// directory to put a file in: the log goes into the store's database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_sink_with_a_postgres_store_logs_into_its_database() {
+    let Some(db) = switchboard::testing::postgres(
+        "the_default_sink_with_a_postgres_store_logs_into_its_database",
+    ) else {
+        return;
+    };
+    let mut config =
+        Config::from_toml(&openai_config(&[("alpha", "http://127.0.0.1:9")], "")).unwrap();
+    assert_eq!(config.logging.sink, "sqlite", "the default");
+    config.store.url = db.url().to_string();
+    let writer = LogWriter::from_config(&config).unwrap();
+    assert!(writer.is_enabled());
+    let (client, conn) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
+    loop {
+        let n = client
+            .query("SELECT 1 FROM pg_tables WHERE tablename = 'requests'", &[])
+            .await
+            .unwrap()
+            .len();
+        if n == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request log's table was never made in the store's database"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(writer);
+}

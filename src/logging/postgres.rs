@@ -284,7 +284,7 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Conn, Failure> {
     });
     client
         .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({SCHEMA_LOCK}); {POSTGRES_SCHEMA} COMMIT;"
+            "BEGIN; SET LOCAL client_min_messages = warning; SELECT pg_advisory_xact_lock({SCHEMA_LOCK}); {POSTGRES_SCHEMA} COMMIT;"
         ))
         .await?;
     let insert = client.prepare(INSERT).await?;

@@ -370,7 +370,10 @@ pub fn open_sink(config: &Config) -> io::Result<Option<Box<dyn LogSink>>> {
     if sink == "none" {
         return Ok(None);
     }
-    if sink == "postgres" {
+    // `sqlite` (the default) means "beside the store"; a PostgreSQL store has no
+    // directory, so its request log goes into its own database.
+    let beside_postgres = sink == "sqlite" && crate::store::is_postgres_url(&config.store.url);
+    if sink == "postgres" || beside_postgres {
         return Ok(Some(Box::new(super::PostgresSink::open(
             &config.store.url,
         )?)));
@@ -382,7 +385,7 @@ pub fn open_sink(config: &Config) -> io::Result<Option<Box<dyn LogSink>>> {
                 None => {
                     if !config.store.url.starts_with("sqlite:") {
                         tracing::warn!(
-                            "[logging].sink = \"sqlite\" (the default) keeps the request log in memory: the store is not a SQLite file; set [logging].sink = \"postgres\" (the store's database) or \"sqlite:PATH\""
+                            "[logging].sink = \"sqlite\" (the default) keeps the request log in memory: the store is not a SQLite file; set [logging].sink = \"sqlite:PATH\""
                         );
                     }
                     SqliteSink::memory()?

@@ -479,7 +479,9 @@ impl PgStore {
             // `store` only stops its runtime.
             store.shared.closing.store(true, Ordering::Relaxed);
             let why = e.0.strip_prefix(super::UNAVAILABLE).unwrap_or(&e.0);
-            let message = format!("cannot open the store: {why}");
+            let message = format!(
+                "cannot open the store: {why}; check [store].url and that PostgreSQL is running and reachable (serve needs it at start to create or check the schema)"
+            );
             return Err(if e.is_unavailable() {
                 StoreError::unavailable(message)
             } else {
