@@ -130,6 +130,10 @@ pub struct StoreConfig {
     pub reservation_ttl_secs: u64,
     /// PostgreSQL: connections in each instance's pool; 1 to 1000.
     pub pool_size: u32,
+    /// PostgreSQL: the directory where an instance keeps the charges PostgreSQL could
+    /// not commit (`pending-<instance>.jsonl`, replayed at the next open); created if
+    /// missing (mode 0700).
+    pub spill_dir: String,
 }
 
 impl Default for StoreConfig {
@@ -139,6 +143,7 @@ impl Default for StoreConfig {
             sync: SyncMode::Normal,
             reservation_ttl_secs: 30,
             pool_size: 16,
+            spill_dir: ".".into(),
         }
     }
 }
@@ -619,6 +624,21 @@ impl Config {
                 "store.pool_size".into(),
                 format!("must be between 1 and 1000, got {}", self.store.pool_size),
             );
+        }
+        if self.store.spill_dir.trim().is_empty() {
+            bad(
+                "store.spill_dir".into(),
+                "must be a directory path (\".\" is the working directory), got an empty string"
+                    .into(),
+            );
+        } else if crate::store::is_postgres_url(&self.store.url) {
+            let dir = std::path::Path::new(&self.store.spill_dir);
+            if dir.exists() && !dir.is_dir() {
+                bad(
+                    "store.spill_dir".into(),
+                    format!("`{}` exists and is not a directory", self.store.spill_dir),
+                );
+            }
         }
         if self.health.failure_threshold == 0 {
             bad(

@@ -127,6 +127,7 @@ mod escrow;
 mod keys;
 mod listen;
 mod schema;
+mod spill;
 mod writer;
 
 #[cfg(test)]
@@ -206,6 +207,7 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     accounts: escrow::Accounts,
     writer: writer::Writer,
+    spill: spill::Spill,
     changes: tokio::sync::broadcast::Sender<KeyChange>,
     listening: AtomicBool,
     round_trips: [AtomicU64; Op::ALL.len()],
@@ -449,6 +451,9 @@ impl PgStore {
             use rand::distr::{Alphanumeric, SampleString};
             format!("i-{}", Alphanumeric.sample_string(&mut rand::rng(), 16))
         };
+        let spill_dir = std::path::PathBuf::from(&config.spill_dir);
+        spill::create_dir(&spill_dir)?;
+        let spill = spill::Spill::new(&spill_dir, &instance);
         let shared = Arc::new(Shared {
             pool,
             server: server.clone(),
@@ -461,6 +466,7 @@ impl PgStore {
             closing: AtomicBool::new(false),
             accounts: Default::default(),
             writer: Default::default(),
+            spill,
             changes: tokio::sync::broadcast::channel(1024).0,
             listening: AtomicBool::new(false),
             round_trips: Default::default(),
@@ -474,7 +480,16 @@ impl PgStore {
             runtime: Some(runtime),
         };
         let s = shared.clone();
-        if let Err(e) = shared.block(async move { s.migrate().await }) {
+        let migrated = shared.block(async move {
+            s.migrate().await?;
+            spill::ledger_id(&s).await
+        });
+        // Charges that dead instances kept on this disk, before anything else.
+        let replayed = migrated.and_then(|ledger| {
+            shared.spill.set_ledger(ledger);
+            spill::replay(&shared, &spill_dir)
+        });
+        if let Err(e) = replayed {
             // Nothing was started yet (no settlement can be queued): the drop of
             // `store` only stops its runtime.
             store.shared.closing.store(true, Ordering::Relaxed);
@@ -490,6 +505,12 @@ impl PgStore {
             "store: PostgreSQL at {server}, this instance is {}",
             shared.instance
         );
+        if let Ok(n @ 1..) = replayed {
+            tracing::warn!(
+                "store: {n} charge(s) that stopped instances could not commit were replayed from {}",
+                spill_dir.display()
+            );
+        }
         let handle = shared.handle.clone();
         handle.spawn(writer::run(shared.clone()));
         handle.spawn(escrow::renew_forever(shared.clone()));
@@ -552,11 +573,13 @@ impl PgStore {
         self.shared.block(async move { s.bootstrap(&keys).await })
     }
 
-    /// For tests: stops like a killed process (nothing flushed, no lease given back).
+    /// For tests: stops like a killed process (nothing flushed, no lease given back,
+    /// the spill file let go of as it is).
     #[cfg(test)]
     fn crash(self: Arc<Self>) {
         let mut store = Arc::into_inner(self).expect("the only handle");
         store.shared.closing.store(true, Ordering::Relaxed);
+        store.shared.spill.close();
         if let Some(rt) = store.runtime.take() {
             rt.shutdown_background();
         }
@@ -575,15 +598,25 @@ impl Drop for PgStore {
         if !shared.closing.swap(true, Ordering::Relaxed) {
             let left = shared.writer.close_and_wait(Duration::from_secs(10));
             if left > 0 {
-                tracing::error!(
-                    "{left} settlement(s) could not be committed to PostgreSQL at {} before the store closed: those charges are lost",
-                    shared.server
+                let lost = shared.writer.spill_rest(shared);
+                if lost > 0 {
+                    tracing::error!(
+                        "{left} settlement(s) could not be committed to PostgreSQL at {} before the store closed: {lost} of those charges are lost",
+                        shared.server
+                    );
+                }
+                tracing::warn!(
+                    "{} settlement(s) could not be committed to PostgreSQL at {} before the store closed: they are kept in {} and committed by the next store opened with this spill_dir",
+                    shared.spill.pending(),
+                    shared.server,
+                    shared.spill.path().display()
                 );
             } else {
                 let s = shared.clone();
                 let _ = shared.block(async move { s.release_all().await });
             }
         }
+        shared.spill.close();
         runtime.shutdown_background();
     }
 }
