@@ -938,6 +938,23 @@ mod tests {
     }
 
     #[test]
+    fn store_spill_dir_is_a_directory_path() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.store.spill_dir, ".");
+        let pg = "[store]\nurl = \"postgres://sb@127.0.0.1:5432/sb\"\n";
+        let c = Config::from_toml(&format!("{pg}spill_dir = \"/var/lib/switchboard\"\n")).unwrap();
+        assert_eq!(c.store.spill_dir, "/var/lib/switchboard");
+        let err = Config::from_toml(&format!("{pg}spill_dir = \" \"\n")).unwrap_err();
+        assert_eq!(err.problems[0].path, "store.spill_dir", "{err}");
+        // A file is not a directory.
+        let file = std::env::current_exe().unwrap();
+        let err =
+            Config::from_toml(&format!("{pg}spill_dir = \"{}\"\n", file.display())).unwrap_err();
+        assert_eq!(err.problems[0].path, "store.spill_dir", "{err}");
+        assert!(err.problems[0].message.contains("not a directory"), "{err}");
+    }
+
+    #[test]
     fn type_errors_name_the_toml_path() {
         let err = Config::from_toml("[server]\nmax_body_bytes = \"big\"\n").unwrap_err();
         assert_eq!(err.problems[0].path, "server.max_body_bytes");

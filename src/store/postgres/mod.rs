@@ -70,7 +70,25 @@
 //!   second while it is down marks it up again. While it is down, admission answers
 //!   503 `store_unavailable` at once, even on the fast path (nothing is served that
 //!   might not be charged), and so do key lookups, balances and `/readyz`. The pool
-//!   reconnects by itself.
+//!   reconnects by itself. A request admitted before may still finish meanwhile: its
+//!   content is delivered and its settlement cannot commit. The writer then appends
+//!   everything it holds to the instance's **spill file**,
+//!   `[store].spill_dir/pending-<instance>.jsonl` (mode 0600, locked by the
+//!   instance), and `fsync`s it before any waiting `settle` gets its error; the file
+//!   is deleted once all of it has committed. If the process dies first (SIGKILL,
+//!   OOM, a stop while PostgreSQL is still down), the next `PgStore::open` on that
+//!   spill dir commits the files of instances that are gone (their lock is free) for
+//!   this database (each line names it: `sb_ledger`), with a settlement that touches
+//!   no lease, then deletes them; a torn last line (a crash mid-write) is skipped.
+//!   Replays are idempotent (the request id is the key of the row): two instances
+//!   replaying one file at once charge once. **Overshoot bound:** a charge replayed
+//!   after its key's lease expired lands on top of what the other instances have
+//!   leased since, so it may take the key past its cap by at most that request's
+//!   reservation (a charge is never more than its reservation; several replayed
+//!   charges of one key, by the sum of theirs). This is the one case, an outage
+//!   longer than `reservation_ttl_secs` followed by a crash, where a cap can be
+//!   exceeded: the charge is recorded rather than lost (`spent` may then exceed
+//!   `credits`, and the key is refused until topped up).
 //!
 //! Key changes (create, update, top-up) send `NOTIFY sb_keys` in their transaction;
 //! each instance `LISTEN`s on a connection of its own (reconnected when lost, after
@@ -605,12 +623,14 @@ impl Drop for PgStore {
                         shared.server
                     );
                 }
-                tracing::warn!(
-                    "{} settlement(s) could not be committed to PostgreSQL at {} before the store closed: they are kept in {} and committed by the next store opened with this spill_dir",
-                    shared.spill.pending(),
+                let kept = shared.spill.pending();
+                if kept > 0 {
+                    tracing::warn!(
+                    "{kept} settlement(s) could not be committed to PostgreSQL at {} before the store closed: they are kept in {} and committed by the next store opened with this spill_dir",
                     shared.server,
                     shared.spill.path().display()
                 );
+                }
             } else {
                 let s = shared.clone();
                 let _ = shared.block(async move { s.release_all().await });

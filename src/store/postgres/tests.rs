@@ -964,3 +964,34 @@ fn a_live_instances_spill_file_is_left_to_it() {
     assert_eq!(spent_of(&third, &key.id), usd("0.001"));
     assert!(spill_files(&spill).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_closed_while_postgres_is_down_keeps_its_charges_for_the_next() {
+    let Some(db) = postgres("a_store_closed_while_postgres_is_down_keeps_its_charges") else {
+        return;
+    };
+    let spill = TempDir::new("spill");
+    let mut proxy = Proxy::start(0).await;
+    let url = db.url().replace(":5432/", &format!(":{}/", proxy.port));
+    let store = open_with(config_spilling(&url, &spill)).await;
+    let key = make_key(&store, "stop", NewKey::new("stop", usd("1")));
+    let hold = money_hold("0.01");
+    Ledger::reserve(&*store, &key, hold).await.unwrap();
+    proxy.cut().await;
+    let pending = store.settle(settlement(&key.id, "at-stop", usd("0.005"), hold, 0));
+    // A graceful stop (the gateway shutting down) while PostgreSQL is still away: it
+    // gives up waiting, the charge stays in the file, the file's lock is let go.
+    tokio::task::spawn_blocking(move || drop(store))
+        .await
+        .unwrap();
+    assert!(pending.await.is_err());
+    assert_eq!(spill_files(&spill).len(), 1);
+
+    let next = open_with(config_spilling(db.url(), &spill)).await;
+    let (n, id) = (next.clone(), key.id.clone());
+    let spent = tokio::task::spawn_blocking(move || spent_of(&n, &id))
+        .await
+        .unwrap();
+    assert_eq!(spent, usd("0.005"));
+    assert!(spill_files(&spill).is_empty());
+}
