@@ -71,7 +71,8 @@
 //!   503 `store_unavailable` at once, even on the fast path (nothing is served that
 //!   might not be charged), and so do key lookups, balances and `/readyz`. The pool
 //!   reconnects by itself. A request admitted before may still finish meanwhile: its
-//!   content is delivered and its settlement cannot commit. The writer then appends
+//!   content is delivered and its settlement cannot commit (the statement fails, or
+//!   goes unanswered for a second: a network that drops packets). The writer then appends
 //!   everything it holds to the instance's **spill file**,
 //!   `[store].spill_dir/pending-<instance>.jsonl` (mode 0600, locked by the
 //!   instance), and `fsync`s it before any waiting `settle` gets its error; the file

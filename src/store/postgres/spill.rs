@@ -1,8 +1,8 @@
 //! Charges that could not be committed, kept on the instance's own disk until they
 //! are: `<spill_dir>/pending-<instance>.jsonl`, one JSON line per settlement.
 //!
-//! When a batch of settlements fails to commit (PostgreSQL does not answer), the
-//! writer appends every settlement it holds to this file and `fsync`s it before any
+//! When a batch of settlements fails to commit (PostgreSQL cannot be reached, or does
+//! not answer within a second), the writer appends every settlement it holds to this file and `fsync`s it before any
 //! waiting `settle` gets its error: from then on the charge survives the process
 //! (SIGKILL, OOM, a stop while PostgreSQL is still down). Once every spilled
 //! settlement has committed, the file is deleted.
@@ -187,11 +187,26 @@ impl Spill {
                 }
                 Err(std::fs::TryLockError::Error(e)) => return Err(e),
             }
+            // The new name itself survives a power loss too.
+            #[cfg(unix)]
+            if let Some(dir) = self.path.parent() {
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                File::open(dir)?.sync_all()?;
+            }
             open.file = Some(file);
         }
         let file = open.file.as_mut().expect("opened above");
-        file.write_all(&lines.bytes)?;
-        file.sync_data()?;
+        let before = file.metadata()?.len();
+        let written = file.write_all(&lines.bytes).and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            // No half line left for the next append to run into (a full disk).
+            let _ = file.set_len(before);
+            return Err(e);
+        }
         open.pending.extend(lines.ids);
         Ok(())
     }

@@ -559,6 +559,30 @@ fn an_unreachable_server_is_store_unavailable_within_seconds() {
 struct Proxy {
     port: u16,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// While set, what arrives is held, not passed on (a network that drops packets).
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Copies `from` to `to`, holding what it read while `frozen`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -567,22 +591,26 @@ impl Proxy {
             .await
             .unwrap();
         let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = frozen.clone();
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
-                conns.spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
+                let Ok(out) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
+                    continue;
+                };
+                let ((in_r, in_w), (out_r, out_w)) = (inbound.into_split(), out.into_split());
+                conns.spawn(pump(in_r, out_w, f.clone()));
+                conns.spawn(pump(out_r, in_w, f.clone()));
             }
         });
         Proxy {
             port,
             task: Some(task),
+            frozen,
         }
     }
 
@@ -592,6 +620,11 @@ impl Proxy {
             t.abort();
             let _ = t.await;
         }
+    }
+
+    /// Holds everything sent through it (nothing is closed) until `thaw`.
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
     }
 }
 
@@ -993,5 +1026,42 @@ async fn a_store_closed_while_postgres_is_down_keeps_its_charges_for_the_next() 
         .await
         .unwrap();
     assert_eq!(spent, usd("0.005"));
+    assert!(spill_files(&spill).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_postgres_never_answers_is_kept_before_its_waiter_hears() {
+    let Some(db) = postgres("a_charge_postgres_never_answers_is_kept") else {
+        return;
+    };
+    let spill = TempDir::new("spill");
+    let mut proxy = Proxy::start(0).await;
+    let url = db.url().replace(":5432/", &format!(":{}/", proxy.port));
+    let store = open_with(config_spilling(&url, &spill)).await;
+    let key = make_key(&store, "silent", NewKey::new("silent", usd("1")));
+    let hold = money_hold("0.01");
+    Ledger::reserve(&*store, &key, hold).await.unwrap();
+    // No error, no closed connection: PostgreSQL just never answers.
+    proxy.freeze();
+    let waiting = store.settle(settlement(&key.id, "unanswered", usd("0.002"), hold, 0));
+    let err = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the waiter hears within seconds")
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    let files = spill_files(&spill);
+    assert_eq!(files.len(), 1);
+    assert!(files[0].1.contains("\"id\":\"unanswered\""), "{files:?}");
+    tokio::task::spawn_blocking(move || store.crash())
+        .await
+        .unwrap();
+    proxy.cut().await;
+
+    let next = open_with(config_spilling(db.url(), &spill)).await;
+    let (n, id) = (next.clone(), key.id.clone());
+    let spent = tokio::task::spawn_blocking(move || spent_of(&n, &id))
+        .await
+        .unwrap();
+    assert_eq!(spent, usd("0.002"));
     assert!(spill_files(&spill).is_empty());
 }

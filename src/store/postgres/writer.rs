@@ -22,6 +22,9 @@ const MAX_BATCH: usize = 512;
 /// must not wait for ever).
 const FLUSH_WAIT: Duration = Duration::from_secs(if cfg!(test) { 2 } else { 30 });
 
+/// How long a statement may go unanswered before what it commits is spilled.
+const SILENT: Duration = Duration::from_secs(1);
+
 type Waiter = oneshot::Sender<Result<bool, StoreError>>;
 
 /// A settlement's waiter (if any), when it was queued, whether its reservation
@@ -404,7 +407,23 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
     let mut delay = Duration::from_millis(50);
     let mut failing = false;
     let outcome = loop {
-        match statement(shared, &rows, Some(&shared.instance)).await {
+        let attempt = statement(shared, &rows, Some(&shared.instance));
+        tokio::pin!(attempt);
+        let answer = loop {
+            tokio::select! {
+                answer = &mut attempt => break answer,
+                // PostgreSQL is silent (a network that drops packets): the charges go
+                // on disk meanwhile, before any waiter is told.
+                () = tokio::time::sleep(SILENT) => {
+                    shared.writer.spill(shared, &batch, &mut waiters).await;
+                    if waiters.iter().all(|w| w.spilled) {
+                        shared.writer.queue.lock().in_flight_spilled = true;
+                    }
+                    shared.writer.answer_overdue(&mut waiters, &shared.server);
+                }
+            }
+        };
+        match answer {
             Ok(c) => break Ok(c),
             Err(Failure::Refused(e)) => break Err(e),
             Err(Failure::Retry(e)) => {
