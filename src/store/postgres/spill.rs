@@ -464,3 +464,6 @@ fn commit(shared: &Arc<Shared>, settlements: &[Settlement]) -> Result<u64, Store
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
