@@ -15,11 +15,11 @@ pub(super) fn usd(s: &str) -> Money {
     s.parse().unwrap()
 }
 
-/// The spill dir of the tests that do not look at it: one per test process, never
-/// the working directory (a spill file there is only replayed into its own database).
+/// The spill dir of the tests that do not look at it: one for all of them, never the
+/// working directory (a spill file is only replayed into its own database).
 fn shared_spill_dir() -> String {
     std::env::temp_dir()
-        .join(format!("switchboard-pg-spill-{}", std::process::id()))
+        .join("switchboard-pg-spill")
         .display()
         .to_string()
 }
