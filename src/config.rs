@@ -130,6 +130,10 @@ pub struct StoreConfig {
     pub reservation_ttl_secs: u64,
     /// PostgreSQL: connections in each instance's pool; 1 to 1000.
     pub pool_size: u32,
+    /// PostgreSQL: the directory where an instance keeps the charges PostgreSQL could
+    /// not commit (`pending-<instance>.jsonl`, replayed at the next open); created if
+    /// missing (mode 0700).
+    pub spill_dir: String,
 }
 
 impl Default for StoreConfig {
@@ -139,6 +143,7 @@ impl Default for StoreConfig {
             sync: SyncMode::Normal,
             reservation_ttl_secs: 30,
             pool_size: 16,
+            spill_dir: ".".into(),
         }
     }
 }
@@ -620,6 +625,21 @@ impl Config {
                 format!("must be between 1 and 1000, got {}", self.store.pool_size),
             );
         }
+        if self.store.spill_dir.trim().is_empty() {
+            bad(
+                "store.spill_dir".into(),
+                "must be a directory path (\".\" is the working directory), got an empty string"
+                    .into(),
+            );
+        } else if crate::store::is_postgres_url(&self.store.url) {
+            let dir = std::path::Path::new(&self.store.spill_dir);
+            if dir.exists() && !dir.is_dir() {
+                bad(
+                    "store.spill_dir".into(),
+                    format!("`{}` exists and is not a directory", self.store.spill_dir),
+                );
+            }
+        }
         if self.health.failure_threshold == 0 {
             bad(
                 "health.failure_threshold".into(),
@@ -915,6 +935,23 @@ mod tests {
             Config::from_toml("[shared]\nredis_url = \"http://u:hunter2@h:1\"\n").unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
         assert!(Config::from_toml("[shared]\nredis = \"x\"\n").is_err());
+    }
+
+    #[test]
+    fn store_spill_dir_is_a_directory_path() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.store.spill_dir, ".");
+        let pg = "[store]\nurl = \"postgres://sb@127.0.0.1:5432/sb\"\n";
+        let c = Config::from_toml(&format!("{pg}spill_dir = \"/var/lib/switchboard\"\n")).unwrap();
+        assert_eq!(c.store.spill_dir, "/var/lib/switchboard");
+        let err = Config::from_toml(&format!("{pg}spill_dir = \" \"\n")).unwrap_err();
+        assert_eq!(err.problems[0].path, "store.spill_dir", "{err}");
+        // A file is not a directory.
+        let file = std::env::current_exe().unwrap();
+        let err =
+            Config::from_toml(&format!("{pg}spill_dir = \"{}\"\n", file.display())).unwrap_err();
+        assert_eq!(err.problems[0].path, "store.spill_dir", "{err}");
+        assert!(err.problems[0].message.contains("not a directory"), "{err}");
     }
 
     #[test]

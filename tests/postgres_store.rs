@@ -398,3 +398,227 @@ async fn a_gateway_that_stops_gives_its_leases_back_at_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A `switchboard serve` process, SIGKILLed on drop.
+struct Process {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Process {
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill(); // SIGKILL on unix
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `switchboard serve --config CONFIG` on a free port and waits until it
+/// answers `/healthz` (its stderr appended to `log`).
+async fn serve(config: &Path, log: &Path) -> Process {
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let mut process = Process {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = process.child.try_wait() {
+                break; // the port was taken meanwhile: try another
+            }
+            if let Ok(r) = client().get(process.url("/healthz")).send().await {
+                if r.status() == 200 {
+                    return process;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    panic!(
+        "switchboard did not start: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// A TCP relay to PostgreSQL on `port` (0: any), aborted to cut every connection.
+async fn relay(port: u16) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            conns.spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+/// The `pending-*.jsonl` files of a spill dir.
+fn spill_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with("pending-") && name.ends_with(".jsonl")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_served_while_postgres_is_gone_is_charged_once_after_a_sigkill() {
+    use futures_util::StreamExt;
+    let Some(db) = postgres("a_stream_served_while_postgres_is_gone_is_charged_once") else {
+        return;
+    };
+    // An upstream that streams its first words, then waits for the test to say go.
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let g = go.clone();
+    let up = upstream(move |_, _| {
+        let go = g.clone();
+        async move {
+            let chunk = |delta: Value, finish: Option<&str>| {
+                json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up-model",
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+                .to_string()
+            };
+            let first = vec![
+                chunk(json!({"role": "assistant", "content": ""}), None),
+                chunk(json!({"content": "Hello"}), None),
+            ];
+            let rest = vec![
+                chunk(json!({"content": " there"}), None),
+                chunk(json!({}), Some("stop")),
+                json!({"id": "c", "object": "chat.completion.chunk", "choices": [],
+                       "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
+                .to_string(),
+                "[DONE]".to_string(),
+            ];
+            let event = |d: String| Ok::<_, std::convert::Infallible>(bytes::Bytes::from(format!("data: {d}\n\n")));
+            let head = futures_util::stream::iter(first.into_iter().map(event));
+            let tail = futures_util::stream::once(async move {
+                go.notified().await;
+                futures_util::stream::iter(rest.into_iter().map(event))
+            })
+            .flatten();
+            axum::response::Response::builder()
+                .status(200)
+                .header("content-type", "text/event-stream")
+                .body(axum::body::Body::from_stream(head.chain(tail)))
+                .unwrap()
+        }
+    })
+    .await;
+    let dir = temp_dir("pg-spill");
+    let spill = dir.join("spill");
+    let log = dir.join("stderr.log");
+    let (port, cut) = relay(0).await;
+    let through_relay = db.url().replace(":5432/", &format!(":{port}/"));
+    let write_config = |name: &str, url: &str| {
+        let path = dir.join(name);
+        let extra = format!(
+            "[store]\nurl = \"{url}\"\nspill_dir = \"{}\"\n\n[logging]\nsink = \"none\"\n",
+            spill.display()
+        );
+        std::fs::write(&path, openai_config(&[("up", &up.url())], &extra)).unwrap();
+        path
+    };
+    let first = serve(&write_config("first.toml", &through_relay), &log).await;
+
+    let res = client()
+        .post(first.url("/v1/chat/completions"))
+        .bearer_auth(TEST_KEY)
+        .json(
+            &json!({"model": "test/model", "stream": true, "max_tokens": 10,
+                      "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("Hello") {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), body.next())
+            .await
+            .expect("the first words in time")
+            .expect("more of the stream")
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let id_at = seen.find("\"id\":\"").unwrap() + 6;
+    let id = seen[id_at..].split('"').next().unwrap().to_string();
+    // The content is out; PostgreSQL goes away before the charge is committed.
+    cut.abort();
+    let _ = cut.await;
+    go.notify_one();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while spill_files(&spill).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the charge was never kept on disk: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(first); // SIGKILL, PostgreSQL still gone
+    drop(body);
+
+    // A new process on the same disk, PostgreSQL answering again.
+    let second = serve(&write_config("second.toml", db.url()), &log).await;
+    assert!(
+        spill_files(&spill).is_empty(),
+        "the spill file is replayed and deleted at start"
+    );
+    // 5 prompt tokens at $1/Mtok + 2 completion tokens at $2/Mtok.
+    let res = client()
+        .get(second.url(&format!("/v1/generation?id={id}")))
+        .bearer_auth(TEST_KEY)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let generation: Value = res.json().await.unwrap();
+    assert_eq!(status, 200, "{generation}");
+    assert_eq!(generation["data"]["total_cost"], json!(0.000009));
+    let res = client()
+        .get(second.url("/v1/credits"))
+        .bearer_auth(TEST_KEY)
+        .send()
+        .await
+        .unwrap();
+    let credits: Value = res.json().await.unwrap();
+    assert_eq!(credits["data"]["total_usage"], json!(0.000009), "{credits}");
+    let _ = std::fs::remove_dir_all(dir);
+}

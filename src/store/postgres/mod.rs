@@ -70,7 +70,26 @@
 //!   second while it is down marks it up again. While it is down, admission answers
 //!   503 `store_unavailable` at once, even on the fast path (nothing is served that
 //!   might not be charged), and so do key lookups, balances and `/readyz`. The pool
-//!   reconnects by itself.
+//!   reconnects by itself. A request admitted before may still finish meanwhile: its
+//!   content is delivered and its settlement cannot commit (the statement fails, or
+//!   goes unanswered for a second: a network that drops packets). The writer then appends
+//!   everything it holds to the instance's **spill file**,
+//!   `[store].spill_dir/pending-<instance>.jsonl` (mode 0600, locked by the
+//!   instance), and `fsync`s it before any waiting `settle` gets its error; the file
+//!   is deleted once all of it has committed. If the process dies first (SIGKILL,
+//!   OOM, a stop while PostgreSQL is still down), the next `PgStore::open` on that
+//!   spill dir commits the files of instances that are gone (their lock is free) for
+//!   this database (each line names it: `sb_ledger`), with a settlement that touches
+//!   no lease, then deletes them; a torn last line (a crash mid-write) is skipped.
+//!   Replays are idempotent (the request id is the key of the row): two instances
+//!   replaying one file at once charge once. **Overshoot bound:** a charge replayed
+//!   after its key's lease expired lands on top of what the other instances have
+//!   leased since, so it may take the key past its cap by at most that request's
+//!   reservation (a charge is never more than its reservation; several replayed
+//!   charges of one key, by the sum of theirs). This is the one case, an outage
+//!   longer than `reservation_ttl_secs` followed by a crash, where a cap can be
+//!   exceeded: the charge is recorded rather than lost (`spent` may then exceed
+//!   `credits`, and the key is refused until topped up).
 //!
 //! Key changes (create, update, top-up) send `NOTIFY sb_keys` in their transaction;
 //! each instance `LISTEN`s on a connection of its own (reconnected when lost, after
@@ -127,6 +146,7 @@ mod escrow;
 mod keys;
 mod listen;
 mod schema;
+mod spill;
 mod writer;
 
 #[cfg(test)]
@@ -206,6 +226,7 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     accounts: escrow::Accounts,
     writer: writer::Writer,
+    spill: spill::Spill,
     changes: tokio::sync::broadcast::Sender<KeyChange>,
     listening: AtomicBool,
     round_trips: [AtomicU64; Op::ALL.len()],
@@ -449,6 +470,9 @@ impl PgStore {
             use rand::distr::{Alphanumeric, SampleString};
             format!("i-{}", Alphanumeric.sample_string(&mut rand::rng(), 16))
         };
+        let spill_dir = std::path::PathBuf::from(&config.spill_dir);
+        spill::create_dir(&spill_dir)?;
+        let spill = spill::Spill::new(&spill_dir, &instance);
         let shared = Arc::new(Shared {
             pool,
             server: server.clone(),
@@ -461,6 +485,7 @@ impl PgStore {
             closing: AtomicBool::new(false),
             accounts: Default::default(),
             writer: Default::default(),
+            spill,
             changes: tokio::sync::broadcast::channel(1024).0,
             listening: AtomicBool::new(false),
             round_trips: Default::default(),
@@ -474,7 +499,16 @@ impl PgStore {
             runtime: Some(runtime),
         };
         let s = shared.clone();
-        if let Err(e) = shared.block(async move { s.migrate().await }) {
+        let migrated = shared.block(async move {
+            s.migrate().await?;
+            spill::ledger_id(&s).await
+        });
+        // Charges that dead instances kept on this disk, before anything else.
+        let replayed = migrated.and_then(|ledger| {
+            shared.spill.set_ledger(ledger);
+            spill::replay(&shared, &spill_dir)
+        });
+        if let Err(e) = replayed {
             // Nothing was started yet (no settlement can be queued): the drop of
             // `store` only stops its runtime.
             store.shared.closing.store(true, Ordering::Relaxed);
@@ -492,6 +526,12 @@ impl PgStore {
             "store: PostgreSQL at {server}, this instance is {}",
             shared.instance
         );
+        if let Ok(n @ 1..) = replayed {
+            tracing::warn!(
+                "store: {n} charge(s) that stopped instances could not commit were replayed from {}",
+                spill_dir.display()
+            );
+        }
         let handle = shared.handle.clone();
         handle.spawn(writer::run(shared.clone()));
         handle.spawn(escrow::renew_forever(shared.clone()));
@@ -554,11 +594,13 @@ impl PgStore {
         self.shared.block(async move { s.bootstrap(&keys).await })
     }
 
-    /// For tests: stops like a killed process (nothing flushed, no lease given back).
+    /// For tests: stops like a killed process (nothing flushed, no lease given back,
+    /// the spill file let go of as it is).
     #[cfg(test)]
     fn crash(self: Arc<Self>) {
         let mut store = Arc::into_inner(self).expect("the only handle");
         store.shared.closing.store(true, Ordering::Relaxed);
+        store.shared.spill.close();
         if let Some(rt) = store.runtime.take() {
             rt.shutdown_background();
         }
@@ -577,15 +619,27 @@ impl Drop for PgStore {
         if !shared.closing.swap(true, Ordering::Relaxed) {
             let left = shared.writer.close_and_wait(Duration::from_secs(10));
             if left > 0 {
-                tracing::error!(
-                    "{left} settlement(s) could not be committed to PostgreSQL at {} before the store closed: those charges are lost",
-                    shared.server
+                let lost = shared.writer.spill_rest(shared);
+                if lost > 0 {
+                    tracing::error!(
+                        "{left} settlement(s) could not be committed to PostgreSQL at {} before the store closed: {lost} of those charges are lost",
+                        shared.server
+                    );
+                }
+                let kept = shared.spill.pending();
+                if kept > 0 {
+                    tracing::warn!(
+                    "{kept} settlement(s) could not be committed to PostgreSQL at {} before the store closed: they are kept in {} and committed by the next store opened with this spill_dir",
+                    shared.server,
+                    shared.spill.path().display()
                 );
+                }
             } else {
                 let s = shared.clone();
                 let _ = shared.block(async move { s.release_all().await });
             }
         }
+        shared.spill.close();
         runtime.shutdown_background();
     }
 }

@@ -14,7 +14,23 @@ pub(super) const LOCK_ID: i64 = 0x5357_4954_4348_4244;
 
 /// The schema steps, in order: step `n` brings the database to version `n + 1`.
 pub(super) fn migrations() -> Vec<String> {
-    vec![step_1()]
+    vec![step_1(), step_2()]
+}
+
+/// Version 2: `sb_ledger`, the database's identity (one random id): a spill file
+/// (charges an instance could not commit, kept on its disk) is replayed only into the
+/// database it is owed to.
+fn step_2() -> String {
+    r#"
+CREATE TABLE IF NOT EXISTS sb_ledger (
+    one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    id   TEXT NOT NULL
+);
+INSERT INTO sb_ledger (id)
+VALUES (md5(random()::text || clock_timestamp()::text || pg_backend_pid()::text))
+ON CONFLICT DO NOTHING;
+"#
+    .into()
 }
 
 /// Version 1: keys, leases, settlements; `sb_lease`, `sb_settle`, `sb_shrink`.
@@ -148,7 +164,7 @@ $fn$;
 -- Commits a batch of settlements of one instance: the rows (a request id already
 -- settled is skipped), their cost added to spent and their tokens to the day's
 -- count, and this instance's leases of those keys shrunk by the reservations the
--- new rows release. Key rows, then lease rows, are locked in key order (no deadlock
+-- new rows release (p_instance NULL, a replay of spilled charges: no lease). Key rows, then lease rows, are locked in key order (no deadlock
 -- with another instance's batch). Returns the ids inserted (kind 'i') and each
 -- changed lease (kind 'l'). The spend CTE runs though nothing reads it.
 CREATE OR REPLACE FUNCTION sb_settle(

@@ -11,15 +11,25 @@ use crate::error::GatewayError;
 use crate::store::{hash_secret, GenerationAttempt};
 use crate::testing::{postgres, TestDb};
 
-fn usd(s: &str) -> Money {
+pub(super) fn usd(s: &str) -> Money {
     s.parse().unwrap()
 }
 
-fn config(url: &str, ttl: u64) -> StoreConfig {
+/// The spill dir of the tests that do not look at it: one for all of them, never the
+/// working directory (a spill file is only replayed into its own database).
+fn shared_spill_dir() -> String {
+    std::env::temp_dir()
+        .join("switchboard-pg-spill")
+        .display()
+        .to_string()
+}
+
+pub(super) fn config(url: &str, ttl: u64) -> StoreConfig {
     StoreConfig {
         url: url.into(),
         reservation_ttl_secs: ttl,
         pool_size: 8,
+        spill_dir: shared_spill_dir(),
         ..Default::default()
     }
 }
@@ -28,18 +38,18 @@ fn open(db: &TestDb, ttl: u64) -> Arc<PgStore> {
     PgStore::open(&config(db.url(), ttl)).unwrap()
 }
 
-fn make_key(store: &PgStore, name: &str, new: NewKey) -> KeyRecord {
+pub(super) fn make_key(store: &PgStore, name: &str, new: NewKey) -> KeyRecord {
     store
         .create(hash_secret(&format!("sk-{name}-0123456789abcdef")), new)
         .unwrap()
         .record
 }
 
-fn money_hold(usd_text: &str) -> Reservation {
+pub(super) fn money_hold(usd_text: &str) -> Reservation {
     usd(usd_text).into()
 }
 
-fn settlement(
+pub(super) fn settlement(
     key_id: &str,
     id: &str,
     cost: Money,
@@ -73,7 +83,7 @@ fn settlement(
 }
 
 /// What PostgreSQL says a key spent.
-fn spent_of(store: &PgStore, key_id: &str) -> Money {
+pub(super) fn spent_of(store: &PgStore, key_id: &str) -> Money {
     store.get(key_id).unwrap().unwrap().spent
 }
 
@@ -484,7 +494,7 @@ fn four_instances_starting_at_once_migrate_one_schema() {
             }
         })
         .unwrap();
-    assert_eq!(versions, vec![1]);
+    assert_eq!(versions, vec![1, 2]);
     // And every one of them works on it.
     for (n, store) in stores.iter().enumerate() {
         make_key(store, &format!("k{n}"), NewKey::new("k", usd("1")));
@@ -512,42 +522,75 @@ fn an_unreachable_server_is_store_unavailable_within_seconds() {
 }
 
 /// A TCP proxy to PostgreSQL that can be cut and restored on the same port.
-struct Proxy {
-    port: u16,
+pub(super) struct Proxy {
+    pub(super) port: u16,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// While set, what arrives is held, not passed on (a network that drops packets).
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Copies `from` to `to`, holding what it read while `frozen`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
-    async fn start(port: u16) -> Proxy {
+    pub(super) async fn start(port: u16) -> Proxy {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap();
         let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = frozen.clone();
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
-                conns.spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
+                let Ok(out) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
+                    continue;
+                };
+                let ((in_r, in_w), (out_r, out_w)) = (inbound.into_split(), out.into_split());
+                conns.spawn(pump(in_r, out_w, f.clone()));
+                conns.spawn(pump(out_r, in_w, f.clone()));
             }
         });
         Proxy {
             port,
             task: Some(task),
+            frozen,
         }
     }
 
     /// Closes the listener and every connection through it.
-    async fn cut(&mut self) {
+    pub(super) async fn cut(&mut self) {
         if let Some(t) = self.task.take() {
             t.abort();
             let _ = t.await;
         }
+    }
+
+    /// Holds everything sent through it (nothing is closed) until `thaw`.
+    pub(super) fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
     }
 }
 

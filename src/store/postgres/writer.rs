@@ -1,5 +1,7 @@
 //! The instance's one settlement writer: everything queued is committed in one
-//! statement (`sb_settle`), retried until it commits.
+//! statement (`sb_settle`), retried until it commits. While it does not commit,
+//! everything the writer holds is kept in the instance's spill file ([`super::spill`])
+//! before any waiting `settle` is answered with an error.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -20,14 +22,18 @@ const MAX_BATCH: usize = 512;
 /// must not wait for ever).
 const FLUSH_WAIT: Duration = Duration::from_secs(if cfg!(test) { 2 } else { 30 });
 
+/// How long a statement may go unanswered before what it commits is spilled.
+const SILENT: Duration = Duration::from_secs(1);
+
 type Waiter = oneshot::Sender<Result<bool, StoreError>>;
 
-/// A settlement's waiter (if any), when it was queued, and whether its reservation
-/// counts in its key's account here.
+/// A settlement's waiter (if any), when it was queued, whether its reservation
+/// counts in its key's account here, and whether it is in the spill file.
 struct Waiting {
     waiter: Option<Waiter>,
     since: Instant,
     counted: bool,
+    spilled: bool,
 }
 
 /// A queued settlement.
@@ -48,6 +54,8 @@ struct Queue {
     items: VecDeque<Item>,
     /// Settlements taken by the writer and not committed yet.
     in_flight: usize,
+    /// Whether those are all in the spill file.
+    in_flight_spilled: bool,
     closing: bool,
     /// Told, once the queue is empty after `closing`.
     stopped: Option<std::sync::mpsc::Sender<()>>,
@@ -116,6 +124,7 @@ impl Writer {
                 waiter: tx,
                 since: Instant::now(),
                 counted,
+                spilled: false,
             },
         }));
         drop(q);
@@ -193,6 +202,7 @@ impl Writer {
             }
         }
         q.in_flight = batch.len();
+        q.in_flight_spilled = false;
         if batch.is_empty() && q.closing {
             if let Some(tx) = q.stopped.take() {
                 let _ = tx.send(());
@@ -200,6 +210,92 @@ impl Writer {
             return None;
         }
         Some(batch)
+    }
+
+    /// Writes what is not in the spill file yet, of `batch` (the settlements being
+    /// committed) and of the queue, to it, and `fsync`s it (on a blocking thread).
+    /// What could not be written stays marked as not spilled (tried again next time).
+    async fn spill(&self, shared: &Arc<Shared>, batch: &[Box<Settlement>], meta: &mut [Waiting]) {
+        let (lines, queued) = {
+            let q = self.queue.lock();
+            let queued: Vec<usize> = q
+                .items
+                .iter()
+                .enumerate()
+                .filter_map(|(n, i)| match i {
+                    Item::Settle(s) if !s.meta.spilled => Some(n),
+                    _ => None,
+                })
+                .collect();
+            let from_queue = queued.iter().filter_map(|n| match &q.items[*n] {
+                Item::Settle(s) => Some(&*s.settlement),
+                Item::Flush(..) => None,
+            });
+            let from_batch = batch
+                .iter()
+                .zip(meta.iter())
+                .filter(|(_, m)| !m.spilled)
+                .map(|(s, _)| &**s);
+            (shared.spill.lines(from_batch.chain(from_queue)), queued)
+        };
+        let s = shared.clone();
+        let written = tokio::task::spawn_blocking(move || s.spill.append(lines))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match written {
+            Ok(()) => {
+                for m in meta.iter_mut() {
+                    m.spilled = true;
+                }
+                // Only the writer takes from the queue: what was queued then is still
+                // where it was.
+                let mut q = self.queue.lock();
+                for n in queued {
+                    if let Some(Item::Settle(s)) = q.items.get_mut(n) {
+                        s.meta.spilled = true;
+                    }
+                }
+            }
+            Err(e) => tracing::error!(
+                "cannot keep the charges PostgreSQL did not commit in {}: {e}; they are held in memory only",
+                shared.spill.path().display()
+            ),
+        }
+    }
+
+    /// At close, with settlements left: writes the queued ones not in the spill file
+    /// yet to it (on this thread); how many settlements are on no disk.
+    pub fn spill_rest(&self, shared: &Shared) -> usize {
+        let mut q = self.queue.lock();
+        let mut lost = if q.in_flight_spilled { 0 } else { q.in_flight };
+        let lines = shared.spill.lines(q.items.iter().filter_map(|i| match i {
+            Item::Settle(s) if !s.meta.spilled => Some(&*s.settlement),
+            _ => None,
+        }));
+        let unspilled = q
+            .items
+            .iter()
+            .filter(|i| matches!(i, Item::Settle(s) if !s.meta.spilled))
+            .count();
+        if unspilled > 0 {
+            match shared.spill.append(lines) {
+                Ok(()) => {
+                    for item in q.items.iter_mut() {
+                        if let Item::Settle(s) = item {
+                            s.meta.spilled = true;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "cannot keep {unspilled} charge(s) in {}: {e}",
+                        shared.spill.path().display()
+                    );
+                    lost += unspilled;
+                }
+            }
+        }
+        lost
     }
 
     /// Answers, with an error, the waiters queued for longer than [`WAIT`] (their
@@ -253,7 +349,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
 }
 
 /// Why a batch did not commit.
-enum Failure {
+pub(super) enum Failure {
     /// PostgreSQL did not answer, or the transaction met another (deadlock,
     /// serialization): try again.
     Retry(StoreError),
@@ -264,8 +360,8 @@ enum Failure {
 
 /// What `sb_settle` answered: the request ids inserted, and this instance's leases
 /// after it.
-struct Committed {
-    inserted: HashSet<String>,
+pub(super) struct Committed {
+    pub inserted: HashSet<String>,
     leases: Vec<(String, Amounts, i64)>,
 }
 
@@ -311,7 +407,23 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
     let mut delay = Duration::from_millis(50);
     let mut failing = false;
     let outcome = loop {
-        match statement(shared, &rows).await {
+        let attempt = statement(shared, &rows, Some(&shared.instance));
+        tokio::pin!(attempt);
+        let answer = loop {
+            tokio::select! {
+                answer = &mut attempt => break answer,
+                // PostgreSQL is silent (a network that drops packets): the charges go
+                // on disk meanwhile, before any waiter is told.
+                () = tokio::time::sleep(SILENT) => {
+                    shared.writer.spill(shared, &batch, &mut waiters).await;
+                    if waiters.iter().all(|w| w.spilled) {
+                        shared.writer.queue.lock().in_flight_spilled = true;
+                    }
+                    shared.writer.answer_overdue(&mut waiters, &shared.server);
+                }
+            }
+        };
+        match answer {
             Ok(c) => break Ok(c),
             Err(Failure::Refused(e)) => break Err(e),
             Err(Failure::Retry(e)) => {
@@ -321,6 +433,11 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
                         rows.len()
                     );
                     failing = true;
+                }
+                // On disk (fsync'd) before anyone is told it did not commit.
+                shared.writer.spill(shared, &batch, &mut waiters).await;
+                if waiters.iter().all(|w| w.spilled) {
+                    shared.writer.queue.lock().in_flight_spilled = true;
                 }
                 shared.writer.answer_overdue(&mut waiters, &shared.server);
                 tokio::time::sleep(delay).await;
@@ -353,6 +470,16 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
                 }
             }
         }
+    }
+    if waiters.iter().any(|w| w.spilled) && !(outcome.is_err() && batch.len() > 1) {
+        // Committed, or refused for good: either way not owed any more.
+        shared.spill.committed(
+            batch
+                .iter()
+                .zip(&waiters)
+                .filter(|(_, w)| w.spilled)
+                .map(|(s, _)| s.generation.id.as_str()),
+        );
     }
     match outcome {
         Ok(committed) => {
@@ -401,8 +528,13 @@ fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// One `sb_settle` round trip.
-async fn statement(shared: &Arc<Shared>, rows: &[&Settlement]) -> Result<Committed, Failure> {
+/// One `sb_settle` round trip, for `instance`'s leases (`None`: touching no lease, for
+/// a replay).
+pub(super) async fn statement(
+    shared: &Arc<Shared>,
+    rows: &[&Settlement],
+    instance: Option<&str>,
+) -> Result<Committed, Failure> {
     // Nothing but the rows themselves can make PostgreSQL refuse them for good.
     let client = shared.client().await.map_err(Failure::Retry)?;
     let stmt = shared
@@ -454,7 +586,7 @@ async fn statement(shared: &Arc<Shared>, rows: &[&Settlement]) -> Result<Committ
         .query(
             &stmt,
             &[
-                &shared.instance,
+                &instance,
                 &ids,
                 &keys,
                 &costs,
