@@ -80,6 +80,13 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// per row for the writer, and of the ways that skip a batch written twice (a `COPY`
 /// needs a temporary table and a merge for that) the fastest.
 ///
+/// The sink's connection sets `synchronous_commit = off` for its own session: a
+/// batch's commit does not wait for the WAL flush (a fifth of PostgreSQL's CPU per
+/// request at saturation went to the log's commits; BENCHMARKS.md, ninth session).
+/// The records are not money: a crash of PostgreSQL itself (not of the gateway) may
+/// lose the last few hundred milliseconds of them; the ledger's own statements keep
+/// synchronous commits.
+///
 /// PostgreSQL unreachable (or restarting): the batch is kept and written again after
 /// a backoff ([`LogSink::retry`]), new records wait in the writer's bounded queue,
 /// and once that is full they are dropped and counted; nothing blocks or fails a
@@ -282,9 +289,13 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Conn, Failure> {
             tracing::debug!("request log: the PostgreSQL connection ended: {e}");
         }
     });
+    // The connection is the log's own: its commits do not wait for the WAL flush
+    // (`synchronous_commit = off`; the log is not money, and a PostgreSQL crash loses
+    // at most its last ≈ 0.6 s of records, never a charge: the ledger's statements go
+    // through the store's own connections, synchronous).
     client
         .batch_execute(&format!(
-            "BEGIN; SET LOCAL client_min_messages = warning; SELECT pg_advisory_xact_lock({SCHEMA_LOCK}); {POSTGRES_SCHEMA} COMMIT;"
+            "BEGIN; SET LOCAL client_min_messages = warning; SELECT pg_advisory_xact_lock({SCHEMA_LOCK}); {POSTGRES_SCHEMA} COMMIT; SET synchronous_commit = off;"
         ))
         .await?;
     let insert = client.prepare(INSERT).await?;

@@ -284,6 +284,31 @@ fn a_batch_is_one_transaction_and_a_batch_written_again_doubles_nothing() {
 }
 
 #[test]
+fn the_logs_commits_do_not_wait_for_the_wal_flush_but_other_sessions_do() {
+    let Some(db) = crate::testing::postgres("the_logs_commits_do_not_wait") else {
+        return;
+    };
+    let mut sink = started(db.url());
+    let rt = sink.take_runtime().unwrap();
+    let conn = sink.conn.as_ref().unwrap();
+    let setting = rt.block_on(async {
+        let row = conn
+            .client
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .unwrap();
+        row.get::<_, String>(0)
+    });
+    sink.rt = Some(rt);
+    assert_eq!(setting, "off", "the log's own session");
+    // Only that session: the database's default (the ledger's connections) is kept.
+    let other = pg_rows(db.url(), "SHOW synchronous_commit");
+    assert_eq!(other[0][0].as_deref(), Some("on"));
+    sink.write(&[record("gen-async")]).unwrap();
+    assert_eq!(pg_count(db.url(), "id = 'gen-async'"), 1);
+}
+
+#[test]
 fn a_nul_in_a_text_is_kept_as_a_replacement_character_not_a_lost_batch() {
     let Some(db) = crate::testing::postgres("a_nul_in_a_text") else {
         return;

@@ -30,9 +30,9 @@
 //!   instance's lease to `need + headroom` in one statement, `need = in_use + hold`:
 //!   under the key's row lock it drops expired leases, computes what is free for this
 //!   instance (`cap − spent − the other instances' leases`) and grants nothing new when
-//!   that is less than `need` (402, or 429 for tokens). The headroom is 32 × this hold
+//!   that is less than `need` (402, or 429 for tokens). The headroom is 256 × this hold
 //!   but at most ⅛ of what is free beyond `need`: a hot key with a large balance asks
-//!   about once per 32 requests, other instances are never starved, and a nearly
+//!   about once per 256 requests, other instances are never starved, and a nearly
 //!   exhausted key ends with leases ≈ exactly what is in use (then every admission is
 //!   a round trip: exact, and slow only when the money is nearly gone). A refusal
 //!   that the other instances' leases could lift sends them a notification

@@ -700,3 +700,35 @@ async fn round_trips_per_request() {
         (a.round_trips(None) + b.round_trips(None)) as f64 / n
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_with_a_large_balance_asks_for_a_lease_about_once_per_256_requests() {
+    let Some(db) = postgres("a_hot_key_asks_for_a_lease_about_once_per_256") else {
+        return;
+    };
+    let a = open(&db, 30);
+    // ⅛ of $1,000 is far more than 256 holds of $0.001: only the headroom binds.
+    let key = make_key(&a, "hot", NewKey::new("hot", usd("1000")));
+    let hold = money_hold("0.001");
+    let requests = 1_000;
+    for n in 0..requests {
+        Ledger::reserve(&*a, &key, hold).await.unwrap();
+        let id = format!("seq-{n}");
+        assert!(a
+            .settle(settlement(&key.id, &id, usd("0.0004"), hold, 0))
+            .await
+            .unwrap());
+    }
+    // One after another, each lease covers the request that asks and 256 more (32 gave
+    // ≈ 31 statements here).
+    let leases = a.round_trips(Some("lease"));
+    assert!(
+        (1..=6).contains(&leases),
+        "{leases} lease statements for {requests} requests"
+    );
+    let (a2, id) = (a.clone(), key.id.clone());
+    let spent = tokio::task::spawn_blocking(move || spent_of(&a2, &id))
+        .await
+        .unwrap();
+    assert_eq!(spent, usd("0.4"), "every charge once, to the pico-dollar");
+}
