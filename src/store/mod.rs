@@ -287,6 +287,23 @@ pub struct NewKey {
 }
 
 impl NewKey {
+    /// The key as a store returns it once stored under `id` at `created` (Unix
+    /// seconds): nothing spent yet.
+    pub fn into_stored(self, id: String, created: u64) -> StoredKey {
+        StoredKey {
+            record: KeyRecord {
+                limit: self.limit,
+                rpm: self.rpm,
+                tokens_per_day: self.tokens_per_day,
+                models: self.models,
+                ..KeyRecord::new(id, self.name)
+            },
+            created,
+            credits: self.credits,
+            spent: Money::ZERO,
+        }
+    }
+
     /// A key with `credits` and no limits.
     pub fn new(name: impl Into<String>, credits: Money) -> Self {
         NewKey {

@@ -224,18 +224,7 @@ impl Shared {
                 }
             })?;
         self.mark_up();
-        Ok(StoredKey {
-            record: KeyRecord {
-                limit: new.limit,
-                rpm: new.rpm,
-                tokens_per_day: new.tokens_per_day,
-                models: new.models,
-                ..KeyRecord::new(id, new.name)
-            },
-            created,
-            credits: new.credits,
-            spent: Money::ZERO,
-        })
+        Ok(new.into_stored(id, created))
     }
 
     pub(super) async fn update(

@@ -112,18 +112,7 @@ impl KeyStore for SqliteStore {
             })?;
             Ok(())
         })?;
-        Ok(StoredKey {
-            record: KeyRecord {
-                limit: new.limit,
-                rpm: new.rpm,
-                tokens_per_day: new.tokens_per_day,
-                models: new.models,
-                ..KeyRecord::new(id, new.name)
-            },
-            created,
-            credits: new.credits,
-            spent: Money::ZERO,
-        })
+        Ok(new.into_stored(id, created))
     }
 
     fn update(&self, id: &str, patch: &KeyPatch) -> Result<Option<StoredKey>, StoreError> {
