@@ -399,72 +399,6 @@ async fn a_gateway_that_stops_gives_its_leases_back_at_once() {
     }
 }
 
-/// A `switchboard serve` process, SIGKILLed on drop.
-struct Process {
-    child: std::process::Child,
-    base: String,
-}
-
-impl Process {
-    fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill(); // SIGKILL on unix
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `switchboard serve --config CONFIG` on a free port and waits until it
-/// answers `/healthz` (its stderr appended to `log`).
-async fn serve(config: &Path, log: &Path) -> Process {
-    for _ in 0..5 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(config)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log)
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap();
-        let mut process = Process {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = process.child.try_wait() {
-                break; // the port was taken meanwhile: try another
-            }
-            if let Ok(r) = client().get(process.url("/healthz")).send().await {
-                if r.status() == 200 {
-                    return process;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    panic!(
-        "switchboard did not start: {}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
-}
-
 /// A TCP relay to PostgreSQL on `port` (0: any), aborted to cut every connection.
 async fn relay(port: u16) -> (u16, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
@@ -542,19 +476,16 @@ async fn a_stream_served_while_postgres_is_gone_is_charged_once_after_a_sigkill(
     .await;
     let dir = temp_dir("pg-spill");
     let spill = dir.join("spill");
-    let log = dir.join("stderr.log");
     let (port, cut) = relay(0).await;
     let through_relay = db.url().replace(":5432/", &format!(":{port}/"));
-    let write_config = |name: &str, url: &str| {
-        let path = dir.join(name);
+    let config = |url: &str| {
         let extra = format!(
             "[store]\nurl = \"{url}\"\nspill_dir = \"{}\"\n\n[logging]\nsink = \"none\"\n",
             spill.display()
         );
-        std::fs::write(&path, openai_config(&[("up", &up.url())], &extra)).unwrap();
-        path
+        openai_config(&[("up", &up.url())], &extra)
     };
-    let first = serve(&write_config("first.toml", &through_relay), &log).await;
+    let mut first = ServeProcess::spawn(&config(&through_relay)).await;
 
     let res = client()
         .post(first.url("/v1/chat/completions"))
@@ -588,15 +519,15 @@ async fn a_stream_served_while_postgres_is_gone_is_charged_once_after_a_sigkill(
         assert!(
             Instant::now() < deadline,
             "the charge was never kept on disk: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+            first.log_text()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    drop(first); // SIGKILL, PostgreSQL still gone
+    first.kill(); // SIGKILL, PostgreSQL still gone
     drop(body);
 
     // A new process on the same disk, PostgreSQL answering again.
-    let second = serve(&write_config("second.toml", db.url()), &log).await;
+    let second = ServeProcess::spawn(&config(db.url())).await;
     assert!(
         spill_files(&spill).is_empty(),
         "the spill file is replayed and deleted at start"
