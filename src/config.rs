@@ -66,6 +66,9 @@ pub struct Config {
     /// `[shared]`: Redis shared by many instances (SPEC §6).
     #[serde(default)]
     pub shared: SharedConfig,
+    /// `[idempotency]`: how long `Idempotency-Key` answers are kept (SPEC §8.2).
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
     /// `[[providers]]`.
     #[serde(default)]
     pub providers: Vec<ProviderConfig>,
@@ -254,6 +257,24 @@ impl Default for SharedConfig {
             redis_url: None,
             prefix: "switchboard:".into(),
         }
+    }
+}
+
+/// `[idempotency]`: requests with an `Idempotency-Key` (SPEC §8.2;
+/// [`crate::idempotency`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencyConfig {
+    /// How long a recorded answer is replayed, in seconds; purged after.
+    pub ttl_secs: u64,
+}
+
+/// The longest `[idempotency].ttl_secs`: a year.
+pub const MAX_IDEMPOTENCY_TTL_SECS: u64 = 365 * 86_400;
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        IdempotencyConfig { ttl_secs: 86_400 }
     }
 }
 
@@ -594,6 +615,15 @@ impl Config {
                     format!("must be between 1 and 86400 seconds, got {secs}"),
                 );
             }
+        }
+        if !(1..=MAX_IDEMPOTENCY_TTL_SECS).contains(&self.idempotency.ttl_secs) {
+            bad(
+                "idempotency.ttl_secs".into(),
+                format!(
+                    "must be between 1 and {MAX_IDEMPOTENCY_TTL_SECS} seconds (a year), got {}",
+                    self.idempotency.ttl_secs
+                ),
+            );
         }
         if self.server.max_connections == 0 {
             bad("server.max_connections".into(), "must be at least 1".into());

@@ -18,6 +18,7 @@
 
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +26,7 @@ use futures_util::Stream;
 
 use crate::catalog::Endpoint;
 use crate::chat::{ChatChunk, ChatRequest, Usage};
+use crate::credit::ParkedSettlement;
 use crate::error::GatewayError;
 use crate::keys::KeyRecord;
 use crate::money::Money;
@@ -166,6 +168,10 @@ struct Inner {
     key: OnceLock<Arc<KeyRecord>>,
     reservation: OnceLock<Reservation>,
     state: Mutex<CallState>,
+    /// Set by the idempotency layer: credit parks its settlement (below) instead of
+    /// committing it.
+    defer_settlement: AtomicBool,
+    parked: Mutex<Option<ParkedSettlement>>,
 }
 
 /// Shared per-request state; cheap to clone.
@@ -191,6 +197,8 @@ impl CallContext {
             key: OnceLock::new(),
             reservation: OnceLock::new(),
             state: Mutex::new(CallState::default()),
+            defer_settlement: AtomicBool::new(false),
+            parked: Mutex::new(None),
         }))
     }
 
@@ -239,6 +247,42 @@ impl CallContext {
     /// [`CreditLayer`](crate::credit::CreditLayer) before any upstream is called).
     pub fn set_reservation(&self, hold: Reservation) {
         let _ = self.0.reservation.set(hold);
+    }
+
+    /// Asks [`CreditLayer`](crate::credit::CreditLayer) to park the request's
+    /// settlement in this context ([`park_settlement`](Self::park_settlement))
+    /// instead of committing it, so that whoever set this commits it together with
+    /// something else (the idempotency record of SPEC §8.2).
+    pub fn defer_settlement(&self) {
+        self.0.defer_settlement.store(true, Ordering::Release);
+    }
+
+    /// Whether [`defer_settlement`](Self::defer_settlement) was called.
+    pub fn settlement_deferred(&self) -> bool {
+        self.0.defer_settlement.load(Ordering::Acquire)
+    }
+
+    /// Parks the request's settlement (credit does, when deferred). A parked
+    /// settlement that nobody takes commits itself, alone, when dropped (with the
+    /// context at the latest): no path loses a charge.
+    pub fn park_settlement(&self, parked: ParkedSettlement) {
+        let old = self
+            .0
+            .parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(parked);
+        // Dropping an earlier one commits it; there is never more than one.
+        drop(old);
+    }
+
+    /// Takes the parked settlement, if there is one.
+    pub fn take_parked_settlement(&self) -> Option<ParkedSettlement> {
+        self.0
+            .parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// Changes the state under its lock.

@@ -388,10 +388,16 @@ impl Charge {
         self.ledger.release(&self.key_id, self.reserved);
     }
 
-    /// Sends the settlement; the future resolves once it is committed.
+    /// Sends the settlement; the future resolves once it is committed. A deferred
+    /// one ([`CallContext::defer_settlement`]) is parked in the context instead.
     fn settle(mut self) -> Option<BoxFuture<'static, Result<bool, StoreError>>> {
         self.done = true;
         match self.settlement() {
+            Some(s) if self.ctx.settlement_deferred() => {
+                self.ctx
+                    .park_settlement(ParkedSettlement::new(self.ledger.clone(), s));
+                None
+            }
             Some(s) => Some(self.ledger.settle(s)),
             None => {
                 self.ledger.release(&self.key_id, self.reserved);
@@ -410,6 +416,73 @@ impl Drop for Charge {
             Some(s) => self.ledger.settle_detached(s),
             None => self.ledger.release(&self.key_id, self.reserved),
         }
+    }
+}
+
+/// A settlement credit did not commit itself because the request asked it to wait
+/// ([`CallContext::defer_settlement`]): parked in the request's context when its
+/// reply ends, for the [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer) to
+/// commit together with the request's idempotency record
+/// ([`commit_recorded`](Self::commit_recorded)), or alone ([`commit`](Self::commit)).
+/// Dropped without either, it commits itself alone through the ledger's writer
+/// (like a stream cut by the client), so no path loses a charge.
+pub struct ParkedSettlement {
+    ledger: Arc<dyn Ledger>,
+    settlement: Option<Settlement>,
+}
+
+impl ParkedSettlement {
+    /// `settlement`, to be committed through `ledger`.
+    pub(crate) fn new(ledger: Arc<dyn Ledger>, settlement: Settlement) -> Self {
+        ParkedSettlement {
+            ledger,
+            settlement: Some(settlement),
+        }
+    }
+
+    /// The charge it holds.
+    pub fn settlement(&self) -> Option<&Settlement> {
+        self.settlement.as_ref()
+    }
+
+    /// Whether its ledger keeps idempotency records.
+    pub fn keeps_records(&self) -> bool {
+        self.ledger.keeps_idempotency_records()
+    }
+
+    /// Commits the settlement alone; resolves once it is committed.
+    pub fn commit(mut self) -> BoxFuture<'static, Result<bool, StoreError>> {
+        match self.settlement.take() {
+            Some(s) => self.ledger.settle(s),
+            None => future::ready(Ok(false)).boxed(),
+        }
+    }
+
+    /// Commits the settlement and `record` in one commit; resolves once committed.
+    pub fn commit_recorded(
+        mut self,
+        record: crate::store::IdempotencyRecord,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        match self.settlement.take() {
+            Some(s) => self.ledger.settle_recorded(s, record),
+            None => future::ready(Ok(false)).boxed(),
+        }
+    }
+}
+
+impl Drop for ParkedSettlement {
+    fn drop(&mut self) {
+        if let Some(s) = self.settlement.take() {
+            self.ledger.settle_detached(s);
+        }
+    }
+}
+
+impl std::fmt::Debug for ParkedSettlement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParkedSettlement")
+            .field("id", &self.settlement.as_ref().map(|s| &s.generation.id))
+            .finish_non_exhaustive()
     }
 }
 

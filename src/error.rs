@@ -99,6 +99,9 @@ pub enum GatewayError {
     /// might not be charged (SPEC §6).
     #[error("{0}")]
     StoreUnavailable(String),
+    /// 422: an `Idempotency-Key` used again with a different request (SPEC §8.2).
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
 }
 
 impl GatewayError {
@@ -122,6 +125,7 @@ impl GatewayError {
             RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IdempotencyKeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -153,6 +157,7 @@ impl GatewayError {
             RequestTimeout(_) => "request_timeout",
             Overloaded(_) => "overloaded",
             StoreUnavailable(_) => "store_unavailable",
+            IdempotencyKeyReused(_) => "idempotency_key_reused",
         }
     }
 

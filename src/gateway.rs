@@ -51,6 +51,7 @@ use crate::credit::CreditLayer;
 use crate::error::{Body, GatewayError};
 use crate::fallback::FallbackLayer;
 use crate::health::{HealthFilterLayer, HealthRegistry, InMemoryHealth, RedisHealth};
+use crate::idempotency::IdempotencyLayer;
 use crate::logging::{LogSink, LogWriter, LoggingLayer};
 use crate::metering::MeteringLayer;
 use crate::normalize::NormalizeLayer;
@@ -251,6 +252,16 @@ impl GatewayBuilder {
             .layer(auth.clone())
             // Rate limit on the authenticated key id, before the body is even read.
             .layer(rate_limit)
+            // Idempotency keys (SPEC §8.2): after auth (records are scoped to the key)
+            // and rate limits (a replay is a request too); outside Normalize, so it
+            // sees the bytes the client gets and holds the last of them until credit's
+            // settlement, parked in the context, is committed with the record.
+            .layer(
+                IdempotencyLayer::new(ledger.clone())
+                    .ttl(Duration::from_secs(config.idempotency.ttl_secs))
+                    .max_body_bytes(config.server.max_body_bytes as usize)
+                    .wait_timeout(Duration::from_secs(config.server.request_timeout_secs)),
+            )
             // Normalize is where HTTP ends: body limit, JSON, SSE, keep-alive, deadline.
             .layer(
                 NormalizeLayer::new()

@@ -18,6 +18,7 @@
 
 pub mod accounts;
 pub mod auth;
+mod canonical;
 pub mod catalog;
 pub mod chat;
 pub mod config;
@@ -30,6 +31,7 @@ pub mod fallback;
 pub mod fuzzing;
 pub mod gateway;
 pub mod health;
+pub mod idempotency;
 mod json;
 pub mod keys;
 pub mod logging;

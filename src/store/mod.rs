@@ -82,9 +82,11 @@ use crate::error::GatewayError;
 use crate::keys::KeyRecord;
 use crate::money::Money;
 
+mod idempotency;
 pub mod postgres;
 mod sqlite;
 
+pub use idempotency::{IdempotencyLock, IdempotencyRecord};
 pub use postgres::PgStore;
 pub(crate) use sqlite::schema;
 pub use sqlite::SqliteStore;
@@ -652,6 +654,58 @@ pub trait Ledger: Send + Sync + 'static {
     fn top_up(&self, key_id: &str, amount: Money) -> Result<Option<Balance>, StoreError>;
     /// One settled request's stats.
     fn generation(&self, id: &str) -> Result<Option<Generation>, StoreError>;
+
+    /// Whether this ledger keeps [idempotency records](IdempotencyRecord) (SPEC §8.2).
+    /// The default is `false`: the
+    /// [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer) then lets requests
+    /// through as if they had no `Idempotency-Key`.
+    fn keeps_idempotency_records(&self) -> bool {
+        false
+    }
+
+    /// Like [`settle`](Ledger::settle), and commits `record` in the same commit as
+    /// the settlement: after a crash both are there or neither is. A request id
+    /// settled before is not charged again, and its record is not written. The
+    /// default (a ledger that keeps no records) settles alone.
+    fn settle_recorded(
+        &self,
+        s: Settlement,
+        record: IdempotencyRecord,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let _ = record;
+        self.settle(s)
+    }
+
+    /// The record of `idem_key` of key `key_id` still kept at `now` (Unix seconds),
+    /// committed records not yet in the store's tables included. The default: none.
+    fn idempotency_record(
+        &self,
+        key_id: &str,
+        idem_key: &str,
+        now: u64,
+    ) -> BoxFuture<'static, Result<Option<IdempotencyRecord>, StoreError>> {
+        let _ = (key_id, idem_key, now);
+        Box::pin(futures_util::future::ready(Ok(None)))
+    }
+
+    /// Tries to take the lock that lets one instance at a time run the first
+    /// request of `idem_key` of key `key_id`: `None` while another instance holds it.
+    /// The default (one process) always grants a lock that holds nothing.
+    fn idempotency_lock(
+        &self,
+        key_id: &str,
+        idem_key: &str,
+    ) -> BoxFuture<'static, Result<Option<IdempotencyLock>, StoreError>> {
+        let _ = (key_id, idem_key);
+        Box::pin(futures_util::future::ready(Ok(Some(IdempotencyLock::local()))))
+    }
+
+    /// Deletes the records expired at `now` (Unix seconds); how many. The default:
+    /// nothing to delete.
+    fn purge_idempotency(&self, now: u64) -> BoxFuture<'static, Result<u64, StoreError>> {
+        let _ = now;
+        Box::pin(futures_util::future::ready(Ok(0)))
+    }
 }
 
 /// Whether a `[store].url` names PostgreSQL (`postgres://…` or `postgresql://…`).

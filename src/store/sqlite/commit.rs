@@ -86,6 +86,11 @@ pub(super) fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<b
         )?;
         // One UPDATE and one UPSERT per key (and day) per batch, not per settlement:
         // a batch is usually many requests of few keys.
+        let mut record = tx.prepare_cached(
+            "INSERT OR REPLACE INTO idempotency (key_id, idem_key, fingerprint, request_id, status,
+               headers, body, created, expires)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
         let mut per_key: HashMap<(&str, u64), (Money, u64)> = HashMap::new();
         let mut attempts = Vec::with_capacity(128);
         for e in batch {
@@ -111,6 +116,21 @@ pub(super) fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<b
                 int(g.created)
             ])?;
             if n == 1 {
+                // In the same transaction as its settlement (SPEC §8.2); a request id
+                // settled before brings no record either.
+                if let Some(r) = &e.record {
+                    record.execute(params![
+                        s.key_id,
+                        r.idem_key,
+                        &r.fingerprint[..],
+                        g.id,
+                        r.status,
+                        r.headers_json(),
+                        &r.body[..],
+                        int(r.created),
+                        int(r.expires)
+                    ])?;
+                }
                 let entry = per_key.entry((&s.key_id, e.day)).or_default();
                 entry.0 = entry.0.checked_add(g.total_cost).ok_or_else(|| {
                     StoreError(format!(

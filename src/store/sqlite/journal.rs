@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::money::{Money, MAX_CHARGE};
-use crate::store::{Generation, GenerationAttempt, Settlement};
+use crate::store::{Generation, GenerationAttempt, IdempotencyRecord, Settlement};
 
 /// A settlement as the journal holds it: with the UTC day its tokens count against,
 /// fixed when it was journaled (SQLite may get it after midnight).
@@ -37,6 +37,8 @@ use crate::store::{Generation, GenerationAttempt, Settlement};
 pub(super) struct Entry {
     pub settlement: Settlement,
     pub day: u64,
+    /// The idempotency record committed with it (SPEC §8.2), in the same line.
+    pub record: Option<Box<IdempotencyRecord>>,
 }
 
 /// One journal line (all an [`Entry`] needs but the reservation, which is memory only).
@@ -62,6 +64,60 @@ struct Line<'a> {
     #[serde(borrow)]
     finish: Option<Cow<'a, str>>,
     created: u64,
+    /// Only in the line of a settlement with an idempotency record.
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    idem: Option<IdemLine<'a>>,
+}
+
+/// An idempotency record in its settlement's line (its key id is the settlement's).
+#[derive(Serialize, Deserialize)]
+struct IdemLine<'a> {
+    #[serde(borrow)]
+    key: Cow<'a, str>,
+    /// Hex.
+    #[serde(borrow)]
+    fp: Cow<'a, str>,
+    status: u16,
+    headers: Vec<(String, String)>,
+    /// Base64 (standard, padded).
+    #[serde(borrow)]
+    body: Cow<'a, str>,
+    created: u64,
+    expires: u64,
+}
+
+impl<'a> IdemLine<'a> {
+    fn of(r: &'a IdempotencyRecord) -> Self {
+        use base64::Engine;
+        IdemLine {
+            key: Cow::Borrowed(&r.idem_key),
+            fp: Cow::Owned(hex::encode(r.fingerprint)),
+            status: r.status,
+            headers: r.headers.clone(),
+            body: Cow::Owned(base64::engine::general_purpose::STANDARD.encode(&r.body)),
+            created: r.created,
+            expires: r.expires,
+        }
+    }
+
+    fn into_record(self, key_id: &str) -> Option<IdempotencyRecord> {
+        use base64::Engine;
+        let mut fingerprint = [0u8; 32];
+        hex::decode_to_slice(self.fp.as_bytes(), &mut fingerprint).ok()?;
+        Some(IdempotencyRecord {
+            key_id: key_id.to_owned(),
+            idem_key: self.key.into_owned(),
+            fingerprint,
+            status: self.status,
+            headers: self.headers,
+            body: base64::engine::general_purpose::STANDARD
+                .decode(self.body.as_bytes())
+                .ok()?
+                .into(),
+            created: self.created,
+            expires: self.expires,
+        })
+    }
 }
 
 impl Entry {
@@ -110,6 +166,11 @@ impl Entry {
         }
         out.extend_from_slice(b",\"created\":");
         out.extend_from_slice(n.format(g.created).as_bytes());
+        if let Some(r) = &self.record {
+            // Rare (requests with an `Idempotency-Key`): through serde.
+            out.extend_from_slice(b",\"idem\":");
+            let _ = serde_json::to_writer(&mut *out, &IdemLine::of(r));
+        }
         out.extend_from_slice(b"}\n");
     }
 
@@ -122,7 +183,13 @@ impl Entry {
         if !Money::from_pico(l.pico).within(MAX_CHARGE) {
             return None;
         }
+        let record = match l.idem {
+            // A record that does not decode is a damaged line.
+            Some(idem) => Some(Box::new(idem.into_record(&l.key)?)),
+            None => None,
+        };
         Some(Entry {
+            record,
             settlement: Settlement {
                 key_id: l.key.clone().into_owned(),
                 reserved: crate::store::Reservation::NONE,
@@ -465,6 +532,21 @@ mod tests {
                 },
             },
             day: rng.random(),
+            record: rng.random::<bool>().then(|| Box::new(record(rng))),
+        }
+    }
+
+    fn record(rng: &mut impl Rng) -> IdempotencyRecord {
+        let body: Vec<u8> = (0..rng.random_range(0..300)).map(|_| rng.random()).collect();
+        IdempotencyRecord {
+            key_id: String::new(),
+            idem_key: odd(rng, 20),
+            fingerprint: rng.random(),
+            status: 200,
+            headers: vec![(odd(rng, 6), odd(rng, 10)), ("x-request-id".into(), odd(rng, 30))],
+            body: body.into(),
+            created: rng.random(),
+            expires: rng.random(),
         }
     }
 
@@ -487,6 +569,7 @@ mod tests {
             attempts: Cow::Borrowed(&g.attempts),
             finish: g.finish_reason.as_deref().map(Cow::Borrowed),
             created: g.created,
+            idem: e.record.as_deref().map(IdemLine::of),
         };
         let mut out = serde_json::to_vec(&line).unwrap();
         out.push(b'\n');
@@ -516,6 +599,17 @@ mod tests {
             );
             assert_eq!(back.settlement.key_id, e.settlement.key_id);
             assert_eq!(b.total_cost, g.total_cost);
+            match (&e.record, &back.record) {
+                (None, None) => {}
+                (Some(r), Some(b)) => {
+                    let want = IdempotencyRecord {
+                        key_id: e.settlement.key_id.clone(),
+                        ..(**r).clone()
+                    };
+                    assert_eq!(**b, want);
+                }
+                (r, b) => panic!("record {r:?} read back as {b:?}"),
+            }
             let mut json = Vec::new();
             attempts_json(&mut json, &g.attempts);
             assert_eq!(json, serde_json::to_vec(&g.attempts).unwrap());

@@ -14,7 +14,8 @@ use crate::money::Money;
 #[cfg(doc)]
 use crate::money::MAX_CREDITS;
 use crate::store::{
-    utc_day, Balance, Generation, GenerationAttempt, Ledger, Reservation, Settlement, StoreError,
+    utc_day, Balance, Generation, GenerationAttempt, IdempotencyRecord, Ledger, Reservation,
+    Settlement, StoreError,
 };
 
 impl SqliteStore {
@@ -31,6 +32,47 @@ impl SqliteStore {
             }
             other => other,
         }
+    }
+}
+
+impl SqliteStore {
+    /// The idempotency record of a key's `idem_key` still kept at `now`.
+    fn find_record(
+        &self,
+        key_id: &str,
+        idem_key: &str,
+        now: u64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        if let Some(journal) = &self.writer.journal {
+            let j = journal.lock();
+            let scope = (key_id.to_string(), idem_key.to_string());
+            if let Some(r) = j.pending_records.get(&scope).and_then(|e| e.record.as_deref()) {
+                return Ok(r.live_at(now).then(|| r.clone()));
+            }
+        }
+        self.with_conn(|c| {
+            Ok(c.prepare_cached(
+                "SELECT fingerprint, status, headers, body, created, expires FROM idempotency
+                 WHERE key_id = ?1 AND idem_key = ?2 AND expires > ?3",
+            )?
+            .query_row(params![key_id, idem_key, super::int(now)], |r| {
+                let fp: Vec<u8> = r.get(0)?;
+                let headers: String = r.get(2)?;
+                let body: Vec<u8> = r.get(3)?;
+                Ok(IdempotencyRecord {
+                    key_id: key_id.to_string(),
+                    idem_key: idem_key.to_string(),
+                    // A fingerprint of another length never matches a request's.
+                    fingerprint: fp.try_into().unwrap_or([0; 32]),
+                    status: r.get(1)?,
+                    headers: IdempotencyRecord::headers_from_json(&headers),
+                    body: body.into(),
+                    created: r.get::<_, i64>(4)? as u64,
+                    expires: r.get::<_, i64>(5)? as u64,
+                })
+            })
+            .optional()?)
+        })
     }
 }
 
@@ -120,6 +162,42 @@ impl Ledger for SqliteStore {
         }
         self.refresh_credits(key_id)?;
         self.balance(key_id).map(Some)
+    }
+
+    fn keeps_idempotency_records(&self) -> bool {
+        true
+    }
+
+    fn settle_recorded(
+        &self,
+        s: Settlement,
+        mut record: IdempotencyRecord,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        record.key_id.clone_from(&s.key_id);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.writer
+            .submit(Cmd::SettleRecorded(Box::new((s, record)), Some(tx)));
+        async move {
+            rx.await
+                .unwrap_or_else(|_| Err(StoreError("the ledger writer has stopped".into())))
+        }
+        .boxed()
+    }
+
+    /// Journaled and not in SQLite yet, then SQLite (a point read by primary key, on
+    /// the caller's thread: readers never wait for the writer in WAL mode).
+    fn idempotency_record(
+        &self,
+        key_id: &str,
+        idem_key: &str,
+        now: u64,
+    ) -> BoxFuture<'static, Result<Option<IdempotencyRecord>, StoreError>> {
+        let found = self.find_record(key_id, idem_key, now);
+        futures_util::future::ready(found).boxed()
+    }
+
+    fn purge_idempotency(&self, now: u64) -> BoxFuture<'static, Result<u64, StoreError>> {
+        futures_util::future::ready(self.writer.purge_records(now)).boxed()
     }
 
     fn generation(&self, id: &str) -> Result<Option<Generation>, StoreError> {

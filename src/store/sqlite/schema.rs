@@ -148,5 +148,53 @@ pub(super) const TABLES: [Table; 3] = [
 /// transaction; see the module docs).
 pub(super) fn prepare_schema(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     migrate(conn, SCHEMA_VERSION, &TABLES, "")
+        .and_then(|()| add_step(conn, IDEMPOTENCY_VERSION, IDEMPOTENCY_TABLE))
         .map_err(|e| StoreError(format!("cannot prepare the store {}: {e}", path.display())))
+}
+
+/// Version 4: the `idempotency` table (SPEC §8.2).
+pub(super) const IDEMPOTENCY_VERSION: i64 = 4;
+
+/// The answers recorded for `Idempotency-Key`s, one per client key and idempotency
+/// key, written in the applier's transaction that writes their settlement
+/// (`request_id`), deleted once `expires` (Unix seconds) has passed. A rowid table:
+/// its rows hold whole response bodies, which `WITHOUT ROWID` tables are not for.
+const IDEMPOTENCY_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS idempotency (
+    key_id      TEXT NOT NULL,
+    idem_key    TEXT NOT NULL,
+    fingerprint BLOB NOT NULL,
+    request_id  TEXT NOT NULL,
+    status      INTEGER NOT NULL,
+    headers     TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    created     INTEGER NOT NULL,
+    expires     INTEGER NOT NULL,
+    PRIMARY KEY (key_id, idem_key)
+) STRICT;
+CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires);
+";
+
+/// Brings the database of `conn` to `version` by running `sql` (statements that
+/// are safe to run again), unless it is there already: an additive step after
+/// [`migrate`], in one `BEGIN IMMEDIATE` transaction (another connection doing it at
+/// the same moment waits, then finds it done).
+pub(crate) fn add_step(conn: &mut Connection, version: i64, sql: &str) -> Result<(), String> {
+    let current = |c: &Connection| -> rusqlite::Result<i64> {
+        c.query_row("PRAGMA user_version", [], |r| r.get(0))
+    };
+    if current(conn).map_err(|e| e.to_string())? >= version {
+        return Ok(());
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| e.to_string())?;
+    if current(&tx).map_err(|e| e.to_string())? >= version {
+        return Ok(());
+    }
+    tx.execute_batch(sql)
+        .map_err(|e| format!("cannot migrate to schema version {version}: {e}"))?;
+    tx.pragma_update(None, "user_version", version)
+        .map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())
 }

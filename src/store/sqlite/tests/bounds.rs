@@ -52,6 +52,7 @@ fn entry(s: Settlement) -> Arc<Entry> {
     Arc::new(Entry {
         settlement: s,
         day: utc_day(),
+        record: None,
     })
 }
 

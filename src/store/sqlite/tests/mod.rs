@@ -18,6 +18,7 @@ use crate::money::{Money, MAX_CHARGE, MAX_CREDITS, MAX_SPENT};
 use crate::store::*;
 
 mod bounds;
+mod idempotency;
 
 fn usd(s: &str) -> Money {
     s.parse().unwrap()
@@ -91,6 +92,7 @@ fn entry(settlement: Settlement) -> Arc<Entry> {
     Arc::new(Entry {
         settlement,
         day: utc_day(),
+        record: None,
     })
 }
 
@@ -770,6 +772,7 @@ fn settlement_rows_throughput() {
                 Arc::new(Entry {
                     settlement: settlement(&id, &format!("gen-{i:08}"), "0.000001", "0"),
                     day: 1,
+                    record: None,
                 })
             })
             .collect();
