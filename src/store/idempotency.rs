@@ -98,3 +98,52 @@ impl std::fmt::Debug for IdempotencyLock {
             .finish()
     }
 }
+
+/// A record as a line of JSON (the SQLite ledger journal's, a PostgreSQL spill
+/// file's): the fingerprint in hex, the body in base64; the key id is the line's
+/// settlement's.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RecordLine {
+    key: String,
+    fp: String,
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+    created: u64,
+    expires: u64,
+}
+
+impl RecordLine {
+    pub(crate) fn of(r: &IdempotencyRecord) -> Self {
+        use base64::Engine;
+        RecordLine {
+            key: r.idem_key.clone(),
+            fp: hex::encode(r.fingerprint),
+            status: r.status,
+            headers: r.headers.clone(),
+            body: base64::engine::general_purpose::STANDARD.encode(&r.body),
+            created: r.created,
+            expires: r.expires,
+        }
+    }
+
+    /// The record again, or `None` when the line is damaged.
+    pub(crate) fn into_record(self, key_id: &str) -> Option<IdempotencyRecord> {
+        use base64::Engine;
+        let mut fingerprint = [0u8; 32];
+        hex::decode_to_slice(self.fp.as_bytes(), &mut fingerprint).ok()?;
+        Some(IdempotencyRecord {
+            key_id: key_id.to_owned(),
+            idem_key: self.key,
+            fingerprint,
+            status: self.status,
+            headers: self.headers,
+            body: base64::engine::general_purpose::STANDARD
+                .decode(self.body.as_bytes())
+                .ok()?
+                .into(),
+            created: self.created,
+            expires: self.expires,
+        })
+    }
+}

@@ -82,7 +82,7 @@ use crate::error::GatewayError;
 use crate::keys::KeyRecord;
 use crate::money::Money;
 
-mod idempotency;
+pub(crate) mod idempotency;
 pub mod postgres;
 mod sqlite;
 

@@ -135,14 +135,15 @@ use futures_util::FutureExt;
 use tokio_postgres::NoTls;
 
 use super::{
-    Admission, Balance, Generation, KeyChange, KeyPatch, KeyStore, Ledger, NewKey, Reservation,
-    SecretHash, Settlement, StoreError, StoredKey,
+    Admission, Balance, Generation, IdempotencyLock, IdempotencyRecord, KeyChange, KeyPatch,
+    KeyStore, Ledger, NewKey, Reservation, SecretHash, Settlement, StoreError, StoredKey,
 };
 use crate::config::{KeyConfig, StoreConfig};
 use crate::keys::KeyRecord;
 use crate::money::Money;
 
 mod escrow;
+mod idempotency;
 mod keys;
 mod listen;
 mod schema;
@@ -176,10 +177,11 @@ pub(crate) enum Op {
     Migrate,
     Prepare,
     Release,
+    Idempotency,
 }
 
 impl Op {
-    const ALL: [Op; 12] = [
+    const ALL: [Op; 13] = [
         Op::Lease,
         Op::Settle,
         Op::Shrink,
@@ -192,6 +194,7 @@ impl Op {
         Op::Migrate,
         Op::Prepare,
         Op::Release,
+        Op::Idempotency,
     ];
 
     fn name(self) -> &'static str {
@@ -208,6 +211,7 @@ impl Op {
             Op::Migrate => "migrate",
             Op::Prepare => "prepare",
             Op::Release => "release",
+            Op::Idempotency => "idempotency",
         }
     }
 }
@@ -230,6 +234,8 @@ pub(crate) struct Shared {
     changes: tokio::sync::broadcast::Sender<KeyChange>,
     listening: AtomicBool,
     round_trips: [AtomicU64; Op::ALL.len()],
+    /// The idempotency locks' connection.
+    locks: idempotency::Locks,
 }
 
 /// Keys and ledger in PostgreSQL, shared by any number of gateways; see the
@@ -489,6 +495,7 @@ impl PgStore {
             changes: tokio::sync::broadcast::channel(1024).0,
             listening: AtomicBool::new(false),
             round_trips: Default::default(),
+            locks: Default::default(),
         });
         metrics::describe_counter!(
             ROUND_TRIPS,
@@ -535,6 +542,7 @@ impl PgStore {
         let handle = shared.handle.clone();
         handle.spawn(writer::run(shared.clone()));
         handle.spawn(escrow::renew_forever(shared.clone()));
+        handle.spawn(idempotency::purge_forever(shared.clone()));
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         handle.spawn(listen::run(shared.clone(), ready_tx));
         // Key changes made by others count from the moment `open` returns.
@@ -744,6 +752,95 @@ impl Ledger for PgStore {
     fn generation(&self, id: &str) -> Result<Option<Generation>, StoreError> {
         let (s, id) = (self.shared.clone(), id.to_string());
         self.shared.block(async move { s.generation(&id).await })
+    }
+
+    fn keeps_idempotency_records(&self) -> bool {
+        true
+    }
+
+    fn settle_recorded(
+        &self,
+        s: Settlement,
+        mut record: IdempotencyRecord,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        record.key_id.clone_from(&s.key_id);
+        let rx = self
+            .shared
+            .writer
+            .settle_recorded(&self.shared, s, Some(Box::new(record)), true);
+        async move {
+            match rx {
+                Some(rx) => rx.await.unwrap_or_else(|_| {
+                    Err(StoreError::unavailable(
+                        "the store closed before this charge was committed",
+                    ))
+                }),
+                None => Err(StoreError("the settlement writer is gone".into())),
+            }
+        }
+        .boxed()
+    }
+
+    /// A `SELECT` on the store's runtime (bounded like every call by 5 s).
+    fn idempotency_record(
+        &self,
+        key_id: &str,
+        idem_key: &str,
+        now: u64,
+    ) -> BoxFuture<'static, Result<Option<IdempotencyRecord>, StoreError>> {
+        let (s, key_id, idem_key) = (
+            self.shared.clone(),
+            key_id.to_string(),
+            idem_key.to_string(),
+        );
+        self.shared
+            .on_runtime(async move { s.idempotency_record(&key_id, &idem_key, now).await })
+    }
+
+    /// `pg_try_advisory_lock` on the instance's lock connection (see the
+    /// `idempotency` module).
+    fn idempotency_lock(
+        &self,
+        key_id: &str,
+        idem_key: &str,
+    ) -> BoxFuture<'static, Result<Option<IdempotencyLock>, StoreError>> {
+        let (s, key_id, idem_key) = (
+            self.shared.clone(),
+            key_id.to_string(),
+            idem_key.to_string(),
+        );
+        self.shared
+            .on_runtime(async move { s.idempotency_lock(&key_id, &idem_key).await })
+    }
+
+    fn purge_idempotency(&self, now: u64) -> BoxFuture<'static, Result<u64, StoreError>> {
+        let s = self.shared.clone();
+        self.shared
+            .on_runtime(async move { s.purge_idempotency(now).await })
+    }
+}
+
+impl Shared {
+    /// Runs `work` on the store's runtime (where the pool's connections live), for a
+    /// caller on any runtime; bounded by [`WAIT`].
+    fn on_runtime<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> BoxFuture<'static, Result<T, StoreError>> {
+        let server = self.server.clone();
+        let task = self.handle.spawn(async move {
+            tokio::time::timeout(WAIT, work).await.unwrap_or_else(|_| {
+                Err(StoreError::unavailable(format!(
+                    "PostgreSQL at {server} did not answer within {} s",
+                    WAIT.as_secs()
+                )))
+            })
+        });
+        async move {
+            task.await
+                .unwrap_or_else(|e| Err(StoreError(format!("a store task failed: {e}"))))
+        }
+        .boxed()
     }
 }
 

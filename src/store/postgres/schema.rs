@@ -14,7 +14,32 @@ pub(super) const LOCK_ID: i64 = 0x5357_4954_4348_4244;
 
 /// The schema steps, in order: step `n` brings the database to version `n + 1`.
 pub(super) fn migrations() -> Vec<String> {
-    vec![step_1(), step_2()]
+    // `step_5` is the idempotency records' (issue 23, task C); the steps of the
+    // other parts of that issue (3, 4) go before it when they are merged. Each step
+    // is safe to run again (IF NOT EXISTS), so their order does not matter to it.
+    vec![step_1(), step_2(), step_5()]
+}
+
+/// The idempotency records of SPEC §8.2: one per client key and idempotency key,
+/// inserted by the statement that commits its settlement (see `writer::statement`),
+/// deleted once `expires` (Unix seconds) has passed.
+fn step_5() -> String {
+    r#"
+CREATE TABLE IF NOT EXISTS sb_idempotency (
+    key_id      TEXT NOT NULL,
+    idem_key    TEXT NOT NULL,
+    fingerprint BYTEA NOT NULL,
+    request_id  TEXT NOT NULL,
+    status      INTEGER NOT NULL,
+    headers     TEXT NOT NULL,
+    body        BYTEA NOT NULL,
+    created     BIGINT NOT NULL,
+    expires     BIGINT NOT NULL,
+    PRIMARY KEY (key_id, idem_key)
+);
+CREATE INDEX IF NOT EXISTS sb_idempotency_expires ON sb_idempotency (expires);
+"#
+    .into()
 }
 
 /// Version 2: `sb_ledger`, the database's identity (one random id): a spill file

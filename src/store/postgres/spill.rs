@@ -29,7 +29,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{Op, Shared};
 use crate::money::Money;
-use crate::store::{Generation, GenerationAttempt, Reservation, Settlement, StoreError};
+use crate::store::idempotency::RecordLine;
+use crate::store::{
+    Generation, GenerationAttempt, IdempotencyRecord, Reservation, Settlement, StoreError,
+};
 
 /// How a spill file's name starts and ends.
 const PREFIX: &str = "pending-";
@@ -58,6 +61,9 @@ pub(super) struct Line {
     attempts: Vec<GenerationAttempt>,
     finish_reason: Option<String>,
     created: u64,
+    /// The idempotency record committed with it (SPEC §8.2), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    record: Option<RecordLine>,
 }
 
 impl Line {
@@ -80,7 +86,23 @@ impl Line {
             attempts: g.attempts.clone(),
             finish_reason: g.finish_reason.clone(),
             created: g.created,
+            record: None,
         }
+    }
+
+    /// The line of a settlement and its idempotency record.
+    fn with_record(mut self, record: Option<&IdempotencyRecord>) -> Line {
+        self.record = record.map(RecordLine::of);
+        self
+    }
+
+    /// The settlement and its record again (a damaged record reads as none).
+    fn settlement_and_record(mut self) -> (Settlement, Option<IdempotencyRecord>) {
+        let record = self
+            .record
+            .take()
+            .and_then(|r| r.into_record(&self.key_id));
+        (self.settlement(), record)
     }
 
     /// The settlement again (holding no reservation: a replay touches no lease).
@@ -151,11 +173,21 @@ impl Spill {
     }
 
     /// The lines of `settlements`, ready to [`append`](Self::append).
+    #[cfg(test)]
     pub fn lines<'a>(&self, settlements: impl Iterator<Item = &'a Settlement>) -> Lines {
+        self.lines_with(settlements.map(|s| (s, None)))
+    }
+
+    /// The lines of `settlements` with their idempotency records, ready to
+    /// [`append`](Self::append).
+    pub fn lines_with<'a>(
+        &self,
+        settlements: impl Iterator<Item = (&'a Settlement, Option<&'a IdempotencyRecord>)>,
+    ) -> Lines {
         let ledger = self.ledger.get().map(String::as_str).unwrap_or("");
         let mut lines = Lines::default();
-        for s in settlements {
-            let line = Line::of(ledger, s);
+        for (s, record) in settlements {
+            let line = Line::of(ledger, s).with_record(record);
             // A line of plain strings and numbers always serializes.
             if serde_json::to_writer(&mut lines.bytes, &line).is_ok() {
                 lines.bytes.push(b'\n');
@@ -286,8 +318,8 @@ pub(super) async fn ledger_id(shared: &Arc<Shared>) -> Result<String, StoreError
 
 /// What one spill file held.
 struct Parsed {
-    /// The settlements for this ledger.
-    mine: Vec<Settlement>,
+    /// The settlements for this ledger, with their idempotency records.
+    mine: Vec<(Settlement, Option<IdempotencyRecord>)>,
     /// Lines for another ledger.
     foreign: usize,
 }
@@ -306,7 +338,7 @@ fn parse(path: &Path, text: &str, ledger: &str) -> Parsed {
             continue;
         }
         match serde_json::from_str::<Line>(raw) {
-            Ok(line) if line.ledger == ledger => parsed.mine.push(line.settlement()),
+            Ok(line) if line.ledger == ledger => parsed.mine.push(line.settlement_and_record()),
             Ok(_) => parsed.foreign += 1,
             Err(e) if n + 1 == lines.len() && !complete => tracing::warn!(
                 "{}: the last line is torn (the process died while writing it) and is skipped: {e}",
@@ -423,7 +455,10 @@ fn replay_file(shared: &Arc<Shared>, path: &Path, ledger: &str) -> Result<u64, S
 /// Commits replayed settlements (touching no lease), a few attempts while PostgreSQL
 /// does not answer; one by one when it refuses the batch (the one at fault is logged
 /// and skipped). How many were charged now.
-fn commit(shared: &Arc<Shared>, settlements: &[Settlement]) -> Result<u64, StoreError> {
+fn commit(
+    shared: &Arc<Shared>,
+    settlements: &[(Settlement, Option<IdempotencyRecord>)],
+) -> Result<u64, StoreError> {
     use super::writer::{statement, Failure};
     let mut delay = Duration::from_millis(200);
     let mut attempt = 0;
@@ -432,7 +467,8 @@ fn commit(shared: &Arc<Shared>, settlements: &[Settlement]) -> Result<u64, Store
         let (s, rows) = (shared.clone(), settlements.to_vec());
         let answer = shared
             .block(async move {
-                let rows: Vec<&Settlement> = rows.iter().collect();
+                let rows: Vec<(&Settlement, Option<&IdempotencyRecord>)> =
+                    rows.iter().map(|(s, r)| (s, r.as_ref())).collect();
                 Ok(statement(&s, &rows, None).await)
             })
             .unwrap_or_else(|e| Err(Failure::Retry(e)));
@@ -452,7 +488,7 @@ fn commit(shared: &Arc<Shared>, settlements: &[Settlement]) -> Result<u64, Store
             Err(Failure::Refused(e)) => {
                 tracing::error!(
                     "ledger: replayed settlement {} refused, not charged: {e}",
-                    settlements[0].generation.id
+                    settlements[0].0.generation.id
                 );
                 return Ok(0);
             }

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use super::escrow::{statement_id, Amounts, Effect};
 use super::{Op, PerKey, Shared, WAIT};
 use crate::money::MAX_CHARGE;
-use crate::store::{Settlement, StoreError};
+use crate::store::{IdempotencyRecord, Settlement, StoreError};
 
 /// Settlements per statement at most.
 const MAX_BATCH: usize = 512;
@@ -36,10 +36,11 @@ struct Waiting {
     spilled: bool,
 }
 
-/// A queued settlement.
+/// A queued settlement (and the idempotency record committed with it).
 struct Queued {
     settlement: Box<Settlement>,
     meta: Waiting,
+    record: Option<Box<IdempotencyRecord>>,
 }
 
 enum Item {
@@ -78,6 +79,18 @@ impl Writer {
         &self,
         shared: &Shared,
         s: Settlement,
+        wait: bool,
+    ) -> Option<oneshot::Receiver<Result<bool, StoreError>>> {
+        self.settle_recorded(shared, s, None, wait)
+    }
+
+    /// [`settle`](Self::settle), with the idempotency record to commit in the same
+    /// statement (and to keep with it in the spill file).
+    pub fn settle_recorded(
+        &self,
+        shared: &Shared,
+        s: Settlement,
+        record: Option<Box<IdempotencyRecord>>,
         wait: bool,
     ) -> Option<oneshot::Receiver<Result<bool, StoreError>>> {
         let (tx, rx) = if wait {
@@ -126,6 +139,7 @@ impl Writer {
                 counted,
                 spilled: false,
             },
+            record,
         }));
         drop(q);
         self.wake.notify_one();
@@ -215,7 +229,13 @@ impl Writer {
     /// Writes what is not in the spill file yet, of `batch` (the settlements being
     /// committed) and of the queue, to it, and `fsync`s it (on a blocking thread).
     /// What could not be written stays marked as not spilled (tried again next time).
-    async fn spill(&self, shared: &Arc<Shared>, batch: &[Box<Settlement>], meta: &mut [Waiting]) {
+    async fn spill(
+        &self,
+        shared: &Arc<Shared>,
+        batch: &[Box<Settlement>],
+        records: &[Option<Box<IdempotencyRecord>>],
+        meta: &mut [Waiting],
+    ) {
         let (lines, queued) = {
             let q = self.queue.lock();
             let queued: Vec<usize> = q
@@ -228,15 +248,19 @@ impl Writer {
                 })
                 .collect();
             let from_queue = queued.iter().filter_map(|n| match &q.items[*n] {
-                Item::Settle(s) => Some(&*s.settlement),
+                Item::Settle(s) => Some((&*s.settlement, s.record.as_deref())),
                 Item::Flush(..) => None,
             });
             let from_batch = batch
                 .iter()
+                .zip(records)
                 .zip(meta.iter())
                 .filter(|(_, m)| !m.spilled)
-                .map(|(s, _)| &**s);
-            (shared.spill.lines(from_batch.chain(from_queue)), queued)
+                .map(|((s, r), _)| (&**s, r.as_deref()));
+            (
+                shared.spill.lines_with(from_batch.chain(from_queue)),
+                queued,
+            )
         };
         let s = shared.clone();
         let written = tokio::task::spawn_blocking(move || s.spill.append(lines))
@@ -268,10 +292,12 @@ impl Writer {
     pub fn spill_rest(&self, shared: &Shared) -> usize {
         let mut q = self.queue.lock();
         let mut lost = if q.in_flight_spilled { 0 } else { q.in_flight };
-        let lines = shared.spill.lines(q.items.iter().filter_map(|i| match i {
-            Item::Settle(s) if !s.meta.spilled => Some(&*s.settlement),
-            _ => None,
-        }));
+        let lines = shared
+            .spill
+            .lines_with(q.items.iter().filter_map(|i| match i {
+                Item::Settle(s) if !s.meta.spilled => Some((&*s.settlement, s.record.as_deref())),
+                _ => None,
+            }));
         let unspilled = q
             .items
             .iter()
@@ -368,8 +394,14 @@ pub(super) struct Committed {
 /// Commits a batch, retrying until it commits; a batch PostgreSQL refuses is
 /// committed one settlement at a time, and the one at fault is refused alone.
 async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
-    let (batch, mut waiters): (Vec<Box<Settlement>>, Vec<Waiting>) =
-        batch.into_iter().map(|q| (q.settlement, q.meta)).unzip();
+    let mut records: Vec<Option<Box<IdempotencyRecord>>> = Vec::with_capacity(batch.len());
+    let (batch, mut waiters): (Vec<Box<Settlement>>, Vec<Waiting>) = batch
+        .into_iter()
+        .map(|q| {
+            records.push(q.record);
+            (q.settlement, q.meta)
+        })
+        .unzip();
     // Each request id once per statement; a repeat is answered `false` after it.
     let mut seen = HashSet::with_capacity(batch.len());
     let first: Vec<bool> = batch
@@ -398,11 +430,12 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
             cell.state.lock().push(id, Effect::Sub(*r));
         }
     }
-    let rows: Vec<&Settlement> = batch
+    let rows: Vec<(&Settlement, Option<&IdempotencyRecord>)> = batch
         .iter()
+        .zip(&records)
         .zip(&first)
         .filter(|(_, f)| **f)
-        .map(|(s, _)| &**s)
+        .map(|((s, r), _)| (&**s, r.as_deref()))
         .collect();
     let mut delay = Duration::from_millis(50);
     let mut failing = false;
@@ -415,7 +448,7 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
                 // PostgreSQL is silent (a network that drops packets): the charges go
                 // on disk meanwhile, before any waiter is told.
                 () = tokio::time::sleep(SILENT) => {
-                    shared.writer.spill(shared, &batch, &mut waiters).await;
+                    shared.writer.spill(shared, &batch, &records, &mut waiters).await;
                     if waiters.iter().all(|w| w.spilled) {
                         shared.writer.queue.lock().in_flight_spilled = true;
                     }
@@ -435,7 +468,7 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
                     failing = true;
                 }
                 // On disk (fsync'd) before anyone is told it did not commit.
-                shared.writer.spill(shared, &batch, &mut waiters).await;
+                shared.writer.spill(shared, &batch, &records, &mut waiters).await;
                 if waiters.iter().all(|w| w.spilled) {
                     shared.writer.queue.lock().in_flight_spilled = true;
                 }
@@ -501,8 +534,12 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
                 "PostgreSQL refused a batch of {} settlements ({e}); committing them one by one",
                 batch.len()
             );
-            for (settlement, meta) in batch.into_iter().zip(waiters) {
-                let one = Queued { settlement, meta };
+            for ((settlement, meta), record) in batch.into_iter().zip(waiters).zip(records) {
+                let one = Queued {
+                    settlement,
+                    meta,
+                    record,
+                };
                 Box::pin(commit(shared, vec![one])).await;
             }
         }
@@ -523,25 +560,115 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
     }
 }
 
+/// The idempotency records of a batch as the columns `SETTLE_RECORDED` unnests.
+struct RecordColumns<'a> {
+    key_ids: Vec<&'a str>,
+    idem_keys: Vec<&'a str>,
+    fingerprints: Vec<&'a [u8]>,
+    request_ids: Vec<&'a str>,
+    statuses: Vec<i32>,
+    headers: Vec<String>,
+    bodies: Vec<&'a [u8]>,
+    created: Vec<i64>,
+    expires: Vec<i64>,
+}
+
+impl<'a> RecordColumns<'a> {
+    /// The records of `rows`, one per client key and idempotency key (the last one:
+    /// `ON CONFLICT DO UPDATE` may not touch a row twice in one statement, and the
+    /// instance's locks never let two first requests of one key run at once anyway).
+    fn of(rows: &[(&'a Settlement, Option<&'a IdempotencyRecord>)]) -> Self {
+        let mut last: std::collections::HashMap<(&str, &str), usize> = Default::default();
+        for (n, (s, r)) in rows.iter().enumerate() {
+            if let Some(r) = r {
+                last.insert((s.key_id.as_str(), r.idem_key.as_str()), n);
+            }
+        }
+        let mut picked: Vec<usize> = last.into_values().collect();
+        picked.sort_unstable();
+        let mut c = RecordColumns {
+            key_ids: Vec::new(),
+            idem_keys: Vec::new(),
+            fingerprints: Vec::new(),
+            request_ids: Vec::new(),
+            statuses: Vec::new(),
+            headers: Vec::new(),
+            bodies: Vec::new(),
+            created: Vec::new(),
+            expires: Vec::new(),
+        };
+        for n in picked {
+            let (s, Some(r)) = rows[n] else { continue };
+            c.key_ids.push(&s.key_id);
+            c.idem_keys.push(&r.idem_key);
+            c.fingerprints.push(&r.fingerprint);
+            c.request_ids.push(&s.generation.id);
+            c.statuses.push(i32::from(r.status));
+            c.headers.push(r.headers_json());
+            c.bodies.push(&r.body);
+            c.created.push(int(r.created));
+            c.expires.push(int(r.expires));
+        }
+        c
+    }
+
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 9] {
+        [
+            &self.key_ids,
+            &self.idem_keys,
+            &self.fingerprints,
+            &self.request_ids,
+            &self.statuses,
+            &self.headers,
+            &self.bodies,
+            &self.created,
+            &self.expires,
+        ]
+    }
+}
+
 /// A count as PostgreSQL's `BIGINT` (past `i64::MAX`, `i64::MAX`).
 fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// `sb_settle` of a batch.
+const SETTLE: &str = "SELECT * FROM sb_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+
+/// `sb_settle` of a batch and, in the same statement (so in the same transaction),
+/// the idempotency records of the settlements it inserts (SPEC §8.2): a record whose
+/// settlement was committed before is not written. `s` is evaluated once (a CTE
+/// read twice is materialized, and `sb_settle` is volatile).
+const SETTLE_RECORDED: &str = "WITH s AS (
+    SELECT * FROM sb_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+), rec AS (
+    INSERT INTO sb_idempotency AS t (key_id, idem_key, fingerprint, request_id, status, headers,
+        body, created, expires)
+    SELECT r.key_id, r.idem_key, r.fingerprint, r.request_id, r.status, r.headers, r.body,
+           r.created, r.expires
+      FROM unnest($18::text[], $19::text[], $20::bytea[], $21::text[], $22::int4[], $23::text[],
+                  $24::bytea[], $25::int8[], $26::int8[])
+        AS r(key_id, idem_key, fingerprint, request_id, status, headers, body, created, expires)
+     WHERE r.request_id IN (SELECT s.id FROM s WHERE s.kind = 'i')
+    ON CONFLICT (key_id, idem_key) DO UPDATE
+        SET fingerprint = excluded.fingerprint, request_id = excluded.request_id,
+            status = excluded.status, headers = excluded.headers, body = excluded.body,
+            created = excluded.created, expires = excluded.expires
+)
+SELECT * FROM s";
+
 /// One `sb_settle` round trip, for `instance`'s leases (`None`: touching no lease, for
-/// a replay).
+/// a replay), with the idempotency records of the rows that have one.
 pub(super) async fn statement(
     shared: &Arc<Shared>,
-    rows: &[&Settlement],
+    rows: &[(&Settlement, Option<&IdempotencyRecord>)],
     instance: Option<&str>,
 ) -> Result<Committed, Failure> {
     // Nothing but the rows themselves can make PostgreSQL refuse them for good.
     let client = shared.client().await.map_err(Failure::Retry)?;
+    let recorded = rows.iter().any(|(_, r)| r.is_some());
     let stmt = shared
-        .prepare(
-            &client,
-            "SELECT * FROM sb_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
-        )
+        .prepare(&client, if recorded { SETTLE_RECORDED } else { SETTLE })
         .await
         .map_err(Failure::Retry)?;
     let n = rows.len();
@@ -561,7 +688,7 @@ pub(super) async fn statement(
     let mut attempts = Vec::with_capacity(n);
     let mut finish = Vec::with_capacity(n);
     let mut created = Vec::with_capacity(n);
-    for s in rows {
+    for (s, _) in rows {
         let g = &s.generation;
         let r = Amounts::of(s.reserved);
         ids.push(g.id.as_str());
@@ -581,31 +708,31 @@ pub(super) async fn statement(
         finish.push(g.finish_reason.as_deref());
         created.push(int(g.created));
     }
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+        &instance,
+        &ids,
+        &keys,
+        &costs,
+        &tokens,
+        &reserved,
+        &reserved_tokens,
+        &models,
+        &providers,
+        &streamed,
+        &prompt,
+        &completion,
+        &latency,
+        &ttft,
+        &attempts,
+        &finish,
+        &created,
+    ];
+    let records = recorded.then(|| RecordColumns::of(rows));
+    if let Some(r) = &records {
+        params.extend(r.params());
+    }
     shared.count(Op::Settle);
-    let answer = client
-        .query(
-            &stmt,
-            &[
-                &instance,
-                &ids,
-                &keys,
-                &costs,
-                &tokens,
-                &reserved,
-                &reserved_tokens,
-                &models,
-                &providers,
-                &streamed,
-                &prompt,
-                &completion,
-                &latency,
-                &ttft,
-                &attempts,
-                &finish,
-                &created,
-            ],
-        )
-        .await;
+    let answer = client.query(&stmt, &params).await;
     let rows = match answer {
         Ok(rows) => rows,
         Err(e) => {

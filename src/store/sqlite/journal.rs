@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::money::{Money, MAX_CHARGE};
+use crate::store::idempotency::RecordLine;
 use crate::store::{Generation, GenerationAttempt, IdempotencyRecord, Settlement};
 
 /// A settlement as the journal holds it: with the UTC day its tokens count against,
@@ -64,60 +65,10 @@ struct Line<'a> {
     #[serde(borrow)]
     finish: Option<Cow<'a, str>>,
     created: u64,
-    /// Only in the line of a settlement with an idempotency record.
-    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
-    idem: Option<IdemLine<'a>>,
-}
-
-/// An idempotency record in its settlement's line (its key id is the settlement's).
-#[derive(Serialize, Deserialize)]
-struct IdemLine<'a> {
-    #[serde(borrow)]
-    key: Cow<'a, str>,
-    /// Hex.
-    #[serde(borrow)]
-    fp: Cow<'a, str>,
-    status: u16,
-    headers: Vec<(String, String)>,
-    /// Base64 (standard, padded).
-    #[serde(borrow)]
-    body: Cow<'a, str>,
-    created: u64,
-    expires: u64,
-}
-
-impl<'a> IdemLine<'a> {
-    fn of(r: &'a IdempotencyRecord) -> Self {
-        use base64::Engine;
-        IdemLine {
-            key: Cow::Borrowed(&r.idem_key),
-            fp: Cow::Owned(hex::encode(r.fingerprint)),
-            status: r.status,
-            headers: r.headers.clone(),
-            body: Cow::Owned(base64::engine::general_purpose::STANDARD.encode(&r.body)),
-            created: r.created,
-            expires: r.expires,
-        }
-    }
-
-    fn into_record(self, key_id: &str) -> Option<IdempotencyRecord> {
-        use base64::Engine;
-        let mut fingerprint = [0u8; 32];
-        hex::decode_to_slice(self.fp.as_bytes(), &mut fingerprint).ok()?;
-        Some(IdempotencyRecord {
-            key_id: key_id.to_owned(),
-            idem_key: self.key.into_owned(),
-            fingerprint,
-            status: self.status,
-            headers: self.headers,
-            body: base64::engine::general_purpose::STANDARD
-                .decode(self.body.as_bytes())
-                .ok()?
-                .into(),
-            created: self.created,
-            expires: self.expires,
-        })
-    }
+    /// Only in the line of a settlement with an idempotency record (its key id is
+    /// the settlement's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    idem: Option<RecordLine>,
 }
 
 impl Entry {
@@ -169,7 +120,7 @@ impl Entry {
         if let Some(r) = &self.record {
             // Rare (requests with an `Idempotency-Key`): through serde.
             out.extend_from_slice(b",\"idem\":");
-            let _ = serde_json::to_writer(&mut *out, &IdemLine::of(r));
+            let _ = serde_json::to_writer(&mut *out, &RecordLine::of(r));
         }
         out.extend_from_slice(b"}\n");
     }
@@ -569,7 +520,7 @@ mod tests {
             attempts: Cow::Borrowed(&g.attempts),
             finish: g.finish_reason.as_deref().map(Cow::Borrowed),
             created: g.created,
-            idem: e.record.as_deref().map(IdemLine::of),
+            idem: e.record.as_deref().map(RecordLine::of),
         };
         let mut out = serde_json::to_vec(&line).unwrap();
         out.push(b'\n');

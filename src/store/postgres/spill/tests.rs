@@ -373,3 +373,59 @@ async fn a_charge_postgres_never_answers_is_kept_before_its_waiter_hears() {
     assert_eq!(spent, usd("0.002"));
     assert!(spill_files(&spill).is_empty());
 }
+
+/// A recorded settlement (SPEC §8.2) PostgreSQL could not commit is spilled WITH its
+/// record: after a crash, the replay commits both in one statement, never the charge
+/// without the answer a repeat would replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spilled_recorded_charge_is_replayed_with_its_record() {
+    let Some(db) = postgres("a_spilled_recorded_charge_is_replayed_with_its_record") else {
+        return;
+    };
+    let spill = TempDir::new("spill-idem");
+    let mut proxy = Proxy::start(0).await;
+    let url = db.url().replace(":5432/", &format!(":{}/", proxy.port));
+    let store = open_with(config_spilling(&url, &spill)).await;
+    let key = make_key(&store, "idem", NewKey::new("idem", usd("1")));
+    let hold = money_hold("0.01");
+    Ledger::reserve(&*store, &key, hold).await.unwrap();
+    let record = crate::store::IdempotencyRecord {
+        key_id: key.id.clone(),
+        idem_key: "order-77".into(),
+        fingerprint: [9; 32],
+        status: 200,
+        headers: vec![("x-request-id".into(), "recorded-1".into())],
+        body: bytes::Bytes::from_static(b"{\"answer\":42}"),
+        created: 1_000,
+        expires: u64::MAX / 4,
+    };
+    proxy.cut().await;
+    let err = store
+        .settle_recorded(
+            settlement(&key.id, "recorded-1", usd("0.004"), hold, 7),
+            record.clone(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    let files = spill_files(&spill);
+    assert_eq!(files.len(), 1);
+    assert!(files[0].1.contains("\"record\":{"), "{}", files[0].1);
+    tokio::task::spawn_blocking(move || store.crash())
+        .await
+        .unwrap();
+
+    let _proxy = Proxy::start(proxy.port).await;
+    let next = open_with(config_spilling(&url, &spill)).await;
+    let (n, id) = (next.clone(), key.id.clone());
+    let spent = tokio::task::spawn_blocking(move || spent_of(&n, &id))
+        .await
+        .unwrap();
+    assert_eq!(spent, usd("0.004"));
+    let found = next
+        .idempotency_record(&key.id, "order-77", 2_000)
+        .await
+        .unwrap();
+    assert_eq!(found, Some(record));
+    assert!(spill_files(&spill).is_empty());
+}
