@@ -85,14 +85,25 @@ mod tests {
             br#"{"a":[1,2]}"#,
             br#"{"a":[1,2],"b":"x","c":null}"#,
         ] {
-            assert_ne!(base, canonical_digest(other), "{}", String::from_utf8_lossy(other));
+            assert_ne!(
+                base,
+                canonical_digest(other),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
         }
     }
 
     #[test]
     fn a_body_that_is_not_json_is_hashed_as_it_is() {
-        assert_eq!(canonical_digest(b"{not json"), canonical_digest(b"{not json"));
-        assert_ne!(canonical_digest(b"{not json"), canonical_digest(b"{not json "));
+        assert_eq!(
+            canonical_digest(b"{not json"),
+            canonical_digest(b"{not json")
+        );
+        assert_ne!(
+            canonical_digest(b"{not json"),
+            canonical_digest(b"{not json ")
+        );
         // Never the digest of a JSON body, whatever its bytes.
         assert_ne!(canonical_digest(b"\"x\""), canonical_digest(b"\"x"));
     }

@@ -34,6 +34,15 @@
 //! call that fails before a reply releases the reservation and charges nothing.
 //! Calls without a key in their context (no `AuthLayer` in front) pass uncharged.
 //!
+//! Deferred settlement: when the request's context asks for it
+//! ([`CallContext::defer_settlement`], set by the
+//! [`IdempotencyLayer`](crate::idempotency::IdempotencyLayer)), the settlement of a
+//! reply that ends is not committed here but parked in the context as a
+//! [`ParkedSettlement`], and the stream ends at once: the layer that asked commits it
+//! together with the answer's idempotency record, in one commit, before it sends the
+//! last bytes. A parked settlement that nobody takes commits itself alone when
+//! dropped, so no path loses a charge.
+//!
 //! # Example
 //! ```
 //! use std::sync::Arc;

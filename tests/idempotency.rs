@@ -150,10 +150,13 @@ async fn a_streamed_answer_is_replayed_byte_for_byte() {
 #[tokio::test]
 async fn a_different_body_with_the_same_key_is_422_and_another_client_key_is_apart() {
     let up = upstream(|seen, _| async move { answer(&seen, "x") }).await;
-    let extra = "[[keys]]\nsecret = \"sk-second-client-0123456789\"\nname = \"second\"\ncredits_usd = 1\n";
+    let extra =
+        "[[keys]]\nsecret = \"sk-second-client-0123456789\"\nname = \"second\"\ncredits_usd = 1\n";
     let gw = gateway(&openai_config(&[("up", &up.url())], extra)).await;
     assert_eq!(
-        post_idem(&base(&gw), TEST_KEY, "k", &body(false)).await.status(),
+        post_idem(&base(&gw), TEST_KEY, "k", &body(false))
+            .await
+            .status(),
         200
     );
     let mut changed = body(false);
@@ -220,7 +223,10 @@ async fn a_concurrent_repeat_waits_for_the_first_and_gets_the_same_answer() {
     // The first has reached the upstream, which holds it.
     let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
     while up.hits() == 0 {
-        assert!(std::time::Instant::now() < deadline, "the first never arrived");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let repeats: Vec<_> = (0..3)
@@ -230,7 +236,9 @@ async fn a_concurrent_repeat_waits_for_the_first_and_gets_the_same_answer() {
     let mut changed = body(false);
     changed["max_tokens"] = json!(3);
     assert_eq!(
-        post_idem(&base(&gw), TEST_KEY, "slow", &changed).await.status(),
+        post_idem(&base(&gw), TEST_KEY, "slow", &changed)
+            .await
+            .status(),
         422
     );
     // Gives the repeats time to arrive and wait (they replay the same answer
@@ -269,8 +277,10 @@ fn process_config(dir: &std::path::Path, upstream: &str) -> String {
         "[store]\nurl = \"sqlite://{}\"\n\n[logging]\nsink = \"none\"\n\n{}",
         dir.join("switchboard.db").display(),
         // A held stream is not failed as idle while the test kills the process.
-        openai_config(&[("up", upstream)], "[retry]\nmax_attempts = 1\n")
-            .replace("stream_idle_timeout_secs = 2", "stream_idle_timeout_secs = 600")
+        openai_config(&[("up", upstream)], "[retry]\nmax_attempts = 1\n").replace(
+            "stream_idle_timeout_secs = 2",
+            "stream_idle_timeout_secs = 600"
+        )
     )
 }
 
@@ -297,7 +307,10 @@ async fn sigkill_before_the_commit_reruns_and_charges_once() {
     let mut gw = ServeProcess::start(&process_config(&dir, &up.url())).await;
     let first = post_idem(&gw.base, TEST_KEY, "kill-1", &body(true)).await;
     assert_eq!(first.status(), 200);
-    let first_id = first.headers()["x-request-id"].to_str().unwrap().to_string();
+    let first_id = first.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let mut stream = first.bytes_stream();
     use futures_util::StreamExt;
     let chunk = tokio::time::timeout(SOCKET_TIMEOUT, stream.next())
@@ -312,7 +325,10 @@ async fn sigkill_before_the_commit_reruns_and_charges_once() {
 
     let again = post_idem(&gw.base, TEST_KEY, "kill-1", &body(true)).await;
     assert_eq!(again.status(), 200);
-    assert!(again.headers().get("idempotent-replayed").is_none(), "ran again");
+    assert!(
+        again.headers().get("idempotent-replayed").is_none(),
+        "ran again"
+    );
     let text = again.text().await.unwrap();
     assert_eq!(sse_text(&text), "after restart and more");
     assert_eq!(up.hits(), 2);
@@ -407,7 +423,9 @@ async fn two_instances_on_postgres_replay_each_others_answers() {
     let mut changed = body(false);
     changed["max_tokens"] = json!(2);
     assert_eq!(
-        post_idem(&base(&b), TEST_KEY, "pg-1", &changed).await.status(),
+        post_idem(&base(&b), TEST_KEY, "pg-1", &changed)
+            .await
+            .status(),
         422
     );
 
@@ -416,7 +434,10 @@ async fn two_instances_on_postgres_replay_each_others_answers() {
     let first = tokio::spawn(post_idem_owned(base(&a), "pg-2", body(false)));
     let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
     while up.hits() < 2 {
-        assert!(std::time::Instant::now() < deadline, "the first never arrived");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let repeat = tokio::spawn(post_idem_owned(base(&b), "pg-2", body(false)));

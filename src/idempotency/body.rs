@@ -154,7 +154,8 @@ impl HttpBody for RecordingBody {
                         // the client sees the answer cut, as SPEC §4 requires.
                         this.held.clear();
                         this.error.get_or_insert_with(|| {
-                            format!("the gateway could not record this request's charge: {e}").into()
+                            format!("the gateway could not record this request's charge: {e}")
+                                .into()
                         });
                     }
                     this.release_claims();

@@ -299,7 +299,10 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = futures_util::future::Either<S::Future, BoxFuture<'static, Result<Response<Body>, Infallible>>>;
+    type Future = futures_util::future::Either<
+        S::Future,
+        BoxFuture<'static, Result<Response<Body>, Infallible>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -328,10 +331,12 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         Either::Right(Box::pin(async move {
-            Ok(match first_or_repeat(layer, inner, req, key_id, idem_key).await {
-                Ok(res) => res,
-                Err(e) => e.into_response(),
-            })
+            Ok(
+                match first_or_repeat(layer, inner, req, key_id, idem_key).await {
+                    Ok(res) => res,
+                    Err(e) => e.into_response(),
+                },
+            )
         }))
     }
 }
@@ -369,10 +374,7 @@ where
         {
             return replay_or_refuse(&record, &fp, &ctx);
         }
-        match layer
-            .flights
-            .claim((key_id.clone(), idem_key.clone()), fp)
-        {
+        match layer.flights.claim((key_id.clone(), idem_key.clone()), fp) {
             Claimed::Busy {
                 fingerprint,
                 mut done,
@@ -409,7 +411,18 @@ where
     {
         return replay_or_refuse(&record, &fp, &ctx);
     }
-    run_first(&layer, inner, Request::from_parts(parts, Body::from(bytes)), ctx, claim, lock, key_id, idem_key, fp).await
+    run_first(
+        &layer,
+        inner,
+        Request::from_parts(parts, Body::from(bytes)),
+        ctx,
+        claim,
+        lock,
+        key_id,
+        idem_key,
+        fp,
+    )
+    .await
 }
 
 /// Runs the first request of a key, its settlement deferred to this layer's body.
@@ -469,7 +482,8 @@ fn replay_or_refuse(
 
 fn reused() -> GatewayError {
     GatewayError::IdempotencyKeyReused(
-        "this Idempotency-Key was used with a different request; use a new key for a new request".into(),
+        "this Idempotency-Key was used with a different request; use a new key for a new request"
+            .into(),
     )
 }
 
@@ -502,7 +516,10 @@ async fn read_body(
     match tokio::time::timeout_at(deadline, read).await {
         Err(_) => Err(crate::normalize::body_timed_out()),
         Ok(Ok(c)) => Ok(c.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(too_large())
         }
         Ok(Err(e)) => Err(GatewayError::InvalidRequest(format!(

@@ -9,9 +9,7 @@ use tower::service_fn;
 use super::*;
 use crate::config::StoreConfig;
 use crate::credit::ParkedSettlement;
-use crate::store::{
-    hash_secret, Generation, KeyStore, NewKey, Settlement, SqliteStore,
-};
+use crate::store::{hash_secret, Generation, KeyStore, NewKey, Settlement, SqliteStore};
 
 struct Fixture {
     store: Arc<SqliteStore>,
@@ -31,7 +29,10 @@ fn fixture() -> Fixture {
     })
     .unwrap();
     let key = store
-        .create(hash_secret("sk-idem"), NewKey::new("idem", "1".parse().unwrap()))
+        .create(
+            hash_secret("sk-idem"),
+            NewKey::new("idem", "1".parse().unwrap()),
+        )
         .unwrap();
     // Loads the key's account: the ledger keeps spending in memory from here on.
     store.balance(&key.record.id).unwrap();
@@ -70,9 +71,7 @@ fn settlement(key_id: &str, id: &str) -> Settlement {
 
 use crate::money::Money;
 
-type Svc = Idempotency<
-    tower::util::BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>,
->;
+type Svc = Idempotency<tower::util::BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>>;
 
 impl Fixture {
     /// The layer over the fake inner service.
@@ -124,10 +123,11 @@ impl Fixture {
                     ));
                     Ok::<_, Infallible>(Bytes::from_static(b"data: [DONE]\n\n"))
                 });
-                let frames = futures_util::stream::once(async move {
-                    Ok::<_, Infallible>(Bytes::from(content))
-                })
-                .chain(done);
+                let frames =
+                    futures_util::stream::once(
+                        async move { Ok::<_, Infallible>(Bytes::from(content)) },
+                    )
+                    .chain(done);
                 let mut res = Response::new(Body::from_stream(frames));
                 res.headers_mut()
                     .insert("content-type", "text/event-stream".parse().unwrap());
@@ -172,7 +172,10 @@ async fn text(res: Response<Body>) -> String {
 async fn code(res: Response<Body>) -> (u16, String) {
     let status = res.status().as_u16();
     let v: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
-    (status, v["error"]["code"].as_str().unwrap_or_default().to_string())
+    (
+        status,
+        v["error"]["code"].as_str().unwrap_or_default().to_string(),
+    )
 }
 
 #[tokio::test]
@@ -215,7 +218,11 @@ async fn the_last_frame_goes_out_only_after_the_charge_and_record_are_committed(
     let mut body = res.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert!(first.starts_with(b"data: {"), "{first:?}");
-    assert_eq!(f.spent(), Money::ZERO, "not settled before the upstream end");
+    assert_eq!(
+        f.spent(),
+        Money::ZERO,
+        "not settled before the upstream end"
+    );
     let last = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&last[..], b"data: [DONE]\n\n");
     // By the time `[DONE]` is out, both are committed.
@@ -248,7 +255,10 @@ async fn a_concurrent_repeat_waits_for_the_first_and_gets_its_answer() {
         let (svc, req) = (svc.clone(), f.request(Some("k-c"), r#"{"q":1}"#));
         async move {
             let res = call(&svc, req).await;
-            (res.headers().get(IDEMPOTENT_REPLAYED).cloned(), text(res).await)
+            (
+                res.headers().get(IDEMPOTENT_REPLAYED).cloned(),
+                text(res).await,
+            )
         }
     });
     // Meanwhile another body with the same key is refused at once.

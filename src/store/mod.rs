@@ -697,7 +697,9 @@ pub trait Ledger: Send + Sync + 'static {
         idem_key: &str,
     ) -> BoxFuture<'static, Result<Option<IdempotencyLock>, StoreError>> {
         let _ = (key_id, idem_key);
-        Box::pin(futures_util::future::ready(Ok(Some(IdempotencyLock::local()))))
+        Box::pin(futures_util::future::ready(Ok(Some(
+            IdempotencyLock::local(),
+        ))))
     }
 
     /// Deletes the records expired at `now` (Unix seconds); how many. The default:

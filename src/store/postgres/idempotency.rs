@@ -146,7 +146,9 @@ impl Shared {
         let shared = self.clone();
         Ok(Some(IdempotencyLock::new(move || {
             let s = shared.clone();
-            shared.handle.spawn(async move { s.unlock(id, generation).await });
+            shared
+                .handle
+                .spawn(async move { s.unlock(id, generation).await });
         })))
     }
 
@@ -155,9 +157,7 @@ impl Shared {
         let client = {
             let conn = self.locks.conn.lock().await;
             match conn.as_ref() {
-                Some(c) if c.generation == generation && !c.client.is_closed() => {
-                    c.client.clone()
-                }
+                Some(c) if c.generation == generation && !c.client.is_closed() => c.client.clone(),
                 _ => return,
             }
         };
@@ -242,7 +242,10 @@ mod pg_tests {
         Ledger::reserve(&*store, &key, hold).await.unwrap();
         let first = record(&key.id, "k-1", b"first", 1_000);
         assert!(store
-            .settle_recorded(settlement(&key.id, "g-1", usd("0.002"), hold, 4), first.clone())
+            .settle_recorded(
+                settlement(&key.id, "g-1", usd("0.002"), hold, 4),
+                first.clone()
+            )
             .await
             .unwrap());
         assert_eq!(
@@ -299,7 +302,11 @@ mod pg_tests {
         );
         assert_eq!(store.purge_idempotency(1_000).await.unwrap(), 1);
         assert_eq!(store.purge_idempotency(1_000).await.unwrap(), 0);
-        assert!(store.idempotency_record(&key.id, "k-2", 10).await.unwrap().is_some());
+        assert!(store
+            .idempotency_record(&key.id, "k-2", 10)
+            .await
+            .unwrap()
+            .is_some());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,7 +316,11 @@ mod pg_tests {
         };
         let a = open(db.url()).await;
         let b = open(db.url()).await;
-        let held = a.idempotency_lock("key_1", "k").await.unwrap().expect("free");
+        let held = a
+            .idempotency_lock("key_1", "k")
+            .await
+            .unwrap()
+            .expect("free");
         assert!(b.idempotency_lock("key_1", "k").await.unwrap().is_none());
         // Other keys are free.
         let other = b.idempotency_lock("key_1", "k2").await.unwrap();
@@ -338,7 +349,10 @@ mod pg_tests {
         .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while a.idempotency_lock("key_1", "k").await.unwrap().is_none() {
-            assert!(std::time::Instant::now() < deadline, "a dead instance's lock stayed");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a dead instance's lock stayed"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

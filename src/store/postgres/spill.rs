@@ -98,10 +98,7 @@ impl Line {
 
     /// The settlement and its record again (a damaged record reads as none).
     fn settlement_and_record(mut self) -> (Settlement, Option<IdempotencyRecord>) {
-        let record = self
-            .record
-            .take()
-            .and_then(|r| r.into_record(&self.key_id));
+        let record = self.record.take().and_then(|r| r.into_record(&self.key_id));
         (self.settlement(), record)
     }
 

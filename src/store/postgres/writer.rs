@@ -468,7 +468,10 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
                     failing = true;
                 }
                 // On disk (fsync'd) before anyone is told it did not commit.
-                shared.writer.spill(shared, &batch, &records, &mut waiters).await;
+                shared
+                    .writer
+                    .spill(shared, &batch, &records, &mut waiters)
+                    .await;
                 if waiters.iter().all(|w| w.spilled) {
                     shared.writer.queue.lock().in_flight_spilled = true;
                 }

@@ -488,13 +488,18 @@ mod tests {
     }
 
     fn record(rng: &mut impl Rng) -> IdempotencyRecord {
-        let body: Vec<u8> = (0..rng.random_range(0..300)).map(|_| rng.random()).collect();
+        let body: Vec<u8> = (0..rng.random_range(0..300))
+            .map(|_| rng.random())
+            .collect();
         IdempotencyRecord {
             key_id: String::new(),
             idem_key: odd(rng, 20),
             fingerprint: rng.random(),
             status: 200,
-            headers: vec![(odd(rng, 6), odd(rng, 10)), ("x-request-id".into(), odd(rng, 30))],
+            headers: vec![
+                (odd(rng, 6), odd(rng, 10)),
+                ("x-request-id".into(), odd(rng, 30)),
+            ],
             body: body.into(),
             created: rng.random(),
             expires: rng.random(),

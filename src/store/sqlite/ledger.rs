@@ -46,7 +46,11 @@ impl SqliteStore {
         if let Some(journal) = &self.writer.journal {
             let j = journal.lock();
             let scope = (key_id.to_string(), idem_key.to_string());
-            if let Some(r) = j.pending_records.get(&scope).and_then(|e| e.record.as_deref()) {
+            if let Some(r) = j
+                .pending_records
+                .get(&scope)
+                .and_then(|e| e.record.as_deref())
+            {
                 return Ok(r.live_at(now).then(|| r.clone()));
             }
         }

@@ -38,7 +38,10 @@ async fn a_record_is_seen_from_its_commit_on_and_only_by_its_key_until_it_expire
         .unwrap());
     // Journaled, not in SQLite yet: seen all the same.
     assert_eq!(rows(&dir), 0);
-    let seen = store.idempotency_record(&id, "order-1", 1_500).await.unwrap();
+    let seen = store
+        .idempotency_record(&id, "order-1", 1_500)
+        .await
+        .unwrap();
     assert_eq!(seen.as_ref(), Some(&rec));
     assert!(store
         .idempotency_record("key_other", "order-1", 1_500)
@@ -60,7 +63,10 @@ async fn a_record_is_seen_from_its_commit_on_and_only_by_its_key_until_it_expire
     store.flush().await;
     assert_eq!(rows(&dir), 1);
     assert_eq!(
-        store.idempotency_record(&id, "order-1", 1_999).await.unwrap(),
+        store
+            .idempotency_record(&id, "order-1", 1_999)
+            .await
+            .unwrap(),
         Some(rec)
     );
     assert_eq!(store.balance(&id).unwrap().spent, usd("0.25"));
@@ -94,7 +100,10 @@ async fn a_crash_before_sqlite_has_it_keeps_charge_and_record_together() {
     assert_eq!(rows(&dir), 1);
     assert_eq!(spent_in_file(&dir, &id), usd("0.125").pico());
     assert_eq!(
-        reopened.idempotency_record(&id, "order-9", 5).await.unwrap(),
+        reopened
+            .idempotency_record(&id, "order-9", 5)
+            .await
+            .unwrap(),
         Some(rec)
     );
     drop(reopened);
@@ -122,8 +131,16 @@ async fn purge_deletes_what_expired_and_keeps_the_rest() {
     assert_eq!(rows(&dir), 3);
     assert_eq!(store.purge_idempotency(200).await.unwrap(), 2);
     assert_eq!(rows(&dir), 1);
-    assert!(store.idempotency_record(&id, "k-3", 250).await.unwrap().is_some());
-    assert!(store.idempotency_record(&id, "k-1", 50).await.unwrap().is_none());
+    assert!(store
+        .idempotency_record(&id, "k-3", 250)
+        .await
+        .unwrap()
+        .is_some());
+    assert!(store
+        .idempotency_record(&id, "k-1", 50)
+        .await
+        .unwrap()
+        .is_none());
     assert_eq!(store.purge_idempotency(200).await.unwrap(), 0);
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
