@@ -454,6 +454,11 @@ impl ParkedSettlement {
         self.settlement.as_ref()
     }
 
+    /// The ledger it commits through.
+    pub(crate) fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.ledger
+    }
+
     /// Whether its ledger keeps idempotency records.
     pub fn keeps_records(&self) -> bool {
         self.ledger.keeps_idempotency_records()

@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -16,7 +17,7 @@ use super::Pending;
 use crate::context::CallContext;
 use crate::credit::ParkedSettlement;
 use crate::error::{Body, BoxError};
-use crate::store::{IdempotencyLock, IdempotencyRecord, StoreError};
+use crate::store::{IdempotencyLock, IdempotencyRecord, Ledger, StoreError};
 
 /// The most body bytes recorded; a larger answer is not recorded (a repeat runs
 /// again).
@@ -48,6 +49,10 @@ pub(crate) struct RecordingBody {
     state: State,
     claim: Option<Claim>,
     lock: Option<IdempotencyLock>,
+    /// The ledger and scope of a record being committed: if its commit fails but the
+    /// charge stays queued (the store is unavailable), the claims are kept until the
+    /// record lands, so that no repeat runs (and is charged) meanwhile.
+    awaiting: Option<(Arc<dyn Ledger>, String, String)>,
 }
 
 impl RecordingBody {
@@ -69,6 +74,7 @@ impl RecordingBody {
             state: State::Streaming,
             claim: Some(claim),
             lock: Some(lock),
+            awaiting: None,
         }
     }
 
@@ -90,8 +96,44 @@ impl RecordingBody {
             _ => None,
         };
         self.state = State::Committing(match record {
-            Some(r) => parked.commit_recorded(r),
+            Some(r) => {
+                self.awaiting = Some((
+                    parked.ledger().clone(),
+                    r.key_id.clone(),
+                    r.idem_key.clone(),
+                ));
+                parked.commit_recorded(r)
+            }
             None => parked.commit(),
+        });
+    }
+
+    /// The commit of charge and record failed, but both stay queued and will land
+    /// (the store is unavailable; PostgreSQL's spill file keeps them). A repeat that
+    /// ran meanwhile would be charged a second time, so the claims move to a task
+    /// that holds them until the record can be read back.
+    fn keep_claims_until_recorded(&mut self) {
+        let Some((ledger, key_id, idem_key)) = self.awaiting.take() else {
+            return;
+        };
+        let (claim, lock) = (self.claim.take(), self.lock.take());
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let mut wait = std::time::Duration::from_millis(250);
+            loop {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                match ledger
+                    .idempotency_record(&key_id, &idem_key, crate::store::now_unix())
+                    .await
+                {
+                    Ok(Some(_)) => break,
+                    Ok(None) | Err(_) => continue,
+                }
+            }
+            drop((claim, lock));
         });
     }
 
@@ -157,6 +199,9 @@ impl HttpBody for RecordingBody {
                             format!("the gateway could not record this request's charge: {e}")
                                 .into()
                         });
+                        if e.is_unavailable() {
+                            this.keep_claims_until_recorded();
+                        }
                     }
                     this.release_claims();
                     this.state = State::Releasing;
