@@ -20,6 +20,7 @@ pub mod accounts;
 pub mod auth;
 pub mod catalog;
 pub mod chat;
+pub mod clock;
 pub mod config;
 pub mod context;
 pub mod credit;

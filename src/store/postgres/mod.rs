@@ -135,9 +135,10 @@ use futures_util::FutureExt;
 use tokio_postgres::NoTls;
 
 use super::{
-    Admission, Balance, Generation, KeyChange, KeyPatch, KeyStore, Ledger, NewKey, Reservation,
-    SecretHash, Settlement, StoreError, StoredKey,
+    Admission, Balance, Generation, KeyChange, KeyPatch, KeyStore, Ledger, NewKey, PeriodUsage,
+    Reservation, SecretHash, Settlement, StoreError, StoredKey,
 };
+use crate::clock::Clock;
 use crate::config::{KeyConfig, StoreConfig};
 use crate::keys::KeyRecord;
 use crate::money::Money;
@@ -230,6 +231,8 @@ pub(crate) struct Shared {
     changes: tokio::sync::broadcast::Sender<KeyChange>,
     listening: AtomicBool,
     round_trips: [AtomicU64; Op::ALL.len()],
+    /// The clock of the day, week and month (`tokens_per_day`, `limit_reset`).
+    clock: parking_lot::RwLock<Clock>,
 }
 
 /// Keys and ledger in PostgreSQL, shared by any number of gateways; see the
@@ -300,6 +303,11 @@ fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 impl Shared {
+    /// Unix seconds now, by the store's clock.
+    fn now(&self) -> u64 {
+        self.clock.read().now()
+    }
+
     /// Counts one statement sent.
     fn count(&self, op: Op) {
         self.round_trips[op as usize].fetch_add(1, Ordering::Relaxed);
@@ -489,6 +497,7 @@ impl PgStore {
             changes: tokio::sync::broadcast::channel(1024).0,
             listening: AtomicBool::new(false),
             round_trips: Default::default(),
+            clock: Default::default(),
         });
         metrics::describe_counter!(
             ROUND_TRIPS,
@@ -545,6 +554,14 @@ impl PgStore {
             );
         }
         Ok(Arc::new(store))
+    }
+
+    /// Sets the clock of its day accounting: `tokens_per_day`, the periods of
+    /// `limit_reset`, the day a settlement counts in (default: the system clock).
+    /// Each instance passes its own clock's time to PostgreSQL with every lease and
+    /// settlement. For tests that cross midnight without waiting for it.
+    pub fn set_clock(&self, clock: Clock) {
+        *self.shared.clock.write() = clock;
     }
 
     /// This instance's id (its leases carry it).
@@ -744,6 +761,12 @@ impl Ledger for PgStore {
     fn generation(&self, id: &str) -> Result<Option<Generation>, StoreError> {
         let (s, id) = (self.shared.clone(), id.to_string());
         self.shared.block(async move { s.generation(&id).await })
+    }
+
+    /// What is committed in PostgreSQL (by any instance) in the current periods.
+    fn usage(&self, key_id: &str) -> Result<PeriodUsage, StoreError> {
+        let (s, id) = (self.shared.clone(), key_id.to_string());
+        self.shared.block(async move { s.usage(&id).await })
     }
 }
 

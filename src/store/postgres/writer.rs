@@ -540,7 +540,7 @@ pub(super) async fn statement(
     let stmt = shared
         .prepare(
             &client,
-            "SELECT * FROM sb_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+            "SELECT * FROM sb_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
         )
         .await
         .map_err(Failure::Retry)?;
@@ -561,6 +561,8 @@ pub(super) async fn statement(
     let mut attempts = Vec::with_capacity(n);
     let mut finish = Vec::with_capacity(n);
     let mut created = Vec::with_capacity(n);
+    let mut app_url = Vec::with_capacity(n);
+    let mut app_title = Vec::with_capacity(n);
     for s in rows {
         let g = &s.generation;
         let r = Amounts::of(s.reserved);
@@ -580,7 +582,11 @@ pub(super) async fn statement(
         attempts.push(serde_json::to_string(&g.attempts).unwrap_or_else(|_| "[]".into()));
         finish.push(g.finish_reason.as_deref());
         created.push(int(g.created));
+        app_url.push(g.app_url.as_deref());
+        app_title.push(g.app_title.as_deref());
     }
+    // The day (week, month) the charges count in: this instance's clock.
+    let now = int(shared.now());
     shared.count(Op::Settle);
     let answer = client
         .query(
@@ -603,6 +609,9 @@ pub(super) async fn statement(
                 &attempts,
                 &finish,
                 &created,
+                &app_url,
+                &app_title,
+                &now,
             ],
         )
         .await;

@@ -18,6 +18,7 @@ use crate::money::{Money, MAX_CHARGE, MAX_CREDITS, MAX_SPENT};
 use crate::store::*;
 
 mod bounds;
+mod periods;
 
 fn usd(s: &str) -> Money {
     s.parse().unwrap()
@@ -71,6 +72,7 @@ fn settlement(key_id: &str, id: &str, cost: &str, reserved: &str) -> Settlement 
             }],
             finish_reason: Some("stop".into()),
             created: 1,
+            ..Default::default()
         },
     }
 }
@@ -84,6 +86,8 @@ fn bootstrap_key(secret: &str, credits: &str, rpm: Option<u32>) -> KeyConfig {
         rpm,
         tokens_per_day: None,
         models: None,
+        limit_reset: None,
+        expires_at: None,
     }
 }
 
