@@ -414,4 +414,41 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    #[tokio::test]
+    async fn an_expired_key_is_refused_at_once_even_while_its_record_is_cached() {
+        use crate::clock::ManualClock;
+        let store = store();
+        store
+            .create(
+                hash_secret("sk-carol-1"),
+                NewKey {
+                    expires_at: Some(1_000_000),
+                    ..NewKey::new("carol", Default::default())
+                },
+            )
+            .unwrap();
+        let manual = ManualClock::new(999_999);
+        // A cache that keeps the record for an hour: only the clock decides.
+        let svc = AuthLayer::with_ttl(store.clone(), Duration::from_secs(3600))
+            .clock(manual.clock())
+            .layer(echo_name());
+        let req = || get(Some(("authorization", "Bearer sk-carol-1")));
+        let res = svc.clone().oneshot(req()).await.unwrap();
+        assert_eq!(res.status(), 200);
+        manual.advance(1);
+        let res = svc.clone().oneshot(req()).await.unwrap();
+        assert_eq!(res.status(), 401);
+        use http_body_util::BodyExt;
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+        assert_eq!(v["error"]["message"], "key expired");
+        // A fresh layer (nothing cached) says the same.
+        let fresh = AuthLayer::new(store)
+            .clock(manual.clock())
+            .layer(echo_name());
+        let (s, code) = status_and_code(fresh.oneshot(req()).await.unwrap()).await;
+        assert_eq!((s, code.as_str()), (401, "invalid_api_key"));
+    }
 }

@@ -495,20 +495,27 @@ impl Shared {
     /// as committed in `sb_daily_spend`.
     pub(super) async fn usage(self: &Arc<Self>, key_id: &str) -> Result<PeriodUsage, StoreError> {
         let today = crate::clock::utc_day(self.now());
+        // Each period's first day, and the first day after it.
         let [day, week, month] = LimitReset::ALL.map(|r| r.period_start(today) as i64);
+        let week_end = week + 7;
+        // 31 days after the first of a month is in the next month.
+        let month_end = LimitReset::Monthly.period_start(month as u64 + 31) as i64;
         let client = self.client().await?;
         let stmt = self
             .prepare(
                 &client,
-                "SELECT coalesce(sum(spent) FILTER (WHERE day >= $2), 0)::bigint,
-                        coalesce(sum(spent) FILTER (WHERE day >= $3), 0)::bigint,
-                        coalesce(sum(spent) FILTER (WHERE day >= $4), 0)::bigint
-                   FROM sb_daily_spend WHERE key_id = $1 AND day >= least($3, $4)",
+                "SELECT coalesce(sum(spent) FILTER (WHERE day = $2), 0)::bigint,
+                        coalesce(sum(spent) FILTER (WHERE day >= $3 AND day < $4), 0)::bigint,
+                        coalesce(sum(spent) FILTER (WHERE day >= $5 AND day < $6), 0)::bigint
+                   FROM sb_daily_spend WHERE key_id = $1 AND day >= least($3, $5)",
             )
             .await?;
         self.count(Op::Balance);
         let row = client
-            .query_one(&stmt, &[&key_id, &day, &week, &month])
+            .query_one(
+                &stmt,
+                &[&key_id, &day, &week, &week_end, &month, &month_end],
+            )
             .await
             .map_err(|e| self.error(e))?;
         self.mark_up();

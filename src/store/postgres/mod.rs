@@ -151,6 +151,8 @@ mod spill;
 mod writer;
 
 #[cfg(test)]
+mod period_tests;
+#[cfg(test)]
 mod tests;
 
 /// The counter of statements sent to PostgreSQL, by `op`.

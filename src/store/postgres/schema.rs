@@ -112,7 +112,8 @@ BEGIN
         pspent := k.spent;
     ELSE
         SELECT coalesce(sum(d.spent), 0) INTO pspent FROM sb_daily_spend d
-         WHERE d.key_id = p_key AND d.day >= sb_period_start(k.limit_reset, today);
+         WHERE d.key_id = p_key AND d.day >= sb_period_start(k.limit_reset, today)
+           AND sb_period_start(k.limit_reset, d.day) = sb_period_start(k.limit_reset, today);
     END IF;
     free := least(k.credits::numeric - k.spent,
                   coalesce(k.limit_usd::numeric - pspent, k.credits::numeric - k.spent)) - o;
