@@ -432,6 +432,59 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[test]
+    fn a_version_1_request_log_gets_the_attribution_columns() {
+        let dir = log_dir();
+        let path = dir.join("v1.db");
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            // The STRICT layout of version 1: no `app_url`, `app_title`.
+            let v1 = REQUESTS_TABLE.replace(
+                ",\n    app_url           TEXT,\n    app_title         TEXT",
+                "",
+            );
+            assert_ne!(v1, REQUESTS_TABLE);
+            conn.execute_batch(&format!(
+                "{}; PRAGMA user_version = 1;",
+                v1.replace("{table}", "requests")
+            ))
+            .unwrap();
+            conn.execute(
+                &format!("INSERT INTO requests ({REQUESTS_COLUMNS}) VALUES ('gen-1', 1, 'key_a', 'm/x', 'm/x', 'p', 200, 4, 6, 0, 0, 500, 12, NULL, 0, 1, 'stop', NULL, '[]', NULL, NULL)"),
+                [],
+            )
+            .unwrap();
+        }
+        let mut sink = SqliteSink::open(&path).unwrap();
+        let mut r = record(2);
+        r.app_url = Some("https://app.example/".into());
+        r.app_title = Some("The App".into());
+        sink.write(&[r]).unwrap();
+        let rows: Vec<(String, Option<String>, Option<String>)> = sink
+            .connection()
+            .prepare("SELECT id, app_url, app_title FROM requests ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            [
+                ("gen-1".into(), None, None),
+                (
+                    "gen-2".into(),
+                    Some("https://app.example/".into()),
+                    Some("The App".into())
+                )
+            ]
+        );
+        drop(sink);
+        // Opened again: nothing more to add.
+        drop(SqliteSink::open(&path).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[cfg(unix)]
     #[test]
     fn request_logs_are_created_readable_by_their_owner_only() {
