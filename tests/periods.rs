@@ -346,3 +346,80 @@ expires_at = "2030-02-30T00:00:00Z"
     );
     assert!(err.to_string().contains("RFC 3339"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_a_daily_budget_and_attribution_work_the_same() {
+    let Some(db) = switchboard::testing::postgres("on_postgresql_a_daily_budget_and_attribution")
+    else {
+        return;
+    };
+    let manual = ManualClock::new(at("2026-05-01T23:00:00Z"));
+    let mut config = Config::from_toml(&config_text(&format!(
+        "[[keys]]\nsecret = \"{DAILY}\"\ncredits_usd = 1\nlimit_usd = 0.00003\nlimit_reset = \"daily\"\n"
+    )))
+    .unwrap();
+    config.store.url = db.url().to_string();
+    config.store.spill_dir = temp_dir("periods-spill").display().to_string();
+    config.logging.sink = "postgres".into();
+    let gateway = Gateway::builder()
+        .config(config)
+        .clock(manual.clock())
+        .build()
+        .expect("gateway builds");
+    let gw = serve_built(gateway).await;
+
+    let res = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(DAILY)
+        .header("HTTP-Referer", "https://pg-app.example/")
+        .header("X-Title", "PG app")
+        .json(&json!({"model": "mock/lorem", "max_tokens": 20,
+                      "messages": [{"role": "user", "content": "go"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let id = res.headers()["x-request-id"].to_str().unwrap().to_string();
+    res.bytes().await.unwrap();
+    assert_eq!(ask(&gw, DAILY, 20).await.0, 402);
+    let d = key_info(&gw, DAILY).await.1["data"].clone();
+    assert_eq!(d["usage_daily"].as_f64(), Some(0.00002), "{d}");
+    manual.set(at("2026-05-02T00:00:00Z"));
+    assert_eq!(ask(&gw, DAILY, 20).await.0, 200);
+    let d = key_info(&gw, DAILY).await.1["data"].clone();
+    assert_eq!(d["usage_daily"].as_f64(), Some(0.00002), "{d}");
+    assert_eq!(
+        d["usage_monthly"].as_f64(),
+        Some(0.00004),
+        "May 1 and 2: {d}"
+    );
+
+    let g: Value = client()
+        .get(gw.url(&format!("/v1/generation?id={id}")))
+        .bearer_auth(DAILY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(g["data"]["app_url"], "https://pg-app.example/");
+    assert_eq!(g["data"]["app_title"], "PG app");
+    assert!(gw.gateway.logs().flush(Duration::from_secs(30)));
+    let (client, conn) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT app_url, app_title FROM requests WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, Option<String>>(0).as_deref(),
+        Some("https://pg-app.example/")
+    );
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("PG app"));
+}
