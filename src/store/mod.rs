@@ -508,6 +508,20 @@ pub const MAX_APP_BYTES: usize = 512;
 
 /// `text` cut to at most [`MAX_APP_BYTES`] bytes at a character boundary, without
 /// control characters; `None` when nothing is left.
+///
+/// # Example
+/// ```
+/// use switchboard::store::{bounded_app_field, MAX_APP_BYTES};
+///
+/// assert_eq!(bounded_app_field(" My App "), Some("My App".to_string()));
+/// assert_eq!(bounded_app_field("a\u{7}b"), Some("ab".to_string()));
+/// assert_eq!(bounded_app_field("  "), None);
+/// // 600 bytes of two-byte characters: cut to 512, never inside a character.
+/// let cut = bounded_app_field(&"é".repeat(300)).unwrap();
+/// assert_eq!((cut.len(), cut.chars().count()), (MAX_APP_BYTES, 256));
+/// let odd = bounded_app_field(&format!("x{}", "é".repeat(300))).unwrap();
+/// assert_eq!(odd.len(), MAX_APP_BYTES - 1);
+/// ```
 pub fn bounded_app_field(text: &str) -> Option<String> {
     let text = text.trim();
     let mut end = text.len().min(MAX_APP_BYTES);
