@@ -150,6 +150,13 @@ pub(super) const TABLES: [Table; 3] = [
 /// Creates the store's tables, or migrates those of an older layout (in one
 /// transaction per version; see the module docs).
 pub(super) fn prepare_schema(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > LATEST_VERSION {
+        return Err(StoreError(format!(
+            "the store {} is of schema version {found}, newer than this switchboard knows ({LATEST_VERSION}): run a newer switchboard",
+            path.display()
+        )));
+    }
     migrate(conn, SCHEMA_VERSION, &TABLES, "")
         .and_then(|()| migrate_v2(conn))
         .map_err(|e| StoreError(format!("cannot prepare the store {}: {e}", path.display())))
