@@ -91,6 +91,16 @@
 //!   exceeded: the charge is recorded rather than lost (`spent` may then exceed
 //!   `credits`, and the key is refused until topped up).
 //!
+//! **Budgets per period** (`limit_reset`, SPEC §8.3): the cap of a key with one is
+//! `min(credits − spent, limit_usd − what the current period spent)`, the period's
+//! spending summed from `sb_daily_spend` (what each key spent each UTC day, written by
+//! `sb_settle` in the same transaction as the rows) under the key's row lock in
+//! `sb_lease`; so a period is one budget across instances, and a lease granted in an
+//! earlier period is still within the cap in the next one (a new period only frees
+//! money). The day, week and month come from the instance's [`Clock`] (`p_now` of
+//! both functions, [`PgStore::set_clock`]); the leases' expiry stays on PostgreSQL's
+//! clock. A charge replayed from a spill file counts in the day it is replayed.
+//!
 //! Key changes (create, update, top-up) send `NOTIFY sb_keys` in their transaction;
 //! each instance `LISTEN`s on a connection of its own (reconnected when lost, after
 //! which every key counts as changed) and passes them on through
