@@ -33,6 +33,9 @@ pub(super) struct Account {
 /// midnight, applied after) counts in none of the current ones.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Periods {
+    /// The latest day seen: `starts` are its periods' (the fast path of every
+    /// settlement and admission of the day).
+    day: u64,
     starts: [u64; 3],
     spent: [Money; 3],
 }
@@ -41,6 +44,7 @@ impl Periods {
     /// The periods of UTC day `today`, with what was spent in each.
     pub(super) fn new(today: u64, spent: [Money; 3]) -> Periods {
         Periods {
+            day: today,
             starts: LimitReset::ALL.map(|r| r.period_start(today)),
             spent,
         }
@@ -48,6 +52,13 @@ impl Periods {
 
     /// `cost` committed on UTC day `day`.
     pub(super) fn add(&mut self, day: u64, cost: Money) {
+        if day == self.day {
+            for s in &mut self.spent {
+                *s = s.checked_add(cost).unwrap_or(*s);
+            }
+            return;
+        }
+        self.day = self.day.max(day);
         for (i, r) in LimitReset::ALL.iter().enumerate() {
             let start = r.period_start(day);
             if start > self.starts[i] {
@@ -72,7 +83,7 @@ impl Periods {
     /// has seen no settlement yet).
     pub(super) fn at(&self, today: u64) -> PeriodUsage {
         let [daily, weekly, monthly] = std::array::from_fn(|i| {
-            if LimitReset::ALL[i].period_start(today) == self.starts[i] {
+            if today == self.day || LimitReset::ALL[i].period_start(today) == self.starts[i] {
                 self.spent[i]
             } else {
                 Money::ZERO
@@ -203,7 +214,8 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Holds `hold` under the key's lock at Unix seconds `now`: the `tokens_per_day`
+    /// Holds `hold` under the key's lock at Unix seconds `now` (read only by the
+    /// rules of the day: a key without them may pass 0): the `tokens_per_day`
     /// check (429), then credits and `limit_usd` (402; with `limit_reset`, what is
     /// left of it in the current period), then both amounts are added to what is
     /// held.
