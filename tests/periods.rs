@@ -423,3 +423,36 @@ async fn on_postgresql_a_daily_budget_and_attribution_work_the_same() {
     );
     assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("PG app"));
 }
+
+#[tokio::test]
+async fn fifty_concurrent_requests_on_a_daily_budget_that_covers_five() {
+    let manual = ManualClock::new(at("2026-05-01T10:00:00Z"));
+    let key = "sk-concurrent-daily-0123456789";
+    let (gw, _) = gateway_on(
+        &config_text(&format!(
+            "[[keys]]\nsecret = \"{key}\"\ncredits_usd = 1\nlimit_usd = 0.0001\nlimit_reset = \"daily\"\n"
+        )),
+        &manual,
+    )
+    .await;
+    let gw = std::sync::Arc::new(gw);
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let gw = gw.clone();
+            tokio::spawn(async move { ask(&gw, key, 20).await.0 })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(served, 5, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 402),
+        "{statuses:?}"
+    );
+    let d = key_info(&gw, key).await.1["data"].clone();
+    assert_eq!(d["usage_daily"].as_f64(), Some(0.0001), "{d}");
+    assert_eq!(d["limit_remaining"].as_f64(), Some(0.0), "{d}");
+}

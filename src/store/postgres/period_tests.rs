@@ -314,3 +314,58 @@ async fn a_database_of_schema_version_2_is_migrated_to_3() {
     assert_eq!(store.usage("key_v2").unwrap().daily, usd("1"));
     assert_eq!(store.get("key_v2").unwrap().unwrap().spent, usd("1.25"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_on_two_instances_never_pass_the_days_limit() {
+    let Some(db) = postgres("concurrent_requests_on_two_instances_never_pass") else {
+        return;
+    };
+    let manual = ManualClock::new(at("2025-03-05T12:00:00Z"));
+    let (a, b) = (open_with(db.url(), &manual), open_with(db.url(), &manual));
+    // Room for five holds of $0.01 a day, and plenty of credits.
+    let key = make_key(&a, "busy", periodic("0.05", LimitReset::Daily));
+    let hold: Reservation = usd("0.01").into();
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let store = if worker % 2 == 0 {
+            a.clone()
+        } else {
+            b.clone()
+        };
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut charged = Money::ZERO;
+            for n in 0..6 {
+                match Ledger::reserve(&*store, &key, hold).await {
+                    Ok(()) => {
+                        let id = format!("busy-{worker}-{n}");
+                        let cost = usd("0.01");
+                        assert!(store
+                            .settle(settlement(&key.id, &id, cost, hold, 0))
+                            .await
+                            .unwrap());
+                        charged = charged + cost;
+                    }
+                    Err(e) => assert_eq!(e.code(), "insufficient_credits", "{e}"),
+                }
+            }
+            charged
+        }));
+    }
+    let mut total = Money::ZERO;
+    for t in tasks {
+        total = total + t.await.unwrap();
+    }
+    // Never more than the day's limit (a refusal while another instance's lease
+    // holds what it does not use may leave a little of it unspent).
+    assert!(total <= usd("0.05") && total >= usd("0.03"), "{total}");
+    assert_eq!(a.usage(&key.id).unwrap().daily, total);
+    assert_eq!(a.get(&key.id).unwrap().unwrap().spent, total);
+    // Whatever is left of the day is still there to spend, and nothing more.
+    let left = usd("0.05") - total;
+    if left > Money::ZERO {
+        Ledger::reserve(&*b, &key, left.into()).await.unwrap();
+        b.release(&key.id, left.into());
+    }
+    refused(&b, &key, &(left + Money::from_pico(1)).to_string()).await;
+}
