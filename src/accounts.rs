@@ -41,11 +41,11 @@ use subtle::ConstantTimeEq;
 
 use crate::auth::AuthLayer;
 use crate::error::{Body, GatewayError};
-use crate::keys::KeyRecord;
+use crate::keys::{KeyRecord, LimitReset};
 use crate::money::{Money, MAX_CREDITS, MAX_RPM, MAX_TOKENS_PER_DAY};
 use crate::store::{
     credits_after_top_up, hash_secret, new_secret, KeyPatch, KeyStore, KeyView, Ledger, NewKey,
-    SecretHash, StoredKey,
+    SecretHash,
 };
 
 /// `GET /v1/key`'s `data`.
@@ -54,9 +54,15 @@ struct KeyInfo {
     name: String,
     usage: Money,
     limit: Option<Money>,
+    /// What `limit` leaves: of the current period with `limit_reset`.
     limit_remaining: Option<Money>,
     credits_remaining: Money,
     rate_limit: Option<RateLimitInfo>,
+    limit_reset: Option<LimitReset>,
+    usage_daily: Money,
+    usage_weekly: Money,
+    usage_monthly: Money,
+    expires_at: Option<String>,
 }
 
 /// `{"requests": rpm, "interval": "1m"}`.
@@ -169,18 +175,26 @@ async fn get_key(
 ) -> Response<Body> {
     let ledger = state.ledger.clone();
     let id = key.id.clone();
-    let r = blocking(move || Ok(ledger.balance(&id)?))
+    let r = blocking(move || Ok((ledger.balance(&id)?, ledger.usage(&id)?)))
         .await
-        .map(|b| KeyInfo {
-            name: key.name.clone(),
-            usage: b.spent,
-            limit: key.limit,
-            limit_remaining: key.limit.map(|l| (l - b.spent).max(Money::ZERO)),
-            credits_remaining: b.credits - b.spent,
-            rate_limit: key.rpm.map(|requests| RateLimitInfo {
-                requests,
-                interval: "1m",
-            }),
+        .map(|(b, periods)| {
+            let held_against = key.limit_reset.map_or(b.spent, |r| periods.of(r));
+            KeyInfo {
+                name: key.name.clone(),
+                usage: b.spent,
+                limit: key.limit,
+                limit_remaining: key.limit.map(|l| (l - held_against).max(Money::ZERO)),
+                credits_remaining: b.credits - b.spent,
+                rate_limit: key.rpm.map(|requests| RateLimitInfo {
+                    requests,
+                    interval: "1m",
+                }),
+                limit_reset: key.limit_reset,
+                usage_daily: periods.daily,
+                usage_weekly: periods.weekly,
+                usage_monthly: periods.monthly,
+                expires_at: key.expires_at.map(crate::clock::format_rfc3339),
+            }
         });
     reply(r, StatusCode::OK)
 }
@@ -302,6 +316,12 @@ struct CreateBody {
     tokens_per_day: Option<u64>,
     #[serde(default)]
     models: Option<Vec<String>>,
+    /// `"daily"`, `"weekly"` or `"monthly"`.
+    #[serde(default)]
+    limit_reset: Option<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    expires_at: Option<String>,
 }
 
 /// `PATCH /admin/keys/{id}` body.
@@ -320,9 +340,32 @@ struct PatchBody {
     tokens_per_day: Option<Option<u64>>,
     #[serde(default, deserialize_with = "present")]
     models: Option<Option<Vec<String>>>,
+    /// `"daily"`, `"weekly"`, `"monthly"`, or `null` for the key's lifetime.
+    #[serde(default, deserialize_with = "present")]
+    limit_reset: Option<Option<String>>,
+    /// RFC 3339, or `null` for never.
+    #[serde(default, deserialize_with = "present")]
+    expires_at: Option<Option<String>>,
     /// Credits to add (a top-up), USD.
     #[serde(default)]
     top_up_usd: Option<Money>,
+}
+
+/// `limit_reset` and `expires_at` as given to the admin API or the CLI, parsed
+/// (`expires_at` to Unix seconds); `Err` says what is wrong with which.
+pub fn parse_period_and_expiry(
+    limit_reset: Option<&str>,
+    expires_at: Option<&str>,
+) -> Result<(Option<LimitReset>, Option<u64>), String> {
+    let reset = limit_reset
+        .map(str::parse::<LimitReset>)
+        .transpose()
+        .map_err(|e| format!("limit_reset: {e}"))?;
+    let expires = expires_at
+        .map(crate::clock::parse_rfc3339)
+        .transpose()
+        .map_err(|e| format!("expires_at: {e}"))?;
+    Ok((reset, expires))
 }
 
 /// The checks shared by the CLI and the admin API; `Err` says what is wrong.
@@ -388,6 +431,11 @@ async fn admin_create(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
+    let (limit_reset, expires_at) =
+        match parse_period_and_expiry(b.limit_reset.as_deref(), b.expires_at.as_deref()) {
+            Ok(v) => v,
+            Err(m) => return GatewayError::InvalidRequest(m).into_response(),
+        };
     let new = NewKey {
         name: b.name.unwrap_or_else(|| "key".into()),
         credits: b.credits_usd,
@@ -395,6 +443,8 @@ async fn admin_create(
         rpm: b.rpm,
         tokens_per_day: b.tokens_per_day,
         models: b.models,
+        limit_reset,
+        expires_at,
     };
     if let Err(m) = validate_new_key(&new) {
         return GatewayError::InvalidRequest(m).into_response();
@@ -416,9 +466,14 @@ async fn admin_list(State(state): State<AccountState>, headers: HeaderMap) -> Re
     if let Err(e) = admin_check(&state, &headers) {
         return e.into_response();
     }
-    let keys = state.keys.clone();
-    let r =
-        blocking(move || Ok(keys.list()?.iter().map(StoredKey::view).collect::<Vec<_>>())).await;
+    let (keys, ledger) = (state.keys.clone(), state.ledger.clone());
+    let r = blocking(move || {
+        keys.list()?
+            .iter()
+            .map(|k| Ok(k.view_with(ledger.usage(&k.record.id)?)))
+            .collect::<Result<Vec<_>, GatewayError>>()
+    })
+    .await;
     reply(r, StatusCode::OK)
 }
 
@@ -434,9 +489,9 @@ async fn admin_show(
     if let Err(e) = admin_check(&state, &headers) {
         return e.into_response();
     }
-    let keys = state.keys.clone();
+    let (keys, ledger) = (state.keys.clone(), state.ledger.clone());
     let r = blocking(move || match keys.get(&id)? {
-        Some(k) => Ok(k.view()),
+        Some(k) => Ok(k.view_with(ledger.usage(&id)?)),
         None => Err(no_key(&id)),
     })
     .await;
@@ -474,6 +529,13 @@ async fn admin_patch(
     if let Some(Err(m)) = b.top_up_usd.map(|t| credits_after_top_up(Money::ZERO, t)) {
         return GatewayError::InvalidRequest(format!("top_up_usd: {m}")).into_response();
     }
+    let (limit_reset, expires_at) = match parse_period_and_expiry(
+        b.limit_reset.as_ref().and_then(|r| r.as_deref()),
+        b.expires_at.as_ref().and_then(|e| e.as_deref()),
+    ) {
+        Ok(v) => v,
+        Err(m) => return GatewayError::InvalidRequest(m).into_response(),
+    };
     let patch = KeyPatch {
         name: b.name,
         disabled: b.disabled,
@@ -481,6 +543,8 @@ async fn admin_patch(
         rpm: b.rpm,
         tokens_per_day: b.tokens_per_day,
         models: b.models,
+        limit_reset: b.limit_reset.map(|given| given.and(limit_reset)),
+        expires_at: b.expires_at.map(|given| given.and(expires_at)),
     };
     let (keys, ledger) = (state.keys.clone(), state.ledger.clone());
     let r = blocking(move || {
@@ -500,7 +564,7 @@ async fn admin_patch(
             return Err(no_key(&id));
         }
         match keys.get(&id)? {
-            Some(k) => Ok(k.view()),
+            Some(k) => Ok(k.view_with(ledger.usage(&id)?)),
             None => Err(no_key(&id)),
         }
     })

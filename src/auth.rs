@@ -1,7 +1,9 @@
 //! `AuthLayer`: only callers with a known, enabled key get past it.
 //!
-//! The key arrives as `Authorization: Bearer KEY` or `x-api-key: KEY`. No key or an
-//! unknown one is answered 401 `invalid_api_key`, a disabled one 403 `forbidden`,
+//! The key arrives as `Authorization: Bearer KEY` or `x-api-key: KEY`. No key, an
+//! unknown one or one past its `expires_at` (message "key expired": the time is
+//! checked at every request, cached record or not, by the layer's
+//! [`Clock`]) is answered 401 `invalid_api_key`, a disabled one 403 `forbidden`,
 //! in the error format of SPEC §3.2 (the model allow-list is checked later, by
 //! routing, where the model is known). The secret is hashed (SHA-256) and looked up
 //! in the [`KeyStore`]; the key's *record* — never its balance — is cached for a few
@@ -45,6 +47,7 @@ use http::{Request, Response};
 use moka::sync::Cache;
 use tower::{Layer, Service, ServiceExt};
 
+use crate::clock::Clock;
 use crate::error::{Body, GatewayError};
 use crate::keys::KeyRecord;
 use crate::store::{hash_secret, KeyStore, SecretHash};
@@ -60,6 +63,7 @@ pub struct AuthLayer {
     keys: Arc<dyn KeyStore>,
     known: Cache<SecretHash, Arc<KeyRecord>>,
     unknown: Cache<SecretHash, ()>,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for AuthLayer {
@@ -86,7 +90,14 @@ impl AuthLayer {
                 .max_capacity(10_000)
                 .time_to_live(NEGATIVE_TTL.min(ttl))
                 .build(),
+            clock: Clock::system(),
         }
+    }
+
+    /// The clock that `expires_at` is checked against (default: the system clock).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Forgets every cached record (e.g. after an admin change in this process).
@@ -104,7 +115,7 @@ impl AuthLayer {
         };
         let hash = hash_secret(secret);
         match self.known.get(&hash) {
-            Some(record) => match usable(record) {
+            Some(record) => match usable(record, &self.clock) {
                 Ok(r) => Cached::Key(r),
                 Err(e) => Cached::Refused(e),
             },
@@ -132,7 +143,7 @@ impl AuthLayer {
             Some(r) => {
                 let r = Arc::new(r);
                 self.known.insert(hash, r.clone());
-                usable(r)
+                usable(r, &self.clock)
             }
             None => {
                 self.unknown.insert(hash, ());
@@ -150,8 +161,11 @@ enum Cached {
     Miss(SecretHash),
 }
 
-/// The record, unless its key is disabled.
-fn usable(record: Arc<KeyRecord>) -> Result<Arc<KeyRecord>, GatewayError> {
+/// The record, unless its key has expired (401) or is disabled (403).
+fn usable(record: Arc<KeyRecord>, clock: &Clock) -> Result<Arc<KeyRecord>, GatewayError> {
+    if record.expires_at.is_some() && record.expired(clock.now()) {
+        return Err(GatewayError::InvalidApiKey("key expired".into()));
+    }
     if record.disabled {
         return Err(GatewayError::Forbidden(format!(
             "key `{}` is disabled",
@@ -399,5 +413,42 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "still {s}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn an_expired_key_is_refused_at_once_even_while_its_record_is_cached() {
+        use crate::clock::ManualClock;
+        let store = store();
+        store
+            .create(
+                hash_secret("sk-carol-1"),
+                NewKey {
+                    expires_at: Some(1_000_000),
+                    ..NewKey::new("carol", Default::default())
+                },
+            )
+            .unwrap();
+        let manual = ManualClock::new(999_999);
+        // A cache that keeps the record for an hour: only the clock decides.
+        let svc = AuthLayer::with_ttl(store.clone(), Duration::from_secs(3600))
+            .clock(manual.clock())
+            .layer(echo_name());
+        let req = || get(Some(("authorization", "Bearer sk-carol-1")));
+        let res = svc.clone().oneshot(req()).await.unwrap();
+        assert_eq!(res.status(), 200);
+        manual.advance(1);
+        let res = svc.clone().oneshot(req()).await.unwrap();
+        assert_eq!(res.status(), 401);
+        use http_body_util::BodyExt;
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+        assert_eq!(v["error"]["message"], "key expired");
+        // A fresh layer (nothing cached) says the same.
+        let fresh = AuthLayer::new(store)
+            .clock(manual.clock())
+            .layer(echo_name());
+        let (s, code) = status_and_code(fresh.oneshot(req()).await.unwrap()).await;
+        assert_eq!((s, code.as_str()), (401, "invalid_api_key"));
     }
 }

@@ -429,6 +429,45 @@ pub struct KeyConfig {
     /// Allow-list of model globs.
     #[serde(default)]
     pub models: Option<Vec<String>>,
+    /// `"daily"`, `"weekly"` or `"monthly"`: `limit_usd` applies to each such UTC
+    /// period instead of the key's lifetime (SPEC §8.3).
+    #[serde(default)]
+    pub limit_reset: Option<String>,
+    /// When the key stops working, RFC 3339 (`2026-01-31T00:00:00Z`).
+    #[serde(default)]
+    pub expires_at: Option<String>,
+}
+
+impl KeyConfig {
+    /// `limit_reset` and `expires_at` (Unix seconds) parsed, or what is wrong with
+    /// them (a config that passed [`Config::problems`] has nothing wrong).
+    pub fn period_and_expiry(
+        &self,
+    ) -> Result<(Option<crate::keys::LimitReset>, Option<u64>), String> {
+        let reset = self
+            .limit_reset
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e| {
+                format!(
+                    "key `{}`: limit_reset: {e}",
+                    self.name.as_deref().unwrap_or("bootstrap")
+                )
+            })?;
+        let expires = self
+            .expires_at
+            .as_deref()
+            .map(crate::clock::parse_rfc3339)
+            .transpose()
+            .map_err(|e| {
+                format!(
+                    "key `{}`: expires_at: {e}",
+                    self.name.as_deref().unwrap_or("bootstrap")
+                )
+            })?;
+        Ok((reset, expires))
+    }
 }
 
 /// One problem in a config file.
@@ -895,6 +934,16 @@ impl Config {
                     at("tokens_per_day"),
                     format!("must be at most {MAX_TOKENS_PER_DAY} (leave it out for no limit)"),
                 );
+            }
+            if let Some(Err(e)) = k
+                .limit_reset
+                .as_deref()
+                .map(str::parse::<crate::keys::LimitReset>)
+            {
+                bad(at("limit_reset"), e);
+            }
+            if let Some(Err(e)) = k.expires_at.as_deref().map(crate::clock::parse_rfc3339) {
+                bad(at("expires_at"), e);
             }
             if let Some(models) = &k.models {
                 for (j, pat) in models.iter().enumerate() {

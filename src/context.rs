@@ -158,6 +158,11 @@ pub struct CallState {
     /// Set by metering when an upstream reported usage above the request's
     /// [reservation](CallContext::reservation): the charge was capped at it.
     pub over_reserve: bool,
+    /// The app that sent it (its `HTTP-Referer` header, bounded), set by
+    /// [`LoggingLayer`](crate::logging::LoggingLayer).
+    pub app_url: Option<String>,
+    /// The app's name (its `X-Title` header, bounded), set likewise.
+    pub app_title: Option<String>,
 }
 
 struct Inner {

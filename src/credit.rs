@@ -388,6 +388,8 @@ impl Charge {
                     .collect(),
                 finish_reason: s.finish_reason.clone(),
                 created: self.ctx.created(),
+                app_url: s.app_url,
+                app_title: s.app_title,
             },
         })
     }

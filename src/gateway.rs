@@ -93,6 +93,7 @@ pub struct GatewayBuilder {
     log_writer: Option<LogWriter>,
     store: Option<(Arc<dyn KeyStore>, Arc<dyn Ledger>)>,
     health: Option<Arc<dyn HealthRegistry>>,
+    clock: Option<crate::clock::Clock>,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -140,6 +141,14 @@ impl GatewayBuilder {
         self
     }
 
+    /// The clock of the calendar rules (default: the system clock): key expiry in
+    /// auth, and `tokens_per_day` and `limit_reset` periods in the store `build`
+    /// opens (a store given to [`store`](Self::store) keeps its own: set it there).
+    pub fn clock(mut self, clock: crate::clock::Clock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
     /// Builds the stack.
     pub fn build(self) -> Result<Gateway, BuildError> {
         let config = self.config.ok_or(BuildError::NoConfig)?;
@@ -163,6 +172,9 @@ impl GatewayBuilder {
             // Shared by any number of gateways (SPEC §6).
             None if crate::store::is_postgres_url(&config.store.url) => {
                 let store = PgStore::open(&config.store)?;
+                if let Some(clock) = &self.clock {
+                    store.set_clock(clock.clone());
+                }
                 store.bootstrap(&config.keys)?;
                 (store.clone() as Arc<dyn KeyStore>, store as Arc<dyn Ledger>)
             }
@@ -176,11 +188,14 @@ impl GatewayBuilder {
                     ))
                     .into());
                 }
+                if let Some(clock) = &self.clock {
+                    store.set_clock(clock.clone());
+                }
                 store.bootstrap(&config.keys)?;
                 (store.clone() as Arc<dyn KeyStore>, store as Arc<dyn Ledger>)
             }
         };
-        let auth = AuthLayer::new(keys.clone());
+        let auth = AuthLayer::new(keys.clone()).clock(self.clock.clone().unwrap_or_default());
         let follows_changes = keys.changes().map(|changes| {
             let anchor = Arc::new(auth.clone());
             forget_on_change(changes, Arc::downgrade(&anchor));

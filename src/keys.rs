@@ -36,6 +36,79 @@ pub struct KeyRecord {
     pub tokens_per_day: Option<u64>,
     /// Allow-list of model globs (`*` matches any run of characters); `None` allows all.
     pub models: Option<Vec<String>>,
+    /// With a `limit`: the limit applies to each such period (UTC), not to the
+    /// key's lifetime.
+    pub limit_reset: Option<LimitReset>,
+    /// Unix seconds from which the key is refused (401 "key expired").
+    pub expires_at: Option<u64>,
+}
+
+/// The period a key's `limit_usd` applies to (SPEC §8.3): UTC days, weeks Monday to
+/// Sunday, or calendar months.
+///
+/// # Example
+/// ```
+/// use switchboard::keys::LimitReset;
+///
+/// let weekly: LimitReset = "weekly".parse().unwrap();
+/// assert_eq!(weekly.as_str(), "weekly");
+/// // UTC day 20_151 (2025-03-04) is a Tuesday: its week began the day before.
+/// assert_eq!(weekly.period_start(20_151), 20_150);
+/// assert!("hourly".parse::<LimitReset>().unwrap_err().contains("daily, weekly or monthly"));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitReset {
+    /// From each UTC midnight.
+    Daily,
+    /// From each Monday, 00:00 UTC.
+    Weekly,
+    /// From the first of each calendar month, 00:00 UTC.
+    Monthly,
+}
+
+impl LimitReset {
+    /// Every period, shortest first.
+    pub const ALL: [LimitReset; 3] = [LimitReset::Daily, LimitReset::Weekly, LimitReset::Monthly];
+
+    /// `"daily"`, `"weekly"` or `"monthly"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitReset::Daily => "daily",
+            LimitReset::Weekly => "weekly",
+            LimitReset::Monthly => "monthly",
+        }
+    }
+
+    /// The first UTC day of the period that holds UTC day `day`.
+    pub fn period_start(self, day: u64) -> u64 {
+        match self {
+            LimitReset::Daily => day,
+            LimitReset::Weekly => crate::clock::week_start(day),
+            LimitReset::Monthly => crate::clock::month_start(day),
+        }
+    }
+}
+
+impl std::fmt::Display for LimitReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LimitReset {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "daily" => Ok(LimitReset::Daily),
+            "weekly" => Ok(LimitReset::Weekly),
+            "monthly" => Ok(LimitReset::Monthly),
+            other => Err(format!(
+                "`{other}` is not a limit reset: use daily, weekly or monthly (UTC)"
+            )),
+        }
+    }
 }
 
 impl KeyRecord {
@@ -49,7 +122,14 @@ impl KeyRecord {
             rpm: None,
             tokens_per_day: None,
             models: None,
+            limit_reset: None,
+            expires_at: None,
         }
+    }
+
+    /// Whether the key has expired at Unix seconds `now` (its `expires_at` is past).
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|t| now >= t)
     }
 
     /// Whether the allow-list admits `model` (a gateway id without variant suffix).

@@ -6,10 +6,12 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 use switchboard::accounts::validate_new_key;
+use switchboard::clock::{format_rfc3339, parse_rfc3339};
 use switchboard::config::Config;
+use switchboard::keys::LimitReset;
 use switchboard::money::Money;
 use switchboard::store::{
-    credits_after_top_up, hash_secret, new_secret, KeyPatch, NewKey, StoredKey,
+    credits_after_top_up, hash_secret, new_secret, KeyPatch, NewKey, PeriodUsage, StoredKey,
 };
 
 #[derive(Subcommand)]
@@ -34,6 +36,13 @@ pub enum KeysCommand {
         /// Allow-list of model globs, comma-separated (e.g. "openai/*,mock/echo").
         #[arg(long, value_delimiter = ',')]
         models: Option<Vec<String>>,
+        /// The period --limit-usd applies to: daily, weekly (Monday to Sunday) or
+        /// monthly, UTC (default: the key's lifetime).
+        #[arg(long)]
+        limit_reset: Option<LimitReset>,
+        /// When the key stops working, RFC 3339 (e.g. 2026-01-31T00:00:00Z).
+        #[arg(long, value_parser = parse_rfc3339)]
+        expires_at: Option<u64>,
     },
     /// List every key (never a secret).
     List,
@@ -56,16 +65,21 @@ pub enum KeysCommand {
     },
 }
 
-fn line(k: &StoredKey) -> String {
+fn line(k: &StoredKey, usage: PeriodUsage) -> String {
     let r = &k.record;
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     format!(
-        "{}\t{}\tcredits={}\tusage={}\tlimit={}\trpm={}\ttokens_per_day={}\tmodels={}{}",
+        "{}\t{}\tcredits={}\tusage={}\tlimit={}\tlimit_reset={}\tusage_daily={}\tusage_weekly={}\tusage_monthly={}\texpires_at={}\trpm={}\ttokens_per_day={}\tmodels={}{}",
         r.id,
         r.name,
         k.credits,
         k.spent,
         opt(r.limit.map(|l| l.to_string())),
+        opt(r.limit_reset.map(|p| p.to_string())),
+        usage.daily,
+        usage.weekly,
+        usage.monthly,
+        opt(r.expires_at.map(format_rfc3339)),
         opt(r.rpm.map(|v| v.to_string())),
         opt(r.tokens_per_day.map(|v| v.to_string())),
         opt(r.models.as_ref().map(|m| m.join(","))),
@@ -101,6 +115,8 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
             rpm,
             tokens_per_day,
             models,
+            limit_reset,
+            expires_at,
         } => {
             let new = NewKey {
                 name,
@@ -109,6 +125,8 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
                 rpm,
                 tokens_per_day,
                 models,
+                limit_reset,
+                expires_at,
             };
             if let Err(m) = validate_new_key(&new) {
                 eprintln!("switchboard: {m}");
@@ -117,7 +135,7 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
             let secret = new_secret();
             match store.create(hash_secret(&secret), new) {
                 Ok(k) => {
-                    println!("{}", line(&k));
+                    println!("{}", line(&k, PeriodUsage::default()));
                     println!("secret: {secret}");
                     eprintln!("(the secret is shown only now; it is stored hashed)");
                     ExitCode::SUCCESS
@@ -128,7 +146,10 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
         KeysCommand::List => match store.list() {
             Ok(keys) => {
                 for k in &keys {
-                    println!("{}", line(k));
+                    match ledger.usage(&k.record.id) {
+                        Ok(usage) => println!("{}", line(k, usage)),
+                        Err(e) => return runtime(e),
+                    }
                 }
                 ExitCode::SUCCESS
             }
@@ -136,9 +157,13 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
         },
         KeysCommand::Show { id } => match store.get(&id) {
             Ok(Some(k)) => {
+                let usage = match ledger.usage(&id) {
+                    Ok(u) => u,
+                    Err(e) => return runtime(e),
+                };
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&k.view()).unwrap_or_default()
+                    serde_json::to_string_pretty(&k.view_with(usage)).unwrap_or_default()
                 );
                 ExitCode::SUCCESS
             }
@@ -177,7 +202,8 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
             };
             match store.update(&id, &patch) {
                 Ok(Some(k)) => {
-                    println!("{}", line(&k));
+                    let usage = ledger.usage(&id).unwrap_or_default();
+                    println!("{}", line(&k, usage));
                     ExitCode::SUCCESS
                 }
                 Ok(None) => not_found(&id),

@@ -21,6 +21,7 @@ pub mod auth;
 mod canonical;
 pub mod catalog;
 pub mod chat;
+pub mod clock;
 pub mod config;
 pub mod context;
 pub mod credit;

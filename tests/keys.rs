@@ -357,7 +357,10 @@ credits_usd = 1
         key,
         json!({"data": {"name": "owner", "usage": 0.000007, "limit": 1.5,
                         "limit_remaining": 1.499993, "credits_remaining": 1.999993,
-                        "rate_limit": {"requests": 600, "interval": "1m"}}})
+                        "rate_limit": {"requests": 600, "interval": "1m"},
+                        "limit_reset": null, "usage_daily": 0.000007,
+                        "usage_weekly": 0.000007, "usage_monthly": 0.000007,
+                        "expires_at": null}})
     );
     let (_, credits) = get_json(&gw, "/api/v1/credits", "sk-owner-1-0123456789abc").await;
     assert_eq!(

@@ -563,3 +563,66 @@ tokens_per_day = 100000
     assert!(tokens > 0 && tokens <= 100_000, "day tokens {tokens}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn keys_cli_creates_a_key_with_a_period_limit_and_an_expiry() {
+    let dir = temp_dir("cli-periods");
+    let config = write_config(&dir, "");
+    let out = cli(
+        &config,
+        &[
+            "create",
+            "--credits",
+            "1",
+            "--name",
+            "periodic",
+            "--limit-usd",
+            "0.5",
+            "--limit-reset",
+            "daily",
+            "--expires-at",
+            "2031-01-01T01:00:00+01:00",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = stdout(&out);
+    let id = text.split('\t').next().unwrap().to_string();
+    assert!(text.contains("\tlimit_reset=daily\t"), "{text}");
+    assert!(
+        text.contains("\texpires_at=2031-01-01T00:00:00Z\t"),
+        "{text}"
+    );
+
+    let show = cli(&config, &["show", &id]);
+    assert_eq!(show.status.code(), Some(0), "{show:?}");
+    let shown: Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(shown["limit_reset"], "daily");
+    assert_eq!(shown["expires_at"], "2031-01-01T00:00:00Z");
+    assert_eq!(shown["limit"].as_f64(), Some(0.5));
+    for period in ["usage_daily", "usage_weekly", "usage_monthly"] {
+        assert_eq!(shown[period].as_f64(), Some(0.0), "{period}");
+    }
+    let list = stdout(&cli(&config, &["list"]));
+    assert!(
+        list.contains("limit_reset=daily") && list.contains("usage_daily=0"),
+        "{list}"
+    );
+
+    // Bad values: exit 1, the flag named, nothing created.
+    for (flag, value) in [("--limit-reset", "hourly"), ("--expires-at", "tomorrow")] {
+        let out = cli(&config, &["create", "--credits", "1", flag, value]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{err}");
+    }
+    assert!(String::from_utf8_lossy(
+        &cli(
+            &config,
+            &["create", "--credits", "1", "--limit-reset", "hourly"]
+        )
+        .stderr
+    )
+    .contains("daily, weekly or monthly"));
+    assert_eq!(stdout(&cli(&config, &["list"])).lines().count(), 1);
+    let _ = std::fs::remove_dir_all(dir);
+}

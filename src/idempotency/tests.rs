@@ -65,6 +65,7 @@ fn settlement(key_id: &str, id: &str) -> Settlement {
             attempts: vec![],
             finish_reason: Some("stop".into()),
             created: 1,
+            ..Default::default()
         },
     }
 }

@@ -6,7 +6,10 @@
 //! dropped because the client went away — and only after the inner body has been
 //! dropped, so the credit settlement inside comes first — it emits exactly one record
 //! to a [`LogWriter`] (a bounded queue; a full queue drops and counts, never waits)
-//! and records the request's metrics (see [`telemetry`]).
+//! and records the request's metrics (see [`telemetry`]). It also reads the app
+//! attribution headers, `HTTP-Referer` and `X-Title`, into the context (at most
+//! [`MAX_APP_BYTES`](crate::store::MAX_APP_BYTES) each): the record and the
+//! request's generation stats carry them as `app_url` and `app_title`.
 //!
 //! # Example
 //! ```
@@ -139,9 +142,22 @@ where
             .get::<CallContext>()
             .cloned()
             .unwrap_or_default();
-        if self.layer.log_content {
-            // Asks metering to keep the completion text and the request.
-            ctx.update(|s| s.completion_text = Some(String::new()));
+        // App attribution (SPEC §8.3): kept bounded, whatever the client sends.
+        let header = |name: &str| {
+            req.headers().get(name).and_then(|v| {
+                crate::store::bounded_app_field(&String::from_utf8_lossy(v.as_bytes()))
+            })
+        };
+        let (app_url, app_title) = (header("http-referer"), header("x-title"));
+        if self.layer.log_content || app_url.is_some() || app_title.is_some() {
+            ctx.update(|s| {
+                if self.layer.log_content {
+                    // Asks metering to keep the completion text and the request.
+                    s.completion_text = Some(String::new());
+                }
+                s.app_url = app_url;
+                s.app_title = app_title;
+            });
         }
         req.extensions_mut().insert(ctx.clone());
         let span = tracing::info_span!("request", id = %ctx.request_id());

@@ -37,8 +37,12 @@ pub const POSTGRES_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS requests (
     attempts          TEXT NOT NULL,
     prompt            TEXT,
     completion        TEXT,
-    over_reserve      BOOLEAN NOT NULL DEFAULT false
+    over_reserve      BOOLEAN NOT NULL DEFAULT false,
+    app_url           TEXT,
+    app_title         TEXT
 );
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS app_url TEXT;
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS app_title TEXT;
 CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);
 CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);
 ";
@@ -49,8 +53,8 @@ CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);
 const SCHEMA_LOCK: i64 = 0x0073_7762_646c_6f67;
 
 /// One batch: every column as an array, unnested into rows, in one statement.
-const INSERT: &str = "INSERT INTO requests (id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve)
-SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::bool[], $16::bool[], $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::bool[])
+const INSERT: &str = "INSERT INTO requests (id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title)
+SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::bool[], $16::bool[], $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::bool[], $23::text[], $24::text[])
 ON CONFLICT (id) DO NOTHING";
 
 /// How long connecting (and preparing the table) may take before it counts as a
@@ -417,6 +421,8 @@ struct Rows<'a> {
     prompt: Vec<Option<String>>,
     completion: Vec<Option<Cow<'a, str>>>,
     over_reserve: Vec<bool>,
+    app_url: Vec<Option<Cow<'a, str>>>,
+    app_title: Vec<Option<Cow<'a, str>>>,
 }
 
 impl<'a> Rows<'a> {
@@ -445,6 +451,8 @@ impl<'a> Rows<'a> {
             prompt: Vec::with_capacity(n),
             completion: Vec::with_capacity(n),
             over_reserve: Vec::with_capacity(n),
+            app_url: Vec::with_capacity(n),
+            app_title: Vec::with_capacity(n),
         };
         let mut json = Vec::with_capacity(256);
         for r in batch {
@@ -474,12 +482,14 @@ impl<'a> Rows<'a> {
             rows.prompt.push(r.prompt.as_ref().map(|p| p.to_string()));
             rows.completion.push(opt_text(&r.completion));
             rows.over_reserve.push(r.over_reserve);
+            rows.app_url.push(opt_text(&r.app_url));
+            rows.app_title.push(opt_text(&r.app_title));
         }
         rows
     }
 
-    /// The statement's 22 parameters, in the table's column order.
-    fn params(&self) -> [&(dyn ToSql + Sync); 22] {
+    /// The statement's 24 parameters, in the table's column order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 24] {
         [
             &self.id,
             &self.time_ms,
@@ -503,6 +513,8 @@ impl<'a> Rows<'a> {
             &self.prompt,
             &self.completion,
             &self.over_reserve,
+            &self.app_url,
+            &self.app_title,
         ]
     }
 }

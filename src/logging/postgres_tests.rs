@@ -64,6 +64,8 @@ fn varied() -> Vec<RequestRecord> {
     a.prompt = Some(serde_json::json!([{"role": "user", "content": "hi \"there\"\n"}]));
     a.completion = Some("The answer\twith a tab, 'quotes' and ünïcödé".into());
     a.over_reserve = true;
+    a.app_url = Some("https://app.example/path?q=1".into());
+    a.app_title = Some("Ünïcode \"App\"".into());
     out.push(a);
     let mut b = record("gen-b");
     b.status = 402;
@@ -96,7 +98,7 @@ fn column_names(schema: &str) -> Vec<String> {
 #[test]
 fn the_postgres_table_has_the_sqlite_columns_in_order() {
     let sqlite = column_names(SQLITE_SCHEMA);
-    assert_eq!(sqlite.len(), 22);
+    assert_eq!(sqlite.len(), 24);
     assert_eq!(column_names(POSTGRES_SCHEMA), sqlite);
     let inserted: Vec<String> = INSERT
         .split_once('(')
@@ -234,6 +236,14 @@ fn postgres_rows_hold_what_sqlite_rows_hold_to_the_picodollar() {
             assert_eq!(pv, l[i].as_deref(), "column {name} of {:?}", p[0]);
         }
     }
+    // Attribution, as sent.
+    let app = columns.iter().position(|c| c == "app_url").unwrap();
+    assert_eq!(
+        pg_got[0][app].as_deref(),
+        Some("https://app.example/path?q=1")
+    );
+    assert_eq!(pg_got[0][app + 1].as_deref(), Some("Ünïcode \"App\""));
+    assert_eq!(pg_got[1][app], None);
     // Money to the unit.
     assert_eq!(pg_got[0][11].as_deref(), Some("123456789012345"));
     assert_eq!(pg_got[1][11].as_deref(), Some(&*i64::MAX.to_string()));
@@ -325,6 +335,54 @@ fn a_nul_in_a_text_is_kept_as_a_replacement_character_not_a_lost_batch() {
     assert_eq!(got[0][0].as_deref(), Some("odd\u{FFFD}model"));
     assert_eq!(got[0][1].as_deref(), Some("a\u{FFFD}b"));
     assert_eq!(pg_count(db.url(), "true"), 2);
+}
+
+#[test]
+fn a_requests_table_made_before_attribution_gets_its_columns() {
+    let Some(db) = crate::testing::postgres("a_requests_table_made_before_attribution") else {
+        return;
+    };
+    // The table as a gateway before `app_url` and `app_title` made it.
+    let old = POSTGRES_SCHEMA
+        .replace(
+            ",\n    app_url           TEXT,\n    app_title         TEXT",
+            "",
+        )
+        .replace(
+            "ALTER TABLE requests ADD COLUMN IF NOT EXISTS app_url TEXT;",
+            "",
+        )
+        .replace(
+            "ALTER TABLE requests ADD COLUMN IF NOT EXISTS app_title TEXT;",
+            "",
+        );
+    assert!(!old.contains("app_"), "{old}");
+    pg_exec(db.url(), &old);
+    pg_exec(
+        db.url(),
+        "INSERT INTO requests (id, time_ms, requested_model, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, streamed, complete, attempts)
+         VALUES ('gen-old', 1, 'm/x', 200, 0, 0, 0, 0, 0, 1, false, true, '[]')",
+    );
+    let mut sink = started(db.url());
+    let mut r = record("gen-new");
+    r.app_url = Some("https://app.example/".into());
+    r.app_title = Some("The App".into());
+    sink.write(&[r]).unwrap();
+    let got = pg_rows(
+        db.url(),
+        "SELECT id, app_url, app_title FROM requests ORDER BY id",
+    );
+    assert_eq!(
+        got,
+        [
+            vec![
+                Some("gen-new".to_string()),
+                Some("https://app.example/".to_string()),
+                Some("The App".to_string())
+            ],
+            vec![Some("gen-old".to_string()), None, None],
+        ]
+    );
 }
 
 #[test]

@@ -60,6 +60,12 @@ pub struct RequestRecord {
     /// charge was capped at the reservation; see [`crate::metering`]).
     #[serde(default)]
     pub over_reserve: bool,
+    /// The app that sent it: its `HTTP-Referer` header (bounded).
+    #[serde(default)]
+    pub app_url: Option<String>,
+    /// The app's name: its `X-Title` header (bounded).
+    #[serde(default)]
+    pub app_title: Option<String>,
 }
 
 /// One upstream attempt of a [`RequestRecord`].
@@ -142,6 +148,8 @@ impl RequestRecord {
             prompt,
             completion: if log_content { s.completion_text } else { None },
             over_reserve: s.over_reserve,
+            app_url: s.app_url,
+            app_title: s.app_title,
         }
     }
 }

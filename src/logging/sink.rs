@@ -473,6 +473,42 @@ mod tests {
     }
 
     #[test]
+    fn a_jsonl_line_carries_the_app_attribution() {
+        let dir = std::env::temp_dir().join(format!(
+            "switchboard-jsonl-app-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log.jsonl");
+        let mut sink = JsonlSink::open(&path).unwrap();
+        let mut with = record(1);
+        with.app_url = Some("https://app.example/".into());
+        with.app_title = Some("App \"one\"".into());
+        sink.write(&[with.clone(), record(2)]).unwrap();
+        sink.flush().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<RequestRecord> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0], with);
+        assert_eq!(
+            (lines[1].app_url.as_deref(), lines[1].app_title.as_deref()),
+            (None, None)
+        );
+        let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(first["app_url"], "https://app.example/");
+        // A line written before the fields existed still reads.
+        let mut old: serde_json::Value = first.clone();
+        old.as_object_mut().unwrap().remove("app_url");
+        old.as_object_mut().unwrap().remove("app_title");
+        let back: RequestRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(back.app_url, None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn records_queued_while_the_writer_is_busy_go_in_one_batch_and_a_flush_waits_for_them() {
         let (started_tx, started) = mpsc::channel();
         let (release, release_rx) = mpsc::channel();

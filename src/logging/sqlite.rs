@@ -48,7 +48,9 @@ macro_rules! requests_columns {
     attempts          TEXT NOT NULL,
     prompt            TEXT,
     completion        TEXT,
-    over_reserve      INTEGER NOT NULL DEFAULT 0
+    over_reserve      INTEGER NOT NULL DEFAULT 0,
+    app_url           TEXT,
+    app_title         TEXT
 "
     };
 }
@@ -131,6 +133,7 @@ impl SqliteSink {
             rowid: false,
         };
         crate::store::schema::migrate(&mut conn, SQLITE_VERSION, &[requests], REQUESTS_INDEX)
+            .and_then(|()| add_missing_columns(&conn))
             .map_err(|e| io::Error::other(format!("the request log: {e}")))?;
         Ok(SqliteSink {
             conn,
@@ -144,27 +147,51 @@ impl SqliteSink {
     }
 }
 
+/// Columns added to `requests` after its `STRICT` layout (version 1), with their
+/// types: a log made before gets them (`ALTER TABLE … ADD COLUMN`) when opened.
+const ADDED_COLUMNS: [(&str, &str); 2] = [("app_url", "TEXT"), ("app_title", "TEXT")];
+
+/// Adds the [`ADDED_COLUMNS`] that `requests` lacks.
+fn add_missing_columns(conn: &rusqlite::Connection) -> Result<(), String> {
+    let have: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('requests')")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .map_err(|e| e.to_string())?;
+    for (name, ty) in ADDED_COLUMNS {
+        if !have.iter().any(|h| h == name) {
+            conn.execute_batch(&format!("ALTER TABLE requests ADD COLUMN {name} {ty}"))
+                .map_err(|e| format!("cannot add column `{name}`: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Columns of the `requests` table.
-const COLUMNS: usize = 22;
+const COLUMNS: usize = 24;
+
+/// Every column of `requests`, in the order [`bind`] binds them.
+const INSERT_COLUMNS: &str = "id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title";
 
 /// Rows per multi-row `INSERT`, largest first: a batch goes in as many 32-row
 /// statements as fit, then 8-row ones, then single rows. One statement run per
 /// several records, not per record, saves SQLite's per-statement work (opening the
-/// B-tree cursors, the halt, the reset). 32 × 22 parameters is well under SQLite's
+/// B-tree cursors, the halt, the reset). 32 × 24 parameters is well under SQLite's
 /// limit of 32,766.
 const ROWS_PER_INSERT: [usize; 3] = [32, 8, 1];
 
-/// `INSERT OR IGNORE INTO requests VALUES (?, …), …` for `rows` rows.
+/// `INSERT OR IGNORE INTO requests (…) VALUES (?, …), …` for `rows` rows (the
+/// columns named: a log that got its later columns by `ALTER TABLE` may hold them
+/// in another order).
 fn insert_sql(rows: usize) -> String {
     let row = format!("({})", vec!["?"; COLUMNS].join(","));
     format!(
-        "INSERT OR IGNORE INTO requests VALUES {}",
+        "INSERT OR IGNORE INTO requests ({INSERT_COLUMNS}) VALUES {}",
         vec![row; rows].join(",")
     )
 }
 
-/// Binds `r` to the 22 parameters after the first `at` (row `n` of a multi-row
-/// `INSERT` has `at = n × 22`).
+/// Binds `r` to the 24 parameters after the first `at` (row `n` of a multi-row
+/// `INSERT` has `at = n × 24`).
 /// `scratch` holds the row's `attempts` JSON (SQLite copies bound text).
 fn bind(
     stmt: &mut rusqlite::Statement<'_>,
@@ -200,6 +227,8 @@ fn bind(
         &prompt,
         &r.completion,
         &r.over_reserve,
+        &r.app_url,
+        &r.app_title,
     ];
     for (i, v) in values.iter().enumerate() {
         stmt.raw_bind_parameter(at + i + 1, v).map_err(sql_err)?;
@@ -400,6 +429,59 @@ mod tests {
             .unwrap();
         assert_eq!(ids, ["gen-1"]);
         drop(sink);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_version_1_request_log_gets_the_attribution_columns() {
+        let dir = log_dir();
+        let path = dir.join("v1.db");
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            // The STRICT layout of version 1: no `app_url`, `app_title`.
+            let v1 = REQUESTS_TABLE.replace(
+                ",\n    app_url           TEXT,\n    app_title         TEXT",
+                "",
+            );
+            assert_ne!(v1, REQUESTS_TABLE);
+            conn.execute_batch(&format!(
+                "{}; PRAGMA user_version = 1;",
+                v1.replace("{table}", "requests")
+            ))
+            .unwrap();
+            conn.execute(
+                &format!("INSERT INTO requests ({REQUESTS_COLUMNS}) VALUES ('gen-1', 1, 'key_a', 'm/x', 'm/x', 'p', 200, 4, 6, 0, 0, 500, 12, NULL, 0, 1, 'stop', NULL, '[]', NULL, NULL)"),
+                [],
+            )
+            .unwrap();
+        }
+        let mut sink = SqliteSink::open(&path).unwrap();
+        let mut r = record(2);
+        r.app_url = Some("https://app.example/".into());
+        r.app_title = Some("The App".into());
+        sink.write(&[r]).unwrap();
+        let rows: Vec<(String, Option<String>, Option<String>)> = sink
+            .connection()
+            .prepare("SELECT id, app_url, app_title FROM requests ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            [
+                ("gen-1".into(), None, None),
+                (
+                    "gen-2".into(),
+                    Some("https://app.example/".into()),
+                    Some("The App".into())
+                )
+            ]
+        );
+        drop(sink);
+        // Opened again: nothing more to add.
+        drop(SqliteSink::open(&path).unwrap());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -34,7 +34,8 @@
 //!     fn create(&self, hash: SecretHash, new: NewKey) -> Result<StoredKey, StoreError> {
 //!         let key = StoredKey {
 //!             record: KeyRecord { limit: new.limit, rpm: new.rpm, tokens_per_day: new.tokens_per_day,
-//!                                 models: new.models, ..KeyRecord::new(format!("key_{}", hex::encode(&hash[..4])), new.name) },
+//!                                 models: new.models, limit_reset: new.limit_reset, expires_at: new.expires_at,
+//!                                 ..KeyRecord::new(format!("key_{}", hex::encode(&hash[..4])), new.name) },
 //!             created: 0, credits: new.credits, spent: Money::ZERO,
 //!         };
 //!         self.0.lock().unwrap().insert(hash, key.clone());
@@ -79,7 +80,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::GatewayError;
-use crate::keys::KeyRecord;
+use crate::keys::{KeyRecord, LimitReset};
 use crate::money::Money;
 
 pub(crate) mod idempotency;
@@ -220,8 +221,15 @@ pub struct StoredKey {
 }
 
 impl StoredKey {
-    /// What the admin API and `switchboard keys show` print (never a secret).
+    /// What the admin API and `switchboard keys show` print (never a secret), with
+    /// the spending of the current periods at 0 (see [`view_with`](Self::view_with)).
     pub fn view(&self) -> KeyView {
+        self.view_with(PeriodUsage::default())
+    }
+
+    /// [`view`](Self::view) with the spending of the current UTC day, week and month
+    /// ([`Ledger::usage`]).
+    pub fn view_with(&self, usage: PeriodUsage) -> KeyView {
         let r = &self.record;
         KeyView {
             id: r.id.clone(),
@@ -235,6 +243,11 @@ impl StoredKey {
             rpm: r.rpm,
             tokens_per_day: r.tokens_per_day,
             models: r.models.clone(),
+            limit_reset: r.limit_reset,
+            usage_daily: usage.daily,
+            usage_weekly: usage.weekly,
+            usage_monthly: usage.monthly,
+            expires_at: r.expires_at.map(crate::clock::format_rfc3339),
             secret: None,
         }
     }
@@ -266,6 +279,16 @@ pub struct KeyView {
     pub tokens_per_day: Option<u64>,
     /// Allow-list.
     pub models: Option<Vec<String>>,
+    /// The period `limit` applies to (`null`: the key's lifetime).
+    pub limit_reset: Option<LimitReset>,
+    /// Spent in the current UTC day, USD.
+    pub usage_daily: Money,
+    /// Spent in the current UTC week (from Monday), USD.
+    pub usage_weekly: Money,
+    /// Spent in the current UTC calendar month, USD.
+    pub usage_monthly: Money,
+    /// When the key stops working (RFC 3339), if it does.
+    pub expires_at: Option<String>,
     /// The secret: only in the answer that creates the key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
@@ -286,6 +309,10 @@ pub struct NewKey {
     pub tokens_per_day: Option<u64>,
     /// Allow-list of model globs.
     pub models: Option<Vec<String>>,
+    /// The period `limit` applies to (`None`: the key's lifetime).
+    pub limit_reset: Option<LimitReset>,
+    /// Unix seconds from which the key is refused.
+    pub expires_at: Option<u64>,
 }
 
 impl NewKey {
@@ -298,6 +325,8 @@ impl NewKey {
                 rpm: self.rpm,
                 tokens_per_day: self.tokens_per_day,
                 models: self.models,
+                limit_reset: self.limit_reset,
+                expires_at: self.expires_at,
                 ..KeyRecord::new(id, self.name)
             },
             created,
@@ -315,6 +344,8 @@ impl NewKey {
             rpm: None,
             tokens_per_day: None,
             models: None,
+            limit_reset: None,
+            expires_at: None,
         }
     }
 }
@@ -334,6 +365,10 @@ pub struct KeyPatch {
     pub tokens_per_day: Option<Option<u64>>,
     /// New allow-list.
     pub models: Option<Option<Vec<String>>>,
+    /// New period of the limit (`Some(None)`: the key's lifetime).
+    pub limit_reset: Option<Option<LimitReset>>,
+    /// New expiry, Unix seconds (`Some(None)`: never).
+    pub expires_at: Option<Option<u64>>,
 }
 
 impl KeyPatch {
@@ -356,6 +391,12 @@ impl KeyPatch {
         }
         if let Some(m) = &self.models {
             r.models.clone_from(m);
+        }
+        if let Some(x) = self.limit_reset {
+            r.limit_reset = x;
+        }
+        if let Some(x) = self.expires_at {
+            r.expires_at = x;
         }
     }
 }
@@ -439,6 +480,60 @@ impl From<Money> for Reservation {
     }
 }
 
+/// What a key spent in the current UTC day, week (from Monday) and calendar month:
+/// what `limit_usd` is held against under `limit_reset` (SPEC §8.3), and what
+/// `GET /v1/key` shows as `usage_daily`, `usage_weekly`, `usage_monthly`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PeriodUsage {
+    /// Spent since the last UTC midnight.
+    pub daily: Money,
+    /// Spent since the last Monday, 00:00 UTC.
+    pub weekly: Money,
+    /// Spent since the first of the month, 00:00 UTC.
+    pub monthly: Money,
+}
+
+impl PeriodUsage {
+    /// The spending of the period `reset` names.
+    pub fn of(&self, reset: LimitReset) -> Money {
+        match reset {
+            LimitReset::Daily => self.daily,
+            LimitReset::Weekly => self.weekly,
+            LimitReset::Monthly => self.monthly,
+        }
+    }
+}
+
+/// Bounds an attribution header (`HTTP-Referer`, `X-Title`): at most this many bytes
+/// are kept (cut at a character boundary).
+pub const MAX_APP_BYTES: usize = 512;
+
+/// `text` cut to at most [`MAX_APP_BYTES`] bytes at a character boundary, without
+/// control characters; `None` when nothing is left.
+///
+/// # Example
+/// ```
+/// use switchboard::store::{bounded_app_field, MAX_APP_BYTES};
+///
+/// assert_eq!(bounded_app_field(" My App "), Some("My App".to_string()));
+/// assert_eq!(bounded_app_field("a\u{7}b"), Some("ab".to_string()));
+/// assert_eq!(bounded_app_field("  "), None);
+/// // 600 bytes of two-byte characters: cut to 512, never inside a character.
+/// let cut = bounded_app_field(&"é".repeat(300)).unwrap();
+/// assert_eq!((cut.len(), cut.chars().count()), (MAX_APP_BYTES, 256));
+/// let odd = bounded_app_field(&format!("x{}", "é".repeat(300))).unwrap();
+/// assert_eq!(odd.len(), MAX_APP_BYTES - 1);
+/// ```
+pub fn bounded_app_field(text: &str) -> Option<String> {
+    let text = text.trim();
+    let mut end = text.len().min(MAX_APP_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let kept: String = text[..end].chars().filter(|c| !c.is_control()).collect();
+    (!kept.is_empty()).then_some(kept)
+}
+
 impl Balance {
     /// Credits neither spent nor reserved.
     pub fn available(&self) -> Money {
@@ -458,7 +553,9 @@ pub struct GenerationAttempt {
 }
 
 /// The stats of one finished request, kept with its ledger row.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+///
+/// `Default` is an empty row, for building one with `..Default::default()`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Generation {
     /// The gateway's request id.
     pub id: String,
@@ -485,6 +582,11 @@ pub struct Generation {
     pub attempts: Vec<GenerationAttempt>,
     /// Why generation stopped.
     pub finish_reason: Option<String>,
+    /// The app that sent it: its `HTTP-Referer` header (bounded, see
+    /// [`bounded_app_field`]).
+    pub app_url: Option<String>,
+    /// The app that sent it: its `X-Title` header (bounded likewise).
+    pub app_title: Option<String>,
     /// Unix seconds of arrival.
     #[serde(skip)]
     pub created: u64,
@@ -708,6 +810,39 @@ pub trait Ledger: Send + Sync + 'static {
         let _ = now;
         Box::pin(futures_util::future::ready(Ok(0)))
     }
+    /// What a key spent in the current UTC day, week and month. The default is
+    /// nothing, for a ledger that keeps no periods (and so cannot hold a key with
+    /// `limit_reset` to its period either).
+    fn usage(&self, key_id: &str) -> Result<PeriodUsage, StoreError> {
+        let _ = key_id;
+        Ok(PeriodUsage::default())
+    }
+}
+
+/// The 402 of a request that `limit_usd` (per its period, with `limit_reset`) cannot
+/// cover: `left` is what the limit leaves after what is spent and held.
+pub(crate) fn limit_refusal(
+    key: &KeyRecord,
+    limit: Money,
+    left: Money,
+    amount: Money,
+) -> GatewayError {
+    let left = left.max(Money::ZERO);
+    GatewayError::InsufficientCredits(match key.limit_reset {
+        None => format!(
+            "key `{}` has ${left} left of its ${limit} spending limit; this request may cost up to ${amount}. Raise limit_usd or lower max_tokens",
+            key.name
+        ),
+        Some(r) => format!(
+            "key `{}` has ${left} left of its ${limit} {r} spending limit; this request may cost up to ${amount}. It starts over {}; or raise limit_usd or lower max_tokens",
+            key.name,
+            match r {
+                LimitReset::Daily => "at midnight UTC",
+                LimitReset::Weekly => "on Monday, 00:00 UTC",
+                LimitReset::Monthly => "on the first of the month, 00:00 UTC",
+            }
+        ),
+    })
 }
 
 /// Whether a `[store].url` names PostgreSQL (`postgres://…` or `postgresql://…`).

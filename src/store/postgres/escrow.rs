@@ -241,6 +241,11 @@ pub(super) struct LeaseRow {
     pub tokens_per_day: Option<i64>,
     pub tokens_used: i64,
     pub others_tokens: i64,
+    /// What `limit` is held against: the lifetime spending, or with `limit_reset`
+    /// the spending of the current period.
+    pub period_spent: i64,
+    /// Unix seconds (the store's clock) when it was asked.
+    pub now: u64,
 }
 
 /// How long the slow path waits, in turn, for other instances to give back what
@@ -441,10 +446,11 @@ impl Shared {
         let stmt = self
             .prepare(
                 &client,
-                "SELECT * FROM sb_lease($1, $2, $3, $4, $5, $6, $7)",
+                "SELECT * FROM sb_lease($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .await?;
         let ttl_ms = self.ttl.as_millis() as i64;
+        let now = i64::try_from(self.now()).unwrap_or(i64::MAX);
         let mut tries = 0;
         let row = loop {
             self.count(Op::Lease);
@@ -459,6 +465,7 @@ impl Shared {
                         &need.tokens,
                         &headroom.tokens,
                         &ttl_ms,
+                        &now,
                     ],
                 )
                 .await;
@@ -498,6 +505,8 @@ impl Shared {
             tokens_per_day: r.get(9),
             tokens_used: get(10)?,
             others_tokens: get(11)?,
+            period_spent: get(12)?,
+            now: self.now(),
         }))
     }
 
@@ -712,7 +721,7 @@ fn refusal(key: &KeyRecord, row: &LeaseRow, in_use: Amounts, hold: Amounts) -> G
             };
             return GatewayError::RateLimited {
                 message,
-                retry_after: Some(crate::store::until_utc_midnight()),
+                retry_after: Some(Duration::from_secs(86_400 - row.now % 86_400)),
             };
         }
     }
@@ -720,13 +729,9 @@ fn refusal(key: &KeyRecord, row: &LeaseRow, in_use: Amounts, hold: Amounts) -> G
     let held = in_use.money.saturating_add(row.others);
     let available = Money::from_pico(row.credits.saturating_sub(row.spent).saturating_sub(held));
     if let Some(limit) = row.limit.filter(|_| amount <= available) {
-        let left = Money::from_pico(limit.saturating_sub(row.spent).saturating_sub(held));
+        let left = Money::from_pico(limit.saturating_sub(row.period_spent).saturating_sub(held));
         if amount > left {
-            return GatewayError::InsufficientCredits(format!(
-                "key `{name}` has ${} left of its ${} spending limit; this request may cost up to ${amount}. Raise limit_usd or lower max_tokens",
-                left.max(Money::ZERO),
-                Money::from_pico(limit)
-            ));
+            return crate::store::limit_refusal(key, Money::from_pico(limit), left, amount);
         }
     }
     GatewayError::InsufficientCredits(format!(

@@ -10,15 +10,14 @@ use tokio_postgres::Row;
 use super::escrow::Amounts;
 use super::{schema, Op, Shared};
 use crate::config::KeyConfig;
-use crate::keys::KeyRecord;
+use crate::keys::{KeyRecord, LimitReset};
 use crate::money::{Money, MAX_CREDITS};
 use crate::store::{
     credits_after_top_up, hash_secret, new_key_id, now_unix, Balance, Generation,
-    GenerationAttempt, KeyPatch, NewKey, SecretHash, StoreError, StoredKey,
+    GenerationAttempt, KeyPatch, NewKey, PeriodUsage, SecretHash, StoreError, StoredKey,
 };
 
-const KEY_COLUMNS: &str =
-    "id, name, created, disabled, credits, spent, limit_usd, rpm, tokens_per_day, models";
+const KEY_COLUMNS: &str = "id, name, created, disabled, credits, spent, limit_usd, rpm, tokens_per_day, models, limit_reset, expires_at";
 
 /// The notification channel of key changes (payload: the key id).
 pub(super) const KEYS_CHANNEL: &str = "sb_keys";
@@ -36,6 +35,12 @@ fn row_to_key(r: &Row) -> StoredKey {
                 .get::<_, Option<i64>>("tokens_per_day")
                 .map(|v| v.max(0) as u64),
             models: models.and_then(|m| serde_json::from_str(&m).ok()),
+            limit_reset: r
+                .get::<_, Option<String>>("limit_reset")
+                .and_then(|v| v.parse().ok()),
+            expires_at: r
+                .get::<_, Option<i64>>("expires_at")
+                .map(|v| v.max(0) as u64),
         },
         created: r.get::<_, i64>("created").max(0) as u64,
         credits: Money::from_pico(r.get("credits")),
@@ -46,6 +51,14 @@ fn row_to_key(r: &Row) -> StoredKey {
 fn models_json(m: &Option<Vec<String>>) -> Option<String> {
     m.as_ref()
         .map(|m| serde_json::to_string(m).unwrap_or_default())
+}
+
+fn reset_text(r: Option<LimitReset>) -> Option<&'static str> {
+    r.map(LimitReset::as_str)
+}
+
+fn expiry(t: Option<u64>) -> Option<i64> {
+    t.map(|t| i64::try_from(t).unwrap_or(i64::MAX))
 }
 
 fn rpm(v: Option<u32>) -> Option<i32> {
@@ -198,8 +211,8 @@ impl Shared {
         client
             .execute(
                 "WITH made AS (
-                     INSERT INTO sb_keys (id, secret_sha256, name, created, credits, limit_usd, rpm, tokens_per_day, models)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     INSERT INTO sb_keys (id, secret_sha256, name, created, credits, limit_usd, rpm, tokens_per_day, models, limit_reset, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12)
                      RETURNING id)
                  SELECT pg_notify($10, id) FROM made",
                 &[
@@ -213,6 +226,8 @@ impl Shared {
                     &per_day(new.tokens_per_day),
                     &models_json(&new.models),
                     &KEYS_CHANNEL,
+                    &reset_text(new.limit_reset),
+                    &expiry(new.expires_at),
                 ],
             )
             .await
@@ -250,7 +265,8 @@ impl Shared {
         let r = &key.record;
         self.count(Op::Key);
         tx.execute(
-            "UPDATE sb_keys SET name = $1, disabled = $2, limit_usd = $3, rpm = $4, tokens_per_day = $5, models = $6
+            "UPDATE sb_keys SET name = $1, disabled = $2, limit_usd = $3, rpm = $4, tokens_per_day = $5, models = $6,
+                    limit_reset = $8, expires_at = $9
               WHERE id = $7",
             &[
                 &r.name,
@@ -260,6 +276,8 @@ impl Shared {
                 &per_day(r.tokens_per_day),
                 &models_json(&r.models),
                 &id,
+                &reset_text(r.limit_reset),
+                &expiry(r.expires_at),
             ],
         )
         .await
@@ -279,12 +297,14 @@ impl Shared {
         if keys.is_empty() {
             return Ok(());
         }
+        let mut periods = Vec::with_capacity(keys.len());
         for k in keys {
             check_amounts(k.credits_usd, k.limit_usd)?;
+            periods.push(k.period_and_expiry().map_err(StoreError)?);
         }
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(|e| self.error(e))?;
-        for k in keys {
+        for (k, (reset, expires)) in keys.iter().zip(periods) {
             let hash = hash_secret(&k.secret);
             let name = k.name.clone().unwrap_or_else(|| "bootstrap".into());
             self.count(Op::Key);
@@ -292,14 +312,16 @@ impl Shared {
             // the other instances (an unchanged key is not).
             tx.execute(
                 "WITH up AS (
-                     INSERT INTO sb_keys AS k (id, secret_sha256, name, created, credits, limit_usd, rpm, tokens_per_day, models)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     INSERT INTO sb_keys AS k (id, secret_sha256, name, created, credits, limit_usd, rpm, tokens_per_day, models, limit_reset, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12)
                      ON CONFLICT (secret_sha256) DO UPDATE
                         SET name = excluded.name, limit_usd = excluded.limit_usd, rpm = excluded.rpm,
-                            tokens_per_day = excluded.tokens_per_day, models = excluded.models
-                      WHERE (k.name, k.limit_usd, k.rpm, k.tokens_per_day, k.models)
+                            tokens_per_day = excluded.tokens_per_day, models = excluded.models,
+                            limit_reset = excluded.limit_reset, expires_at = excluded.expires_at
+                      WHERE (k.name, k.limit_usd, k.rpm, k.tokens_per_day, k.models, k.limit_reset, k.expires_at)
                             IS DISTINCT FROM
-                            (excluded.name, excluded.limit_usd, excluded.rpm, excluded.tokens_per_day, excluded.models)
+                            (excluded.name, excluded.limit_usd, excluded.rpm, excluded.tokens_per_day, excluded.models,
+                             excluded.limit_reset, excluded.expires_at)
                      RETURNING k.id)
                  SELECT pg_notify($10, id) FROM up",
                 &[
@@ -313,6 +335,8 @@ impl Shared {
                     &per_day(k.tokens_per_day),
                     &models_json(&k.models),
                     &KEYS_CHANNEL,
+                    &reset_text(reset),
+                    &expiry(expires),
                 ],
             )
             .await
@@ -367,12 +391,12 @@ impl Shared {
     pub(super) async fn tokens_today(self: &Arc<Self>, key_id: &str) -> Result<u64, StoreError> {
         let client = self.client().await?;
         self.count(Op::Balance);
+        let today = crate::clock::utc_day(self.now()) as i64;
         let row = client
             .query_opt(
-                "SELECT CASE WHEN tokens_day = floor(extract(epoch FROM now()) / 86400)::bigint
-                             THEN tokens_used ELSE 0 END
+                "SELECT CASE WHEN tokens_day = $2 THEN tokens_used ELSE 0 END
                    FROM sb_keys WHERE id = $1",
-                &[&key_id],
+                &[&key_id, &today],
             )
             .await
             .map_err(|e| self.error(e))?;
@@ -432,7 +456,8 @@ impl Shared {
             .prepare(
                 &client,
                 "SELECT id, key_id, cost, model, provider, streamed, prompt_tokens,
-                        completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created
+                        completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created,
+                        app_url, app_title
                    FROM sb_settlements WHERE id = $1",
             )
             .await?;
@@ -460,7 +485,44 @@ impl Shared {
                     .unwrap_or_default(),
                 finish_reason: r.get(11),
                 created: count(12),
+                app_url: r.get(13),
+                app_title: r.get(14),
             }
         }))
+    }
+
+    /// What a key spent in the current UTC day, week and month (the store's clock),
+    /// as committed in `sb_daily_spend`.
+    pub(super) async fn usage(self: &Arc<Self>, key_id: &str) -> Result<PeriodUsage, StoreError> {
+        let today = crate::clock::utc_day(self.now());
+        // Each period's first day, and the first day after it.
+        let [day, week, month] = LimitReset::ALL.map(|r| r.period_start(today) as i64);
+        let week_end = week + 7;
+        // 31 days after the first of a month is in the next month.
+        let month_end = LimitReset::Monthly.period_start(month as u64 + 31) as i64;
+        let client = self.client().await?;
+        let stmt = self
+            .prepare(
+                &client,
+                "SELECT coalesce(sum(spent) FILTER (WHERE day = $2), 0)::bigint,
+                        coalesce(sum(spent) FILTER (WHERE day >= $3 AND day < $4), 0)::bigint,
+                        coalesce(sum(spent) FILTER (WHERE day >= $5 AND day < $6), 0)::bigint
+                   FROM sb_daily_spend WHERE key_id = $1 AND day >= least($3, $5)",
+            )
+            .await?;
+        self.count(Op::Balance);
+        let row = client
+            .query_one(
+                &stmt,
+                &[&key_id, &day, &week, &week_end, &month, &month_end],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        self.mark_up();
+        Ok(PeriodUsage {
+            daily: Money::from_pico(row.get(0)),
+            weekly: Money::from_pico(row.get(1)),
+            monthly: Money::from_pico(row.get(2)),
+        })
     }
 }

@@ -91,6 +91,16 @@
 //!   exceeded: the charge is recorded rather than lost (`spent` may then exceed
 //!   `credits`, and the key is refused until topped up).
 //!
+//! **Budgets per period** (`limit_reset`, SPEC §8.3): the cap of a key with one is
+//! `min(credits − spent, limit_usd − what the current period spent)`, the period's
+//! spending summed from `sb_daily_spend` (what each key spent each UTC day, written by
+//! `sb_settle` in the same transaction as the rows) under the key's row lock in
+//! `sb_lease`; so a period is one budget across instances, and a lease granted in an
+//! earlier period is still within the cap in the next one (a new period only frees
+//! money). The day, week and month come from the instance's [`Clock`] (`p_now` of
+//! both functions, [`PgStore::set_clock`]); the leases' expiry stays on PostgreSQL's
+//! clock. A charge replayed from a spill file counts in the day it is replayed.
+//!
 //! Key changes (create, update, top-up) send `NOTIFY sb_keys` in their transaction;
 //! each instance `LISTEN`s on a connection of its own (reconnected when lost, after
 //! which every key counts as changed) and passes them on through
@@ -136,8 +146,10 @@ use tokio_postgres::NoTls;
 
 use super::{
     Admission, Balance, Generation, IdempotencyLock, IdempotencyRecord, KeyChange, KeyPatch,
-    KeyStore, Ledger, NewKey, Reservation, SecretHash, Settlement, StoreError, StoredKey,
+    KeyStore, Ledger, NewKey, PeriodUsage, Reservation, SecretHash, Settlement, StoreError,
+    StoredKey,
 };
+use crate::clock::Clock;
 use crate::config::{KeyConfig, StoreConfig};
 use crate::keys::KeyRecord;
 use crate::money::Money;
@@ -150,6 +162,8 @@ mod schema;
 mod spill;
 mod writer;
 
+#[cfg(test)]
+mod period_tests;
 #[cfg(test)]
 mod tests;
 
@@ -236,6 +250,8 @@ pub(crate) struct Shared {
     round_trips: [AtomicU64; Op::ALL.len()],
     /// The idempotency locks' connection.
     locks: idempotency::Locks,
+    /// The clock of the day, week and month (`tokens_per_day`, `limit_reset`).
+    clock: parking_lot::RwLock<Clock>,
 }
 
 /// Keys and ledger in PostgreSQL, shared by any number of gateways; see the
@@ -306,6 +322,11 @@ fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 impl Shared {
+    /// Unix seconds now, by the store's clock.
+    fn now(&self) -> u64 {
+        self.clock.read().now()
+    }
+
     /// Counts one statement sent.
     fn count(&self, op: Op) {
         self.round_trips[op as usize].fetch_add(1, Ordering::Relaxed);
@@ -496,6 +517,7 @@ impl PgStore {
             listening: AtomicBool::new(false),
             round_trips: Default::default(),
             locks: Default::default(),
+            clock: Default::default(),
         });
         metrics::describe_counter!(
             ROUND_TRIPS,
@@ -553,6 +575,14 @@ impl PgStore {
             );
         }
         Ok(Arc::new(store))
+    }
+
+    /// Sets the clock of its day accounting: `tokens_per_day`, the periods of
+    /// `limit_reset`, the day a settlement counts in (default: the system clock).
+    /// Each instance passes its own clock's time to PostgreSQL with every lease and
+    /// settlement. For tests that cross midnight without waiting for it.
+    pub fn set_clock(&self, clock: Clock) {
+        *self.shared.clock.write() = clock;
     }
 
     /// This instance's id (its leases carry it).
@@ -817,6 +847,12 @@ impl Ledger for PgStore {
         let s = self.shared.clone();
         self.shared
             .on_runtime(async move { s.purge_idempotency(now).await })
+    }
+
+    /// What is committed in PostgreSQL (by any instance) in the current periods.
+    fn usage(&self, key_id: &str) -> Result<PeriodUsage, StoreError> {
+        let (s, id) = (self.shared.clone(), key_id.to_string());
+        self.shared.block(async move { s.usage(&id).await })
     }
 }
 

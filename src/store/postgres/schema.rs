@@ -4,8 +4,8 @@
 //!
 //! Migrations run in one transaction under `pg_advisory_xact_lock(`[`LOCK_ID`]`)`:
 //! several instances starting at once wait for each other, and each step is applied
-//! once. `sb_schema_version` records the steps done; a later step (idempotency
-//! records, period counters) is a new entry of [`MIGRATIONS`].
+//! once. `sb_schema_version` records the steps done; a later step is a new entry of
+//! [`migrations`] (step 3: periods, expiry, attribution).
 
 use crate::money::{MAX_CREDITS, MAX_SPENT};
 
@@ -14,10 +14,214 @@ pub(super) const LOCK_ID: i64 = 0x5357_4954_4348_4244;
 
 /// The schema steps, in order: step `n` brings the database to version `n + 1`.
 pub(super) fn migrations() -> Vec<String> {
-    // `step_5` is the idempotency records' (issue 23, task C); the steps of the
-    // other parts of that issue (3, 4) go before it when they are merged. Each step
-    // is safe to run again (IF NOT EXISTS), so their order does not matter to it.
-    vec![step_1(), step_2(), step_5()]
+    vec![step_1(), step_2(), step_3(), step_5()]
+}
+
+/// Version 3 (SPEC §8.3): a key's `limit_reset` and `expires_at`; the app that sent
+/// a settled request (`app_url`, `app_title`); `sb_daily_spend`, what each key spent
+/// each UTC day (settlements already there counted in on their arrival day), from
+/// which the spending of a key's current period is summed; and `sb_lease` and
+/// `sb_settle` anew (the old ones dropped: their arguments changed), now given the
+/// instance's clock (`p_now`, Unix seconds) for the day, the week and the month, so
+/// a key's period budget is one budget across instances and a new period frees it.
+fn step_3() -> String {
+    let max_spent = MAX_SPENT.pico();
+    format!(
+        r#"
+ALTER TABLE sb_keys ADD COLUMN IF NOT EXISTS limit_reset TEXT
+    CHECK (limit_reset IN ('daily', 'weekly', 'monthly'));
+ALTER TABLE sb_keys ADD COLUMN IF NOT EXISTS expires_at BIGINT;
+ALTER TABLE sb_settlements ADD COLUMN IF NOT EXISTS app_url TEXT;
+ALTER TABLE sb_settlements ADD COLUMN IF NOT EXISTS app_title TEXT;
+
+CREATE TABLE IF NOT EXISTS sb_daily_spend (
+    key_id TEXT NOT NULL,
+    day    BIGINT NOT NULL,
+    spent  BIGINT NOT NULL CHECK (spent BETWEEN 0 AND {max_spent}),
+    PRIMARY KEY (key_id, day)
+);
+INSERT INTO sb_daily_spend (key_id, day, spent)
+SELECT key_id, created / 86400, least(sum(cost), {max_spent})::bigint
+  FROM sb_settlements WHERE cost > 0 GROUP BY key_id, created / 86400
+ON CONFLICT DO NOTHING;
+
+-- The first UTC day of the period of p_reset that holds UTC day p_day.
+CREATE OR REPLACE FUNCTION sb_period_start(p_reset TEXT, p_day BIGINT) RETURNS BIGINT
+LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT CASE p_reset
+        WHEN 'daily' THEN p_day
+        -- 1970-01-01 (day 0) was a Thursday: weeks start on Mondays.
+        WHEN 'weekly' THEN p_day - ((p_day + 3) % 7)
+        WHEN 'monthly' THEN (date_trunc('month', date '1970-01-01' + p_day::integer)::date
+                             - date '1970-01-01')::bigint
+    END
+$fn$;
+
+DROP FUNCTION IF EXISTS sb_lease(TEXT, TEXT, BIGINT, BIGINT, BIGINT, BIGINT, BIGINT);
+DROP FUNCTION IF EXISTS sb_settle(TEXT, TEXT[], TEXT[], BIGINT[], BIGINT[], BIGINT[], BIGINT[],
+    TEXT[], TEXT[], BOOLEAN[], BIGINT[], BIGINT[], BIGINT[], BIGINT[], TEXT[], TEXT[], BIGINT[]);
+
+-- Sets this instance's lease on a key to what it needs plus headroom, or refuses.
+-- Under the key's row lock: expired leases of the key are deleted; what is free for
+-- this instance is least(credits - spent, limit_usd - period spent) - the other
+-- instances' leases, where the period spent is the key's lifetime spending, or with
+-- limit_reset what it spent since its current period began (sb_daily_spend, days
+-- from p_now); with free >= need (and the same for tokens against tokens_per_day)
+-- the lease becomes need + least(headroom, (free - need) / 8), never less than it
+-- was, else it stays as it was (ok = false). A refusal that the other instances'
+-- leases could lift asks them to give back what they do not use (pressure = true,
+-- NOTIFY sb_lease_pressure).
+CREATE FUNCTION sb_lease(
+    p_key TEXT, p_instance TEXT, p_need BIGINT, p_headroom BIGINT,
+    p_need_tokens BIGINT, p_headroom_tokens BIGINT, p_ttl_ms BIGINT, p_now BIGINT)
+RETURNS TABLE (ok BOOLEAN, pressure BOOLEAN, amount BIGINT, tokens BIGINT, ver BIGINT,
+               credits BIGINT, spent BIGINT, limit_usd BIGINT, others BIGINT,
+               tokens_per_day BIGINT, tokens_used BIGINT, others_tokens BIGINT,
+               period_spent BIGINT)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    k sb_keys%ROWTYPE;
+    today BIGINT := p_now / 86400;
+    mine_amount BIGINT := 0;
+    mine_tokens BIGINT := 0;
+    o NUMERIC;
+    ot NUMERIC;
+    used BIGINT;
+    pspent NUMERIC;
+    free NUMERIC;
+    tfree NUMERIC;
+    fits BOOLEAN;
+    new_amount BIGINT;
+    new_tokens BIGINT;
+    v BIGINT;
+BEGIN
+    SELECT * INTO k FROM sb_keys WHERE id = p_key FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    DELETE FROM sb_leases l WHERE l.key_id = p_key AND l.expires_at <= now();
+    SELECT coalesce(sum(l.amount), 0), coalesce(sum(l.tokens), 0) INTO o, ot
+      FROM sb_leases l WHERE l.key_id = p_key AND l.instance <> p_instance;
+    SELECT l.amount, l.tokens INTO mine_amount, mine_tokens
+      FROM sb_leases l WHERE l.key_id = p_key AND l.instance = p_instance;
+    mine_amount := coalesce(mine_amount, 0);
+    mine_tokens := coalesce(mine_tokens, 0);
+    used := CASE WHEN k.tokens_day = today THEN k.tokens_used ELSE 0 END;
+    IF k.limit_reset IS NULL THEN
+        pspent := k.spent;
+    ELSE
+        SELECT coalesce(sum(d.spent), 0) INTO pspent FROM sb_daily_spend d
+         WHERE d.key_id = p_key AND d.day >= sb_period_start(k.limit_reset, today)
+           AND sb_period_start(k.limit_reset, d.day) = sb_period_start(k.limit_reset, today);
+    END IF;
+    free := least(k.credits::numeric - k.spent,
+                  coalesce(k.limit_usd::numeric - pspent, k.credits::numeric - k.spent)) - o;
+    tfree := CASE WHEN k.tokens_per_day IS NULL THEN NULL
+                  ELSE k.tokens_per_day::numeric - used - ot END;
+    fits := free >= p_need AND (tfree IS NULL OR tfree >= p_need_tokens);
+    v := nextval('sb_lease_versions');
+    IF fits THEN
+        new_amount := greatest(mine_amount, p_need + least(p_headroom::numeric, floor((free - p_need) / 8)));
+        new_tokens := CASE WHEN tfree IS NULL THEN mine_tokens
+            ELSE greatest(mine_tokens, p_need_tokens + least(p_headroom_tokens::numeric, floor((tfree - p_need_tokens) / 8))) END;
+        INSERT INTO sb_leases AS l (key_id, instance, amount, tokens, ver, expires_at)
+        VALUES (p_key, p_instance, new_amount, new_tokens, v, now() + p_ttl_ms * interval '1 millisecond')
+        ON CONFLICT (key_id, instance) DO UPDATE
+            SET amount = excluded.amount, tokens = excluded.tokens, ver = excluded.ver,
+                expires_at = excluded.expires_at;
+        RETURN QUERY SELECT true, false, new_amount, new_tokens, v, k.credits, k.spent,
+            k.limit_usd, o::bigint, k.tokens_per_day, used, ot::bigint, pspent::bigint;
+    ELSE
+        pressure := (o > 0 OR ot > 0) AND free + o >= p_need
+            AND (tfree IS NULL OR tfree + ot >= p_need_tokens);
+        IF pressure THEN
+            PERFORM pg_notify('sb_lease_pressure', p_key || ' ' || p_instance);
+        END IF;
+        RETURN QUERY SELECT false, pressure, mine_amount, mine_tokens, v, k.credits, k.spent,
+            k.limit_usd, o::bigint, k.tokens_per_day, used, ot::bigint, pspent::bigint;
+    END IF;
+END
+$fn$;
+
+-- Commits a batch of settlements of one instance: the rows (a request id already
+-- settled is skipped), their cost added to spent and to the day's spending
+-- (sb_daily_spend), their tokens to the day's count (the day of p_now, the
+-- instance's clock), and this instance's leases of those keys shrunk by the
+-- reservations the new rows release (p_instance NULL, a replay of spilled charges:
+-- no lease). Key rows, then lease rows, are locked in key order (no deadlock with
+-- another instance's batch). Returns the ids inserted (kind 'i') and each changed
+-- lease (kind 'l'). The spend and daily CTEs run though nothing reads them.
+CREATE FUNCTION sb_settle(
+    p_instance TEXT, p_ids TEXT[], p_keys TEXT[], p_costs BIGINT[], p_tokens BIGINT[],
+    p_reserved BIGINT[], p_reserved_tokens BIGINT[], p_models TEXT[], p_providers TEXT[],
+    p_streamed BOOLEAN[], p_prompt BIGINT[], p_completion BIGINT[], p_latency BIGINT[],
+    p_ttft BIGINT[], p_attempts TEXT[], p_finish TEXT[], p_created BIGINT[],
+    p_app_url TEXT[], p_app_title TEXT[], p_now BIGINT)
+RETURNS TABLE (kind TEXT, id TEXT, amount BIGINT, tokens BIGINT, ver BIGINT)
+LANGUAGE plpgsql AS $fn$
+#variable_conflict use_column
+DECLARE
+    today BIGINT := p_now / 86400;
+BEGIN
+    PERFORM 1 FROM sb_keys k WHERE k.id = ANY(p_keys) ORDER BY k.id FOR UPDATE;
+    PERFORM 1 FROM sb_leases l WHERE l.instance = p_instance AND l.key_id = ANY(p_keys)
+      ORDER BY l.key_id FOR UPDATE;
+    RETURN QUERY
+    WITH input AS (
+        SELECT * FROM unnest(p_ids, p_keys, p_costs, p_tokens, p_reserved, p_reserved_tokens,
+                             p_models, p_providers, p_streamed, p_prompt, p_completion,
+                             p_latency, p_ttft, p_attempts, p_finish, p_created,
+                             p_app_url, p_app_title)
+            AS t(id, key_id, cost, tokens, reserved, reserved_tokens, model, provider,
+                 streamed, prompt_tokens, completion_tokens, latency_ms, ttft_ms,
+                 attempts, finish_reason, created, app_url, app_title)
+    ), ins AS (
+        INSERT INTO sb_settlements (id, key_id, cost, tokens, model, provider, streamed,
+            prompt_tokens, completion_tokens, latency_ms, ttft_ms, attempts, finish_reason,
+            created, app_url, app_title)
+        SELECT i.id, i.key_id, i.cost, i.tokens, i.model, i.provider, i.streamed,
+               i.prompt_tokens, i.completion_tokens, i.latency_ms, i.ttft_ms, i.attempts,
+               i.finish_reason, i.created, i.app_url, i.app_title
+          FROM input i
+        ON CONFLICT ON CONSTRAINT sb_settlements_pkey DO NOTHING
+        RETURNING sb_settlements.id
+    ), done AS (
+        SELECT i.key_id, sum(i.cost) AS cost, sum(i.tokens) AS tokens,
+               sum(i.reserved) AS reserved, sum(i.reserved_tokens) AS reserved_tokens
+          FROM input i JOIN ins ON ins.id = i.id
+         GROUP BY i.key_id
+    ), spend AS (
+        UPDATE sb_keys k
+           SET spent = k.spent + d.cost,
+               tokens_used = least(
+                   CASE WHEN k.tokens_day = today THEN k.tokens_used ELSE 0 END + d.tokens,
+                   9223372036854775807),
+               tokens_day = today
+          FROM done d
+         WHERE k.id = d.key_id
+        RETURNING k.id
+    ), daily AS (
+        INSERT INTO sb_daily_spend AS s (key_id, day, spent)
+        SELECT d.key_id, today, d.cost FROM done d WHERE d.cost > 0
+        ON CONFLICT (key_id, day) DO UPDATE SET spent = s.spent + excluded.spent
+        RETURNING s.key_id
+    ), lease AS (
+        UPDATE sb_leases l
+           SET amount = greatest(l.amount - d.reserved, 0),
+               tokens = greatest(l.tokens - d.reserved_tokens, 0),
+               ver = nextval('sb_lease_versions')
+          FROM done d
+         WHERE l.key_id = d.key_id AND l.instance = p_instance
+        RETURNING l.key_id, l.amount, l.tokens, l.ver
+    )
+    SELECT 'i'::text, ins.id, NULL::bigint, NULL::bigint, NULL::bigint FROM ins
+    UNION ALL
+    SELECT 'l'::text, lease.key_id, lease.amount, lease.tokens, lease.ver FROM lease;
+END
+$fn$;
+"#
+    )
 }
 
 /// The idempotency records of SPEC §8.2: one per client key and idempotency key,

@@ -61,6 +61,10 @@ pub(super) struct Line {
     attempts: Vec<GenerationAttempt>,
     finish_reason: Option<String>,
     created: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    app_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    app_title: Option<String>,
     /// The idempotency record committed with it (SPEC §8.2), if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     record: Option<RecordLine>,
@@ -86,6 +90,8 @@ impl Line {
             attempts: g.attempts.clone(),
             finish_reason: g.finish_reason.clone(),
             created: g.created,
+            app_url: g.app_url.clone(),
+            app_title: g.app_title.clone(),
             record: None,
         }
     }
@@ -122,6 +128,8 @@ impl Line {
                 attempts: self.attempts,
                 finish_reason: self.finish_reason,
                 created: self.created,
+                app_url: self.app_url,
+                app_title: self.app_title,
             },
         }
     }

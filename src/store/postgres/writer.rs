@@ -636,21 +636,21 @@ fn int(v: u64) -> i64 {
 }
 
 /// `sb_settle` of a batch.
-const SETTLE: &str = "SELECT * FROM sb_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+const SETTLE: &str = "SELECT * FROM sb_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)";
 
 /// `sb_settle` of a batch and, in the same statement (so in the same transaction),
 /// the idempotency records of the settlements it inserts (SPEC §8.2): a record whose
 /// settlement was committed before is not written. `s` is evaluated once (a CTE
 /// read twice is materialized, and `sb_settle` is volatile).
 const SETTLE_RECORDED: &str = "WITH s AS (
-    SELECT * FROM sb_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+    SELECT * FROM sb_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
 ), rec AS (
     INSERT INTO sb_idempotency AS t (key_id, idem_key, fingerprint, request_id, status, headers,
         body, created, expires)
     SELECT r.key_id, r.idem_key, r.fingerprint, r.request_id, r.status, r.headers, r.body,
            r.created, r.expires
-      FROM unnest($18::text[], $19::text[], $20::bytea[], $21::text[], $22::int4[], $23::text[],
-                  $24::bytea[], $25::int8[], $26::int8[])
+      FROM unnest($21::text[], $22::text[], $23::bytea[], $24::text[], $25::int4[], $26::text[],
+                  $27::bytea[], $28::int8[], $29::int8[])
         AS r(key_id, idem_key, fingerprint, request_id, status, headers, body, created, expires)
      WHERE r.request_id IN (SELECT s.id FROM s WHERE s.kind = 'i')
     ON CONFLICT (key_id, idem_key) DO UPDATE
@@ -691,6 +691,8 @@ pub(super) async fn statement(
     let mut attempts = Vec::with_capacity(n);
     let mut finish = Vec::with_capacity(n);
     let mut created = Vec::with_capacity(n);
+    let mut app_url = Vec::with_capacity(n);
+    let mut app_title = Vec::with_capacity(n);
     for (s, _) in rows {
         let g = &s.generation;
         let r = Amounts::of(s.reserved);
@@ -710,7 +712,11 @@ pub(super) async fn statement(
         attempts.push(serde_json::to_string(&g.attempts).unwrap_or_else(|_| "[]".into()));
         finish.push(g.finish_reason.as_deref());
         created.push(int(g.created));
+        app_url.push(g.app_url.as_deref());
+        app_title.push(g.app_title.as_deref());
     }
+    // The day (week, month) the charges count in: this instance's clock.
+    let now = int(shared.now());
     let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
         &instance,
         &ids,
@@ -729,6 +735,9 @@ pub(super) async fn statement(
         &attempts,
         &finish,
         &created,
+        &app_url,
+        &app_title,
+        &now,
     ];
     let records = recorded.then(|| RecordColumns::of(rows));
     if let Some(r) = &records {

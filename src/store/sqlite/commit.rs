@@ -1,6 +1,6 @@
 //! The transaction that brings a batch of journaled settlements into SQLite (the
-//! applier's, and replay's at open): one row per request id, one spending update
-//! and one day's token count per key.
+//! applier's, and replay's at open): one row per request id, one spending update,
+//! one day's token count and one day's spending per key.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -66,8 +66,9 @@ pub(super) fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<b
     {
         let mut insert = tx.prepare_cached(
             "INSERT OR IGNORE INTO settlements (request_id, key_id, amount_pico, model, provider, streamed,
-               prompt_tokens, completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+               prompt_tokens, completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created,
+               app_url, app_title)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )?;
         // Checked in SQL too: a sum that would overflow updates nothing (and the
         // batch fails) instead of turning into a REAL (which the STRICT table would
@@ -83,6 +84,11 @@ pub(super) fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<b
              ON CONFLICT (key_id, day) DO UPDATE SET tokens = CASE
                WHEN tokens > 9223372036854775807 - excluded.tokens THEN 9223372036854775807
                ELSE tokens + excluded.tokens END",
+        )?;
+        // What each key spent each day: the periods of `limit_reset` are summed from it.
+        let mut spend_day = tx.prepare_cached(
+            "INSERT INTO daily_spend (key_id, day, spent_pico) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key_id, day) DO UPDATE SET spent_pico = spent_pico + excluded.spent_pico",
         )?;
         // One UPDATE and one UPSERT per key (and day) per batch, not per settlement:
         // a batch is usually many requests of few keys.
@@ -113,7 +119,9 @@ pub(super) fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<b
                 g.ttft_ms.map(int),
                 attempts,
                 g.finish_reason,
-                int(g.created)
+                int(g.created),
+                g.app_url,
+                g.app_title
             ])?;
             if n == 1 {
                 // In the same transaction as its settlement (SPEC §8.2); a request id
@@ -152,6 +160,9 @@ pub(super) fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<b
             }
             if tokens > 0 {
                 tokens_stmt.execute(params![key_id, int(day), int(tokens)])?;
+            }
+            if cost > Money::ZERO {
+                spend_day.execute(params![key_id, int(day), cost.pico()])?;
             }
         }
     }

@@ -65,6 +65,12 @@ struct Line<'a> {
     #[serde(borrow)]
     finish: Option<Cow<'a, str>>,
     created: u64,
+    /// Only when set (lines of a settlement without them, and those written before
+    /// them, have none).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    app_url: Option<Cow<'a, str>>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    app_title: Option<Cow<'a, str>>,
     /// Only in the line of a settlement with an idempotency record (its key id is
     /// the settlement's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -117,6 +123,14 @@ impl Entry {
         }
         out.extend_from_slice(b",\"created\":");
         out.extend_from_slice(n.format(g.created).as_bytes());
+        if let Some(url) = &g.app_url {
+            out.extend_from_slice(b",\"app_url\":");
+            crate::json::push_str(out, url);
+        }
+        if let Some(title) = &g.app_title {
+            out.extend_from_slice(b",\"app_title\":");
+            crate::json::push_str(out, title);
+        }
         if let Some(r) = &self.record {
             // Rare (requests with an `Idempotency-Key`): through serde.
             out.extend_from_slice(b",\"idem\":");
@@ -159,6 +173,8 @@ impl Entry {
                     attempts: l.attempts.into_owned(),
                     finish_reason: l.finish.map(Cow::into_owned),
                     created: l.created,
+                    app_url: l.app_url.map(Cow::into_owned),
+                    app_title: l.app_title.map(Cow::into_owned),
                 },
             },
             day: l.day,
@@ -480,6 +496,8 @@ mod tests {
                     attempts,
                     finish_reason: rng.random::<bool>().then(|| odd(rng, 6)),
                     created: rng.random(),
+                    app_url: rng.random::<bool>().then(|| odd(rng, 20)),
+                    app_title: rng.random::<bool>().then(|| odd(rng, 10)),
                 },
             },
             day: rng.random(),
@@ -525,6 +543,8 @@ mod tests {
             attempts: Cow::Borrowed(&g.attempts),
             finish: g.finish_reason.as_deref().map(Cow::Borrowed),
             created: g.created,
+            app_url: g.app_url.as_deref().map(Cow::Borrowed),
+            app_title: g.app_title.as_deref().map(Cow::Borrowed),
             idem: e.record.as_deref().map(RecordLine::of),
         };
         let mut out = serde_json::to_vec(&line).unwrap();
@@ -553,6 +573,7 @@ mod tests {
                 (&b.attempts, &b.finish_reason),
                 (&g.attempts, &g.finish_reason)
             );
+            assert_eq!((&b.app_url, &b.app_title), (&g.app_url, &g.app_title));
             assert_eq!(back.settlement.key_id, e.settlement.key_id);
             assert_eq!(b.total_cost, g.total_cost);
             match (&e.record, &back.record) {

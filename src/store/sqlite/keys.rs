@@ -3,7 +3,7 @@
 use rusqlite::{params, OptionalExtension};
 
 use super::{money, SqliteStore};
-use crate::keys::KeyRecord;
+use crate::keys::{KeyRecord, LimitReset};
 use crate::money::{Money, MAX_CREDITS};
 use crate::store::{
     new_key_id, now_unix, KeyPatch, KeyStore, NewKey, SecretHash, StoreError, StoredKey,
@@ -30,6 +30,12 @@ pub(super) fn row_to_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
         rpm: r.get::<_, Option<i64>>("rpm")?.map(|v| v as u32),
         tokens_per_day: r.get::<_, Option<i64>>("tokens_per_day")?.map(|v| v as u64),
         models: models.and_then(|m| serde_json::from_str(&m).ok()),
+        limit_reset: r
+            .get::<_, Option<String>>("limit_reset")?
+            .and_then(|v| v.parse().ok()),
+        expires_at: r
+            .get::<_, Option<i64>>("expires_at")?
+            .map(|v| v.max(0) as u64),
     };
     Ok(StoredKey {
         record,
@@ -39,7 +45,17 @@ pub(super) fn row_to_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
     })
 }
 
-pub(super) const KEY_COLUMNS: &str = "id, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models";
+pub(super) const KEY_COLUMNS: &str = "id, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models, limit_reset, expires_at";
+
+/// `limit_reset` as stored.
+pub(super) fn reset_text(r: Option<LimitReset>) -> Option<&'static str> {
+    r.map(LimitReset::as_str)
+}
+
+/// `expires_at` as stored (Unix seconds).
+pub(super) fn expiry(t: Option<u64>) -> Option<i64> {
+    t.map(super::int)
+}
 
 pub(super) fn models_json(m: &Option<Vec<String>>) -> Option<String> {
     m.as_ref()
@@ -88,8 +104,8 @@ impl KeyStore for SqliteStore {
         let created = now_unix();
         self.with_conn(|c| {
             c.execute(
-                "INSERT INTO keys (id, secret_sha256, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models)
-                 VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, ?6, ?7, ?8, ?9)",
+                "INSERT INTO keys (id, secret_sha256, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models, limit_reset, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     id,
                     &hash[..],
@@ -99,7 +115,9 @@ impl KeyStore for SqliteStore {
                     new.limit.map(Money::pico),
                     new.rpm,
                     new.tokens_per_day.map(|t| t as i64),
-                    models_json(&new.models)
+                    models_json(&new.models),
+                    reset_text(new.limit_reset),
+                    expiry(new.expires_at)
                 ],
             )
             .map_err(|e| match e {
@@ -131,7 +149,7 @@ impl KeyStore for SqliteStore {
             patch.apply(&mut key.record);
             let r = &key.record;
             tx.execute(
-                "UPDATE keys SET name=?1, disabled=?2, limit_pico=?3, rpm=?4, tokens_per_day=?5, models=?6 WHERE id=?7",
+                "UPDATE keys SET name=?1, disabled=?2, limit_pico=?3, rpm=?4, tokens_per_day=?5, models=?6, limit_reset=?7, expires_at=?8 WHERE id=?9",
                 params![
                     r.name,
                     r.disabled,
@@ -139,6 +157,8 @@ impl KeyStore for SqliteStore {
                     r.rpm,
                     r.tokens_per_day.map(|t| t as i64),
                     models_json(&r.models),
+                    reset_text(r.limit_reset),
+                    expiry(r.expires_at),
                     id
                 ],
             )?;

@@ -14,7 +14,7 @@ use crate::money::Money;
 #[cfg(doc)]
 use crate::money::MAX_CREDITS;
 use crate::store::{
-    utc_day, Balance, Generation, GenerationAttempt, IdempotencyRecord, Ledger, Reservation,
+    Balance, Generation, GenerationAttempt, IdempotencyRecord, Ledger, PeriodUsage, Reservation,
     Settlement, StoreError,
 };
 
@@ -22,13 +22,19 @@ impl SqliteStore {
     /// [`Ledger::reserve`], decided here and now (the accounts are in memory).
     pub fn reserve(&self, key: &KeyRecord, hold: Reservation) -> Result<(), GatewayError> {
         let acc = self.account(&key.id)?;
-        match Self::try_reserve(&acc, key, hold) {
+        // Only the day's rules read the clock.
+        let now = if key.tokens_per_day.is_some() || key.limit_reset.is_some() {
+            self.now()
+        } else {
+            0
+        };
+        match Self::try_reserve(&acc, key, hold, now) {
             Err(GatewayError::InsufficientCredits(_)) => {
                 // Before refusing: a top-up made by another process (the CLI) is in the
                 // database, not yet in memory. Credits only grow, so this is the only
                 // way memory can be behind.
                 self.refresh_credits(&key.id)?;
-                Self::try_reserve(&acc, key, hold)
+                Self::try_reserve(&acc, key, hold, now)
             }
             other => other,
         }
@@ -134,8 +140,18 @@ impl Ledger for SqliteStore {
 
     fn tokens_today(&self, key_id: &str) -> Result<u64, StoreError> {
         let acc = self.account(key_id)?;
+        let today = self.clock().day();
         let a = acc.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(if a.day == utc_day() { a.day_tokens } else { 0 })
+        Ok(if a.day == today { a.day_tokens } else { 0 })
+    }
+
+    /// From the key's account: what was committed in its current periods (it is
+    /// ahead of SQLite by what is journaled and not applied yet).
+    fn usage(&self, key_id: &str) -> Result<PeriodUsage, StoreError> {
+        let acc = self.account(key_id)?;
+        let today = self.clock().day();
+        let a = acc.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(a.periods.at(today))
     }
 
     /// Refuses (with nothing written) a top-up that is not more than 0 or that would
@@ -214,7 +230,8 @@ impl Ledger for SqliteStore {
         self.with_conn(|c| {
             Ok(c.query_row(
                 "SELECT request_id, key_id, amount_pico, model, provider, streamed, prompt_tokens,
-                        completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created
+                        completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created,
+                        app_url, app_title
                  FROM settlements WHERE request_id=?1",
                 [id],
                 |r| {
@@ -234,6 +251,8 @@ impl Ledger for SqliteStore {
                             .unwrap_or_default(),
                         finish_reason: r.get(11)?,
                         created: r.get::<_, i64>(12)? as u64,
+                        app_url: r.get(13)?,
+                        app_title: r.get(14)?,
                     })
                 },
             )

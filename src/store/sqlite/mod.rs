@@ -17,16 +17,15 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection};
 
-use super::{
-    credits_after_top_up, hash_secret, new_key_id, now_unix, until_utc_midnight, StoreError,
-};
+use super::{credits_after_top_up, hash_secret, new_key_id, now_unix, StoreError};
 #[cfg(doc)]
 use super::{KeyStore, Ledger};
+use crate::clock::Clock;
 use crate::config::{KeyConfig, StoreConfig, SyncMode};
 use crate::money::Money;
 use accounts::Accounts;
 use checkpoint::{Checkpointer, WAL_SIZE_LIMIT};
-use keys::{check_amounts, models_json};
+use keys::{check_amounts, expiry, models_json, reset_text};
 use schema::prepare_schema;
 use writer::{applier_thread, open_journal, writer_thread, Writer};
 
@@ -87,6 +86,8 @@ pub struct SqliteStore {
     readers: Mutex<Vec<Connection>>,
     accounts: Arc<Accounts>,
     writer: Arc<Writer>,
+    /// The time of day accounting (shared with the writer).
+    clock: Arc<ClockCell>,
     /// The writer thread, then the applier (joined in this order on drop).
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     _stop_checkpoints: mpsc::Sender<()>,
@@ -175,12 +176,14 @@ impl SqliteStore {
 
         let journal = open_journal(&path, sync, &writer_conn)?;
         let accounts: Arc<Accounts> = Arc::default();
+        let clock: Arc<ClockCell> = Arc::default();
         let (turns, turns_rx) = mpsc::channel::<()>();
         let (wake, wake_rx) = mpsc::channel::<()>();
         let writer = Arc::new(Writer {
             queue: Default::default(),
             conn: writer_conn.clone(),
             accounts: accounts.clone(),
+            clock: clock.clone(),
             journal: journal.map(parking_lot::Mutex::new),
             durable: sync == SyncMode::Full,
             on_runtime: sync == SyncMode::Normal,
@@ -218,9 +221,27 @@ impl SqliteStore {
             readers: Mutex::new(Vec::new()),
             accounts,
             writer,
+            clock,
             threads: Mutex::new(vec![writer_thread, applier_thread]),
             _stop_checkpoints: stop_tx,
         }))
+    }
+
+    /// Sets the clock of its day accounting: `tokens_per_day`, the periods of
+    /// `limit_reset`, the day a settlement counts in (default: the system clock).
+    /// For tests that cross midnight without waiting for it.
+    pub fn set_clock(&self, clock: Clock) {
+        *self.clock.write() = clock;
+    }
+
+    /// The clock of its day accounting.
+    pub fn clock(&self) -> Clock {
+        self.clock.read().clone()
+    }
+
+    /// Unix seconds now, by [its clock](Self::set_clock).
+    pub(super) fn now(&self) -> u64 {
+        self.clock.read().now()
     }
 
     /// The database file.
@@ -237,7 +258,8 @@ impl SqliteStore {
 
     /// Upserts the bootstrap `[[keys]]` of a config: a new secret is created with its
     /// credits; a known one keeps what it has and has spent (credits are granted once)
-    /// and takes the config's name, limit, rpm, tokens per day and models.
+    /// and takes the config's name, limit, limit reset, expiry, rpm, tokens per day and
+    /// models.
     pub fn bootstrap(&self, keys: &[KeyConfig]) -> Result<(), StoreError> {
         self.with_conn(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -245,21 +267,24 @@ impl SqliteStore {
                 check_amounts(k.credits_usd, k.limit_usd)?;
                 let hash = hash_secret(&k.secret);
                 let name = k.name.clone().unwrap_or_else(|| "bootstrap".into());
+                let (reset, expires) = k.period_and_expiry().map_err(StoreError)?;
                 let updated = tx.execute(
-                    "UPDATE keys SET name=?1, limit_pico=?2, rpm=?3, tokens_per_day=?4, models=?5 WHERE secret_sha256=?6",
+                    "UPDATE keys SET name=?1, limit_pico=?2, rpm=?3, tokens_per_day=?4, models=?5, limit_reset=?6, expires_at=?7 WHERE secret_sha256=?8",
                     params![
                         name,
                         k.limit_usd.map(Money::pico),
                         k.rpm,
                         k.tokens_per_day.map(|t| t as i64),
                         models_json(&k.models),
+                        reset_text(reset),
+                        expiry(expires),
                         &hash[..]
                     ],
                 )?;
                 if updated == 0 {
                     tx.execute(
-                        "INSERT INTO keys (id, secret_sha256, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models)
-                         VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, ?6, ?7, ?8, ?9)",
+                        "INSERT INTO keys (id, secret_sha256, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models, limit_reset, expires_at)
+                         VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11)",
                         params![
                             new_key_id(),
                             &hash[..],
@@ -269,7 +294,9 @@ impl SqliteStore {
                             k.limit_usd.map(Money::pico),
                             k.rpm,
                             k.tokens_per_day.map(|t| t as i64),
-                            models_json(&k.models)
+                            models_json(&k.models),
+                            reset_text(reset),
+                            expiry(expires)
                         ],
                     )?;
                 }
@@ -358,3 +385,6 @@ impl Drop for SqliteStore {
 /// The applier's connection: locked for each commit, and by the checkpointer to
 /// pause commits for its last pass.
 type WriterConn = parking_lot::Mutex<Connection>;
+
+/// The store's clock, settable after open ([`SqliteStore::set_clock`]).
+type ClockCell = parking_lot::RwLock<Clock>;

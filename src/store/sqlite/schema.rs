@@ -7,6 +7,9 @@
 //! open, in one transaction: each table is created anew as `STRICT`, its rows copied
 //! (rowids kept), the old one dropped and the new one renamed. `PRAGMA user_version`
 //! records that it is done.
+//!
+//! Later versions are additive steps, each run once after the one before, in a
+//! transaction of its own that also sets `user_version` (see [`migrate_v2`]).
 
 use std::path::Path;
 
@@ -145,11 +148,49 @@ pub(super) const TABLES: [Table; 3] = [
 ];
 
 /// Creates the store's tables, or migrates those of an older layout (in one
-/// transaction; see the module docs).
+/// transaction per version; see the module docs).
 pub(super) fn prepare_schema(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > LATEST_VERSION {
+        return Err(StoreError(format!(
+            "the store {} is of schema version {found}, newer than this switchboard knows ({LATEST_VERSION}): run a newer switchboard",
+            path.display()
+        )));
+    }
     migrate(conn, SCHEMA_VERSION, &TABLES, "")
+        .and_then(|()| migrate_v2(conn))
         .and_then(|()| add_step(conn, IDEMPOTENCY_VERSION, IDEMPOTENCY_TABLE))
         .map_err(|e| StoreError(format!("cannot prepare the store {}: {e}", path.display())))
+}
+
+/// Version 2 (SPEC §8.3): a key's `limit_reset` and `expires_at`; the app that sent a
+/// settled request (`app_url`, `app_title`); and `daily_spend`, what each key spent
+/// each UTC day, written in the same transaction as the settlements it counts (the
+/// spending of the current day, week and month is summed from it). The days of the
+/// settlements already there are counted in at once (their arrival day).
+const V2: &str = "
+ALTER TABLE keys ADD COLUMN limit_reset TEXT CHECK (limit_reset IN ('daily', 'weekly', 'monthly'));
+ALTER TABLE keys ADD COLUMN expires_at INTEGER;
+ALTER TABLE settlements ADD COLUMN app_url TEXT;
+ALTER TABLE settlements ADD COLUMN app_title TEXT;
+CREATE TABLE IF NOT EXISTS daily_spend (
+    key_id     TEXT NOT NULL,
+    day        INTEGER NOT NULL,
+    spent_pico INTEGER NOT NULL,
+    PRIMARY KEY (key_id, day)
+) STRICT, WITHOUT ROWID;
+INSERT INTO daily_spend (key_id, day, spent_pico)
+SELECT key_id, created / 86400, sum(amount_pico) FROM settlements
+ WHERE amount_pico > 0 GROUP BY key_id, created / 86400;
+";
+
+/// The version [`prepare_schema`] brings a database to.
+pub(crate) const LATEST_VERSION: i64 = IDEMPOTENCY_VERSION;
+
+/// Brings a version-1 database to version 2 ([`V2`]), once; another connection doing
+/// it at the same moment waits (`BEGIN IMMEDIATE`), then finds it done.
+pub(super) fn migrate_v2(conn: &mut Connection) -> Result<(), String> {
+    add_step(conn, 2, V2)
 }
 
 /// Version 4: the `idempotency` table (SPEC §8.2).

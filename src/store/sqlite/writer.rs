@@ -16,7 +16,7 @@ use super::journal::{self, Entry};
 use super::{open_conn, WriterConn};
 use crate::config::SyncMode;
 use crate::money::{Money, MAX_CHARGE, MAX_SPENT};
-use crate::store::{utc_day, IdempotencyRecord, Settlement, StoreError};
+use crate::store::{IdempotencyRecord, Settlement, StoreError};
 
 pub(super) enum Cmd {
     Settle(
@@ -127,6 +127,8 @@ pub(super) struct Writer {
     /// The connection the applier commits with (and the checkpointer pauses).
     pub(super) conn: Arc<WriterConn>,
     pub(super) accounts: Arc<Accounts>,
+    /// The clock of the day each settlement counts in.
+    pub(super) clock: Arc<super::ClockCell>,
     /// `None`: another store owns this file's ledger, and settling fails.
     pub(super) journal: Option<parking_lot::Mutex<JournalState>>,
     /// `fdatasync` after each append (`sync = "full"`).
@@ -277,7 +279,7 @@ impl Writer {
 
     /// Journals `batch`, applies it to the accounts, answers it.
     pub(super) fn commit_batch(&self, batch: Vec<Cmd>) {
-        let day = utc_day();
+        let day = self.clock.read().day();
         let mut entries = Vec::with_capacity(batch.len());
         let mut waiters = Vec::with_capacity(batch.len());
         let mut flushes = Vec::new();
@@ -345,6 +347,7 @@ impl Writer {
                         a.day_tokens = 0;
                     }
                     a.day_tokens = a.day_tokens.saturating_add(s.tokens);
+                    a.periods.add(e.day, s.generation.total_cost);
                 }
             }
         }
@@ -611,6 +614,7 @@ impl Writer {
                 if a.day == e.day {
                     a.day_tokens = a.day_tokens.saturating_sub(s.tokens);
                 }
+                a.periods.sub(e.day, s.generation.total_cost);
             }
         }
     }

@@ -19,6 +19,7 @@ use crate::store::*;
 
 mod bounds;
 mod idempotency;
+mod periods;
 
 fn usd(s: &str) -> Money {
     s.parse().unwrap()
@@ -72,6 +73,7 @@ fn settlement(key_id: &str, id: &str, cost: &str, reserved: &str) -> Settlement 
             }],
             finish_reason: Some("stop".into()),
             created: 1,
+            ..Default::default()
         },
     }
 }
@@ -85,6 +87,8 @@ fn bootstrap_key(secret: &str, credits: &str, rpm: Option<u32>) -> KeyConfig {
         rpm,
         tokens_per_day: None,
         models: None,
+        limit_reset: None,
+        expires_at: None,
     }
 }
 
