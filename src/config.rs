@@ -66,6 +66,9 @@ pub struct Config {
     /// `[shared]`: Redis shared by many instances (SPEC §6).
     #[serde(default)]
     pub shared: SharedConfig,
+    /// `[cache]`: the response cache (SPEC §8.1).
+    #[serde(default)]
+    pub cache: crate::cache::CacheConfig,
     /// `[[providers]]`.
     #[serde(default)]
     pub providers: Vec<ProviderConfig>,
@@ -683,6 +686,9 @@ impl Config {
             if let Err(message) = crate::shared::check_url(url) {
                 bad("shared.redis_url".into(), message);
             }
+        }
+        for (path, message) in self.cache.problems() {
+            bad(path, message);
         }
 
         let mut names = HashSet::new();

@@ -379,6 +379,7 @@ impl Charge {
                     .collect(),
                 finish_reason: s.finish_reason.clone(),
                 created: self.ctx.created(),
+                cache_hit: false,
             },
         })
     }

@@ -60,6 +60,10 @@ pub struct RequestRecord {
     /// charge was capped at the reservation; see [`crate::metering`]).
     #[serde(default)]
     pub over_reserve: bool,
+    /// Whether the answer came from the response cache (no upstream call, no charge;
+    /// see [`crate::cache`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cache_hit: bool,
 }
 
 /// One upstream attempt of a [`RequestRecord`].
@@ -100,7 +104,10 @@ impl RequestRecord {
                 Some((*e.model).to_owned()),
                 Some((*e.provider.name).to_owned()),
             ),
-            None => (None, None),
+            None => match &s.cache_hit {
+                Some(hit) => (Some(hit.model.clone()), Some(hit.provider.clone())),
+                None => (None, None),
+            },
         };
         let prompt = if log_content {
             s.logged_request
@@ -142,6 +149,7 @@ impl RequestRecord {
             prompt,
             completion: if log_content { s.completion_text } else { None },
             over_reserve: s.over_reserve,
+            cache_hit: s.cache_hit.is_some(),
         }
     }
 }

@@ -432,7 +432,8 @@ impl Shared {
             .prepare(
                 &client,
                 "SELECT id, key_id, cost, model, provider, streamed, prompt_tokens,
-                        completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created
+                        completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created,
+                        cache_hit
                    FROM sb_settlements WHERE id = $1",
             )
             .await?;
@@ -460,6 +461,7 @@ impl Shared {
                     .unwrap_or_default(),
                 finish_reason: r.get(11),
                 created: count(12),
+                cache_hit: r.get(13),
             }
         }))
     }

@@ -14,7 +14,16 @@ pub(super) const LOCK_ID: i64 = 0x5357_4954_4348_4244;
 
 /// The schema steps, in order: step `n` brings the database to version `n + 1`.
 pub(super) fn migrations() -> Vec<String> {
-    vec![step_1(), step_2()]
+    vec![step_1(), step_2(), step_4()]
+}
+
+/// The response cache's step (SPEC §8.1; `step_3` is another change's):
+/// `sb_settlements.cache_hit`, set on the free record of a cache hit (by an `UPDATE`
+/// in the transaction of the `sb_settle` that inserts it, so `sb_settle` itself is
+/// unchanged). Idempotent.
+fn step_4() -> String {
+    "ALTER TABLE sb_settlements ADD COLUMN IF NOT EXISTS cache_hit BOOLEAN NOT NULL DEFAULT false;"
+        .into()
 }
 
 /// Version 2: `sb_ledger`, the database's identity (one random id): a spill file

@@ -58,6 +58,8 @@ pub(super) struct Line {
     attempts: Vec<GenerationAttempt>,
     finish_reason: Option<String>,
     created: u64,
+    #[serde(default)]
+    cache_hit: bool,
 }
 
 impl Line {
@@ -80,6 +82,7 @@ impl Line {
             attempts: g.attempts.clone(),
             finish_reason: g.finish_reason.clone(),
             created: g.created,
+            cache_hit: g.cache_hit,
         }
     }
 
@@ -103,6 +106,7 @@ impl Line {
                 attempts: self.attempts,
                 finish_reason: self.finish_reason,
                 created: self.created,
+                cache_hit: self.cache_hit,
             },
         }
     }

@@ -528,6 +528,25 @@ fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// `sb_settle` and the `cache_hit` flag of the response-cache hits among its rows, in
+/// one transaction (only batches with hits pay the extra statement).
+async fn settle_with_hits(
+    client: &mut deadpool_postgres::Client,
+    stmt: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    hits: &[&str],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let rows = tx.query(stmt, params).await?;
+    tx.execute(
+        "UPDATE sb_settlements SET cache_hit = true WHERE id = ANY($1)",
+        &[&hits],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
 /// One `sb_settle` round trip, for `instance`'s leases (`None`: touching no lease, for
 /// a replay).
 pub(super) async fn statement(
@@ -536,7 +555,7 @@ pub(super) async fn statement(
     instance: Option<&str>,
 ) -> Result<Committed, Failure> {
     // Nothing but the rows themselves can make PostgreSQL refuse them for good.
-    let client = shared.client().await.map_err(Failure::Retry)?;
+    let mut client = shared.client().await.map_err(Failure::Retry)?;
     let stmt = shared
         .prepare(
             &client,
@@ -582,30 +601,35 @@ pub(super) async fn statement(
         created.push(int(g.created));
     }
     shared.count(Op::Settle);
-    let answer = client
-        .query(
-            &stmt,
-            &[
-                &instance,
-                &ids,
-                &keys,
-                &costs,
-                &tokens,
-                &reserved,
-                &reserved_tokens,
-                &models,
-                &providers,
-                &streamed,
-                &prompt,
-                &completion,
-                &latency,
-                &ttft,
-                &attempts,
-                &finish,
-                &created,
-            ],
-        )
-        .await;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 17] = [
+        &instance,
+        &ids,
+        &keys,
+        &costs,
+        &tokens,
+        &reserved,
+        &reserved_tokens,
+        &models,
+        &providers,
+        &streamed,
+        &prompt,
+        &completion,
+        &latency,
+        &ttft,
+        &attempts,
+        &finish,
+        &created,
+    ];
+    let hits: Vec<&str> = rows
+        .iter()
+        .filter(|s| s.generation.cache_hit)
+        .map(|s| s.generation.id.as_str())
+        .collect();
+    let answer = if hits.is_empty() {
+        client.query(&stmt, &params).await
+    } else {
+        settle_with_hits(&mut client, &stmt, &params, &hits).await
+    };
     let rows = match answer {
         Ok(rows) => rows,
         Err(e) => {

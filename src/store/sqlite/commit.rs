@@ -66,8 +66,9 @@ pub(super) fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<b
     {
         let mut insert = tx.prepare_cached(
             "INSERT OR IGNORE INTO settlements (request_id, key_id, amount_pico, model, provider, streamed,
-               prompt_tokens, completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+               prompt_tokens, completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created,
+               cache_hit)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )?;
         // Checked in SQL too: a sum that would overflow updates nothing (and the
         // batch fails) instead of turning into a REAL (which the STRICT table would
@@ -108,7 +109,8 @@ pub(super) fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<b
                 g.ttft_ms.map(int),
                 attempts,
                 g.finish_reason,
-                int(g.created)
+                int(g.created),
+                g.cache_hit
             ])?;
             if n == 1 {
                 let entry = per_key.entry((&s.key_id, e.day)).or_default();

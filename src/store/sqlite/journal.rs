@@ -62,6 +62,9 @@ struct Line<'a> {
     #[serde(borrow)]
     finish: Option<Cow<'a, str>>,
     created: u64,
+    /// Only written when true (a cache hit's free record): other lines keep their bytes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    cache_hit: bool,
 }
 
 impl Entry {
@@ -110,6 +113,9 @@ impl Entry {
         }
         out.extend_from_slice(b",\"created\":");
         out.extend_from_slice(n.format(g.created).as_bytes());
+        if g.cache_hit {
+            out.extend_from_slice(b",\"cache_hit\":true");
+        }
         out.extend_from_slice(b"}\n");
     }
 
@@ -141,6 +147,7 @@ impl Entry {
                     attempts: l.attempts.into_owned(),
                     finish_reason: l.finish.map(Cow::into_owned),
                     created: l.created,
+                    cache_hit: l.cache_hit,
                 },
             },
             day: l.day,
@@ -462,6 +469,7 @@ mod tests {
                     attempts,
                     finish_reason: rng.random::<bool>().then(|| odd(rng, 6)),
                     created: rng.random(),
+                    cache_hit: rng.random::<u8>() < 32,
                 },
             },
             day: rng.random(),
@@ -487,6 +495,7 @@ mod tests {
             attempts: Cow::Borrowed(&g.attempts),
             finish: g.finish_reason.as_deref().map(Cow::Borrowed),
             created: g.created,
+            cache_hit: g.cache_hit,
         };
         let mut out = serde_json::to_vec(&line).unwrap();
         out.push(b'\n');
@@ -516,6 +525,7 @@ mod tests {
             );
             assert_eq!(back.settlement.key_id, e.settlement.key_id);
             assert_eq!(b.total_cost, g.total_cost);
+            assert_eq!(b.cache_hit, g.cache_hit);
             let mut json = Vec::new();
             attempts_json(&mut json, &g.attempts);
             assert_eq!(json, serde_json::to_vec(&g.attempts).unwrap());

@@ -132,7 +132,8 @@ impl Ledger for SqliteStore {
         self.with_conn(|c| {
             Ok(c.query_row(
                 "SELECT request_id, key_id, amount_pico, model, provider, streamed, prompt_tokens,
-                        completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created
+                        completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created,
+                        cache_hit
                  FROM settlements WHERE request_id=?1",
                 [id],
                 |r| {
@@ -152,6 +153,7 @@ impl Ledger for SqliteStore {
                             .unwrap_or_default(),
                         finish_reason: r.get(11)?,
                         created: r.get::<_, i64>(12)? as u64,
+                        cache_hit: r.get(13)?,
                     })
                 },
             )

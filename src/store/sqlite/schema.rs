@@ -145,8 +145,42 @@ pub(super) const TABLES: [Table; 3] = [
 ];
 
 /// Creates the store's tables, or migrates those of an older layout (in one
-/// transaction; see the module docs).
+/// transaction; see the module docs), then applies the additive steps.
 pub(super) fn prepare_schema(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     migrate(conn, SCHEMA_VERSION, &TABLES, "")
+        .and_then(|()| add_cache_hit(conn))
         .map_err(|e| StoreError(format!("cannot prepare the store {}: {e}", path.display())))
+}
+
+/// The version with `settlements.cache_hit` ([`add_cache_hit`]).
+pub(super) const CACHE_HIT_VERSION: i64 = 3;
+
+/// Version 3: `settlements.cache_hit`, set on the free record of a response-cache hit
+/// (SPEC §8.1). Additive: gated on `user_version < 3`, and the column is added only
+/// when missing, in one `BEGIN IMMEDIATE` transaction (another process doing it at
+/// the same moment waits, then finds it done).
+fn add_cache_hit(conn: &mut Connection) -> Result<(), String> {
+    let version = |c: &Connection| -> rusqlite::Result<i64> {
+        c.query_row("PRAGMA user_version", [], |r| r.get(0))
+    };
+    if version(conn).map_err(|e| e.to_string())? >= CACHE_HIT_VERSION {
+        return Ok(());
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| e.to_string())?;
+    if version(&tx).map_err(|e| e.to_string())? >= CACHE_HIT_VERSION {
+        return Ok(());
+    }
+    let has = tx
+        .prepare("SELECT 1 FROM pragma_table_info('settlements') WHERE name = 'cache_hit'")
+        .and_then(|mut s| s.exists([]))
+        .map_err(|e| e.to_string())?;
+    if !has {
+        tx.execute_batch("ALTER TABLE settlements ADD COLUMN cache_hit INTEGER NOT NULL DEFAULT 0")
+            .map_err(|e| format!("cannot add settlements.cache_hit: {e}"))?;
+    }
+    tx.pragma_update(None, "user_version", CACHE_HIT_VERSION)
+        .map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())
 }

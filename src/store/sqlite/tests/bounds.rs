@@ -44,6 +44,7 @@ fn charge(key_id: &str, id: &str, cost: Money, reserved: Money) -> Settlement {
             attempts: vec![],
             finish_reason: None,
             created: 1,
+            cache_hit: false,
         },
     }
 }
@@ -306,7 +307,8 @@ fn a_database_of_the_old_schema_is_migrated_to_strict_tables_at_open() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, SCHEMA_VERSION);
+    // At least the STRICT layout (later additive steps raise the version further).
+    assert!(version >= SCHEMA_VERSION, "{version}");
     drop(conn);
     // Opening again migrates nothing more.
     assert_eq!(open_at(&path).unwrap().list().unwrap().len(), 3);

@@ -71,6 +71,7 @@ fn settlement(key_id: &str, id: &str, cost: &str, reserved: &str) -> Settlement 
             }],
             finish_reason: Some("stop".into()),
             created: 1,
+            cache_hit: false,
         },
     }
 }
