@@ -36,13 +36,14 @@ pub enum Claim {
 pub trait CacheBackend: Send + Sync + 'static {
     /// The answer stored under `key`, if any and not expired.
     fn get(&self, key: &CacheKey) -> BoxFuture<'static, Option<Arc<CachedAnswer>>>;
-    /// Stores `answer` under `key` for `answer.ttl()` (does not wait).
+    /// Stores `answer` under `key` for `answer.ttl()` (does not wait), then gives
+    /// back this instance's [`claim`](CacheBackend::claim) of `key`, if any.
     fn put(&self, key: &CacheKey, answer: Arc<CachedAnswer>);
     /// Asks to compute the answer of `key` across instances. Default: granted.
     fn claim(&self, _key: &CacheKey) -> BoxFuture<'static, Claim> {
         future::ready(Claim::Granted).boxed()
     }
-    /// Gives back a granted [`claim`](CacheBackend::claim).
+    /// Gives back a granted [`claim`](CacheBackend::claim) without an answer.
     fn release(&self, _key: &CacheKey) {}
     /// Waits (at most `within`) for another instance's answer to `key`: `None` when
     /// that instance gave up (its claim is gone) or the time is up. Default: `None`.
@@ -249,10 +250,13 @@ impl CacheBackend for RedisBackend {
         if !self.shared.is_available() {
             return;
         }
-        let (shared, name) = (self.shared.clone(), self.entry_key(key));
+        let (shared, name, lock) = (self.shared.clone(), self.entry_key(key), self.lock_key(key));
         let ms = answer.meta.ttl_secs.saturating_mul(1000).max(1);
         self.shared.spawn(async move {
             let bytes = answer.to_bytes();
+            let me = shared.instance_id().to_string();
+            // The answer first, then the lock: an instance waiting on the lock finds
+            // the answer once the lock is gone.
             let _ = shared
                 .call(move |mut c| async move {
                     redis::cmd("SET")
@@ -261,7 +265,13 @@ impl CacheBackend for RedisBackend {
                         .arg("PX")
                         .arg(ms)
                         .query_async::<()>(&mut c)
+                        .await?;
+                    redis::Script::new(UNLOCK)
+                        .key(lock)
+                        .arg(me)
+                        .invoke_async::<i64>(&mut c)
                         .await
+                        .map(drop)
                 })
                 .await;
         });

@@ -104,13 +104,20 @@ impl http_body::Body for RecordingBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(data), Some(rec)) = (frame.data_ref(), this.rec.as_ref()) {
                     if !rec.guard.push(data) {
                         // Past the bound: not stored; followers run on their own.
                         *this.rec = None;
+                    }
+                }
+                // A body of known length is not polled again after its last frame
+                // (hyper stops at `is_end_stream`): it ends here.
+                if this.inner.is_end_stream() {
+                    if let Some(rec) = this.rec.take() {
+                        rec.finish();
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

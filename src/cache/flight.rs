@@ -179,9 +179,12 @@ impl LeadGuard {
         // Out of the map first: a request arriving now looks the key up in the cache
         // (where a done answer already is) or leads anew.
         self.flights.remove(&self.key, &self.flight);
+        let failed = matches!(end, End::Failed);
         self.flight.state.lock().end = Some(end);
         self.flight.changed();
-        if let Some(backend) = self.release.take() {
+        // A stored answer's claim is given back by the backend's `put`, after the
+        // answer is there (so another instance never finds neither).
+        if let Some(backend) = self.release.take().filter(|_| failed) {
             backend.release(&self.key);
         }
     }

@@ -533,3 +533,18 @@ fn the_memory_backend_is_bounded_by_bytes() {
         );
     });
 }
+
+#[tokio::test]
+async fn a_body_of_known_length_is_stored_without_being_polled_past_its_last_frame() {
+    let (inner, calls) = inner(answering_json());
+    let svc = layer().layer(inner);
+    let res = svc.clone().oneshot(request("k1", BODY)).await.unwrap();
+    let mut body = res.into_body();
+    // hyper stops here: the body says it has ended.
+    body.frame().await.unwrap().unwrap();
+    assert!(http_body::Body::is_end_stream(&body));
+    drop(body);
+    let (res, _) = send(&svc, request("k1", BODY)).await;
+    assert_eq!(status(&res), "HIT");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
