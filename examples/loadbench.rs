@@ -8,7 +8,8 @@
 //! runs of the fixed-rate and saturation steps, medians reported (default 5),
 //! `-- --memory-only` for just the RSS-per-open-stream step, `-- --shared` for the
 //! many-instances comparison: SQLite against one and two instances on PostgreSQL +
-//! Redis, see `loadbench/shared.rs`; run that one with `--release`)
+//! Redis, see `loadbench/shared.rs`; run that one with `--release`; `-- --cache` for
+//! the response cache: hits, coalescing bursts, all misses, see `loadbench/cache.rs`)
 //! Profiling aids: `loadbench drive ADDR SECS` saturates a server at ADDR;
 //! `loadbench rate ADDR RATE SECS [stream]` sends RATE req/s to it and prints percentiles;
 //! `loadbench config DIR UPSTREAM` writes the gateway config the bench serves.
@@ -39,6 +40,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 const COMPLETION: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"up","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox jumps over the lazy dog."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":10,"total_tokens":22}}"#;
 const KEY: &str = "sk-bench-key-0001-0123456789";
 
+#[path = "loadbench/cache.rs"]
+mod cache;
 #[path = "loadbench/shared.rs"]
 mod shared;
 
@@ -93,6 +96,7 @@ fn main() {
                 .print();
         }),
         _ if args.iter().any(|a| a == "--shared") => rt.block_on(shared::run(&args[1..])),
+        _ if args.iter().any(|a| a == "--cache") => rt.block_on(cache::run(&args[1..])),
         _ => rt.block_on(bench(&args[1..])),
     }
 }
@@ -141,6 +145,10 @@ async fn upstream() {
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let text = std::str::from_utf8(&body).unwrap_or("");
         let stream = text.contains("\"stream\":true");
+        // `--cache`'s coalescing bursts: an upstream that takes its time.
+        if text.contains("\"slow\":true") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let res = if !stream {
             Response::builder()
                 .header("content-type", "application/json")

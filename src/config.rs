@@ -69,6 +69,9 @@ pub struct Config {
     /// `[idempotency]`: how long `Idempotency-Key` answers are kept (SPEC §8.2).
     #[serde(default)]
     pub idempotency: IdempotencyConfig,
+    /// `[cache]`: the response cache (SPEC §8.1).
+    #[serde(default)]
+    pub cache: crate::cache::CacheConfig,
     /// `[[providers]]`.
     #[serde(default)]
     pub providers: Vec<ProviderConfig>,
@@ -752,6 +755,9 @@ impl Config {
             if let Err(message) = crate::shared::check_url(url) {
                 bad("shared.redis_url".into(), message);
             }
+        }
+        for (path, message) in self.cache.problems() {
+            bad(path, message);
         }
 
         let mut names = HashSet::new();

@@ -163,6 +163,18 @@ pub struct CallState {
     pub app_url: Option<String>,
     /// The app's name (its `X-Title` header, bounded), set likewise.
     pub app_title: Option<String>,
+    /// Set by the response cache when the answer came from it (SPEC §8.1): no
+    /// upstream call, no charge.
+    pub cache_hit: Option<CacheHit>,
+}
+
+/// What served a [cache](crate::cache) hit: the stored answer's model and provider.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheHit {
+    /// The gateway model id that served the stored answer.
+    pub model: String,
+    /// The provider that served the stored answer.
+    pub provider: String,
 }
 
 struct Inner {

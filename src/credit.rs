@@ -390,6 +390,7 @@ impl Charge {
                 created: self.ctx.created(),
                 app_url: s.app_url,
                 app_title: s.app_title,
+                cache_hit: false,
             },
         })
     }

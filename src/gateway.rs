@@ -224,6 +224,11 @@ impl GatewayBuilder {
             Some(s) => RateLimitLayer::shared(s.clone()),
             None => RateLimitLayer::new(),
         };
+        // `[cache]`: answers in memory, or in Redis shared by every instance.
+        let cache = crate::cache::CacheLayer::from_config(&config.cache, shared.clone())
+            .ledger(ledger.clone())
+            .max_body_bytes(config.server.max_body_bytes as usize)
+            .body_timeout(Duration::from_secs(config.server.request_timeout_secs));
 
         // The typed tier, outermost first.
         let typed = ServiceBuilder::new()
@@ -277,6 +282,12 @@ impl GatewayBuilder {
                     .max_body_bytes(config.server.max_body_bytes as usize)
                     .wait_timeout(Duration::from_secs(config.server.request_timeout_secs)),
             )
+            // The response cache: after auth and rate limits (a hit is a request of
+            // the key like any other, and answers are never shared between keys),
+            // before Normalize and so before credit (a hit costs nothing, calls no
+            // upstream). It coalesces identical requests in flight. Requests that do
+            // not ask for caching pass through without their body being read.
+            .layer(cache)
             // Normalize is where HTTP ends: body limit, JSON, SSE, keep-alive, deadline.
             .layer(
                 NormalizeLayer::new()

@@ -6,7 +6,7 @@
 //! `switchboard` binary serves.
 //!
 //! ```text
-//! HTTP tier  (Service<http::Request<B>>)   logging → auth → rate_limit → normalize
+//! HTTP tier  (Service<http::Request<B>>)   logging → auth → rate_limit → cache → normalize
 //! typed tier (Service<ChatCall>)           route → health → credit → fallback
 //! provider   (Service<ProviderCall>)       metering → providers::ProviderClient
 //! ```
@@ -18,6 +18,7 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod cache;
 mod canonical;
 pub mod catalog;
 pub mod chat;

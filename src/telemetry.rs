@@ -21,6 +21,7 @@
 //! | `switchboard_log_records_dropped_total` | counter | |
 //! | `switchboard_log_write_errors_total` | counter | |
 //! | `switchboard_usage_over_reserve_total` | counter (upstream usage above the request's reservation; charged the reservation) | `model`, `provider` |
+//! | `switchboard_cache_requests_total` | counter: cacheable requests by how they were answered ([`crate::cache`]) | `status` = `hit`, `miss`, `coalesced` |
 //! | `switchboard_shared_state_up` | gauge: 1 while the `[shared]` Redis answers, 0 while limits and health are local (absent without `[shared]`) | |
 //!
 //! # Example
@@ -67,6 +68,10 @@ pub const LOG_WRITE_ERRORS: &str = "switchboard_log_write_errors_total";
 /// Attempts whose upstream usage was above the request's reservation, by `model` and
 /// `provider` (each was charged the reservation; see [`crate::metering`]).
 pub const USAGE_OVER_RESERVE: &str = "switchboard_usage_over_reserve_total";
+
+/// Cacheable requests by `status`: `hit` (from the cache), `miss` (went on),
+/// `coalesced` (answered by an identical request in flight); see [`crate::cache`].
+pub const CACHE_REQUESTS: &str = "switchboard_cache_requests_total";
 
 /// Buckets for request durations and TTFT (seconds).
 const LATENCY_BUCKETS: &[f64] = &[

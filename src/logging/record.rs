@@ -66,6 +66,10 @@ pub struct RequestRecord {
     /// The app's name: its `X-Title` header (bounded).
     #[serde(default)]
     pub app_title: Option<String>,
+    /// Whether the answer came from the response cache (no upstream call, no charge;
+    /// see [`crate::cache`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cache_hit: bool,
 }
 
 /// One upstream attempt of a [`RequestRecord`].
@@ -106,7 +110,10 @@ impl RequestRecord {
                 Some((*e.model).to_owned()),
                 Some((*e.provider.name).to_owned()),
             ),
-            None => (None, None),
+            None => match &s.cache_hit {
+                Some(hit) => (Some(hit.model.clone()), Some(hit.provider.clone())),
+                None => (None, None),
+            },
         };
         let prompt = if log_content {
             s.logged_request
@@ -150,6 +157,7 @@ impl RequestRecord {
             over_reserve: s.over_reserve,
             app_url: s.app_url,
             app_title: s.app_title,
+            cache_hit: s.cache_hit.is_some(),
         }
     }
 }

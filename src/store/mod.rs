@@ -590,6 +590,8 @@ pub struct Generation {
     /// Unix seconds of arrival.
     #[serde(skip)]
     pub created: u64,
+    /// Answered from the response cache: no upstream call, cost 0 ([`crate::cache`]).
+    pub cache_hit: bool,
 }
 
 /// A charge to commit: the amount, the reservation it replaces, and the stats.

@@ -457,7 +457,7 @@ impl Shared {
                 &client,
                 "SELECT id, key_id, cost, model, provider, streamed, prompt_tokens,
                         completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created,
-                        app_url, app_title
+                        app_url, app_title, cache_hit
                    FROM sb_settlements WHERE id = $1",
             )
             .await?;
@@ -487,6 +487,7 @@ impl Shared {
                 created: count(12),
                 app_url: r.get(13),
                 app_title: r.get(14),
+                cache_hit: r.get(15),
             }
         }))
     }

@@ -14,7 +14,7 @@ pub(super) const LOCK_ID: i64 = 0x5357_4954_4348_4244;
 
 /// The schema steps, in order: step `n` brings the database to version `n + 1`.
 pub(super) fn migrations() -> Vec<String> {
-    vec![step_1(), step_2(), step_3(), step_5()]
+    vec![step_1(), step_2(), step_3(), step_4(), step_5()]
 }
 
 /// Version 3 (SPEC §8.3): a key's `limit_reset` and `expires_at`; the app that sent
@@ -244,6 +244,15 @@ CREATE TABLE IF NOT EXISTS sb_idempotency (
 CREATE INDEX IF NOT EXISTS sb_idempotency_expires ON sb_idempotency (expires);
 "#
     .into()
+}
+
+/// The response cache's step (SPEC §8.1):
+/// `sb_settlements.cache_hit`, set on the free record of a cache hit (by an `UPDATE`
+/// in the transaction of the `sb_settle` that inserts it, so `sb_settle` itself is
+/// unchanged). Idempotent.
+fn step_4() -> String {
+    "ALTER TABLE sb_settlements ADD COLUMN IF NOT EXISTS cache_hit BOOLEAN NOT NULL DEFAULT false;"
+        .into()
 }
 
 /// Version 2: `sb_ledger`, the database's identity (one random id): a spill file

@@ -68,6 +68,8 @@ pub(super) struct Line {
     /// The idempotency record committed with it (SPEC §8.2), if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     record: Option<RecordLine>,
+    #[serde(default)]
+    cache_hit: bool,
 }
 
 impl Line {
@@ -93,6 +95,7 @@ impl Line {
             app_url: g.app_url.clone(),
             app_title: g.app_title.clone(),
             record: None,
+            cache_hit: g.cache_hit,
         }
     }
 
@@ -130,6 +133,7 @@ impl Line {
                 created: self.created,
                 app_url: self.app_url,
                 app_title: self.app_title,
+                cache_hit: self.cache_hit,
             },
         }
     }

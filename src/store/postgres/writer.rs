@@ -660,6 +660,25 @@ const SETTLE_RECORDED: &str = "WITH s AS (
 )
 SELECT * FROM s";
 
+/// `sb_settle` and the `cache_hit` flag of the response-cache hits among its rows, in
+/// one transaction (only batches with hits pay the extra statement).
+async fn settle_with_hits(
+    client: &mut deadpool_postgres::Client,
+    stmt: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    hits: &[&str],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let rows = tx.query(stmt, params).await?;
+    tx.execute(
+        "UPDATE sb_settlements SET cache_hit = true WHERE id = ANY($1)",
+        &[&hits],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
 /// One `sb_settle` round trip, for `instance`'s leases (`None`: touching no lease, for
 /// a replay), with the idempotency records of the rows that have one.
 pub(super) async fn statement(
@@ -668,7 +687,7 @@ pub(super) async fn statement(
     instance: Option<&str>,
 ) -> Result<Committed, Failure> {
     // Nothing but the rows themselves can make PostgreSQL refuse them for good.
-    let client = shared.client().await.map_err(Failure::Retry)?;
+    let mut client = shared.client().await.map_err(Failure::Retry)?;
     let recorded = rows.iter().any(|(_, r)| r.is_some());
     let stmt = shared
         .prepare(&client, if recorded { SETTLE_RECORDED } else { SETTLE })
@@ -744,7 +763,16 @@ pub(super) async fn statement(
         params.extend(r.params());
     }
     shared.count(Op::Settle);
-    let answer = client.query(&stmt, &params).await;
+    let hits: Vec<&str> = rows
+        .iter()
+        .filter(|(s, _)| s.generation.cache_hit)
+        .map(|(s, _)| s.generation.id.as_str())
+        .collect();
+    let answer = if hits.is_empty() {
+        client.query(&stmt, &params).await
+    } else {
+        settle_with_hits(&mut client, &stmt, &params, &hits).await
+    };
     let rows = match answer {
         Ok(rows) => rows,
         Err(e) => {

@@ -67,8 +67,8 @@ pub(super) fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<b
         let mut insert = tx.prepare_cached(
             "INSERT OR IGNORE INTO settlements (request_id, key_id, amount_pico, model, provider, streamed,
                prompt_tokens, completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created,
-               app_url, app_title)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+               app_url, app_title, cache_hit)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         )?;
         // Checked in SQL too: a sum that would overflow updates nothing (and the
         // batch fails) instead of turning into a REAL (which the STRICT table would
@@ -121,7 +121,8 @@ pub(super) fn write_batch(tx: &Connection, batch: &[Arc<Entry>]) -> Result<Vec<b
                 g.finish_reason,
                 int(g.created),
                 g.app_url,
-                g.app_title
+                g.app_title,
+                g.cache_hit
             ])?;
             if n == 1 {
                 // In the same transaction as its settlement (SPEC §8.2); a request id

@@ -71,6 +71,9 @@ struct Line<'a> {
     app_url: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     app_title: Option<Cow<'a, str>>,
+    /// Only written when true (a cache hit's free record): other lines keep their bytes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    cache_hit: bool,
     /// Only in the line of a settlement with an idempotency record (its key id is
     /// the settlement's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,6 +134,9 @@ impl Entry {
             out.extend_from_slice(b",\"app_title\":");
             crate::json::push_str(out, title);
         }
+        if g.cache_hit {
+            out.extend_from_slice(b",\"cache_hit\":true");
+        }
         if let Some(r) = &self.record {
             // Rare (requests with an `Idempotency-Key`): through serde.
             out.extend_from_slice(b",\"idem\":");
@@ -175,6 +181,7 @@ impl Entry {
                     created: l.created,
                     app_url: l.app_url.map(Cow::into_owned),
                     app_title: l.app_title.map(Cow::into_owned),
+                    cache_hit: l.cache_hit,
                 },
             },
             day: l.day,
@@ -498,6 +505,7 @@ mod tests {
                     created: rng.random(),
                     app_url: rng.random::<bool>().then(|| odd(rng, 20)),
                     app_title: rng.random::<bool>().then(|| odd(rng, 10)),
+                    cache_hit: rng.random::<u8>() < 32,
                 },
             },
             day: rng.random(),
@@ -546,6 +554,7 @@ mod tests {
             app_url: g.app_url.as_deref().map(Cow::Borrowed),
             app_title: g.app_title.as_deref().map(Cow::Borrowed),
             idem: e.record.as_deref().map(RecordLine::of),
+            cache_hit: g.cache_hit,
         };
         let mut out = serde_json::to_vec(&line).unwrap();
         out.push(b'\n');
@@ -587,6 +596,7 @@ mod tests {
                 }
                 (r, b) => panic!("record {r:?} read back as {b:?}"),
             }
+            assert_eq!(b.cache_hit, g.cache_hit);
             let mut json = Vec::new();
             attempts_json(&mut json, &g.attempts);
             assert_eq!(json, serde_json::to_vec(&g.attempts).unwrap());

@@ -231,7 +231,7 @@ impl Ledger for SqliteStore {
             Ok(c.query_row(
                 "SELECT request_id, key_id, amount_pico, model, provider, streamed, prompt_tokens,
                         completion_tokens, latency_ms, ttft_ms, attempts, finish_reason, created,
-                        app_url, app_title
+                        app_url, app_title, cache_hit
                  FROM settlements WHERE request_id=?1",
                 [id],
                 |r| {
@@ -253,6 +253,7 @@ impl Ledger for SqliteStore {
                         created: r.get::<_, i64>(12)? as u64,
                         app_url: r.get(13)?,
                         app_title: r.get(14)?,
+                        cache_hit: r.get(15)?,
                     })
                 },
             )

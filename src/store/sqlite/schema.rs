@@ -159,6 +159,7 @@ pub(super) fn prepare_schema(conn: &mut Connection, path: &Path) -> Result<(), S
     }
     migrate(conn, SCHEMA_VERSION, &TABLES, "")
         .and_then(|()| migrate_v2(conn))
+        .and_then(|()| add_step(conn, CACHE_HIT_VERSION, CACHE_HIT_COLUMN))
         .and_then(|()| add_step(conn, IDEMPOTENCY_VERSION, IDEMPOTENCY_TABLE))
         .map_err(|e| StoreError(format!("cannot prepare the store {}: {e}", path.display())))
 }
@@ -192,6 +193,14 @@ pub(crate) const LATEST_VERSION: i64 = IDEMPOTENCY_VERSION;
 pub(super) fn migrate_v2(conn: &mut Connection) -> Result<(), String> {
     add_step(conn, 2, V2)
 }
+
+/// Version 3: `settlements.cache_hit`, set on the free record of a response-cache hit
+/// (SPEC §8.1).
+pub(super) const CACHE_HIT_VERSION: i64 = 3;
+
+/// See [`CACHE_HIT_VERSION`].
+const CACHE_HIT_COLUMN: &str =
+    "ALTER TABLE settlements ADD COLUMN cache_hit INTEGER NOT NULL DEFAULT 0;";
 
 /// Version 4: the `idempotency` table (SPEC §8.2).
 pub(super) const IDEMPOTENCY_VERSION: i64 = 4;

@@ -1,0 +1,283 @@
+//! `loadbench --cache`: what the response cache costs and saves (SPEC §8.1). Same fake
+//! upstream, bare proxy and gateway process as the main bench (the gateway with its
+//! default `[cache]`, in memory), three runs:
+//!
+//! 1. **hits**: the same cacheable request repeated (`X-OpenRouter-Cache: true`,
+//!    stored by a first request), at fixed rates, against the upstream directly, the
+//!    bare proxy and the gateway: p50 / p90 and CPU µs per request of the server
+//!    process. Targets: a hit costs ≤ 0.5× the CPU of a bare-proxy request, and its
+//!    p50 over direct stays under 100 µs.
+//! 2. **coalescing**: bursts of N identical cacheable requests sent at once (a fresh
+//!    body per burst, so each burst starts with nothing stored), against an upstream
+//!    that takes 50 ms (`"slow":true` in the body): how many went upstream (`MISS`
+//!    answers) and the burst's latency.
+//! 3. **all misses**: every request different (a counter in the prompt), with the
+//!    cache asked for (each one a miss, recorded and stored) and without: gateway CPU
+//!    µs per request. Target: growth ≤ 10 %.
+//!
+//! Run with: cargo run --release --example loadbench -- --cache [--quick] [--secs N]
+//! [--repeat N]
+
+use super::*;
+
+/// Requests sent so far with a unique body (run 3).
+static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+/// What a request of a run looks like.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// The same body every time, cache asked for.
+    Same,
+    /// A new body every time; cache asked for or not.
+    Unique { cache: bool },
+}
+
+fn cache_request(addr: SocketAddr, kind: Kind) -> Request<Full<Bytes>> {
+    let (content, cache) = match kind {
+        Kind::Same => ("Say something short about foxes.".to_string(), true),
+        Kind::Unique { cache } => (
+            format!(
+                "Say something short about fox number {}.",
+                UNIQUE.fetch_add(1, Ordering::Relaxed)
+            ),
+            cache,
+        ),
+    };
+    let body = format!(
+        r#"{{"model":"bench/model","messages":[{{"role":"user","content":"{content}"}}],"max_tokens":64}}"#
+    );
+    let mut req = Request::post(format!("http://{addr}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json");
+    if cache {
+        req = req.header("x-openrouter-cache", "true");
+    }
+    req.body(Full::new(Bytes::from(body))).unwrap()
+}
+
+/// One request; (total time, whether it was a cache hit) or None on error.
+async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> Option<(Duration, bool)> {
+    let t0 = Instant::now();
+    let res = match client.request(req).await {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => return failed(r.status()),
+        Err(e) => return failed(e),
+    };
+    let hit = res
+        .headers()
+        .get("x-openrouter-cache-status")
+        .is_some_and(|v| v == "HIT");
+    res.into_body().collect().await.ok()?;
+    Some((t0.elapsed(), hit))
+}
+
+/// Open loop at `rate` req/s for `secs`: (latencies µs, errors, hits).
+async fn fixed_rate_of(
+    addr: SocketAddr,
+    rate: u64,
+    secs: u64,
+    kind: Kind,
+) -> (Vec<u64>, usize, usize) {
+    let client = client();
+    let n = rate * secs;
+    let start = Instant::now() + Duration::from_millis(50);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    for i in 0..n {
+        let at = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+        tokio::time::sleep_until(at.into()).await;
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (client, tx) = (client.clone(), tx.clone());
+        let req = cache_request(addr, kind);
+        tokio::spawn(async move {
+            let r = send(&client, req).await;
+            drop(permit);
+            let _ = tx.send(r);
+        });
+    }
+    drop(tx);
+    let (mut lat, mut errors, mut hits) = (Vec::new(), 0, 0);
+    while let Some(r) = rx.recv().await {
+        match r {
+            Some((d, hit)) => {
+                lat.push(d.as_micros() as u64);
+                hits += usize::from(hit);
+            }
+            None => errors += 1,
+        }
+    }
+    (lat, errors, hits)
+}
+
+pub async fn run(args: &[String]) {
+    let quick = args.iter().any(|a| a == "--quick");
+    let secs: u64 = args
+        .iter()
+        .position(|a| a == "--secs")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(if quick { 1 } else { 5 });
+    let repeat: usize = args
+        .iter()
+        .position(|a| a == "--repeat")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(if quick { 1 } else { 5 })
+        .max(1);
+    let pin = has_taskset();
+    if pin {
+        let _ = Command::new("taskset")
+            .args(["-cp", "0", &std::process::id().to_string()])
+            .output();
+    }
+    let dir = std::env::temp_dir().join(format!("switchboard-bench-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let up = spawn(&["upstream"], Some(0));
+    let proxy = spawn(&["proxy", &up.addr.to_string()], Some(1));
+    let cfg = write_config(&dir, up.addr);
+    // The default `[cache]` (in memory, 64 MiB), said out loud.
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("\n[cache]\nenabled_by_default = false\nttl_secs = 3600\n");
+    std::fs::write(&cfg, text).unwrap();
+    let gw = spawn(&["gateway", &up.addr.to_string(), &cfg], Some(1));
+    println!(
+        "# switchboard response cache benchmark ({secs} s per step, {repeat} runs{})",
+        if pin {
+            ", server under test pinned to CPU 1"
+        } else {
+            ""
+        }
+    );
+    // Warm up, and store the answer the hit run repeats.
+    for addr in [up.addr, proxy.addr, gw.addr] {
+        fixed_rate_of(addr, 200, 1, Kind::Same).await;
+        fixed_rate_of(addr, 200, 1, Kind::Unique { cache: false }).await;
+    }
+
+    println!("\n## 1. Cache hits: the same request repeated, fixed rate, median of {repeat} runs");
+    println!("| rate | target | ok | err | hits | p50 ms | p90 ms | CPU µs/req |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let targets = [
+        ("direct", up.addr, up.child.id()),
+        ("bare proxy", proxy.addr, proxy.child.id()),
+        ("switchboard hit", gw.addr, gw.child.id()),
+    ];
+    let mut verdicts = Vec::new();
+    for rate in [500u64, 1000, 2000] {
+        let mut p50 = vec![Vec::new(); 3];
+        let mut p90 = vec![Vec::new(); 3];
+        let mut cpu = vec![Vec::new(); 3];
+        let mut counts = [(0usize, 0usize, 0usize); 3];
+        for _ in 0..repeat {
+            for (i, (_, addr, pid)) in targets.iter().enumerate() {
+                let c0 = cpu_secs(*pid);
+                let (lat, err, hits) = fixed_rate_of(*addr, rate, secs, Kind::Same).await;
+                cpu[i].push((cpu_secs(*pid) - c0) * 1e6 / lat.len().max(1) as f64);
+                p50[i].push(Stats::pct(&lat, 0.5));
+                p90[i].push(Stats::pct(&lat, 0.9));
+                counts[i].0 += lat.len();
+                counts[i].1 += err;
+                counts[i].2 += hits;
+            }
+        }
+        for (i, (name, _, _)) in targets.iter().enumerate() {
+            println!(
+                "| {rate} | {name} | {} | {} | {} | {:.3} | {:.3} | {:.1} |",
+                counts[i].0,
+                counts[i].1,
+                counts[i].2,
+                median(p50[i].clone()),
+                median(p90[i].clone()),
+                median(cpu[i].clone())
+            );
+        }
+        let added: Vec<f64> = p50[2]
+            .iter()
+            .zip(&p50[0])
+            .map(|(g, d)| (g - d) * 1000.0)
+            .collect();
+        let cpu_ratio = median(cpu[2].clone()) / median(cpu[1].clone());
+        verdicts.push((rate, median(added), cpu_ratio));
+    }
+    println!("\n| rate | hit p50 over direct, µs (target < 100) | hit CPU / bare-proxy CPU (target ≤ 0.5) |");
+    println!("|---|---|---|");
+    for (rate, added, ratio) in &verdicts {
+        println!("| {rate} | {added:.0} | {ratio:.2} |");
+    }
+
+    println!(
+        "\n## 2. Coalescing: bursts of identical requests (fresh body per burst, upstream 50 ms)"
+    );
+    println!("| burst | bursts | upstream calls per burst (MISS) | answered | burst p50 ms | burst max ms |");
+    println!("|---|---|---|---|---|---|");
+    let client = client();
+    for size in [10usize, 50, 200] {
+        let bursts = if quick { 3 } else { 10 };
+        let (mut misses, mut ok, mut took) = (0usize, 0usize, Vec::new());
+        for b in 0..bursts {
+            let body = format!(
+                r#"{{"model":"bench/model","messages":[{{"role":"user","content":"burst {size} {b} {}"}}],"max_tokens":64,"slow":true}}"#,
+                std::process::id()
+            );
+            let t0 = Instant::now();
+            let tasks: Vec<_> = (0..size)
+                .map(|_| {
+                    let req = Request::post(format!("http://{}/v1/chat/completions", gw.addr))
+                        .header("authorization", format!("Bearer {KEY}"))
+                        .header("content-type", "application/json")
+                        .header("x-openrouter-cache", "true")
+                        .body(Full::new(Bytes::from(body.clone())))
+                        .unwrap();
+                    let client = client.clone();
+                    tokio::spawn(async move { send(&client, req).await })
+                })
+                .collect();
+            for t in tasks {
+                if let Ok(Some((_, hit))) = t.await {
+                    ok += 1;
+                    misses += usize::from(!hit);
+                }
+            }
+            took.push(t0.elapsed().as_micros() as u64);
+        }
+        println!(
+            "| {size} | {bursts} | {:.2} | {ok}/{} | {:.1} | {:.1} |",
+            misses as f64 / bursts as f64,
+            size * bursts,
+            Stats::pct(&took, 0.5),
+            Stats::pct(&took, 1.0)
+        );
+    }
+
+    println!(
+        "\n## 3. Every request a miss: cache asked for vs not, fixed rate, median of {repeat} runs"
+    );
+    println!("| rate | cache | ok | err | p50 ms | gateway CPU µs/req |");
+    println!("|---|---|---|---|---|---|");
+    for rate in [500u64, 1000] {
+        let mut cpu = [Vec::new(), Vec::new()];
+        for _ in 0..repeat {
+            for (i, cache) in [false, true].into_iter().enumerate() {
+                let pid = gw.child.id();
+                let c0 = cpu_secs(pid);
+                let (lat, err, _) =
+                    fixed_rate_of(gw.addr, rate, secs, Kind::Unique { cache }).await;
+                let per = (cpu_secs(pid) - c0) * 1e6 / lat.len().max(1) as f64;
+                cpu[i].push(per);
+                println!(
+                    "| {rate} | {} | {} | {err} | {:.3} | {per:.1} |",
+                    if cache { "on (all miss)" } else { "off" },
+                    lat.len(),
+                    Stats::pct(&lat, 0.5)
+                );
+            }
+        }
+        let (off, on) = (median(cpu[0].clone()), median(cpu[1].clone()));
+        println!(
+            "| {rate} | growth | | | | {:+.1} % (target ≤ 10 %) |",
+            (on / off - 1.0) * 100.0
+        );
+    }
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}

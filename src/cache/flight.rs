@@ -1,0 +1,197 @@
+//! Coalescing: the requests in flight by [`CacheKey`], and the live answer of each
+//! (its bytes as they arrive) that identical requests follow.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use super::answer::CachedAnswer;
+use super::backend::CacheBackend;
+use super::key::CacheKey;
+
+/// The leader's response head, once it is a 200.
+#[derive(Debug, Clone)]
+pub(crate) struct Head {
+    pub content_type: String,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    /// The leader's request id (its `X-Request-Id`), rewritten for each follower.
+    pub old_id: String,
+}
+
+/// How a flight ended.
+#[derive(Debug, Clone)]
+pub(crate) enum End {
+    /// A complete answer (stored, or found in the shared cache).
+    Done(Arc<CachedAnswer>),
+    /// Not a 200, an error, a cut, or past the size bound: nothing stored.
+    Failed,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub head: Option<Arc<Head>>,
+    /// The leader's body so far, frame by frame, as it sent them.
+    pub frames: Vec<Bytes>,
+    pub bytes: usize,
+    pub end: Option<End>,
+}
+
+/// One request in flight and what identical ones wait on.
+pub(crate) struct Flight {
+    pub state: Mutex<State>,
+    /// Bumped at every change of `state`.
+    version: watch::Sender<u64>,
+}
+
+impl Flight {
+    fn new() -> Self {
+        Flight {
+            state: Mutex::new(State::default()),
+            version: watch::Sender::new(0),
+        }
+    }
+
+    /// A receiver of the changes (mark it seen before reading `state`).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    fn changed(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+}
+
+/// The flights of one cache layer (one per process, shared by its clones).
+#[derive(Default)]
+pub(crate) struct Flights {
+    map: Mutex<HashMap<CacheKey, Arc<Flight>>>,
+}
+
+/// What a request does about a flight.
+pub(crate) enum Role {
+    /// Nobody computes this key here: this request does.
+    Lead(LeadGuard),
+    /// Another request does: follow it.
+    Follow(Arc<Flight>),
+}
+
+impl Flights {
+    /// Joins the flight of `key`, or starts one with this request as its leader. Under
+    /// one lock: of the requests that find no flight, exactly one leads.
+    pub fn join_or_lead(self: &Arc<Self>, key: CacheKey, max_bytes: usize) -> Role {
+        let mut map = self.map.lock();
+        if let Some(f) = map.get(&key) {
+            return Role::Follow(f.clone());
+        }
+        let flight = Arc::new(Flight::new());
+        map.insert(key, flight.clone());
+        Role::Lead(LeadGuard {
+            flights: self.clone(),
+            key,
+            flight,
+            max_bytes,
+            release: None,
+            ended: false,
+        })
+    }
+
+    /// Flights in progress (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.map.lock().len()
+    }
+
+    fn remove(&self, key: &CacheKey, flight: &Arc<Flight>) {
+        let mut map = self.map.lock();
+        if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            map.remove(key);
+        }
+    }
+}
+
+/// The leader's hold on its flight: ends it as failed when dropped unfinished (the
+/// leader's request or body went away), so a follower takes over.
+pub(crate) struct LeadGuard {
+    flights: Arc<Flights>,
+    key: CacheKey,
+    flight: Arc<Flight>,
+    /// The most bytes of an answer followed (and stored).
+    max_bytes: usize,
+    /// A claim across instances to give back at the end.
+    release: Option<Arc<dyn CacheBackend>>,
+    ended: bool,
+}
+
+impl LeadGuard {
+    /// Gives back `backend`'s claim of this key when the flight ends.
+    pub fn release_with(&mut self, backend: Arc<dyn CacheBackend>) {
+        self.release = Some(backend);
+    }
+
+    /// The leader's answer is a 200: followers may start.
+    pub fn start(&self, head: Head) {
+        self.flight.state.lock().head = Some(Arc::new(head));
+        self.flight.changed();
+    }
+
+    /// The leader sent `data`; `false` (and nothing kept) once the answer is past the
+    /// bound: the caller then drops the guard, failing the flight.
+    pub fn push(&self, data: &Bytes) -> bool {
+        let mut st = self.flight.state.lock();
+        if st.bytes + data.len() > self.max_bytes {
+            return false;
+        }
+        st.bytes += data.len();
+        st.frames.push(data.clone());
+        drop(st);
+        self.flight.changed();
+        true
+    }
+
+    /// The whole body so far, in one piece.
+    pub fn body(&self) -> Vec<u8> {
+        let st = self.flight.state.lock();
+        let mut out = Vec::with_capacity(st.bytes);
+        for f in &st.frames {
+            out.extend_from_slice(f);
+        }
+        out
+    }
+
+    /// The head, if started.
+    pub fn head(&self) -> Option<Arc<Head>> {
+        self.flight.state.lock().head.clone()
+    }
+
+    /// Ends the flight with a complete answer.
+    pub fn finish(mut self, answer: Arc<CachedAnswer>) {
+        self.end(End::Done(answer));
+    }
+
+    fn end(&mut self, end: End) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        // Out of the map first: a request arriving now looks the key up in the cache
+        // (where a done answer already is) or leads anew.
+        self.flights.remove(&self.key, &self.flight);
+        let failed = matches!(end, End::Failed);
+        self.flight.state.lock().end = Some(end);
+        self.flight.changed();
+        // A stored answer's claim is given back by the backend's `put`, after the
+        // answer is there (so another instance never finds neither).
+        if let Some(backend) = self.release.take().filter(|_| failed) {
+            backend.release(&self.key);
+        }
+    }
+}
+
+impl Drop for LeadGuard {
+    fn drop(&mut self) {
+        self.end(End::Failed);
+    }
+}

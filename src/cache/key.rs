@@ -1,0 +1,137 @@
+//! [`CacheKey`]: what makes two requests identical (SPEC §8.1).
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The SHA-256 of a request's identity: the client key's id, the endpoint (the path,
+/// `/api/v1/…` the same as `/v1/…`), the model as requested, the stream mode and the
+/// body as canonical JSON (object keys sorted, no whitespace), so key order and
+/// whitespace do not matter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey(pub [u8; 32]);
+
+impl CacheKey {
+    /// The key of a request whose body parsed to `body`.
+    pub fn new(key_id: &str, path: &str, body: &Value) -> CacheKey {
+        let path = path.strip_prefix("/api").unwrap_or(path);
+        let model = body.get("model").and_then(Value::as_str).unwrap_or("");
+        let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let mut h = Sha256::new();
+        // Each part is length-prefixed: no two different tuples hash the same input.
+        for part in [
+            b"switchboard-cache-v1".as_slice(),
+            key_id.as_bytes(),
+            path.as_bytes(),
+            model.as_bytes(),
+            if stream { b"stream" } else { b"json" },
+        ] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        let mut canonical = Vec::with_capacity(256);
+        write_canonical(body, &mut canonical);
+        h.update(&canonical);
+        CacheKey(h.finalize().into())
+    }
+
+    /// Lowercase hex (the Redis key's suffix).
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+/// `v` as canonical JSON: object keys in byte order at every depth, no whitespace,
+/// strings and numbers as `serde_json` writes them. Sorted here, whatever order the
+/// map keeps (serde_json's `preserve_order` feature may be on in a build).
+pub fn write_canonical(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                crate::json::push_str(out, k);
+                out.push(b':');
+                write_canonical(v, out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(v, out);
+            }
+            out.push(b']');
+        }
+        other => {
+            let _ = serde_json::to_writer(&mut *out, other);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str, path: &str, body: &str) -> CacheKey {
+        CacheKey::new(id, path, &serde_json::from_str(body).unwrap())
+    }
+
+    #[test]
+    fn key_order_and_whitespace_do_not_matter_everything_else_does() {
+        let a = key(
+            "k1",
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}"#,
+        );
+        let b = key("k1", "/api/v1/chat/completions", "{ \"temperature\" : 0,\n \"messages\":[{\"content\":\"hi\",\"role\":\"user\"}], \"model\":\"m\"}");
+        assert_eq!(a, b);
+        for other in [
+            key(
+                "k2",
+                "/v1/chat/completions",
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}"#,
+            ),
+            key(
+                "k1",
+                "/v1/embeddings",
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}"#,
+            ),
+            key(
+                "k1",
+                "/v1/chat/completions",
+                r#"{"model":"m2","messages":[{"role":"user","content":"hi"}],"temperature":0}"#,
+            ),
+            key(
+                "k1",
+                "/v1/chat/completions",
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0,"stream":true}"#,
+            ),
+            key(
+                "k1",
+                "/v1/chat/completions",
+                r#"{"model":"m","messages":[{"role":"user","content":"hi!"}],"temperature":0}"#,
+            ),
+        ] {
+            assert_ne!(a, other);
+        }
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_depth() {
+        let v: Value =
+            serde_json::from_str(r#"{"b":{"z":1,"a":[{"y":"\n","x":null}]},"a":true}"#).unwrap();
+        let mut out = Vec::new();
+        write_canonical(&v, &mut out);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"a":true,"b":{"a":[{"x":null,"y":"\n"}],"z":1}}"#
+        );
+    }
+}
