@@ -82,6 +82,9 @@ fn main() {
                 Stats::pct(&st.ttfb, 0.9)
             );
         }),
+        // `misses ADDR RATE SECS [off]`: open loop at RATE req/s, every request a new
+        // body asking for the cache (all misses; `off`: not asking), for profiling.
+        "misses" => rt.block_on(cache::misses(&args[2..])),
         // `config DIR UPSTREAM`: write the bench's gateway config into DIR, print its path
         // (for scripts that serve the gateway themselves, e.g. benches/tools/awake_cpu.sh).
         "config" => println!(

@@ -23,6 +23,14 @@ use super::*;
 /// Requests sent so far with a unique body (run 3).
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
+/// Makes this process's unique bodies unlike those of any other run (`misses` is run
+/// many times against one gateway).
+static SALT: std::sync::LazyLock<u128> = std::sync::LazyLock::new(|| {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+});
+
 /// What a request of a run looks like.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -37,8 +45,9 @@ fn cache_request(addr: SocketAddr, kind: Kind) -> Request<Full<Bytes>> {
         Kind::Same => ("Say something short about foxes.".to_string(), true),
         Kind::Unique { cache } => (
             format!(
-                "Say something short about fox number {}.",
-                UNIQUE.fetch_add(1, Ordering::Relaxed)
+                "Say something short about fox number {} of {}.",
+                UNIQUE.fetch_add(1, Ordering::Relaxed),
+                *SALT
             ),
             cache,
         ),
@@ -109,6 +118,19 @@ async fn fixed_rate_of(
         }
     }
     (lat, errors, hits)
+}
+
+/// `misses ADDR RATE SECS [off]`: every request a miss (see `main`).
+pub async fn misses(args: &[String]) {
+    let addr = args[0].parse().unwrap();
+    let (rate, secs) = (args[1].parse().unwrap(), args[2].parse().unwrap());
+    let cache = args.get(3).is_none_or(|a| a != "off");
+    let (lat, err, _) = fixed_rate_of(addr, rate, secs, Kind::Unique { cache }).await;
+    println!(
+        "ok {} err {err} p50 {:.3} ms",
+        lat.len(),
+        Stats::pct(&lat, 0.5)
+    );
 }
 
 pub async fn run(args: &[String]) {
@@ -204,6 +226,43 @@ pub async fn run(args: &[String]) {
     for (rate, added, ratio) in &verdicts {
         println!("| {rate} | {added:.0} | {ratio:.2} |");
     }
+
+    // 1b. Saturation: the CPU per request of a hit when the server is never idle (no
+    // per-request wake-ups), against the bare proxy's, each on CPU 1 in turn. A second
+    // gateway caches by default, so the main bench's own request (the same body every
+    // time, no cache header) is a hit after the first.
+    let cfg2 = dir.join("by-default");
+    std::fs::create_dir_all(&cfg2).unwrap();
+    let cfg2 = write_config(&cfg2, up.addr);
+    let mut text = std::fs::read_to_string(&cfg2).unwrap();
+    text.push_str("\n[cache]\nenabled_by_default = true\nttl_secs = 3600\n");
+    std::fs::write(&cfg2, text).unwrap();
+    let gw2 = spawn(&["gateway", &up.addr.to_string(), &cfg2], Some(1));
+    saturate(gw2.addr, 64, 1).await;
+    saturate(proxy.addr, 64, 1).await;
+    println!("\n## 1b. Saturation (64 connections, closed loop), median of {repeat} runs");
+    println!("| target | req/s | CPU µs/req |");
+    println!("|---|---|---|");
+    let mut sat = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..repeat {
+        for (i, (addr, pid)) in [(proxy.addr, proxy.child.id()), (gw2.addr, gw2.child.id())]
+            .into_iter()
+            .enumerate()
+        {
+            let c0 = cpu_secs(pid);
+            let (rps, n) = saturate(addr, 64, secs).await;
+            sat[2 * i].push(rps);
+            sat[2 * i + 1].push((cpu_secs(pid) - c0) * 1e6 / n.max(1) as f64);
+        }
+    }
+    let (proxy_cpu, hit_cpu) = (median(sat[1].clone()), median(sat[3].clone()));
+    println!("| bare proxy | {:.0} | {proxy_cpu:.1} |", median(sat[0].clone()));
+    println!("| switchboard hit | {:.0} | {hit_cpu:.1} |", median(sat[2].clone()));
+    println!(
+        "| hit / bare proxy | | {:.2} (target ≤ 0.5) |",
+        hit_cpu / proxy_cpu
+    );
+    drop(gw2);
 
     println!(
         "\n## 2. Coalescing: bursts of identical requests (fresh body per burst, upstream 50 ms)"
