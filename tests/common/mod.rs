@@ -681,6 +681,36 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// The `/metrics` text of the gateway at `base` (`http://127.0.0.1:port`).
+pub async fn metrics_text(base: &str) -> String {
+    let res = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.text().await.unwrap()
+}
+
+/// Polls `/metrics` of the gateway at `base` until sample `name` (as in [`metric`];
+/// absent counts as 0) is `want`; panics after [`SOCKET_TIMEOUT`] with the last value.
+/// The registry is process-wide: a test that waits on a gauge must be the only one
+/// of its binary moving it meanwhile.
+pub async fn wait_for_metric(base: &str, name: &str, want: f64) {
+    let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
+    loop {
+        let now = metric(&metrics_text(base).await, name).unwrap_or(0.0);
+        if now == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} is {now}, never {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The sum of every sample of metric `name` (all label sets) in `/metrics` text.
 pub fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
