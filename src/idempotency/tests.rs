@@ -481,9 +481,7 @@ async fn an_unconfirmed_commit_keeps_repeats_waiting_until_its_record_lands() {
     assert_eq!(first.status(), 200);
     let first_id = first.headers()["x-request-id"].clone();
     let cut = first.into_body().collect().await;
-    let e = cut
-        .err()
-        .expect("the end is not sent for an unconfirmed charge");
+    let e = cut.expect_err("the end is not sent for an unconfirmed charge");
     assert!(e.to_string().contains("could not record"), "{e}");
     assert_eq!(ledger.queued.lock().unwrap().len(), 1);
     assert_eq!(f.spent(), Money::ZERO, "nothing landed yet");
