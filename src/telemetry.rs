@@ -22,6 +22,8 @@
 //! | `switchboard_log_write_errors_total` | counter | |
 //! | `switchboard_usage_over_reserve_total` | counter (upstream usage above the request's reservation; charged the reservation) | `model`, `provider` |
 //! | `switchboard_cache_requests_total` | counter: cacheable requests by how they were answered ([`crate::cache`]) | `status` = `hit`, `miss`, `coalesced` |
+//! | `switchboard_cache_waiting` | gauge: cacheable requests waiting for (or streaming along with) an identical request in flight, here or on another instance | |
+//! | `switchboard_idempotency_waiting` | gauge: repeats waiting for the first request of their `Idempotency-Key` ([`crate::idempotency`]), in this process or on another instance | |
 //! | `switchboard_shared_state_up` | gauge: 1 while the `[shared]` Redis answers, 0 while limits and health are local (absent without `[shared]`) | |
 //!
 //! # Example
@@ -72,6 +74,13 @@ pub const USAGE_OVER_RESERVE: &str = "switchboard_usage_over_reserve_total";
 /// Cacheable requests by `status`: `hit` (from the cache), `miss` (went on),
 /// `coalesced` (answered by an identical request in flight); see [`crate::cache`].
 pub const CACHE_REQUESTS: &str = "switchboard_cache_requests_total";
+/// Cacheable requests waiting now for an identical request's answer: coalesced
+/// followers (a streamed one until its stream ends) and requests waiting for another
+/// instance computing it; see [`crate::cache`].
+pub const CACHE_WAITING: &str = "switchboard_cache_waiting";
+/// Repeats waiting now for the first request of their `Idempotency-Key` (in this
+/// process, or polling for another instance's); see [`crate::idempotency`].
+pub const IDEMPOTENCY_WAITING: &str = "switchboard_idempotency_waiting";
 
 /// Buckets for request durations and TTFT (seconds).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -160,6 +169,14 @@ fn describe() {
     describe_counter!(
         USAGE_OVER_RESERVE,
         "Attempts whose upstream-reported usage was above the request's reservation (charged the reservation), by model and provider"
+    );
+    describe_gauge!(
+        CACHE_WAITING,
+        "Cacheable requests waiting now for an identical request's answer (coalesced followers, streamed ones until their end, and waits for another instance)"
+    );
+    describe_gauge!(
+        IDEMPOTENCY_WAITING,
+        "Repeats waiting now for the first request of their Idempotency-Key (in this process or on another instance)"
     );
     describe_gauge!(
         crate::shared::SHARED_STATE_UP,

@@ -257,8 +257,22 @@ async fn gated(gate: Arc<tokio::sync::Semaphore>, fail_first: bool) -> Upstream 
     .await
 }
 
+/// Tests that move `switchboard_cache_waiting` (one gauge for the whole process) run
+/// one at a time, so that each counts only its own waiting requests.
+static WAITERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const WAITING: &str = "switchboard_cache_waiting";
+
+/// `switchboard_cache_requests_total{status}` now.
+async fn cache_count(gw: &TestGateway, status: &str) -> f64 {
+    let name = format!(r#"switchboard_cache_requests_total{{status="{status}"}}"#);
+    metric(&metrics_text(&gw.url("")).await, &name).unwrap_or(0.0)
+}
+
 /// Sends `n` identical cacheable requests at once; returns (status, cache status)
-/// of each, once the upstream has its first request (the gate opens then).
+/// of each. The gate opens once the upstream holds the first request and the
+/// `n - 1` others wait for it (`switchboard_cache_waiting`): every one of them took
+/// the coalescing path. Hold [`WAITERS`] around it.
 async fn burst(
     gw: &Arc<TestGateway>,
     up: &Upstream,
@@ -287,14 +301,17 @@ async fn burst(
     })
     .await
     .expect("the first request reaches the upstream");
-    // Not needed for what is checked (a request arriving after the answer is stored
-    // is a hit, not an upstream call): a moment for the others to join the flight.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The upstream holds the first: the others can only be waiting for it.
+    wait_for_metric(&gw.url(""), WAITING, (n - 1) as f64).await;
+    assert_eq!(up.hits(), 1, "the others wait instead of calling upstream");
     gate.add_permits(1000);
     let mut out = Vec::new();
     for t in tasks {
         out.push(t.await.unwrap());
     }
+    // A follower stops counting before its answer is sent.
+    let after = metric(&metrics_text(&gw.url("")).await, WAITING);
+    assert_eq!(after, Some(0.0), "{out:?}");
     out
 }
 
@@ -303,9 +320,13 @@ async fn fifty_identical_requests_make_one_upstream_request_and_one_debit() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let up = gated(gate.clone(), false).await;
     let gw = Arc::new(gateway(&openai_config(&[("up", &up.url())], "")).await);
+    let _one_at_a_time = WAITERS.lock().await;
     let before = spent(&gw).await;
+    let coalesced = cache_count(&gw, "coalesced").await;
     let got = burst(&gw, &up, &gate, 50, &ask("burst").to_string()).await;
     assert_eq!(up.hits(), 1, "{got:?}");
+    // Each of the 49 was answered as a follower of the first, none from the store.
+    assert_eq!(cache_count(&gw, "coalesced").await - coalesced, 49.0);
     assert_eq!(
         got.iter().filter(|(s, c)| *s == 200 && c == "MISS").count(),
         1,
@@ -330,8 +351,20 @@ async fn when_the_first_fails_one_waiting_request_takes_over() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let up = gated(gate.clone(), true).await;
     let gw = Arc::new(gateway(&openai_config(&[("up", &up.url())], "")).await);
+    let _one_at_a_time = WAITERS.lock().await;
+    let (miss, hit, coalesced) = (
+        cache_count(&gw, "miss").await,
+        cache_count(&gw, "hit").await,
+        cache_count(&gw, "coalesced").await,
+    );
     let got = burst(&gw, &up, &gate, 20, &ask("take over").to_string()).await;
     assert_eq!(up.hits(), 2, "the first and exactly one take-over: {got:?}");
+    assert_eq!(cache_count(&gw, "miss").await - miss, 2.0);
+    // The other 18 followed the take-over (or, once it was stored, found its answer).
+    assert_eq!(
+        cache_count(&gw, "hit").await - hit + cache_count(&gw, "coalesced").await - coalesced,
+        18.0
+    );
     assert_eq!(got.iter().filter(|(s, _)| *s == 400).count(), 1, "{got:?}");
     assert_eq!(
         got.iter().filter(|(s, c)| *s == 200 && c == "MISS").count(),
@@ -350,6 +383,8 @@ async fn two_gateways_sharing_redis_share_the_cache() {
     let Some(r) = switchboard::testing::redis("two_gateways_sharing_redis_share_the_cache") else {
         return;
     };
+    // Its second instance may wait for the first's answer (moving the gauge).
+    let _one_at_a_time = WAITERS.lock().await;
     let up = upstream(|seen, _| async move { answer(&seen) }).await;
     let extra = format!(
         "[shared]\nredis_url = \"{}\"\nprefix = \"{}\"\n",

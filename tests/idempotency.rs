@@ -83,6 +83,12 @@ fn base(gw: &TestGateway) -> String {
     gw.url("")
 }
 
+/// Tests that move `switchboard_idempotency_waiting` (one gauge for the whole
+/// process) run one at a time, so that each counts only its own waiting repeats.
+static WAITERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const WAITING: &str = "switchboard_idempotency_waiting";
+
 #[tokio::test]
 async fn a_repeat_replays_without_an_upstream_call_or_a_second_charge() {
     let up = upstream(|seen, _| async move { answer(&seen, "first answer") }).await;
@@ -219,6 +225,7 @@ async fn a_concurrent_repeat_waits_for_the_first_and_gets_the_same_answer() {
     })
     .await;
     let gw = gateway(&openai_config(&[("up", &up.url())], "")).await;
+    let _one_at_a_time = WAITERS.lock().await;
     let first = tokio::spawn(post_idem_owned(base(&gw), "slow", body(false)));
     // The first has reached the upstream, which holds it.
     let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
@@ -241,10 +248,9 @@ async fn a_concurrent_repeat_waits_for_the_first_and_gets_the_same_answer() {
             .status(),
         422
     );
-    // Gives the repeats time to arrive and wait (they replay the same answer
-    // whether they arrive before or after the first ends: the assertions hold either
-    // way; the in-process wait itself is unit-tested in `idempotency::tests`).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The upstream holds the first: the three repeats are waiting for it.
+    wait_for_metric(&base(&gw), WAITING, 3.0).await;
+    assert_eq!(up.hits(), 1);
     gate.add_permits(100);
     let (status, headers, first_bytes) = first.await.unwrap();
     assert_eq!(status, 200);
@@ -257,6 +263,8 @@ async fn a_concurrent_repeat_waits_for_the_first_and_gets_the_same_answer() {
     }
     assert_eq!(up.hits(), 1, "exactly one upstream call");
     assert_eq!(spent(&base(&gw)).await, ONE_CHARGE.parse().unwrap());
+    // A repeat stops counting before its answer is sent.
+    assert_eq!(metric(&metrics_text(&base(&gw)).await, WAITING), Some(0.0));
 }
 
 async fn post_idem_owned(
@@ -412,6 +420,7 @@ async fn two_instances_on_postgres_replay_each_others_answers() {
     );
     let a = gateway(&toml).await;
     let b = gateway(&toml).await;
+    let _one_at_a_time = WAITERS.lock().await;
 
     let first = post_idem(&base(&a), TEST_KEY, "pg-1", &body(false)).await;
     assert_eq!(first.status(), 200);
@@ -441,9 +450,10 @@ async fn two_instances_on_postgres_replay_each_others_answers() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let repeat = tokio::spawn(post_idem_owned(base(&b), "pg-2", body(false)));
-    // The repeat on B finds A's lock and waits (polling): it cannot finish first.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The repeat on B finds A's lock and waits (polling for the record).
+    wait_for_metric(&base(&b), WAITING, 1.0).await;
     assert!(!repeat.is_finished(), "the repeat did not wait");
+    assert_eq!(up.hits(), 2);
     drop(held);
     let (s1, h1, b1) = first.await.unwrap();
     let (s2, h2, b2) = repeat.await.unwrap();
@@ -455,4 +465,5 @@ async fn two_instances_on_postgres_replay_each_others_answers() {
     let two: Money = "0.000038".parse().unwrap();
     assert_eq!(spent(&base(&a)).await, two);
     assert_eq!(spent(&base(&b)).await, two);
+    assert_eq!(metric(&metrics_text(&base(&b)).await, WAITING), Some(0.0));
 }

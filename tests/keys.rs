@@ -758,7 +758,10 @@ async fn readyz_follows_the_store_and_builders_take_a_store_of_their_own() {
         inner: sqlite,
         down: Default::default(),
     });
-    let config = switchboard::config::Config::from_toml(&exact_config("")).unwrap();
+    let mut config = switchboard::config::Config::from_toml(&exact_config("")).unwrap();
+    // The store is given; the request log would sit beside the default store URL
+    // (`./switchboard-logs.db`, in the crate root): none.
+    config.logging.sink = "none".into();
     let gateway = switchboard::Gateway::builder()
         .config(config)
         .store(flaky.clone())

@@ -290,11 +290,16 @@ impl LogSink for Stuck {
 #[tokio::test]
 async fn a_sink_that_blocks_forever_delays_no_response_and_drops_are_counted() {
     let up = answering().await;
-    let config = Config::from_toml(&openai_config(
+    let mut config = Config::from_toml(&openai_config(
         &[("alpha", &up.url())],
         "[logging]\nsink = \"none\"\n",
     ))
     .unwrap();
+    // A store of its own: never the default `./switchboard.db` in the crate root.
+    config.store.url = format!(
+        "sqlite://{}",
+        temp_dir("stuck-log").join("switchboard.db").display()
+    );
     let stuck = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gateway = Gateway::builder()
         .config(config)

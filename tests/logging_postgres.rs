@@ -65,12 +65,17 @@ async fn requests_through_the_gateway_land_in_postgresql_with_what_they_were_cha
     // The sink is opened from the config, as `serve` does: `[logging].sink = "postgres"`
     // writes into the database `[store].url` names. The gateway's own store stays a
     // SQLite file here, so that this test needs only the sink (with the PostgreSQL
-    // store, one `[store].url` serves both).
-    let config = Config::from_toml(&openai_config(
+    // store, one `[store].url` serves both), in a directory of its own (never the
+    // default `./switchboard.db` in the crate root).
+    let mut config = Config::from_toml(&openai_config(
         &[("alpha", &up.url())],
         "[logging]\nsink = \"none\"\n",
     ))
     .unwrap();
+    config.store.url = format!(
+        "sqlite://{}",
+        temp_dir("pg-log").join("switchboard.db").display()
+    );
     let mut log_config = config.clone();
     log_config.store.url = db.url().to_string();
     log_config.logging.sink = "postgres".into();

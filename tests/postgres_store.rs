@@ -280,6 +280,8 @@ fn cli(config: &Path, args: &[&str]) -> Output {
         .args(args)
         .arg("--config")
         .arg(config)
+        // Its spill dir (`.` by default) is the config's directory, not the crate root.
+        .current_dir(config.parent().unwrap())
         .output()
         .unwrap()
 }

@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 
 use super::answer::{self, AnswerMeta, CachedAnswer};
 use super::backend::{unix_ms, CacheBackend};
-use super::flight::{End, Flight, LeadGuard};
+use super::flight::{End, Flight, LeadGuard, Waiting};
 use super::key::CacheKey;
 use crate::context::CallContext;
 use crate::error::{Body, BoxError, GatewayError};
@@ -153,6 +153,7 @@ pub(crate) fn follower_body(
     old_id: String,
     new_id: String,
     ctx: CallContext,
+    waiting: Waiting,
 ) -> Body {
     struct F {
         flight: Arc<Flight>,
@@ -164,6 +165,8 @@ pub(crate) fn follower_body(
         ctx: CallContext,
         sent_done: bool,
         over: bool,
+        /// Counted as waiting until the stream ends (or is dropped).
+        _waiting: Waiting,
     }
     let changes = flight.changes();
     let state = F {
@@ -176,6 +179,7 @@ pub(crate) fn follower_body(
         ctx,
         sent_done: false,
         over: false,
+        _waiting: waiting,
     };
     let stream = futures_util::stream::unfold(state, |mut f| async move {
         loop {

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use super::answer::CachedAnswer;
 use super::backend::CacheBackend;
 use super::key::CacheKey;
+use crate::telemetry;
 
 /// The leader's response head, once it is a 200.
 #[derive(Debug, Clone)]
@@ -104,11 +105,27 @@ impl Flights {
         self.map.lock().len()
     }
 
+    /// Counts a request as waiting for an identical one's answer (following it, or
+    /// another instance's) until the guard is dropped.
+    pub fn waiting(&self) -> Waiting {
+        telemetry::gauge(telemetry::CACHE_WAITING, &[]).increment(1.0);
+        Waiting(())
+    }
+
     fn remove(&self, key: &CacheKey, flight: &Arc<Flight>) {
         let mut map = self.map.lock();
         if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             map.remove(key);
         }
+    }
+}
+
+/// A request counted as waiting (`switchboard_cache_waiting`) while it lives.
+pub(crate) struct Waiting(());
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        telemetry::gauge(telemetry::CACHE_WAITING, &[]).decrement(1.0);
     }
 }
 

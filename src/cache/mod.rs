@@ -35,7 +35,10 @@
 //! on the others waits for the stored entry (polling with backoff, at most the lock's
 //! lifetime), then is a hit. Details and limits: `docs/caching.md`.
 //!
-//! `switchboard_cache_requests_total{status="hit|miss|coalesced"}` counts them.
+//! `switchboard_cache_requests_total{status="hit|miss|coalesced"}` counts them, and
+//! the gauge `switchboard_cache_waiting` the requests waiting now for an identical
+//! one's answer (coalesced followers, a streamed one until its end, and those waiting
+//! for another instance).
 //!
 //! # Example
 //! ```
@@ -441,9 +444,10 @@ where
                     Claim::Granted => guard.release_with(shared.backend.clone()),
                     Claim::Busy => {
                         // Another instance computes it: wait for its answer.
-                        if let Some(answer) =
-                            shared.backend.wait(&ask.key, shared.shared_wait).await
-                        {
+                        let waiting = shared.flights.waiting();
+                        let answer = shared.backend.wait(&ask.key, shared.shared_wait).await;
+                        drop(waiting);
+                        if let Some(answer) = answer {
                             guard.finish(answer.clone());
                             count("hit");
                             return Ok(hit(&shared, &ask, &answer).await);
@@ -455,6 +459,9 @@ where
                 return Ok(lead(inner, &shared, &ask, req, guard).await);
             }
             Role::Follow(flight) => {
+                // Counted in `switchboard_cache_waiting` while it follows (a streamed
+                // follower's body keeps it until its end).
+                let waiting = shared.flights.waiting();
                 let mut changes = flight.changes();
                 loop {
                     changes.borrow_and_update();
@@ -473,7 +480,9 @@ where
                     }
                     if let (true, Some(head)) = (ask.streamed, head) {
                         count("coalesced");
-                        return Ok(follow_stream(&shared, &ask, flight.clone(), &head).await);
+                        return Ok(
+                            follow_stream(&shared, &ask, flight.clone(), &head, waiting).await
+                        );
                     }
                     if changes.changed().await.is_err() {
                         break;
@@ -647,6 +656,7 @@ async fn follow_stream(
     ask: &Ask,
     flight: Arc<flight::Flight>,
     head: &Head,
+    waiting: flight::Waiting,
 ) -> Response<Body> {
     let meta = AnswerMeta {
         content_type: head.content_type.clone(),
@@ -665,6 +675,7 @@ async fn follow_stream(
         head.old_id.clone(),
         ask.ctx.request_id().to_string(),
         ask.ctx.clone(),
+        waiting,
     );
     hit_head(
         ask,

@@ -53,6 +53,8 @@ pub(crate) struct RecordingBody {
     /// charge stays queued (the store is unavailable), the claims are kept until the
     /// record lands, so that no repeat runs (and is charged) meanwhile.
     awaiting: Option<(Arc<dyn Ledger>, String, String)>,
+    /// The layer's clock, for reading the record back as the layer would.
+    clock: super::Clock,
 }
 
 impl RecordingBody {
@@ -62,6 +64,7 @@ impl RecordingBody {
         pending: Option<Pending>,
         claim: Claim,
         lock: IdempotencyLock,
+        clock: super::Clock,
     ) -> Self {
         RecordingBody {
             inner,
@@ -75,6 +78,7 @@ impl RecordingBody {
             claim: Some(claim),
             lock: Some(lock),
             awaiting: None,
+            clock,
         }
     }
 
@@ -120,15 +124,13 @@ impl RecordingBody {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let clock = self.clock.clone();
         rt.spawn(async move {
             let mut wait = std::time::Duration::from_millis(250);
             loop {
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(std::time::Duration::from_secs(5));
-                match ledger
-                    .idempotency_record(&key_id, &idem_key, crate::store::now_unix())
-                    .await
-                {
+                match ledger.idempotency_record(&key_id, &idem_key, clock()).await {
                     Ok(Some(_)) => break,
                     Ok(None) | Err(_) => continue,
                 }

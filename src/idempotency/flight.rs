@@ -2,9 +2,12 @@
 //! idempotency key in this process; repeats that arrive meanwhile wait for it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
+
+use crate::telemetry;
 
 /// A client key id and an idempotency key.
 pub(crate) type Scope = (String, String);
@@ -13,6 +16,9 @@ pub(crate) type Scope = (String, String);
 #[derive(Default)]
 pub(crate) struct Flights {
     map: Mutex<HashMap<Scope, Arc<Flight>>>,
+    /// Repeats of this layer waiting now (what `switchboard_idempotency_waiting`
+    /// counts for every layer of the process).
+    waiting: AtomicUsize,
 }
 
 /// One first request running.
@@ -56,10 +62,38 @@ impl Flights {
         })
     }
 
+    /// Counts a repeat as waiting for a first request (here or on another instance)
+    /// until the guard is dropped.
+    pub(crate) fn waiting(self: &Arc<Self>) -> Waiting {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        telemetry::gauge(telemetry::IDEMPOTENCY_WAITING, &[]).increment(1.0);
+        Waiting {
+            flights: self.clone(),
+        }
+    }
+
+    /// How many repeats of this layer are waiting now (tests).
+    #[cfg(test)]
+    pub(crate) fn waiting_now(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
     /// How many claims are held (tests).
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.map.lock().unwrap().len()
+    }
+}
+
+/// A repeat counted as waiting (`switchboard_idempotency_waiting`) while it lives.
+pub(crate) struct Waiting {
+    flights: Arc<Flights>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.flights.waiting.fetch_sub(1, Ordering::Relaxed);
+        telemetry::gauge(telemetry::IDEMPOTENCY_WAITING, &[]).decrement(1.0);
     }
 }
 

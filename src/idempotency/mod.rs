@@ -31,7 +31,8 @@
 //!   first is running waits for it (in this process: on the first's claim; across
 //!   instances of a shared store: by polling for the record or the store's lock,
 //!   [`Ledger::idempotency_lock`]), then replays its answer, or runs itself if the
-//!   first was not recorded. It waits at most the request timeout (then 504).
+//!   first was not recorded. It waits at most the request timeout (then 504). The
+//!   gauge `switchboard_idempotency_waiting` counts the repeats waiting now.
 //! - Records are kept `[idempotency].ttl_secs` (default a day), then purged by the
 //!   store.
 //!
@@ -367,6 +368,9 @@ where
     };
     let ledger = &layer.ledger;
     let mut backoff = POLL_FIRST;
+    // Counted in `switchboard_idempotency_waiting` from its first wait until it
+    // replays, runs or gives up.
+    let mut waiting = None;
     let (claim, lock) = loop {
         if let Some(record) = ledger
             .idempotency_record(&key_id, &idem_key, (layer.clock)())
@@ -383,6 +387,7 @@ where
                     return Err(reused());
                 }
                 // Wait for this process's first request, then look again.
+                waiting.get_or_insert_with(|| layer.flights.waiting());
                 if tokio::time::timeout_at(deadline, done.wait_for(|d| *d))
                     .await
                     .is_err()
@@ -398,12 +403,14 @@ where
                     if tokio::time::Instant::now() + backoff >= deadline {
                         return Err(still_running());
                     }
+                    waiting.get_or_insert_with(|| layer.flights.waiting());
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(POLL_MAX);
                 }
             },
         }
     };
+    drop(waiting);
     // Recorded between the first look and the claim.
     if let Some(record) = ledger
         .idempotency_record(&key_id, &idem_key, (layer.clock)())
@@ -463,7 +470,7 @@ where
         created: (layer.clock)(),
         ttl: layer.ttl.as_secs(),
     });
-    let body = RecordingBody::new(body, ctx, pending, claim, lock);
+    let body = RecordingBody::new(body, ctx, pending, claim, lock, layer.clock.clone());
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 

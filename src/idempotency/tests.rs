@@ -9,7 +9,9 @@ use tower::service_fn;
 use super::*;
 use crate::config::StoreConfig;
 use crate::credit::ParkedSettlement;
-use crate::store::{hash_secret, Generation, KeyStore, NewKey, Settlement, SqliteStore};
+use crate::store::{
+    hash_secret, Generation, KeyStore, NewKey, Settlement, SqliteStore, StoreError,
+};
 
 struct Fixture {
     store: Arc<SqliteStore>,
@@ -77,12 +79,13 @@ type Svc = Idempotency<tower::util::BoxCloneSyncService<Request<Body>, Response<
 impl Fixture {
     /// The layer over the fake inner service.
     fn service(&self) -> Svc {
-        let (store, calls, gate, status) = (
-            self.store.clone(),
-            self.calls.clone(),
-            self.gate.clone(),
-            self.status.clone(),
-        );
+        self.service_on(self.store.clone())
+    }
+
+    /// The layer over the fake inner service, both on `ledger`.
+    fn service_on(&self, ledger: Arc<dyn Ledger>) -> Svc {
+        let (calls, gate, status) = (self.calls.clone(), self.gate.clone(), self.status.clone());
+        let layer_ledger = ledger.clone();
         let inner = service_fn(move |req: Request<Body>| {
             // Without an `Idempotency-Key` the layer adds nothing (the context comes
             // from logging, in the gateway).
@@ -93,7 +96,7 @@ impl Fixture {
                 .cloned()
                 .unwrap_or_default();
             let key_id = req.extensions().get::<Arc<KeyRecord>>().unwrap().id.clone();
-            let (store, gate, status) = (store.clone(), gate.clone(), status.clone());
+            let (ledger, gate, status) = (ledger.clone(), gate.clone(), status.clone());
             calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 assert_eq!(ctx.settlement_deferred(), keyed);
@@ -114,7 +117,6 @@ impl Fixture {
                 let id = ctx.request_id().to_string();
                 let content = format!("data: {{\"id\":\"{id}\",\"echo\":{body}}}\n\n");
                 let ctx2 = ctx.clone();
-                let ledger: Arc<dyn Ledger> = store.clone();
                 // As credit does at the stream's end: the settlement is parked,
                 // then Normalize writes `[DONE]`.
                 let done = futures_util::stream::once(async move {
@@ -140,7 +142,7 @@ impl Fixture {
             }
         });
         let now = self.now.clone();
-        IdempotencyLayer::new(self.store.clone())
+        IdempotencyLayer::new(layer_ledger)
             .ttl(Duration::from_secs(60))
             .wait_timeout(Duration::from_secs(30))
             .clock(move || now.load(Ordering::SeqCst))
@@ -376,4 +378,158 @@ async fn malformed_keys_are_400() {
     let res = call(&svc, f.request(Some(&ok), "{}")).await;
     assert_eq!(res.status(), 200);
     assert_eq!(f.calls.load(Ordering::SeqCst), 1);
+}
+
+/// A ledger over `inner` whose combined commit of a charge and its record fails as
+/// *unavailable* while both stay queued (what PostgreSQL's spill file does), until
+/// the test lets them [land](Queueing::land). Counts its record lookups.
+struct Queueing {
+    inner: Arc<SqliteStore>,
+    queued: std::sync::Mutex<Vec<(Settlement, IdempotencyRecord)>>,
+    looks: tokio::sync::watch::Sender<usize>,
+}
+
+impl Queueing {
+    /// The queued charges and records reach the store.
+    async fn land(&self) {
+        let queued = std::mem::take(&mut *self.queued.lock().unwrap());
+        for (s, r) in queued {
+            assert!(self.inner.settle_recorded(s, r).await.unwrap(), "charged");
+        }
+    }
+}
+
+impl Ledger for Queueing {
+    fn reserve(&self, key: &KeyRecord, hold: crate::store::Reservation) -> crate::store::Admission {
+        Ledger::reserve(&*self.inner, key, hold)
+    }
+    fn release(&self, key_id: &str, hold: crate::store::Reservation) {
+        self.inner.release(key_id, hold)
+    }
+    fn settle(&self, s: Settlement) -> BoxFuture<'static, Result<bool, StoreError>> {
+        self.inner.settle(s)
+    }
+    fn settle_detached(&self, s: Settlement) {
+        self.inner.settle_detached(s)
+    }
+    fn flush(&self) -> BoxFuture<'static, ()> {
+        self.inner.flush()
+    }
+    fn balance(&self, key_id: &str) -> Result<crate::store::Balance, StoreError> {
+        self.inner.balance(key_id)
+    }
+    fn tokens_today(&self, key_id: &str) -> Result<u64, StoreError> {
+        self.inner.tokens_today(key_id)
+    }
+    fn top_up(
+        &self,
+        key_id: &str,
+        amount: Money,
+    ) -> Result<Option<crate::store::Balance>, StoreError> {
+        self.inner.top_up(key_id, amount)
+    }
+    fn generation(&self, id: &str) -> Result<Option<Generation>, StoreError> {
+        self.inner.generation(id)
+    }
+    fn keeps_idempotency_records(&self) -> bool {
+        true
+    }
+    fn settle_recorded(
+        &self,
+        s: Settlement,
+        record: IdempotencyRecord,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        self.queued.lock().unwrap().push((s, record));
+        Box::pin(std::future::ready(Err(StoreError::unavailable(
+            "PostgreSQL does not answer; the charge is kept in the spill file",
+        ))))
+    }
+    fn idempotency_record(
+        &self,
+        key_id: &str,
+        idem_key: &str,
+        now: u64,
+    ) -> BoxFuture<'static, Result<Option<IdempotencyRecord>, StoreError>> {
+        self.looks.send_modify(|n| *n += 1);
+        self.inner.idempotency_record(key_id, idem_key, now)
+    }
+    fn idempotency_lock(
+        &self,
+        key_id: &str,
+        idem_key: &str,
+    ) -> BoxFuture<'static, Result<Option<IdempotencyLock>, StoreError>> {
+        self.inner.idempotency_lock(key_id, idem_key)
+    }
+}
+
+/// `keep_claims_until_recorded`: the combined commit of charge and record fails as
+/// unavailable, but both stay queued. The client's answer is cut; a repeat sent
+/// meanwhile waits (it neither runs nor is charged) until the record can be read
+/// back, then replays it.
+#[tokio::test]
+async fn an_unconfirmed_commit_keeps_repeats_waiting_until_its_record_lands() {
+    let f = fixture();
+    let ledger = Arc::new(Queueing {
+        inner: f.store.clone(),
+        queued: Default::default(),
+        looks: tokio::sync::watch::Sender::new(0),
+    });
+    let svc = f.service_on(ledger.clone());
+    let patience = Duration::from_secs(30);
+
+    let first = call(&svc, f.request(Some("k-q"), r#"{"q":1}"#)).await;
+    assert_eq!(first.status(), 200);
+    let first_id = first.headers()["x-request-id"].clone();
+    let cut = first.into_body().collect().await;
+    let e = cut.expect_err("the end is not sent for an unconfirmed charge");
+    assert!(e.to_string().contains("could not record"), "{e}");
+    assert_eq!(ledger.queued.lock().unwrap().len(), 1);
+    assert_eq!(f.spent(), Money::ZERO, "nothing landed yet");
+    // The claims are held by the task waiting for the record, not released.
+    assert_eq!(svc.layer.flights.len(), 1);
+
+    let repeat = tokio::spawn({
+        let (svc, req) = (svc.clone(), f.request(Some("k-q"), r#"{"q":1}"#));
+        async move {
+            let res = call(&svc, req).await;
+            let replayed = res.headers().get(IDEMPOTENT_REPLAYED).cloned();
+            let id = res.headers().get("x-request-id").cloned();
+            (res.status(), replayed, id, text(res).await)
+        }
+    });
+    tokio::time::timeout(patience, async {
+        while svc.layer.flights.waiting_now() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the repeat waits for the first");
+    // The task looks for the record again (and finds none) while the repeat waits.
+    let mut looks = ledger.looks.subscribe();
+    let seen = *looks.borrow_and_update();
+    tokio::time::timeout(patience, looks.wait_for(|n| *n > seen))
+        .await
+        .expect("the task looks again")
+        .unwrap();
+    assert!(!repeat.is_finished(), "the repeat did not wait");
+    assert_eq!(svc.layer.flights.waiting_now(), 1);
+    assert_eq!(f.calls.load(Ordering::SeqCst), 1, "the repeat did not run");
+    assert_eq!(f.spent(), Money::ZERO);
+
+    // The queued charge and record land: the task finds the record, the repeat replays.
+    ledger.land().await;
+    assert_eq!(f.spent(), Money::from_pico(1_000_000));
+    let (status, replayed, id, body) = tokio::time::timeout(patience, repeat)
+        .await
+        .expect("the repeat ends once the record is there")
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(replayed.unwrap(), "true");
+    assert_eq!(id.unwrap(), first_id);
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert_eq!(f.calls.load(Ordering::SeqCst), 1);
+    f.store.flush().await;
+    assert_eq!(f.spent(), Money::from_pico(1_000_000), "charged once");
+    assert_eq!(svc.layer.flights.len(), 0);
+    assert_eq!(svc.layer.flights.waiting_now(), 0);
 }

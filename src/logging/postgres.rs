@@ -39,10 +39,12 @@ pub const POSTGRES_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS requests (
     completion        TEXT,
     over_reserve      BOOLEAN NOT NULL DEFAULT false,
     app_url           TEXT,
-    app_title         TEXT
+    app_title         TEXT,
+    cache_hit         BOOLEAN NOT NULL DEFAULT false
 );
 ALTER TABLE requests ADD COLUMN IF NOT EXISTS app_url TEXT;
 ALTER TABLE requests ADD COLUMN IF NOT EXISTS app_title TEXT;
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS cache_hit BOOLEAN NOT NULL DEFAULT false;
 CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);
 CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);
 ";
@@ -53,8 +55,8 @@ CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);
 const SCHEMA_LOCK: i64 = 0x0073_7762_646c_6f67;
 
 /// One batch: every column as an array, unnested into rows, in one statement.
-const INSERT: &str = "INSERT INTO requests (id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title)
-SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::bool[], $16::bool[], $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::bool[], $23::text[], $24::text[])
+const INSERT: &str = "INSERT INTO requests (id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title, cache_hit)
+SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::bool[], $16::bool[], $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::bool[], $23::text[], $24::text[], $25::bool[])
 ON CONFLICT (id) DO NOTHING";
 
 /// How long connecting (and preparing the table) may take before it counts as a
@@ -77,7 +79,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Off the request path like every sink: the [`LogWriter`](super::LogWriter)'s thread
 /// drives a connection of its own on a current-thread tokio runtime the sink owns.
 /// A batch is one statement, so one round trip and one transaction: an
-/// `INSERT … SELECT * FROM UNNEST($1, …, $22)` of one array per column, `ON CONFLICT
+/// `INSERT … SELECT * FROM UNNEST($1, …, $25)` of one array per column, `ON CONFLICT
 /// (id) DO NOTHING` (a batch written again after a lost answer doubles nothing).
 /// Measured against multi-row `VALUES` and a binary `COPY` (the
 /// `postgres_sink_throughput` test; figures in docs/observability.md): the least CPU
@@ -423,6 +425,7 @@ struct Rows<'a> {
     over_reserve: Vec<bool>,
     app_url: Vec<Option<Cow<'a, str>>>,
     app_title: Vec<Option<Cow<'a, str>>>,
+    cache_hit: Vec<bool>,
 }
 
 impl<'a> Rows<'a> {
@@ -453,6 +456,7 @@ impl<'a> Rows<'a> {
             over_reserve: Vec::with_capacity(n),
             app_url: Vec::with_capacity(n),
             app_title: Vec::with_capacity(n),
+            cache_hit: Vec::with_capacity(n),
         };
         let mut json = Vec::with_capacity(256);
         for r in batch {
@@ -484,12 +488,13 @@ impl<'a> Rows<'a> {
             rows.over_reserve.push(r.over_reserve);
             rows.app_url.push(opt_text(&r.app_url));
             rows.app_title.push(opt_text(&r.app_title));
+            rows.cache_hit.push(r.cache_hit);
         }
         rows
     }
 
-    /// The statement's 24 parameters, in the table's column order.
-    fn params(&self) -> [&(dyn ToSql + Sync); 24] {
+    /// The statement's 25 parameters, in the table's column order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 25] {
         [
             &self.id,
             &self.time_ms,
@@ -515,6 +520,7 @@ impl<'a> Rows<'a> {
             &self.over_reserve,
             &self.app_url,
             &self.app_title,
+            &self.cache_hit,
         ]
     }
 }

@@ -67,6 +67,15 @@ fn varied() -> Vec<RequestRecord> {
     a.app_url = Some("https://app.example/path?q=1".into());
     a.app_title = Some("Ünïcode \"App\"".into());
     out.push(a);
+    // A response-cache hit: free, no attempts.
+    let mut h = record("gen-h");
+    h.status = 200;
+    h.key_id = Some("key_alice".into());
+    h.model = Some("test/model".into());
+    h.provider = Some("alpha".into());
+    h.complete = true;
+    h.cache_hit = true;
+    out.push(h);
     let mut b = record("gen-b");
     b.status = 402;
     b.error_code = Some("insufficient_credits".into());
@@ -98,7 +107,7 @@ fn column_names(schema: &str) -> Vec<String> {
 #[test]
 fn the_postgres_table_has_the_sqlite_columns_in_order() {
     let sqlite = column_names(SQLITE_SCHEMA);
-    assert_eq!(sqlite.len(), 24);
+    assert_eq!(sqlite.len(), 25);
     assert_eq!(column_names(POSTGRES_SCHEMA), sqlite);
     let inserted: Vec<String> = INSERT
         .split_once('(')
@@ -220,10 +229,10 @@ fn postgres_rows_hold_what_sqlite_rows_hold_to_the_picodollar() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(pg_got.len(), 3);
+    assert_eq!(pg_got.len(), 4);
     // Flags are BOOLEAN in PostgreSQL (t / f), 1 / 0 in SQLite; everything else is
     // the same text.
-    let flags = ["streamed", "complete", "over_reserve"];
+    let flags = ["streamed", "complete", "over_reserve", "cache_hit"];
     for (p, l) in pg_got.iter().zip(&lite_got) {
         for (i, name) in columns.iter().enumerate() {
             let pv = p[i]
@@ -244,10 +253,19 @@ fn postgres_rows_hold_what_sqlite_rows_hold_to_the_picodollar() {
     );
     assert_eq!(pg_got[0][app + 1].as_deref(), Some("Ünïcode \"App\""));
     assert_eq!(pg_got[1][app], None);
-    // Money to the unit.
+    // Money to the unit (rows by id: gen-a, gen-b, gen-c, gen-h).
     assert_eq!(pg_got[0][11].as_deref(), Some("123456789012345"));
     assert_eq!(pg_got[1][11].as_deref(), Some(&*i64::MAX.to_string()));
     assert_eq!(pg_got[2][11].as_deref(), Some("1"));
+    // The cache hit, and only it, is flagged in both.
+    let hit = columns.iter().position(|c| c == "cache_hit").unwrap();
+    let flagged = |rows: &[Vec<Option<String>>], yes: &str| -> Vec<usize> {
+        (0..rows.len())
+            .filter(|&i| rows[i][hit].as_deref() == Some(yes))
+            .collect()
+    };
+    assert_eq!(flagged(&pg_got, "t"), [3]);
+    assert_eq!(flagged(&lite_got, "1"), [3]);
 }
 
 #[test]
@@ -342,10 +360,10 @@ fn a_requests_table_made_before_attribution_gets_its_columns() {
     let Some(db) = crate::testing::postgres("a_requests_table_made_before_attribution") else {
         return;
     };
-    // The table as a gateway before `app_url` and `app_title` made it.
+    // The table as a gateway before `app_url`, `app_title` and `cache_hit` made it.
     let old = POSTGRES_SCHEMA
         .replace(
-            ",\n    app_url           TEXT,\n    app_title         TEXT",
+            ",\n    app_url           TEXT,\n    app_title         TEXT,\n    cache_hit         BOOLEAN NOT NULL DEFAULT false",
             "",
         )
         .replace(
@@ -355,8 +373,12 @@ fn a_requests_table_made_before_attribution_gets_its_columns() {
         .replace(
             "ALTER TABLE requests ADD COLUMN IF NOT EXISTS app_title TEXT;",
             "",
+        )
+        .replace(
+            "ALTER TABLE requests ADD COLUMN IF NOT EXISTS cache_hit BOOLEAN NOT NULL DEFAULT false;",
+            "",
         );
-    assert!(!old.contains("app_"), "{old}");
+    assert!(!old.contains("app_") && !old.contains("cache_hit"), "{old}");
     pg_exec(db.url(), &old);
     pg_exec(
         db.url(),
@@ -367,10 +389,11 @@ fn a_requests_table_made_before_attribution_gets_its_columns() {
     let mut r = record("gen-new");
     r.app_url = Some("https://app.example/".into());
     r.app_title = Some("The App".into());
+    r.cache_hit = true;
     sink.write(&[r]).unwrap();
     let got = pg_rows(
         db.url(),
-        "SELECT id, app_url, app_title FROM requests ORDER BY id",
+        "SELECT id, app_url, app_title, cache_hit FROM requests ORDER BY id",
     );
     assert_eq!(
         got,
@@ -378,9 +401,15 @@ fn a_requests_table_made_before_attribution_gets_its_columns() {
             vec![
                 Some("gen-new".to_string()),
                 Some("https://app.example/".to_string()),
-                Some("The App".to_string())
+                Some("The App".to_string()),
+                Some("t".to_string())
             ],
-            vec![Some("gen-old".to_string()), None, None],
+            vec![
+                Some("gen-old".to_string()),
+                None,
+                None,
+                Some("f".to_string())
+            ],
         ]
     );
 }
@@ -728,6 +757,9 @@ fn postgres_sink_throughput() {
                                 Type::TEXT,
                                 Type::TEXT,
                                 Type::BOOL,
+                                Type::TEXT,
+                                Type::TEXT,
+                                Type::BOOL,
                             ];
                             let w = BinaryCopyInWriter::new(sink, &types);
                             pin_mut!(w);
@@ -789,6 +821,9 @@ fn rows_as_values<'r>(rows: &'r Rows<'_>) -> Vec<Vec<&'r (dyn ToSql + Sync)>> {
                 &rows.prompt[i],
                 &rows.completion[i],
                 &rows.over_reserve[i],
+                &rows.app_url[i],
+                &rows.app_title[i],
+                &rows.cache_hit[i],
             ]
         })
         .collect()

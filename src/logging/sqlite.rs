@@ -50,7 +50,8 @@ macro_rules! requests_columns {
     completion        TEXT,
     over_reserve      INTEGER NOT NULL DEFAULT 0,
     app_url           TEXT,
-    app_title         TEXT
+    app_title         TEXT,
+    cache_hit         INTEGER NOT NULL DEFAULT 0
 "
     };
 }
@@ -148,8 +149,13 @@ impl SqliteSink {
 }
 
 /// Columns added to `requests` after its `STRICT` layout (version 1), with their
-/// types: a log made before gets them (`ALTER TABLE … ADD COLUMN`) when opened.
-const ADDED_COLUMNS: [(&str, &str); 2] = [("app_url", "TEXT"), ("app_title", "TEXT")];
+/// types: a log made before gets them (`ALTER TABLE … ADD COLUMN`) when opened
+/// (`cache_hit`: 0 on the rows already there).
+const ADDED_COLUMNS: [(&str, &str); 3] = [
+    ("app_url", "TEXT"),
+    ("app_title", "TEXT"),
+    ("cache_hit", "INTEGER NOT NULL DEFAULT 0"),
+];
 
 /// Adds the [`ADDED_COLUMNS`] that `requests` lacks.
 fn add_missing_columns(conn: &rusqlite::Connection) -> Result<(), String> {
@@ -167,15 +173,15 @@ fn add_missing_columns(conn: &rusqlite::Connection) -> Result<(), String> {
 }
 
 /// Columns of the `requests` table.
-const COLUMNS: usize = 24;
+const COLUMNS: usize = 25;
 
 /// Every column of `requests`, in the order [`bind`] binds them.
-const INSERT_COLUMNS: &str = "id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title";
+const INSERT_COLUMNS: &str = "id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title, cache_hit";
 
 /// Rows per multi-row `INSERT`, largest first: a batch goes in as many 32-row
 /// statements as fit, then 8-row ones, then single rows. One statement run per
 /// several records, not per record, saves SQLite's per-statement work (opening the
-/// B-tree cursors, the halt, the reset). 32 × 24 parameters is well under SQLite's
+/// B-tree cursors, the halt, the reset). 32 × 25 parameters is well under SQLite's
 /// limit of 32,766.
 const ROWS_PER_INSERT: [usize; 3] = [32, 8, 1];
 
@@ -190,8 +196,8 @@ fn insert_sql(rows: usize) -> String {
     )
 }
 
-/// Binds `r` to the 24 parameters after the first `at` (row `n` of a multi-row
-/// `INSERT` has `at = n × 24`).
+/// Binds `r` to the 25 parameters after the first `at` (row `n` of a multi-row
+/// `INSERT` has `at = n × 25`).
 /// `scratch` holds the row's `attempts` JSON (SQLite copies bound text).
 fn bind(
     stmt: &mut rusqlite::Statement<'_>,
@@ -229,6 +235,7 @@ fn bind(
         &r.over_reserve,
         &r.app_url,
         &r.app_title,
+        &r.cache_hit,
     ];
     for (i, v) in values.iter().enumerate() {
         stmt.raw_bind_parameter(at + i + 1, v).map_err(sql_err)?;
@@ -340,6 +347,36 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_cache_hit_flag_is_a_column_of_the_sqlite_log() {
+        let mut sink = SqliteSink::memory().unwrap();
+        let mut hit = record(1);
+        hit.cache_hit = true;
+        // In a multi-row insert (8 rows) and in a single-row one.
+        let mut batch: Vec<RequestRecord> = (10..18).map(record).collect();
+        batch[3].cache_hit = true;
+        batch.push(hit);
+        sink.write(&batch).unwrap();
+        let hits: Vec<String> = sink
+            .connection()
+            .prepare("SELECT id FROM requests WHERE cache_hit = 1 ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(hits, ["gen-1", "gen-13"]);
+        let misses: i64 = sink
+            .connection()
+            .query_row(
+                "SELECT count(*) FROM requests WHERE cache_hit = 0",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(misses, 7);
+    }
+
     /// Rows per second the SQLite request log takes, in batches of 10, 50 and 300 (run
     /// with `cargo test --release --lib -- --ignored log_sink_throughput --nocapture`).
     #[test]
@@ -433,14 +470,14 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_request_log_gets_the_attribution_columns() {
+    fn a_version_1_request_log_gets_the_attribution_and_cache_hit_columns() {
         let dir = log_dir();
         let path = dir.join("v1.db");
         {
             let conn = rusqlite::Connection::open(&path).unwrap();
-            // The STRICT layout of version 1: no `app_url`, `app_title`.
+            // The STRICT layout of version 1: no `app_url`, `app_title`, `cache_hit`.
             let v1 = REQUESTS_TABLE.replace(
-                ",\n    app_url           TEXT,\n    app_title         TEXT",
+                ",\n    app_url           TEXT,\n    app_title         TEXT,\n    cache_hit         INTEGER NOT NULL DEFAULT 0",
                 "",
             );
             assert_ne!(v1, REQUESTS_TABLE);
@@ -459,23 +496,25 @@ mod tests {
         let mut r = record(2);
         r.app_url = Some("https://app.example/".into());
         r.app_title = Some("The App".into());
+        r.cache_hit = true;
         sink.write(&[r]).unwrap();
-        let rows: Vec<(String, Option<String>, Option<String>)> = sink
+        let rows: Vec<(String, Option<String>, Option<String>, i64)> = sink
             .connection()
-            .prepare("SELECT id, app_url, app_title FROM requests ORDER BY id")
+            .prepare("SELECT id, app_url, app_title, cache_hit FROM requests ORDER BY id")
             .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(
             rows,
             [
-                ("gen-1".into(), None, None),
+                ("gen-1".into(), None, None, 0),
                 (
                     "gen-2".into(),
                     Some("https://app.example/".into()),
-                    Some("The App".into())
+                    Some("The App".into()),
+                    1
                 )
             ]
         );

@@ -178,9 +178,16 @@ pub fn temp_dir(tag: &str) -> std::path::PathBuf {
 /// Serves a built config on 127.0.0.1:0. Unless the config names its own store,
 /// each gateway gets a store of its own in a fresh temporary directory.
 pub async fn gateway_with(mut config: Config) -> TestGateway {
-    if config.store.url == switchboard::config::StoreConfig::default().url {
+    let defaults = switchboard::config::StoreConfig::default();
+    if config.store.url == defaults.url {
         let dir = temp_dir("store");
         config.store.url = format!("sqlite://{}", dir.join("switchboard.db").display());
+    }
+    // A PostgreSQL store's spill files go to a temp dir, never the working directory.
+    if switchboard::store::is_postgres_url(&config.store.url)
+        && config.store.spill_dir == defaults.spill_dir
+    {
+        config.store.spill_dir = temp_dir("spill").display().to_string();
     }
     // The request log of a test gateway goes to a temp dir, never the working directory.
     if config.logging.sink == "sqlite"
@@ -551,6 +558,10 @@ impl ServeProcess {
             let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
                 .args(["serve", "--config"])
                 .arg(&self.config)
+                // Whatever the config leaves relative (a PostgreSQL store's spill dir,
+                // `.` by default) lands in this process's own directory, never in the
+                // crate root.
+                .current_dir(self.config.parent().expect("the config is in its dir"))
                 .args(["--listen", &format!("127.0.0.1:{port}")])
                 .env("RUST_LOG", "info")
                 .env("SWITCHBOARD_ADMIN_TOKEN", ADMIN_TOKEN)
@@ -679,6 +690,36 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The `/metrics` text of the gateway at `base` (`http://127.0.0.1:port`).
+pub async fn metrics_text(base: &str) -> String {
+    let res = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.text().await.unwrap()
+}
+
+/// Polls `/metrics` of the gateway at `base` until sample `name` (as in [`metric`];
+/// absent counts as 0) is `want`; panics after [`SOCKET_TIMEOUT`] with the last value.
+/// The registry is process-wide: a test that waits on a gauge must be the only one
+/// of its binary moving it meanwhile.
+pub async fn wait_for_metric(base: &str, name: &str, want: f64) {
+    let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
+    loop {
+        let now = metric(&metrics_text(base).await, name).unwrap_or(0.0);
+        if now == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} is {now}, never {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The sum of every sample of metric `name` (all label sets) in `/metrics` text.

@@ -67,6 +67,8 @@ async fn postgres_unreachable_at_start_refuses_to_start_with_exit_2() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args(["serve", "--config"])
         .arg(&path)
+        // Its spill dir (`.` by default) is its own directory, not the crate root.
+        .current_dir(&dir)
         .args(["--listen", &format!("127.0.0.1:{}", free_port())])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

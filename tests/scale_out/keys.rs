@@ -98,6 +98,7 @@ async fn key_changes_on_one_instance_act_on_another_within_a_second() {
             .args(args)
             .arg("--config")
             .arg(&gws[0].config)
+            .current_dir(gws[0].config.parent().unwrap())
             .output()
             .unwrap();
         assert!(out.status.success(), "keys {args:?}: {out:?}");
