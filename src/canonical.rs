@@ -17,7 +17,7 @@ pub(crate) fn canonical_digest(body: &[u8]) -> [u8; 32] {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(v) => {
             let mut out = Vec::with_capacity(body.len());
-            write(&v, &mut out);
+            write_canonical(&v, &mut out);
             h.update(&out);
         }
         Err(_) => {
@@ -28,8 +28,11 @@ pub(crate) fn canonical_digest(body: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Writes `v` canonically into `out`.
-fn write(v: &serde_json::Value, out: &mut Vec<u8>) {
+/// `v` as canonical JSON: object keys in byte order at every depth, no whitespace,
+/// strings and numbers as `serde_json` writes them. Sorted here, whatever order the
+/// map keeps (serde_json's `preserve_order` feature may be on in a build). The
+/// response cache's key and the idempotency fingerprint are both made of it.
+pub fn write_canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
     use serde_json::Value;
     match v {
         Value::Object(map) => {
@@ -42,7 +45,7 @@ fn write(v: &serde_json::Value, out: &mut Vec<u8>) {
                 }
                 crate::json::push_str(out, k);
                 out.push(b':');
-                write(v, out);
+                write_canonical(v, out);
             }
             out.push(b'}');
         }
@@ -52,11 +55,10 @@ fn write(v: &serde_json::Value, out: &mut Vec<u8>) {
                 if i > 0 {
                     out.push(b',');
                 }
-                write(v, out);
+                write_canonical(v, out);
             }
             out.push(b']');
         }
-        // Scalars as serde_json writes them (it cannot fail on a `Value`).
         other => {
             let _ = serde_json::to_writer(&mut *out, other);
         }

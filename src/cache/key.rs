@@ -40,40 +40,7 @@ impl CacheKey {
     }
 }
 
-/// `v` as canonical JSON: object keys in byte order at every depth, no whitespace,
-/// strings and numbers as `serde_json` writes them. Sorted here, whatever order the
-/// map keeps (serde_json's `preserve_order` feature may be on in a build).
-pub fn write_canonical(v: &Value, out: &mut Vec<u8>) {
-    match v {
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push(b'{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                crate::json::push_str(out, k);
-                out.push(b':');
-                write_canonical(v, out);
-            }
-            out.push(b'}');
-        }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, v) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_canonical(v, out);
-            }
-            out.push(b']');
-        }
-        other => {
-            let _ = serde_json::to_writer(&mut *out, other);
-        }
-    }
-}
+pub use crate::canonical::write_canonical;
 
 #[cfg(test)]
 mod tests {
