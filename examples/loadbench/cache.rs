@@ -16,7 +16,7 @@
 //!    µs per request. Target: growth ≤ 10 %.
 //!
 //! Run with: cargo run --release --example loadbench -- --cache [--quick] [--secs N]
-//! [--repeat N]
+//! [--repeat N] [--misses-only]
 
 use super::*;
 
@@ -157,9 +157,11 @@ pub async fn run(args: &[String]) {
     let up = spawn(&["upstream"], Some(0));
     let proxy = spawn(&["proxy", &up.addr.to_string()], Some(1));
     let cfg = write_config(&dir, up.addr);
-    // The default `[cache]` (in memory, 64 MiB), said out loud.
+    // `[cache]` in memory, said out loud.
     let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str("\n[cache]\nenabled_by_default = false\nttl_secs = 3600\n");
+    // 16 MiB: run 3 fills it first, so its misses are measured with the cache in its
+    // steady state (full, evicting), not while it grows into fresh memory.
+    text.push_str("\n[cache]\nenabled_by_default = false\nttl_secs = 3600\nmax_bytes = 16777216\n");
     std::fs::write(&cfg, text).unwrap();
     let gw = spawn(&["gateway", &up.addr.to_string(), &cfg], Some(1));
     println!(
@@ -176,140 +178,156 @@ pub async fn run(args: &[String]) {
         fixed_rate_of(addr, 200, 1, Kind::Unique { cache: false }).await;
     }
 
-    println!("\n## 1. Cache hits: the same request repeated, fixed rate, median of {repeat} runs");
-    println!("| rate | target | ok | err | hits | p50 ms | p90 ms | CPU µs/req |");
-    println!("|---|---|---|---|---|---|---|---|");
-    let targets = [
-        ("direct", up.addr, up.child.id()),
-        ("bare proxy", proxy.addr, proxy.child.id()),
-        ("switchboard hit", gw.addr, gw.child.id()),
-    ];
-    let mut verdicts = Vec::new();
-    for rate in [500u64, 1000, 2000] {
-        let mut p50 = vec![Vec::new(); 3];
-        let mut p90 = vec![Vec::new(); 3];
-        let mut cpu = vec![Vec::new(); 3];
-        let mut counts = [(0usize, 0usize, 0usize); 3];
-        for _ in 0..repeat {
-            for (i, (_, addr, pid)) in targets.iter().enumerate() {
-                let c0 = cpu_secs(*pid);
-                let (lat, err, hits) = fixed_rate_of(*addr, rate, secs, Kind::Same).await;
-                cpu[i].push((cpu_secs(*pid) - c0) * 1e6 / lat.len().max(1) as f64);
-                p50[i].push(Stats::pct(&lat, 0.5));
-                p90[i].push(Stats::pct(&lat, 0.9));
-                counts[i].0 += lat.len();
-                counts[i].1 += err;
-                counts[i].2 += hits;
-            }
-        }
-        for (i, (name, _, _)) in targets.iter().enumerate() {
-            println!(
-                "| {rate} | {name} | {} | {} | {} | {:.3} | {:.3} | {:.1} |",
-                counts[i].0,
-                counts[i].1,
-                counts[i].2,
-                median(p50[i].clone()),
-                median(p90[i].clone()),
-                median(cpu[i].clone())
-            );
-        }
-        let added: Vec<f64> = p50[2]
-            .iter()
-            .zip(&p50[0])
-            .map(|(g, d)| (g - d) * 1000.0)
-            .collect();
-        let cpu_ratio = median(cpu[2].clone()) / median(cpu[1].clone());
-        verdicts.push((rate, median(added), cpu_ratio));
-    }
-    println!("\n| rate | hit p50 over direct, µs (target < 100) | hit CPU / bare-proxy CPU (target ≤ 0.5) |");
-    println!("|---|---|---|");
-    for (rate, added, ratio) in &verdicts {
-        println!("| {rate} | {added:.0} | {ratio:.2} |");
-    }
-
-    // 1b. Saturation: the CPU per request of a hit when the server is never idle (no
-    // per-request wake-ups), against the bare proxy's, each on CPU 1 in turn. A second
-    // gateway caches by default, so the main bench's own request (the same body every
-    // time, no cache header) is a hit after the first.
-    let cfg2 = dir.join("by-default");
-    std::fs::create_dir_all(&cfg2).unwrap();
-    let cfg2 = write_config(&cfg2, up.addr);
-    let mut text = std::fs::read_to_string(&cfg2).unwrap();
-    text.push_str("\n[cache]\nenabled_by_default = true\nttl_secs = 3600\n");
-    std::fs::write(&cfg2, text).unwrap();
-    let gw2 = spawn(&["gateway", &up.addr.to_string(), &cfg2], Some(1));
-    saturate(gw2.addr, 64, 1).await;
-    saturate(proxy.addr, 64, 1).await;
-    println!("\n## 1b. Saturation (64 connections, closed loop), median of {repeat} runs");
-    println!("| target | req/s | CPU µs/req |");
-    println!("|---|---|---|");
-    let mut sat = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-    for _ in 0..repeat {
-        for (i, (addr, pid)) in [(proxy.addr, proxy.child.id()), (gw2.addr, gw2.child.id())]
-            .into_iter()
-            .enumerate()
-        {
-            let c0 = cpu_secs(pid);
-            let (rps, n) = saturate(addr, 64, secs).await;
-            sat[2 * i].push(rps);
-            sat[2 * i + 1].push((cpu_secs(pid) - c0) * 1e6 / n.max(1) as f64);
-        }
-    }
-    let (proxy_cpu, hit_cpu) = (median(sat[1].clone()), median(sat[3].clone()));
-    println!("| bare proxy | {:.0} | {proxy_cpu:.1} |", median(sat[0].clone()));
-    println!("| switchboard hit | {:.0} | {hit_cpu:.1} |", median(sat[2].clone()));
-    println!(
-        "| hit / bare proxy | | {:.2} (target ≤ 0.5) |",
-        hit_cpu / proxy_cpu
-    );
-    drop(gw2);
-
-    println!(
-        "\n## 2. Coalescing: bursts of identical requests (fresh body per burst, upstream 50 ms)"
-    );
-    println!("| burst | bursts | upstream calls per burst (MISS) | answered | burst p50 ms | burst max ms |");
-    println!("|---|---|---|---|---|---|");
-    let client = client();
-    for size in [10usize, 50, 200] {
-        let bursts = if quick { 3 } else { 10 };
-        let (mut misses, mut ok, mut took) = (0usize, 0usize, Vec::new());
-        for b in 0..bursts {
-            let body = format!(
-                r#"{{"model":"bench/model","messages":[{{"role":"user","content":"burst {size} {b} {}"}}],"max_tokens":64,"slow":true}}"#,
-                std::process::id()
-            );
-            let t0 = Instant::now();
-            let tasks: Vec<_> = (0..size)
-                .map(|_| {
-                    let req = Request::post(format!("http://{}/v1/chat/completions", gw.addr))
-                        .header("authorization", format!("Bearer {KEY}"))
-                        .header("content-type", "application/json")
-                        .header("x-openrouter-cache", "true")
-                        .body(Full::new(Bytes::from(body.clone())))
-                        .unwrap();
-                    let client = client.clone();
-                    tokio::spawn(async move { send(&client, req).await })
-                })
-                .collect();
-            for t in tasks {
-                if let Ok(Some((_, hit))) = t.await {
-                    ok += 1;
-                    misses += usize::from(!hit);
+    let misses_only = args.iter().any(|a| a == "--misses-only");
+    if !misses_only {
+        println!(
+            "\n## 1. Cache hits: the same request repeated, fixed rate, median of {repeat} runs"
+        );
+        println!("| rate | target | ok | err | hits | p50 ms | p90 ms | CPU µs/req |");
+        println!("|---|---|---|---|---|---|---|---|");
+        let targets = [
+            ("direct", up.addr, up.child.id()),
+            ("bare proxy", proxy.addr, proxy.child.id()),
+            ("switchboard hit", gw.addr, gw.child.id()),
+        ];
+        let mut verdicts = Vec::new();
+        for rate in [500u64, 1000, 2000] {
+            let mut p50 = vec![Vec::new(); 3];
+            let mut p90 = vec![Vec::new(); 3];
+            let mut cpu = vec![Vec::new(); 3];
+            let mut counts = [(0usize, 0usize, 0usize); 3];
+            for _ in 0..repeat {
+                for (i, (_, addr, pid)) in targets.iter().enumerate() {
+                    let c0 = cpu_secs(*pid);
+                    let (lat, err, hits) = fixed_rate_of(*addr, rate, secs, Kind::Same).await;
+                    cpu[i].push((cpu_secs(*pid) - c0) * 1e6 / lat.len().max(1) as f64);
+                    p50[i].push(Stats::pct(&lat, 0.5));
+                    p90[i].push(Stats::pct(&lat, 0.9));
+                    counts[i].0 += lat.len();
+                    counts[i].1 += err;
+                    counts[i].2 += hits;
                 }
             }
-            took.push(t0.elapsed().as_micros() as u64);
+            for (i, (name, _, _)) in targets.iter().enumerate() {
+                println!(
+                    "| {rate} | {name} | {} | {} | {} | {:.3} | {:.3} | {:.1} |",
+                    counts[i].0,
+                    counts[i].1,
+                    counts[i].2,
+                    median(p50[i].clone()),
+                    median(p90[i].clone()),
+                    median(cpu[i].clone())
+                );
+            }
+            let added: Vec<f64> = p50[2]
+                .iter()
+                .zip(&p50[0])
+                .map(|(g, d)| (g - d) * 1000.0)
+                .collect();
+            let cpu_ratio = median(cpu[2].clone()) / median(cpu[1].clone());
+            verdicts.push((rate, median(added), cpu_ratio));
         }
+        println!("\n| rate | hit p50 over direct, µs (target < 100) | hit CPU / bare-proxy CPU (target ≤ 0.5) |");
+        println!("|---|---|---|");
+        for (rate, added, ratio) in &verdicts {
+            println!("| {rate} | {added:.0} | {ratio:.2} |");
+        }
+
+        // 1b. Saturation: the CPU per request of a hit when the server is never idle (no
+        // per-request wake-ups), against the bare proxy's, each on CPU 1 in turn. A second
+        // gateway caches by default, so the main bench's own request (the same body every
+        // time, no cache header) is a hit after the first.
+        let cfg2 = dir.join("by-default");
+        std::fs::create_dir_all(&cfg2).unwrap();
+        let cfg2 = write_config(&cfg2, up.addr);
+        let mut text = std::fs::read_to_string(&cfg2).unwrap();
+        text.push_str("\n[cache]\nenabled_by_default = true\nttl_secs = 3600\n");
+        std::fs::write(&cfg2, text).unwrap();
+        let gw2 = spawn(&["gateway", &up.addr.to_string(), &cfg2], Some(1));
+        saturate(gw2.addr, 64, 1).await;
+        saturate(proxy.addr, 64, 1).await;
+        println!("\n## 1b. Saturation (64 connections, closed loop), median of {repeat} runs");
+        println!("| target | req/s | CPU µs/req |");
+        println!("|---|---|---|");
+        let mut sat = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..repeat {
+            for (i, (addr, pid)) in [(proxy.addr, proxy.child.id()), (gw2.addr, gw2.child.id())]
+                .into_iter()
+                .enumerate()
+            {
+                let c0 = cpu_secs(pid);
+                let (rps, n) = saturate(addr, 64, secs).await;
+                sat[2 * i].push(rps);
+                sat[2 * i + 1].push((cpu_secs(pid) - c0) * 1e6 / n.max(1) as f64);
+            }
+        }
+        let (proxy_cpu, hit_cpu) = (median(sat[1].clone()), median(sat[3].clone()));
         println!(
-            "| {size} | {bursts} | {:.2} | {ok}/{} | {:.1} | {:.1} |",
-            misses as f64 / bursts as f64,
-            size * bursts,
-            Stats::pct(&took, 0.5),
-            Stats::pct(&took, 1.0)
+            "| bare proxy | {:.0} | {proxy_cpu:.1} |",
+            median(sat[0].clone())
         );
+        println!(
+            "| switchboard hit | {:.0} | {hit_cpu:.1} |",
+            median(sat[2].clone())
+        );
+        println!(
+            "| hit / bare proxy | | {:.2} (target ≤ 0.5) |",
+            hit_cpu / proxy_cpu
+        );
+        drop(gw2);
+
+        println!(
+        "\n## 2. Coalescing: bursts of identical requests (fresh body per burst, upstream 50 ms)"
+    );
+        println!("| burst | bursts | upstream calls per burst (MISS) | answered | burst p50 ms | burst max ms |");
+        println!("|---|---|---|---|---|---|");
+        let client = client();
+        for size in [10usize, 50, 200] {
+            let bursts = if quick { 3 } else { 10 };
+            let (mut misses, mut ok, mut took) = (0usize, 0usize, Vec::new());
+            for b in 0..bursts {
+                let body = format!(
+                    r#"{{"model":"bench/model","messages":[{{"role":"user","content":"burst {size} {b} {}"}}],"max_tokens":64,"slow":true}}"#,
+                    std::process::id()
+                );
+                let t0 = Instant::now();
+                let tasks: Vec<_> = (0..size)
+                    .map(|_| {
+                        let req = Request::post(format!("http://{}/v1/chat/completions", gw.addr))
+                            .header("authorization", format!("Bearer {KEY}"))
+                            .header("content-type", "application/json")
+                            .header("x-openrouter-cache", "true")
+                            .body(Full::new(Bytes::from(body.clone())))
+                            .unwrap();
+                        let client = client.clone();
+                        tokio::spawn(async move { send(&client, req).await })
+                    })
+                    .collect();
+                for t in tasks {
+                    if let Ok(Some((_, hit))) = t.await {
+                        ok += 1;
+                        misses += usize::from(!hit);
+                    }
+                }
+                took.push(t0.elapsed().as_micros() as u64);
+            }
+            println!(
+                "| {size} | {bursts} | {:.2} | {ok}/{} | {:.1} | {:.1} |",
+                misses as f64 / bursts as f64,
+                size * bursts,
+                Stats::pct(&took, 0.5),
+                Stats::pct(&took, 1.0)
+            );
+        }
     }
 
+    // Fill the cache past its bound (about 1.5 KiB an answer): what follows runs with
+    // the cache full and evicting, as a long-running gateway's is.
+    let fill = if quick { 2 } else { 12 };
+    fixed_rate_of(gw.addr, 2000, fill, Kind::Unique { cache: true }).await;
     println!(
-        "\n## 3. Every request a miss: cache asked for vs not, fixed rate, median of {repeat} runs"
+        "\n## 3. Every request a miss: cache asked for vs not, fixed rate, the cache full (16 MiB, filled by {} misses first), median of {repeat} runs",
+        2000 * fill
     );
     println!("| rate | cache | ok | err | p50 ms | gateway CPU µs/req |");
     println!("|---|---|---|---|---|---|");
