@@ -256,8 +256,14 @@ pub async fn run(args: &[String]) {
         }
     }
     let (proxy_cpu, hit_cpu) = (median(sat[1].clone()), median(sat[3].clone()));
-    println!("| bare proxy | {:.0} | {proxy_cpu:.1} |", median(sat[0].clone()));
-    println!("| switchboard hit | {:.0} | {hit_cpu:.1} |", median(sat[2].clone()));
+    println!(
+        "| bare proxy | {:.0} | {proxy_cpu:.1} |",
+        median(sat[0].clone())
+    );
+    println!(
+        "| switchboard hit | {:.0} | {hit_cpu:.1} |",
+        median(sat[2].clone())
+    );
     println!(
         "| hit / bare proxy | | {:.2} (target ≤ 0.5) |",
         hit_cpu / proxy_cpu
