@@ -34,20 +34,7 @@ reservation_ttl_secs = {ttl}
 
 [logging]
 sink = "none"
-
-[[providers]]
-name = "mock"
-kind = "mock"
-
-[[models]]
-id = "mock/lorem"
-max_output_tokens = 100
-  [[models.endpoints]]
-  provider = "mock"
-  upstream_model = "lorem"
-  prompt_usd_per_mtok = 0
-  completion_usd_per_mtok = 1
-
+{EXACT_LOREM}
 [[keys]]
 secret = "{OWNER}"
 name = "owner"
@@ -65,17 +52,6 @@ async fn post(gw: &TestGateway, key: &str, max_tokens: u32) -> reqwest::Response
         .send()
         .await
         .unwrap()
-}
-
-async fn get_json(gw: &TestGateway, path: &str, key: &str) -> (u16, Value) {
-    let res = client()
-        .get(gw.url(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
 }
 
 /// Polls `status_of` until it answers `want`; how long that took.
