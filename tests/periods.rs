@@ -45,14 +45,7 @@ fn at(text: &str) -> u64 {
 }
 
 async fn ask(gw: &TestGateway, key: &str, max_tokens: u32) -> (u16, Value) {
-    let res = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&json!({"model": "mock/lorem", "max_tokens": max_tokens,
-                      "messages": [{"role": "user", "content": "go"}]}))
-        .send()
-        .await
-        .unwrap();
+    let res = post_lorem(gw, key, max_tokens).await;
     let status = res.status().as_u16();
     (status, res.json().await.unwrap_or(Value::Null))
 }

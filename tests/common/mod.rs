@@ -224,6 +224,14 @@ pub async fn post_chat(gw: &TestGateway, key: &str, body: &serde_json::Value) ->
         .unwrap()
 }
 
+/// POSTs a non-stream `mock/lorem` request (see [`EXACT_LOREM`]) for `max_tokens`
+/// tokens with the client key `key`.
+pub async fn post_lorem(gw: &TestGateway, key: &str, max_tokens: u32) -> reqwest::Response {
+    let body = serde_json::json!({"model": "mock/lorem", "max_tokens": max_tokens,
+                                  "messages": [{"role": "user", "content": "go"}]});
+    post_chat(gw, key, &body).await
+}
+
 /// GETs `path` from the gateway with the client key `key`: the status, and the body
 /// as JSON (`Null` when it is not JSON).
 pub async fn get_json(gw: &TestGateway, path: &str, key: &str) -> (u16, serde_json::Value) {
