@@ -11,8 +11,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 use switchboard::config::Config;
-use switchboard::store::SqliteStore;
-use switchboard::Gateway;
 
 fn chunk(delta: Value, finish: Option<&str>) -> String {
     json!({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": "up-model",
@@ -60,20 +58,16 @@ async fn post(gw: &TestGateway, body: &str, cache: bool) -> reqwest::Response {
     req.body(body.to_string()).send().await.unwrap()
 }
 
-async fn get_json(gw: &TestGateway, path: &str) -> Value {
-    let res = client()
-        .get(gw.url(path))
-        .bearer_auth(TEST_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200, "{path}");
-    res.json().await.unwrap()
+/// GETs `path` with the test key; it must answer 200.
+async fn get_ok(gw: &TestGateway, path: &str) -> Value {
+    let (status, body) = get_json(gw, path, TEST_KEY).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    body
 }
 
 /// What the test key has spent, USD.
 async fn spent(gw: &TestGateway) -> f64 {
-    get_json(gw, "/v1/credits").await["data"]["total_usage"]
+    get_ok(gw, "/v1/credits").await["data"]["total_usage"]
         .as_f64()
         .unwrap()
 }
@@ -117,14 +111,14 @@ async fn a_hit_calls_no_upstream_charges_nothing_and_has_its_own_generation() {
     );
     assert_eq!(spent(&gw).await, spent_after_miss, "a hit debits nothing");
 
-    let g = get_json(&gw, &format!("/v1/generation?id={hit_id}")).await["data"].clone();
+    let g = get_ok(&gw, &format!("/v1/generation?id={hit_id}")).await["data"].clone();
     assert_eq!(g["cache_hit"], true, "{g}");
     assert_eq!(g["total_cost"], 0.0, "{g}");
     assert_eq!(
         (g["model"].as_str(), g["provider"].as_str()),
         (Some("test/model"), Some("up"))
     );
-    let g = get_json(&gw, &format!("/v1/generation?id={miss_id}")).await["data"].clone();
+    let g = get_ok(&gw, &format!("/v1/generation?id={miss_id}")).await["data"].clone();
     assert_eq!(g["cache_hit"], false, "{g}");
 
     // Without the header the cache is not asked (default off): upstream again.
@@ -391,20 +385,7 @@ async fn two_gateways_sharing_redis_share_the_cache() {
         r.url(),
         r.prefix()
     );
-    let mut config = Config::from_toml(&openai_config(&[("up", &up.url())], &extra)).unwrap();
-    let dir = temp_dir("cache-shared");
-    config.store.url = format!("sqlite://{}", dir.join("switchboard.db").display());
-    config.logging.sink = "none".into();
-    let store = SqliteStore::open(&config.store).unwrap();
-    store.bootstrap(&config.keys).unwrap();
-    let build = || {
-        Gateway::builder()
-            .config(config.clone())
-            .store(store.clone())
-            .build()
-            .unwrap()
-    };
-    let (one, two) = (serve_built(build()).await, serve_built(build()).await);
+    let (one, two) = gateway_pair(&openai_config(&[("up", &up.url())], &extra)).await;
     let body = ask("shared").to_string();
     let res = post(&one, &body, true).await;
     assert_eq!(header(&res, "x-openrouter-cache-status"), "MISS");
@@ -447,7 +428,7 @@ async fn a_hit_on_a_postgres_store_is_a_free_record() {
     assert_eq!(header(&hit, "x-openrouter-cache-status"), "HIT");
     let id = header(&hit, "x-request-id").to_string();
     hit.bytes().await.unwrap();
-    let g = get_json(&gw, &format!("/v1/generation?id={id}")).await["data"].clone();
+    let g = get_ok(&gw, &format!("/v1/generation?id={id}")).await["data"].clone();
     assert_eq!(
         (g["cache_hit"].as_bool(), g["total_cost"].as_f64()),
         (Some(true), Some(0.0)),

@@ -119,15 +119,8 @@ async fn a_repeat_replays_without_an_upstream_call_or_a_second_charge() {
     assert_eq!(up.hits(), 1, "no upstream call for the repeat");
     assert_eq!(spent(&base(&gw)).await, ONE_CHARGE.parse().unwrap());
     // The generation is the first request's, once.
-    let g: Value = client()
-        .get(gw.url(&format!("/v1/generation?id={}", id.to_str().unwrap())))
-        .bearer_auth(TEST_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let path = format!("/v1/generation?id={}", id.to_str().unwrap());
+    let (_, g) = get_json(&gw, &path, TEST_KEY).await;
     assert_eq!(g["data"]["total_cost"], json!(0.000019));
 }
 

@@ -13,19 +13,7 @@ use switchboard::money::Money;
 fn exact_config(keys: &str) -> String {
     format!(
         r#"
-[[providers]]
-name = "mock"
-kind = "mock"
-
-[[models]]
-id = "mock/lorem"
-max_output_tokens = 100
-  [[models.endpoints]]
-  provider = "mock"
-  upstream_model = "lorem"
-  prompt_usd_per_mtok = 0
-  completion_usd_per_mtok = 1
-
+{EXACT_LOREM}
 [[models]]
 id = "mock/echo"
 max_output_tokens = 100
@@ -46,17 +34,6 @@ async fn post(gw: &TestGateway, key: Option<&str>, body: Value) -> reqwest::Resp
         req = req.bearer_auth(k);
     }
     req.send().await.unwrap()
-}
-
-async fn get_json(gw: &TestGateway, path: &str, key: &str) -> (u16, Value) {
-    let res = client()
-        .get(gw.url(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
 }
 
 /// The decimal text of the first `"field":` number in `text`, parsed exactly.

@@ -18,20 +18,7 @@ fn config_text(keys: &str) -> String {
         r#"
 [server]
 listen = "127.0.0.1:0"
-
-[[providers]]
-name = "mock"
-kind = "mock"
-
-[[models]]
-id = "mock/lorem"
-max_output_tokens = 100
-  [[models.endpoints]]
-  provider = "mock"
-  upstream_model = "lorem"
-  prompt_usd_per_mtok = 0
-  completion_usd_per_mtok = 1
-
+{EXACT_LOREM}
 {keys}
 "#
     )
@@ -58,27 +45,13 @@ fn at(text: &str) -> u64 {
 }
 
 async fn ask(gw: &TestGateway, key: &str, max_tokens: u32) -> (u16, Value) {
-    let res = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&json!({"model": "mock/lorem", "max_tokens": max_tokens,
-                      "messages": [{"role": "user", "content": "go"}]}))
-        .send()
-        .await
-        .unwrap();
+    let res = post_lorem(gw, key, max_tokens).await;
     let status = res.status().as_u16();
     (status, res.json().await.unwrap_or(Value::Null))
 }
 
 async fn key_info(gw: &TestGateway, key: &str) -> (u16, Value) {
-    let res = client()
-        .get(gw.url("/api/v1/key"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
+    get_json(gw, "/api/v1/key", key).await
 }
 
 const DAILY: &str = "sk-daily-budget-0123456789";
@@ -192,14 +165,8 @@ async fn attribution_headers_reach_the_generation_and_the_request_log_bounded() 
         (Value::Null, Value::Null),
     ];
     for (id, (url, title)) in ids.iter().zip(&expected) {
-        let res = client()
-            .get(gw.url(&format!("/v1/generation?id={id}")))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 200);
-        let g: Value = res.json().await.unwrap();
+        let (status, g) = get_json(&gw, &format!("/v1/generation?id={id}"), key).await;
+        assert_eq!(status, 200);
         assert_eq!(
             (&g["data"]["app_url"], &g["data"]["app_title"]),
             (url, title),
@@ -394,15 +361,7 @@ async fn on_postgresql_a_daily_budget_and_attribution_work_the_same() {
         "May 1 and 2: {d}"
     );
 
-    let g: Value = client()
-        .get(gw.url(&format!("/v1/generation?id={id}")))
-        .bearer_auth(DAILY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, g) = get_json(&gw, &format!("/v1/generation?id={id}"), DAILY).await;
     assert_eq!(g["data"]["app_url"], "https://pg-app.example/");
     assert_eq!(g["data"]["app_title"], "PG app");
     assert!(gw.gateway.logs().flush(Duration::from_secs(30)));

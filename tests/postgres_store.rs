@@ -34,48 +34,13 @@ reservation_ttl_secs = {ttl}
 
 [logging]
 sink = "none"
-
-[[providers]]
-name = "mock"
-kind = "mock"
-
-[[models]]
-id = "mock/lorem"
-max_output_tokens = 100
-  [[models.endpoints]]
-  provider = "mock"
-  upstream_model = "lorem"
-  prompt_usd_per_mtok = 0
-  completion_usd_per_mtok = 1
-
+{EXACT_LOREM}
 [[keys]]
 secret = "{OWNER}"
 name = "owner"
 credits_usd = 2
 "#
     )
-}
-
-async fn post(gw: &TestGateway, key: &str, max_tokens: u32) -> reqwest::Response {
-    client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&json!({"model": "mock/lorem", "max_tokens": max_tokens,
-                      "messages": [{"role": "user", "content": "go"}]}))
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn get_json(gw: &TestGateway, path: &str, key: &str) -> (u16, Value) {
-    let res = client()
-        .get(gw.url(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
 }
 
 /// Polls `status_of` until it answers `want`; how long that took.
@@ -108,7 +73,7 @@ async fn two_gateways_on_one_database_are_one_gateway() {
     let b = gateway(&config(db.url())).await;
 
     // Served on A, charged once, and its generation answered on B.
-    let res = post(&a, OWNER, 7).await;
+    let res = post_lorem(&a, OWNER, 7).await;
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
     let id = body["id"].as_str().unwrap().to_string();
@@ -129,7 +94,7 @@ async fn two_gateways_on_one_database_are_one_gateway() {
     // A key unknown to B (and remembered as unknown) works on B within a second of
     // its creation on A; disabled on A, it is refused on B within a second.
     let secret = "sk-made-on-a-0123456789abcdef";
-    assert_eq!(post(&b, secret, 1).await.status(), 401);
+    assert_eq!(post_lorem(&b, secret, 1).await.status(), 401);
     let keys = a.gateway.keys().clone();
     let made = tokio::task::spawn_blocking(move || {
         keys.create(
@@ -141,7 +106,7 @@ async fn two_gateways_on_one_database_are_one_gateway() {
     .await
     .unwrap();
     let took = within(Duration::from_secs(1), 200, || async {
-        post(&b, secret, 1).await.status().as_u16()
+        post_lorem(&b, secret, 1).await.status().as_u16()
     })
     .await;
     eprintln!("a key made on A served on B after {took:?}");
@@ -160,7 +125,7 @@ async fn two_gateways_on_one_database_are_one_gateway() {
     .await
     .unwrap();
     within(Duration::from_secs(1), 403, || async {
-        post(&b, secret, 1).await.status().as_u16()
+        post_lorem(&b, secret, 1).await.status().as_u16()
     })
     .await;
 }
@@ -251,7 +216,7 @@ async fn an_unreachable_postgres_is_503_store_unavailable_and_readyz_503() {
     let url = db.url().replace(":5432/", &format!(":{port}/"));
     assert_ne!(url, db.url());
     let gw = gateway(&config(&url)).await;
-    assert_eq!(post(&gw, OWNER, 3).await.status(), 200);
+    assert_eq!(post_lorem(&gw, OWNER, 3).await.status(), 200);
 
     proxy.abort();
     let _ = proxy.await;
@@ -260,7 +225,7 @@ async fn an_unreachable_postgres_is_503_store_unavailable_and_readyz_503() {
     // A key cached by auth: refused at admission. An unknown one: at the lookup.
     for key in [OWNER, "sk-never-seen-0123456789abc"] {
         let started = Instant::now();
-        let res = post(&gw, key, 3).await;
+        let res = post_lorem(&gw, key, 3).await;
         assert_eq!(res.status(), 503);
         let body: Value = res.json().await.unwrap();
         assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
@@ -370,7 +335,7 @@ async fn a_gateway_that_stops_gives_its_leases_back_at_once() {
     // Leases that would last 60 s if nobody gave them back.
     let a = gateway(&config_ttl(db.url(), 60)).await;
     let b = gateway(&config_ttl(db.url(), 60)).await;
-    assert_eq!(post(&a, OWNER, 7).await.status(), 200);
+    assert_eq!(post_lorem(&a, OWNER, 7).await.status(), 200);
     let (_, key) = get_json(&b, "/v1/key", OWNER).await;
     assert_eq!(key["data"]["usage"], json!(0.000007));
     let ledger = b.gateway.ledger().clone();

@@ -9,9 +9,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-use switchboard::config::Config;
-use switchboard::store::SqliteStore;
-use switchboard::Gateway;
 
 fn completion(text: &str) -> Value {
     json!({
@@ -37,25 +34,6 @@ async fn fixed(status: u16) -> Upstream {
 
 const LIMITED_KEY: &str = "sk-test-limited-key-0123456789";
 
-/// Two gateways on one SQLite store (so they know the same keys) and one Redis
-/// prefix, like two instances of one deployment.
-async fn pair(toml: &str) -> (TestGateway, TestGateway) {
-    let mut config = Config::from_toml(toml).unwrap();
-    let dir = temp_dir("shared");
-    config.store.url = format!("sqlite://{}", dir.join("switchboard.db").display());
-    config.logging.sink = "none".into();
-    let store = SqliteStore::open(&config.store).unwrap();
-    store.bootstrap(&config.keys).unwrap();
-    let build = || {
-        Gateway::builder()
-            .config(config.clone())
-            .store(store.clone())
-            .build()
-            .unwrap()
-    };
-    (serve_built(build()).await, serve_built(build()).await)
-}
-
 #[tokio::test]
 async fn two_gateways_share_rpm_and_endpoint_health() {
     let Some(r) = switchboard::testing::redis("two_gateways_share_rpm_and_endpoint_health") else {
@@ -69,7 +47,7 @@ async fn two_gateways_share_rpm_and_endpoint_health() {
         r.url(),
         r.prefix()
     );
-    let (one, two) = pair(&openai_config(
+    let (one, two) = gateway_pair(&openai_config(
         &[("flaky", &flaky.url()), ("good", &good.url())],
         &extra,
     ))

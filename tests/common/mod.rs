@@ -224,6 +224,47 @@ pub async fn post_chat(gw: &TestGateway, key: &str, body: &serde_json::Value) ->
         .unwrap()
 }
 
+/// POSTs a non-stream `mock/lorem` request (see [`EXACT_LOREM`]) for `max_tokens`
+/// tokens with the client key `key`.
+pub async fn post_lorem(gw: &TestGateway, key: &str, max_tokens: u32) -> reqwest::Response {
+    let body = serde_json::json!({"model": "mock/lorem", "max_tokens": max_tokens,
+                                  "messages": [{"role": "user", "content": "go"}]});
+    post_chat(gw, key, &body).await
+}
+
+/// GETs `path` from the gateway with the client key `key`: the status, and the body
+/// as JSON (`Null` when it is not JSON).
+pub async fn get_json(gw: &TestGateway, path: &str, key: &str) -> (u16, serde_json::Value) {
+    let res = client()
+        .get(gw.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// Two gateways built from one config `toml` on one SQLite store of their own (so
+/// they know the same keys), no request log: with a `[shared]` Redis, two instances
+/// of one deployment.
+pub async fn gateway_pair(toml: &str) -> (TestGateway, TestGateway) {
+    let mut config = Config::from_toml(toml).unwrap();
+    let dir = temp_dir("pair");
+    config.store.url = format!("sqlite://{}", dir.join("switchboard.db").display());
+    config.logging.sink = "none".into();
+    let store = switchboard::store::SqliteStore::open(&config.store).unwrap();
+    store.bootstrap(&config.keys).unwrap();
+    let build = || {
+        Gateway::builder()
+            .config(config.clone())
+            .store(store.clone())
+            .build()
+            .unwrap()
+    };
+    (serve_built(build()).await, serve_built(build()).await)
+}
+
 /// Parses an SSE body into its `data:` payloads (comments dropped).
 pub fn sse_data(text: &str) -> Vec<String> {
     text.split("\n\n")
@@ -245,6 +286,25 @@ pub fn sse_text(text: &str) -> String {
         })
         .collect()
 }
+
+/// `[[providers]]` `mock` and `[[models]]` `mock/lorem` (at most 100 tokens out) with a
+/// free prompt and $1 per Mtok of completion: the lorem mock writes exactly
+/// `max_tokens` words, so a request with `max_tokens = n` reserves and costs exactly
+/// $n × 10⁻⁶. A TOML fragment to put after the single-table sections.
+pub const EXACT_LOREM: &str = r#"
+[[providers]]
+name = "mock"
+kind = "mock"
+
+[[models]]
+id = "mock/lorem"
+max_output_tokens = 100
+  [[models.endpoints]]
+  provider = "mock"
+  upstream_model = "lorem"
+  prompt_usd_per_mtok = 0
+  completion_usd_per_mtok = 1
+"#;
 
 /// The client key of [`openai_config`] (config secrets are at least 20 characters;
 /// only the built-in demo's `sk-demo` is shorter).

@@ -1,0 +1,174 @@
+//! `[[models]]` and their `[[models.endpoints]]`, and their checks.
+
+use std::collections::HashSet;
+
+use serde::Deserialize;
+
+use super::{Config, ProviderKind};
+use crate::money::{Price, MAX_MODEL_TOKENS, MAX_PRICE};
+
+/// `[[models]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// What clients put in `model`.
+    pub id: String,
+    /// Tokenizer for counting when a provider reports no usage.
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: String,
+    /// Shown in `/v1/models`.
+    #[serde(default)]
+    pub context_length: Option<u64>,
+    /// The default `max_tokens`, and the reserve's bound.
+    #[serde(default)]
+    pub max_output_tokens: Option<u32>,
+    /// Where the model is served.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+fn default_tokenizer() -> String {
+    "o200k_base".into()
+}
+
+/// `[[models.endpoints]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// Provider name.
+    pub provider: String,
+    /// The provider's name for the model.
+    pub upstream_model: String,
+    /// USD per 1,000,000 prompt tokens.
+    pub prompt_usd_per_mtok: Price,
+    /// USD per 1,000,000 completion tokens.
+    pub completion_usd_per_mtok: Price,
+    /// Default: the prompt price.
+    #[serde(default)]
+    pub cache_read_usd_per_mtok: Option<Price>,
+    /// Default: the prompt price.
+    #[serde(default)]
+    pub cache_write_usd_per_mtok: Option<Price>,
+    /// Share for load balancing (default 1).
+    #[serde(default)]
+    pub weight: Option<f64>,
+}
+
+/// Appends the problems of every `[[models]]` to `bad`, in file order.
+pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
+    let mut ids = HashSet::new();
+    for (i, m) in config.models.iter().enumerate() {
+        let at = |f: &str| format!("models[{i}].{f}");
+        if m.id.trim().is_empty() {
+            bad(at("id"), "must not be empty".into());
+        } else if m.id.contains(':') {
+            bad(
+                at("id"),
+                "must not contain `:` (reserved for :floor / :nitro)".into(),
+            );
+        } else if !ids.insert(m.id.as_str()) {
+            bad(at("id"), format!("`{}` is used by another model", m.id));
+        }
+        if !crate::tokenize::is_known(&m.tokenizer) {
+            bad(
+                at("tokenizer"),
+                format!(
+                    "`{}` is not one of {}",
+                    m.tokenizer,
+                    crate::tokenize::KNOWN.join(", ")
+                ),
+            );
+        }
+        if m.max_output_tokens
+            .is_some_and(|t| t == 0 || u64::from(t) > MAX_MODEL_TOKENS)
+        {
+            bad(
+                at("max_output_tokens"),
+                format!("must be from 1 to {MAX_MODEL_TOKENS}"),
+            );
+        }
+        if m.context_length.is_some_and(|t| t > MAX_MODEL_TOKENS) {
+            bad(
+                at("context_length"),
+                format!("must be at most {MAX_MODEL_TOKENS}"),
+            );
+        }
+        if m.endpoints.is_empty() {
+            bad(
+                at("endpoints"),
+                "a model needs at least one [[models.endpoints]]".into(),
+            );
+        }
+        for (j, e) in m.endpoints.iter().enumerate() {
+            let at = |f: &str| format!("models[{i}].endpoints[{j}].{f}");
+            match config.providers.iter().find(|p| p.name == e.provider) {
+                None => bad(
+                    at("provider"),
+                    format!("no provider named `{}`", e.provider),
+                ),
+                Some(p) if p.kind == ProviderKind::Mock => {
+                    if !matches!(e.upstream_model.as_str(), "echo" | "lorem") {
+                        bad(
+                            at("upstream_model"),
+                            "a mock provider serves `echo` or `lorem`".into(),
+                        );
+                    }
+                }
+                Some(_) => {}
+            }
+            if e.upstream_model.trim().is_empty() {
+                bad(at("upstream_model"), "must not be empty".into());
+            }
+            for (field, price) in [
+                ("prompt_usd_per_mtok", Some(e.prompt_usd_per_mtok)),
+                ("completion_usd_per_mtok", Some(e.completion_usd_per_mtok)),
+                ("cache_read_usd_per_mtok", e.cache_read_usd_per_mtok),
+                ("cache_write_usd_per_mtok", e.cache_write_usd_per_mtok),
+            ] {
+                if price.is_some_and(|p| p > MAX_PRICE) {
+                    bad(
+                        at(field),
+                        format!("must be at most {MAX_PRICE} USD per million tokens"),
+                    );
+                }
+            }
+            if let Some(w) = e.weight {
+                if !(w.is_finite() && w > 0.0) {
+                    bad(at("weight"), "must be a positive number".into());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn prices_are_exact_decimals() {
+        let c = Config::from_toml(
+            r#"
+[[providers]]
+name = "m"
+kind = "mock"
+[[models]]
+id = "m/echo"
+  [[models.endpoints]]
+  provider = "m"
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 0.15
+  completion_usd_per_mtok = "0.000001"
+"#,
+        )
+        .unwrap();
+        let e = &c.models[0].endpoints[0];
+        assert_eq!(e.prompt_usd_per_mtok.pico_per_token(), 150_000);
+        assert_eq!(e.completion_usd_per_mtok.pico_per_token(), 1);
+        let err = Config::from_toml(
+            "[[providers]]\nname='m'\nkind='mock'\n[[models]]\nid='a'\n[[models.endpoints]]\nprovider='m'\nupstream_model='echo'\nprompt_usd_per_mtok=0.0000001\ncompletion_usd_per_mtok=1\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("prompt_usd_per_mtok"), "{err}");
+    }
+}
