@@ -253,6 +253,47 @@ impl Drop for Server {
     }
 }
 
+/// What every mode's flags say: `--quick`, `--secs N` (default `secs` = (quick,
+/// full)), `--repeat N` (default `repeat` = (quick, full), at least 1).
+struct BenchArgs {
+    quick: bool,
+    secs: u64,
+    repeat: usize,
+}
+
+impl BenchArgs {
+    fn parse(args: &[String], secs: (u64, u64), repeat: (usize, usize)) -> Self {
+        let quick = args.iter().any(|a| a == "--quick");
+        let value = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+        };
+        BenchArgs {
+            quick,
+            secs: value("--secs")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(if quick { secs.0 } else { secs.1 }),
+            repeat: value("--repeat")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(if quick { repeat.0 } else { repeat.1 })
+                .max(1),
+        }
+    }
+}
+
+/// Pins this process (the load generator) to CPU 0 when `taskset` exists; whether it
+/// did.
+fn pin_self() -> bool {
+    let pin = has_taskset();
+    if pin {
+        let _ = Command::new("taskset")
+            .args(["-cp", "0", &std::process::id().to_string()])
+            .output();
+    }
+    pin
+}
+
 fn has_taskset() -> bool {
     Command::new("taskset").arg("--version").output().is_ok()
 }
@@ -579,25 +620,13 @@ credits_usd = 1000000
 }
 
 async fn bench(args: &[String]) {
-    let quick = args.iter().any(|a| a == "--quick");
-    let secs: u64 = args
-        .iter()
-        .position(|a| a == "--secs")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(if quick { 2 } else { 5 });
+    let BenchArgs {
+        quick,
+        secs,
+        repeat,
+    } = BenchArgs::parse(args, (2, 5), (1, 5));
     let streams: usize = if quick { 200 } else { 1000 };
-    let repeat: usize = args
-        .iter()
-        .position(|a| a == "--repeat")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(if quick { 1 } else { 5 })
-        .max(1);
-    let pin = has_taskset();
-    if pin {
-        let _ = Command::new("taskset")
-            .args(["-cp", "0", &std::process::id().to_string()])
-            .output();
-    }
+    let pin = pin_self();
     let dir = std::env::temp_dir().join(format!("switchboard-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 

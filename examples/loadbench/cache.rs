@@ -134,24 +134,12 @@ pub async fn misses(args: &[String]) {
 }
 
 pub async fn run(args: &[String]) {
-    let quick = args.iter().any(|a| a == "--quick");
-    let secs: u64 = args
-        .iter()
-        .position(|a| a == "--secs")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(if quick { 1 } else { 5 });
-    let repeat: usize = args
-        .iter()
-        .position(|a| a == "--repeat")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(if quick { 1 } else { 5 })
-        .max(1);
-    let pin = has_taskset();
-    if pin {
-        let _ = Command::new("taskset")
-            .args(["-cp", "0", &std::process::id().to_string()])
-            .output();
-    }
+    let BenchArgs {
+        quick,
+        secs,
+        repeat,
+    } = BenchArgs::parse(args, (1, 5), (1, 5));
+    let pin = pin_self();
     let dir = std::env::temp_dir().join(format!("switchboard-bench-cache-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let up = spawn(&["upstream"], Some(0));

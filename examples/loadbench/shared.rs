@@ -314,24 +314,8 @@ fn gateways(upstream: SocketAddr, config: &str, n: usize) -> Vec<Server> {
 }
 
 pub async fn run(args: &[String]) {
-    let quick = args.iter().any(|a| a == "--quick");
-    let secs: u64 = args
-        .iter()
-        .position(|a| a == "--secs")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(if quick { 2 } else { 5 });
-    let repeat: usize = args
-        .iter()
-        .position(|a| a == "--repeat")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(if quick { 1 } else { 3 })
-        .max(1);
-    let pin = has_taskset();
-    if pin {
-        let _ = Command::new("taskset")
-            .args(["-cp", "0", &std::process::id().to_string()])
-            .output();
-    }
+    let BenchArgs { secs, repeat, .. } = BenchArgs::parse(args, (2, 5), (1, 3));
+    let pin = pin_self();
     let (Some(db1), Some(db2)) = (
         switchboard::testing::postgres("loadbench --shared"),
         switchboard::testing::postgres("loadbench --shared"),
