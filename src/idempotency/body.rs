@@ -52,7 +52,9 @@ pub(crate) struct RecordingBody {
     /// The ledger and scope of a record being committed: if its commit fails but the
     /// charge stays queued (the store is unavailable), the claims are kept until the
     /// record lands, so that no repeat runs (and is charged) meanwhile.
-    awaiting: Option<(Arc<dyn Ledger>, String, String)>,
+    /// The last item is the record's expiry: past it the record would not be replayed
+    /// anyway, so the claims are let go then at the latest.
+    awaiting: Option<(Arc<dyn Ledger>, String, String, u64)>,
     /// The layer's clock, for reading the record back as the layer would.
     clock: super::Clock,
 }
@@ -105,6 +107,7 @@ impl RecordingBody {
                     parked.ledger().clone(),
                     r.key_id.clone(),
                     r.idem_key.clone(),
+                    r.expires,
                 ));
                 parked.commit_recorded(r)
             }
@@ -117,7 +120,7 @@ impl RecordingBody {
     /// ran meanwhile would be charged a second time, so the claims move to a task
     /// that holds them until the record can be read back.
     fn keep_claims_until_recorded(&mut self) {
-        let Some((ledger, key_id, idem_key)) = self.awaiting.take() else {
+        let Some((ledger, key_id, idem_key, expires)) = self.awaiting.take() else {
             return;
         };
         let (claim, lock) = (self.claim.take(), self.lock.take());
@@ -130,7 +133,14 @@ impl RecordingBody {
             loop {
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(std::time::Duration::from_secs(5));
-                match ledger.idempotency_record(&key_id, &idem_key, clock()).await {
+                let now = clock();
+                if now >= expires {
+                    tracing::warn!(
+                        "Idempotency-Key {idem_key:?}: its record did not land before it expired; repeats run again"
+                    );
+                    break;
+                }
+                match ledger.idempotency_record(&key_id, &idem_key, now).await {
                     Ok(Some(_)) => break,
                     Ok(None) | Err(_) => continue,
                 }

@@ -533,3 +533,50 @@ async fn an_unconfirmed_commit_keeps_repeats_waiting_until_its_record_lands() {
     assert_eq!(svc.layer.flights.len(), 0);
     assert_eq!(svc.layer.flights.waiting_now(), 0);
 }
+
+/// `keep_claims_until_recorded` is bounded: a queued record that never lands is waited
+/// for until it would have expired (past that it would not be replayed anyway), then
+/// the claims are let go and a repeat runs again.
+#[tokio::test]
+async fn claims_kept_for_a_record_that_never_lands_end_when_it_would_have_expired() {
+    let f = fixture();
+    let ledger = Arc::new(Queueing {
+        inner: f.store.clone(),
+        queued: Default::default(),
+        looks: tokio::sync::watch::Sender::new(0),
+    });
+    let svc = f.service_on(ledger.clone());
+    let patience = Duration::from_secs(30);
+
+    let first = call(&svc, f.request(Some("k-never"), r#"{"q":1}"#)).await;
+    assert!(
+        first.into_body().collect().await.is_err(),
+        "the answer is cut"
+    );
+    assert_eq!(ledger.queued.lock().unwrap().len(), 1);
+    // Still within the record's 60 s: the task looks again and keeps the claims.
+    let mut looks = ledger.looks.subscribe();
+    let seen = *looks.borrow_and_update();
+    tokio::time::timeout(patience, looks.wait_for(|n| *n > seen))
+        .await
+        .expect("the task looks again")
+        .unwrap();
+    assert_eq!(
+        svc.layer.flights.len(),
+        1,
+        "claims kept while the record may land"
+    );
+    // Past the record's expiry (the layer's ttl is 60 s): the claims are let go.
+    f.now.fetch_add(61, Ordering::SeqCst);
+    tokio::time::timeout(patience, async {
+        while svc.layer.flights.len() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the claims end once the record would have expired");
+    // A repeat now runs (nothing was recorded).
+    let again = call(&svc, f.request(Some("k-never"), r#"{"q":1}"#)).await;
+    assert!(again.headers().get(IDEMPOTENT_REPLAYED).is_none());
+    assert_eq!(f.calls.load(Ordering::SeqCst), 2, "the repeat ran");
+}
