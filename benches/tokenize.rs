@@ -12,7 +12,7 @@ fn corpus() -> String {
     let parts = [
         include_str!("../src/chat.rs"),
         include_str!("../src/money.rs"),
-        include_str!("../src/normalize.rs"),
+        include_str!("../src/normalize/mod.rs"),
     ];
     let mut s = String::with_capacity(1 << 20);
     while s.len() < 1 << 20 {

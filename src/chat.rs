@@ -17,7 +17,10 @@ use serde_json::{Map, Value};
 use crate::money::Money;
 
 mod de;
+mod inbound;
 mod ser;
+
+pub use inbound::{AnthropicInbound, Dialect, EmbeddingInput, EmbeddingsInput, Inbound, Reasoning};
 
 /// A chat-completions request as a client sends it (`Deserialize` is in `de.rs`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -78,6 +81,12 @@ pub struct ChatRequest {
     /// OpenRouter: `{"include": true}` asks for usage in the last stream chunk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageOptions>,
+    /// OpenRouter: `{"effort", "max_tokens", "exclude", "enabled"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<Reasoning>,
+    /// The inbound API and what it brought beyond this schema; never on the wire.
+    #[serde(skip)]
+    pub inbound: Inbound,
     /// Every field the schema does not model, kept for OpenAI-kind providers.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -633,6 +642,10 @@ pub struct ChatChunk {
     /// Usage; on the last chunk only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// An embeddings answer (SPEC §7.3): one vector per input, in order; the chunk
+    /// is the whole answer. Never on a chat stream's wire.
+    #[serde(skip)]
+    pub embeddings: Option<std::sync::Arc<Vec<Vec<f32>>>>,
     /// An error after the stream started (SPEC §3.2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Value>,
@@ -957,6 +970,7 @@ impl ChatCompletion {
                 })
                 .collect(),
             usage: self.usage,
+            embeddings: None,
             error: None,
         }
     }

@@ -403,6 +403,11 @@ impl Gateway {
     pub fn router(&self) -> Router {
         let v1 = Router::new()
             .route("/chat/completions", post_service(self.chat.clone()))
+            // SPEC §7: the other inbound APIs go through the same stack; Normalize
+            // picks the dialect from the path.
+            .route("/messages", post_service(self.chat.clone()))
+            .route("/responses", post_service(self.chat.clone()))
+            .route("/embeddings", post_service(self.chat.clone()))
             .route("/models", get(list_models))
             .route("/models/{*id}", get(get_model))
             .with_state(self.catalog.clone())

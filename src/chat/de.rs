@@ -137,6 +137,7 @@ impl<'de> Deserialize<'de> for ChatRequest {
                 let (mut temperature, mut top_p, mut stop, mut tools) = (None, None, None, None);
                 let (mut tool_choice, mut response_format, mut seed, mut user) =
                     (None, None, None, None);
+                let mut reasoning = None;
                 let (mut stream, mut stream_options, mut reasoning_effort, mut usage) =
                     (None, None, None, None);
                 let mut n = None;
@@ -172,6 +173,7 @@ impl<'de> Deserialize<'de> for ChatRequest {
                             once(&mut map, &mut reasoning_effort, "reasoning_effort")?
                         }
                         "usage" => once_object(&mut map, &mut usage, "usage")?,
+                        "reasoning" => once_object(&mut map, &mut reasoning, "reasoning")?,
                         _ => keep(&mut map, &mut extra, key)?,
                     }
                 }
@@ -195,6 +197,8 @@ impl<'de> Deserialize<'de> for ChatRequest {
                     stream_options: stream_options.flatten(),
                     reasoning_effort: reasoning_effort.flatten(),
                     usage: usage.flatten(),
+                    reasoning: reasoning.flatten(),
+                    inbound: Default::default(),
                     extra,
                 })
             }

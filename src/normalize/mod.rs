@@ -40,7 +40,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::{Stream, StreamExt, TryFutureExt};
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -48,10 +48,17 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::chat::{Aggregator, ChatChunk, ChatRequest, ChunkChoice};
+use crate::chat::{Aggregator, ChatChunk, ChatRequest, Dialect};
 use crate::context::{CallContext, ChatCall, ChatReply, ChunkStream};
 use crate::error::{Body, BoxError, GatewayError};
 use crate::keys::KeyRecord;
+
+mod anthropic_messages;
+mod embeddings;
+mod openai_chat;
+mod openai_responses;
+
+pub use openai_chat::parse_request;
 
 /// `X-Request-Id`.
 pub const X_REQUEST_ID: &str = "x-request-id";
@@ -182,65 +189,35 @@ where
     }
 }
 
-/// Reads and checks the request body.
+/// Reads the request body under `limit` bytes (413 past it).
+pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, GatewayError>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(GatewayError::PayloadTooLarge(format!(
+                "the request body is larger than {limit} bytes ([server].max_body_bytes)"
+            )))
+        }
+        Err(e) => Err(GatewayError::InvalidRequest(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+/// Reads and checks a chat-completions request body.
 pub async fn read_request<B>(body: B, limit: usize) -> Result<ChatRequest, GatewayError>
 where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
-    let bytes = match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return Err(GatewayError::PayloadTooLarge(format!(
-                "the request body is larger than {limit} bytes ([server].max_body_bytes)"
-            )))
-        }
-        Err(e) => {
-            return Err(GatewayError::InvalidRequest(format!(
-                "could not read the request body: {e}"
-            )))
-        }
-    };
-    parse_request(&bytes)
-}
-
-/// Parses a chat request, naming the JSON path of what is wrong.
-pub fn parse_request(bytes: &[u8]) -> Result<ChatRequest, GatewayError> {
-    // The plain parse first: tracking the path costs on every field (≈ 4k
-    // instructions a request, callgrind), and is only needed to explain an error.
-    let mut req = match crate::chat::from_json::<ChatRequest>(bytes) {
-        Ok(req) => req,
-        Err(_) => return Err(explain_parse_error(bytes)),
-    };
-    req.validate().map_err(GatewayError::InvalidRequest)?;
-    // The request lives as long as its stream: no spare capacity (serde grows the
-    // vector to 4 messages for the first one).
-    req.messages.shrink_to_fit();
-    Ok(req)
-}
-
-/// The error of a body that did not parse, with the JSON path of what is wrong.
-#[cold]
-fn explain_parse_error(bytes: &[u8]) -> GatewayError {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    match serde_path_to_error::deserialize::<_, ChatRequest>(de) {
-        Err(e) => {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if inner.is_syntax() || inner.is_eof() {
-                GatewayError::InvalidRequest(format!("the body is not valid JSON: {inner}"))
-            } else if path == "." {
-                GatewayError::InvalidRequest(format!("invalid request: {inner}"))
-            } else {
-                GatewayError::InvalidRequest(format!("invalid `{path}`: {inner}"))
-            }
-        }
-        // Both parsers read the same bytes with the same types.
-        Ok(_) => GatewayError::InvalidRequest("the body is not a valid chat request".into()),
-    }
+    parse_request(&read_body(body, limit).await?)
 }
 
 async fn handle<S, B>(
@@ -269,25 +246,34 @@ where
             )));
         }
     }
+    let dialect = Dialect::from_path(req.uri().path());
+    let (parts, body) = req.into_parts();
     // The body is read inside the request's deadline: a client that stalls halfway
     // through it holds the connection no longer than any other request.
-    let request =
-        tokio::time::timeout_at(deadline, read_request(req.into_body(), cfg.max_body_bytes))
-            .await
-            .map_err(|_| body_timed_out())??;
+    let bytes = tokio::time::timeout_at(deadline, read_body(body, cfg.max_body_bytes))
+        .await
+        .map_err(|_| body_timed_out())??;
+    let request = match dialect {
+        Dialect::OpenAiChat => openai_chat::parse_request(&bytes)?,
+        Dialect::AnthropicMessages => anthropic_messages::parse(&bytes, &parts.headers)?,
+        Dialect::OpenAiResponses => openai_responses::parse(&bytes, &parts.headers)?,
+        Dialect::Embeddings => embeddings::parse(&bytes, &parts.headers)?,
+    };
+    drop(bytes);
     let stream = request.stream;
-    let wants_usage = request.wants_stream_usage();
     ctx.update(|s| {
         s.streamed = stream;
         s.requested_model.clone_from(&request.model);
     });
+    let call = ChatCall::new(request, ctx.clone());
+    let request = call.request.clone();
     let reply = inner
-        .oneshot(ChatCall::new(request, ctx.clone()))
+        .oneshot(call)
         .map_err(|e| GatewayError::from_boxed(e.into()));
     if stream {
-        stream_response(reply, cfg.keepalive, ctx.clone(), deadline, wants_usage).await
+        stream_response(reply, cfg.keepalive, ctx.clone(), deadline, request).await
     } else {
-        json_response(reply, ctx, deadline).await
+        json_response(reply, ctx, deadline, &request).await
     }
 }
 
@@ -308,6 +294,7 @@ async fn json_response<F>(
     reply: F,
     ctx: &CallContext,
     deadline: Instant,
+    request: &ChatRequest,
 ) -> Result<Response<Body>, GatewayError>
 where
     F: std::future::Future<Output = Result<ChatReply, GatewayError>>,
@@ -331,10 +318,12 @@ where
     completion.created = ctx.created();
     completion.model = (*endpoint.model).to_owned();
     completion.provider = Some((*endpoint.provider.name).to_owned());
-    // Sized up front: growing from serde_json's default 128 bytes reallocates and
-    // copies several times for a typical completion.
-    let mut body = Vec::with_capacity(384 + agg_len_hint(&completion));
-    completion.write_json(&mut body);
+    let body = match request.inbound.dialect {
+        Dialect::OpenAiChat => openai_chat::json_body(&completion),
+        Dialect::AnthropicMessages => anthropic_messages::json_body(&completion, request),
+        Dialect::OpenAiResponses => openai_responses::json_body(&completion, request),
+        Dialect::Embeddings => embeddings::json_body(&completion, request),
+    };
     ctx.update(|s| s.status = 200);
     let mut res = Response::new(Body::from(body));
     let h = res.headers_mut();
@@ -344,19 +333,6 @@ where
     );
     served_headers(h, &endpoint.model, &endpoint.provider.name);
     Ok(res)
-}
-
-/// Roughly the bytes of a completion's content.
-fn agg_len_hint(c: &crate::chat::ChatCompletion) -> usize {
-    c.choices
-        .iter()
-        .map(|ch| {
-            ch.message
-                .content
-                .as_ref()
-                .map_or(0, |t| t.len() + t.len() / 8)
-        })
-        .sum()
 }
 
 fn served_headers(h: &mut http::HeaderMap, model: &str, provider: &str) {
@@ -391,7 +367,7 @@ async fn stream_response<F>(
     keepalive: Duration,
     ctx: CallContext,
     deadline: Instant,
-    wants_usage: bool,
+    request: Arc<ChatRequest>,
 ) -> Result<Response<Body>, GatewayError>
 where
     F: std::future::Future<Output = Result<ChatReply, GatewayError>> + Send + 'static,
@@ -402,8 +378,8 @@ where
         r = &mut reply => {
             let ChatReply { endpoint, chunks } = r?;
             ctx.update(|s| s.status = 200);
-            let writer = SseWriter::new(ctx, &endpoint, wants_usage);
-            let mut res = sse_response(Body::from_stream(writer.run(chunks, deadline)));
+            let encoder = Encoder::new(ctx, Some(&endpoint), &request);
+            let mut res = sse_response(Body::from_stream(encoder.run(chunks, deadline)));
             served_headers(res.headers_mut(), &endpoint.model, &endpoint.provider.name);
             Ok(res)
         }
@@ -413,7 +389,7 @@ where
             }
             // Commit early: 200 now, comments until the reply is ready.
             ctx.update(|s| s.status = 200);
-            let body = keepalive_then_stream(reply, keepalive, ctx, deadline, wants_usage);
+            let body = keepalive_then_stream(reply, keepalive, ctx, deadline, request);
             Ok(sse_response(Body::from_stream(body)))
         }
     }
@@ -426,7 +402,7 @@ fn keepalive_then_stream<F>(
     every: Duration,
     ctx: CallContext,
     deadline: Instant,
-    wants_usage: bool,
+    request: Arc<ChatRequest>,
 ) -> impl Stream<Item = SseItem> + Send
 where
     F: std::future::Future<Output = Result<ChatReply, GatewayError>> + Send + 'static,
@@ -440,6 +416,7 @@ where
     let first = futures_util::stream::once(async { Ok(Bytes::from_static(KEEPALIVE_COMMENT)) });
     let rest = futures_util::stream::unfold(Phase::Waiting(reply), move |phase| {
         let ctx = ctx.clone();
+        let request = request.clone();
         async move {
             match phase {
                 Phase::Waiting(mut reply) => {
@@ -447,16 +424,20 @@ where
                     tokio::select! {
                         r = &mut reply => match r {
                             Ok(ChatReply { endpoint, chunks }) => {
-                                let writer = SseWriter::new(ctx, &endpoint, wants_usage);
-                                let mut s: std::pin::Pin<Box<dyn Stream<Item = SseItem> + Send>> = Box::pin(writer.run(chunks, deadline));
+                                let encoder = Encoder::new(ctx, Some(&endpoint), &request);
+                                let mut s: std::pin::Pin<Box<dyn Stream<Item = SseItem> + Send>> = Box::pin(encoder.run(chunks, deadline));
                                 let first = s.next().await;
                                 first.map(|b| (b, Phase::Streaming(s)))
                             }
-                            Err(e) => Some((Ok(error_event(&ctx, &e, "", "")), Phase::Done)),
+                            Err(e) => {
+                                let last = Encoder::new(ctx, None, &request).error(&e);
+                                Some((Ok(last), Phase::Done))
+                            }
                         },
                         _ = tokio::time::sleep_until(tick.min(deadline)) => {
                             if Instant::now() >= deadline {
-                                Some((Ok(error_event(&ctx, &timed_out(), "", "")), Phase::Done))
+                                let last = Encoder::new(ctx, None, &request).error(&timed_out());
+                                Some((Ok(last), Phase::Done))
                             } else {
                                 Some((Ok(Bytes::from_static(KEEPALIVE_COMMENT)), Phase::Waiting(reply)))
                             }
@@ -471,86 +452,78 @@ where
     first.chain(rest)
 }
 
-/// An error chunk followed by `[DONE]` (SPEC §3.2, errors after the stream started).
-fn error_event(ctx: &CallContext, e: &GatewayError, model: &str, provider: &str) -> Bytes {
+/// Records an error that ends a started stream in the context (SPEC §3.2): every
+/// dialect's error event calls it.
+pub(crate) fn record_stream_error(ctx: &CallContext, e: &GatewayError) {
     ctx.update(|s| {
         s.error_code = Some(e.code());
         s.finish_reason = Some("error".into());
     });
-    let chunk = serde_json::json!({
-        "id": ctx.request_id(),
-        "object": "chat.completion.chunk",
-        "created": ctx.created(),
-        "model": model,
-        "provider": provider,
-        "error": e.to_json(),
-        "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],
-    });
-    let mut out = BytesMut::with_capacity(256);
-    out.put_slice(b"data: ");
-    out.put_slice(chunk.to_string().as_bytes());
-    out.put_slice(b"\n\n");
-    out.put_slice(DONE_EVENT);
-    out.freeze()
 }
 
-/// Writes chunks as SSE events, stamped with the request's id, model and provider
-/// (shared with the context and the catalog, not copied per stream).
-struct SseWriter {
-    ctx: CallContext,
-    model: Arc<str>,
-    provider: Arc<str>,
-    wants_usage: bool,
-    /// `data: {"id":…,"object":…,"created":…,"model":…,"provider":…,"choices":`,
-    /// the same in every chunk of the stream: encoded once, copied per chunk.
-    prefix: Vec<u8>,
+/// Writes a streamed reply in the dialect the request came in by: one encoder per
+/// stream, fed every chunk in order, then the end (or the error that ends it).
+pub(crate) enum Encoder {
+    /// `chat.completion.chunk` events, `[DONE]`.
+    Chat(openai_chat::SseWriter),
+    /// Anthropic's `message_start` … `message_stop`.
+    Messages(anthropic_messages::Encoder),
+    /// Responses' typed events with `sequence_number`.
+    Responses(openai_responses::Encoder),
 }
 
-impl SseWriter {
-    fn new(ctx: CallContext, endpoint: &crate::catalog::Endpoint, wants_usage: bool) -> Self {
-        let mut prefix = Vec::with_capacity(160);
-        prefix.extend_from_slice(b"data: {\"id\":");
-        crate::json::push_str(&mut prefix, ctx.request_id());
-        prefix.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
-        prefix.extend_from_slice(itoa::Buffer::new().format(ctx.created()).as_bytes());
-        prefix.extend_from_slice(b",\"model\":");
-        crate::json::push_str(&mut prefix, &endpoint.model);
-        prefix.extend_from_slice(b",\"provider\":");
-        crate::json::push_str(&mut prefix, &endpoint.provider.name);
-        // The object stays open for the chunk's own fields.
-        prefix.extend_from_slice(b",\"choices\":");
-        SseWriter {
-            model: endpoint.model.clone(),
-            provider: endpoint.provider.name.clone(),
-            ctx,
-            wants_usage,
-            prefix,
+impl Encoder {
+    /// The encoder of `request`'s dialect; `endpoint` is `None` when the stream ends
+    /// before any endpoint committed (an error after an early commit).
+    fn new(
+        ctx: CallContext,
+        endpoint: Option<&crate::catalog::Endpoint>,
+        request: &Arc<ChatRequest>,
+    ) -> Encoder {
+        match request.inbound.dialect {
+            Dialect::AnthropicMessages => {
+                Encoder::Messages(anthropic_messages::Encoder::new(ctx, endpoint, request))
+            }
+            Dialect::OpenAiResponses => {
+                Encoder::Responses(openai_responses::Encoder::new(ctx, endpoint, request))
+            }
+            // Embeddings refuse `stream` when parsed.
+            Dialect::OpenAiChat | Dialect::Embeddings => Encoder::Chat(
+                openai_chat::SseWriter::new(ctx, endpoint, request.wants_stream_usage()),
+            ),
         }
     }
 
-    /// Encodes one chunk, or `None` when there is nothing for this client in it:
-    /// the stream's prefix, then the chunk's `choices` (and `usage`, if asked for).
-    fn encode(&self, chunk: &ChatChunk) -> Option<Bytes> {
-        let usage = chunk.usage.as_ref().filter(|_| self.wants_usage);
-        if usage.is_none() && chunk.choices.is_empty() {
-            return None;
+    /// One chunk's events, or `None` when there is nothing for this client in it.
+    fn chunk(&mut self, chunk: &ChatChunk) -> Option<Bytes> {
+        match self {
+            Encoder::Chat(w) => w.encode(chunk),
+            Encoder::Messages(e) => e.chunk(chunk),
+            Encoder::Responses(e) => e.chunk(chunk),
         }
-        // Into a Vec (`Bytes::from(Vec)` takes the buffer without a copy), by the
-        // writers of `chat/ser.rs`: the bytes serde_json would write.
-        let mut out = Vec::with_capacity(self.prefix.len() + 160);
-        out.extend_from_slice(&self.prefix);
-        ChunkChoice::write_json_list(&chunk.choices, &mut out);
-        if let Some(u) = usage {
-            out.extend_from_slice(b",\"usage\":");
-            u.write_json(&mut out);
+    }
+
+    /// The events that end a complete stream.
+    fn done(&mut self) -> Bytes {
+        match self {
+            Encoder::Chat(_) => Bytes::from_static(DONE_EVENT),
+            Encoder::Messages(e) => e.done(),
+            Encoder::Responses(e) => e.done(),
         }
-        out.extend_from_slice(b"}\n\n");
-        Some(Bytes::from(out))
+    }
+
+    /// The events that end a stream cut by `e` (recorded in the context).
+    fn error(&mut self, e: &GatewayError) -> Bytes {
+        match self {
+            Encoder::Chat(w) => w.error(e),
+            Encoder::Messages(m) => m.error(e),
+            Encoder::Responses(r) => r.error(e),
+        }
     }
 
     fn run(self, chunks: ChunkStream, deadline: Instant) -> SseBody {
         SseBody {
-            writer: self,
+            encoder: self,
             chunks,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             done: false,
@@ -559,12 +532,12 @@ impl SseWriter {
 }
 
 /// The SSE body: chunks encoded as they come, an error event if the stream fails or
-/// the request's deadline passes, then `[DONE]`.
+/// the request's deadline passes, else the dialect's end.
 ///
 /// One timer for the whole stream, polled only when no chunk is ready: a
 /// `timeout_at` per chunk registered and cancelled a timer for every chunk.
 struct SseBody {
-    writer: SseWriter,
+    encoder: Encoder,
     chunks: ChunkStream,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
     done: bool,
@@ -582,20 +555,20 @@ impl Stream for SseBody {
         if this.done {
             return Poll::Ready(None);
         }
-        let w = &this.writer;
+        let e = &mut this.encoder;
         loop {
             let last = match this.chunks.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(chunk))) => match w.encode(&chunk) {
+                Poll::Ready(Some(Ok(chunk))) => match e.chunk(&chunk) {
                     Some(bytes) => return Poll::Ready(Some(Ok(bytes))),
                     None => continue,
                 },
-                Poll::Ready(Some(Err(e))) => error_event(&w.ctx, &e, &w.model, &w.provider),
-                Poll::Ready(None) => Bytes::from_static(DONE_EVENT),
+                Poll::Ready(Some(Err(err))) => e.error(&err),
+                Poll::Ready(None) => e.done(),
                 Poll::Pending => {
                     if std::future::Future::poll(this.deadline.as_mut(), cx).is_pending() {
                         return Poll::Pending;
                     }
-                    error_event(&w.ctx, &timed_out(), &w.model, &w.provider)
+                    e.error(&timed_out())
                 }
             };
             this.done = true;
@@ -943,7 +916,7 @@ mod tests {
             v
         };
         for wants_usage in [false, true] {
-            let w = SseWriter::new(ctx.clone(), endpoint, wants_usage);
+            let w = openai_chat::SseWriter::new(ctx.clone(), Some(endpoint), wants_usage);
             let bytes = w.encode(&chunk).unwrap();
             let text = std::str::from_utf8(&bytes).unwrap();
             let json = text
@@ -965,7 +938,7 @@ mod tests {
             assert_eq!(json, serde_json::to_string(&stamped).unwrap());
         }
         // Nothing for this client: no choices, and usage not asked for.
-        let w = SseWriter::new(ctx.clone(), endpoint, false);
+        let w = openai_chat::SseWriter::new(ctx.clone(), Some(endpoint), false);
         assert!(w
             .encode(&ChatChunk::usage(crate::chat::Usage::new(1, 1)))
             .is_none());
