@@ -30,7 +30,8 @@ pub(crate) struct Recorder {
 
 impl Recorder {
     /// The body ended: stores the answer when it is complete and clean (no error
-    /// recorded in the context; a stream ending with `[DONE]`), and ends the flight.
+    /// recorded in the context; a stream ending as a complete one does,
+    /// [`stream_complete`](crate::normalize::stream_complete)), and ends the flight.
     fn finish(self) {
         let (clean, finish_reason, served) = match &self.ctx {
             Some(ctx) => ctx.update(|s| {
@@ -46,7 +47,7 @@ impl Recorder {
             return; // dropped: failed
         };
         let raw = self.guard.body();
-        if !clean || (self.sse && !raw.ends_with(DONE_EVENT)) {
+        if !clean || (self.sse && !crate::normalize::stream_complete(&raw)) {
             return;
         }
         let (mut body, mut id_at) = (Vec::with_capacity(raw.len()), Vec::new());
@@ -206,7 +207,7 @@ pub(crate) fn follower_body(
                 let mut out = Vec::with_capacity(cut + 64);
                 answer::rewrite_sse(&f.pending[..cut], &f.old_id, &f.new_id, &mut out);
                 f.pending.drain(..cut);
-                f.sent_done |= out.ends_with(DONE_EVENT);
+                f.sent_done |= crate::normalize::stream_complete(&out);
                 if !out.is_empty() {
                     return Some((Ok::<_, BoxError>(Bytes::from(out)), f));
                 }

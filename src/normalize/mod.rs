@@ -362,6 +362,24 @@ pub const KEEPALIVE_COMMENT: &[u8] = b": switchboard processing\n\n";
 /// The stream's last event.
 pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 
+/// Whether an SSE body written by Normalize ends as a complete answer does, in any
+/// dialect: `data: [DONE]` (chat), Anthropic's `message_stop`, or Responses'
+/// `response.completed` as the last event. What the response cache and its
+/// followers check before they store or replay a stream as whole.
+pub fn stream_complete(body: &[u8]) -> bool {
+    if body.ends_with(DONE_EVENT) {
+        return true;
+    }
+    let Some(body) = body.strip_suffix(b"\n\n") else {
+        return false;
+    };
+    let last = match memchr::memmem::rfind(body, b"\n\n") {
+        Some(i) => &body[i + 2..],
+        None => body,
+    };
+    last.starts_with(b"event: message_stop\n") || last.starts_with(b"event: response.completed\n")
+}
+
 async fn stream_response<F>(
     reply: F,
     keepalive: Duration,
@@ -893,6 +911,19 @@ mod tests {
                 .contains("request_timeout_secs"),
             "{v}"
         );
+    }
+
+    #[test]
+    fn complete_streams_end_with_their_dialects_last_event() {
+        assert!(stream_complete(b"data: {}\n\ndata: [DONE]\n\n"));
+        assert!(stream_complete(
+            b"event: message_delta\ndata: {}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
+        ));
+        assert!(stream_complete(b"event: response.completed\ndata: {}\n\n"));
+        assert!(!stream_complete(b"event: message_start\ndata: {}\n\n"));
+        assert!(!stream_complete(b"event: error\ndata: {}\n\n"));
+        assert!(!stream_complete(b"data: {}\n\n"));
+        assert!(!stream_complete(b"event: message_stop\ndata: {}"));
     }
 
     #[test]
