@@ -9,7 +9,9 @@
 //! `-- --memory-only` for just the RSS-per-open-stream step, `-- --shared` for the
 //! many-instances comparison: SQLite against one and two instances on PostgreSQL +
 //! Redis, see `loadbench/shared.rs`; run that one with `--release`; `-- --cache` for
-//! the response cache: hits, coalescing bursts, all misses, see `loadbench/cache.rs`)
+//! the response cache: hits, coalescing bursts, all misses, see `loadbench/cache.rs`;
+//! `-- --dialects` for the inbound APIs of SPEC §7 against chat completions, see
+//! `loadbench/dialects.rs`)
 //! Profiling aids: `loadbench drive ADDR SECS` saturates a server at ADDR;
 //! `loadbench rate ADDR RATE SECS [stream]` sends RATE req/s to it and prints percentiles;
 //! `loadbench config DIR UPSTREAM` writes the gateway config the bench serves.
@@ -42,6 +44,8 @@ const KEY: &str = "sk-bench-key-0001-0123456789";
 
 #[path = "loadbench/cache.rs"]
 mod cache;
+#[path = "loadbench/dialects.rs"]
+mod dialects;
 #[path = "loadbench/shared.rs"]
 mod shared;
 
@@ -100,6 +104,7 @@ fn main() {
         }),
         _ if args.iter().any(|a| a == "--shared") => rt.block_on(shared::run(&args[1..])),
         _ if args.iter().any(|a| a == "--cache") => rt.block_on(cache::run(&args[1..])),
+        _ if args.iter().any(|a| a == "--dialects") => rt.block_on(dialects::run(&args[1..])),
         _ => rt.block_on(bench(&args[1..])),
     }
 }
@@ -145,9 +150,29 @@ type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// request sends one chunk and then keeps the stream open (for the RSS-per-stream test).
 async fn upstream() {
     serve_fn(|req: Request<Incoming>| async move {
+        let anthropic = req.uri().path().ends_with("/messages");
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let text = std::str::from_utf8(&body).unwrap_or("");
         let stream = text.contains("\"stream\":true");
+        // `--dialects`: Anthropic's wire format on its path.
+        if anthropic {
+            return Ok::<_, Infallible>(if stream {
+                let s = futures_util::stream::iter(
+                    dialects::message_events()
+                        .into_iter()
+                        .map(|b| Ok::<_, Infallible>(hyper::body::Frame::data(b))),
+                );
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(BodyExt::boxed(http_body_util::StreamBody::new(s)))
+                    .unwrap()
+            } else {
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(dialects::MESSAGE.as_bytes())).boxed())
+                    .unwrap()
+            });
+        }
         // `--cache`'s coalescing bursts: an upstream that takes its time.
         if text.contains("\"slow\":true") {
             tokio::time::sleep(Duration::from_millis(50)).await;
