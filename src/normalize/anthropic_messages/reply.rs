@@ -118,9 +118,10 @@ pub(crate) fn json_body(completion: &ChatCompletion, _request: &ChatRequest) -> 
     serde_json::to_vec(&message).unwrap_or_default()
 }
 
-/// `content_block_delta.delta`.
+/// `content_block_delta.delta` (the variants are named as Anthropic's `type`s).
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[allow(clippy::enum_variant_names)]
 enum DeltaOut<'a> {
     TextDelta { text: &'a str },
     ThinkingDelta { thinking: &'a str },

@@ -20,7 +20,12 @@
 //!   `parallel_tool_calls: false` → `disable_parallel_tool_use`;
 //! - `reasoning_effort` → extended thinking with the budget of [`thinking_budget`].
 //!
-//! Answers come back as OpenAI chunks: text, `thinking` as `delta.reasoning`,
+//! A request that came in by `/v1/messages` is not translated: the client's own body
+//! goes up with only `model`, `max_tokens` and `stream` set, with its `anthropic-beta`
+//! header ([`pass_through_body`]).
+//!
+//! Answers come back as OpenAI chunks: text, `thinking` as `delta.reasoning` (its
+//! signature in the internal `delta.signature`),
 //! `tool_use` blocks as tool calls (indexed by their ordinal among tool calls), the
 //! `stop_reason` mapped by [`finish_reason`], and usage with cache reads and writes.
 //!
