@@ -731,6 +731,11 @@ pub struct Delta {
     /// Tool-call fragments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCallDelta>>,
+    /// A piece of the signature of the reasoning so far (Anthropic's
+    /// `signature_delta`): internal, for `/v1/messages` clients, never written in
+    /// chat output.
+    #[serde(skip)]
+    pub signature: Option<String>,
 }
 
 /// A fragment of a tool call in a stream.
@@ -805,6 +810,10 @@ pub struct ResponseMessage {
     /// Tool calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCall>>,
+    /// The signature of `reasoning` (Anthropic's thinking `signature`): internal, for
+    /// `/v1/messages` clients, never written in chat output.
+    #[serde(skip)]
+    pub reasoning_signature: Option<String>,
 }
 
 /// Folds a chunk stream back into one [`ChatCompletion`].
@@ -824,6 +833,7 @@ pub struct Aggregator {
 struct ChoiceAcc {
     content: Option<String>,
     reasoning: Option<String>,
+    reasoning_signature: Option<String>,
     /// `(tool-call index, call)`, in order of first appearance.
     tool_calls: Vec<(u32, ToolCall)>,
     finish_reason: Option<String>,
@@ -857,6 +867,11 @@ impl Aggregator {
                 acc.reasoning
                     .get_or_insert_with(String::new)
                     .push_str(&text);
+            }
+            if let Some(sig) = c.delta.signature {
+                acc.reasoning_signature
+                    .get_or_insert_with(String::new)
+                    .push_str(&sig);
             }
             for tc in c.delta.tool_calls.into_iter().flatten() {
                 let call = slot(&mut acc.tool_calls, tc.index, || ToolCall {
@@ -903,6 +918,7 @@ impl Aggregator {
                         content: acc.content,
                         reasoning: acc.reasoning,
                         tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+                        reasoning_signature: acc.reasoning_signature,
                     },
                     finish_reason: acc.finish_reason,
                 }
@@ -916,6 +932,7 @@ impl Aggregator {
                     content: Some(String::new()),
                     reasoning: None,
                     tool_calls: None,
+                    reasoning_signature: None,
                 },
                 finish_reason: Some("stop".into()),
             });
@@ -950,6 +967,7 @@ impl ChatCompletion {
                         role: Some(Role::Assistant),
                         content: c.message.content,
                         reasoning: c.message.reasoning,
+                        signature: c.message.reasoning_signature,
                         tool_calls: c.message.tool_calls.map(|calls| {
                             calls
                                 .into_iter()

@@ -54,7 +54,7 @@ use crate::health::{HealthFilterLayer, HealthRegistry, InMemoryHealth, RedisHeal
 use crate::idempotency::IdempotencyLayer;
 use crate::logging::{LogSink, LogWriter, LoggingLayer};
 use crate::metering::MeteringLayer;
-use crate::normalize::NormalizeLayer;
+use crate::normalize::{AnthropicErrorsLayer, CountTokens, NormalizeLayer};
 use crate::providers::ProviderClient;
 use crate::rate_limit::RateLimitLayer;
 use crate::route::RouteLayer;
@@ -261,6 +261,11 @@ impl GatewayBuilder {
 
         // The HTTP tier, outermost first.
         let chat = ServiceBuilder::new()
+            // Anthropic-shaped errors on the `/messages` paths (SPEC §7.1), whichever
+            // layer below made them (auth, rate limit, idempotency, cache, Normalize,
+            // the typed tier). Outermost, so it sees every error; other paths pass
+            // through without an allocation.
+            .layer(AnthropicErrorsLayer::new())
             .map_response(|res: Response<crate::logging::LoggedBody<Body>>| res.map(Body::new))
             // Logging is outermost: it creates the CallContext every layer below fills
             // in, times the whole request, and emits the record only after the inner
@@ -408,6 +413,7 @@ impl Gateway {
             .route("/messages", post_service(self.chat.clone()))
             .route("/responses", post_service(self.chat.clone()))
             .route("/embeddings", post_service(self.chat.clone()))
+            .merge(self.count_tokens_route())
             .route("/models", get(list_models))
             .route("/models/{*id}", get(get_model))
             .with_state(self.catalog.clone())
@@ -425,6 +431,27 @@ impl Gateway {
             )
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
+            // The `/messages` paths' errors made by the router itself (404, 405) and
+            // by `count_tokens`' auth, in Anthropic's shape.
+            .layer(AnthropicErrorsLayer::new())
+    }
+
+    /// `POST /messages/count_tokens` (SPEC §7.1): authenticated like every client
+    /// route, free, no upstream call.
+    fn count_tokens_route(&self) -> Router<Arc<Catalog>> {
+        let count = CountTokens::new(
+            self.catalog.clone(),
+            self.config.server.max_body_bytes as usize,
+            self.accounts.body_timeout,
+        );
+        Router::new()
+            .route(
+                "/messages/count_tokens",
+                axum::routing::post(move |req: Request<axum::body::Body>| {
+                    count.clone().handle(req)
+                }),
+            )
+            .route_layer(self.accounts.auth.clone())
     }
 
     /// Serves [`Gateway::router`] on `listener` until `shutdown` resolves, then lets

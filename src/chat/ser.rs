@@ -317,6 +317,7 @@ mod tests {
                 content: maybe(rng, |r| odd(r, 30)),
                 reasoning: maybe(rng, |r| odd(r, 10)),
                 tool_calls: rng.random::<bool>().then_some(calls),
+                signature: None,
             },
             finish_reason: maybe(rng, |r| odd(r, 8)),
         }
@@ -342,6 +343,7 @@ mod tests {
                         content: maybe(rng, |r| odd(r, 40)),
                         reasoning: maybe(rng, |r| odd(r, 10)),
                         tool_calls: rng.random::<bool>().then_some(calls),
+                        reasoning_signature: None,
                     },
                     finish_reason: maybe(rng, |r| odd(r, 8)),
                 }

@@ -58,6 +58,9 @@ mod embeddings;
 mod openai_chat;
 mod openai_responses;
 
+pub use anthropic_messages::{
+    error_type as anthropic_error_type, AnthropicErrors, AnthropicErrorsLayer, CountTokens,
+};
 pub use openai_chat::parse_request;
 
 /// `X-Request-Id`.

@@ -20,7 +20,12 @@
 //!   `parallel_tool_calls: false` → `disable_parallel_tool_use`;
 //! - `reasoning_effort` → extended thinking with the budget of [`thinking_budget`].
 //!
-//! Answers come back as OpenAI chunks: text, `thinking` as `delta.reasoning`,
+//! A request that came in by `/v1/messages` is not translated: the client's own body
+//! goes up with only `model`, `max_tokens` and `stream` set, with its `anthropic-beta`
+//! header ([`pass_through_body`]).
+//!
+//! Answers come back as OpenAI chunks: text, `thinking` as `delta.reasoning` (its
+//! signature in the internal `delta.signature`),
 //! `tool_use` blocks as tool calls (indexed by their ordinal among tool calls), the
 //! `stop_reason` mapped by [`finish_reason`], and usage with cache reads and writes.
 //!
@@ -333,6 +338,32 @@ fn to_wire(call: &ProviderCall, stream: bool) -> Result<wire::Request<'_>, Provi
     })
 }
 
+/// The body sent for a `/v1/messages` request (SPEC §7.1): the client's own body,
+/// nothing lost (`cache_control`, signed `thinking` blocks, `top_k`, fields the
+/// gateway does not know), with only `model` (the endpoint's upstream name),
+/// `max_tokens` (the [bound admission reserved](crate::credit::completion_bound))
+/// and `stream` (as this call wants) set by the gateway.
+pub fn pass_through_body(
+    call: &ProviderCall,
+    inbound: &crate::chat::AnthropicInbound,
+    stream: bool,
+) -> Result<Vec<u8>, ProviderError> {
+    let mut body = inbound.body.clone();
+    body.insert(
+        "model".into(),
+        Value::String(call.endpoint.upstream_model.clone()),
+    );
+    body.insert(
+        "max_tokens".into(),
+        Value::from(crate::credit::completion_bound(
+            &call.request,
+            &call.endpoint,
+        )),
+    );
+    body.insert("stream".into(), Value::Bool(stream));
+    serde_json::to_vec(&body).map_err(|e| protocol_error(call, e))
+}
+
 /// Appends blocks to the last turn when it has the same role, else starts a turn.
 fn push_turn<'a>(turns: &mut Vec<wire::Message<'a>>, role: &'static str, blocks: Vec<Block<'a>>) {
     if blocks.is_empty() {
@@ -456,14 +487,21 @@ impl Adapter for AnthropicAdapter {
         stream: bool,
     ) -> Result<http::Request<Bytes>, ProviderError> {
         let key = api_key(call)?;
-        let body = wire_body(call, stream)?;
+        let inbound = call.request.inbound.anthropic.as_deref();
+        let body = match inbound {
+            Some(inbound) => pass_through_body(call, inbound, stream)?,
+            None => wire_body(call, stream)?,
+        };
         let url = format!("{}/v1/messages", call.endpoint.provider.base_url);
-        http::Request::post(url)
+        let mut req = http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("x-api-key", key)
             .header("anthropic-version", ANTHROPIC_VERSION)
-            .header(http::header::USER_AGENT, crate::USER_AGENT)
-            .body(Bytes::from(body))
+            .header(http::header::USER_AGENT, crate::USER_AGENT);
+        if let Some(beta) = inbound.and_then(|i| i.beta.as_deref()) {
+            req = req.header("anthropic-beta", beta);
+        }
+        req.body(Bytes::from(body))
             .map_err(|e| protocol_error(call, e))
     }
 
@@ -479,15 +517,26 @@ impl Adapter for AnthropicAdapter {
         }
         let mut content: Option<String> = None;
         let mut reasoning: Option<String> = None;
+        let mut signature: Option<String> = None;
         let mut calls = Vec::new();
         for block in wire.content {
             match block {
                 wire::ResponseBlock::Text { text } => {
                     content.get_or_insert_with(String::new).push_str(&text)
                 }
-                wire::ResponseBlock::Thinking { thinking } => reasoning
-                    .get_or_insert_with(String::new)
-                    .push_str(&thinking),
+                wire::ResponseBlock::Thinking {
+                    thinking,
+                    signature: sig,
+                } => {
+                    reasoning
+                        .get_or_insert_with(String::new)
+                        .push_str(&thinking);
+                    // One signature covers the reasoning: the last block's (an
+                    // answer holds one thinking block before its text).
+                    if sig.is_some() {
+                        signature = sig;
+                    }
+                }
                 wire::ResponseBlock::ToolUse { id, name, input } => {
                     let arguments = match input {
                         Value::Null => "{}".to_string(),
@@ -514,6 +563,7 @@ impl Adapter for AnthropicAdapter {
             content,
             reasoning,
             tool_calls: (!calls.is_empty()).then_some(calls),
+            signature,
         };
         let finish = finish_reason(wire.stop_reason.as_deref().unwrap_or("end_turn"));
         let mut chunk = one_choice(delta, Some(finish));
@@ -608,6 +658,12 @@ impl StreamDecoder for AnthropicDecoder {
                 wire::BlockDelta::ThinkingDelta { thinking } if !thinking.is_empty() => {
                     Decoded::Chunk(ChatChunk::delta(Delta {
                         reasoning: Some(thinking),
+                        ..Delta::default()
+                    }))
+                }
+                wire::BlockDelta::SignatureDelta { signature } if !signature.is_empty() => {
+                    Decoded::Chunk(ChatChunk::delta(Delta {
+                        signature: Some(signature),
                         ..Delta::default()
                     }))
                 }

@@ -161,6 +161,8 @@ pub enum ResponseBlock {
     Thinking {
         #[serde(default)]
         thinking: String,
+        #[serde(default)]
+        signature: Option<String>,
     },
     ToolUse {
         id: String,
@@ -280,6 +282,9 @@ pub enum BlockDelta {
     },
     ThinkingDelta {
         thinking: String,
+    },
+    SignatureDelta {
+        signature: String,
     },
     #[serde(other)]
     Other,
