@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::Response;
 use common::*;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use switchboard::money::Money;
 
@@ -849,31 +850,57 @@ async fn errors_before_the_start_are_spec_shaped_and_stateful_requests_are_refus
 
 #[tokio::test]
 async fn an_upstream_break_after_the_start_is_response_failed_with_the_output_so_far() {
-    let up = upstream(|_, _| async {
-        let head = format!(
-            "data: {}\n\n",
-            chat_chunk(json!({"content": "partial"}), None)
-        );
-        let body = futures_util::stream::iter([
-            Ok(bytes::Bytes::from(head)),
-            Err(std::io::Error::other("upstream broke")),
-        ]);
-        Response::builder()
-            .status(200)
-            .header("content-type", "text/event-stream")
-            .body(Body::from_stream(body))
-            .unwrap()
+    // Content, then the body breaks off once the client has seen that content.
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let g2 = go.clone();
+    let up = upstream(move |_, _| {
+        let go = g2.clone();
+        async move {
+            let head = format!(
+                "data: {}\n\n",
+                chat_chunk(json!({"content": "partial"}), None)
+            );
+            let body = futures_util::stream::iter([Some(head), None]).then(move |e| {
+                let go = go.clone();
+                async move {
+                    match e {
+                        Some(head) => Ok(bytes::Bytes::from(head)),
+                        None => {
+                            go.notified().await;
+                            Err(std::io::Error::other("upstream broke"))
+                        }
+                    }
+                }
+            });
+            Response::builder()
+                .status(200)
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(body))
+                .unwrap()
+        }
     })
     .await;
     let gw = gw_for(&up.url(), NOWHERE, NOWHERE).await;
-    let res = post(
+    let mut res = post(
         &gw,
         json!({"model": "openai/m", "input": "Hi", "stream": true}),
     )
     .await;
     assert_eq!(res.status(), 200);
     let id = res.headers()["x-request-id"].to_str().unwrap().to_string();
-    let text = res.text().await.unwrap();
+    let mut text = String::new();
+    while !text.contains("response.output_text.delta") {
+        let chunk = res
+            .chunk()
+            .await
+            .unwrap()
+            .expect("the delta before the end");
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    go.notify_one();
+    while let Some(chunk) = res.chunk().await.unwrap() {
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
     let ev = events(&text);
     let last = ev.last().unwrap();
     assert_eq!(last["type"], "response.failed", "{text}");
