@@ -520,3 +520,113 @@ fn write_event(mut event: Event<'_>, seq: u64, out: &mut Vec<u8>) {
     let _ = serde_json::to_writer(&mut *out, &event);
     out.extend_from_slice(b"\n\n");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::{Delta, Dialect, FunctionCallDelta};
+    use serde_json::Value;
+
+    fn encoder() -> Encoder {
+        let mut request = ChatRequest {
+            model: "mock/echo".into(),
+            ..ChatRequest::default()
+        };
+        request.inbound.dialect = Dialect::OpenAiResponses;
+        Encoder::new(CallContext::new(), None, &Arc::new(request))
+    }
+
+    /// `(type, data)` of each event, checking the framing and the numbering.
+    fn events(bytes: &[Bytes]) -> Vec<Value> {
+        let text: String = bytes
+            .iter()
+            .map(|b| std::str::from_utf8(b).unwrap())
+            .collect();
+        let mut out: Vec<Value> = Vec::new();
+        for block in text.split("\n\n").filter(|b| !b.is_empty()) {
+            let (name, data) = block.split_once('\n').unwrap();
+            let v: Value = serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+            assert_eq!(
+                Some(v["type"].as_str().unwrap()),
+                name.strip_prefix("event: ")
+            );
+            assert_eq!(v["sequence_number"], out.len());
+            out.push(v);
+        }
+        out
+    }
+
+    fn kinds(ev: &[Value]) -> Vec<&str> {
+        ev.iter().map(|e| e["type"].as_str().unwrap()).collect()
+    }
+
+    #[test]
+    fn an_error_before_any_chunk_still_opens_with_created() {
+        let mut e = encoder();
+        let ev = events(&[e.error(&GatewayError::UpstreamTimeout("slow".into()))]);
+        assert_eq!(
+            kinds(&ev),
+            [
+                "response.created",
+                "response.in_progress",
+                "response.failed"
+            ]
+        );
+        let r = &ev[2]["response"];
+        assert_eq!(r["status"], "failed");
+        assert_eq!(r["model"], "mock/echo");
+        assert_eq!(r["error"]["code"], "upstream_timeout");
+        assert_eq!(r["error"]["message"], "slow");
+    }
+
+    #[test]
+    fn an_empty_answer_completes_and_interleaved_calls_stay_whole() {
+        let mut e = encoder();
+        assert_eq!(
+            kinds(&events(&[e.done()])),
+            [
+                "response.created",
+                "response.in_progress",
+                "response.completed"
+            ]
+        );
+
+        let call = |index: u32, id: Option<&str>, args: &str| {
+            ChatChunk::delta(Delta {
+                tool_calls: Some(vec![ToolCallDelta {
+                    index,
+                    id: id.map(str::to_owned),
+                    kind: None,
+                    function: Some(FunctionCallDelta {
+                        name: id.map(|_| "f".to_owned()),
+                        arguments: Some(args.into()),
+                    }),
+                }]),
+                ..Delta::default()
+            })
+        };
+        let mut e = encoder();
+        let mut out = Vec::new();
+        for c in [
+            ChatChunk::text("Calling."),
+            call(0, Some("a"), "{\"x\":"),
+            call(1, Some("b"), "{}"),
+            call(0, None, "1}"),
+        ] {
+            out.extend(e.chunk(&c));
+        }
+        out.push(e.done());
+        let ev = events(&out);
+        let done = &ev.last().unwrap()["response"];
+        assert_eq!(done["output"][0]["content"][0]["text"], "Calling.");
+        assert_eq!(done["output"][1]["call_id"], "a");
+        assert_eq!(done["output"][1]["arguments"], "{\"x\":1}");
+        assert_eq!(done["output"][2]["arguments"], "{}");
+        let added: Vec<&Value> = ev
+            .iter()
+            .filter(|e| e["type"] == "response.output_item.added")
+            .map(|e| &e["output_index"])
+            .collect();
+        assert_eq!(added, [0, 1, 2]);
+    }
+}
