@@ -20,7 +20,10 @@ mod de;
 mod inbound;
 mod ser;
 
-pub use inbound::{AnthropicInbound, Dialect, EmbeddingInput, EmbeddingsInput, Inbound, Reasoning};
+pub use inbound::{
+    AnthropicInbound, Dialect, EmbeddingInput, EmbeddingsInput, Inbound, Reasoning,
+    ResponsesInbound,
+};
 
 /// A chat-completions request as a client sends it (`Deserialize` is in `de.rs`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

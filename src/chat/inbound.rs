@@ -63,6 +63,8 @@ pub struct Inbound {
     pub anthropic: Option<Arc<AnthropicInbound>>,
     /// `/v1/embeddings`: what to embed.
     pub embeddings: Option<Arc<EmbeddingsInput>>,
+    /// `/v1/responses`: the request's settings its `response` object echoes.
+    pub responses: Option<Arc<ResponsesInbound>>,
 }
 
 impl Inbound {
@@ -82,6 +84,15 @@ pub struct AnthropicInbound {
     pub body: Map<String, Value>,
     /// The client's `anthropic-beta` header, forwarded to anthropic-kind upstreams.
     pub beta: Option<String>,
+}
+
+/// What a Responses request (SPEC §7.2) sent that its `response` object echoes
+/// (`instructions`, `tools`, `tool_choice`, `text`, `metadata`, …), as the client
+/// sent it: the answer repeats the client's own values, not their chat translation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResponsesInbound {
+    /// The echoed top-level fields, by name; a field the client did not send is absent.
+    pub echo: Map<String, Value>,
 }
 
 /// An embeddings request's inputs and options (SPEC §7.3).
