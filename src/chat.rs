@@ -20,9 +20,7 @@ mod de;
 mod inbound;
 mod ser;
 
-pub use inbound::{
-    AnthropicInbound, Dialect, EmbeddingInput, EmbeddingsInput, Inbound, Reasoning,
-};
+pub use inbound::{AnthropicInbound, Dialect, EmbeddingInput, EmbeddingsInput, Inbound, Reasoning};
 
 /// A chat-completions request as a client sends it (`Deserialize` is in `de.rs`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -153,7 +151,9 @@ impl ChatRequest {
                 ));
             }
         }
-        self.reasoning_effort.as_deref().map(ReasoningWanted::Effort)
+        self.reasoning_effort
+            .as_deref()
+            .map(ReasoningWanted::Effort)
     }
 
     /// Whether the client asked for the reasoning text to be withheld

@@ -482,7 +482,11 @@ impl Meter {
 /// when that is the charge; otherwise (nothing charged, or capped at the reservation)
 /// each part scaled down in proportion, the rounding's remainder on `completion`, so
 /// the four always add up to `charged` exactly.
-pub fn cost_details(pricing: &crate::catalog::Pricing, usage: &Usage, charged: Money) -> CostDetails {
+pub fn cost_details(
+    pricing: &crate::catalog::Pricing,
+    usage: &Usage,
+    charged: Money,
+) -> CostDetails {
     let full = pricing.checked_cost_details(usage);
     let parts = full.map(|d| [d.prompt, d.cached_prompt, d.cache_write, d.completion]);
     let total: Option<i128> = parts.map(|p| p.iter().map(|m| i128::from(m.pico())).sum());

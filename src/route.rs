@@ -498,7 +498,10 @@ mod tests {
             with_thinking(&c.request)
         };
         let t = with("test/model:thinking", None, None).unwrap();
-        assert_eq!(t.reasoning_wanted(), Some(ReasoningWanted::Effort("medium")));
+        assert_eq!(
+            t.reasoning_wanted(),
+            Some(ReasoningWanted::Effort("medium"))
+        );
         // `exclude` is kept.
         let hidden = Reasoning {
             exclude: true,
@@ -506,7 +509,10 @@ mod tests {
         };
         let t = with("test/model:thinking", Some(hidden), None).unwrap();
         assert!(t.hides_reasoning());
-        assert_eq!(t.reasoning_wanted(), Some(ReasoningWanted::Effort("medium")));
+        assert_eq!(
+            t.reasoning_wanted(),
+            Some(ReasoningWanted::Effort("medium"))
+        );
         // The request's own choice stands (no clone), and other models are left alone.
         assert!(with("test/model:thinking", None, Some("high")).is_none());
         let off = Reasoning {

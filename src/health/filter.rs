@@ -266,7 +266,8 @@ pub fn filter_plan_preferring(
             })
             .collect();
         let mut ordered = order_endpoints(healthy, how, &provider_order, registry, random);
-        if let Some(p) = preferred.filter(|_| how == Ordering::Default && provider_order.is_empty()) {
+        if let Some(p) = preferred.filter(|_| how == Ordering::Default && provider_order.is_empty())
+        {
             if let Some(i) = ordered.iter().position(|e| e.index == p) {
                 let e = ordered.remove(i);
                 ordered.insert(0, e);

@@ -225,7 +225,9 @@ fn cost_details_add_up_to_a_capped_or_zero_charge() {
         cached_tokens: 600,
         cache_write_tokens: 100,
     });
-    let sum = |d: CostDetails| d.prompt.pico() + d.cached_prompt.pico() + d.cache_write.pico() + d.completion.pico();
+    let sum = |d: CostDetails| {
+        d.prompt.pico() + d.cached_prompt.pico() + d.cache_write.pico() + d.completion.pico()
+    };
     let full = pricing.checked_cost(&u).unwrap();
     assert_eq!(sum(super::cost_details(&pricing, &u, full)), full.pico());
     // Capped at a reservation: scaled down, still exact.

@@ -288,16 +288,28 @@ max_output_tokens = 100
             assert!(body.get("reasoning").is_none(), "{body}");
             body.get("reasoning_effort").cloned()
         };
-        assert_eq!(effort(json!({"reasoning": {"effort": "high"}})), Some(json!("high")));
+        assert_eq!(
+            effort(json!({"reasoning": {"effort": "high"}})),
+            Some(json!("high"))
+        );
         // Budgets by buckets.
-        for (budget, want) in [(1, "low"), (4095, "low"), (4096, "medium"), (16383, "medium"), (16384, "high")] {
+        for (budget, want) in [
+            (1, "low"),
+            (4095, "low"),
+            (4096, "medium"),
+            (16383, "medium"),
+            (16384, "high"),
+        ] {
             assert_eq!(
                 effort(json!({"reasoning": {"max_tokens": budget}})),
                 Some(json!(want)),
                 "{budget}"
             );
         }
-        assert_eq!(effort(json!({"reasoning": {"enabled": true}})), Some(json!("medium")));
+        assert_eq!(
+            effort(json!({"reasoning": {"enabled": true}})),
+            Some(json!("medium"))
+        );
         // `reasoning` wins; `enabled: false` sends none; `reasoning_effort` alone still works.
         assert_eq!(
             effort(json!({"reasoning": {"effort": "low"}, "reasoning_effort": "high"})),
@@ -307,7 +319,10 @@ max_output_tokens = 100
             effort(json!({"reasoning": {"enabled": false}, "reasoning_effort": "high"})),
             None
         );
-        assert_eq!(effort(json!({"reasoning_effort": "minimal"})), Some(json!("minimal")));
+        assert_eq!(
+            effort(json!({"reasoning_effort": "minimal"})),
+            Some(json!("minimal"))
+        );
         assert_eq!(
             effort(json!({"reasoning": {"exclude": true}, "reasoning_effort": "low"})),
             Some(json!("low"))

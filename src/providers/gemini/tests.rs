@@ -555,10 +555,11 @@ fn openrouter_reasoning_becomes_a_thinking_config() {
         b(json!({"reasoning": {"max_tokens": 3000}})),
         json!({"thinkingBudget": 3000, "includeThoughts": true})
     );
-    // `exclude`: the model thinks, no thought text comes back.
+    // `exclude`: the model thinks, no thought text comes back (`includeThoughts` is
+    // false by default).
     assert_eq!(
         b(json!({"reasoning": {"effort": "low", "exclude": true}})),
-        json!({"thinkingBudget": 1024, "includeThoughts": false})
+        json!({"thinkingBudget": 1024})
     );
     // `enabled` alone is medium; `enabled: false` is a zero budget.
     assert_eq!(
