@@ -240,9 +240,9 @@ async fn charged(gw: &TestGateway, body: Value, want: i64) -> (Value, String) {
     let answer: Value = if body["stream"] == true {
         let last_usage = sse_data(&text)
             .iter()
+            .rev()
             .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter(|v| v["usage"].is_object())
-            .last()
+            .find(|v| v["usage"].is_object())
             .expect("a usage chunk");
         json!({"usage": last_usage["usage"]})
     } else {
