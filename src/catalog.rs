@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::chat::DataCollection;
+use crate::chat::{CostDetails, DataCollection};
 use crate::config::{Config, ProviderKind};
 use crate::money::{Money, Price};
 
@@ -92,16 +92,27 @@ impl Pricing {
     /// (only absurd usage can do that: within [`MAX_PRICE`](crate::money::MAX_PRICE)
     /// a billion tokens cost 10¹⁹ pico-USD at most).
     pub fn checked_cost(&self, usage: &crate::chat::Usage) -> Option<Money> {
+        let d = self.checked_cost_details(usage)?;
+        d.prompt
+            .checked_add(d.cached_prompt)?
+            .checked_add(d.cache_write)?
+            .checked_add(d.completion)
+    }
+
+    /// The cost of a usage report by kind of token (they add up to
+    /// [`Pricing::checked_cost`]), or `None` when a part does not fit in `i64` pico-USD.
+    pub fn checked_cost_details(&self, usage: &crate::chat::Usage) -> Option<CostDetails> {
         let cached = usage.cached_tokens();
         let written = usage.cache_write_tokens();
         let plain = usage
             .prompt_tokens
             .saturating_sub(cached.saturating_add(written));
-        self.prompt
-            .checked_times(plain)?
-            .checked_add(self.cache_read.checked_times(cached)?)?
-            .checked_add(self.cache_write.checked_times(written)?)?
-            .checked_add(self.completion.checked_times(usage.completion_tokens)?)
+        Some(CostDetails {
+            prompt: self.prompt.checked_times(plain)?,
+            cached_prompt: self.cache_read.checked_times(cached)?,
+            cache_write: self.cache_write.checked_times(written)?,
+            completion: self.completion.checked_times(usage.completion_tokens)?,
+        })
     }
 
     /// Prompt + completion price, USD per million tokens (the draw's `price`).

@@ -95,6 +95,22 @@ pub struct ChatRequest {
     pub extra: Map<String, Value>,
 }
 
+/// The effort `reasoning: {"enabled": true}` and the `:thinking` variant ask for when
+/// the request names none.
+pub const DEFAULT_REASONING_EFFORT: &str = "medium";
+
+/// What a request asks of the model's reasoning ([`ChatRequest::reasoning_wanted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReasoningWanted<'a> {
+    /// No reasoning (`reasoning.enabled: false`, `reasoning.max_tokens: 0`).
+    Off,
+    /// An effort as the client wrote it (`"minimal"`, `"low"`, `"medium"`, `"high"`,
+    /// `"none"`…), mapped by each adapter.
+    Effort(&'a str),
+    /// A thinking budget in tokens (`reasoning.max_tokens`).
+    Budget(u32),
+}
+
 /// The largest `n` (choices per request) accepted, as OpenAI's API.
 pub const MAX_CHOICES: u32 = 128;
 
@@ -107,6 +123,47 @@ impl ChatRequest {
     /// How many choices the client asked for (`n`, default 1).
     pub fn choices(&self) -> u32 {
         self.n.unwrap_or(1)
+    }
+
+    /// What the request asks of the model's reasoning, the one reading every adapter
+    /// maps (docs/providers.md, "Reasoning"); `None` when it says nothing (the model's
+    /// default).
+    ///
+    /// OpenRouter's `reasoning` object wins over `reasoning_effort`: `enabled: false`
+    /// (or `max_tokens: 0`) is [`ReasoningWanted::Off`]; else `max_tokens` is a
+    /// [budget](ReasoningWanted::Budget); else `effort`; else `enabled: true` is
+    /// `reasoning_effort` when given, [`DEFAULT_REASONING_EFFORT`] otherwise. A
+    /// `reasoning` object with none of these (only `exclude`) leaves
+    /// `reasoning_effort` in charge.
+    pub fn reasoning_wanted(&self) -> Option<ReasoningWanted<'_>> {
+        if let Some(r) = &self.reasoning {
+            if r.enabled == Some(false) || r.max_tokens == Some(0) {
+                return Some(ReasoningWanted::Off);
+            }
+            if let Some(n) = r.max_tokens {
+                return Some(ReasoningWanted::Budget(n));
+            }
+            if let Some(e) = r.effort.as_deref() {
+                return Some(ReasoningWanted::Effort(e));
+            }
+            if r.enabled == Some(true) {
+                return Some(ReasoningWanted::Effort(
+                    self.reasoning_effort
+                        .as_deref()
+                        .unwrap_or(DEFAULT_REASONING_EFFORT),
+                ));
+            }
+        }
+        self.reasoning_effort
+            .as_deref()
+            .map(ReasoningWanted::Effort)
+    }
+
+    /// Whether the client asked for the reasoning text to be withheld
+    /// (`reasoning.exclude`): the model still reasons, and its reasoning tokens are
+    /// counted and charged, but the HTTP edge drops `delta.reasoning` before writing.
+    pub fn hides_reasoning(&self) -> bool {
+        self.reasoning.as_ref().is_some_and(|r| r.exclude)
     }
 
     /// Whether the client wants `usage` in the final stream chunk.
@@ -555,6 +612,24 @@ pub struct Usage {
     /// `{"reasoning_tokens"}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_tokens_details: Option<CompletionTokensDetails>,
+    /// How `cost` splits by kind of token, in USD; set where the cost is priced
+    /// ([`crate::metering`]), never read from an upstream.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub cost_details: Option<CostDetails>,
+}
+
+/// `usage.cost_details`: the charge by kind of token, in USD; the four add up to
+/// `cost` exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CostDetails {
+    /// Prompt tokens read neither from nor into the provider's cache.
+    pub prompt: Money,
+    /// Prompt tokens read from the provider's cache (`cached_tokens`).
+    pub cached_prompt: Money,
+    /// Prompt tokens written to the provider's cache (`cache_write_tokens`).
+    pub cache_write: Money,
+    /// Completion tokens, reasoning included.
+    pub completion: Money,
 }
 
 impl Usage {
@@ -702,6 +777,21 @@ impl ChatChunk {
     /// The first `finish_reason` in the chunk.
     pub fn finish_reason(&self) -> Option<&str> {
         self.choices.iter().find_map(|c| c.finish_reason.as_deref())
+    }
+
+    /// Drops the reasoning text of every choice (`reasoning.exclude`), and the choices
+    /// that carried nothing else, so a reasoning-only chunk writes nothing.
+    pub fn drop_reasoning(&mut self) {
+        self.choices.retain_mut(|c| {
+            if c.delta.reasoning.take().is_none() {
+                return true;
+            }
+            let d = &c.delta;
+            d.role.is_some()
+                || d.content.is_some()
+                || d.tool_calls.is_some()
+                || c.finish_reason.is_some()
+        });
     }
 }
 
@@ -1012,6 +1102,29 @@ pub(crate) fn from_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn dropping_reasoning_keeps_everything_else() {
+        let mut c = ChatChunk::delta(Delta {
+            reasoning: Some("hmm".into()),
+            ..Delta::default()
+        });
+        c.drop_reasoning();
+        assert!(c.choices.is_empty(), "a reasoning-only choice goes");
+        let mut c = ChatChunk::delta(Delta {
+            content: Some("Paris".into()),
+            reasoning: Some("hmm".into()),
+            ..Delta::default()
+        });
+        c.choices[0].finish_reason = Some("stop".into());
+        c.drop_reasoning();
+        assert_eq!(c.choices[0].delta.content.as_deref(), Some("Paris"));
+        assert_eq!(c.choices[0].delta.reasoning, None);
+        // An empty choice that never carried reasoning stays.
+        let mut c = ChatChunk::delta(Delta::default());
+        c.drop_reasoning();
+        assert_eq!(c.choices.len(), 1);
+    }
 
     /// An index from a chunk was an allocation size (`resize_with(index + 1)`): an
     /// upstream's `choices[].index` of 4294967295 aborted the process.

@@ -75,7 +75,8 @@ use tower::{Layer, Service};
 
 use crate::catalog::Endpoint;
 use crate::chat::{
-    ChatChunk, ChatRequest, CompletionTokensDetails, Content, PromptTokensDetails, Usage,
+    ChatChunk, ChatRequest, CompletionTokensDetails, Content, CostDetails, PromptTokensDetails,
+    Usage,
 };
 use crate::context::{CallContext, ChunkStream, ProviderCall};
 use crate::error::{FailureKind, GatewayError, ProviderError};
@@ -338,7 +339,7 @@ impl Meter {
         } else {
             Some(Money::ZERO)
         };
-        usage.cost = Some(match self.cap {
+        let charged = match self.cap {
             Some(cap) => match cost {
                 Some(c) if c <= cap.amount => {
                     if usage.total_tokens > cap.tokens {
@@ -353,7 +354,9 @@ impl Meter {
                 }
             },
             None => cost.unwrap_or(Money::from_pico(i64::MAX)),
-        });
+        };
+        usage.cost = Some(charged);
+        usage.cost_details = Some(cost_details(&self.endpoint.pricing, usage, charged));
     }
 
     /// A usage report above the reservation: a broken upstream answer. Flagged once
@@ -472,6 +475,38 @@ impl Meter {
             }
         });
         usage.filter(|_| emit)
+    }
+}
+
+/// `usage.cost_details` for a charge of `charged`: the usage priced by kind of token
+/// when that is the charge; otherwise (nothing charged, or capped at the reservation)
+/// each part scaled down in proportion, the rounding's remainder on `completion`, so
+/// the four always add up to `charged` exactly.
+pub fn cost_details(
+    pricing: &crate::catalog::Pricing,
+    usage: &Usage,
+    charged: Money,
+) -> CostDetails {
+    let full = pricing.checked_cost_details(usage);
+    let parts = full.map(|d| [d.prompt, d.cached_prompt, d.cache_write, d.completion]);
+    let total: Option<i128> = parts.map(|p| p.iter().map(|m| i128::from(m.pico())).sum());
+    let [prompt, cached_prompt, cache_write, _] = match (parts, total) {
+        (Some(_), Some(t)) if t == i128::from(charged.pico()) => return full.unwrap_or_default(),
+        (Some(p), Some(t)) if t > 0 && charged.pico() > 0 => p.map(|m| {
+            // ≤ charged, so it fits in i64.
+            let share = i128::from(m.pico()) * i128::from(charged.pico()) / t;
+            Money::from_pico(i64::try_from(share).unwrap_or(0))
+        }),
+        _ => [Money::ZERO; 4],
+    };
+    let completion = Money::from_pico(
+        charged.pico() - prompt.pico() - cached_prompt.pico() - cache_write.pico(),
+    );
+    CostDetails {
+        prompt,
+        cached_prompt,
+        cache_write,
+        completion,
     }
 }
 

@@ -1,6 +1,7 @@
 //! `RouteLayer`: turns the requested model(s) into the plan of endpoints to try.
 //!
-//! Resolves `model` (a `:floor` / `:nitro` suffix is accepted), then the `models`
+//! Resolves `model` (a `:floor`, `:nitro` or `:thinking` suffix is accepted; `:thinking`
+//! turns reasoning on, see [`with_thinking`]), then the `models`
 //! fallback list, checks the key's allow-list (403) and answers 404
 //! `model_not_found` for unknown ids. The plan is every endpoint of each model, in
 //! order, less those the request's `provider` preferences rule out (`only`, `ignore`,
@@ -51,7 +52,7 @@ use futures_util::future::{self, Either, Ready};
 use tower::{Layer, Service};
 
 use crate::catalog::{Catalog, Endpoint};
-use crate::chat::{ChatRequest, DataCollection};
+use crate::chat::{ChatRequest, DataCollection, Reasoning, DEFAULT_REASONING_EFFORT};
 use crate::config::ProviderKind;
 use crate::context::{ChatCall, ChatReply};
 use crate::error::GatewayError;
@@ -64,6 +65,9 @@ pub enum Variant {
     Floor,
     /// `:nitro`: highest observed throughput first.
     Nitro,
+    /// `:thinking`: reasoning on, at [`DEFAULT_REASONING_EFFORT`] unless the request
+    /// asks for reasoning itself ([`with_thinking`]).
+    Thinking,
 }
 
 /// Splits `id:variant` into the model id and its variant.
@@ -72,10 +76,29 @@ pub fn split_variant(model: &str) -> Result<(&str, Option<Variant>), GatewayErro
         None => Ok((model, None)),
         Some((id, "floor")) => Ok((id, Some(Variant::Floor))),
         Some((id, "nitro")) => Ok((id, Some(Variant::Nitro))),
+        Some((id, "thinking")) => Ok((id, Some(Variant::Thinking))),
         Some((_, other)) => Err(GatewayError::InvalidRequest(format!(
-            "unknown model variant `:{other}` in `{model}` (use :floor or :nitro)"
+            "unknown model variant `:{other}` in `{model}` (use :floor, :nitro or :thinking)"
         ))),
     }
+}
+
+/// The request a `:thinking` model asks for: reasoning turned on at
+/// [`DEFAULT_REASONING_EFFORT`] (`exclude` kept) when the request says nothing of
+/// reasoning itself; `None` when it stays as it is (another variant, or the request
+/// already chose: an effort, a budget, or off). The caller clones only then.
+pub fn with_thinking(req: &ChatRequest) -> Option<ChatRequest> {
+    let Ok((_, Some(Variant::Thinking))) = split_variant(&req.model) else {
+        return None;
+    };
+    if req.reasoning_wanted().is_some() {
+        return None;
+    }
+    let mut thinking = req.clone();
+    let r = thinking.reasoning.get_or_insert_with(Reasoning::default);
+    r.enabled = Some(true);
+    r.effort = Some(DEFAULT_REASONING_EFFORT.into());
+    Some(thinking)
 }
 
 /// Builds [`Route`] services.
@@ -215,7 +238,8 @@ pub fn plan(catalog: &Catalog, call: &ChatCall) -> Result<Vec<Arc<Endpoint>>, Ga
 
 /// The optional request parameters a provider must support under
 /// `require_parameters`: `tools`, `tool_choice`, `response_format`, `seed`, `stop`,
-/// `temperature`, `top_p`, `reasoning_effort`, `max_tokens`, `n` (when above 1), and
+/// `temperature`, `top_p`, `reasoning_effort` (or OpenRouter's `reasoning`, or a
+/// `:thinking` model), `max_tokens`, `n` (when above 1), and
 /// `extra` for any field the schema does not model (passed through to OpenAI-kind
 /// providers only).
 pub fn requested_parameters(req: &ChatRequest) -> Vec<&'static str> {
@@ -232,7 +256,7 @@ pub fn requested_parameters(req: &ChatRequest) -> Vec<&'static str> {
     need(req.stop.is_some(), "stop");
     need(req.temperature.is_some(), "temperature");
     need(req.top_p.is_some(), "top_p");
-    need(req.reasoning_effort.is_some(), "reasoning_effort");
+    need(req.reasoning_wanted().is_some(), "reasoning_effort");
     need(
         req.max_tokens.is_some() || req.max_completion_tokens.is_some(),
         "max_tokens",
@@ -245,13 +269,13 @@ pub fn requested_parameters(req: &ChatRequest) -> Vec<&'static str> {
 /// Whether a provider kind honours a request parameter (see
 /// [`requested_parameters`]). OpenAI-kind providers take everything; Anthropic has no
 /// `response_format`, `seed`, `n` or pass-through fields (it answers one choice);
-/// Gemini no `reasoning_effort` or pass-through fields; the mock honours only
-/// `max_tokens`.
+/// Gemini no pass-through fields (reasoning becomes its `thinkingConfig`); the mock
+/// honours only `max_tokens`.
 pub fn supports(kind: ProviderKind, param: &str) -> bool {
     match kind {
         ProviderKind::OpenAi => true,
         ProviderKind::Anthropic => !matches!(param, "response_format" | "seed" | "n" | "extra"),
-        ProviderKind::Gemini => !matches!(param, "reasoning_effort" | "extra"),
+        ProviderKind::Gemini => param != "extra",
         ProviderKind::Mock => param == "max_tokens",
     }
 }
@@ -271,6 +295,9 @@ where
     fn call(&mut self, mut call: ChatCall) -> Self::Future {
         call.ctx
             .update(|s| s.requested_model.clone_from(&call.request.model));
+        if let Some(thinking) = with_thinking(&call.request) {
+            call.request = Arc::new(thinking);
+        }
         match plan(&self.catalog, &call) {
             Ok(p) => {
                 call.plan = p;
@@ -448,9 +475,55 @@ mod tests {
             split_variant("test/model:nitro").unwrap(),
             ("test/model", Some(Variant::Nitro))
         );
+        assert_eq!(
+            split_variant("test/model:thinking").unwrap(),
+            ("test/model", Some(Variant::Thinking))
+        );
         let c = call("test/model:turbo", None);
-        assert_eq!(plan(&cat(), &c).unwrap_err().code(), "invalid_request");
+        let e = plan(&cat(), &c).unwrap_err();
+        assert_eq!(e.code(), "invalid_request");
+        assert!(e.to_string().contains(":thinking"), "{e}");
         let c = call("nope/model", None);
         assert_eq!(plan(&cat(), &c).unwrap_err().code(), "model_not_found");
+    }
+
+    #[test]
+    fn thinking_turns_reasoning_on_unless_the_request_chose() {
+        use crate::chat::{Reasoning, ReasoningWanted};
+        let with = |model: &str, reasoning: Option<Reasoning>, effort: Option<&str>| {
+            let mut c = call(model, None);
+            let r = std::sync::Arc::get_mut(&mut c.request).unwrap();
+            r.reasoning = reasoning;
+            r.reasoning_effort = effort.map(str::to_string);
+            with_thinking(&c.request)
+        };
+        let t = with("test/model:thinking", None, None).unwrap();
+        assert_eq!(
+            t.reasoning_wanted(),
+            Some(ReasoningWanted::Effort("medium"))
+        );
+        // `exclude` is kept.
+        let hidden = Reasoning {
+            exclude: true,
+            ..Default::default()
+        };
+        let t = with("test/model:thinking", Some(hidden), None).unwrap();
+        assert!(t.hides_reasoning());
+        assert_eq!(
+            t.reasoning_wanted(),
+            Some(ReasoningWanted::Effort("medium"))
+        );
+        // The request's own choice stands (no clone), and other models are left alone.
+        assert!(with("test/model:thinking", None, Some("high")).is_none());
+        let off = Reasoning {
+            enabled: Some(false),
+            ..Default::default()
+        };
+        assert!(with("test/model:thinking", Some(off), None).is_none());
+        assert!(with("test/model", None, None).is_none());
+        assert!(with("test/model:floor", None, None).is_none());
+        // The plan is the model's.
+        let c = call("test/model:thinking", None);
+        assert_eq!(plan(&cat(), &c).unwrap().len(), 3);
     }
 }

@@ -24,6 +24,7 @@
 //! | `switchboard_cache_requests_total` | counter: cacheable requests by how they were answered ([`crate::cache`]) | `status` = `hit`, `miss`, `coalesced` |
 //! | `switchboard_cache_waiting` | gauge: cacheable requests waiting for (or streaming along with) an identical request in flight, here or on another instance | |
 //! | `switchboard_idempotency_waiting` | gauge: repeats waiting for the first request of their `Idempotency-Key` ([`crate::idempotency`]), in this process or on another instance | |
+//! | `switchboard_affinity_total` | counter: requests with a long prompt by whether their prompt-cache affinity held ([`crate::health::Affinity`]) | `result` = `hit`, `miss` |
 //! | `switchboard_shared_state_up` | gauge: 1 while the `[shared]` Redis answers, 0 while limits and health are local (absent without `[shared]`) | |
 //!
 //! # Example
@@ -81,6 +82,11 @@ pub const CACHE_WAITING: &str = "switchboard_cache_waiting";
 /// Repeats waiting now for the first request of their `Idempotency-Key` (in this
 /// process, or polling for another instance's); see [`crate::idempotency`].
 pub const IDEMPOTENCY_WAITING: &str = "switchboard_idempotency_waiting";
+
+/// Requests with a prompt long enough for prompt-cache affinity, by `result`: `hit`
+/// (the endpoint that served the prompt before goes first) or `miss`; see
+/// [`crate::health::Affinity`].
+pub const AFFINITY: &str = "switchboard_affinity_total";
 
 /// Buckets for request durations and TTFT (seconds).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -177,6 +183,10 @@ fn describe() {
     describe_gauge!(
         IDEMPOTENCY_WAITING,
         "Repeats waiting now for the first request of their Idempotency-Key (in this process or on another instance)"
+    );
+    describe_counter!(
+        AFFINITY,
+        "Requests with a long prompt by whether the endpoint that last served its prefix went first (hit) or not (miss)"
     );
     describe_gauge!(
         crate::shared::SHARED_STATE_UP,

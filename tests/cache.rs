@@ -107,7 +107,8 @@ async fn a_hit_calls_no_upstream_charges_nothing_and_has_its_own_generation() {
         second["usage"],
         json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost": 0,
                "prompt_tokens_details": {"cached_tokens": 0},
-               "completion_tokens_details": {"reasoning_tokens": 0}})
+               "completion_tokens_details": {"reasoning_tokens": 0},
+               "cost_details": {"prompt": 0, "cached_prompt": 0, "cache_write": 0, "completion": 0}})
     );
     assert_eq!(spent(&gw).await, spent_after_miss, "a hit debits nothing");
 
@@ -222,9 +223,13 @@ async fn a_streamed_hit_replays_the_same_content_and_ends_with_done() {
         assert_eq!(b["id"], hit_id.as_str());
         a["id"] = b["id"].clone();
         if let Some(u) = a.get_mut("usage").and_then(Value::as_object_mut) {
+            // Every number in `usage`, `cost_details` included, is zeroed in a hit.
             for v in u.values_mut() {
                 if v.is_number() {
                     *v = json!(0);
+                }
+                if let Some(inner) = v.as_object_mut() {
+                    inner.values_mut().for_each(|n| *n = json!(0));
                 }
             }
         }

@@ -68,6 +68,17 @@ impl Usage {
             push_u64(out, d.reasoning_tokens);
             out.push(b'}');
         }
+        if let Some(c) = &self.cost_details {
+            out.extend_from_slice(b",\"cost_details\":{\"prompt\":");
+            push_money(out, c.prompt);
+            out.extend_from_slice(b",\"cached_prompt\":");
+            push_money(out, c.cached_prompt);
+            out.extend_from_slice(b",\"cache_write\":");
+            push_money(out, c.cache_write);
+            out.extend_from_slice(b",\"completion\":");
+            push_money(out, c.completion);
+            out.push(b'}');
+        }
         out.push(b'}');
     }
 }
@@ -239,7 +250,7 @@ impl ToolCall {
 #[cfg(test)]
 mod tests {
     use super::super::{
-        Choice, CompletionTokensDetails, FunctionCallDelta, PromptTokensDetails, Role,
+        Choice, CompletionTokensDetails, CostDetails, FunctionCallDelta, PromptTokensDetails, Role,
     };
     use super::*;
     use rand::{Rng, SeedableRng};
@@ -294,6 +305,15 @@ mod tests {
             }),
             completion_tokens_details: maybe(rng, |r| CompletionTokensDetails {
                 reasoning_tokens: r.random(),
+            }),
+            cost_details: maybe(rng, |r| {
+                let mut m = || Money::from_pico(r.random_range(-10_000_000..i64::MAX));
+                CostDetails {
+                    prompt: m(),
+                    cached_prompt: m(),
+                    cache_write: m(),
+                    completion: m(),
+                }
             }),
         }
     }

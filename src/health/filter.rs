@@ -8,6 +8,7 @@ use futures_util::future::{self, Either, Ready};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
+use super::affinity::{Affinity, AffinityKey};
 use super::{Availability, HealthRegistry};
 use crate::catalog::Endpoint;
 use crate::chat::SortBy;
@@ -27,6 +28,7 @@ pub type Random = Arc<dyn Fn() -> f64 + Send + Sync>;
 pub struct HealthFilterLayer {
     registry: Arc<dyn HealthRegistry>,
     random: Random,
+    affinity: Option<Affinity>,
 }
 
 impl HealthFilterLayer {
@@ -35,7 +37,15 @@ impl HealthFilterLayer {
         HealthFilterLayer {
             registry,
             random: Arc::new(rand::random::<f64>),
+            affinity: Some(Affinity::new()),
         }
+    }
+
+    /// Prompt-cache affinity ([`Affinity`]; on by default, with its own entries per
+    /// layer): `None` turns it off.
+    pub fn affinity(mut self, affinity: Option<Affinity>) -> Self {
+        self.affinity = affinity;
+        self
     }
 
     /// Uses `random` (uniform in `[0, 1)`) for the weighted draw; tests pass a seeded
@@ -59,6 +69,7 @@ impl<S> Layer<S> for HealthFilterLayer {
             inner,
             registry: self.registry.clone(),
             random: self.random.clone(),
+            affinity: self.affinity.clone(),
         }
     }
 }
@@ -70,6 +81,7 @@ pub struct HealthFilter<S> {
     inner: S,
     registry: Arc<dyn HealthRegistry>,
     random: Random,
+    affinity: Option<Affinity>,
 }
 
 impl<S> HealthFilter<S> {
@@ -216,6 +228,18 @@ pub fn filter_plan(
     registry: &dyn HealthRegistry,
     random: &dyn Fn() -> f64,
 ) -> Result<(), GatewayError> {
+    filter_plan_preferring(call, registry, random, None)
+}
+
+/// [`filter_plan`], then, unless the request orders its plan itself (`provider.order`,
+/// `sort`, `:floor`, `:nitro`), the endpoint of catalog index `preferred` (prompt-cache
+/// [`Affinity`]) first among its model's endpoints, when it is still in the plan.
+pub fn filter_plan_preferring(
+    call: &mut ChatCall,
+    registry: &dyn HealthRegistry,
+    random: &dyn Fn() -> f64,
+    preferred: Option<usize>,
+) -> Result<(), GatewayError> {
     let now = Instant::now();
     let how = Ordering::of(call);
     let prefs = call.request.provider.clone().unwrap_or_default();
@@ -242,6 +266,13 @@ pub fn filter_plan(
             })
             .collect();
         let mut ordered = order_endpoints(healthy, how, &provider_order, registry, random);
+        if let Some(p) = preferred.filter(|_| how == Ordering::Default && provider_order.is_empty())
+        {
+            if let Some(i) = ordered.iter().position(|e| e.index == p) {
+                let e = ordered.remove(i);
+                ordered.insert(0, e);
+            }
+        }
         if only_first {
             ordered.truncate(1);
         }
@@ -283,16 +314,62 @@ where
 {
     type Response = ChatReply;
     type Error = GatewayError;
-    type Future = Either<Ready<Result<ChatReply, GatewayError>>, S::Future>;
+    type Future = Either<Ready<Result<ChatReply, GatewayError>>, Remembering<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut call: ChatCall) -> Self::Future {
-        match filter_plan(&mut call, self.registry.as_ref(), self.random.as_ref()) {
-            Ok(()) => Either::Right(self.inner.call(call)),
+        let key = self.affinity.as_ref().and_then(|_| Affinity::key(&call));
+        let preferred = key
+            .zip(self.affinity.as_ref())
+            .and_then(|(k, a)| a.preferred(k));
+        let filtered = filter_plan_preferring(
+            &mut call,
+            self.registry.as_ref(),
+            self.random.as_ref(),
+            preferred,
+        );
+        match filtered {
+            Ok(()) => {
+                if key.is_some() {
+                    let hit = preferred.is_some_and(|p| call.plan.iter().any(|e| e.index == p));
+                    Affinity::count(hit);
+                }
+                let remember = key.zip(self.affinity.clone());
+                Either::Right(Remembering {
+                    inner: self.inner.call(call),
+                    remember,
+                })
+            }
             Err(e) => Either::Left(future::ready(Err(e))),
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner service's future; when the reply commits, its endpoint is remembered
+    /// for the prompt's [`Affinity`] key (if the request has one).
+    pub struct Remembering<F> {
+        #[pin]
+        inner: F,
+        remember: Option<(AffinityKey, Affinity)>,
+    }
+}
+
+impl<F> std::future::Future for Remembering<F>
+where
+    F: std::future::Future<Output = Result<ChatReply, GatewayError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        if let (Ok(reply), Some((key, affinity))) = (&out, this.remember.take()) {
+            affinity.remember(key, reply.endpoint.index);
+        }
+        Poll::Ready(out)
     }
 }

@@ -16,7 +16,10 @@
 //! otherwise the first endpoint is drawn at random with probability ∝ `weight /
 //! price²` (free endpoints first) and the rest follow cheapest first. When every
 //! candidate is unavailable, the plan becomes the one endpoint whose cooldown ends
-//! soonest, flagged as the *last resort* ([`CallState::last_resort`]).
+//! soonest, flagged as the *last resort* ([`CallState::last_resort`]). A long prompt
+//! served before goes back to the endpoint that served it, when the request does not
+//! order its plan itself and that endpoint is still in the plan: prompt-cache
+//! [`Affinity`] (`affinity.rs`).
 //!
 //! The registry also keeps observed time to first token and throughput per endpoint
 //! (time-decayed, peak-sensitive EWMAs, as tower's `load::PeakEwma`), which
@@ -67,6 +70,7 @@
 //!
 //! [`CallState::last_resort`]: crate::context::CallState::last_resort
 
+mod affinity;
 mod filter;
 mod memory;
 mod redis;
@@ -81,8 +85,10 @@ use crate::catalog::Endpoint;
 use crate::error::{FailureClass, ProviderError};
 
 pub use self::redis::RedisHealth;
+pub use affinity::{Affinity, AffinityKey, AFFINITY_MAX_ENTRIES, AFFINITY_TTL, MIN_PREFIX_BYTES};
 pub use filter::{
-    filter_plan, order_endpoints, weighted_draw, HealthFilter, HealthFilterLayer, Ordering, Random,
+    filter_plan, filter_plan_preferring, order_endpoints, weighted_draw, HealthFilter,
+    HealthFilterLayer, Ordering, Random, Remembering,
 };
 pub use memory::InMemoryHealth;
 

@@ -199,6 +199,47 @@ async fn cache_and_reasoning_tokens_are_priced_and_reported() {
     assert_eq!(usage.cached_tokens(), 600);
     assert_eq!(usage.reasoning_tokens(), 300);
     assert_eq!(ctx.snapshot().cost, want);
+    // The cost by kind of token, adding up to it.
+    assert_eq!(
+        usage.cost_details,
+        Some(crate::chat::CostDetails {
+            prompt: Money::from_pico(300 * 1_000_000),
+            cached_prompt: Money::from_pico(600 * 500_000),
+            cache_write: Money::from_pico(100 * 1_250_000),
+            completion: Money::from_pico(500 * 2_000_000),
+        })
+    );
+}
+
+#[test]
+fn cost_details_add_up_to_a_capped_or_zero_charge() {
+    use crate::chat::CostDetails;
+    let pricing = crate::catalog::Pricing {
+        prompt: "1".parse().unwrap(),
+        completion: "2".parse().unwrap(),
+        cache_read: "0.5".parse().unwrap(),
+        cache_write: "1.25".parse().unwrap(),
+    };
+    let mut u = Usage::new(1_000, 333);
+    u.prompt_tokens_details = Some(PromptTokensDetails {
+        cached_tokens: 600,
+        cache_write_tokens: 100,
+    });
+    let sum = |d: CostDetails| {
+        d.prompt.pico() + d.cached_prompt.pico() + d.cache_write.pico() + d.completion.pico()
+    };
+    let full = pricing.checked_cost(&u).unwrap();
+    assert_eq!(sum(super::cost_details(&pricing, &u, full)), full.pico());
+    // Capped at a reservation: scaled down, still exact.
+    for cap in [1, 7, 999_999, full.pico() - 1] {
+        let d = super::cost_details(&pricing, &u, Money::from_pico(cap));
+        assert_eq!(sum(d), cap, "{cap}");
+        assert!(d.prompt.pico() <= 300 * 1_000_000 && d.prompt.pico() >= 0);
+    }
+    assert_eq!(
+        super::cost_details(&pricing, &u, Money::ZERO),
+        CostDetails::default()
+    );
 }
 
 #[tokio::test]

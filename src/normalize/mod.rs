@@ -309,7 +309,11 @@ where
         } = reply.await?;
         let mut agg = Aggregator::default();
         while let Some(chunk) = chunks.next().await {
-            agg.push(chunk?);
+            let mut chunk = chunk?;
+            if request.hides_reasoning() {
+                chunk.drop_reasoning();
+            }
+            agg.push(chunk);
         }
         Ok::<_, GatewayError>((endpoint, agg))
     };
@@ -400,7 +404,8 @@ where
             let ChatReply { endpoint, chunks } = r?;
             ctx.update(|s| s.status = 200);
             let encoder = Encoder::new(ctx, Some(&endpoint), &request);
-            let mut res = sse_response(Body::from_stream(encoder.run(chunks, deadline)));
+            let body = encoder.run(chunks, deadline, request.hides_reasoning());
+            let mut res = sse_response(Body::from_stream(body));
             served_headers(res.headers_mut(), &endpoint.model, &endpoint.provider.name);
             Ok(res)
         }
@@ -446,7 +451,7 @@ where
                         r = &mut reply => match r {
                             Ok(ChatReply { endpoint, chunks }) => {
                                 let encoder = Encoder::new(ctx, Some(&endpoint), &request);
-                                let mut s: std::pin::Pin<Box<dyn Stream<Item = SseItem> + Send>> = Box::pin(encoder.run(chunks, deadline));
+                                let mut s: std::pin::Pin<Box<dyn Stream<Item = SseItem> + Send>> = Box::pin(encoder.run(chunks, deadline, request.hides_reasoning()));
                                 let first = s.next().await;
                                 first.map(|b| (b, Phase::Streaming(s)))
                             }
@@ -542,10 +547,11 @@ impl Encoder {
         }
     }
 
-    fn run(self, chunks: ChunkStream, deadline: Instant) -> SseBody {
+    fn run(self, chunks: ChunkStream, deadline: Instant, hide_reasoning: bool) -> SseBody {
         SseBody {
             encoder: self,
             chunks,
+            hide_reasoning,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
             done: false,
         }
@@ -560,6 +566,8 @@ impl Encoder {
 struct SseBody {
     encoder: Encoder,
     chunks: ChunkStream,
+    /// `reasoning.exclude`: reasoning text is dropped before encoding.
+    hide_reasoning: bool,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
     done: bool,
 }
@@ -579,10 +587,15 @@ impl Stream for SseBody {
         let e = &mut this.encoder;
         loop {
             let last = match this.chunks.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(chunk))) => match e.chunk(&chunk) {
-                    Some(bytes) => return Poll::Ready(Some(Ok(bytes))),
-                    None => continue,
-                },
+                Poll::Ready(Some(Ok(mut chunk))) => {
+                    if this.hide_reasoning {
+                        chunk.drop_reasoning();
+                    }
+                    match e.chunk(&chunk) {
+                        Some(bytes) => return Poll::Ready(Some(Ok(bytes))),
+                        None => continue,
+                    }
+                }
                 Poll::Ready(Some(Err(err))) => e.error(&err),
                 Poll::Ready(None) => e.done(),
                 Poll::Pending => {

@@ -2,7 +2,8 @@
 //!
 //! `POST {base_url}/chat/completions` with `Authorization: Bearer`. The client body is
 //! passed through (unknown fields included) with `model` replaced by the upstream
-//! name and OpenRouter-only fields removed; streams always ask for
+//! name and OpenRouter-only fields removed (`reasoning` becomes `reasoning_effort`,
+//! see [`effort_for_budget`]); streams always ask for
 //! `stream_options.include_usage` so metering gets the provider's own count.
 
 use bytes::Bytes;
@@ -10,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{api_key, protocol_error, Adapter, Decoded, StreamDecoder};
-use crate::chat::{ChatChunk, ChatCompletion, Message, Stop, Tool, Usage};
+use crate::chat::{
+    ChatChunk, ChatCompletion, ChatRequest, Message, ReasoningWanted, Stop, Tool, Usage,
+};
 use crate::context::ProviderCall;
 use crate::error::{FailureKind, ProviderError};
 
@@ -86,6 +89,29 @@ fn completion_limit(call: &ProviderCall) -> (Option<u32>, Option<u32>) {
     }
 }
 
+/// The `reasoning_effort` sent for a thinking budget (`reasoning.max_tokens`), by
+/// buckets: below 4,096 tokens `low`, below 16,384 `medium`, else `high`.
+pub fn effort_for_budget(budget: u32) -> &'static str {
+    match budget {
+        0..4096 => "low",
+        4096..16384 => "medium",
+        _ => "high",
+    }
+}
+
+/// The `reasoning_effort` sent upstream for the request's
+/// [reasoning](ChatRequest::reasoning_wanted): an effort as written, a budget by
+/// [`effort_for_budget`], nothing when reasoning is off (OpenAI-compatible servers
+/// share no "off"; a model that always reasons keeps its default). OpenRouter's
+/// `reasoning` object itself is never sent.
+fn reasoning_effort(req: &ChatRequest) -> Option<&str> {
+    match req.reasoning_wanted()? {
+        ReasoningWanted::Effort(e) => Some(e),
+        ReasoningWanted::Budget(n) => Some(effort_for_budget(n)),
+        ReasoningWanted::Off => None,
+    }
+}
+
 /// Builds the exact JSON body sent to an OpenAI-kind provider (used by golden tests).
 pub fn wire_body(call: &ProviderCall, stream: bool) -> Result<Vec<u8>, serde_json::Error> {
     let req = &call.request;
@@ -109,7 +135,7 @@ pub fn wire_body(call: &ProviderCall, stream: bool) -> Result<Vec<u8>, serde_jso
         stream_options: stream.then_some(WireStreamOptions {
             include_usage: true,
         }),
-        reasoning_effort: req.reasoning_effort.as_deref(),
+        reasoning_effort: reasoning_effort(req),
         extra: &req.extra,
     };
     serde_json::to_vec(&wire)
@@ -249,6 +275,59 @@ max_output_tokens = 100
             request: std::sync::Arc::new(serde_json::from_value::<ChatRequest>(req).unwrap()),
             ctx: CallContext::new(),
         }
+    }
+
+    #[test]
+    fn openrouter_reasoning_becomes_reasoning_effort_and_is_not_sent() {
+        let effort = |extra: Value| {
+            let mut r = json!({"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+            r.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let body: Value = serde_json::from_slice(&wire_body(&call(r), false).unwrap()).unwrap();
+            assert!(body.get("reasoning").is_none(), "{body}");
+            body.get("reasoning_effort").cloned()
+        };
+        assert_eq!(
+            effort(json!({"reasoning": {"effort": "high"}})),
+            Some(json!("high"))
+        );
+        // Budgets by buckets.
+        for (budget, want) in [
+            (1, "low"),
+            (4095, "low"),
+            (4096, "medium"),
+            (16383, "medium"),
+            (16384, "high"),
+        ] {
+            assert_eq!(
+                effort(json!({"reasoning": {"max_tokens": budget}})),
+                Some(json!(want)),
+                "{budget}"
+            );
+        }
+        assert_eq!(
+            effort(json!({"reasoning": {"enabled": true}})),
+            Some(json!("medium"))
+        );
+        // `reasoning` wins; `enabled: false` sends none; `reasoning_effort` alone still works.
+        assert_eq!(
+            effort(json!({"reasoning": {"effort": "low"}, "reasoning_effort": "high"})),
+            Some(json!("low"))
+        );
+        assert_eq!(
+            effort(json!({"reasoning": {"enabled": false}, "reasoning_effort": "high"})),
+            None
+        );
+        assert_eq!(
+            effort(json!({"reasoning_effort": "minimal"})),
+            Some(json!("minimal"))
+        );
+        assert_eq!(
+            effort(json!({"reasoning": {"exclude": true}, "reasoning_effort": "low"})),
+            Some(json!("low"))
+        );
+        assert_eq!(effort(json!({"reasoning": {"exclude": true}})), None);
     }
 
     #[test]

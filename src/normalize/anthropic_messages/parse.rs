@@ -93,7 +93,7 @@ pub(crate) fn parse(
     req.inbound = Inbound {
         dialect: Dialect::AnthropicMessages,
         anthropic: Some(Arc::new(AnthropicInbound { body, beta })),
-        embeddings: None,
+        ..Inbound::default()
     };
     Ok(req)
 }

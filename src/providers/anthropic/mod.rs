@@ -18,7 +18,10 @@
 //!   (`file.file_data` data URLs) → document blocks;
 //! - `tools` → `input_schema`, `tool_choice` auto/none/required/named → auto/none/any/tool,
 //!   `parallel_tool_calls: false` → `disable_parallel_tool_use`;
-//! - `reasoning_effort` → extended thinking with the budget of [`thinking_budget`].
+//! - reasoning ([`ChatRequest::reasoning_wanted`]: OpenRouter's `reasoning`, else
+//!   `reasoning_effort`) → extended thinking: `reasoning.max_tokens` as the budget
+//!   (at least [`MIN_THINKING_BUDGET`]), an effort by [`thinking_budget`], under the
+//!   caps and rules told there.
 //!
 //! A request that came in by `/v1/messages` is not translated: the client's own body
 //! goes up with only `model`, `max_tokens` and `stream` set, with its `anthropic-beta`
@@ -78,8 +81,8 @@ use serde_json::Value;
 use super::media::data_url;
 use super::{api_key, protocol_error, Adapter, Decoded, StreamDecoder};
 use crate::chat::{
-    ChatChunk, ChunkChoice, Content, ContentPart, Delta, FunctionCallDelta, PromptTokensDetails,
-    Role, Stop, ToolCallDelta, Usage,
+    ChatChunk, ChatRequest, ChunkChoice, Content, ContentPart, Delta, FunctionCallDelta,
+    PromptTokensDetails, ReasoningWanted, Role, Stop, ToolCallDelta, Usage,
 };
 use crate::context::ProviderCall;
 use crate::error::{FailureKind, ProviderError};
@@ -117,6 +120,18 @@ pub fn thinking_budget(effort: &str) -> Option<u32> {
         "medium" => Some(8192),
         "high" => Some(16384),
         _ => None,
+    }
+}
+
+/// The thinking budget a request asks for, before the caps of [`thinking_budget`]:
+/// a [budget](ReasoningWanted::Budget) as given (raised to
+/// [`MIN_THINKING_BUDGET`]), an effort by [`thinking_budget`], none when reasoning is
+/// off or not asked for.
+fn requested_thinking(req: &ChatRequest) -> Option<u32> {
+    match req.reasoning_wanted()? {
+        ReasoningWanted::Budget(n) => Some(n.max(MIN_THINKING_BUDGET)),
+        ReasoningWanted::Effort(e) => thinking_budget(e),
+        ReasoningWanted::Off => None,
     }
 }
 
@@ -288,10 +303,7 @@ fn to_wire(call: &ProviderCall, stream: bool) -> Result<wire::Request<'_>, Provi
         .rev()
         .find(|m| m.role == Role::Assistant)
         .is_some_and(|m| m.tool_calls.as_ref().is_some_and(|t| !t.is_empty()));
-    let thinking = req
-        .reasoning_effort
-        .as_deref()
-        .and_then(thinking_budget)
+    let thinking = requested_thinking(req)
         .map(|b| b.min(max_tokens.saturating_sub(1)))
         .filter(|b| *b >= MIN_THINKING_BUDGET)
         .filter(|_| !forced_tool && !last_assistant_called_tools)

@@ -669,3 +669,66 @@ fn error_event_fails_the_attempt_in_band() {
         Decoded::Skip
     ));
 }
+
+#[test]
+fn openrouter_reasoning_becomes_thinking_and_wins_over_reasoning_effort() {
+    let body_of = |reasoning: Value, extra: Value| {
+        let mut r = json!({
+            "model": "anthropic/claude", "max_tokens": 20000, "reasoning": reasoning,
+            "messages": [{"role": "user", "content": "Prove it"}]
+        });
+        r.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body(&call(r), false)
+    };
+    let thinking = |budget: u32| json!({"type": "enabled", "budget_tokens": budget});
+    // A budget as given; an effort by the table; `enabled` alone is medium.
+    assert_eq!(
+        body_of(json!({"max_tokens": 3000}), json!({}))["thinking"],
+        thinking(3000)
+    );
+    assert_eq!(
+        body_of(json!({"effort": "high"}), json!({}))["thinking"],
+        thinking(16384)
+    );
+    assert_eq!(
+        body_of(json!({"enabled": true}), json!({}))["thinking"],
+        thinking(8192)
+    );
+    // max_tokens wins over effort; below Anthropic's minimum it is raised to it.
+    assert_eq!(
+        body_of(json!({"max_tokens": 4000, "effort": "high"}), json!({}))["thinking"],
+        thinking(4000)
+    );
+    assert_eq!(
+        body_of(json!({"max_tokens": 100}), json!({}))["thinking"],
+        thinking(MIN_THINKING_BUDGET)
+    );
+    // `reasoning` wins over `reasoning_effort`; `enabled: false` is off.
+    let extra = json!({"reasoning_effort": "low"});
+    assert_eq!(
+        body_of(json!({"effort": "medium"}), extra.clone())["thinking"],
+        thinking(8192)
+    );
+    let b = body_of(json!({"enabled": false}), extra.clone());
+    assert!(b.get("thinking").is_none(), "{b}");
+    // `exclude` alone leaves `reasoning_effort` in charge (the text is hidden at the edge).
+    assert_eq!(
+        body_of(json!({"exclude": true}), extra)["thinking"],
+        thinking(2048)
+    );
+    // The caps still hold: below max_tokens.
+    let b = body(
+        &call(json!({
+            "model": "anthropic/claude", "max_tokens": 5000, "reasoning": {"max_tokens": 9000},
+            "messages": [{"role": "user", "content": "Prove it"}]
+        })),
+        false,
+    );
+    assert_eq!(b["thinking"], thinking(4999));
+    // The wire never carries the `reasoning` object itself.
+    assert!(body_of(json!({"effort": "low"}), json!({}))
+        .get("reasoning")
+        .is_none());
+}

@@ -17,8 +17,11 @@
 //!   the request's, else the model's `max_output_tokens`, else 4096), `candidateCount`
 //!   from `n` above 1, `temperature`, `topP`, `stopSequences`, `seed`,
 //!   `responseMimeType: application/json` for `json_object` / `json_schema` (with
-//!   `responseJsonSchema`), and `thinkingConfig` from `reasoning_effort`
-//!   ([`thinking_budget`]).
+//!   `responseJsonSchema`), and `thinkingConfig` from the request's reasoning
+//!   ([`ChatRequest::reasoning_wanted`](crate::chat::ChatRequest::reasoning_wanted):
+//!   `reasoning.max_tokens` as `thinkingBudget`, an effort by [`thinking_budget`],
+//!   0 when reasoning is off; `includeThoughts` unless the budget is 0 or
+//!   `reasoning.exclude` asks for no reasoning text).
 //!
 //! Gemini sends no tool-call ids, so each call gets a stable one (see [`tool_call_id`]).
 //! Thought parts become `delta.reasoning`; `finishReason` is mapped by
@@ -50,7 +53,7 @@ use super::media::{data_url, mime_from_url};
 use super::{api_key, protocol_error, Adapter, Decoded, StreamDecoder};
 use crate::chat::{
     ChatChunk, ChunkChoice, CompletionTokensDetails, Content, ContentPart, Delta,
-    FunctionCallDelta, PromptTokensDetails, Role, Stop, ToolCallDelta, Usage,
+    FunctionCallDelta, PromptTokensDetails, ReasoningWanted, Role, Stop, ToolCallDelta, Usage,
 };
 use crate::context::ProviderCall;
 use crate::error::{FailureKind, ProviderError};
@@ -258,14 +261,16 @@ fn to_wire(call: &ProviderCall) -> Result<wire::Request<'_>, ProviderError> {
         ),
         _ => (None, None),
     };
-    let thinking_config = req
-        .reasoning_effort
-        .as_deref()
-        .and_then(thinking_budget)
-        .map(|thinking_budget| wire::ThinkingConfig {
-            thinking_budget,
-            include_thoughts: thinking_budget > 0,
-        });
+    let budget = match req.reasoning_wanted() {
+        Some(ReasoningWanted::Budget(n)) => Some(n),
+        Some(ReasoningWanted::Effort(e)) => thinking_budget(e),
+        Some(ReasoningWanted::Off) => Some(0),
+        None => None,
+    };
+    let thinking_config = budget.map(|thinking_budget| wire::ThinkingConfig {
+        thinking_budget,
+        include_thoughts: thinking_budget > 0 && !req.hides_reasoning(),
+    });
     let config = wire::GenerationConfig {
         // Always the bound credit admission reserved per choice.
         max_output_tokens: Some(crate::credit::completion_bound(req, &call.endpoint)),

@@ -538,3 +538,43 @@ fn in_band_stream_errors_fail_the_attempt() {
         FailureKind::Protocol
     );
 }
+
+#[test]
+fn openrouter_reasoning_becomes_a_thinking_config() {
+    let b = |extra: Value| {
+        let mut r = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        r.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let body = body(&call(r));
+        assert!(body.get("reasoning").is_none(), "{body}");
+        body["generationConfig"]["thinkingConfig"].clone()
+    };
+    // A budget as given, with the thoughts asked for.
+    assert_eq!(
+        b(json!({"reasoning": {"max_tokens": 3000}})),
+        json!({"thinkingBudget": 3000, "includeThoughts": true})
+    );
+    // `exclude`: the model thinks, no thought text comes back (`includeThoughts` is
+    // false by default).
+    assert_eq!(
+        b(json!({"reasoning": {"effort": "low", "exclude": true}})),
+        json!({"thinkingBudget": 1024})
+    );
+    // `enabled` alone is medium; `enabled: false` is a zero budget.
+    assert_eq!(
+        b(json!({"reasoning": {"enabled": true}})),
+        json!({"thinkingBudget": 8192, "includeThoughts": true})
+    );
+    assert_eq!(
+        b(json!({"reasoning": {"enabled": false}, "reasoning_effort": "high"})),
+        json!({"thinkingBudget": 0})
+    );
+    // `reasoning` wins over `reasoning_effort`.
+    assert_eq!(
+        b(json!({"reasoning": {"effort": "high"}, "reasoning_effort": "low"})),
+        json!({"thinkingBudget": 24576, "includeThoughts": true})
+    );
+    // Nothing asked: the model's default.
+    assert_eq!(b(json!({})), Value::Null);
+}
