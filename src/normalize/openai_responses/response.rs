@@ -396,6 +396,7 @@ mod tests {
                     role: Role::Assistant,
                     content: content.map(str::to_owned),
                     reasoning: reasoning.map(str::to_owned),
+                    reasoning_signature: None,
                     tool_calls: (!calls.is_empty()).then(|| {
                         calls
                             .iter()
