@@ -4,13 +4,20 @@
 //! passed through (unknown fields included) with `model` replaced by the upstream
 //! name and OpenRouter-only fields removed; streams always ask for
 //! `stream_options.include_usage` so metering gets the provider's own count.
+//!
+//! Embeddings (SPEC §7.3): `POST {base_url}/embeddings` with `model`, `input` (one string
+//! or one token-id array as such, else a list of them), `dimensions`, `encoding_format: "float"` and `user`
+//! ([`embeddings_body`]); `data[].embedding` is read by `index`, `usage.prompt_tokens`
+//! is the usage.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{api_key, protocol_error, Adapter, Decoded, StreamDecoder};
-use crate::chat::{ChatChunk, ChatCompletion, Message, Stop, Tool, Usage};
+use crate::chat::{
+    ChatChunk, ChatCompletion, EmbeddingInput, EmbeddingsInput, Message, Stop, Tool, Usage,
+};
 use crate::context::ProviderCall;
 use crate::error::{FailureKind, ProviderError};
 
@@ -122,8 +129,12 @@ impl Adapter for OpenAiAdapter {
         stream: bool,
     ) -> Result<http::Request<Bytes>, ProviderError> {
         let key = api_key(call)?;
-        let body = wire_body(call, stream).map_err(|e| protocol_error(call, e))?;
-        let url = format!("{}/chat/completions", call.endpoint.provider.base_url);
+        let (body, path) = match &call.request.inbound.embeddings {
+            Some(e) => (embeddings_body(call, e), "embeddings"),
+            None => (wire_body(call, stream), "chat/completions"),
+        };
+        let body = body.map_err(|e| protocol_error(call, e))?;
+        let url = format!("{}/{path}", call.endpoint.provider.base_url);
         http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::AUTHORIZATION, format!("Bearer {key}"))
@@ -133,6 +144,9 @@ impl Adapter for OpenAiAdapter {
     }
 
     fn parse_response(&self, call: &ProviderCall, body: &[u8]) -> Result<ChatChunk, ProviderError> {
+        if call.request.inbound.is_embeddings() {
+            return parse_embeddings(call, body);
+        }
         let wire: WireCompletion = crate::chat::from_json(body)
             .map_err(|e| protocol_error(call, format!("not a chat.completion: {e}")))?;
         if let Some(err) = wire.error {
@@ -150,6 +164,7 @@ impl Adapter for OpenAiAdapter {
             provider: None,
             choices: wire.choices,
             usage: wire.usage,
+            embeddings: None,
         };
         Ok(completion.into_chunk())
     }
@@ -159,6 +174,131 @@ impl Adapter for OpenAiAdapter {
             provider: call.endpoint.provider.name.clone(),
         })
     }
+}
+
+/// An embeddings request's input as OpenAI takes it: one string, one token-id array,
+/// or a list of either.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WireInput<'a> {
+    Text(&'a str),
+    Texts(Vec<&'a str>),
+    Tokens(&'a [u32]),
+    TokenLists(Vec<&'a [u32]>),
+}
+
+/// `POST {base_url}/embeddings`'s body.
+#[derive(Serialize)]
+struct WireEmbeddingsRequest<'a> {
+    model: &'a str,
+    input: WireInput<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dimensions: Option<u32>,
+    encoding_format: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+}
+
+/// Builds the exact JSON body of an embeddings request to an OpenAI-kind provider
+/// (SPEC §7.3): `model` (the upstream name), `input`, `dimensions` when asked,
+/// `encoding_format: "float"` (the gateway encodes base64 itself) and `user`.
+pub fn embeddings_body(
+    call: &ProviderCall,
+    e: &EmbeddingsInput,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let input = match e.inputs.as_slice() {
+        [EmbeddingInput::Text(t)] => WireInput::Text(t),
+        [EmbeddingInput::Tokens(ids)] => WireInput::Tokens(ids),
+        inputs if matches!(inputs.first(), Some(EmbeddingInput::Tokens(_))) => {
+            WireInput::TokenLists(
+                inputs
+                    .iter()
+                    .filter_map(|i| match i {
+                        EmbeddingInput::Tokens(ids) => Some(ids.as_slice()),
+                        EmbeddingInput::Text(_) => None,
+                    })
+                    .collect(),
+            )
+        }
+        inputs => WireInput::Texts(
+            inputs
+                .iter()
+                .filter_map(|i| match i {
+                    EmbeddingInput::Text(t) => Some(t.as_str()),
+                    EmbeddingInput::Tokens(_) => None,
+                })
+                .collect(),
+        ),
+    };
+    serde_json::to_vec(&WireEmbeddingsRequest {
+        model: &call.endpoint.upstream_model,
+        input,
+        dimensions: e.dimensions,
+        encoding_format: "float",
+        user: call.request.user.as_deref(),
+    })
+}
+
+/// An embeddings answer: `data[].embedding` by `index`, and `usage.prompt_tokens`.
+#[derive(Deserialize)]
+struct WireEmbeddings {
+    #[serde(default)]
+    data: Vec<WireEmbedding>,
+    #[serde(default)]
+    usage: Option<WireEmbeddingsUsage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct WireEmbedding {
+    #[serde(default)]
+    index: Option<u64>,
+    embedding: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct WireEmbeddingsUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+}
+
+/// The vectors of an embeddings answer, put in input order by their `index` (each
+/// index once, below the number of inputs), as one chunk with the upstream's usage.
+fn parse_embeddings(call: &ProviderCall, body: &[u8]) -> Result<ChatChunk, ProviderError> {
+    let wire: WireEmbeddings = serde_json::from_slice(body)
+        .map_err(|e| protocol_error(call, format!("not an embeddings list: {e}")))?;
+    if let Some(err) = wire.error {
+        return Err(ProviderError::new(
+            call.endpoint.provider.name.clone(),
+            FailureKind::InBand,
+            super::default_error_message(
+                serde_json::json!({ "error": err }).to_string().as_bytes(),
+            ),
+        ));
+    }
+    let n = wire.data.len();
+    let mut vectors: Vec<Option<Vec<f32>>> = vec![None; n];
+    for (pos, item) in wire.data.into_iter().enumerate() {
+        let index = item.index.unwrap_or(pos as u64);
+        let slot = usize::try_from(index)
+            .ok()
+            .and_then(|i| vectors.get_mut(i))
+            .ok_or_else(|| protocol_error(call, format!("embedding index {index} of {n}")))?;
+        if slot.replace(item.embedding).is_some() {
+            return Err(protocol_error(
+                call,
+                format!("embedding index {index} twice"),
+            ));
+        }
+    }
+    // Every slot is filled: n distinct indices below n.
+    let vectors: Vec<Vec<f32>> = vectors.into_iter().flatten().collect();
+    Ok(ChatChunk {
+        embeddings: Some(std::sync::Arc::new(vectors)),
+        usage: wire.usage.map(|u| Usage::new(u.prompt_tokens, 0)),
+        ..ChatChunk::default()
+    })
 }
 
 /// A lenient `chat.completion`: OpenAI-compatible servers omit various fields.
