@@ -435,4 +435,75 @@ max_output_tokens = 100
         assert_eq!(err.message, "overloaded");
         assert!(matches!(d.decode("", "[DONE]").unwrap(), Decoded::Done));
     }
+
+    /// An embeddings call of `inputs` texts, `dimensions` asked or not.
+    fn embeddings_call(inputs: usize, dimensions: Option<u32>) -> ProviderCall {
+        let mut c = call(json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}));
+        let mut req = ChatRequest::clone(&c.request);
+        req.messages.clear();
+        req.inbound.dialect = crate::chat::Dialect::Embeddings;
+        req.inbound.embeddings = Some(std::sync::Arc::new(EmbeddingsInput {
+            inputs: vec![EmbeddingInput::Text("a".into()); inputs],
+            dimensions,
+            base64: false,
+        }));
+        c.request = std::sync::Arc::new(req);
+        c
+    }
+
+    #[test]
+    fn embeddings_answers_are_read_by_index_and_bounded() {
+        let c = embeddings_call(2, None);
+        let req = OpenAiAdapter.build_request(&c, true).unwrap();
+        assert_eq!(req.uri(), "http://127.0.0.1:9/v1/embeddings");
+        let body: Value = serde_json::from_slice(req.body()).unwrap();
+        assert_eq!(
+            body,
+            json!({"model": "gpt-4o-mini", "input": ["a", "a"], "encoding_format": "float"})
+        );
+
+        let answer = |data: Value| {
+            let body = json!({"data": data, "usage": {"prompt_tokens": 2}}).to_string();
+            OpenAiAdapter.parse_response(&c, body.as_bytes())
+        };
+        let chunk = answer(json!([
+            {"index": 1, "embedding": [2.0, 2.5]},
+            {"index": 0, "embedding": [1.0, 1.5]}
+        ]))
+        .unwrap();
+        assert_eq!(
+            chunk.embeddings.as_deref().unwrap(),
+            &vec![vec![1.0, 1.5], vec![2.0, 2.5]]
+        );
+        assert_eq!(chunk.usage.as_ref().unwrap().prompt_tokens, 2);
+        assert!(crate::providers::limits::check_embeddings(&chunk, &c).is_ok());
+
+        for bad in [
+            json!([{"index": 0, "embedding": [1.0]}, {"index": 0, "embedding": [1.0]}]),
+            json!([{"index": 5, "embedding": [1.0]}, {"index": 0, "embedding": [1.0]}]),
+            json!([{"index": 18446744073709551615u64, "embedding": [1.0]}]),
+        ] {
+            let err = answer(bad.clone()).expect_err(&bad.to_string());
+            assert_eq!(err.kind, FailureKind::Protocol, "{bad}");
+        }
+        // What parses but is not an answer to this request is refused by the limits.
+        for (bad, dims) in [
+            (json!([{"index": 0, "embedding": [1.0]}]), None),
+            (
+                json!([{"embedding": [1.0, 2.0]}, {"embedding": [1.0]}]),
+                None,
+            ),
+            (json!([{"embedding": []}, {"embedding": []}]), None),
+            (json!([{"embedding": [1e39]}, {"embedding": [1.0]}]), None),
+            (json!([{"embedding": [1.0]}, {"embedding": [1.0]}]), Some(2)),
+        ] {
+            let c = embeddings_call(2, dims);
+            let body = json!({ "data": bad }).to_string();
+            let chunk = OpenAiAdapter.parse_response(&c, body.as_bytes()).unwrap();
+            assert!(
+                crate::providers::limits::check_embeddings(&chunk, &c).is_err(),
+                "{bad}"
+            );
+        }
+    }
 }
