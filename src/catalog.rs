@@ -20,6 +20,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::chat::{CostDetails, DataCollection};
+pub use crate::config::ModelType;
 use crate::config::{Config, ProviderKind};
 use crate::money::{Money, Price};
 
@@ -53,6 +54,8 @@ pub struct Provider {
 pub struct Model {
     /// Gateway model id.
     pub id: Arc<str>,
+    /// Chat or embedding (`[[models]].type`): which inbound APIs may call it.
+    pub kind: ModelType,
     /// Tokenizer name for counting.
     pub tokenizer: String,
     /// Context window, for `/v1/models`.
@@ -229,6 +232,7 @@ impl Catalog {
             }
             let model = Arc::new(Model {
                 id: id.clone(),
+                kind: m.kind,
                 tokenizer: m.tokenizer.clone(),
                 context_length: m.context_length,
                 max_output_tokens: m.max_output_tokens,

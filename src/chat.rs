@@ -765,13 +765,14 @@ impl ChatChunk {
     }
 
     /// Whether this chunk carries content or a tool call: the commit point of SPEC §3.1.
-    /// Role-only chunks and empty deltas are not content.
+    /// Role-only chunks and empty deltas are not content; an embeddings answer is.
     pub fn is_content(&self) -> bool {
-        self.choices.iter().any(|c| {
-            c.delta.content.as_deref().is_some_and(|s| !s.is_empty())
-                || c.delta.reasoning.as_deref().is_some_and(|s| !s.is_empty())
-                || c.delta.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
-        })
+        self.embeddings.is_some()
+            || self.choices.iter().any(|c| {
+                c.delta.content.as_deref().is_some_and(|s| !s.is_empty())
+                    || c.delta.reasoning.as_deref().is_some_and(|s| !s.is_empty())
+                    || c.delta.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
+            })
     }
 
     /// The first `finish_reason` in the chunk.
@@ -877,6 +878,10 @@ pub struct ChatCompletion {
     /// Token usage with `cost`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// An embeddings answer (SPEC §7.3): one vector per input, in order. Never on a
+    /// chat completion's wire.
+    #[serde(skip)]
+    pub embeddings: Option<std::sync::Arc<Vec<Vec<f32>>>>,
 }
 
 /// One answer of a completion.
@@ -920,6 +925,7 @@ pub struct Aggregator {
     /// `(choice index, choice)`, in order of first appearance.
     choices: Vec<(u32, ChoiceAcc)>,
     usage: Option<Usage>,
+    embeddings: Option<std::sync::Arc<Vec<Vec<f32>>>>,
 }
 
 #[derive(Debug, Default)]
@@ -950,6 +956,9 @@ impl Aggregator {
     pub fn push(&mut self, chunk: ChatChunk) {
         if let Some(u) = chunk.usage {
             self.usage = Some(u);
+        }
+        if let Some(e) = chunk.embeddings {
+            self.embeddings = Some(e);
         }
         for c in chunk.choices {
             let acc = slot(&mut self.choices, c.index, ChoiceAcc::default);
@@ -1038,6 +1047,7 @@ impl Aggregator {
             provider: None,
             choices,
             usage: self.usage,
+            embeddings: self.embeddings,
         }
     }
 }
@@ -1081,7 +1091,7 @@ impl ChatCompletion {
                 })
                 .collect(),
             usage: self.usage,
-            embeddings: None,
+            embeddings: self.embeddings,
             error: None,
         }
     }

@@ -9,7 +9,9 @@
 //! prompt rate, plus `n` times the [completion bound](completion_bound) of one
 //! choice — the request's `max_tokens` (else the model's `max_output_tokens`, else
 //! [`DEFAULT_MAX_OUTPUT_TOKENS`]) — at its completion rate. Every adapter sends that
-//! bound upstream as the provider's completion limit. The tokens are reserved the
+//! bound upstream as the provider's completion limit. An embeddings request (SPEC
+//! §7.3) reserves its [inputs' bound](embeddings_prompt_bound) at the prompt rate and
+//! no completion (no adapter sends it a completion limit). The tokens are reserved the
 //! same way (the prompt bound plus `n` completion bounds). The ledger refuses with
 //! 402 `insufficient_credits` when the key's credits or `limit_usd` remaining (after
 //! what requests in flight hold) cannot cover the money, and with 429 until the next
@@ -159,8 +161,12 @@ impl<S> Credit<S> {
 
 /// The prompt-token bound of a request: its messages' (and tools') JSON bytes, plus
 /// the framing tokens metering counts (3 per message, 3 to prime the reply), plus
-/// [`IMAGE_TOKEN_BOUND`] per image and [`TOOLS_TOKEN_BOUND`] when it has tools.
+/// [`IMAGE_TOKEN_BOUND`] per image and [`TOOLS_TOKEN_BOUND`] when it has tools; for
+/// an embeddings request, [`embeddings_prompt_bound`].
 pub fn prompt_bound(req: &ChatRequest) -> u64 {
+    if let Some(e) = &req.inbound.embeddings {
+        return embeddings_prompt_bound(e);
+    }
     struct Count(u64);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -196,11 +202,35 @@ pub fn prompt_bound(req: &ChatRequest) -> u64 {
         .saturating_add(images.saturating_mul(IMAGE_TOKEN_BOUND))
 }
 
+/// The prompt-token bound of an embeddings request (SPEC §7.3): each text input's
+/// bytes (every token is at least one byte) or each token-id input's length, plus
+/// [`EMBEDDING_FRAMING_TOKENS`] per input.
+pub fn embeddings_prompt_bound(e: &crate::chat::EmbeddingsInput) -> u64 {
+    e.inputs
+        .iter()
+        .map(|i| match i {
+            crate::chat::EmbeddingInput::Text(t) => t.len() as u64,
+            crate::chat::EmbeddingInput::Tokens(ids) => ids.len() as u64,
+        })
+        .fold(0u64, |n, len| {
+            n.saturating_add(len)
+                .saturating_add(EMBEDDING_FRAMING_TOKENS)
+        })
+}
+
+/// The prompt tokens allowed per embeddings input on top of its bytes: room for the
+/// start / end markers some upstreams count.
+pub const EMBEDDING_FRAMING_TOKENS: u64 = 2;
+
 /// The completion-token bound of one choice of `req` at `endpoint`: the request's
 /// `max_completion_tokens` / `max_tokens`, else the model's `max_output_tokens`, else
-/// [`DEFAULT_MAX_OUTPUT_TOKENS`]. Every adapter sends it upstream as the provider's
+/// [`DEFAULT_MAX_OUTPUT_TOKENS`]; 0 for an embeddings request. Every adapter sends it upstream as the provider's
 /// completion limit, so a reply cannot outgrow what admission reserved for it.
 pub fn completion_bound(req: &ChatRequest, endpoint: &Endpoint) -> u32 {
+    // Embeddings generate nothing: no completion is reserved, and none is charged.
+    if req.inbound.is_embeddings() {
+        return 0;
+    }
     req.max_output_tokens()
         .or(endpoint.max_output_tokens)
         .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS as u32)

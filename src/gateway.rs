@@ -831,6 +831,7 @@ pub fn model_json(m: &Model) -> Value {
         "object": "model",
         "created": 0,
         "owned_by": owned_by,
+        "type": m.kind.as_str(),
         "context_length": m.context_length,
         "pricing": {"prompt": prompt, "completion": completion},
     })

@@ -80,7 +80,7 @@ fn load(path: Option<PathBuf>, demo_ok: bool) -> Result<Config, ExitCode> {
         Some(p) => p,
         None if default.exists() => default,
         None if demo_ok => {
-            eprintln!("switchboard: no --config and no ./switchboard.toml: starting the built-in demo (provider `mock`, models mock/echo and mock/lorem, key sk-demo with $1 of credit, store ./switchboard.db)");
+            eprintln!("switchboard: no --config and no ./switchboard.toml: starting the built-in demo (provider `mock`, models mock/echo, mock/lorem and mock/embed, key sk-demo with $1 of credit, store ./switchboard.db)");
             return Ok(Config::demo());
         }
         None => {

@@ -7,7 +7,9 @@
 //! arguments delivered") — and sends a usage chunk of its own. Every usage chunk
 //! leaves with `usage.cost` set at the endpoint's prices (cache reads and writes at
 //! theirs), `prompt_tokens_details.cached_tokens` and
-//! `completion_tokens_details.reasoning_tokens` filled in, and the priced usage is
+//! `completion_tokens_details.reasoning_tokens` filled in (an embeddings answer, SPEC
+//! §7.3, is its prompt tokens at the prompt rate: the upstream's count, else the
+//! tokenizer over its inputs), and the priced usage is
 //! written to the call context, where credit settlement reads it: `ctx.cost` is
 //! exactly the `usage.cost` the client sees.
 //!
@@ -274,6 +276,10 @@ impl Meter {
     /// Observes a chunk on its way out; prices its usage in place.
     fn observe(&mut self, chunk: &mut ChatChunk) {
         let had_content = self.any_content;
+        if chunk.embeddings.is_some() {
+            // An embeddings answer: the vectors are what is delivered.
+            self.any_content = true;
+        }
         let mut finish = None;
         for c in &chunk.choices {
             let d = &c.delta;
@@ -334,7 +340,10 @@ impl Meter {
             .get_or_insert_with(CompletionTokensDetails::default);
         // SPEC §4: nothing delivered, or no completion tokens, is not charged; `usage.cost`
         // is the debit, so it is zero too.
-        let cost = if self.any_content && usage.completion_tokens > 0 {
+        // Embeddings generate no completion: their delivered vectors are charged for
+        // the prompt alone.
+        let charged = usage.completion_tokens > 0 || self.request.inbound.is_embeddings();
+        let cost = if self.any_content && charged {
             self.endpoint.pricing.checked_cost(usage)
         } else {
             Some(Money::ZERO)
@@ -513,8 +522,12 @@ pub fn cost_details(
 /// The prompt as an OpenAI-style provider counts it (OpenAI's cookbook convention):
 /// 3 tokens of framing per message, its role, name, text and tool calls, 3 tokens to
 /// prime the reply, and the tool definitions as JSON.
+/// For an embeddings request, its [inputs' tokens](embedding_tokens).
 pub fn prompt_tokens(tokenizer: &str, req: &ChatRequest) -> u64 {
     use crate::tokenize::count;
+    if let Some(e) = &req.inbound.embeddings {
+        return embedding_tokens(tokenizer, e);
+    }
     let mut n = 3;
     for m in &req.messages {
         n += 3;
@@ -538,6 +551,18 @@ pub fn prompt_tokens(tokenizer: &str, req: &ChatRequest) -> u64 {
         }
     }
     n
+}
+
+/// The prompt tokens of an embeddings request (SPEC §7.3): each text input by the
+/// tokenizer, each token-id input by its length.
+pub fn embedding_tokens(tokenizer: &str, e: &crate::chat::EmbeddingsInput) -> u64 {
+    e.inputs
+        .iter()
+        .map(|i| match i {
+            crate::chat::EmbeddingInput::Text(t) => crate::tokenize::count(tokenizer, t),
+            crate::chat::EmbeddingInput::Tokens(ids) => ids.len() as u64,
+        })
+        .fold(0u64, u64::saturating_add)
 }
 
 pin_project_lite::pin_project! {

@@ -3,7 +3,9 @@
 //! Resolves `model` (a `:floor`, `:nitro` or `:thinking` suffix is accepted; `:thinking`
 //! turns reasoning on, see [`with_thinking`]), then the `models`
 //! fallback list, checks the key's allow-list (403) and answers 404
-//! `model_not_found` for unknown ids. The plan is every endpoint of each model, in
+//! `model_not_found` for unknown ids, and 400 `invalid_request` for a model of the
+//! wrong [type](check_type) (an embedding model on a chat endpoint, or a chat model
+//! on `/v1/embeddings`). The plan is every endpoint of each model, in
 //! order, less those the request's `provider` preferences rule out (`only`, `ignore`,
 //! `order` with `allow_fallbacks: false`, `max_price`, `data_collection`,
 //! `require_parameters`; 404 `no_endpoints` when none is left). Health filtering and
@@ -51,7 +53,7 @@ use std::task::{Context, Poll};
 use futures_util::future::{self, Either, Ready};
 use tower::{Layer, Service};
 
-use crate::catalog::{Catalog, Endpoint};
+use crate::catalog::{Catalog, Endpoint, Model, ModelType};
 use crate::chat::{ChatRequest, DataCollection, Reasoning, DEFAULT_REASONING_EFFORT};
 use crate::config::ProviderKind;
 use crate::context::{ChatCall, ChatReply};
@@ -156,6 +158,7 @@ pub fn plan(catalog: &Catalog, call: &ChatCall) -> Result<Vec<Arc<Endpoint>>, Ga
                 "no model `{id}`; GET /v1/models lists the models of this gateway"
             ))
         })?;
+        check_type(model, req)?;
         if let Some(key) = key {
             if !key.allows_model(id) {
                 if i == 0 {
@@ -234,6 +237,23 @@ pub fn plan(catalog: &Catalog, call: &ChatCall) -> Result<Vec<Arc<Endpoint>>, Ga
         )));
     }
     Ok(plan)
+}
+
+/// 400 `invalid_request` when `model` does not serve the request's inbound API: an
+/// embedding model on a chat endpoint (chat completions, messages, responses), or a
+/// chat model on `/v1/embeddings` (SPEC §7.3).
+pub fn check_type(model: &Model, req: &ChatRequest) -> Result<(), GatewayError> {
+    match (model.kind, req.inbound.is_embeddings()) {
+        (ModelType::Embedding, false) => Err(GatewayError::InvalidRequest(format!(
+            "`{}` is an embedding model: call /v1/embeddings",
+            model.id
+        ))),
+        (ModelType::Chat, true) => Err(GatewayError::InvalidRequest(format!(
+            "`{}` is a chat model: call /v1/chat/completions, /v1/messages or /v1/responses, or use an embedding model here",
+            model.id
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The optional request parameters a provider must support under
@@ -525,5 +545,43 @@ mod tests {
         // The plan is the model's.
         let c = call("test/model:thinking", None);
         assert_eq!(plan(&cat(), &c).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_model_of_the_wrong_type_is_a_400_naming_it() {
+        use crate::chat::{Dialect, Message, Role};
+        use crate::context::CallContext;
+        let catalog = Catalog::from_config(&crate::config::Config::demo());
+        let chat = ChatRequest {
+            model: "mock/embed".into(),
+            messages: vec![Message::text(Role::User, "hi")],
+            ..Default::default()
+        };
+        let err = plan(&catalog, &ChatCall::new(chat, CallContext::new())).unwrap_err();
+        assert_eq!(
+            (err.status().as_u16(), err.code()),
+            (400, "invalid_request")
+        );
+        assert!(
+            err.to_string()
+                .contains("`mock/embed` is an embedding model"),
+            "{err}"
+        );
+
+        let mut embed = ChatRequest {
+            model: "mock/embed".into(),
+            ..Default::default()
+        };
+        embed.inbound.dialect = Dialect::Embeddings;
+        let ok = plan(&catalog, &ChatCall::new(embed.clone(), CallContext::new())).unwrap();
+        assert_eq!(ok[0].label(), "mock/embed@mock");
+        // A chat model among the fallbacks is refused too.
+        embed.models = Some(vec!["mock/echo".into()]);
+        let err = plan(&catalog, &ChatCall::new(embed, CallContext::new())).unwrap_err();
+        assert_eq!(err.code(), "invalid_request");
+        assert!(
+            err.to_string().contains("`mock/echo` is a chat model"),
+            "{err}"
+        );
     }
 }

@@ -377,6 +377,7 @@ mod tests {
             provider: maybe(rng, |r| odd(r, 8)),
             choices,
             usage: rng.random::<bool>().then(|| usage(rng)),
+            embeddings: None,
         }
     }
 

@@ -34,7 +34,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 pub use keys::{KeyConfig, MIN_SECRET_CHARS};
-pub use models::{EndpointConfig, ModelConfig};
+pub use models::{EndpointConfig, ModelConfig, ModelType};
 pub use providers::{ProviderConfig, ProviderKind};
 pub use sections::{
     AdminConfig, HealthConfig, IdempotencyConfig, LoggingConfig, RetryConfig, ServerConfig,
@@ -165,6 +165,17 @@ max_output_tokens = 256
   prompt_usd_per_mtok = 1.0
   completion_usd_per_mtok = 2.0
 
+[[models]]
+id = "mock/embed"
+type = "embedding"
+tokenizer = "o200k_base"
+context_length = 8192
+  [[models.endpoints]]
+  provider = "mock"
+  upstream_model = "embed"
+  prompt_usd_per_mtok = 0.1
+  completion_usd_per_mtok = 0
+
 [[keys]]
 secret = "sk-demo"
 name = "demo"
@@ -272,7 +283,8 @@ mod tests {
     #[test]
     fn demo_is_valid() {
         let c = Config::demo();
-        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.models.len(), 3);
+        assert_eq!(c.models[2].kind, ModelType::Embedding);
         assert_eq!(c.keys[0].credits_usd, "1".parse().unwrap());
     }
 

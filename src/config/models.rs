@@ -13,6 +13,10 @@ use crate::money::{Price, MAX_MODEL_TOKENS, MAX_PRICE};
 pub struct ModelConfig {
     /// What clients put in `model`.
     pub id: String,
+    /// `type`: `"chat"` (the default) or `"embedding"` (served on `/v1/embeddings`
+    /// only, SPEC §7.3).
+    #[serde(rename = "type", default)]
+    pub kind: ModelType,
     /// Tokenizer for counting when a provider reports no usage.
     #[serde(default = "default_tokenizer")]
     pub tokenizer: String,
@@ -25,6 +29,27 @@ pub struct ModelConfig {
     /// Where the model is served.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+}
+
+/// What a model does, and so the endpoints that serve it (SPEC §7.3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelType {
+    /// Chat completions, `/v1/messages`, `/v1/responses`.
+    #[default]
+    Chat,
+    /// `/v1/embeddings`.
+    Embedding,
+}
+
+impl ModelType {
+    /// The config name, as `/v1/models` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelType::Chat => "chat",
+            ModelType::Embedding => "embedding",
+        }
+    }
 }
 
 fn default_tokenizer() -> String {
@@ -106,13 +131,27 @@ pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
                     at("provider"),
                     format!("no provider named `{}`", e.provider),
                 ),
-                Some(p) if p.kind == ProviderKind::Mock => {
-                    if !matches!(e.upstream_model.as_str(), "echo" | "lorem") {
+                Some(p) if p.kind == ProviderKind::Mock => match m.kind {
+                    ModelType::Chat if !matches!(e.upstream_model.as_str(), "echo" | "lorem") => {
                         bad(
                             at("upstream_model"),
-                            "a mock provider serves `echo` or `lorem`".into(),
-                        );
+                            "a mock provider serves `echo` or `lorem` (or `embed` to an embedding model)".into(),
+                        )
                     }
+                    ModelType::Embedding if e.upstream_model != "embed" => bad(
+                        at("upstream_model"),
+                        "a mock provider serves embedding models as `embed`".into(),
+                    ),
+                    _ => {}
+                },
+                Some(p) if p.kind == ProviderKind::Anthropic && m.kind == ModelType::Embedding => {
+                    bad(
+                        at("provider"),
+                        format!(
+                            "`{}` is an anthropic provider, and Anthropic has no embeddings API: serve embedding models from openai, gemini or mock providers",
+                            e.provider
+                        ),
+                    )
                 }
                 Some(_) => {}
             }
@@ -143,7 +182,66 @@ pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
 
 #[cfg(test)]
 mod tests {
+    use super::ModelType;
     use crate::config::Config;
+
+    #[test]
+    fn model_types_default_to_chat_and_bad_ones_name_their_path() {
+        let toml = |kind: &str, provider: &str, upstream: &str| {
+            format!(
+                r#"
+[[providers]]
+name = "m"
+kind = "mock"
+[[providers]]
+name = "an"
+kind = "anthropic"
+base_url = "http://127.0.0.1:9"
+api_key = "k"
+[[models]]
+id = "a/chat"
+  [[models.endpoints]]
+  provider = "m"
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1
+[[models]]
+id = "a/b"
+{kind}
+  [[models.endpoints]]
+  provider = "{provider}"
+  upstream_model = "{upstream}"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 0
+"#
+            )
+        };
+        let c = Config::from_toml(&toml("type = \"embedding\"", "m", "embed")).unwrap();
+        assert_eq!(c.models[0].kind, ModelType::Chat);
+        assert_eq!(c.models[1].kind, ModelType::Embedding);
+
+        let err = Config::from_toml(&toml("type = \"vision\"", "m", "embed")).unwrap_err();
+        assert_eq!(err.problems[0].path, "models[1].type", "{err}");
+        assert!(err.to_string().contains("embedding"), "{err}");
+
+        let err = Config::from_toml(&toml("type = \"embedding\"", "an", "x")).unwrap_err();
+        assert_eq!(
+            err.problems[0].path, "models[1].endpoints[0].provider",
+            "{err}"
+        );
+        assert!(err.to_string().contains("no embeddings API"), "{err}");
+
+        let err = Config::from_toml(&toml("type = \"embedding\"", "m", "echo")).unwrap_err();
+        assert_eq!(
+            err.problems[0].path,
+            "models[1].endpoints[0].upstream_model"
+        );
+        let err = Config::from_toml(&toml("", "m", "embed")).unwrap_err();
+        assert_eq!(
+            err.problems[0].path,
+            "models[1].endpoints[0].upstream_model"
+        );
+    }
 
     #[test]
     fn prices_are_exact_decimals() {

@@ -182,7 +182,8 @@ pub async fn send(
 ) -> Result<ChunkStream, GatewayError> {
     let provider = call.endpoint.provider.clone();
     let name = provider.name.clone();
-    let stream = call.request.stream;
+    // Embeddings are answered whole (their parse refuses `stream`; never streamed).
+    let stream = call.request.stream && !call.request.inbound.is_embeddings();
     let mut req = adapter.build_request(&call, stream)?;
     for (k, v) in &provider.headers {
         req.headers_mut().insert(k.clone(), v.clone());
@@ -248,7 +249,9 @@ pub async fn send(
         let chunk = adapter
             .parse_response(&call, &body)
             .map_err(|e| redacted(e, key))?;
-        if let Err(why) = limits::check_chunk(&chunk, max_choices) {
+        if let Err(why) = limits::check_chunk(&chunk, max_choices)
+            .and_then(|()| limits::check_embeddings(&chunk, &call))
+        {
             return Err(ProviderError::new(name, FailureKind::Protocol, why).into());
         }
         return Ok(Box::pin(futures_util::stream::once(

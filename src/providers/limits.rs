@@ -12,6 +12,7 @@
 //! | each token count of `usage` | `≤` [`MAX_USAGE_TOKENS`] |
 //! | a non-stream body, a whole stream | `[[providers]].max_response_bytes` ([`DEFAULT_MAX_RESPONSE_BYTES`]) |
 //! | one SSE line or event | [`MAX_EVENT`](super::sse::MAX_EVENT) |
+//! | an embeddings answer | one vector per input, all of one length `≤` [`MAX_EMBEDDING_DIMENSIONS`] (the `dimensions` asked, if any), finite numbers, `≤` [`MAX_EMBEDDING_FLOATS`] in all |
 //! | `Retry-After` / `retry-after-ms` | [`MAX_RETRY_AFTER`] |
 //! | an upstream error message relayed to a client | [`MAX_ERROR_MESSAGE_CHARS`](super::redact::MAX_ERROR_MESSAGE_CHARS), credentials redacted |
 //!
@@ -104,6 +105,64 @@ pub fn check_chunk(chunk: &ChatChunk, max_choices: u32) -> Result<(), String> {
                     tc.index
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// The longest embedding vector an upstream may answer with, and the largest
+/// `dimensions` a client may ask for.
+pub const MAX_EMBEDDING_DIMENSIONS: u32 = 65_536;
+
+/// The most numbers one embeddings answer may hold (inputs × dimensions): 32 MiB of
+/// `f32`s.
+pub const MAX_EMBEDDING_FLOATS: u64 = 1 << 23;
+
+/// Checks an embeddings answer to `call` (SPEC §7.3): one vector per input, all of
+/// one length from 1 to [`MAX_EMBEDDING_DIMENSIONS`] (the `dimensions` asked for, if
+/// any), every number finite. `Err` says what is wrong. A chunk without vectors, or
+/// a call that is not an embeddings request, passes (and vectors for a chat request
+/// do not).
+pub fn check_embeddings(chunk: &ChatChunk, call: &ProviderCall) -> Result<(), String> {
+    let (vectors, asked) = match (&chunk.embeddings, &call.request.inbound.embeddings) {
+        (None, _) => return Ok(()),
+        (Some(_), None) => return Err("embeddings in an answer to a chat request".into()),
+        (Some(v), Some(asked)) => (v, asked),
+    };
+    if vectors.len() != asked.inputs.len() {
+        return Err(format!(
+            "{} embeddings for {} inputs",
+            vectors.len(),
+            asked.inputs.len()
+        ));
+    }
+    let Some(first) = vectors.first() else {
+        return Ok(());
+    };
+    let dims = first.len();
+    if dims == 0 || dims > MAX_EMBEDDING_DIMENSIONS as usize {
+        return Err(format!(
+            "embeddings of {dims} dimensions (1 to {MAX_EMBEDDING_DIMENSIONS})"
+        ));
+    }
+    if let Some(d) = asked.dimensions.filter(|d| *d as usize != dims) {
+        return Err(format!("embeddings of {dims} dimensions ({d} asked)"));
+    }
+    if vectors.len() as u64 * dims as u64 > MAX_EMBEDDING_FLOATS {
+        return Err(format!(
+            "{} embeddings of {dims} dimensions (at most {MAX_EMBEDDING_FLOATS} numbers)",
+            vectors.len()
+        ));
+    }
+    for (i, v) in vectors.iter().enumerate() {
+        if v.len() != dims {
+            return Err(format!(
+                "embedding {i} has {} dimensions, embedding 0 {dims}",
+                v.len()
+            ));
+        }
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(format!("embedding {i} holds a number that is not finite"));
         }
     }
     Ok(())

@@ -5,6 +5,11 @@
 //! name and OpenRouter-only fields removed (`reasoning` becomes `reasoning_effort`,
 //! see [`effort_for_budget`]); streams always ask for
 //! `stream_options.include_usage` so metering gets the provider's own count.
+//!
+//! Embeddings (SPEC §7.3): `POST {base_url}/embeddings` with `model`, `input` (one string
+//! or one token-id array as such, else a list of them), `dimensions`, `encoding_format: "float"` and `user`
+//! ([`embeddings_body`]); `data[].embedding` is read by `index`, `usage.prompt_tokens`
+//! is the usage.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -12,7 +17,8 @@ use serde_json::{Map, Value};
 
 use super::{api_key, protocol_error, Adapter, Decoded, StreamDecoder};
 use crate::chat::{
-    ChatChunk, ChatCompletion, ChatRequest, Message, ReasoningWanted, Stop, Tool, Usage,
+    ChatChunk, ChatCompletion, ChatRequest, EmbeddingInput, EmbeddingsInput, Message, ReasoningWanted,
+    Stop, Tool, Usage,
 };
 use crate::context::ProviderCall;
 use crate::error::{FailureKind, ProviderError};
@@ -148,8 +154,12 @@ impl Adapter for OpenAiAdapter {
         stream: bool,
     ) -> Result<http::Request<Bytes>, ProviderError> {
         let key = api_key(call)?;
-        let body = wire_body(call, stream).map_err(|e| protocol_error(call, e))?;
-        let url = format!("{}/chat/completions", call.endpoint.provider.base_url);
+        let (body, path) = match &call.request.inbound.embeddings {
+            Some(e) => (embeddings_body(call, e), "embeddings"),
+            None => (wire_body(call, stream), "chat/completions"),
+        };
+        let body = body.map_err(|e| protocol_error(call, e))?;
+        let url = format!("{}/{path}", call.endpoint.provider.base_url);
         http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::AUTHORIZATION, format!("Bearer {key}"))
@@ -159,6 +169,9 @@ impl Adapter for OpenAiAdapter {
     }
 
     fn parse_response(&self, call: &ProviderCall, body: &[u8]) -> Result<ChatChunk, ProviderError> {
+        if call.request.inbound.is_embeddings() {
+            return parse_embeddings(call, body);
+        }
         let wire: WireCompletion = crate::chat::from_json(body)
             .map_err(|e| protocol_error(call, format!("not a chat.completion: {e}")))?;
         if let Some(err) = wire.error {
@@ -176,6 +189,7 @@ impl Adapter for OpenAiAdapter {
             provider: None,
             choices: wire.choices,
             usage: wire.usage,
+            embeddings: None,
         };
         Ok(completion.into_chunk())
     }
@@ -185,6 +199,131 @@ impl Adapter for OpenAiAdapter {
             provider: call.endpoint.provider.name.clone(),
         })
     }
+}
+
+/// An embeddings request's input as OpenAI takes it: one string, one token-id array,
+/// or a list of either.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WireInput<'a> {
+    Text(&'a str),
+    Texts(Vec<&'a str>),
+    Tokens(&'a [u32]),
+    TokenLists(Vec<&'a [u32]>),
+}
+
+/// `POST {base_url}/embeddings`'s body.
+#[derive(Serialize)]
+struct WireEmbeddingsRequest<'a> {
+    model: &'a str,
+    input: WireInput<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dimensions: Option<u32>,
+    encoding_format: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+}
+
+/// Builds the exact JSON body of an embeddings request to an OpenAI-kind provider
+/// (SPEC §7.3): `model` (the upstream name), `input`, `dimensions` when asked,
+/// `encoding_format: "float"` (the gateway encodes base64 itself) and `user`.
+pub fn embeddings_body(
+    call: &ProviderCall,
+    e: &EmbeddingsInput,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let input = match e.inputs.as_slice() {
+        [EmbeddingInput::Text(t)] => WireInput::Text(t),
+        [EmbeddingInput::Tokens(ids)] => WireInput::Tokens(ids),
+        inputs if matches!(inputs.first(), Some(EmbeddingInput::Tokens(_))) => {
+            WireInput::TokenLists(
+                inputs
+                    .iter()
+                    .filter_map(|i| match i {
+                        EmbeddingInput::Tokens(ids) => Some(ids.as_slice()),
+                        EmbeddingInput::Text(_) => None,
+                    })
+                    .collect(),
+            )
+        }
+        inputs => WireInput::Texts(
+            inputs
+                .iter()
+                .filter_map(|i| match i {
+                    EmbeddingInput::Text(t) => Some(t.as_str()),
+                    EmbeddingInput::Tokens(_) => None,
+                })
+                .collect(),
+        ),
+    };
+    serde_json::to_vec(&WireEmbeddingsRequest {
+        model: &call.endpoint.upstream_model,
+        input,
+        dimensions: e.dimensions,
+        encoding_format: "float",
+        user: call.request.user.as_deref(),
+    })
+}
+
+/// An embeddings answer: `data[].embedding` by `index`, and `usage.prompt_tokens`.
+#[derive(Deserialize)]
+struct WireEmbeddings {
+    #[serde(default)]
+    data: Vec<WireEmbedding>,
+    #[serde(default)]
+    usage: Option<WireEmbeddingsUsage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct WireEmbedding {
+    #[serde(default)]
+    index: Option<u64>,
+    embedding: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct WireEmbeddingsUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+}
+
+/// The vectors of an embeddings answer, put in input order by their `index` (each
+/// index once, below the number of inputs), as one chunk with the upstream's usage.
+fn parse_embeddings(call: &ProviderCall, body: &[u8]) -> Result<ChatChunk, ProviderError> {
+    let wire: WireEmbeddings = serde_json::from_slice(body)
+        .map_err(|e| protocol_error(call, format!("not an embeddings list: {e}")))?;
+    if let Some(err) = wire.error {
+        return Err(ProviderError::new(
+            call.endpoint.provider.name.clone(),
+            FailureKind::InBand,
+            super::default_error_message(
+                serde_json::json!({ "error": err }).to_string().as_bytes(),
+            ),
+        ));
+    }
+    let n = wire.data.len();
+    let mut vectors: Vec<Option<Vec<f32>>> = vec![None; n];
+    for (pos, item) in wire.data.into_iter().enumerate() {
+        let index = item.index.unwrap_or(pos as u64);
+        let slot = usize::try_from(index)
+            .ok()
+            .and_then(|i| vectors.get_mut(i))
+            .ok_or_else(|| protocol_error(call, format!("embedding index {index} of {n}")))?;
+        if slot.replace(item.embedding).is_some() {
+            return Err(protocol_error(
+                call,
+                format!("embedding index {index} twice"),
+            ));
+        }
+    }
+    // Every slot is filled: n distinct indices below n.
+    let vectors: Vec<Vec<f32>> = vectors.into_iter().flatten().collect();
+    Ok(ChatChunk {
+        embeddings: Some(std::sync::Arc::new(vectors)),
+        usage: wire.usage.map(|u| Usage::new(u.prompt_tokens, 0)),
+        ..ChatChunk::default()
+    })
 }
 
 /// A lenient `chat.completion`: OpenAI-compatible servers omit various fields.
@@ -373,5 +512,76 @@ max_output_tokens = 100
         assert_eq!(err.kind, FailureKind::InBand);
         assert_eq!(err.message, "overloaded");
         assert!(matches!(d.decode("", "[DONE]").unwrap(), Decoded::Done));
+    }
+
+    /// An embeddings call of `inputs` texts, `dimensions` asked or not.
+    fn embeddings_call(inputs: usize, dimensions: Option<u32>) -> ProviderCall {
+        let mut c = call(json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}));
+        let mut req = ChatRequest::clone(&c.request);
+        req.messages.clear();
+        req.inbound.dialect = crate::chat::Dialect::Embeddings;
+        req.inbound.embeddings = Some(std::sync::Arc::new(EmbeddingsInput {
+            inputs: vec![EmbeddingInput::Text("a".into()); inputs],
+            dimensions,
+            base64: false,
+        }));
+        c.request = std::sync::Arc::new(req);
+        c
+    }
+
+    #[test]
+    fn embeddings_answers_are_read_by_index_and_bounded() {
+        let c = embeddings_call(2, None);
+        let req = OpenAiAdapter.build_request(&c, true).unwrap();
+        assert_eq!(req.uri(), "http://127.0.0.1:9/v1/embeddings");
+        let body: Value = serde_json::from_slice(req.body()).unwrap();
+        assert_eq!(
+            body,
+            json!({"model": "gpt-4o-mini", "input": ["a", "a"], "encoding_format": "float"})
+        );
+
+        let answer = |data: Value| {
+            let body = json!({"data": data, "usage": {"prompt_tokens": 2}}).to_string();
+            OpenAiAdapter.parse_response(&c, body.as_bytes())
+        };
+        let chunk = answer(json!([
+            {"index": 1, "embedding": [2.0, 2.5]},
+            {"index": 0, "embedding": [1.0, 1.5]}
+        ]))
+        .unwrap();
+        assert_eq!(
+            chunk.embeddings.as_deref().unwrap(),
+            &vec![vec![1.0, 1.5], vec![2.0, 2.5]]
+        );
+        assert_eq!(chunk.usage.as_ref().unwrap().prompt_tokens, 2);
+        assert!(crate::providers::limits::check_embeddings(&chunk, &c).is_ok());
+
+        for bad in [
+            json!([{"index": 0, "embedding": [1.0]}, {"index": 0, "embedding": [1.0]}]),
+            json!([{"index": 5, "embedding": [1.0]}, {"index": 0, "embedding": [1.0]}]),
+            json!([{"index": 18446744073709551615u64, "embedding": [1.0]}]),
+        ] {
+            let err = answer(bad.clone()).expect_err(&bad.to_string());
+            assert_eq!(err.kind, FailureKind::Protocol, "{bad}");
+        }
+        // What parses but is not an answer to this request is refused by the limits.
+        for (bad, dims) in [
+            (json!([{"index": 0, "embedding": [1.0]}]), None),
+            (
+                json!([{"embedding": [1.0, 2.0]}, {"embedding": [1.0]}]),
+                None,
+            ),
+            (json!([{"embedding": []}, {"embedding": []}]), None),
+            (json!([{"embedding": [1e39]}, {"embedding": [1.0]}]), None),
+            (json!([{"embedding": [1.0]}, {"embedding": [1.0]}]), Some(2)),
+        ] {
+            let c = embeddings_call(2, dims);
+            let body = json!({ "data": bad }).to_string();
+            let chunk = OpenAiAdapter.parse_response(&c, body.as_bytes()).unwrap();
+            assert!(
+                crate::providers::limits::check_embeddings(&chunk, &c).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -390,6 +390,7 @@ mod tests {
             created: 1_700_000_000,
             model: "openai/gpt".into(),
             provider: Some("openai".into()),
+            embeddings: None,
             choices: vec![Choice {
                 index: 0,
                 message: ResponseMessage {

@@ -28,6 +28,8 @@
 //! [`finish_reason`]; `usageMetadata` becomes usage with thoughts counted as reasoning
 //! (completion) tokens and cached content as cached prompt tokens.
 //!
+//! Embeddings (SPEC §7.3) go to `:batchEmbedContents` ([`embed`]).
+//!
 //! # Example
 //! ```
 //! use switchboard::providers::gemini::{finish_reason, tool_call_id};
@@ -39,6 +41,7 @@
 //! assert_eq!(id, tool_call_id(0, "get_weather", r#"{"city":"Paris"}"#), "stable");
 //! ```
 
+pub mod embed;
 mod wire;
 
 use std::borrow::Cow;
@@ -528,13 +531,9 @@ impl Adapter for GeminiAdapter {
         stream: bool,
     ) -> Result<http::Request<Bytes>, ProviderError> {
         let key = api_key(call)?;
-        let body = wire_body(call)?;
-        let base = &call.endpoint.provider.base_url;
-        let model = model_name(call);
-        let url = if stream {
-            format!("{base}/v1beta/models/{model}:streamGenerateContent?alt=sse")
-        } else {
-            format!("{base}/v1beta/models/{model}:generateContent")
+        let (body, url) = match &call.request.inbound.embeddings {
+            Some(e) => (embed::body(call, e)?, embed::url(call)),
+            None => (wire_body(call)?, chat_url(call, stream)),
         };
         http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -545,6 +544,9 @@ impl Adapter for GeminiAdapter {
     }
 
     fn parse_response(&self, call: &ProviderCall, body: &[u8]) -> Result<ChatChunk, ProviderError> {
+        if call.request.inbound.is_embeddings() {
+            return embed::parse(call, body);
+        }
         let wire: wire::Response = crate::chat::from_json(body)
             .map_err(|e| protocol_error(call, format!("not a GenerateContentResponse: {e}")))?;
         if let Some(err) = &wire.error {
@@ -560,6 +562,17 @@ impl Adapter for GeminiAdapter {
             provider: call.endpoint.provider.name.clone(),
             translator: Translator::default(),
         })
+    }
+}
+
+/// The URL of a chat answer, streamed or not.
+fn chat_url(call: &ProviderCall, stream: bool) -> String {
+    let base = &call.endpoint.provider.base_url;
+    let model = model_name(call);
+    if stream {
+        format!("{base}/v1beta/models/{model}:streamGenerateContent?alt=sse")
+    } else {
+        format!("{base}/v1beta/models/{model}:generateContent")
     }
 }
 
