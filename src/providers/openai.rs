@@ -17,8 +17,8 @@ use serde_json::{Map, Value};
 
 use super::{api_key, protocol_error, Adapter, Decoded, StreamDecoder};
 use crate::chat::{
-    ChatChunk, ChatCompletion, ChatRequest, EmbeddingInput, EmbeddingsInput, Message, ReasoningWanted,
-    Stop, Tool, Usage,
+    ChatChunk, ChatCompletion, ChatRequest, EmbeddingInput, EmbeddingsInput, Message,
+    ReasoningWanted, Stop, Tool, Usage,
 };
 use crate::context::ProviderCall;
 use crate::error::{FailureKind, ProviderError};
