@@ -229,7 +229,7 @@ impl ChatRequest {
 }
 
 /// What kind of JSON value `v` is, for error messages.
-fn json_kind(v: &Value) -> &'static str {
+pub(crate) fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

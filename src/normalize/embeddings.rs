@@ -20,6 +20,7 @@ use serde_json::{Map, Value};
 use crate::chat::{ChatCompletion, ChatRequest, Dialect, EmbeddingInput, EmbeddingsInput, Inbound};
 use crate::error::GatewayError;
 use crate::json::push_str;
+use crate::normalize::fields::invalid as bad;
 
 /// The most inputs one request may carry (OpenAI's own limit).
 pub const MAX_INPUTS: usize = 2048;
@@ -27,10 +28,6 @@ pub const MAX_INPUTS: usize = 2048;
 use crate::providers::limits::{
     MAX_EMBEDDING_DIMENSIONS as MAX_DIMENSIONS, MAX_EMBEDDING_FLOATS as MAX_FLOATS,
 };
-
-fn bad(message: impl Into<String>) -> GatewayError {
-    GatewayError::InvalidRequest(message.into())
-}
 
 const INPUT_SHAPES: &str = "`input` must be a string, an array of strings, an array of token ids, or an array of arrays of token ids";
 

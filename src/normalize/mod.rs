@@ -55,6 +55,7 @@ use crate::keys::KeyRecord;
 
 mod anthropic_messages;
 mod embeddings;
+mod fields;
 mod openai_chat;
 mod openai_responses;
 

@@ -14,6 +14,7 @@ use crate::chat::{
     ImageUrl, Inbound, Message, Reasoning, Role, Stop, Tool, ToolCall,
 };
 use crate::error::GatewayError;
+use crate::normalize::fields::{field, invalid as bad, object, wrong as want};
 
 /// What a request body must carry: `/v1/messages` requires `max_tokens`,
 /// `/v1/messages/count_tokens` does not.
@@ -23,30 +24,6 @@ pub(crate) enum Require {
     MaxTokens,
     /// `POST /v1/messages/count_tokens`.
     Nothing,
-}
-
-fn bad(message: impl Into<String>) -> GatewayError {
-    GatewayError::InvalidRequest(message.into())
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn want(path: &str, what: &str, got: &Value) -> GatewayError {
-    bad(format!("`{path}` must be {what}, got {}", kind(got)))
-}
-
-/// A present, non-null field (`null` is absent, as in the chat dialect).
-fn field<'a>(o: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    o.get(key).filter(|v| !v.is_null())
 }
 
 fn string<'a>(
@@ -59,10 +36,6 @@ fn string<'a>(
         Some(Value::String(s)) => Ok(Some(s)),
         Some(v) => Err(want(path, "a string", v)),
     }
-}
-
-fn object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, GatewayError> {
-    v.as_object().ok_or_else(|| want(path, "an object", v))
 }
 
 fn number(o: &Map<String, Value>, key: &str) -> Result<Option<f64>, GatewayError> {

@@ -11,11 +11,13 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use crate::chat::json_kind as kind;
 use crate::chat::{
     ChatRequest, Content, ContentPart, Dialect, FunctionCall, FunctionDef, ImageUrl, Inbound,
     Message, Reasoning, ResponsesInbound, Role, Tool, ToolCall,
 };
 use crate::error::GatewayError;
+use crate::normalize::fields::{field, invalid, object, wrong};
 
 /// The message of a request that names `previous_response_id`.
 pub const PREVIOUS_RESPONSE_ID: &str = "previous_response_id is not supported: this gateway is stateless; send the whole conversation in `input`";
@@ -34,33 +36,6 @@ const ECHOED: &[&str] = &[
     "reasoning",
     "user",
 ];
-
-/// A 400 `invalid_request`.
-fn invalid(message: impl Into<String>) -> GatewayError {
-    GatewayError::InvalidRequest(message.into())
-}
-
-/// What kind of JSON value `v` is, for error messages.
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-/// A 400 for `path` holding the wrong kind of value.
-fn wrong(path: &str, want: &str, got: &Value) -> GatewayError {
-    invalid(format!("`{path}` must be {want}, got {}", kind(got)))
-}
-
-/// The field `name` of `obj`, `None` when absent or `null`.
-fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    obj.get(name).filter(|v| !v.is_null())
-}
 
 fn opt_str<'a>(
     obj: &'a Map<String, Value>,
@@ -97,10 +72,6 @@ fn opt_f64(obj: &Map<String, Value>, name: &str) -> Result<Option<f64>, GatewayE
         Some(Value::Number(n)) => Ok(n.as_f64()),
         Some(v) => Err(wrong(name, "a number", v)),
     }
-}
-
-fn object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, GatewayError> {
-    v.as_object().ok_or_else(|| wrong(path, "an object", v))
 }
 
 /// Parses and checks a `POST /v1/responses` body into a chat request.
