@@ -62,7 +62,8 @@
 //!     messages: vec![Message::text(Role::User, "hi")],
 //!     ..Default::default()
 //! }, CallContext::new());
-//! call.plan = catalog.endpoints().to_vec(); // echo, lorem
+//! let lorem = catalog.model("mock/lorem").unwrap().endpoints[0].clone();
+//! call.plan = vec![echo, lorem];
 //! let err = svc.oneshot(call).await.unwrap_err();
 //! assert_eq!(err.to_string(), "mock/lorem@mock"); // the degraded one is skipped
 //! # }
