@@ -222,7 +222,9 @@ fn golden(id: &str, created_at: &Value) -> Value {
         "tool_choice": "auto", "tools": [], "top_p": null, "truncation": "disabled",
         "usage": {"input_tokens": 12, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                   "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 0},
-                  "total_tokens": 15, "cost": 0.000018},
+                  "total_tokens": 15, "cost": 0.000018,
+                  "cost_details": {"prompt": 0.000012, "cached_prompt": 0, "cache_write": 0,
+                                   "completion": 0.000006}},
         "user": "u-1", "metadata": {"app": "demo"}
     })
 }

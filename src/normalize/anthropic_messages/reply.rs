@@ -49,6 +49,9 @@ struct UsageOut {
     cache_creation_input_tokens: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     cost: Option<Money>,
+    /// The charge by kind of token (cache reads and writes priced apart).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost_details: Option<crate::chat::CostDetails>,
 }
 
 impl UsageOut {
@@ -64,6 +67,7 @@ impl UsageOut {
             cache_read_input_tokens: read,
             cache_creation_input_tokens: written,
             cost: u.cost,
+            cost_details: u.cost_details,
         }
     }
 }

@@ -127,6 +127,9 @@ struct ResponseUsage {
     total_tokens: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     cost: Option<Money>,
+    /// The charge by kind of token (cache reads and writes priced apart).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost_details: Option<crate::chat::CostDetails>,
 }
 
 #[derive(Debug, Serialize)]
@@ -154,6 +157,7 @@ impl From<&Usage> for ResponseUsage {
             },
             total_tokens: u.total_tokens,
             cost: u.cost,
+            cost_details: u.cost_details,
         }
     }
 }

@@ -172,6 +172,10 @@ pub const ROUND_TRIPS: &str = "switchboard_store_round_trips_total";
 
 /// How long a synchronous call, an admission or a settlement waits for PostgreSQL.
 const WAIT: Duration = Duration::from_secs(5);
+/// How long opening may wait for the schema to be created or checked: every
+/// statement of a migration, behind the advisory lock another instance starting at
+/// the same time may hold (seconds on a busy server, not milliseconds).
+const OPEN_WAIT: Duration = Duration::from_secs(60);
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -431,23 +435,32 @@ impl Shared {
         self: &Arc<Self>,
         work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.block_within(WAIT, work)
+    }
+
+    /// [`block`](Self::block), bounded by `wait`.
+    fn block_within<T: Send + 'static>(
+        self: &Arc<Self>,
+        wait: Duration,
+        work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let server = self.server.clone();
         self.handle.spawn(async move {
-            let r = tokio::time::timeout(WAIT, work).await.unwrap_or_else(|_| {
+            let r = tokio::time::timeout(wait, work).await.unwrap_or_else(|_| {
                 Err(StoreError::unavailable(format!(
                     "PostgreSQL at {server} did not answer within {} s",
-                    WAIT.as_secs()
+                    wait.as_secs()
                 )))
             });
             let _ = tx.send(r);
         });
-        rx.recv_timeout(WAIT + Duration::from_secs(1))
+        rx.recv_timeout(wait + Duration::from_secs(1))
             .unwrap_or_else(|_| {
                 Err(StoreError::unavailable(format!(
                     "PostgreSQL at {} did not answer within {} s",
                     self.server,
-                    WAIT.as_secs()
+                    wait.as_secs()
                 )))
             })
     }
@@ -528,7 +541,7 @@ impl PgStore {
             runtime: Some(runtime),
         };
         let s = shared.clone();
-        let migrated = shared.block(async move {
+        let migrated = shared.block_within(OPEN_WAIT, async move {
             s.migrate().await?;
             spill::ledger_id(&s).await
         });
