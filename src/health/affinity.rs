@@ -69,8 +69,8 @@ pub const AFFINITY_TTL: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AffinityKey(u64);
 
-/// Which endpoint served which long prompt; see the [module docs](self). Cheap to
-/// clone: clones share the entries.
+/// Which endpoint served which long prompt (the rule: docs/routing.md, "Prompt-cache
+/// affinity"). Cheap to clone: clones share the entries.
 #[derive(Clone)]
 pub struct Affinity {
     entries: moka::sync::Cache<AffinityKey, usize>,
