@@ -300,29 +300,24 @@ impl Encoder {
         // Anthropic answers one choice: choice 0.
         for c in chunk.choices.iter().filter(|c| c.index == 0) {
             let d = &c.delta;
-            if let Some(t) = d.reasoning.as_deref().filter(|t| !t.is_empty()) {
-                let thinking = Block::Thinking {
+            // Thinking text, then its signature: both deltas of one thinking block.
+            let thinking = [
+                d.reasoning
+                    .as_deref()
+                    .filter(|t| !t.is_empty())
+                    .map(|t| DeltaOut::ThinkingDelta { thinking: t }),
+                d.signature
+                    .as_deref()
+                    .filter(|s| !s.is_empty())
+                    .map(|s| DeltaOut::SignatureDelta { signature: s }),
+            ];
+            for delta in thinking.into_iter().flatten() {
+                let block = Block::Thinking {
                     thinking: "",
                     signature: "",
                 };
-                let index = self.open(Open::Thinking, thinking, &mut out);
-                Event::ContentBlockDelta {
-                    index,
-                    delta: DeltaOut::ThinkingDelta { thinking: t },
-                }
-                .write(&mut out);
-            }
-            if let Some(s) = d.signature.as_deref().filter(|s| !s.is_empty()) {
-                let thinking = Block::Thinking {
-                    thinking: "",
-                    signature: "",
-                };
-                let index = self.open(Open::Thinking, thinking, &mut out);
-                Event::ContentBlockDelta {
-                    index,
-                    delta: DeltaOut::SignatureDelta { signature: s },
-                }
-                .write(&mut out);
+                let index = self.open(Open::Thinking, block, &mut out);
+                Event::ContentBlockDelta { index, delta }.write(&mut out);
             }
             if let Some(t) = d.content.as_deref().filter(|t| !t.is_empty()) {
                 let index = self.open(Open::Text, Block::Text { text: "" }, &mut out);
