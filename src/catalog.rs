@@ -21,7 +21,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::chat::{CostDetails, DataCollection};
 pub use crate::config::ModelType;
-use crate::config::{Config, ProviderKind};
+use crate::config::{Config, MaxTokensField, ProviderKind};
 use crate::money::{Money, Price};
 
 /// A configured upstream provider.
@@ -31,12 +31,22 @@ pub struct Provider {
     pub name: Arc<str>,
     /// Wire format.
     pub kind: ProviderKind,
-    /// API root without a trailing slash.
+    /// API root without a trailing slash, a query or the version path the adapter
+    /// appends ([`normalize_base_url`](crate::config::normalize_base_url)); build
+    /// request URLs with [`Provider::url`].
     pub base_url: String,
+    /// The configured `base_url`'s query (e.g. Azure OpenAI's `api-version=…`), kept
+    /// after every request path.
+    pub base_query: Option<String>,
     /// The provider's secret, read from the environment at start.
     pub api_key: Option<String>,
     /// Where the secret was meant to come from (for error messages).
     pub api_key_env: Option<String>,
+    /// `openai` kind: the header the key goes in as it is, instead of
+    /// `Authorization: Bearer`.
+    pub api_key_header: Option<HeaderName>,
+    /// `openai` kind: the field the completion limit goes in; `None`: chosen by host.
+    pub max_tokens_field: Option<MaxTokensField>,
     /// Until the first byte of each attempt.
     pub timeout: Duration,
     /// Longest silence inside a stream.
@@ -47,6 +57,37 @@ pub struct Provider {
     pub max_response_bytes: usize,
     /// Extra headers sent upstream.
     pub headers: HeaderMap,
+}
+
+impl Provider {
+    /// The URL of `path` (relative, e.g. `chat/completions`, which may carry its own
+    /// query) under the provider's API root, with the base URL's query kept.
+    ///
+    /// ```
+    /// use switchboard::{catalog::Catalog, config::Config};
+    ///
+    /// let config = Config::from_toml(r#"
+    /// [[providers]]
+    /// name = "azure"
+    /// kind = "openai"
+    /// base_url = "https://res.openai.azure.com/openai/deployments/gpt-4o?api-version=2024-10-21"
+    /// api_key_header = "api-key"
+    /// "#).unwrap();
+    /// let azure = Catalog::from_config(&config).provider("azure").unwrap().clone();
+    /// assert_eq!(
+    ///     azure.url("chat/completions"),
+    ///     "https://res.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    /// );
+    /// assert!(azure.url("x?alt=sse").ends_with("/x?alt=sse&api-version=2024-10-21"));
+    /// ```
+    pub fn url(&self, path: &str) -> String {
+        let mut url = format!("{}/{}", self.base_url, path.trim_start_matches('/'));
+        if let Some(q) = &self.base_query {
+            url.push(if path.contains('?') { '&' } else { '?' });
+            url.push_str(q);
+        }
+        url
+    }
 }
 
 /// A model as clients see it.
@@ -178,15 +219,17 @@ impl Catalog {
                         headers.insert(k, v);
                     }
                 }
+                let base = p.resolved_base_url();
                 Arc::new(Provider {
                     name: p.name.as_str().into(),
                     kind: p.kind,
-                    base_url: p
-                        .base_url
+                    base_url: base.as_ref().map(|b| b.root.clone()).unwrap_or_default(),
+                    base_query: base.and_then(|b| b.query),
+                    api_key_header: p
+                        .api_key_header
                         .as_deref()
-                        .unwrap_or("")
-                        .trim_end_matches('/')
-                        .to_string(),
+                        .and_then(|h| HeaderName::try_from(h).ok()),
+                    max_tokens_field: p.max_tokens_field,
                     api_key: p
                         .api_key
                         .clone()

@@ -35,7 +35,7 @@ use serde::Deserialize;
 
 pub use keys::{KeyConfig, MIN_SECRET_CHARS};
 pub use models::{EndpointConfig, ModelConfig, ModelType};
-pub use providers::{ProviderConfig, ProviderKind};
+pub use providers::{normalize_base_url, BaseUrl, MaxTokensField, ProviderConfig, ProviderKind};
 pub use sections::{
     AdminConfig, HealthConfig, IdempotencyConfig, LoggingConfig, RetryConfig, ServerConfig,
     SharedConfig, StoreConfig, SyncMode, MAX_IDEMPOTENCY_TTL_SECS,
@@ -258,7 +258,8 @@ impl Config {
     /// Problems that do not stop the gateway but will fail requests (e.g. a provider
     /// key variable that is not set in this environment).
     pub fn warnings(&self) -> Vec<Problem> {
-        self.providers
+        let mut out: Vec<Problem> = self
+            .providers
             .iter()
             .enumerate()
             .filter(|(_, p)| p.kind != ProviderKind::Mock && p.api_key.is_none())
@@ -272,7 +273,11 @@ impl Config {
                     ),
                 })
             })
-            .collect()
+            .collect();
+        providers::warnings(self, &mut |path, message| {
+            out.push(Problem { path, message })
+        });
+        out
     }
 }
 
@@ -367,7 +372,6 @@ id = "a:b"
         for want in [
             "server.listen",
             "providers[0].base_url",
-            "providers[0].api_key_env",
             "providers[1].name",
             "models[0].id",
             "models[0].endpoints",

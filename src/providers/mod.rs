@@ -277,6 +277,17 @@ pub fn api_key(call: &ProviderCall) -> Result<&str, ProviderError> {
     })
 }
 
+/// The provider's key when it has one: `Ok(None)` for a keyless provider (no
+/// `api_key`, no `api_key_env`: a local server, sent no key header), the
+/// `NotConfigured` failure when its `api_key_env` variable is not set.
+pub fn optional_api_key(call: &ProviderCall) -> Result<Option<&str>, ProviderError> {
+    let p = &call.endpoint.provider;
+    if p.api_key.is_none() && p.api_key_env.is_none() {
+        return Ok(None);
+    }
+    api_key(call).map(Some)
+}
+
 /// A protocol failure: the upstream answered something that is not its wire format.
 pub fn protocol_error(call: &ProviderCall, what: impl std::fmt::Display) -> ProviderError {
     ProviderError::new(

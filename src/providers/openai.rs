@@ -15,11 +15,12 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{api_key, protocol_error, Adapter, Decoded, StreamDecoder};
+use super::{optional_api_key, protocol_error, Adapter, Decoded, StreamDecoder};
 use crate::chat::{
     ChatChunk, ChatCompletion, ChatRequest, EmbeddingInput, EmbeddingsInput, Message,
     ReasoningWanted, Stop, Tool, Usage,
 };
+use crate::config::MaxTokensField;
 use crate::context::ProviderCall;
 use crate::error::{FailureKind, ProviderError};
 
@@ -71,21 +72,30 @@ struct WireStreamOptions {
 
 /// The completion limit sent upstream, as `(max_tokens, max_completion_tokens)`: always
 /// the [bound credit admission reserved](crate::credit::completion_bound) per choice.
-/// It goes in each field the client used; when the client used neither, in
-/// `max_completion_tokens` for OpenAI itself (`api.openai.com`, Azure OpenAI: its
-/// reasoning models refuse `max_tokens`) and in `max_tokens` for every other
-/// OpenAI-compatible server (the field they all know; some ignore the newer one,
-/// which would leave the reply unbounded).
+/// A provider's `max_tokens_field` puts it in that field alone, whatever the client
+/// used. Without one it goes in each field the client used; when the client used
+/// neither, in `max_completion_tokens` for OpenAI itself (`api.openai.com`, Azure
+/// OpenAI: its reasoning models refuse `max_tokens`) and in `max_tokens` for every
+/// other OpenAI-compatible server (the field they all know; some ignore the newer
+/// one, which would leave the reply unbounded).
 fn completion_limit(call: &ProviderCall) -> (Option<u32>, Option<u32>) {
     let req = &call.request;
     let bound = crate::credit::completion_bound(req, &call.endpoint);
+    let provider = &call.endpoint.provider;
+    let only = |field| match field {
+        MaxTokensField::MaxTokens => (Some(bound), None),
+        MaxTokensField::MaxCompletionTokens => (None, Some(bound)),
+    };
+    if let Some(field) = provider.max_tokens_field {
+        return only(field);
+    }
     match (req.max_tokens, req.max_completion_tokens) {
         (None, None) => {
-            let url = &call.endpoint.provider.base_url;
+            let url = &provider.base_url;
             if url.contains("api.openai.com") || url.contains(".openai.azure.com") {
-                (None, Some(bound))
+                only(MaxTokensField::MaxCompletionTokens)
             } else {
-                (Some(bound), None)
+                only(MaxTokensField::MaxTokens)
             }
         }
         (max_tokens, max_completion_tokens) => (
@@ -153,18 +163,24 @@ impl Adapter for OpenAiAdapter {
         call: &ProviderCall,
         stream: bool,
     ) -> Result<http::Request<Bytes>, ProviderError> {
-        let key = api_key(call)?;
+        let provider = &call.endpoint.provider;
+        let key = optional_api_key(call)?;
         let (body, path) = match &call.request.inbound.embeddings {
             Some(e) => (embeddings_body(call, e), "embeddings"),
             None => (wire_body(call, stream), "chat/completions"),
         };
         let body = body.map_err(|e| protocol_error(call, e))?;
-        let url = format!("{}/{path}", call.endpoint.provider.base_url);
-        http::Request::post(url)
+        let mut req = http::Request::post(provider.url(path))
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::AUTHORIZATION, format!("Bearer {key}"))
-            .header(http::header::USER_AGENT, crate::USER_AGENT)
-            .body(Bytes::from(body))
+            .header(http::header::USER_AGENT, crate::USER_AGENT);
+        // No key, no header: a local server that needs none gets none.
+        if let Some(key) = key {
+            req = match &provider.api_key_header {
+                Some(name) => req.header(name, key),
+                None => req.header(http::header::AUTHORIZATION, format!("Bearer {key}")),
+            };
+        }
+        req.body(Bytes::from(body))
             .map_err(|e| protocol_error(call, e))
     }
 

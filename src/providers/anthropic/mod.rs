@@ -79,7 +79,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::media::data_url;
-use super::{api_key, protocol_error, Adapter, Decoded, StreamDecoder};
+use super::{optional_api_key, protocol_error, Adapter, Decoded, StreamDecoder};
 use crate::chat::{
     ChatChunk, ChatRequest, ChunkChoice, Content, ContentPart, Delta, FunctionCallDelta,
     PromptTokensDetails, ReasoningWanted, Role, Stop, ToolCallDelta, Usage,
@@ -498,18 +498,19 @@ impl Adapter for AnthropicAdapter {
         call: &ProviderCall,
         stream: bool,
     ) -> Result<http::Request<Bytes>, ProviderError> {
-        let key = api_key(call)?;
+        let key = optional_api_key(call)?;
         let inbound = call.request.inbound.anthropic.as_deref();
         let body = match inbound {
             Some(inbound) => pass_through_body(call, inbound, stream)?,
             None => wire_body(call, stream)?,
         };
-        let url = format!("{}/v1/messages", call.endpoint.provider.base_url);
-        let mut req = http::Request::post(url)
+        let mut req = http::Request::post(call.endpoint.provider.url("v1/messages"))
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header("x-api-key", key)
             .header("anthropic-version", ANTHROPIC_VERSION)
             .header(http::header::USER_AGENT, crate::USER_AGENT);
+        if let Some(key) = key {
+            req = req.header("x-api-key", key);
+        }
         if let Some(beta) = inbound.and_then(|i| i.beta.as_deref()) {
             req = req.header("anthropic-beta", beta);
         }

@@ -53,11 +53,10 @@ struct Values {
 
 /// The URL of a batch of embeddings.
 pub(super) fn url(call: &ProviderCall) -> String {
-    format!(
-        "{}/v1beta/models/{}:batchEmbedContents",
-        call.endpoint.provider.base_url,
+    call.endpoint.provider.url(&format!(
+        "v1beta/models/{}:batchEmbedContents",
         model_name(call)
-    )
+    ))
 }
 
 /// Builds the exact JSON body of a `batchEmbedContents` request (used by golden

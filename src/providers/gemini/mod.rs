@@ -53,7 +53,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::media::{data_url, mime_from_url};
-use super::{api_key, protocol_error, Adapter, Decoded, StreamDecoder};
+use super::{optional_api_key, protocol_error, Adapter, Decoded, StreamDecoder};
 use crate::chat::{
     ChatChunk, ChunkChoice, CompletionTokensDetails, Content, ContentPart, Delta,
     FunctionCallDelta, PromptTokensDetails, ReasoningWanted, Role, Stop, ToolCallDelta, Usage,
@@ -530,16 +530,18 @@ impl Adapter for GeminiAdapter {
         call: &ProviderCall,
         stream: bool,
     ) -> Result<http::Request<Bytes>, ProviderError> {
-        let key = api_key(call)?;
+        let key = optional_api_key(call)?;
         let (body, url) = match &call.request.inbound.embeddings {
             Some(e) => (embed::body(call, e)?, embed::url(call)),
             None => (wire_body(call)?, chat_url(call, stream)),
         };
-        http::Request::post(url)
+        let mut req = http::Request::post(url)
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header("x-goog-api-key", key)
-            .header(http::header::USER_AGENT, crate::USER_AGENT)
-            .body(Bytes::from(body))
+            .header(http::header::USER_AGENT, crate::USER_AGENT);
+        if let Some(key) = key {
+            req = req.header("x-goog-api-key", key);
+        }
+        req.body(Bytes::from(body))
             .map_err(|e| protocol_error(call, e))
     }
 
@@ -567,12 +569,14 @@ impl Adapter for GeminiAdapter {
 
 /// The URL of a chat answer, streamed or not.
 fn chat_url(call: &ProviderCall, stream: bool) -> String {
-    let base = &call.endpoint.provider.base_url;
+    let provider = &call.endpoint.provider;
     let model = model_name(call);
     if stream {
-        format!("{base}/v1beta/models/{model}:streamGenerateContent?alt=sse")
+        provider.url(&format!(
+            "v1beta/models/{model}:streamGenerateContent?alt=sse"
+        ))
     } else {
-        format!("{base}/v1beta/models/{model}:generateContent")
+        provider.url(&format!("v1beta/models/{model}:generateContent"))
     }
 }
 
