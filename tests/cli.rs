@@ -173,7 +173,8 @@ fn check_reports_every_problem_with_its_path_and_exits_1() {
     let file = dir.join("bad.toml");
     std::fs::write(
         &file,
-        "[server]\nlisten = \"nope\"\n[[providers]]\nname = \"x\"\nkind = \"openai\"\n",
+        // A missing key is no problem (a keyless local server); an empty variable name is.
+        "[server]\nlisten = \"nope\"\n[[providers]]\nname = \"x\"\nkind = \"openai\"\napi_key_env = \"\"\n",
     )
     .unwrap();
     let out = Command::new(BIN)
