@@ -77,7 +77,18 @@ pub struct EndpointConfig {
     /// Share for load balancing (default 1).
     #[serde(default)]
     pub weight: Option<f64>,
+    /// Mock endpoints only: milliseconds before the answer starts (as a slow upstream's
+    /// head; past the provider's `timeout_secs`, the attempt times out).
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+    /// Mock endpoints only: milliseconds between a stream's chunks (past the
+    /// provider's `stream_idle_timeout_secs`, the stream stalls and is cut).
+    #[serde(default)]
+    pub chunk_delay_ms: Option<u64>,
 }
+
+/// The largest `delay_ms` / `chunk_delay_ms` of a mock endpoint (10 minutes).
+pub const MAX_MOCK_DELAY_MS: u64 = 600_000;
 
 /// Appends the problems of every `[[models]]` to `bad`, in file order.
 pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
@@ -169,6 +180,25 @@ pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
                         at(field),
                         format!("must be at most {MAX_PRICE} USD per million tokens"),
                     );
+                }
+            }
+            let mock = config
+                .providers
+                .iter()
+                .any(|p| p.name == e.provider && p.kind == ProviderKind::Mock);
+            for (field, ms) in [("delay_ms", e.delay_ms), ("chunk_delay_ms", e.chunk_delay_ms)] {
+                match ms {
+                    Some(_) if !mock => bad(
+                        at(field),
+                        format!(
+                            "only endpoints of a mock provider take `{field}` (a demo of slow upstreams): remove it"
+                        ),
+                    ),
+                    Some(ms) if ms > MAX_MOCK_DELAY_MS => bad(
+                        at(field),
+                        format!("must be at most {MAX_MOCK_DELAY_MS} (10 minutes)"),
+                    ),
+                    _ => {}
                 }
             }
             if let Some(w) = e.weight {
