@@ -186,7 +186,10 @@ pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
                 .providers
                 .iter()
                 .any(|p| p.name == e.provider && p.kind == ProviderKind::Mock);
-            for (field, ms) in [("delay_ms", e.delay_ms), ("chunk_delay_ms", e.chunk_delay_ms)] {
+            for (field, ms) in [
+                ("delay_ms", e.delay_ms),
+                ("chunk_delay_ms", e.chunk_delay_ms),
+            ] {
                 match ms {
                     Some(_) if !mock => bad(
                         at(field),

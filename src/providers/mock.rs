@@ -182,7 +182,9 @@ fn instance(schema: &Value, text: &mut Option<&str>, depth: usize) -> Value {
                 .map(|r| r.iter().filter_map(Value::as_str).collect())
                 .unwrap_or_default();
             let takes_text = |(name, s): &(&String, &Value)| {
-                schema_type(s) == Some("string") && s.get("enum").is_none() && s.get("const").is_none()
+                schema_type(s) == Some("string")
+                    && s.get("enum").is_none()
+                    && s.get("const").is_none()
                     && (required.is_empty() || required.contains(&name.as_str()))
             };
             let first = required
@@ -282,7 +284,11 @@ fn embeddings(call: &ProviderCall, e: &EmbeddingsInput) -> ChunkStream {
 /// What one choice of an answer is.
 enum Answer {
     Text(String, &'static str),
-    Call { id: String, name: String, arguments: String },
+    Call {
+        id: String,
+        name: String,
+        arguments: String,
+    },
 }
 
 impl Answer {
@@ -304,7 +310,10 @@ pub fn respond(call: &ProviderCall) -> ChunkStream {
     let (text, finish) = completion_text(call);
     let answer = match chosen_tool(call) {
         Some(tool) => Answer::Call {
-            id: format!("call_mock_{}", &call.ctx.request_id().trim_start_matches("gen-")),
+            id: format!(
+                "call_mock_{}",
+                &call.ctx.request_id().trim_start_matches("gen-")
+            ),
             name: tool.function.name.clone(),
             arguments: tool_arguments(tool, &text).to_string(),
         },
@@ -325,7 +334,10 @@ pub fn respond(call: &ProviderCall) -> ChunkStream {
                     content: Some(String::new()),
                     ..Delta::default()
                 })));
-                chunks.extend(text.split_inclusive(' ').map(|w| with_index(ChatChunk::text(w))));
+                chunks.extend(
+                    text.split_inclusive(' ')
+                        .map(|w| with_index(ChatChunk::text(w))),
+                );
                 let mut last = ChatChunk::delta(Delta::default());
                 last.choices[0].finish_reason = Some((*finish).into());
                 chunks.push(with_index(last));
@@ -339,7 +351,14 @@ pub fn respond(call: &ProviderCall) -> ChunkStream {
                 chunk.choices[0].finish_reason = Some((*finish).into());
                 chunks.push(with_index(chunk));
             }
-            (Answer::Call { id, name, arguments }, true) => {
+            (
+                Answer::Call {
+                    id,
+                    name,
+                    arguments,
+                },
+                true,
+            ) => {
                 let call_delta = |first: bool, args: &str| {
                     ChatChunk::delta(Delta {
                         role: first.then_some(Role::Assistant),
@@ -370,7 +389,14 @@ pub fn respond(call: &ProviderCall) -> ChunkStream {
                 last.choices[0].finish_reason = Some("tool_calls".into());
                 chunks.push(with_index(last));
             }
-            (Answer::Call { id, name, arguments }, false) => {
+            (
+                Answer::Call {
+                    id,
+                    name,
+                    arguments,
+                },
+                false,
+            ) => {
                 let mut chunk = ChatChunk::delta(Delta {
                     role: Some(Role::Assistant),
                     tool_calls: Some(vec![ToolCallDelta {
@@ -438,12 +464,14 @@ pub async fn call(call: ProviderCall) -> Result<ChunkStream, GatewayError> {
         });
         return Ok(Box::pin(stream::iter(first).chain(cut)));
     }
-    Ok(Box::pin(chunks.enumerate().then(move |(i, c)| async move {
-        if i > 0 {
-            tokio::time::sleep(gap).await;
-        }
-        c
-    })))
+    Ok(Box::pin(chunks.enumerate().then(
+        move |(i, c)| async move {
+            if i > 0 {
+                tokio::time::sleep(gap).await;
+            }
+            c
+        },
+    )))
 }
 
 #[cfg(test)]
@@ -533,12 +561,16 @@ mod tests {
         );
         // No schema: an empty object; no `required`: the first string by name.
         let bare: Tool = serde_json::from_value(serde_json::json!(
-            {"type": "function", "function": {"name": "g"}})).unwrap();
+            {"type": "function", "function": {"name": "g"}}))
+        .unwrap();
         assert_eq!(tool_arguments(&bare, "x"), serde_json::json!({}));
         let loose: Tool = serde_json::from_value(serde_json::json!({"type": "function", "function": {
             "name": "h", "parameters": {"properties": {"b": {"type": "string"}, "a": {"type": "string"}}}}}))
         .unwrap();
-        assert_eq!(tool_arguments(&loose, "x"), serde_json::json!({"a": "x", "b": ""}));
+        assert_eq!(
+            tool_arguments(&loose, "x"),
+            serde_json::json!({"a": "x", "b": ""})
+        );
     }
 
     #[tokio::test]
@@ -558,21 +590,34 @@ mod tests {
             assert_eq!(tc.function.name, "first");
             assert!(tc.id.starts_with("call_mock_"), "{}", tc.id);
             let args: serde_json::Value = serde_json::from_str(&tc.function.arguments).unwrap();
-            assert_eq!(args, serde_json::json!({"q": "weather in Paris"}), "stream {stream}");
+            assert_eq!(
+                args,
+                serde_json::json!({"q": "weather in Paris"}),
+                "stream {stream}"
+            );
             assert!(c.usage.unwrap().completion_tokens > 0);
         }
         let named = echo_call(|r| {
             r.tools = two.clone();
-            r.tool_choice = Some(serde_json::json!({"type": "function", "function": {"name": "second"}}));
+            r.tool_choice =
+                Some(serde_json::json!({"type": "function", "function": {"name": "second"}}));
         });
         let c = fold(respond(&named)).await;
-        assert_eq!(c.choices[0].message.tool_calls.as_ref().unwrap()[0].function.name, "second");
+        assert_eq!(
+            c.choices[0].message.tool_calls.as_ref().unwrap()[0]
+                .function
+                .name,
+            "second"
+        );
         let none = echo_call(|r| {
             r.tools = two.clone();
             r.tool_choice = Some(serde_json::json!("none"));
         });
         let c = fold(respond(&none)).await;
-        assert_eq!(c.choices[0].message.content.as_deref(), Some("weather in Paris"));
+        assert_eq!(
+            c.choices[0].message.content.as_deref(),
+            Some("weather in Paris")
+        );
         // The turn after the call: the tool's result comes back as text.
         let follow_up = echo_call(|r| {
             r.tools = two.clone();
@@ -581,7 +626,10 @@ mod tests {
             r.messages.push(result);
         });
         let c = fold(respond(&follow_up)).await;
-        assert_eq!(c.choices[0].message.content.as_deref(), Some("18 C and sunny"));
+        assert_eq!(
+            c.choices[0].message.content.as_deref(),
+            Some("18 C and sunny")
+        );
         assert_eq!(c.choices[0].finish_reason.as_deref(), Some("stop"));
     }
 
