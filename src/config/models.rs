@@ -277,6 +277,47 @@ id = "a/b"
     }
 
     #[test]
+    fn delays_are_for_mock_endpoints_and_bounded() {
+        let toml = |provider: &str, field: &str| {
+            format!(
+                r#"
+[[providers]]
+name = "m"
+kind = "mock"
+[[providers]]
+name = "o"
+kind = "openai"
+base_url = "http://127.0.0.1:9"
+api_key = "k"
+[[models]]
+id = "a/b"
+  [[models.endpoints]]
+  provider = "{provider}"
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1
+  {field}
+"#
+            )
+        };
+        let c = Config::from_toml(&toml("m", "delay_ms = 600000\nchunk_delay_ms = 5")).unwrap();
+        assert_eq!(c.models[0].endpoints[0].delay_ms, Some(600_000));
+        let err = Config::from_toml(&toml("m", "chunk_delay_ms = 600001")).unwrap_err();
+        assert_eq!(
+            err.problems[0].path,
+            "models[0].endpoints[0].chunk_delay_ms"
+        );
+        assert!(err.to_string().contains("at most 600000"), "{err}");
+        let err = Config::from_toml(&toml("o", "delay_ms = 10")).unwrap_err();
+        assert_eq!(err.problems[0].path, "models[0].endpoints[0].delay_ms");
+        assert!(
+            err.to_string()
+                .contains("only endpoints of a mock provider"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn prices_are_exact_decimals() {
         let c = Config::from_toml(
             r#"
