@@ -184,6 +184,11 @@ pub struct Endpoint {
     pub pricing: Pricing,
     /// Share for the weighted draw.
     pub weight: f64,
+    /// Mock endpoints: the wait before the answer starts (`delay_ms`; zero elsewhere).
+    pub delay: Duration,
+    /// Mock endpoints: the wait between a stream's chunks (`chunk_delay_ms`; zero
+    /// elsewhere).
+    pub chunk_delay: Duration,
 }
 
 impl Endpoint {
@@ -269,6 +274,8 @@ impl Catalog {
                         cache_write: e.cache_write_usd_per_mtok.unwrap_or(e.prompt_usd_per_mtok),
                     },
                     weight: e.weight.unwrap_or(1.0),
+                    delay: Duration::from_millis(e.delay_ms.unwrap_or(0)),
+                    chunk_delay: Duration::from_millis(e.chunk_delay_ms.unwrap_or(0)),
                 });
                 catalog.endpoints.push(endpoint.clone());
                 endpoints.push(endpoint);

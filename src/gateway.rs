@@ -413,6 +413,7 @@ impl Gateway {
             .route("/messages", post_service(self.chat.clone()))
             .route("/responses", post_service(self.chat.clone()))
             .route("/embeddings", post_service(self.chat.clone()))
+            .route("/completions", post_service(self.chat.clone()))
             .merge(self.count_tokens_route())
             .route("/models", get(list_models))
             .route("/models/{*id}", get(get_model))

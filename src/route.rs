@@ -290,13 +290,13 @@ pub fn requested_parameters(req: &ChatRequest) -> Vec<&'static str> {
 /// [`requested_parameters`]). OpenAI-kind providers take everything; Anthropic has no
 /// `response_format`, `seed`, `n` or pass-through fields (it answers one choice);
 /// Gemini no pass-through fields (reasoning becomes its `thinkingConfig`); the mock
-/// honours only `max_tokens`.
+/// honours `max_tokens`, `n`, `tools` and `tool_choice`.
 pub fn supports(kind: ProviderKind, param: &str) -> bool {
     match kind {
         ProviderKind::OpenAi => true,
         ProviderKind::Anthropic => !matches!(param, "response_format" | "seed" | "n" | "extra"),
         ProviderKind::Gemini => param != "extra",
-        ProviderKind::Mock => param == "max_tokens",
+        ProviderKind::Mock => matches!(param, "max_tokens" | "n" | "tools" | "tool_choice"),
     }
 }
 
@@ -456,27 +456,27 @@ mod tests {
         };
         // Nothing optional asked: everyone.
         assert_eq!(route(&|_| {}).unwrap(), ["a", "b", "c"]);
-        // Tools: the mock cannot.
+        // Tools: everyone (the mock's `echo` calls the first tool).
         let tools = |r: &mut ChatRequest| {
             r.tools = Some(vec![serde_json::from_value::<Tool>(serde_json::json!(
                 {"type": "function", "function": {"name": "f"}}
             ))
             .unwrap()])
         };
-        assert_eq!(route(&tools).unwrap(), ["a", "b"]);
+        assert_eq!(route(&tools).unwrap(), ["a", "b", "c"]);
         // response_format: not Anthropic either.
         let rf = |r: &mut ChatRequest| {
             r.response_format = Some(serde_json::json!({"type": "json_object"}))
         };
         assert_eq!(route(&rf).unwrap(), ["a"]);
-        // n above 1: Anthropic and the mock answer one choice; n = 1 asks nothing.
-        assert_eq!(route(&|r| r.n = Some(2)).unwrap(), ["a"]);
+        // n above 1: Anthropic answers one choice; the mock n; n = 1 asks nothing.
+        assert_eq!(route(&|r| r.n = Some(2)).unwrap(), ["a", "c"]);
         assert_eq!(route(&|r| r.n = Some(1)).unwrap(), ["a", "b", "c"]);
         // Without require_parameters nothing is dropped.
         let mut c = call("test/model", None);
         rf(std::sync::Arc::get_mut(&mut c.request).unwrap());
         assert_eq!(plan(&cat(), &c).unwrap().len(), 3);
-        // The mock honours max_tokens only.
+        // The mock honours no sampling parameter.
         let seed = |r: &mut ChatRequest| r.seed = Some(1);
         assert_eq!(route(&seed).unwrap(), ["a"]);
         let cat = catalog(&[("m", "mock", "0", "0", "deny")]);

@@ -24,6 +24,9 @@ pub enum Dialect {
     OpenAiResponses,
     /// `POST /v1/embeddings` (SPEC §7.3).
     Embeddings,
+    /// `POST /v1/completions` (OpenAI's legacy completions: prompt in, text out),
+    /// served as chat with the prompt as one user message.
+    Completions,
 }
 
 impl Dialect {
@@ -32,7 +35,11 @@ impl Dialect {
     /// mounted anywhere speaks chat.
     pub fn from_path(path: &str) -> Dialect {
         let path = path.trim_end_matches('/');
-        if path.ends_with("/messages") {
+        if path.ends_with("/chat/completions") {
+            Dialect::OpenAiChat
+        } else if path.ends_with("/completions") {
+            Dialect::Completions
+        } else if path.ends_with("/messages") {
             Dialect::AnthropicMessages
         } else if path.ends_with("/responses") {
             Dialect::OpenAiResponses
@@ -43,13 +50,15 @@ impl Dialect {
         }
     }
 
-    /// The name used in logs and docs: `chat`, `messages`, `responses`, `embeddings`.
+    /// The name used in logs and docs: `chat`, `messages`, `responses`, `embeddings`,
+    /// `completions`.
     pub fn as_str(self) -> &'static str {
         match self {
             Dialect::OpenAiChat => "chat",
             Dialect::AnthropicMessages => "messages",
             Dialect::OpenAiResponses => "responses",
             Dialect::Embeddings => "embeddings",
+            Dialect::Completions => "completions",
         }
     }
 }
@@ -145,6 +154,9 @@ mod tests {
             ("/api/v1/messages", Dialect::AnthropicMessages),
             ("/v1/responses", Dialect::OpenAiResponses),
             ("/v1/embeddings/", Dialect::Embeddings),
+            ("/api/v1/chat/completions", Dialect::OpenAiChat),
+            ("/v1/completions", Dialect::Completions),
+            ("/api/v1/completions/", Dialect::Completions),
             ("/", Dialect::OpenAiChat),
         ] {
             assert_eq!(Dialect::from_path(path), d, "{path}");

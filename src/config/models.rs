@@ -77,7 +77,18 @@ pub struct EndpointConfig {
     /// Share for load balancing (default 1).
     #[serde(default)]
     pub weight: Option<f64>,
+    /// Mock endpoints only: milliseconds before the answer starts (as a slow upstream's
+    /// head; past the provider's `timeout_secs`, the attempt times out).
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+    /// Mock endpoints only: milliseconds between a stream's chunks (past the
+    /// provider's `stream_idle_timeout_secs`, the stream stalls and is cut).
+    #[serde(default)]
+    pub chunk_delay_ms: Option<u64>,
 }
+
+/// The largest `delay_ms` / `chunk_delay_ms` of a mock endpoint (10 minutes).
+pub const MAX_MOCK_DELAY_MS: u64 = 600_000;
 
 /// Appends the problems of every `[[models]]` to `bad`, in file order.
 pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
@@ -171,6 +182,28 @@ pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
                     );
                 }
             }
+            let mock = config
+                .providers
+                .iter()
+                .any(|p| p.name == e.provider && p.kind == ProviderKind::Mock);
+            for (field, ms) in [
+                ("delay_ms", e.delay_ms),
+                ("chunk_delay_ms", e.chunk_delay_ms),
+            ] {
+                match ms {
+                    Some(_) if !mock => bad(
+                        at(field),
+                        format!(
+                            "only endpoints of a mock provider take `{field}` (a demo of slow upstreams): remove it"
+                        ),
+                    ),
+                    Some(ms) if ms > MAX_MOCK_DELAY_MS => bad(
+                        at(field),
+                        format!("must be at most {MAX_MOCK_DELAY_MS} (10 minutes)"),
+                    ),
+                    _ => {}
+                }
+            }
             if let Some(w) = e.weight {
                 if !(w.is_finite() && w > 0.0) {
                     bad(at("weight"), "must be a positive number".into());
@@ -240,6 +273,47 @@ id = "a/b"
         assert_eq!(
             err.problems[0].path,
             "models[1].endpoints[0].upstream_model"
+        );
+    }
+
+    #[test]
+    fn delays_are_for_mock_endpoints_and_bounded() {
+        let toml = |provider: &str, field: &str| {
+            format!(
+                r#"
+[[providers]]
+name = "m"
+kind = "mock"
+[[providers]]
+name = "o"
+kind = "openai"
+base_url = "http://127.0.0.1:9"
+api_key = "k"
+[[models]]
+id = "a/b"
+  [[models.endpoints]]
+  provider = "{provider}"
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1
+  {field}
+"#
+            )
+        };
+        let c = Config::from_toml(&toml("m", "delay_ms = 600000\nchunk_delay_ms = 5")).unwrap();
+        assert_eq!(c.models[0].endpoints[0].delay_ms, Some(600_000));
+        let err = Config::from_toml(&toml("m", "chunk_delay_ms = 600001")).unwrap_err();
+        assert_eq!(
+            err.problems[0].path,
+            "models[0].endpoints[0].chunk_delay_ms"
+        );
+        assert!(err.to_string().contains("at most 600000"), "{err}");
+        let err = Config::from_toml(&toml("o", "delay_ms = 10")).unwrap_err();
+        assert_eq!(err.problems[0].path, "models[0].endpoints[0].delay_ms");
+        assert!(
+            err.to_string()
+                .contains("only endpoints of a mock provider"),
+            "{err}"
         );
     }
 

@@ -57,6 +57,7 @@ mod anthropic_messages;
 mod embeddings;
 mod fields;
 mod openai_chat;
+mod openai_completions;
 mod openai_responses;
 
 pub use anthropic_messages::{
@@ -262,6 +263,7 @@ where
         Dialect::AnthropicMessages => anthropic_messages::parse(&bytes, &parts.headers)?,
         Dialect::OpenAiResponses => openai_responses::parse(&bytes, &parts.headers)?,
         Dialect::Embeddings => embeddings::parse(&bytes, &parts.headers)?,
+        Dialect::Completions => openai_completions::parse(&bytes)?,
     };
     drop(bytes);
     let stream = request.stream;
@@ -331,6 +333,7 @@ where
         Dialect::AnthropicMessages => anthropic_messages::json_body(&completion, request),
         Dialect::OpenAiResponses => openai_responses::json_body(&completion, request),
         Dialect::Embeddings => embeddings::json_body(&completion, request),
+        Dialect::Completions => openai_completions::json_body(&completion),
     };
     ctx.update(|s| s.status = 200);
     let mut res = Response::new(Body::from(body));
@@ -497,6 +500,8 @@ pub(crate) enum Encoder {
     Messages(anthropic_messages::Encoder),
     /// Responses' typed events with `sequence_number`.
     Responses(openai_responses::Encoder),
+    /// Legacy `text_completion` chunks, `[DONE]`.
+    Completions(openai_completions::Encoder),
 }
 
 impl Encoder {
@@ -514,6 +519,9 @@ impl Encoder {
             Dialect::OpenAiResponses => {
                 Encoder::Responses(openai_responses::Encoder::new(ctx, endpoint, request))
             }
+            Dialect::Completions => {
+                Encoder::Completions(openai_completions::Encoder::new(ctx, endpoint, request))
+            }
             // Embeddings refuse `stream` when parsed.
             Dialect::OpenAiChat | Dialect::Embeddings => Encoder::Chat(
                 openai_chat::SseWriter::new(ctx, endpoint, request.wants_stream_usage()),
@@ -527,6 +535,7 @@ impl Encoder {
             Encoder::Chat(w) => w.encode(chunk),
             Encoder::Messages(e) => e.chunk(chunk),
             Encoder::Responses(e) => e.chunk(chunk),
+            Encoder::Completions(e) => e.chunk(chunk),
         }
     }
 
@@ -536,6 +545,7 @@ impl Encoder {
             Encoder::Chat(_) => Bytes::from_static(DONE_EVENT),
             Encoder::Messages(e) => e.done(),
             Encoder::Responses(e) => e.done(),
+            Encoder::Completions(e) => e.done(),
         }
     }
 
@@ -545,6 +555,7 @@ impl Encoder {
             Encoder::Chat(w) => w.error(e),
             Encoder::Messages(m) => m.error(e),
             Encoder::Responses(r) => r.error(e),
+            Encoder::Completions(c) => c.error(e),
         }
     }
 

@@ -355,7 +355,7 @@ impl tower::Service<ProviderCall> for ProviderClient {
     fn call(&mut self, call: ProviderCall) -> Self::Future {
         let kind = call.endpoint.provider.kind;
         if kind == ProviderKind::Mock {
-            return Box::pin(async move { Ok(mock::respond(&call)) });
+            return Box::pin(mock::call(call));
         }
         let adapter = self.adapters.get(&kind).cloned();
         let client = self.http.clone();

@@ -494,6 +494,48 @@ def embeddings_money(money: Money, resp: Any) -> None:
     money.answer(getattr(resp, "id", None), u.cost, EMBED_MODEL, u.prompt_tokens, 0)
 
 
+@check("completions.create")
+def completions_create(money: Money) -> str:
+    text = "Hello from the legacy completions API"
+    resp = oai.completions.create(model=CHAT_MODEL, prompt=text, max_tokens=20, n=2)
+    equal(resp.object, "text_completion", "object")
+    equal(resp.model, CHAT_MODEL, "model")
+    equal(len(resp.choices), 2, "choices with n=2")
+    for i, choice in enumerate(resp.choices):
+        equal(choice.index, i, "choice index")
+        equal(choice.text, text, "the echo")
+        equal(choice.finish_reason, "stop", "finish_reason")
+    u = resp.usage
+    equal(u.total_tokens, u.prompt_tokens + u.completion_tokens, "usage.total_tokens")
+    money.answer(resp.id, u.cost, CHAT_MODEL, u.prompt_tokens, u.completion_tokens)
+    return f"{resp.id}: {u.prompt_tokens}+{u.completion_tokens} tokens, ${usd(u.cost)}"
+
+
+@check("completions.create(stream=True)")
+def completions_stream(money: Money) -> str:
+    text = "legacy text arrives word by word"
+    stream = oai.completions.create(
+        model=CHAT_MODEL, prompt=text, stream=True, stream_options={"include_usage": True}
+    )
+    pieces, ids, finish, usage = [], set(), None, None
+    for chunk in stream:
+        ids.add(chunk.id)
+        equal(chunk.object, "text_completion", "chunk object")
+        for choice in chunk.choices:
+            if choice.text:
+                pieces.append(choice.text)
+            finish = choice.finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    equal("".join(pieces), text, "the streamed echo")
+    expect(len(pieces) > 1, f"one text chunk only ({pieces!r}): not streamed")
+    equal(finish, "stop", "finish_reason")
+    equal(len(ids), 1, f"chunk ids {ids}")
+    expect(usage is not None, "no usage chunk despite stream_options.include_usage")
+    money.answer(ids.pop(), usage.cost, CHAT_MODEL, usage.prompt_tokens, usage.completion_tokens)
+    return f"{len(pieces)} text chunks, ${usd(usage.cost)}"
+
+
 @check("openai.embeddings.create")
 def embeddings_default(money: Money) -> str:
     # No encoding_format: the SDK asks for base64 and decodes it into floats.
