@@ -26,6 +26,7 @@
 mod keys;
 mod models;
 mod providers;
+mod read;
 mod sections;
 
 use std::fmt;
@@ -215,32 +216,27 @@ impl Config {
             source_name: name.to_string(),
             problems,
         };
-        let de = toml::Deserializer::parse(text).map_err(|e| {
-            fail(vec![Problem {
-                path: String::new(),
-                message: format!("not valid TOML: {}", e.to_string().trim()),
-            }])
-        })?;
-        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let message = inner.message().to_string();
-            let line = inner
-                .span()
-                .map(|s| format!(" (line {})", text[..s.start].lines().count().max(1)))
-                .unwrap_or_default();
-            fail(vec![Problem {
-                path: if path == "." { String::new() } else { path },
-                message: format!("{message}{line}"),
-            }])
-        })?;
-        config.builtin = builtin;
-        let problems = config.problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(fail(problems))
+        let (config, mut problems, removed) =
+            read::read(text).map_err(|syntax| fail(vec![syntax]))?;
+        // The semantic checks of every part that did parse, in the file's indices,
+        // without those that only follow from a part that did not.
+        if let Some(mut config) = config {
+            config.builtin = builtin;
+            problems.extend(
+                config
+                    .problems()
+                    .into_iter()
+                    .filter(|p| !removed.is_consequence(&config, p))
+                    .map(|p| Problem {
+                        path: removed.translate(&p.path),
+                        message: p.message,
+                    }),
+            );
+            if problems.is_empty() {
+                return Ok(config);
+            }
         }
+        Err(fail(problems))
     }
 
     /// Semantic checks serde cannot make; empty when the config is usable.
