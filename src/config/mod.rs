@@ -371,4 +371,115 @@ id = "a:b"
             assert!(paths.contains(&want), "{want} missing from {paths:?}");
         }
     }
+
+    /// Several type errors in several sections and array elements, and the semantic
+    /// problems of what parsed, all in one result with the file's paths.
+    #[test]
+    fn every_type_error_and_every_semantic_problem_in_one_run() {
+        let err = Config::from_toml(
+            r#"[server]
+listen = "nowhere"
+max_body_bytes = "big"
+lisen = "127.0.0.1:1"
+
+[retry]
+max_attempts = -1
+
+[[providers]]
+name = "broken"
+kind = "telepathy"
+timeout_secs = "soon"
+
+[[providers]]
+name = "m"
+kind = "mock"
+timeout_secs = 0
+
+[[models]]
+id = "a/b"
+context_length = "long"
+  [[models.endpoints]]
+  provider = "broken"
+  upstream_model = "x"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1
+  [[models.endpoints]]
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1
+  [[models.endpoints]]
+  provider = "m"
+  upstream_model = "nope"
+  prompt_usd_per_mtok = true
+  completion_usd_per_mtok = 1
+  [[models.endpoints]]
+  provider = "m"
+  upstream_model = "nope"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1
+
+[[keys]]
+secret = "short"
+credits_usd = 1
+rpm = "fast"
+models = ["a/*", 3]
+"#,
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                // Type errors, in the order serde meets them.
+                "server.max_body_bytes",
+                "server.lisen",
+                "retry.max_attempts",
+                "providers[0].kind",
+                "providers[0].timeout_secs",
+                "models[0].context_length",
+                "models[0].endpoints[1]",
+                "models[0].endpoints[2].prompt_usd_per_mtok",
+                "keys[0].rpm",
+                "keys[0].models[1]",
+                // Semantic problems of what parsed, in the file's indices.
+                "server.listen",
+                "providers[1].timeout_secs",
+                "models[0].endpoints[3].upstream_model",
+                "keys[0].secret",
+            ],
+            "{err}"
+        );
+        let message = |path: &str| {
+            let p = err.problems.iter().find(|p| p.path == path).unwrap();
+            p.message.clone()
+        };
+        assert_eq!(
+            message("server.max_body_bytes"),
+            "invalid type: string \"big\", expected a whole number, 0 or more (line 3)"
+        );
+        assert!(
+            message("server.lisen").starts_with("unknown field `lisen`, expected one of `listen`"),
+            "{err}"
+        );
+        assert!(message("server.lisen").ends_with("(line 4)"), "{err}");
+        assert!(
+            message("providers[0].kind").contains("unknown variant `telepathy`, expected one of `openai`"),
+            "{err}"
+        );
+        assert_eq!(
+            message("models[0].endpoints[1]"),
+            "missing field `provider`: add it (line 27)"
+        );
+        assert!(
+            message("models[0].endpoints[2].prompt_usd_per_mtok").contains("decimal number"),
+            "{err}"
+        );
+        // Provider `broken` did not parse: its endpoint is not also "no provider named
+        // broken"; endpoint 2's `upstream_model = "nope"` is checked at its own index.
+        assert!(!err.to_string().contains("no provider named"), "{err}");
+        assert!(
+            !paths.contains(&"models[0].endpoints[2].upstream_model"),
+            "an endpoint left out of the checks is not judged: {err}"
+        );
+    }
 }

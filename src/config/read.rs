@@ -169,6 +169,7 @@ impl Removed {
             return false;
         };
         let original_parent = self.original(parent);
+        let original = self.original(path);
         let taken = match (parent_value, last) {
             (Container::Table(t), Seg::Key(k)) => t.remove(k),
             (Container::Array(a), Seg::Index(i)) if *i < a.len() => {
@@ -183,7 +184,7 @@ impl Removed {
         };
         match taken {
             Some(value) => {
-                self.values.push((self.original(path), value));
+                self.values.push((original, value));
                 true
             }
             None => false,
@@ -274,6 +275,21 @@ fn plain_words(message: &str) -> String {
     out
 }
 
+/// The problems sorted by line (serde meets a table's fields in key order), each
+/// message ending with its line.
+fn in_file_order(mut problems: Vec<(Option<usize>, Problem)>) -> Vec<Problem> {
+    problems.sort_by_key(|(line, _)| line.unwrap_or(usize::MAX));
+    problems
+        .into_iter()
+        .map(|(line, mut p)| {
+            if let Some(line) = line {
+                p.message = format!("{} (line {line})", p.message);
+            }
+            p
+        })
+        .collect()
+}
+
 /// Parses `text`: the config built from every part that deserializes (`None` when
 /// nothing could be), the type errors found on the way, and what was removed.
 ///
@@ -291,7 +307,7 @@ pub(super) fn read(text: &str) -> Result<(Option<Config>, Vec<Problem>, Removed)
         let err = match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(
             root.clone(),
         )) {
-            Ok(config) => return Ok((Some(config), problems, removed)),
+            Ok(config) => return Ok((Some(config), in_file_order(problems), removed)),
             Err(e) => e,
         };
         let mut path = Vec::new();
@@ -317,16 +333,17 @@ pub(super) fn read(text: &str) -> Result<(Option<Config>, Vec<Problem>, Removed)
                 removed.was_removed(&field_path)
             });
         if !echo {
-            let line = line_of(text, doc.get_ref(), &original)
-                .map(|l| format!(" (line {l})"))
-                .unwrap_or_default();
-            problems.push(Problem {
-                path: format_path(&original),
-                message: format!("{}{line}", plain_words(&message)),
-            });
+            let line = line_of(text, doc.get_ref(), &original);
+            problems.push((
+                line,
+                Problem {
+                    path: format_path(&original),
+                    message: plain_words(&message),
+                },
+            ));
         }
         if problems.len() >= MAX_TYPE_ERRORS || !removed.take(&mut root, &path) {
-            return Ok((None, problems, removed));
+            return Ok((None, in_file_order(problems), removed));
         }
     }
 }
