@@ -482,4 +482,69 @@ models = ["a/*", 3]
             "an endpoint left out of the checks is not judged: {err}"
         );
     }
+
+    #[test]
+    fn an_unknown_section_is_one_problem_and_the_rest_is_still_checked() {
+        let err = Config::from_toml("[servr]\nlisten = 1\n[retry]\nmax_attempts = 0\n")
+            .unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert_eq!(err.problems[0].path, "servr");
+        assert!(
+            err.problems[0]
+                .message
+                .starts_with("unknown field `servr`, expected one of `server`"),
+            "{err}"
+        );
+        assert!(err.problems[0].message.ends_with("(line 1)"), "{err}");
+        assert_eq!(err.problems[1].path, "retry.max_attempts");
+        // A table where an array of tables belongs.
+        let err = Config::from_toml("[providers]\nname = \"x\"\n").unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].path, "providers");
+        assert!(err.problems[0].message.contains("expected an array"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_required_field_does_not_cascade() {
+        let err = Config::from_toml(
+            r#"
+[[providers]]
+name = "oa"
+[[providers]]
+name = "m"
+kind = "mock"
+[[models]]
+id = "a/only-on-oa"
+  [[models.endpoints]]
+  provider = "oa"
+  upstream_model = "x"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1
+[[models]]
+id = "a/no-endpoint-parses"
+  [[models.endpoints]]
+  provider = "m"
+  upstream_model = "echo"
+[[models]]
+id = "m/e"
+  [[models.endpoints]]
+  provider = "gone"
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1
+"#,
+        )
+        .unwrap_err();
+        let shown: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "providers[0]: missing field `kind`: add it (line 2)",
+                "models[1].endpoints[0]: missing field `prompt_usd_per_mtok`: add it (line 16)",
+                // A provider that is nowhere in the file is still a problem.
+                "models[2].endpoints[0].provider: no provider named `gone`",
+            ],
+            "{err}"
+        );
+    }
 }
