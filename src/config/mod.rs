@@ -38,8 +38,8 @@ pub use keys::{KeyConfig, MIN_SECRET_CHARS};
 pub use models::{EndpointConfig, ModelConfig, ModelType};
 pub use providers::{ProviderConfig, ProviderKind};
 pub use sections::{
-    AdminConfig, HealthConfig, IdempotencyConfig, LoggingConfig, RetryConfig, ServerConfig,
-    SharedConfig, StoreConfig, SyncMode, MAX_IDEMPOTENCY_TTL_SECS,
+    check_listen, AdminConfig, HealthConfig, IdempotencyConfig, LoggingConfig, RetryConfig,
+    ServerConfig, SharedConfig, StoreConfig, SyncMode, MAX_IDEMPOTENCY_TTL_SECS,
 };
 
 /// The whole configuration file.
@@ -463,7 +463,8 @@ models = ["a/*", 3]
         );
         assert!(message("server.lisen").ends_with("(line 4)"), "{err}");
         assert!(
-            message("providers[0].kind").contains("unknown variant `telepathy`, expected one of `openai`"),
+            message("providers[0].kind")
+                .contains("unknown variant `telepathy`, expected one of `openai`"),
             "{err}"
         );
         assert_eq!(
@@ -485,8 +486,8 @@ models = ["a/*", 3]
 
     #[test]
     fn an_unknown_section_is_one_problem_and_the_rest_is_still_checked() {
-        let err = Config::from_toml("[servr]\nlisten = 1\n[retry]\nmax_attempts = 0\n")
-            .unwrap_err();
+        let err =
+            Config::from_toml("[servr]\nlisten = 1\n[retry]\nmax_attempts = 0\n").unwrap_err();
         assert_eq!(err.problems.len(), 2, "{err}");
         assert_eq!(err.problems[0].path, "servr");
         assert!(
@@ -501,7 +502,10 @@ models = ["a/*", 3]
         let err = Config::from_toml("[providers]\nname = \"x\"\n").unwrap_err();
         assert_eq!(err.problems.len(), 1, "{err}");
         assert_eq!(err.problems[0].path, "providers");
-        assert!(err.problems[0].message.contains("expected an array"), "{err}");
+        assert!(
+            err.problems[0].message.contains("expected an array"),
+            "{err}"
+        );
     }
 
     #[test]

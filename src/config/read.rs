@@ -150,13 +150,15 @@ impl Removed {
         if config.providers.iter().any(|p| p.name == name) {
             return false;
         }
-        self.values.iter().any(|(removed, value)| match removed.as_slice() {
-            [Seg::Key(k)] => k == "providers",
-            [Seg::Key(k), Seg::Index(_)] => {
-                k == "providers" && value.get("name").and_then(|n| n.as_str()) == Some(name)
-            }
-            _ => false,
-        })
+        self.values
+            .iter()
+            .any(|(removed, value)| match removed.as_slice() {
+                [Seg::Key(k)] => k == "providers",
+                [Seg::Key(k), Seg::Index(_)] => {
+                    k == "providers" && value.get("name").and_then(|n| n.as_str()) == Some(name)
+                }
+                _ => false,
+            })
     }
 
     /// Takes the value at `path` (pruned indices) out of `root`, remembering it; false
@@ -252,7 +254,10 @@ fn plain_words(message: &str) -> String {
     for (serde, plain) in [
         ("expected u8", "expected a whole number from 0 to 255"),
         ("expected u16", "expected a whole number from 0 to 65535"),
-        ("expected u32", "expected a whole number from 0 to 4294967295"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
         ("expected u64", "expected a whole number, 0 or more"),
         ("expected i64", "expected a whole number"),
         ("expected f64", "expected a number"),
@@ -263,7 +268,10 @@ fn plain_words(message: &str) -> String {
             out = format!("{rest}{plain}");
         }
     }
-    if let Some(struct_name) = out.rsplit_once("expected struct ").map(|(_, s)| s.to_string()) {
+    if let Some(struct_name) = out
+        .rsplit_once("expected struct ")
+        .map(|(_, s)| s.to_string())
+    {
         out = out.replace(
             &format!("expected struct {struct_name}"),
             "expected a table",
@@ -304,12 +312,11 @@ pub(super) fn read(text: &str) -> Result<(Option<Config>, Vec<Problem>, Removed)
     let mut removed = Removed::default();
     let mut problems = Vec::new();
     loop {
-        let err = match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(
-            root.clone(),
-        )) {
-            Ok(config) => return Ok((Some(config), in_file_order(problems), removed)),
-            Err(e) => e,
-        };
+        let err =
+            match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(root.clone())) {
+                Ok(config) => return Ok((Some(config), in_file_order(problems), removed)),
+                Err(e) => e,
+            };
         let mut path = Vec::new();
         for seg in err.path().iter() {
             match seg {
