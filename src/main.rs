@@ -182,13 +182,14 @@ fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        let shutdown = shutdown_signal();
         let local = listener
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
         tracing::info!("switchboard listening on http://{local}");
         match gateway
-            .serve(listener, shutdown_signal(), Duration::from_secs(30))
+            .serve(listener, shutdown, Duration::from_secs(30))
             .await
         {
             Ok(()) => {
@@ -237,24 +238,29 @@ async fn bind(listen: &str, setting: &str) -> Result<tokio::net::TcpListener, St
     ))
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on Ctrl-C or SIGTERM. SIGTERM is caught from the call on (not from the
+/// first poll), so one sent as soon as "listening" is printed is a graceful stop too.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let term = async {
+            match term {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!(
-        "shutting down: no new connections; letting in-flight requests finish (30 s at most)"
-    );
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+        tracing::info!(
+            "shutting down: no new connections; letting in-flight requests finish (30 s at most)"
+        );
+    }
 }

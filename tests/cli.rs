@@ -418,3 +418,147 @@ rpm = 0
         assert!(line.starts_with(want), "{want:?} is not {line:?} in:\n{err}");
     }
 }
+
+/// A config on the mock provider with `store` and `sink`, no keys.
+fn mock_config(store: &str, sink: &str) -> String {
+    format!(
+        "[store]\nurl = \"{store}\"\n[logging]\nsink = \"{sink}\"\n[[providers]]\nname = \"mock\"\nkind = \"mock\"\n"
+    )
+}
+
+#[cfg(unix)]
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn missing_store_and_log_directories_are_created() {
+    let dir = temp_dir();
+    // The store's directory, with the default request log beside the store.
+    let store = dir.join("state/a/b/switchboard.db");
+    let file = dir.join("beside.toml");
+    std::fs::write(
+        &file,
+        mock_config(&format!("sqlite://{}", store.display()), "sqlite"),
+    )
+    .unwrap();
+    let (mut child, _, _) = serve(&dir, &["--config", file.to_str().unwrap()]);
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child), 0);
+    assert!(store.is_file(), "{}", store.display());
+    assert!(store.with_file_name("switchboard-logs.db").is_file());
+    #[cfg(unix)]
+    for d in ["state", "state/a", "state/a/b"] {
+        assert_eq!(mode(&dir.join(d)), 0o700, "{d}");
+    }
+
+    // `jsonl:PATH` and `sqlite:PATH` logs in directories of their own.
+    for (sink, log) in [
+        ("jsonl", "logs/j/requests.jsonl"),
+        ("sqlite", "logs/s/requests.db"),
+    ] {
+        let file = dir.join(format!("{sink}.toml"));
+        let log = dir.join(log);
+        std::fs::write(
+            &file,
+            mock_config(
+                &format!(
+                    "sqlite://{}",
+                    dir.join(format!("{sink}/store.db")).display()
+                ),
+                &format!("{sink}:{}", log.display()),
+            ),
+        )
+        .unwrap();
+        let (mut child, _, _) = serve(&dir, &["--config", file.to_str().unwrap()]);
+        sigterm(&child);
+        assert_eq!(wait_exit(&mut child), 0);
+        assert!(log.is_file(), "{}", log.display());
+        #[cfg(unix)]
+        assert_eq!(mode(log.parent().unwrap()), 0o700);
+    }
+
+    // `keys create` makes the store's directory too.
+    let file = dir.join("keys.toml");
+    let store = dir.join("for-keys/x/keys.db");
+    std::fs::write(
+        &file,
+        mock_config(&format!("sqlite://{}", store.display()), "none"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["keys", "create", "--credits", "1", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(store.is_file());
+}
+
+#[test]
+fn a_directory_that_cannot_be_made_names_the_setting_and_is_exit_2() {
+    let dir = temp_dir();
+    let a_file = dir.join("a-file");
+    std::fs::write(&a_file, "not a directory").unwrap();
+    let under = a_file.join("sub");
+
+    // The store (with the default log beside it): the store is named, not the log.
+    let file = dir.join("store.toml");
+    let url = format!("sqlite://{}/switchboard.db", under.display());
+    std::fs::write(&file, mock_config(&url, "sqlite")).unwrap();
+    for command in [
+        &["serve", "--listen", "127.0.0.1:0"][..],
+        &["keys", "list"][..],
+    ] {
+        let out = Command::new(BIN)
+            .args(command)
+            .arg("--config")
+            .arg(&file)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{command:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "cannot create the directory `{}` of store.url `{url}`",
+                under.display()
+            )) && err.contains("create it yourself"),
+            "{command:?}: {err}"
+        );
+        assert!(!err.contains("request log"), "{command:?}: {err}");
+    }
+
+    // A log path.
+    for sink in ["jsonl", "sqlite"] {
+        let file = dir.join(format!("{sink}.toml"));
+        let log = under.join("requests.log");
+        std::fs::write(
+            &file,
+            mock_config("sqlite::memory:", &format!("{sink}:{}", log.display())),
+        )
+        .unwrap();
+        let out = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&file)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{sink}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!(
+                "[logging].sink: cannot create the directory `{}` of the request log {}",
+                under.display(),
+                log.display()
+            )),
+            "{sink}: {err}"
+        );
+    }
+}
