@@ -162,6 +162,11 @@ impl GatewayBuilder {
         }
         let catalog = Arc::new(Catalog::from_config(&config));
         let client = self.provider_client.unwrap_or_default();
+        // A SQLite store's directory first: the default request log goes in it too,
+        // and a directory that cannot be made is the store's problem, not the log's.
+        if self.store.is_none() {
+            crate::store::create_store_dir(&config.store)?;
+        }
         let logs = match self.log_writer {
             Some(writer) => writer,
             None => LogWriter::from_config(&config).map_err(BuildError::Logging)?,

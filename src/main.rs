@@ -25,9 +25,10 @@ enum Command {
         /// Config file (default: ./switchboard.toml, else the built-in demo).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Listen address; overrides [server].listen.
+        /// Listen address, HOST:PORT (127.0.0.1:8080, localhost:8080, [::1]:8080);
+        /// overrides [server].listen.
         #[arg(long)]
-        listen: Option<SocketAddr>,
+        listen: Option<String>,
     },
     /// Validate a config file and print every problem.
     Check {
@@ -123,7 +124,7 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
+fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -135,22 +136,21 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Some(addr) = listen {
-        config.server.listen = addr.to_string();
-    }
+    // Which setting the address came from, for the messages about it.
+    let setting = match listen {
+        Some(addr) => {
+            if let Err(message) = switchboard::config::check_listen(&addr) {
+                eprintln!("switchboard: --listen: {message}");
+                return ExitCode::from(1);
+            }
+            config.server.listen = addr;
+            "--listen"
+        }
+        None => "server.listen",
+    };
     for w in config.warnings() {
         tracing::warn!("{w}");
     }
-    let addr: SocketAddr = match config.server.listen.parse() {
-        Ok(a) => a,
-        Err(_) => {
-            eprintln!(
-                "switchboard: server.listen `{}` is not an address",
-                config.server.listen
-            );
-            return ExitCode::from(1);
-        }
-    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -158,6 +158,7 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let config_listen = config.server.listen.clone();
     runtime.block_on(async move {
         let gateway = match Gateway::builder().config(config).build() {
             Ok(g) => g,
@@ -174,16 +175,23 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        let listener = match Gateway::bind(addr).await {
+        let listener = match bind(&config_listen, setting).await {
             Ok(l) => l,
-            Err(e) => {
-                eprintln!("switchboard: cannot listen on {addr}: {e} (is another process using the port? pass --listen ADDR)");
+            Err(message) => {
+                eprintln!("switchboard: {message}");
                 return ExitCode::from(2);
             }
         };
-        let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let shutdown = shutdown_signal();
+        let local = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         tracing::info!("switchboard listening on http://{local}");
-        match gateway.serve(listener, shutdown_signal(), Duration::from_secs(30)).await {
+        match gateway
+            .serve(listener, shutdown, Duration::from_secs(30))
+            .await
+        {
             Ok(()) => {
                 tracing::info!("switchboard stopped");
                 ExitCode::SUCCESS
@@ -196,24 +204,63 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
     })
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Resolves `listen` (HOST:PORT; `setting` is where it was given) and binds the first
+/// of its addresses that works, or says why none did and what to do.
+async fn bind(listen: &str, setting: &str) -> Result<tokio::net::TcpListener, String> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(listen)
+        .await
+        .map_err(|e| {
+            format!(
+                "{setting} `{listen}`: cannot resolve the host name ({e}); use a name this machine resolves (DNS or /etc/hosts) or an IP address, e.g. 127.0.0.1:8080"
+            )
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!(
+            "{setting} `{listen}`: the host name resolves to no address; use an IP address, e.g. 127.0.0.1:8080"
+        ));
+    }
+    let mut failures = Vec::new();
+    for addr in &addrs {
+        match Gateway::bind(*addr).await {
+            Ok(listener) => {
+                if listen.parse::<SocketAddr>().is_err() {
+                    tracing::info!("{setting} `{listen}` resolved to {addrs:?}; bound {addr}");
+                }
+                return Ok(listener);
             }
-            Err(_) => std::future::pending::<()>().await,
+            Err(e) => failures.push(format!("{addr}: {e}")),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!(
-        "shutting down: no new connections; letting in-flight requests finish (30 s at most)"
-    );
+    }
+    Err(format!(
+        "cannot listen on {setting} `{listen}` ({}); is another process using the port? pass --listen HOST:PORT or change {setting}",
+        failures.join("; ")
+    ))
+}
+
+/// Resolves on Ctrl-C or SIGTERM. SIGTERM is caught from the call on (not from the
+/// first poll), so one sent as soon as "listening" is printed is a graceful stop too.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let term = async {
+            match term {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+        tracing::info!(
+            "shutting down: no new connections; letting in-flight requests finish (30 s at most)"
+        );
+    }
 }

@@ -274,18 +274,26 @@ impl<'de> Deserialize<'de> for Money {
 /// written back with Rust's shortest round-trip formatting, which restores the
 /// original text for any decimal of up to 15 significant digits.
 fn decimal_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Num {
-        Int(i64),
-        Float(f64),
-        Text(String),
+    struct DecimalText;
+    impl serde::de::Visitor<'_> for DecimalText {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a decimal number such as 1.25 (or the text \"1.25\")")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(format!("{v}"))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
     }
-    Ok(match Num::deserialize(d)? {
-        Num::Int(i) => i.to_string(),
-        Num::Float(f) => format!("{f}"),
-        Num::Text(s) => s,
-    })
+    d.deserialize_any(DecimalText)
 }
 
 /// A price in pico-USD per token, i.e. USD per million tokens × 10⁶.

@@ -356,7 +356,8 @@ async fn keys_cli_administers_and_never_shows_a_secret() {
         }
     }
 
-    // Usage errors exit 1; a store that cannot be opened exits 2.
+    // Usage errors exit 1; a store that cannot be opened (its directory would be under
+    // a file: a missing directory is created) exits 2.
     assert_eq!(
         cli(&config, &["top-up", "key_nope", "1"]).status.code(),
         Some(1)
@@ -364,11 +365,9 @@ async fn keys_cli_administers_and_never_shows_a_secret() {
     assert_eq!(cli(&config, &["top-up", &id, "0"]).status.code(), Some(1));
     assert_eq!(cli(&config, &["create"]).status.code(), Some(1));
     let broken = dir.join("broken.toml");
-    std::fs::write(
-        &broken,
-        config_text(&dir.join("no-such-dir").join("x.db"), ""),
-    )
-    .unwrap();
+    let a_file = dir.join("a-file");
+    std::fs::write(&a_file, "not a directory").unwrap();
+    std::fs::write(&broken, config_text(&a_file.join("x.db"), "")).unwrap();
     assert_eq!(cli(&broken, &["list"]).status.code(), Some(2));
 
     // The running gateway sees CLI changes: a top-up at once, a disable within seconds.

@@ -26,6 +26,7 @@
 mod keys;
 mod models;
 mod providers;
+mod read;
 mod sections;
 
 use std::fmt;
@@ -37,8 +38,8 @@ pub use keys::{KeyConfig, MIN_SECRET_CHARS};
 pub use models::{EndpointConfig, ModelConfig, ModelType};
 pub use providers::{normalize_base_url, BaseUrl, MaxTokensField, ProviderConfig, ProviderKind};
 pub use sections::{
-    AdminConfig, HealthConfig, IdempotencyConfig, LoggingConfig, RetryConfig, ServerConfig,
-    SharedConfig, StoreConfig, SyncMode, MAX_IDEMPOTENCY_TTL_SECS,
+    check_listen, AdminConfig, HealthConfig, IdempotencyConfig, LoggingConfig, RetryConfig,
+    ServerConfig, SharedConfig, StoreConfig, SyncMode, MAX_IDEMPOTENCY_TTL_SECS,
 };
 
 /// The whole configuration file.
@@ -215,32 +216,27 @@ impl Config {
             source_name: name.to_string(),
             problems,
         };
-        let de = toml::Deserializer::parse(text).map_err(|e| {
-            fail(vec![Problem {
-                path: String::new(),
-                message: format!("not valid TOML: {}", e.to_string().trim()),
-            }])
-        })?;
-        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let message = inner.message().to_string();
-            let line = inner
-                .span()
-                .map(|s| format!(" (line {})", text[..s.start].lines().count().max(1)))
-                .unwrap_or_default();
-            fail(vec![Problem {
-                path: if path == "." { String::new() } else { path },
-                message: format!("{message}{line}"),
-            }])
-        })?;
-        config.builtin = builtin;
-        let problems = config.problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(fail(problems))
+        let (config, mut problems, removed) =
+            read::read(text).map_err(|syntax| fail(vec![syntax]))?;
+        // The semantic checks of every part that did parse, in the file's indices,
+        // without those that only follow from a part that did not.
+        if let Some(mut config) = config {
+            config.builtin = builtin;
+            problems.extend(
+                config
+                    .problems()
+                    .into_iter()
+                    .filter(|p| !removed.is_consequence(&config, p))
+                    .map(|p| Problem {
+                        path: removed.translate(&p.path),
+                        message: p.message,
+                    }),
+            );
+            if problems.is_empty() {
+                return Ok(config);
+            }
         }
+        Err(fail(problems))
     }
 
     /// Semantic checks serde cannot make; empty when the config is usable.
@@ -378,5 +374,185 @@ id = "a:b"
         ] {
             assert!(paths.contains(&want), "{want} missing from {paths:?}");
         }
+    }
+
+    /// Several type errors in several sections and array elements, and the semantic
+    /// problems of what parsed, all in one result with the file's paths.
+    #[test]
+    fn every_type_error_and_every_semantic_problem_in_one_run() {
+        let err = Config::from_toml(
+            r#"[server]
+listen = "nowhere"
+max_body_bytes = "big"
+lisen = "127.0.0.1:1"
+
+[retry]
+max_attempts = -1
+
+[[providers]]
+name = "broken"
+kind = "telepathy"
+timeout_secs = "soon"
+
+[[providers]]
+name = "m"
+kind = "mock"
+timeout_secs = 0
+
+[[models]]
+id = "a/b"
+context_length = "long"
+  [[models.endpoints]]
+  provider = "broken"
+  upstream_model = "x"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1
+  [[models.endpoints]]
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1
+  [[models.endpoints]]
+  provider = "m"
+  upstream_model = "nope"
+  prompt_usd_per_mtok = true
+  completion_usd_per_mtok = 1
+  [[models.endpoints]]
+  provider = "m"
+  upstream_model = "nope"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1
+
+[[keys]]
+secret = "short"
+credits_usd = 1
+rpm = "fast"
+models = ["a/*", 3]
+"#,
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                // Type errors, in the order serde meets them.
+                "server.max_body_bytes",
+                "server.lisen",
+                "retry.max_attempts",
+                "providers[0].kind",
+                "providers[0].timeout_secs",
+                "models[0].context_length",
+                "models[0].endpoints[1]",
+                "models[0].endpoints[2].prompt_usd_per_mtok",
+                "keys[0].rpm",
+                "keys[0].models[1]",
+                // Semantic problems of what parsed, in the file's indices.
+                "server.listen",
+                "providers[1].timeout_secs",
+                "models[0].endpoints[3].upstream_model",
+                "keys[0].secret",
+            ],
+            "{err}"
+        );
+        let message = |path: &str| {
+            let p = err.problems.iter().find(|p| p.path == path).unwrap();
+            p.message.clone()
+        };
+        assert_eq!(
+            message("server.max_body_bytes"),
+            "invalid type: string \"big\", expected a whole number, 0 or more (line 3)"
+        );
+        assert!(
+            message("server.lisen").starts_with("unknown field `lisen`, expected one of `listen`"),
+            "{err}"
+        );
+        assert!(message("server.lisen").ends_with("(line 4)"), "{err}");
+        assert!(
+            message("providers[0].kind")
+                .contains("unknown variant `telepathy`, expected one of `openai`"),
+            "{err}"
+        );
+        assert_eq!(
+            message("models[0].endpoints[1]"),
+            "missing field `provider`: add it (line 27)"
+        );
+        assert!(
+            message("models[0].endpoints[2].prompt_usd_per_mtok").contains("decimal number"),
+            "{err}"
+        );
+        // Provider `broken` did not parse: its endpoint is not also "no provider named
+        // broken"; endpoint 2's `upstream_model = "nope"` is checked at its own index.
+        assert!(!err.to_string().contains("no provider named"), "{err}");
+        assert!(
+            !paths.contains(&"models[0].endpoints[2].upstream_model"),
+            "an endpoint left out of the checks is not judged: {err}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_section_is_one_problem_and_the_rest_is_still_checked() {
+        let err =
+            Config::from_toml("[servr]\nlisten = 1\n[retry]\nmax_attempts = 0\n").unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert_eq!(err.problems[0].path, "servr");
+        assert!(
+            err.problems[0]
+                .message
+                .starts_with("unknown field `servr`, expected one of `server`"),
+            "{err}"
+        );
+        assert!(err.problems[0].message.ends_with("(line 1)"), "{err}");
+        assert_eq!(err.problems[1].path, "retry.max_attempts");
+        // A table where an array of tables belongs.
+        let err = Config::from_toml("[providers]\nname = \"x\"\n").unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].path, "providers");
+        assert!(
+            err.problems[0].message.contains("expected an array"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_required_field_does_not_cascade() {
+        let err = Config::from_toml(
+            r#"
+[[providers]]
+name = "oa"
+[[providers]]
+name = "m"
+kind = "mock"
+[[models]]
+id = "a/only-on-oa"
+  [[models.endpoints]]
+  provider = "oa"
+  upstream_model = "x"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1
+[[models]]
+id = "a/no-endpoint-parses"
+  [[models.endpoints]]
+  provider = "m"
+  upstream_model = "echo"
+[[models]]
+id = "m/e"
+  [[models.endpoints]]
+  provider = "gone"
+  upstream_model = "echo"
+  prompt_usd_per_mtok = 1
+  completion_usd_per_mtok = 1
+"#,
+        )
+        .unwrap_err();
+        let shown: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "providers[0]: missing field `kind`: add it (line 2)",
+                "models[1].endpoints[0]: missing field `prompt_usd_per_mtok`: add it (line 16)",
+                // A provider that is nowhere in the file is still a problem.
+                "models[2].endpoints[0].provider: no provider named `gone`",
+            ],
+            "{err}"
+        );
     }
 }

@@ -202,17 +202,60 @@ impl Default for IdempotencyConfig {
     }
 }
 
+/// Checks a listen address, `HOST:PORT`, without resolving it: the host is a name
+/// (`localhost`), an IPv4 address or a bracketed IPv6 address (`[::1]`), and the port a
+/// number from 0 to 65535 (0: any free port). `serve` resolves the name when it starts.
+///
+/// ```
+/// use switchboard::config::check_listen;
+///
+/// assert!(check_listen("localhost:8080").is_ok());
+/// assert!(check_listen("[::1]:0").is_ok());
+/// assert!(check_listen("localhost").unwrap_err().contains("HOST:PORT"));
+/// ```
+pub fn check_listen(addr: &str) -> Result<(), String> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let wrong = |why: &str| {
+        Err(format!(
+            "`{addr}` is not an address: {why}; write HOST:PORT, e.g. 127.0.0.1:8080, localhost:8080 or [::1]:8080"
+        ))
+    };
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return wrong("it has no port");
+    };
+    if port.parse::<u16>().is_err() {
+        return wrong(&format!(
+            "the port `{port}` is not a number from 0 to 65535"
+        ));
+    }
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return match v6.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => Ok(()),
+            Err(_) => wrong(&format!("`{v6}` is not an IPv6 address")),
+        };
+    }
+    if host.contains(':') {
+        return wrong("an IPv6 address goes in brackets");
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return wrong(&format!("`{host}` is not a host name"));
+    }
+    Ok(())
+}
+
 /// Appends the problems of the single-table sections (`[cache]` included) to `bad`, in
 /// file order.
 pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
-    if config.server.listen.parse::<SocketAddr>().is_err() {
-        bad(
-            "server.listen".into(),
-            format!(
-                "`{}` is not an address like 127.0.0.1:8080",
-                config.server.listen
-            ),
-        );
+    if let Err(message) = check_listen(&config.server.listen) {
+        bad("server.listen".into(), message);
     }
     if config.server.max_body_bytes == 0 {
         bad("server.max_body_bytes".into(), "must be at least 1".into());
@@ -442,5 +485,37 @@ mod tests {
             err.to_string().contains("jsonl:PATH, postgres, none"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn listen_takes_host_names_ipv4_and_bracketed_ipv6() {
+        for ok in [
+            "127.0.0.1:8080",
+            "0.0.0.0:0",
+            "localhost:8080",
+            "gateway.internal:443",
+            "[::1]:8080",
+            "[::]:0",
+        ] {
+            let c = Config::from_toml(&format!("[server]\nlisten = \"{ok}\"\n"));
+            assert!(c.is_ok(), "{ok}: {:?}", c.err().map(|e| e.to_string()));
+        }
+        for bad in [
+            "localhost",
+            "localhost:http",
+            "localhost:65536",
+            "::1:8080",
+            "[nope]:80",
+            ":8080",
+            "a b:80",
+        ] {
+            let err = Config::from_toml(&format!("[server]\nlisten = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(err.problems.len(), 1, "{bad}: {err}");
+            assert_eq!(err.problems[0].path, "server.listen", "{bad}");
+            assert!(
+                err.problems[0].message.contains("HOST:PORT"),
+                "{bad}: {err}"
+            );
+        }
     }
 }

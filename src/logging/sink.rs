@@ -408,6 +408,24 @@ pub fn open_sink(config: &Config) -> io::Result<Option<Box<dyn LogSink>>> {
     ))
 }
 
+/// Creates the missing directories above a request log file (mode 0700, as the
+/// store's); the error names the log, its directory and what to do.
+pub(super) fn create_log_dir(path: &Path) -> io::Result<()> {
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    crate::store::create_private_dir_all(dir).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot create the directory `{}` of the request log {}: {e}; create it yourself, or set [logging].sink to a path in a directory this user can write",
+                dir.display(),
+                path.display()
+            ),
+        )
+    })
+}
+
 /// Appends one JSON object per line ([`RequestRecord`]'s fields) to a file.
 #[derive(Debug)]
 pub struct JsonlSink {
@@ -417,6 +435,7 @@ pub struct JsonlSink {
 impl JsonlSink {
     /// Opens (creating, appending to) `path`.
     pub fn open(path: &Path) -> io::Result<JsonlSink> {
+        create_log_dir(path)?;
         let file = crate::store::private_file_options()
             .create(true)
             .append(true)

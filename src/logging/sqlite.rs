@@ -100,6 +100,7 @@ fn sql_err(e: rusqlite::Error) -> io::Error {
 impl SqliteSink {
     /// Opens (creating) the log database at `path`.
     pub fn open(path: &Path) -> io::Result<SqliteSink> {
+        super::sink::create_log_dir(path)?;
         // Created here, mode 0600, so that SQLite's -wal and -shm take the same mode.
         crate::store::create_private(path).map_err(|e| {
             io::Error::new(

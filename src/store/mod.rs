@@ -156,6 +156,38 @@ pub(crate) fn private_file_options() -> std::fs::OpenOptions {
     o
 }
 
+/// Creates the directory `dir` and those above it that are missing, readable by
+/// their owner only (mode 0700 on Unix), like the files the store keeps in them.
+pub(crate) fn create_private_dir_all(dir: &std::path::Path) -> std::io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+}
+
+/// Creates the directory of a SQLite store (`[store].url = "sqlite://DIR/FILE"`) if it
+/// is missing (mode 0700); nothing to do for other stores. The error names the setting
+/// and what to do about it.
+pub fn create_store_dir(config: &crate::config::StoreConfig) -> Result<(), StoreError> {
+    let Some(path) = config.url.strip_prefix("sqlite://") else {
+        return Ok(());
+    };
+    let Some(dir) = std::path::Path::new(path).parent() else {
+        return Ok(());
+    };
+    create_private_dir_all(dir).map_err(|e| {
+        StoreError(format!(
+            "cannot create the directory `{}` of store.url `{}`: {e}; create it yourself, or set [store].url to a file in a directory this user can write",
+            dir.display(),
+            config.url
+        ))
+    })
+}
+
 /// Creates `path` empty, mode 0600, unless it exists: SQLite then opens it as it is,
 /// and gives its `-wal` and `-shm` files the same mode.
 pub(crate) fn create_private(path: &std::path::Path) -> std::io::Result<()> {

@@ -154,6 +154,7 @@ impl SqliteStore {
     /// Opens (creating on first start) the store `config.url` names.
     pub fn open(config: &StoreConfig) -> Result<Arc<SqliteStore>, StoreError> {
         let (path, temporary) = store_path(&config.url)?;
+        super::create_store_dir(config)?;
         let sync = config.sync;
         // Created here, mode 0600, so that SQLite's own files (-wal, -shm) take the
         // same mode; the journal's files are created 0600 too.
