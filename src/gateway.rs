@@ -48,6 +48,7 @@ use crate::auth::AuthLayer;
 use crate::catalog::{Catalog, Model};
 use crate::config::Config;
 use crate::credit::CreditLayer;
+use crate::drain::{Drain, DrainLayer};
 use crate::error::{Body, GatewayError};
 use crate::fallback::FallbackLayer;
 use crate::health::{HealthFilterLayer, HealthRegistry, InMemoryHealth, RedisHealth};
@@ -230,6 +231,8 @@ impl GatewayBuilder {
             .max_body_bytes(config.server.max_body_bytes as usize)
             .body_timeout(Duration::from_secs(config.server.request_timeout_secs));
 
+        // Tripped by `serve` when `[server].shutdown_grace_secs` runs out.
+        let drain = Drain::new();
         // The typed tier, outermost first.
         let typed = ServiceBuilder::new()
             // 1. Route: model id (+ `models`, variants, allow-list) → candidate endpoints.
@@ -256,7 +259,12 @@ impl GatewayBuilder {
             //    caps each cost at credit's reservation; an upstream whose usage goes
             //    past it counts as a failure in the shared health registry.
             .layer(MeteringLayer::new().health(health.clone()))
-            // 6. The provider client: adapters over one pooled HTTP client.
+            // 6. Drain: when the shutdown grace runs out (`Gateway::serve`), what still
+            //    waits on an upstream fails with `server_shutting_down`. Under
+            //    metering, so such a cut is an upstream-side failure: charged for what
+            //    was delivered, settled, and ended with the dialect's mid-stream error.
+            .layer(DrainLayer::new(drain.clone()))
+            // 7. The provider client: adapters over one pooled HTTP client.
             .service(client);
 
         // The HTTP tier, outermost first.
@@ -308,6 +316,7 @@ impl GatewayBuilder {
             catalog,
             chat: BoxCloneSyncService::new(chat),
             logs,
+            drain,
             _follows_changes: follows_changes,
             accounts: AccountState {
                 keys,
@@ -357,6 +366,8 @@ pub struct Gateway {
     catalog: Arc<Catalog>,
     chat: ChatService,
     logs: LogWriter,
+    /// Tripped when the shutdown grace runs out (see [`Gateway::serve`]).
+    drain: Drain,
     /// What the key-change thread holds weakly (see `forget_on_change`).
     _follows_changes: Option<Arc<AuthLayer>>,
     accounts: AccountState,
@@ -397,6 +408,14 @@ impl Gateway {
     /// The ledger.
     pub fn ledger(&self) -> &Arc<dyn Ledger> {
         &self.accounts.ledger
+    }
+
+    /// The drain of this gateway's stack: [`Drain::expire`] ends every request still
+    /// waiting on an upstream with `server_shutting_down` (what [`Gateway::serve`]
+    /// does when its grace runs out; for those who serve [`Gateway::router`] with a
+    /// server of their own).
+    pub fn drain(&self) -> &Drain {
+        &self.drain
     }
 
     /// The chat-completions service alone (HTTP tier), to mount anywhere.
@@ -454,13 +473,19 @@ impl Gateway {
             .route_layer(self.accounts.auth.clone())
     }
 
-    /// Serves [`Gateway::router`] on `listener` until `shutdown` resolves, then lets
-    /// in-flight requests (streams included) finish for up to `drain`.
+    /// Serves [`Gateway::router`] on `listener` until `shutdown` resolves, then stops
+    /// accepting and lets in-flight requests (streams included) finish for up to
+    /// `grace` (`[server].shutdown_grace_secs`). When the grace runs out, every
+    /// request still waiting on an upstream is ended through the [`Drain`]: a started
+    /// stream with its dialect's mid-stream error (`server_shutting_down`, charged
+    /// for what it delivered), any other with a 503. Once the connections have
+    /// closed (at most [`LAST_WORDS`] later), the ledger and the request log are
+    /// flushed and it returns.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
-        drain: Duration,
+        grace: Duration,
     ) -> std::io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         // `with_state` once, here: axum's own `serve` re-runs it for every accepted
@@ -479,14 +504,26 @@ impl Gateway {
             let _ = tx.send(());
         });
         tokio::pin!(server);
-        tokio::select! {
-            () = &mut server => {}
-            _ = async { let _ = rx.await; tokio::time::sleep(drain).await } => {
-                tracing::warn!("in-flight requests did not finish within {}s; stopping", drain.as_secs());
+        let finished = tokio::select! {
+            () = &mut server => true,
+            _ = async { let _ = rx.await; tokio::time::sleep(grace).await } => false,
+        };
+        if !finished {
+            tracing::warn!(
+                "in-flight requests did not finish within {} s ([server].shutdown_grace_secs); ending them with server_shutting_down",
+                grace.as_secs()
+            );
+            self.drain.expire();
+            // Each cut request settles its charge, sends its last event and ends.
+            if tokio::time::timeout(LAST_WORDS, &mut server).await.is_err() {
+                tracing::warn!(
+                    "some connections were still open {} s after the grace ran out (clients not reading); closing them",
+                    LAST_WORDS.as_secs()
+                );
             }
         }
-        // Settlements sent without waiting (cut streams) are committed before exit,
-        // then the request records still queued are written out.
+        // Settlements sent without waiting (streams cut by their clients) are
+        // committed before exit, then the request records still queued are written out.
         ledger.flush().await;
         let _ = tokio::task::spawn_blocking(move || logs.flush(Duration::from_secs(5))).await;
         Ok(())
@@ -497,6 +534,10 @@ impl Gateway {
         TcpListener::bind(addr).await
     }
 }
+
+/// How long [`Gateway::serve`] waits, after the shutdown grace ran out, for the cut
+/// requests to send their last events and their connections to close.
+pub const LAST_WORDS: Duration = Duration::from_secs(5);
 
 /// What one client connection may cost (`[server]` settings).
 #[derive(Debug, Clone, Copy)]

@@ -26,6 +26,7 @@ pub mod clock;
 pub mod config;
 pub mod context;
 pub mod credit;
+pub mod drain;
 pub mod error;
 pub mod fallback;
 #[cfg(feature = "fuzzing")]

@@ -37,8 +37,9 @@ pub use keys::{KeyConfig, MIN_SECRET_CHARS};
 pub use models::{EndpointConfig, ModelConfig, ModelType};
 pub use providers::{ProviderConfig, ProviderKind};
 pub use sections::{
-    AdminConfig, HealthConfig, IdempotencyConfig, LoggingConfig, RetryConfig, ServerConfig,
-    SharedConfig, StoreConfig, SyncMode, MAX_IDEMPOTENCY_TTL_SECS,
+    AdminConfig, HealthConfig, IdempotencyConfig, LogFormat, LoggingConfig, RetryConfig,
+    ServerConfig, SharedConfig, StoreConfig, SyncMode, MAX_IDEMPOTENCY_TTL_SECS,
+    MAX_SHUTDOWN_GRACE_SECS,
 };
 
 /// The whole configuration file.
