@@ -433,9 +433,16 @@ impl Gateway {
             .route("/responses", post_service(self.chat.clone()))
             .route("/embeddings", post_service(self.chat.clone()))
             .merge(self.count_tokens_route())
-            .route("/models", get(list_models))
-            .route("/models/{*id}", get(get_model))
             .with_state(self.catalog.clone())
+            .merge(
+                Router::new()
+                    .route("/models", get(list_models))
+                    .route("/models/{*id}", get(get_model))
+                    .with_state(ModelsState {
+                        catalog: self.catalog.clone(),
+                        auth: self.accounts.auth.clone(),
+                    }),
+            )
             .merge(crate::accounts::client_routes(self.accounts.clone()));
         Router::new()
             .nest("/v1", v1.clone())
@@ -878,23 +885,77 @@ pub fn model_json(m: &Model) -> Value {
     })
 }
 
-async fn list_models(State(catalog): State<Arc<Catalog>>) -> axum::Json<Value> {
-    let data: Vec<Value> = catalog.models().iter().map(|m| model_json(m)).collect();
-    axum::Json(json!({"object": "list", "data": data}))
+/// What `/v1/models` reads: the catalog, and the auth cache for an optional key.
+#[derive(Clone)]
+struct ModelsState {
+    catalog: Arc<Catalog>,
+    auth: AuthLayer,
 }
 
-async fn get_model(State(catalog): State<Arc<Catalog>>, Path(id): Path<String>) -> Response<Body> {
-    match catalog.model(&id) {
-        Some(m) => {
-            let mut res = Response::new(Body::from(model_json(m).to_string()));
-            res.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            res
-        }
+/// The key a `/v1/models` request comes with: `None` without one (the whole catalog
+/// is public, as on OpenRouter), its record when valid, else the error of any other
+/// client route (401 unknown or expired, 403 disabled): a client that sends a wrong
+/// key learns it here too.
+async fn models_key(
+    state: &ModelsState,
+    headers: &http::HeaderMap,
+) -> Result<Option<Arc<crate::keys::KeyRecord>>, GatewayError> {
+    match crate::auth::secret_of(headers) {
+        None => Ok(None),
+        Some(secret) => state.auth.authenticate(Some(secret)).await.map(Some),
+    }
+}
+
+/// `GET /v1/models`: the whole catalog, or with a key only the models its
+/// allow-list permits.
+async fn list_models(State(state): State<ModelsState>, headers: http::HeaderMap) -> Response<Body> {
+    let key = match models_key(&state, &headers).await {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let data: Vec<Value> = state
+        .catalog
+        .models()
+        .iter()
+        .filter(|m| key.as_ref().is_none_or(|k| k.allows_model(&m.id)))
+        .map(|m| model_json(m))
+        .collect();
+    json_ok(&json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/models/{id}`: one model; with a key whose allow-list leaves it out,
+/// 403 `forbidden`, as a chat request for it would get (the catalog is public
+/// without a key, so there is nothing to hide by answering 404).
+async fn get_model(
+    State(state): State<ModelsState>,
+    Path(id): Path<String>,
+    headers: http::HeaderMap,
+) -> Response<Body> {
+    let key = match models_key(&state, &headers).await {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    match state.catalog.model(&id) {
+        Some(m) => match key {
+            Some(k) if !k.allows_model(&m.id) => GatewayError::Forbidden(format!(
+                "key `{}` may not use model `{id}` (its allow-list, `models`, leaves it out)",
+                k.name
+            ))
+            .into_response(),
+            _ => json_ok(&model_json(m)),
+        },
         None => GatewayError::ModelNotFound(format!("no model `{id}`")).into_response(),
     }
+}
+
+/// A 200 `application/json` response.
+fn json_ok(v: &Value) -> Response<Body> {
+    let mut res = Response::new(Body::from(v.to_string()));
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    res
 }
 
 /// `StatusCode` re-export for handlers.

@@ -1,12 +1,13 @@
 //! The `switchboard` binary: parse the CLI, load the config, build the gateway, serve.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use switchboard::config::Config;
+use switchboard::config::{Config, LogFormat};
 use switchboard::Gateway;
 
 mod keys_cli;
@@ -79,10 +80,8 @@ fn load(path: Option<PathBuf>, demo_ok: bool) -> Result<Config, ExitCode> {
     let path = match path {
         Some(p) => p,
         None if default.exists() => default,
-        None if demo_ok => {
-            eprintln!("switchboard: no --config and no ./switchboard.toml: starting the built-in demo (provider `mock`, models mock/echo, mock/lorem and mock/embed, key sk-demo with $1 of credit, store ./switchboard.db)");
-            return Ok(Config::demo());
-        }
+        // `serve` says so once its log is set up (in the log format asked for).
+        None if demo_ok => return Ok(Config::demo()),
         None => {
             eprintln!(
                 "switchboard: no --config given and no ./switchboard.toml here; pass --config FILE"
@@ -123,18 +122,67 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
-    tracing_subscriber::fmt()
+/// The notice of `serve` without a config.
+const DEMO_NOTICE: &str = "switchboard: no --config and no ./switchboard.toml: starting the built-in demo (provider `mock`, models mock/echo, mock/lorem and mock/embed, key sk-demo with $1 of credit, store ./switchboard.db)";
+
+/// The environment variable that overrides `[server].log_format`.
+const LOG_FORMAT_ENV: &str = "SWITCHBOARD_LOG_FORMAT";
+
+/// Sets up the log on stderr: `RUST_LOG` filters (default `info`); `format` is
+/// `[server].log_format` unless `SWITCHBOARD_LOG_FORMAT` says otherwise. Text has
+/// ANSI colours only when stderr is a terminal; JSON is one object per line.
+fn init_logs(format: LogFormat) -> Result<LogFormat, ExitCode> {
+    let format = match std::env::var(LOG_FORMAT_ENV) {
+        Ok(v) if !v.trim().is_empty() => {
+            match v.parse::<LogFormat>() {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("switchboard: {LOG_FORMAT_ENV}: {e} (or unset it to use [server].log_format)");
+                    return Err(ExitCode::from(1));
+                }
+            }
+        }
+        _ => format,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_ansi(false)
+            .init(),
+    }
+    Ok(format)
+}
+
+fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
+    let demo = path.is_none() && !PathBuf::from("switchboard.toml").exists();
     let mut config = match load(path, true) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let json = match init_logs(config.server.log_format) {
+        Ok(f) => f == LogFormat::Json,
+        Err(code) => return code,
+    };
+    // What stops the server: a plain line for people, a log object for collectors.
+    let fail = |message: String, code: u8| {
+        if json {
+            tracing::error!("{message}");
+        } else {
+            eprintln!("{message}");
+        }
+        ExitCode::from(code)
+    };
+    if demo {
+        tracing::info!("{DEMO_NOTICE}");
+    }
     if let Some(addr) = listen {
         config.server.listen = addr.to_string();
     }
@@ -144,19 +192,19 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
     let addr: SocketAddr = match config.server.listen.parse() {
         Ok(a) => a,
         Err(_) => {
-            eprintln!(
-                "switchboard: server.listen `{}` is not an address",
-                config.server.listen
+            return fail(
+                format!(
+                    "switchboard: server.listen `{}` is not an address",
+                    config.server.listen
+                ),
+                1,
             );
-            return ExitCode::from(1);
         }
     };
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("switchboard: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(format!("switchboard: cannot start the runtime: {e}"), 2),
     };
     runtime.block_on(async move {
         let gateway = match Gateway::builder().config(config).build() {
@@ -165,39 +213,27 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
             Err(
                 e @ (switchboard::gateway::BuildError::Store(_)
                 | switchboard::gateway::BuildError::Logging(_)),
-            ) => {
-                eprintln!("switchboard: {e}");
-                return ExitCode::from(2);
-            }
-            Err(e) => {
-                eprintln!("switchboard: {e}");
-                return ExitCode::from(1);
-            }
+            ) => return fail(format!("switchboard: {e}"), 2),
+            Err(e) => return fail(format!("switchboard: {e}"), 1),
         };
         let listener = match Gateway::bind(addr).await {
             Ok(l) => l,
-            Err(e) => {
-                eprintln!("switchboard: cannot listen on {addr}: {e} (is another process using the port? pass --listen ADDR)");
-                return ExitCode::from(2);
-            }
+            Err(e) => return fail(format!("switchboard: cannot listen on {addr}: {e} (is another process using the port? pass --listen ADDR)"), 2),
         };
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!("switchboard listening on http://{local}");
-        match gateway.serve(listener, shutdown_signal(), Duration::from_secs(30)).await {
+        match gateway.serve(listener, shutdown_signal(grace), grace).await {
             Ok(()) => {
                 tracing::info!("switchboard stopped");
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("switchboard: server failed: {e}");
-                ExitCode::from(2)
-            }
+            Err(e) => fail(format!("switchboard: server failed: {e}"), 2),
         }
     })
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+/// Resolves on Ctrl-C or SIGTERM; `grace` is `[server].shutdown_grace_secs`.
+async fn shutdown_signal(grace: Duration) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -214,6 +250,7 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!(
-        "shutting down: no new connections; letting in-flight requests finish (30 s at most)"
+        "shutting down: no new connections; letting in-flight requests finish ({} s at most, [server].shutdown_grace_secs)",
+        grace.as_secs()
     );
 }
