@@ -8,7 +8,7 @@
 //! ```text
 //! HTTP tier  (Service<http::Request<B>>)   logging → auth → rate_limit → cache → normalize
 //! typed tier (Service<ChatCall>)           route → health → credit → fallback
-//! provider   (Service<ProviderCall>)       metering → providers::ProviderClient
+//! provider   (Service<ProviderCall>)       metering → drain → providers::ProviderClient
 //! ```
 //!
 //! See `ARCHITECTURE.md` for the whole picture and `README.md` for use.
