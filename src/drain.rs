@@ -328,7 +328,7 @@ mod tests {
                     futures_util::stream::iter(0..n)
                         .then(|i| async move {
                             tokio::time::sleep(Duration::from_secs(1)).await;
-                            Ok(ChatChunk::text(&format!("w{i} ")))
+                            Ok(ChatChunk::text(format!("w{i} ")))
                         })
                         .chain(futures_util::stream::pending()),
                 );

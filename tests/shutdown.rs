@@ -247,7 +247,8 @@ async fn when_the_grace_runs_out_every_open_stream_gets_its_error_and_is_charged
 
 /// `switchboard serve --config FILE --listen 127.0.0.1:0` with `env`; returns the
 /// child, its address and the stderr lines up to the listening line, and a
-/// receiver of the lines after it.
+/// receiver of the lines after it. Callers wait for the child with `wait_exit`.
+#[allow(clippy::zombie_processes)]
 fn serve(
     config: &std::path::Path,
     env: &[(&str, &str)],
