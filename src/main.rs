@@ -220,9 +220,10 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
             Ok(l) => l,
             Err(e) => return fail(format!("switchboard: cannot listen on {addr}: {e} (is another process using the port? pass --listen ADDR)"), 2),
         };
+        let shutdown = shutdown_signal(grace);
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!("switchboard listening on http://{local}");
-        match gateway.serve(listener, shutdown_signal(grace), grace).await {
+        match gateway.serve(listener, shutdown, grace).await {
             Ok(()) => {
                 tracing::info!("switchboard stopped");
                 ExitCode::SUCCESS
@@ -232,25 +233,40 @@ fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
     })
 }
 
-/// Resolves on Ctrl-C or SIGTERM; `grace` is `[server].shutdown_grace_secs`.
-async fn shutdown_signal(grace: Duration) {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Listens for Ctrl-C and SIGTERM from now on, and resolves on either; `grace` is
+/// `[server].shutdown_grace_secs`. Called (in the runtime) before the listening line
+/// is logged: a signal sent as soon as it is seen must start the drain, not meet the
+/// default action (death, exit status 143).
+fn shutdown_signal(grace: Duration) -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        [
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ]
+        .map(Result::ok)
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!(
-        "shutting down: no new connections; letting in-flight requests finish ({} s at most, [server].shutdown_grace_secs)",
-        grace.as_secs()
-    );
+    async move {
+        #[cfg(unix)]
+        {
+            let [term, int] = signals.map(|s| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            });
+            tokio::select! { _ = term => {}, _ = int => {} }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!(
+            "shutting down: no new connections; letting in-flight requests finish ({} s at most, [server].shutdown_grace_secs)",
+            grace.as_secs()
+        );
+    }
 }
