@@ -102,6 +102,11 @@ pub enum GatewayError {
     /// 422: an `Idempotency-Key` used again with a different request (SPEC §8.2).
     #[error("{0}")]
     IdempotencyKeyReused(String),
+    /// 503: the gateway is stopping and `[server].shutdown_grace_secs` ran out before
+    /// this request finished ([`crate::drain`]); a stream gets it as its mid-stream
+    /// error. Not in SPEC §3.2's table (`server_shutting_down`).
+    #[error("{0}")]
+    ShuttingDown(String),
 }
 
 impl GatewayError {
@@ -126,6 +131,7 @@ impl GatewayError {
             Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             IdempotencyKeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -158,6 +164,7 @@ impl GatewayError {
             Overloaded(_) => "overloaded",
             StoreUnavailable(_) => "store_unavailable",
             IdempotencyKeyReused(_) => "idempotency_key_reused",
+            ShuttingDown(_) => "server_shutting_down",
         }
     }
 

@@ -48,6 +48,7 @@ use crate::auth::AuthLayer;
 use crate::catalog::{Catalog, Model};
 use crate::config::Config;
 use crate::credit::CreditLayer;
+use crate::drain::{Drain, DrainLayer};
 use crate::error::{Body, GatewayError};
 use crate::fallback::FallbackLayer;
 use crate::health::{HealthFilterLayer, HealthRegistry, InMemoryHealth, RedisHealth};
@@ -235,6 +236,8 @@ impl GatewayBuilder {
             .max_body_bytes(config.server.max_body_bytes as usize)
             .body_timeout(Duration::from_secs(config.server.request_timeout_secs));
 
+        // Tripped by `serve` when `[server].shutdown_grace_secs` runs out.
+        let drain = Drain::new();
         // The typed tier, outermost first.
         let typed = ServiceBuilder::new()
             // 1. Route: model id (+ `models`, variants, allow-list) → candidate endpoints.
@@ -261,7 +264,12 @@ impl GatewayBuilder {
             //    caps each cost at credit's reservation; an upstream whose usage goes
             //    past it counts as a failure in the shared health registry.
             .layer(MeteringLayer::new().health(health.clone()))
-            // 6. The provider client: adapters over one pooled HTTP client.
+            // 6. Drain: when the shutdown grace runs out (`Gateway::serve`), what still
+            //    waits on an upstream fails with `server_shutting_down`. Under
+            //    metering, so such a cut is an upstream-side failure: charged for what
+            //    was delivered, settled, and ended with the dialect's mid-stream error.
+            .layer(DrainLayer::new(drain.clone()))
+            // 7. The provider client: adapters over one pooled HTTP client.
             .service(client);
 
         // The HTTP tier, outermost first.
@@ -313,6 +321,7 @@ impl GatewayBuilder {
             catalog,
             chat: BoxCloneSyncService::new(chat),
             logs,
+            drain,
             _follows_changes: follows_changes,
             accounts: AccountState {
                 keys,
@@ -362,6 +371,8 @@ pub struct Gateway {
     catalog: Arc<Catalog>,
     chat: ChatService,
     logs: LogWriter,
+    /// Tripped when the shutdown grace runs out (see [`Gateway::serve`]).
+    drain: Drain,
     /// What the key-change thread holds weakly (see `forget_on_change`).
     _follows_changes: Option<Arc<AuthLayer>>,
     accounts: AccountState,
@@ -404,6 +415,14 @@ impl Gateway {
         &self.accounts.ledger
     }
 
+    /// The drain of this gateway's stack: [`Drain::expire`] ends every request still
+    /// waiting on an upstream with `server_shutting_down` (what [`Gateway::serve`]
+    /// does when its grace runs out; for those who serve [`Gateway::router`] with a
+    /// server of their own).
+    pub fn drain(&self) -> &Drain {
+        &self.drain
+    }
+
     /// The chat-completions service alone (HTTP tier), to mount anywhere.
     pub fn chat_service(&self) -> ChatService {
         self.chat.clone()
@@ -420,9 +439,16 @@ impl Gateway {
             .route("/embeddings", post_service(self.chat.clone()))
             .route("/completions", post_service(self.chat.clone()))
             .merge(self.count_tokens_route())
-            .route("/models", get(list_models))
-            .route("/models/{*id}", get(get_model))
             .with_state(self.catalog.clone())
+            .merge(
+                Router::new()
+                    .route("/models", get(list_models))
+                    .route("/models/{*id}", get(get_model))
+                    .with_state(ModelsState {
+                        catalog: self.catalog.clone(),
+                        auth: self.accounts.auth.clone(),
+                    }),
+            )
             .merge(crate::accounts::client_routes(self.accounts.clone()));
         Router::new()
             .nest("/v1", v1.clone())
@@ -460,13 +486,19 @@ impl Gateway {
             .route_layer(self.accounts.auth.clone())
     }
 
-    /// Serves [`Gateway::router`] on `listener` until `shutdown` resolves, then lets
-    /// in-flight requests (streams included) finish for up to `drain`.
+    /// Serves [`Gateway::router`] on `listener` until `shutdown` resolves, then stops
+    /// accepting and lets in-flight requests (streams included) finish for up to
+    /// `grace` (`[server].shutdown_grace_secs`). When the grace runs out, every
+    /// request still waiting on an upstream is ended through the [`Drain`]: a started
+    /// stream with its dialect's mid-stream error (`server_shutting_down`, charged
+    /// for what it delivered), any other with a 503. Once the connections have
+    /// closed (at most [`LAST_WORDS`] later), the ledger and the request log are
+    /// flushed and it returns.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
-        drain: Duration,
+        grace: Duration,
     ) -> std::io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         // `with_state` once, here: axum's own `serve` re-runs it for every accepted
@@ -485,14 +517,26 @@ impl Gateway {
             let _ = tx.send(());
         });
         tokio::pin!(server);
-        tokio::select! {
-            () = &mut server => {}
-            _ = async { let _ = rx.await; tokio::time::sleep(drain).await } => {
-                tracing::warn!("in-flight requests did not finish within {}s; stopping", drain.as_secs());
+        let finished = tokio::select! {
+            () = &mut server => true,
+            _ = async { let _ = rx.await; tokio::time::sleep(grace).await } => false,
+        };
+        if !finished {
+            tracing::warn!(
+                "in-flight requests did not finish within {} s ([server].shutdown_grace_secs); ending them with server_shutting_down",
+                grace.as_secs()
+            );
+            self.drain.expire();
+            // Each cut request settles its charge, sends its last event and ends.
+            if tokio::time::timeout(LAST_WORDS, &mut server).await.is_err() {
+                tracing::warn!(
+                    "some connections were still open {} s after the grace ran out (clients not reading); closing them",
+                    LAST_WORDS.as_secs()
+                );
             }
         }
-        // Settlements sent without waiting (cut streams) are committed before exit,
-        // then the request records still queued are written out.
+        // Settlements sent without waiting (streams cut by their clients) are
+        // committed before exit, then the request records still queued are written out.
         ledger.flush().await;
         let _ = tokio::task::spawn_blocking(move || logs.flush(Duration::from_secs(5))).await;
         Ok(())
@@ -503,6 +547,10 @@ impl Gateway {
         TcpListener::bind(addr).await
     }
 }
+
+/// How long [`Gateway::serve`] waits, after the shutdown grace ran out, for the cut
+/// requests to send their last events and their connections to close.
+pub const LAST_WORDS: Duration = Duration::from_secs(5);
 
 /// What one client connection may cost (`[server]` settings).
 #[derive(Debug, Clone, Copy)]
@@ -843,23 +891,77 @@ pub fn model_json(m: &Model) -> Value {
     })
 }
 
-async fn list_models(State(catalog): State<Arc<Catalog>>) -> axum::Json<Value> {
-    let data: Vec<Value> = catalog.models().iter().map(|m| model_json(m)).collect();
-    axum::Json(json!({"object": "list", "data": data}))
+/// What `/v1/models` reads: the catalog, and the auth cache for an optional key.
+#[derive(Clone)]
+struct ModelsState {
+    catalog: Arc<Catalog>,
+    auth: AuthLayer,
 }
 
-async fn get_model(State(catalog): State<Arc<Catalog>>, Path(id): Path<String>) -> Response<Body> {
-    match catalog.model(&id) {
-        Some(m) => {
-            let mut res = Response::new(Body::from(model_json(m).to_string()));
-            res.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            res
-        }
+/// The key a `/v1/models` request comes with: `None` without one (the whole catalog
+/// is public, as on OpenRouter), its record when valid, else the error of any other
+/// client route (401 unknown or expired, 403 disabled): a client that sends a wrong
+/// key learns it here too.
+async fn models_key(
+    state: &ModelsState,
+    headers: &http::HeaderMap,
+) -> Result<Option<Arc<crate::keys::KeyRecord>>, GatewayError> {
+    match crate::auth::secret_of(headers) {
+        None => Ok(None),
+        Some(secret) => state.auth.authenticate(Some(secret)).await.map(Some),
+    }
+}
+
+/// `GET /v1/models`: the whole catalog, or with a key only the models its
+/// allow-list permits.
+async fn list_models(State(state): State<ModelsState>, headers: http::HeaderMap) -> Response<Body> {
+    let key = match models_key(&state, &headers).await {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let data: Vec<Value> = state
+        .catalog
+        .models()
+        .iter()
+        .filter(|m| key.as_ref().is_none_or(|k| k.allows_model(&m.id)))
+        .map(|m| model_json(m))
+        .collect();
+    json_ok(&json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/models/{id}`: one model; with a key whose allow-list leaves it out,
+/// 403 `forbidden`, as a chat request for it would get (the catalog is public
+/// without a key, so there is nothing to hide by answering 404).
+async fn get_model(
+    State(state): State<ModelsState>,
+    Path(id): Path<String>,
+    headers: http::HeaderMap,
+) -> Response<Body> {
+    let key = match models_key(&state, &headers).await {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    match state.catalog.model(&id) {
+        Some(m) => match key {
+            Some(k) if !k.allows_model(&m.id) => GatewayError::Forbidden(format!(
+                "key `{}` may not use model `{id}` (its allow-list, `models`, leaves it out)",
+                k.name
+            ))
+            .into_response(),
+            _ => json_ok(&model_json(m)),
+        },
         None => GatewayError::ModelNotFound(format!("no model `{id}`")).into_response(),
     }
+}
+
+/// A 200 `application/json` response.
+fn json_ok(v: &Value) -> Response<Body> {
+    let mut res = Response::new(Body::from(v.to_string()));
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    res
 }
 
 /// `StatusCode` re-export for handlers.

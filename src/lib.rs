@@ -8,7 +8,7 @@
 //! ```text
 //! HTTP tier  (Service<http::Request<B>>)   logging → auth → rate_limit → cache → normalize
 //! typed tier (Service<ChatCall>)           route → health → credit → fallback
-//! provider   (Service<ProviderCall>)       metering → providers::ProviderClient
+//! provider   (Service<ProviderCall>)       metering → drain → providers::ProviderClient
 //! ```
 //!
 //! See `ARCHITECTURE.md` for the whole picture and `README.md` for use.
@@ -26,6 +26,7 @@ pub mod clock;
 pub mod config;
 pub mod context;
 pub mod credit;
+pub mod drain;
 pub mod error;
 pub mod fallback;
 #[cfg(feature = "fuzzing")]

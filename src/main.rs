@@ -1,12 +1,13 @@
 //! The `switchboard` binary: parse the CLI, load the config, build the gateway, serve.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use switchboard::config::Config;
+use switchboard::config::{Config, LogFormat};
 use switchboard::Gateway;
 
 mod keys_cli;
@@ -80,10 +81,8 @@ fn load(path: Option<PathBuf>, demo_ok: bool) -> Result<Config, ExitCode> {
     let path = match path {
         Some(p) => p,
         None if default.exists() => default,
-        None if demo_ok => {
-            eprintln!("switchboard: no --config and no ./switchboard.toml: starting the built-in demo (provider `mock`, models mock/echo, mock/lorem and mock/embed, key sk-demo with $1 of credit, store ./switchboard.db)");
-            return Ok(Config::demo());
-        }
+        // `serve` says so once its log is set up (in the log format asked for).
+        None if demo_ok => return Ok(Config::demo()),
         None => {
             eprintln!(
                 "switchboard: no --config given and no ./switchboard.toml here; pass --config FILE"
@@ -124,24 +123,72 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
-    tracing_subscriber::fmt()
+/// The notice of `serve` without a config.
+const DEMO_NOTICE: &str = "switchboard: no --config and no ./switchboard.toml: starting the built-in demo (provider `mock`, models mock/echo, mock/lorem and mock/embed, key sk-demo with $1 of credit, store ./switchboard.db)";
+
+/// The environment variable that overrides `[server].log_format`.
+const LOG_FORMAT_ENV: &str = "SWITCHBOARD_LOG_FORMAT";
+
+/// Sets up the log on stderr: `RUST_LOG` filters (default `info`); `format` is
+/// `[server].log_format` unless `SWITCHBOARD_LOG_FORMAT` says otherwise. Text has
+/// ANSI colours only when stderr is a terminal; JSON is one object per line.
+fn init_logs(format: LogFormat) -> Result<LogFormat, ExitCode> {
+    let format = match std::env::var(LOG_FORMAT_ENV) {
+        Ok(v) if !v.trim().is_empty() => {
+            match v.parse::<LogFormat>() {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("switchboard: {LOG_FORMAT_ENV}: {e} (or unset it to use [server].log_format)");
+                    return Err(ExitCode::from(1));
+                }
+            }
+        }
+        _ => format,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_ansi(false)
+            .init(),
+    }
+    Ok(format)
+}
+
+fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
+    let demo = path.is_none() && !PathBuf::from("switchboard.toml").exists();
     let mut config = match load(path, true) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let json = match init_logs(config.server.log_format) {
+        Ok(f) => f == LogFormat::Json,
+        Err(code) => return code,
+    };
+    // What stops the server: a plain line for people, a log object for collectors.
+    let fail = |message: String, code: u8| {
+        if json {
+            tracing::error!("{message}");
+        } else {
+            eprintln!("{message}");
+        }
+        ExitCode::from(code)
+    };
+    if demo {
+        tracing::info!("{DEMO_NOTICE}");
+    }
     // Which setting the address came from, for the messages about it.
     let setting = match listen {
         Some(addr) => {
             if let Err(message) = switchboard::config::check_listen(&addr) {
-                eprintln!("switchboard: --listen: {message}");
-                return ExitCode::from(1);
+                return fail(format!("switchboard: --listen: {message}"), 1);
             }
             config.server.listen = addr;
             "--listen"
@@ -151,12 +198,10 @@ fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
     for w in config.warnings() {
         tracing::warn!("{w}");
     }
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("switchboard: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(format!("switchboard: cannot start the runtime: {e}"), 2),
     };
     let config_listen = config.server.listen.clone();
     runtime.block_on(async move {
@@ -166,40 +211,25 @@ fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
             Err(
                 e @ (switchboard::gateway::BuildError::Store(_)
                 | switchboard::gateway::BuildError::Logging(_)),
-            ) => {
-                eprintln!("switchboard: {e}");
-                return ExitCode::from(2);
-            }
-            Err(e) => {
-                eprintln!("switchboard: {e}");
-                return ExitCode::from(1);
-            }
+            ) => return fail(format!("switchboard: {e}"), 2),
+            Err(e) => return fail(format!("switchboard: {e}"), 1),
         };
         let listener = match bind(&config_listen, setting).await {
             Ok(l) => l,
-            Err(message) => {
-                eprintln!("switchboard: {message}");
-                return ExitCode::from(2);
-            }
+            Err(message) => return fail(format!("switchboard: {message}"), 2),
         };
-        let shutdown = shutdown_signal();
+        let shutdown = shutdown_signal(grace);
         let local = listener
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
         tracing::info!("switchboard listening on http://{local}");
-        match gateway
-            .serve(listener, shutdown, Duration::from_secs(30))
-            .await
-        {
+        match gateway.serve(listener, shutdown, grace).await {
             Ok(()) => {
                 tracing::info!("switchboard stopped");
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("switchboard: server failed: {e}");
-                ExitCode::from(2)
-            }
+            Err(e) => fail(format!("switchboard: server failed: {e}"), 2),
         }
     })
 }
@@ -238,29 +268,40 @@ async fn bind(listen: &str, setting: &str) -> Result<tokio::net::TcpListener, St
     ))
 }
 
-/// Resolves on Ctrl-C or SIGTERM. SIGTERM is caught from the call on (not from the
-/// first poll), so one sent as soon as "listening" is printed is a graceful stop too.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+/// Listens for Ctrl-C and SIGTERM from now on, and resolves on either; `grace` is
+/// `[server].shutdown_grace_secs`. Called (in the runtime) before the listening line
+/// is logged: a signal sent as soon as it is seen must start the drain, not meet the
+/// default action (death, exit status 143).
+fn shutdown_signal(grace: Duration) -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        [
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ]
+        .map(Result::ok)
+    };
     async move {
-        let ctrl_c = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
         #[cfg(unix)]
-        let term = async {
-            match term {
-                Some(mut s) => {
-                    s.recv().await;
+        {
+            let [term, int] = signals.map(|s| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
                 }
-                None => std::future::pending::<()>().await,
-            }
-        };
+            });
+            tokio::select! { _ = term => {}, _ = int => {} }
+        }
         #[cfg(not(unix))]
-        let term = std::future::pending::<()>();
-        tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
         tracing::info!(
-            "shutting down: no new connections; letting in-flight requests finish (30 s at most)"
+            "shutting down: no new connections; letting in-flight requests finish ({} s at most, [server].shutdown_grace_secs)",
+            grace.as_secs()
         );
     }
 }

@@ -38,8 +38,9 @@ pub use keys::{KeyConfig, MIN_SECRET_CHARS};
 pub use models::{EndpointConfig, ModelConfig, ModelType};
 pub use providers::{normalize_base_url, BaseUrl, MaxTokensField, ProviderConfig, ProviderKind};
 pub use sections::{
-    check_listen, AdminConfig, HealthConfig, IdempotencyConfig, LoggingConfig, RetryConfig,
-    ServerConfig, SharedConfig, StoreConfig, SyncMode, MAX_IDEMPOTENCY_TTL_SECS,
+    check_listen, AdminConfig, HealthConfig, IdempotencyConfig, LogFormat, LoggingConfig,
+    RetryConfig, ServerConfig, SharedConfig, StoreConfig, SyncMode, MAX_IDEMPOTENCY_TTL_SECS,
+    MAX_SHUTDOWN_GRACE_SECS,
 };
 
 /// The whole configuration file.

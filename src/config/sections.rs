@@ -27,6 +27,40 @@ pub struct ServerConfig {
     pub idle_timeout_secs: u64,
     /// Open client connections at most; past it, new ones get 503 and are closed.
     pub max_connections: u32,
+    /// SIGTERM / Ctrl-C: how long requests in flight may still finish; streams
+    /// still open after it get the mid-stream error (`server_shutting_down`).
+    /// 0 to 3600.
+    pub shutdown_grace_secs: u64,
+    /// The binary's log lines on stderr: `text` (for people) or `json` (one object
+    /// per line, for log collectors); the `SWITCHBOARD_LOG_FORMAT` environment
+    /// variable wins over it.
+    pub log_format: LogFormat,
+}
+
+/// `[server].log_format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (ANSI colours only when stderr is a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    /// `text` or `json` (what `SWITCHBOARD_LOG_FORMAT` may say).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "`{other}` is not a log format; use \"text\" or \"json\""
+            )),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -39,6 +73,8 @@ impl Default for ServerConfig {
             header_timeout_secs: 10,
             idle_timeout_secs: 60,
             max_connections: 10_000,
+            shutdown_grace_secs: 30,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -193,6 +229,9 @@ pub struct IdempotencyConfig {
     pub ttl_secs: u64,
 }
 
+/// The longest `[server].shutdown_grace_secs`: an hour.
+pub const MAX_SHUTDOWN_GRACE_SECS: u64 = 3600;
+
 /// The longest `[idempotency].ttl_secs`: a year.
 pub const MAX_IDEMPOTENCY_TTL_SECS: u64 = 365 * 86_400;
 
@@ -294,6 +333,15 @@ pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
     if config.server.max_connections == 0 {
         bad("server.max_connections".into(), "must be at least 1".into());
     }
+    if config.server.shutdown_grace_secs > MAX_SHUTDOWN_GRACE_SECS {
+        bad(
+            "server.shutdown_grace_secs".into(),
+            format!(
+                "must be between 0 and {MAX_SHUTDOWN_GRACE_SECS} seconds (an hour), got {}",
+                config.server.shutdown_grace_secs
+            ),
+        );
+    }
     if !(config.store.url.starts_with("sqlite://")
         || config.store.url == "sqlite::memory:"
         || crate::store::is_postgres_url(&config.store.url))
@@ -386,7 +434,7 @@ pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{Config, Problem};
+    use crate::config::{Config, LogFormat, Problem};
 
     #[test]
     fn shared_redis_url_schemes_are_checked() {
@@ -452,6 +500,32 @@ mod tests {
                 "server.max_connections"
             ],
             "{err}"
+        );
+    }
+
+    #[test]
+    fn shutdown_grace_and_log_format_have_defaults_and_bounds() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.server.shutdown_grace_secs, 30);
+        assert_eq!(c.server.log_format, LogFormat::Text);
+        let c = Config::from_toml("[server]\nshutdown_grace_secs = 0\nlog_format = \"json\"\n")
+            .unwrap();
+        assert_eq!(c.server.shutdown_grace_secs, 0);
+        assert_eq!(c.server.log_format, LogFormat::Json);
+        let err = Config::from_toml("[server]\nshutdown_grace_secs = 3601\n").unwrap_err();
+        assert_eq!(err.problems[0].path, "server.shutdown_grace_secs", "{err}");
+        assert!(
+            err.problems[0].message.contains("between 0 and 3600"),
+            "{err}"
+        );
+        let err = Config::from_toml("[server]\nlog_format = \"yaml\"\n").unwrap_err();
+        assert_eq!(err.problems[0].path, "server.log_format", "{err}");
+        assert!(err.problems[0].message.contains("json"), "{err}");
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        let bad = "JSON5".parse::<LogFormat>().unwrap_err();
+        assert!(
+            bad.contains("JSON5") && bad.contains("\"text\" or \"json\""),
+            "{bad}"
         );
     }
 
