@@ -1,9 +1,10 @@
 //! `AuthLayer`: only callers with a known, enabled key get past it.
 //!
 //! The key arrives as `Authorization: Bearer KEY` or `x-api-key: KEY`. No key, an
-//! unknown one or one past its `expires_at` (message "key expired": the time is
-//! checked at every request, cached record or not, by the layer's
-//! [`Clock`]) is answered 401 `invalid_api_key`, a disabled one 403 `forbidden`,
+//! unknown one, a deleted one ("key deleted"), one past its `expires_at` (message
+//! "key expired") or an old secret past the grace period of a rotation (the times
+//! are checked at every request, cached record or not, by the layer's [`Clock`]) is
+//! answered 401 `invalid_api_key`, a disabled one 403 `forbidden`,
 //! in the error format of SPEC §3.2 (the model allow-list is checked later, by
 //! routing, where the model is known). The secret is hashed (SHA-256) and looked up
 //! in the [`KeyStore`]; the key's *record* — never its balance — is cached for a few
@@ -163,8 +164,16 @@ enum Cached {
 
 /// The record, unless its key has expired (401) or is disabled (403).
 fn usable(record: Arc<KeyRecord>, clock: &Clock) -> Result<Arc<KeyRecord>, GatewayError> {
+    if record.deleted_at.is_some() {
+        return Err(GatewayError::InvalidApiKey("key deleted".into()));
+    }
     if record.expires_at.is_some() && record.expired(clock.now()) {
         return Err(GatewayError::InvalidApiKey("key expired".into()));
+    }
+    if record.secret_expires_at.is_some_and(|t| clock.now() >= t) {
+        return Err(GatewayError::InvalidApiKey(
+            "this secret was replaced by a rotation: use the key's new secret".into(),
+        ));
     }
     if record.disabled {
         return Err(GatewayError::Forbidden(format!(

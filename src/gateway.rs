@@ -303,6 +303,7 @@ impl GatewayBuilder {
             .service(typed);
 
         let body_timeout = Duration::from_secs(config.server.request_timeout_secs);
+        let admin_token_env = config.admin.token_env.clone();
         Ok(Gateway {
             config: Arc::new(config),
             catalog,
@@ -314,6 +315,7 @@ impl GatewayBuilder {
                 ledger,
                 auth,
                 admin_token,
+                admin_token_env,
                 body_timeout,
             },
         })
