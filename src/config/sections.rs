@@ -27,6 +27,9 @@ pub struct ServerConfig {
     pub idle_timeout_secs: u64,
     /// Open client connections at most; past it, new ones get 503 and are closed.
     pub max_connections: u32,
+    /// Proxies (CIDRs or single addresses) whose `X-Forwarded-For` names the client
+    /// ([`crate::client_ip`]); empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -39,6 +42,7 @@ impl Default for ServerConfig {
             header_timeout_secs: 10,
             idle_timeout_secs: 60,
             max_connections: 10_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -213,6 +217,9 @@ pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
                 config.server.listen
             ),
         );
+    }
+    if let Err(m) = crate::client_ip::TrustedProxies::parse(&config.server.trusted_proxies) {
+        bad("server.trusted_proxies".into(), m);
     }
     if config.server.max_body_bytes == 0 {
         bad("server.max_body_bytes".into(), "must be at least 1".into());
