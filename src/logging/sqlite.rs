@@ -494,6 +494,10 @@ mod tests {
             let conn = rusqlite::Connection::open(&path).unwrap();
             // The STRICT layout of version 1: no `app_url`, `app_title`, `cache_hit`.
             let v1 = REQUESTS_TABLE.replace(
+                ",\n    key_name          TEXT,\n    key_labels        TEXT,\n    client_ip         TEXT",
+                "",
+            );
+            let v1 = v1.replace(
                 ",\n    app_url           TEXT,\n    app_title         TEXT,\n    cache_hit         INTEGER NOT NULL DEFAULT 0",
                 "",
             );
