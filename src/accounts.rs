@@ -700,13 +700,15 @@ async fn admin_rotate(
         }
     };
     let (keys, ledger) = (state.keys.clone(), state.ledger.clone());
-    let r = blocking(move || match rotate_key(&*keys, &id, b.grace_secs, now_unix())? {
-        Some((k, secret)) => Ok(KeyView {
-            secret: Some(secret),
-            ..k.view_with(ledger.usage(&id)?)
-        }),
-        None => Err(no_key(&id)),
-    })
+    let r = blocking(
+        move || match rotate_key(&*keys, &id, b.grace_secs, now_unix())? {
+            Some((k, secret)) => Ok(KeyView {
+                secret: Some(secret),
+                ..k.view_with(ledger.usage(&id)?)
+            }),
+            None => Err(no_key(&id)),
+        },
+    )
     .await;
     // The old secret's cached record goes now (its grace, if any, is in the record
     // found next).

@@ -490,7 +490,8 @@ mod tests {
         let (status, code) =
             status_and_code(svc.clone().oneshot(req("sk-dave-old")).await.unwrap()).await;
         assert_eq!((status, code.as_str()), (401, "invalid_api_key"));
-        let (status, _) = status_and_code(svc.clone().oneshot(req("sk-dave-new")).await.unwrap()).await;
+        let (status, _) =
+            status_and_code(svc.clone().oneshot(req("sk-dave-new")).await.unwrap()).await;
         assert_eq!(status, 200);
         // Rotated again at once: the store no longer finds the first two secrets.
         store
@@ -508,7 +509,10 @@ mod tests {
     async fn a_deleted_key_is_refused_with_its_reason() {
         let store = store();
         let key = store
-            .create(hash_secret("sk-erin-1"), NewKey::new("erin", Default::default()))
+            .create(
+                hash_secret("sk-erin-1"),
+                NewKey::new("erin", Default::default()),
+            )
             .unwrap();
         store
             .update(

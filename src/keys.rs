@@ -109,7 +109,9 @@ pub fn check_labels(labels: &Labels) -> Result<(), String> {
 pub fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) => Ok((k.trim().to_string(), v.to_string())),
-        None => Err(format!("`{s}` is not a label: write it as k=v (e.g. team=search)")),
+        None => Err(format!(
+            "`{s}` is not a label: write it as k=v (e.g. team=search)"
+        )),
     }
 }
 

@@ -317,7 +317,9 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
                     if grace_secs > 0 {
                         eprintln!("(the old secret keeps working for {grace_secs} s; the new one is shown only now)");
                     } else {
-                        eprintln!("(the old secret stopped working; the new one is shown only now)");
+                        eprintln!(
+                            "(the old secret stopped working; the new one is shown only now)"
+                        );
                     }
                     ExitCode::SUCCESS
                 }

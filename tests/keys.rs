@@ -852,7 +852,13 @@ async fn admin_api_rotates_deletes_and_labels_keys() {
         .unwrap();
     assert_eq!(res.status(), 400);
     let v: Value = res.json().await.unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().contains("`no spaces`"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`no spaces`"),
+        "{v}"
+    );
 
     // Rotate with a grace: both secrets work; then at once: only the newest.
     let res = admin(client().post(gw.url(&format!("/admin/keys/{id}/rotate"))))
@@ -926,8 +932,14 @@ async fn admin_api_rotates_deletes_and_labels_keys() {
         .unwrap();
     assert_eq!(one["data"]["usage"], json!(0.000012));
     for res in [
-        admin(client().delete(gw.url("/admin/keys/key_nope"))).send().await.unwrap(),
-        admin(client().post(gw.url("/admin/keys/key_nope/rotate"))).send().await.unwrap(),
+        admin(client().delete(gw.url("/admin/keys/key_nope")))
+            .send()
+            .await
+            .unwrap(),
+        admin(client().post(gw.url("/admin/keys/key_nope/rotate")))
+            .send()
+            .await
+            .unwrap(),
     ] {
         assert_eq!(res.status(), 404);
     }

@@ -637,8 +637,15 @@ async fn keys_cli_labels_rotates_enables_and_deletes() {
     let out = cli(
         &config,
         &[
-            "create", "--credits", "1", "--name", "search-bot", "--label", "team=search",
-            "--label", "env=prod",
+            "create",
+            "--credits",
+            "1",
+            "--name",
+            "search-bot",
+            "--label",
+            "team=search",
+            "--label",
+            "env=prod",
         ],
     );
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -649,15 +656,30 @@ async fn keys_cli_labels_rotates_enables_and_deletes() {
         .unwrap()
         .to_string();
     let id = text.split('\t').next().unwrap().to_string();
-    assert!(text.contains(r#"labels={"env":"prod","team":"search"}"#), "{text}");
+    assert!(
+        text.contains(r#"labels={"env":"prod","team":"search"}"#),
+        "{text}"
+    );
     // Bad labels are refused, naming the label.
     let bad = cli(&config, &["update", &id, "--label", "bad key=x"]);
     assert_eq!(bad.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("`bad key`"), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("`bad key`"),
+        "{bad:?}"
+    );
     assert_eq!(cli(&config, &["update", &id]).status.code(), Some(1));
     let up = cli(
         &config,
-        &["update", &id, "--name", "search", "--label", "tier=gold", "--unlabel", "env"],
+        &[
+            "update",
+            &id,
+            "--name",
+            "search",
+            "--label",
+            "tier=gold",
+            "--unlabel",
+            "env",
+        ],
     );
     assert_eq!(up.status.code(), Some(0), "{up:?}");
     let list = stdout(&cli(&config, &["list"]));
@@ -718,7 +740,11 @@ async fn keys_cli_labels_rotates_enables_and_deletes() {
     until(401, second.clone()).await;
     until(200, third.clone()).await;
     let shown: Value = serde_json::from_slice(&cli(&config, &["show", &id]).stdout).unwrap();
-    assert_eq!(shown["credits"].as_f64(), Some(1.0), "same balance: {shown}");
+    assert_eq!(
+        shown["credits"].as_f64(),
+        Some(1.0),
+        "same balance: {shown}"
+    );
 
     assert_eq!(cli(&config, &["disable", &id]).status.code(), Some(0));
     until(403, third.clone()).await;
@@ -731,7 +757,10 @@ async fn keys_cli_labels_rotates_enables_and_deletes() {
     assert!(!stdout(&cli(&config, &["list"])).contains(&id));
     assert!(stdout(&cli(&config, &["list", "--all"])).contains("DELETED"));
     let shown: Value = serde_json::from_slice(&cli(&config, &["show", &id]).stdout).unwrap();
-    assert_eq!((shown["deleted"].as_bool(), shown["credits"].as_f64()), (Some(true), Some(1.0)));
+    assert_eq!(
+        (shown["deleted"].as_bool(), shown["credits"].as_f64()),
+        (Some(true), Some(1.0))
+    );
     assert!(shown["deleted_at"].is_string(), "{shown}");
     let refused = cli(&config, &["rotate", &id]);
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");

@@ -533,8 +533,11 @@ async fn a_rotate_or_delete_on_one_gateway_is_refused_on_the_other_at_once() {
     let old = "sk-rotated-on-a-0123456789abcdef";
     let keys = a.gateway.keys().clone();
     let made = tokio::task::spawn_blocking(move || {
-        keys.create(hash_secret(old), NewKey::new("rotating", "1".parse().unwrap()))
-            .unwrap()
+        keys.create(
+            hash_secret(old),
+            NewKey::new("rotating", "1".parse().unwrap()),
+        )
+        .unwrap()
     })
     .await
     .unwrap();

@@ -402,7 +402,10 @@ fn a_requests_table_made_before_attribution_gets_its_columns() {
     r.cache_hit = true;
     r.key_name = Some("alice".into());
     sink.write(&[r]).unwrap();
-    let named = pg_rows(db.url(), "SELECT key_name FROM requests WHERE id = 'gen-new'");
+    let named = pg_rows(
+        db.url(),
+        "SELECT key_name FROM requests WHERE id = 'gen-new'",
+    );
     assert_eq!(named, [vec![Some("alice".to_string())]]);
     let got = pg_rows(
         db.url(),

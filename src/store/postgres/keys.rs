@@ -186,9 +186,7 @@ impl Shared {
         self.mark_up();
         Ok(row.map(|r| {
             let mut record = row_to_key(&r).record;
-            record.secret_expires_at = r
-                .get::<_, Option<i64>>("grace")
-                .map(|v| v.max(0) as u64);
+            record.secret_expires_at = r.get::<_, Option<i64>>("grace").map(|v| v.max(0) as u64);
             record
         }))
     }
