@@ -41,11 +41,11 @@ use subtle::ConstantTimeEq;
 
 use crate::auth::AuthLayer;
 use crate::error::{Body, GatewayError};
-use crate::keys::{KeyRecord, LimitReset};
+use crate::keys::{check_labels, KeyRecord, Labels, LimitReset};
 use crate::money::{Money, MAX_CREDITS, MAX_RPM, MAX_TOKENS_PER_DAY};
 use crate::store::{
-    credits_after_top_up, hash_secret, new_secret, KeyPatch, KeyStore, KeyView, Ledger, NewKey,
-    SecretHash,
+    credits_after_top_up, hash_secret, new_secret, now_unix, KeyPatch, KeyStore, KeyView, Ledger,
+    NewKey, SecretHash, StoredKey,
 };
 
 /// `GET /v1/key`'s `data`.
@@ -90,6 +90,9 @@ pub struct AccountState {
     pub auth: AuthLayer,
     /// SHA-256 of the admin token; `None` turns `/admin/*` off.
     pub admin_token: Option<SecretHash>,
+    /// The environment variable that holds the admin token (`[admin].token_env`),
+    /// named by the answer of an admin route while the API is off.
+    pub admin_token_env: String,
     /// How long an admin request body may take to arrive
     /// (`[server].request_timeout_secs`).
     pub body_timeout: std::time::Duration,
@@ -152,7 +155,11 @@ pub fn client_routes(state: AccountState) -> Router {
 pub fn admin_routes(state: AccountState) -> Router {
     Router::new()
         .route("/admin/keys", get(admin_list).post(admin_create))
-        .route("/admin/keys/{id}", get(admin_show).patch(admin_patch))
+        .route(
+            "/admin/keys/{id}",
+            get(admin_show).patch(admin_patch).delete(admin_delete),
+        )
+        .route("/admin/keys/{id}/rotate", axum::routing::post(admin_rotate))
         .with_state(state)
 }
 
@@ -237,9 +244,10 @@ async fn get_generation(
 /// Checks the admin token: 404 when the admin API is off, 401 when the token is wrong.
 fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), GatewayError> {
     let Some(expected) = &state.admin_token else {
-        return Err(GatewayError::NotFound(
-            "the admin API is off: set the environment variable [admin].token_env names".into(),
-        ));
+        return Err(GatewayError::NotFound(format!(
+            "the admin API is off: set {} (see [admin].token_env) and restart",
+            state.admin_token_env
+        )));
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -322,6 +330,9 @@ struct CreateBody {
     /// RFC 3339.
     #[serde(default)]
     expires_at: Option<String>,
+    /// Free-form tags.
+    #[serde(default)]
+    labels: Labels,
 }
 
 /// `PATCH /admin/keys/{id}` body.
@@ -349,6 +360,56 @@ struct PatchBody {
     /// Credits to add (a top-up), USD.
     #[serde(default)]
     top_up_usd: Option<Money>,
+    /// The key's labels, all of them (replaces those it has).
+    #[serde(default)]
+    labels: Option<Labels>,
+}
+
+/// `POST /admin/keys/{id}/rotate` body (optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    /// How long the old secret keeps working, seconds (0: it stops at once).
+    #[serde(default)]
+    grace_secs: u64,
+}
+
+/// The longest grace period of a rotation: 30 days.
+pub const MAX_GRACE_SECS: u64 = 30 * 86_400;
+
+/// Gives key `id` a new secret (same id, balance, limits and usage) and returns it
+/// with the key; the old secret keeps working for `grace_secs` after `now` (Unix
+/// seconds), 0: it stops at once. `Ok(None)` when there is no such key; a deleted
+/// key or a grace past [`MAX_GRACE_SECS`] is refused (400, saying why). The CLI and
+/// the admin API both rotate through this.
+pub fn rotate_key(
+    keys: &dyn KeyStore,
+    id: &str,
+    grace_secs: u64,
+    now: u64,
+) -> Result<Option<(StoredKey, String)>, GatewayError> {
+    if grace_secs > MAX_GRACE_SECS {
+        return Err(GatewayError::InvalidRequest(format!(
+            "grace_secs must be at most {MAX_GRACE_SECS} (30 days; got {grace_secs})"
+        )));
+    }
+    match keys.get(id)? {
+        None => return Ok(None),
+        Some(k) if k.record.deleted() => return Err(deleted_key(id)),
+        Some(_) => {}
+    }
+    let secret = new_secret();
+    let grace_until = (grace_secs > 0).then(|| now.saturating_add(grace_secs));
+    Ok(keys
+        .rotate(id, hash_secret(&secret), grace_until)?
+        .map(|k| (k, secret)))
+}
+
+/// The 400 of a change to a deleted key.
+fn deleted_key(id: &str) -> GatewayError {
+    GatewayError::InvalidRequest(format!(
+        "key `{id}` is deleted: it cannot be changed or rotated (create a new key)"
+    ))
 }
 
 /// `limit_reset` and `expires_at` as given to the admin API or the CLI, parsed
@@ -377,6 +438,7 @@ pub fn validate_new_key(new: &NewKey) -> Result<(), String> {
         ));
     }
     validate_limits(new.limit, new.rpm, new.tokens_per_day)?;
+    check_labels(&new.labels)?;
     if new
         .models
         .as_ref()
@@ -445,6 +507,7 @@ async fn admin_create(
         models: b.models,
         limit_reset,
         expires_at,
+        labels: b.labels,
     };
     if let Err(m) = validate_new_key(&new) {
         return GatewayError::InvalidRequest(m).into_response();
@@ -462,14 +525,21 @@ async fn admin_create(
     reply(r, StatusCode::CREATED)
 }
 
-async fn admin_list(State(state): State<AccountState>, headers: HeaderMap) -> Response<Body> {
+async fn admin_list(
+    State(state): State<AccountState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response<Body> {
     if let Err(e) = admin_check(&state, &headers) {
         return e.into_response();
     }
+    // Deleted keys only with `?all=true`.
+    let all = q.get("all").is_some_and(|v| v == "true" || v == "1");
     let (keys, ledger) = (state.keys.clone(), state.ledger.clone());
     let r = blocking(move || {
         keys.list()?
             .iter()
+            .filter(|k| all || !k.record.deleted())
             .map(|k| Ok(k.view_with(ledger.usage(&k.record.id)?)))
             .collect::<Result<Vec<_>, GatewayError>>()
     })
@@ -526,6 +596,9 @@ async fn admin_patch(
     ) {
         return GatewayError::InvalidRequest(m).into_response();
     }
+    if let Some(Err(m)) = b.labels.as_ref().map(check_labels) {
+        return GatewayError::InvalidRequest(format!("labels: {m}")).into_response();
+    }
     if let Some(Err(m)) = b.top_up_usd.map(|t| credits_after_top_up(Money::ZERO, t)) {
         return GatewayError::InvalidRequest(format!("top_up_usd: {m}")).into_response();
     }
@@ -545,6 +618,8 @@ async fn admin_patch(
         models: b.models,
         limit_reset: b.limit_reset.map(|given| given.and(limit_reset)),
         expires_at: b.expires_at.map(|given| given.and(expires_at)),
+        labels: b.labels,
+        delete_at: None,
     };
     let (keys, ledger) = (state.keys.clone(), state.ledger.clone());
     let r = blocking(move || {
@@ -553,6 +628,9 @@ async fn admin_patch(
         let Some(key) = keys.get(&id)? else {
             return Err(no_key(&id));
         };
+        if key.record.deleted() {
+            return Err(deleted_key(&id));
+        }
         if let Some(amount) = b.top_up_usd {
             credits_after_top_up(key.credits, amount)
                 .map_err(|m| GatewayError::InvalidRequest(format!("top_up_usd: {m}")))?;
@@ -570,6 +648,70 @@ async fn admin_patch(
     })
     .await;
     // The change counts at once in this process.
+    state.auth.invalidate_all();
+    reply(r, StatusCode::OK)
+}
+
+/// `DELETE /admin/keys/{id}`: the key stops working at once (401 "key deleted");
+/// its row, ledger rows and balance stay for the books, and `GET` still shows it.
+async fn admin_delete(
+    State(state): State<AccountState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response<Body> {
+    if let Err(e) = admin_check(&state, &headers) {
+        return e.into_response();
+    }
+    let (keys, ledger) = (state.keys.clone(), state.ledger.clone());
+    let patch = KeyPatch {
+        delete_at: Some(now_unix()),
+        ..KeyPatch::default()
+    };
+    let r = blocking(move || match keys.update(&id, &patch)? {
+        Some(k) => Ok(k.view_with(ledger.usage(&id)?)),
+        None => Err(no_key(&id)),
+    })
+    .await;
+    state.auth.invalidate_all();
+    reply(r, StatusCode::OK)
+}
+
+/// `POST /admin/keys/{id}/rotate` (body optional: `{"grace_secs": N}`): a new
+/// secret, shown once in the answer, for the same key ([`rotate_key`]).
+async fn admin_rotate(
+    State(state): State<AccountState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Body,
+) -> Response<Body> {
+    if let Err(e) = admin_check(&state, &headers) {
+        return e.into_response();
+    }
+    let body = match read_admin_body(&state, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let b: RotateBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateBody::default()
+    } else {
+        match parse(&body) {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        }
+    };
+    let (keys, ledger) = (state.keys.clone(), state.ledger.clone());
+    let r = blocking(
+        move || match rotate_key(&*keys, &id, b.grace_secs, now_unix())? {
+            Some((k, secret)) => Ok(KeyView {
+                secret: Some(secret),
+                ..k.view_with(ledger.usage(&id)?)
+            }),
+            None => Err(no_key(&id)),
+        },
+    )
+    .await;
+    // The old secret's cached record goes now (its grace, if any, is in the record
+    // found next).
     state.auth.invalidate_all();
     reply(r, StatusCode::OK)
 }

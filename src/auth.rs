@@ -1,9 +1,10 @@
 //! `AuthLayer`: only callers with a known, enabled key get past it.
 //!
 //! The key arrives as `Authorization: Bearer KEY` or `x-api-key: KEY`. No key, an
-//! unknown one or one past its `expires_at` (message "key expired": the time is
-//! checked at every request, cached record or not, by the layer's
-//! [`Clock`]) is answered 401 `invalid_api_key`, a disabled one 403 `forbidden`,
+//! unknown one, a deleted one ("key deleted"), one past its `expires_at` (message
+//! "key expired") or an old secret past the grace period of a rotation (the times
+//! are checked at every request, cached record or not, by the layer's [`Clock`]) is
+//! answered 401 `invalid_api_key`, a disabled one 403 `forbidden`,
 //! in the error format of SPEC §3.2 (the model allow-list is checked later, by
 //! routing, where the model is known). The secret is hashed (SHA-256) and looked up
 //! in the [`KeyStore`]; the key's *record* — never its balance — is cached for a few
@@ -163,8 +164,16 @@ enum Cached {
 
 /// The record, unless its key has expired (401) or is disabled (403).
 fn usable(record: Arc<KeyRecord>, clock: &Clock) -> Result<Arc<KeyRecord>, GatewayError> {
+    if record.deleted_at.is_some() {
+        return Err(GatewayError::InvalidApiKey("key deleted".into()));
+    }
     if record.expires_at.is_some() && record.expired(clock.now()) {
         return Err(GatewayError::InvalidApiKey("key expired".into()));
+    }
+    if record.secret_expires_at.is_some_and(|t| clock.now() >= t) {
+        return Err(GatewayError::InvalidApiKey(
+            "this secret was replaced by a rotation: use the key's new secret".into(),
+        ));
     }
     if record.disabled {
         return Err(GatewayError::Forbidden(format!(
@@ -450,5 +459,79 @@ mod tests {
             .layer(echo_name());
         let (s, code) = status_and_code(fresh.oneshot(req()).await.unwrap()).await;
         assert_eq!((s, code.as_str()), (401, "invalid_api_key"));
+    }
+
+    #[tokio::test]
+    async fn a_rotated_secret_works_until_its_grace_ends_by_the_clock() {
+        use crate::clock::ManualClock;
+        let store = store();
+        let now = crate::store::now_unix();
+        let key = store
+            .create(
+                hash_secret("sk-dave-old"),
+                NewKey::new("dave", Default::default()),
+            )
+            .unwrap();
+        store
+            .rotate(&key.record.id, hash_secret("sk-dave-new"), Some(now + 600))
+            .unwrap()
+            .unwrap();
+        let manual = ManualClock::new(now);
+        // A cache that keeps records for an hour: only the clock decides.
+        let svc = AuthLayer::with_ttl(store.clone(), Duration::from_secs(3600))
+            .clock(manual.clock())
+            .layer(echo_name());
+        let req = |s: &str| get(Some(("authorization", &format!("Bearer {s}"))));
+        for s in ["sk-dave-old", "sk-dave-new"] {
+            let (status, body) = status_and_code(svc.clone().oneshot(req(s)).await.unwrap()).await;
+            assert_eq!((status, body.as_str()), (200, "dave"), "{s}");
+        }
+        manual.advance(600);
+        let (status, code) =
+            status_and_code(svc.clone().oneshot(req("sk-dave-old")).await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (401, "invalid_api_key"));
+        let (status, _) =
+            status_and_code(svc.clone().oneshot(req("sk-dave-new")).await.unwrap()).await;
+        assert_eq!(status, 200);
+        // Rotated again at once: the store no longer finds the first two secrets.
+        store
+            .rotate(&key.record.id, hash_secret("sk-dave-3rd"), None)
+            .unwrap();
+        assert!(store.find(&hash_secret("sk-dave-old")).unwrap().is_none());
+        assert!(store.find(&hash_secret("sk-dave-new")).unwrap().is_none());
+        assert_eq!(
+            store.find(&hash_secret("sk-dave-3rd")).unwrap().unwrap().id,
+            key.record.id
+        );
+    }
+
+    #[tokio::test]
+    async fn a_deleted_key_is_refused_with_its_reason() {
+        let store = store();
+        let key = store
+            .create(
+                hash_secret("sk-erin-1"),
+                NewKey::new("erin", Default::default()),
+            )
+            .unwrap();
+        store
+            .update(
+                &key.record.id,
+                &KeyPatch {
+                    delete_at: Some(1),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let svc = AuthLayer::new(store).layer(echo_name());
+        let res = svc
+            .oneshot(get(Some(("x-api-key", "sk-erin-1"))))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+        use http_body_util::BodyExt;
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["message"], "key deleted");
     }
 }

@@ -316,6 +316,7 @@ impl GatewayBuilder {
             .service(typed);
 
         let body_timeout = Duration::from_secs(config.server.request_timeout_secs);
+        let admin_token_env = config.admin.token_env.clone();
         Ok(Gateway {
             config: Arc::new(config),
             catalog,
@@ -328,6 +329,7 @@ impl GatewayBuilder {
                 ledger,
                 auth,
                 admin_token,
+                admin_token_env,
                 body_timeout,
             },
         })
@@ -508,6 +510,12 @@ impl Gateway {
             chat: self.chat.clone(),
             router: self.router().with_state(()),
             activity: None,
+            // Checked by `Config::problems`; an entry that does not parse trusts nothing.
+            proxies: Arc::new(
+                crate::client_ip::TrustedProxies::parse(&self.config.server.trusted_proxies)
+                    .unwrap_or_default(),
+            ),
+            peer: None,
         };
         let limits = ConnLimits::from_config(&self.config.server);
         let logs = self.logs.clone();
@@ -611,10 +619,10 @@ async fn serve_connections(
     let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
     let mut heartbeat = timer_wheel_heartbeat();
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = heartbeat.tick() => continue,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     accept_error(e).await;
                     continue;
@@ -635,7 +643,10 @@ async fn serve_connections(
         };
         // Small SSE events must not wait for Nagle + delayed ACK (a 40 ms stall).
         let _ = tcp.set_nodelay(true);
-        let service = app.clone();
+        let service = Dispatch {
+            peer: Some(peer.ip()),
+            ..app.clone()
+        };
         let signal_tx = signal_tx.clone();
         let close_rx = close_rx.clone();
         tokio::spawn(async move {
@@ -701,6 +712,10 @@ struct Dispatch {
     /// An HTTP/2 connection's requests in flight (for its idle timeout); `None` on
     /// HTTP/1, where hyper's head timer covers idleness.
     activity: Option<Arc<conn::Activity>>,
+    /// `[server].trusted_proxies`.
+    proxies: Arc<crate::client_ip::TrustedProxies>,
+    /// The connection's TCP peer.
+    peer: Option<std::net::IpAddr>,
 }
 
 impl Dispatch {
@@ -725,10 +740,15 @@ impl hyper::service::Service<Request<hyper::body::Incoming>> for Dispatch {
         futures_util::future::BoxFuture<'static, Result<Response<Body>, Infallible>>,
     >;
 
-    fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<hyper::body::Incoming>) -> Self::Future {
         use futures_util::future::Either;
         use futures_util::FutureExt;
         use tower::ServiceExt;
+        if let Some(peer) = self.peer {
+            // Without trusted proxies: the peer, no header read (an `IpAddr` is Copy).
+            let client = self.proxies.client_of(peer, req.headers());
+            req.extensions_mut().insert(client);
+        }
         let fut = if Self::is_chat(&req) {
             Either::Left(self.chat.clone().oneshot(req.map(Body::new)))
         } else {

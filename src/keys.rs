@@ -41,6 +41,78 @@ pub struct KeyRecord {
     pub limit_reset: Option<LimitReset>,
     /// Unix seconds from which the key is refused (401 "key expired").
     pub expires_at: Option<u64>,
+    /// Free-form `k=v` tags (see [`check_labels`]), recorded with each request.
+    pub labels: Labels,
+    /// Unix seconds of its deletion: a deleted key is refused (401 "key deleted")
+    /// and kept for the books (its ledger rows and balance stay).
+    pub deleted_at: Option<u64>,
+    /// Set only on a record found by a secret that a rotation replaced: the Unix
+    /// second from which that old secret is refused (the end of its grace period).
+    pub secret_expires_at: Option<u64>,
+}
+
+/// A key's labels: free-form `k=v` tags, ordered by key.
+pub type Labels = std::collections::BTreeMap<String, String>;
+
+/// The most labels a key holds.
+pub const MAX_LABELS: usize = 16;
+/// The longest label key (`[A-Za-z0-9_.-]`).
+pub const MAX_LABEL_KEY: usize = 64;
+/// The longest label value, in characters.
+pub const MAX_LABEL_VALUE: usize = 256;
+
+/// Checks a key's labels: at most [`MAX_LABELS`], each key 1 to [`MAX_LABEL_KEY`]
+/// characters of `[A-Za-z0-9_.-]`, each value at most [`MAX_LABEL_VALUE`] characters
+/// with no control characters. The error names the label and how to fix it.
+///
+/// # Example
+/// ```
+/// use switchboard::keys::{check_labels, parse_label, Labels};
+///
+/// let mut labels = Labels::new();
+/// let (k, v) = parse_label("team=search").unwrap();
+/// labels.insert(k, v);
+/// assert!(check_labels(&labels).is_ok());
+/// assert!(parse_label("team").unwrap_err().contains("k=v"));
+/// labels.insert("bad key".into(), "x".into());
+/// assert!(check_labels(&labels).unwrap_err().contains("`bad key`"));
+/// ```
+pub fn check_labels(labels: &Labels) -> Result<(), String> {
+    if labels.len() > MAX_LABELS {
+        return Err(format!(
+            "a key holds at most {MAX_LABELS} labels (got {}): remove some",
+            labels.len()
+        ));
+    }
+    for (k, v) in labels {
+        if k.is_empty()
+            || k.len() > MAX_LABEL_KEY
+            || !k
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        {
+            return Err(format!(
+                "label key `{k}` is not valid: use 1 to {MAX_LABEL_KEY} characters of A-Z, a-z, 0-9, `_`, `.`, `-`"
+            ));
+        }
+        if v.chars().count() > MAX_LABEL_VALUE || v.chars().any(char::is_control) {
+            return Err(format!(
+                "the value of label `{k}` is not valid: use at most {MAX_LABEL_VALUE} characters, no control characters"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parses one `k=v` label (the CLI's `--label`); the key is checked by
+/// [`check_labels`] with the others.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) => Ok((k.trim().to_string(), v.to_string())),
+        None => Err(format!(
+            "`{s}` is not a label: write it as k=v (e.g. team=search)"
+        )),
+    }
 }
 
 /// The period a key's `limit_usd` applies to (SPEC §8.3): UTC days, weeks Monday to
@@ -124,7 +196,15 @@ impl KeyRecord {
             models: None,
             limit_reset: None,
             expires_at: None,
+            labels: Labels::new(),
+            deleted_at: None,
+            secret_expires_at: None,
         }
+    }
+
+    /// Whether the key has been deleted.
+    pub fn deleted(&self) -> bool {
+        self.deleted_at.is_some()
     }
 
     /// Whether the key has expired at Unix seconds `now` (its `expires_at` is past).

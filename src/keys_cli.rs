@@ -1,17 +1,19 @@
 //! `switchboard keys …`: key administration on the configured store (SPEC §1).
 //!
-//! Secrets are printed once, by `create`, and never stored or printed again.
+//! Secrets are printed once, by `create` and `rotate`, and never stored or printed
+//! again.
 
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use switchboard::accounts::validate_new_key;
+use switchboard::accounts::{rotate_key, validate_new_key};
 use switchboard::clock::{format_rfc3339, parse_rfc3339};
 use switchboard::config::Config;
-use switchboard::keys::LimitReset;
+use switchboard::keys::{check_labels, parse_label, LimitReset};
 use switchboard::money::Money;
 use switchboard::store::{
-    credits_after_top_up, hash_secret, new_secret, KeyPatch, NewKey, PeriodUsage, StoredKey,
+    credits_after_top_up, hash_secret, new_secret, now_unix, KeyPatch, KeyStore, NewKey,
+    PeriodUsage, StoredKey,
 };
 
 #[derive(Subcommand)]
@@ -43,9 +45,16 @@ pub enum KeysCommand {
         /// When the key stops working, RFC 3339 (e.g. 2026-01-31T00:00:00Z).
         #[arg(long, value_parser = parse_rfc3339)]
         expires_at: Option<u64>,
+        /// A free-form tag, k=v (repeat for more; recorded with each request).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
     },
-    /// List every key (never a secret).
-    List,
+    /// List the keys (never a secret); deleted ones only with --all.
+    List {
+        /// Deleted keys too.
+        #[arg(long)]
+        all: bool,
+    },
     /// Show one key.
     Show {
         /// Key id (`key_…`).
@@ -63,13 +72,46 @@ pub enum KeysCommand {
         /// Key id (`key_…`).
         id: String,
     },
+    /// Enable a disabled key again.
+    Enable {
+        /// Key id (`key_…`).
+        id: String,
+    },
+    /// Delete a key: it stops working (401 "key deleted"); its ledger rows,
+    /// generations and balance stay for the books (`show` and `list --all` show it).
+    Delete {
+        /// Key id (`key_…`).
+        id: String,
+    },
+    /// Give a key a new secret (printed once): same id, balance, limits and usage.
+    Rotate {
+        /// Key id (`key_…`).
+        id: String,
+        /// How long the old secret keeps working, seconds (0: it stops at once).
+        #[arg(long, default_value_t = 0)]
+        grace_secs: u64,
+    },
+    /// Change a key's name or labels.
+    Update {
+        /// Key id (`key_…`).
+        id: String,
+        /// New display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Add or replace a label, k=v (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Remove the label with this key (repeatable).
+        #[arg(long = "unlabel")]
+        unlabels: Vec<String>,
+    },
 }
 
 fn line(k: &StoredKey, usage: PeriodUsage) -> String {
     let r = &k.record;
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     format!(
-        "{}\t{}\tcredits={}\tusage={}\tlimit={}\tlimit_reset={}\tusage_daily={}\tusage_weekly={}\tusage_monthly={}\texpires_at={}\trpm={}\ttokens_per_day={}\tmodels={}{}",
+        "{}\t{}\tcredits={}\tusage={}\tlimit={}\tlimit_reset={}\tusage_daily={}\tusage_weekly={}\tusage_monthly={}\texpires_at={}\trpm={}\ttokens_per_day={}\tmodels={}\tlabels={}{}{}",
         r.id,
         r.name,
         k.credits,
@@ -83,13 +125,52 @@ fn line(k: &StoredKey, usage: PeriodUsage) -> String {
         opt(r.rpm.map(|v| v.to_string())),
         opt(r.tokens_per_day.map(|v| v.to_string())),
         opt(r.models.as_ref().map(|m| m.join(","))),
-        if r.disabled { "\tDISABLED" } else { "" }
+        if r.labels.is_empty() {
+            "-".into()
+        } else {
+            serde_json::to_string(&r.labels).unwrap_or_default()
+        },
+        if r.disabled { "\tDISABLED" } else { "" },
+        if r.deleted() { "\tDELETED" } else { "" }
     )
 }
 
 fn not_found(id: &str) -> ExitCode {
     eprintln!("switchboard: no key `{id}` in the store (`switchboard keys list` shows the ids)");
     ExitCode::from(1)
+}
+
+fn usage_error(m: impl std::fmt::Display) -> ExitCode {
+    eprintln!("switchboard: {m}");
+    ExitCode::from(1)
+}
+
+/// Applies `patch` to key `id` and prints its line; a deleted key is refused.
+fn change(
+    store: &dyn KeyStore,
+    ledger: &dyn switchboard::store::Ledger,
+    id: &str,
+    patch: &KeyPatch,
+) -> ExitCode {
+    match store.get(id) {
+        Ok(Some(k)) if k.record.deleted() => {
+            return usage_error(format!(
+                "key `{id}` is deleted: it cannot be changed (create a new key)"
+            ))
+        }
+        Ok(Some(_)) => {}
+        Ok(None) => return not_found(id),
+        Err(e) => return runtime(e),
+    }
+    match store.update(id, patch) {
+        Ok(Some(k)) => {
+            let usage = ledger.usage(id).unwrap_or_default();
+            println!("{}", line(&k, usage));
+            ExitCode::SUCCESS
+        }
+        Ok(None) => not_found(id),
+        Err(e) => runtime(e),
+    }
 }
 
 fn runtime(e: impl std::fmt::Display) -> ExitCode {
@@ -117,8 +198,10 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
             models,
             limit_reset,
             expires_at,
+            labels,
         } => {
             let new = NewKey {
+                labels: labels.into_iter().collect(),
                 name,
                 credits,
                 limit: limit_usd,
@@ -143,9 +226,9 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
                 Err(e) => runtime(e),
             }
         }
-        KeysCommand::List => match store.list() {
+        KeysCommand::List { all } => match store.list() {
             Ok(keys) => {
-                for k in &keys {
+                for k in keys.iter().filter(|k| all || !k.record.deleted()) {
                     match ledger.usage(&k.record.id) {
                         Ok(usage) => println!("{}", line(k, usage)),
                         Err(e) => return runtime(e),
@@ -200,15 +283,83 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
                 disabled: Some(true),
                 ..KeyPatch::default()
             };
+            change(&*store, &*ledger, &id, &patch)
+        }
+        KeysCommand::Enable { id } => {
+            let patch = KeyPatch {
+                disabled: Some(false),
+                ..KeyPatch::default()
+            };
+            change(&*store, &*ledger, &id, &patch)
+        }
+        KeysCommand::Delete { id } => {
+            let patch = KeyPatch {
+                delete_at: Some(now_unix()),
+                ..KeyPatch::default()
+            };
             match store.update(&id, &patch) {
                 Ok(Some(k)) => {
                     let usage = ledger.usage(&id).unwrap_or_default();
                     println!("{}", line(&k, usage));
+                    eprintln!("(deleted: its secret is refused; its ledger rows and balance stay)");
                     ExitCode::SUCCESS
                 }
                 Ok(None) => not_found(&id),
                 Err(e) => runtime(e),
             }
+        }
+        KeysCommand::Rotate { id, grace_secs } => {
+            match rotate_key(&*store, &id, grace_secs, now_unix()) {
+                Ok(Some((k, secret))) => {
+                    let usage = ledger.usage(&id).unwrap_or_default();
+                    println!("{}", line(&k, usage));
+                    println!("secret: {secret}");
+                    if grace_secs > 0 {
+                        eprintln!("(the old secret keeps working for {grace_secs} s; the new one is shown only now)");
+                    } else {
+                        eprintln!(
+                            "(the old secret stopped working; the new one is shown only now)"
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => not_found(&id),
+                Err(e) if e.code() == "invalid_request" => usage_error(e),
+                Err(e) => runtime(e),
+            }
+        }
+        KeysCommand::Update {
+            id,
+            name,
+            labels,
+            unlabels,
+        } => {
+            let current = match store.get(&id) {
+                Ok(Some(k)) => k.record.labels,
+                Ok(None) => return not_found(&id),
+                Err(e) => return runtime(e),
+            };
+            let relabel = !labels.is_empty() || !unlabels.is_empty();
+            if name.is_none() && !relabel {
+                return usage_error("nothing to change: give --name, --label k=v or --unlabel k");
+            }
+            let mut new_labels = current;
+            for k in &unlabels {
+                new_labels.remove(k);
+            }
+            new_labels.extend(labels);
+            if let Err(m) = check_labels(&new_labels) {
+                return usage_error(m);
+            }
+            if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+                return usage_error("--name must not be empty");
+            }
+            let patch = KeyPatch {
+                name,
+                labels: relabel.then_some(new_labels),
+                ..KeyPatch::default()
+            };
+            change(&*store, &*ledger, &id, &patch)
         }
     }
 }

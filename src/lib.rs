@@ -22,6 +22,7 @@ pub mod cache;
 mod canonical;
 pub mod catalog;
 pub mod chat;
+pub mod client_ip;
 pub mod clock;
 pub mod config;
 pub mod context;

@@ -808,3 +808,154 @@ async fn a_second_gateway_on_the_same_sqlite_store_refuses_and_names_postgresql(
         .expect("the store is free again");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `DELETE /admin/keys/{id}` and `POST /admin/keys/{id}/rotate` count at once on
+/// this gateway; labels go in with `POST` and `PATCH`; without the admin variable
+/// the answer names it.
+#[tokio::test]
+async fn admin_api_rotates_deletes_and_labels_keys() {
+    std::env::set_var("SB_TEST_ADMIN_ROTATE", "the-admin-token");
+    let gw = gateway(&exact_config(
+        "[admin]\ntoken_env = \"SB_TEST_ADMIN_ROTATE\"\n",
+    ))
+    .await;
+    let admin = |req: reqwest::RequestBuilder| req.bearer_auth("the-admin-token");
+    let ask = json!({"model": "mock/lorem", "max_tokens": 3, "messages": [{"role": "user", "content": "go"}]});
+
+    let res = admin(client().post(gw.url("/admin/keys")))
+        .json(&json!({"name": "bob", "credits_usd": 1, "labels": {"team": "search"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let made: Value = res.json().await.unwrap();
+    let (id, first) = (
+        made["data"]["id"].as_str().unwrap().to_string(),
+        made["data"]["secret"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(made["data"]["labels"], json!({"team": "search"}));
+    assert_eq!(made["data"]["deleted"], json!(false));
+    assert_eq!(post(&gw, Some(&first), ask.clone()).await.status(), 200);
+
+    // Labels are replaced by PATCH; bad ones refused with the label named.
+    let res = admin(client().patch(gw.url(&format!("/admin/keys/{id}"))))
+        .json(&json!({"labels": {"tier": "gold"}}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["data"]["labels"], json!({"tier": "gold"}), "{v}");
+    let res = admin(client().patch(gw.url(&format!("/admin/keys/{id}"))))
+        .json(&json!({"labels": {"no spaces": "x"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let v: Value = res.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`no spaces`"),
+        "{v}"
+    );
+
+    // Rotate with a grace: both secrets work; then at once: only the newest.
+    let res = admin(client().post(gw.url(&format!("/admin/keys/{id}/rotate"))))
+        .json(&json!({"grace_secs": 3600}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    let second = v["data"]["secret"].as_str().unwrap().to_string();
+    assert_eq!(v["data"]["id"], json!(id));
+    assert_eq!(post(&gw, Some(&first), ask.clone()).await.status(), 200);
+    assert_eq!(post(&gw, Some(&second), ask.clone()).await.status(), 200);
+    let res = admin(client().post(gw.url(&format!("/admin/keys/{id}/rotate"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    let third = v["data"]["secret"].as_str().unwrap().to_string();
+    for old in [&first, &second] {
+        assert_eq!(post(&gw, Some(old), ask.clone()).await.status(), 401);
+    }
+    assert_eq!(post(&gw, Some(&third), ask.clone()).await.status(), 200);
+    assert_eq!(
+        total_usage(&gw, &third).await,
+        usd("0.000012"),
+        "one balance across the secrets"
+    );
+    let res = admin(client().post(gw.url(&format!("/admin/keys/{id}/rotate"))))
+        .json(&json!({"grace_secs": 99999999}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+
+    // Delete: refused at once, hidden from the list unless ?all=true, still shown.
+    let res = admin(client().delete(gw.url(&format!("/admin/keys/{id}"))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["data"]["deleted"], json!(true));
+    let res = post(&gw, Some(&third), ask.clone()).await;
+    assert_eq!(res.status(), 401);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["message"], "key deleted");
+    let list: Value = admin(client().get(gw.url("/admin/keys")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!list.to_string().contains(&id));
+    let all: Value = admin(client().get(gw.url("/admin/keys?all=true")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(all.to_string().contains(&id));
+    let one: Value = admin(client().get(gw.url(&format!("/admin/keys/{id}"))))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["data"]["usage"], json!(0.000012));
+    for res in [
+        admin(client().delete(gw.url("/admin/keys/key_nope")))
+            .send()
+            .await
+            .unwrap(),
+        admin(client().post(gw.url("/admin/keys/key_nope/rotate")))
+            .send()
+            .await
+            .unwrap(),
+    ] {
+        assert_eq!(res.status(), 404);
+    }
+}
+
+#[tokio::test]
+async fn admin_api_off_names_the_variable_that_turns_it_on() {
+    let gw = gateway(&exact_config(
+        "[admin]\ntoken_env = \"SB_TEST_ADMIN_NEVER_SET\"\n",
+    ))
+    .await;
+    let res = client().get(gw.url("/admin/keys")).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(
+        v["error"]["message"],
+        "the admin API is off: set SB_TEST_ADMIN_NEVER_SET (see [admin].token_env) and restart"
+    );
+}

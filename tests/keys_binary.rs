@@ -625,3 +625,159 @@ fn keys_cli_creates_a_key_with_a_period_limit_and_an_expiry() {
     assert_eq!(stdout(&cli(&config, &["list"])).lines().count(), 1);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `keys create --label`, `update`, `rotate` (at once and with a grace), `disable`
+/// and `enable`, `delete` (kept for the books), `list [--all]`, against a running
+/// gateway; each request's log row names the key, its labels and the client.
+#[tokio::test]
+async fn keys_cli_labels_rotates_enables_and_deletes() {
+    let dir = temp_dir("cli-lifecycle");
+    let config = write_config(&dir, "");
+    let out = cli(
+        &config,
+        &[
+            "create",
+            "--credits",
+            "1",
+            "--name",
+            "search-bot",
+            "--label",
+            "team=search",
+            "--label",
+            "env=prod",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = stdout(&out);
+    let first = text
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .unwrap()
+        .to_string();
+    let id = text.split('\t').next().unwrap().to_string();
+    assert!(
+        text.contains(r#"labels={"env":"prod","team":"search"}"#),
+        "{text}"
+    );
+    // Bad labels are refused, naming the label.
+    let bad = cli(&config, &["update", &id, "--label", "bad key=x"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("`bad key`"),
+        "{bad:?}"
+    );
+    assert_eq!(cli(&config, &["update", &id]).status.code(), Some(1));
+    let up = cli(
+        &config,
+        &[
+            "update",
+            &id,
+            "--name",
+            "search",
+            "--label",
+            "tier=gold",
+            "--unlabel",
+            "env",
+        ],
+    );
+    assert_eq!(up.status.code(), Some(0), "{up:?}");
+    let list = stdout(&cli(&config, &["list"]));
+    assert!(
+        list.contains(&format!("{id}\tsearch\t"))
+            && list.contains(r#"labels={"team":"search","tier":"gold"}"#),
+        "{list}"
+    );
+
+    let log = dir.join("serve.log");
+    let server = serve(&config, &log).await;
+    let ask = json!({"model": "mock/lorem", "max_tokens": 5, "messages": [{"role": "user", "content": "go"}]});
+    let status = |key: String| {
+        let req = client()
+            .post(server.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&ask)
+            .send();
+        async move { req.await.unwrap().status().as_u16() }
+    };
+    // The CLI is another process: the gateway sees its changes within its cache's TTL.
+    let until = |want: u16, key: String| {
+        let status = &status;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let s = status(key.clone()).await;
+                if s == want {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "still {s}, not {want}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(status(first.clone()).await, 200);
+
+    // Rotate with a grace of an hour: both secrets work.
+    let rot = cli(&config, &["rotate", &id, "--grace-secs", "3600"]);
+    assert_eq!(rot.status.code(), Some(0), "{rot:?}");
+    let second = stdout(&rot)
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .unwrap()
+        .to_string();
+    assert_ne!(first, second);
+    until(200, second.clone()).await;
+    assert_eq!(status(first.clone()).await, 200);
+    // Rotate at once: the first and second secrets stop, the third works.
+    let rot = cli(&config, &["rotate", &id]);
+    assert_eq!(rot.status.code(), Some(0), "{rot:?}");
+    let third = stdout(&rot)
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .unwrap()
+        .to_string();
+    until(401, first.clone()).await;
+    until(401, second.clone()).await;
+    until(200, third.clone()).await;
+    let shown: Value = serde_json::from_slice(&cli(&config, &["show", &id]).stdout).unwrap();
+    assert_eq!(
+        shown["credits"].as_f64(),
+        Some(1.0),
+        "same balance: {shown}"
+    );
+
+    assert_eq!(cli(&config, &["disable", &id]).status.code(), Some(0));
+    until(403, third.clone()).await;
+    assert_eq!(cli(&config, &["enable", &id]).status.code(), Some(0));
+    until(200, third.clone()).await;
+
+    let del = cli(&config, &["delete", &id]);
+    assert_eq!(del.status.code(), Some(0), "{del:?}");
+    until(401, third.clone()).await;
+    assert!(!stdout(&cli(&config, &["list"])).contains(&id));
+    assert!(stdout(&cli(&config, &["list", "--all"])).contains("DELETED"));
+    let shown: Value = serde_json::from_slice(&cli(&config, &["show", &id]).stdout).unwrap();
+    assert_eq!(
+        (shown["deleted"].as_bool(), shown["credits"].as_f64()),
+        (Some(true), Some(1.0))
+    );
+    assert!(shown["deleted_at"].is_string(), "{shown}");
+    let refused = cli(&config, &["rotate", &id]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("deleted"));
+    drop(server);
+
+    // The request log names the key, its labels and the client.
+    let db = rusqlite::Connection::open(dir.join("switchboard-logs.db")).unwrap();
+    let (name, labels, ip): (String, String, String) = db
+        .query_row(
+            "SELECT key_name, key_labels, client_ip FROM requests WHERE key_id = ?1 AND status = 200 ORDER BY time_ms LIMIT 1",
+            [&id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (name.as_str(), labels.as_str(), ip.as_str()),
+        ("search", r#"{"team":"search","tier":"gold"}"#, "127.0.0.1")
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -520,3 +520,75 @@ async fn a_stream_served_while_postgres_is_gone_is_charged_once_after_a_sigkill(
     assert_eq!(credits["data"]["total_usage"], json!(0.000009), "{credits}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A rotation or a deletion on one gateway is refused on the other within a second
+/// (the `sb_keys` notification empties its auth cache), and the key keeps its money.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotate_or_delete_on_one_gateway_is_refused_on_the_other_at_once() {
+    let Some(db) = postgres("a_rotate_or_delete_on_one_gateway_is_refused_on_the_other") else {
+        return;
+    };
+    let a = gateway(&config(db.url())).await;
+    let b = gateway(&config(db.url())).await;
+    let old = "sk-rotated-on-a-0123456789abcdef";
+    let keys = a.gateway.keys().clone();
+    let made = tokio::task::spawn_blocking(move || {
+        keys.create(
+            hash_secret(old),
+            NewKey::new("rotating", "1".parse().unwrap()),
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    // B caches the record of the old secret.
+    assert_eq!(post_lorem(&b, old, 3).await.status(), 200);
+
+    let (keys, id) = (a.gateway.keys().clone(), made.record.id.clone());
+    let (rotated, new) = tokio::task::spawn_blocking(move || {
+        switchboard::accounts::rotate_key(&*keys, &id, 0, switchboard::store::now_unix())
+            .unwrap()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(rotated.record.id, made.record.id);
+    within(Duration::from_secs(1), 401, || async {
+        post_lorem(&b, old, 1).await.status().as_u16()
+    })
+    .await;
+    assert_eq!(post_lorem(&b, &new, 1).await.status(), 200);
+    let (s, credits) = get_json(&b, "/v1/credits", &new).await;
+    assert_eq!(s, 200);
+    assert_eq!(credits["data"]["total_credits"], json!(1));
+
+    let (keys, id) = (a.gateway.keys().clone(), made.record.id.clone());
+    tokio::task::spawn_blocking(move || {
+        keys.update(
+            &id,
+            &KeyPatch {
+                delete_at: Some(switchboard::store::now_unix()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    within(Duration::from_secs(1), 401, || async {
+        post_lorem(&b, &new, 1).await.status().as_u16()
+    })
+    .await;
+    let res = post_lorem(&b, &new, 1).await;
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["message"], "key deleted");
+    // Kept for the books: shown with its spending, marked deleted.
+    let keys = b.gateway.keys().clone();
+    let id = made.record.id.clone();
+    let kept = tokio::task::spawn_blocking(move || keys.get(&id).unwrap().unwrap())
+        .await
+        .unwrap();
+    assert!(kept.record.deleted());
+    assert_eq!(kept.credits, "1".parse::<Money>().unwrap());
+}

@@ -35,6 +35,9 @@ pub struct ServerConfig {
     /// per line, for log collectors); the `SWITCHBOARD_LOG_FORMAT` environment
     /// variable wins over it.
     pub log_format: LogFormat,
+    /// Proxies (CIDRs or single addresses) whose `X-Forwarded-For` names the client
+    /// ([`crate::client_ip`]); empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<String>,
 }
 
 /// `[server].log_format`.
@@ -75,6 +78,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             shutdown_grace_secs: 30,
             log_format: LogFormat::Text,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -295,6 +299,9 @@ pub fn check_listen(addr: &str) -> Result<(), String> {
 pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
     if let Err(message) = check_listen(&config.server.listen) {
         bad("server.listen".into(), message);
+    }
+    if let Err(m) = crate::client_ip::TrustedProxies::parse(&config.server.trusted_proxies) {
+        bad("server.trusted_proxies".into(), m);
     }
     if config.server.max_body_bytes == 0 {
         bad("server.max_body_bytes".into(), "must be at least 1".into());

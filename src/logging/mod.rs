@@ -167,6 +167,10 @@ where
             log_content: self.layer.log_content,
             stream: false,
             complete: false,
+            client_ip: req
+                .extensions()
+                .get::<crate::client_ip::ClientIp>()
+                .map(|c| c.0),
         };
         let inner = {
             let _entered = span.enter();
@@ -186,6 +190,8 @@ pub(crate) struct Guard {
     stream: bool,
     /// The body was sent to its end.
     complete: bool,
+    /// The client's address ([`crate::client_ip`]), formatted once, into the record.
+    client_ip: Option<std::net::IpAddr>,
 }
 
 impl Guard {
@@ -222,7 +228,9 @@ impl Drop for Guard {
             telemetry::gauge(telemetry::STREAMS_IN_FLIGHT, &[]).decrement(1.0);
         }
         let total = self.ctx.started().elapsed();
-        let record = RequestRecord::from_context(&self.ctx, total, self.complete, self.log_content);
+        let mut record =
+            RequestRecord::from_context(&self.ctx, total, self.complete, self.log_content);
+        record.client_ip = self.client_ip.map(|ip| ip.to_string());
         let upstream_wait: Duration = self.ctx.update(|s| s.upstream_wait);
         telemetry::observe(&record, total, upstream_wait);
         tracing::info!(

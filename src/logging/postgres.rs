@@ -40,11 +40,17 @@ pub const POSTGRES_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS requests (
     over_reserve      BOOLEAN NOT NULL DEFAULT false,
     app_url           TEXT,
     app_title         TEXT,
-    cache_hit         BOOLEAN NOT NULL DEFAULT false
+    cache_hit         BOOLEAN NOT NULL DEFAULT false,
+    key_name          TEXT,
+    key_labels        TEXT,
+    client_ip         TEXT
 );
 ALTER TABLE requests ADD COLUMN IF NOT EXISTS app_url TEXT;
 ALTER TABLE requests ADD COLUMN IF NOT EXISTS app_title TEXT;
 ALTER TABLE requests ADD COLUMN IF NOT EXISTS cache_hit BOOLEAN NOT NULL DEFAULT false;
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS key_name TEXT;
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS key_labels TEXT;
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS client_ip TEXT;
 CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);
 CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);
 ";
@@ -55,8 +61,8 @@ CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);
 const SCHEMA_LOCK: i64 = 0x0073_7762_646c_6f67;
 
 /// One batch: every column as an array, unnested into rows, in one statement.
-const INSERT: &str = "INSERT INTO requests (id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title, cache_hit)
-SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::bool[], $16::bool[], $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::bool[], $23::text[], $24::text[], $25::bool[])
+const INSERT: &str = "INSERT INTO requests (id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title, cache_hit, key_name, key_labels, client_ip)
+SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::bool[], $16::bool[], $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::bool[], $23::text[], $24::text[], $25::bool[], $26::text[], $27::text[], $28::text[])
 ON CONFLICT (id) DO NOTHING";
 
 /// How long connecting (and preparing the table) may take before it counts as a
@@ -79,7 +85,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Off the request path like every sink: the [`LogWriter`](super::LogWriter)'s thread
 /// drives a connection of its own on a current-thread tokio runtime the sink owns.
 /// A batch is one statement, so one round trip and one transaction: an
-/// `INSERT … SELECT * FROM UNNEST($1, …, $25)` of one array per column, `ON CONFLICT
+/// `INSERT … SELECT * FROM UNNEST($1, …, $28)` of one array per column, `ON CONFLICT
 /// (id) DO NOTHING` (a batch written again after a lost answer doubles nothing).
 /// Measured against multi-row `VALUES` and a binary `COPY` (the
 /// `postgres_sink_throughput` test; figures in docs/observability.md): the least CPU
@@ -426,6 +432,9 @@ struct Rows<'a> {
     app_url: Vec<Option<Cow<'a, str>>>,
     app_title: Vec<Option<Cow<'a, str>>>,
     cache_hit: Vec<bool>,
+    key_name: Vec<Option<Cow<'a, str>>>,
+    key_labels: Vec<Option<String>>,
+    client_ip: Vec<Option<Cow<'a, str>>>,
 }
 
 impl<'a> Rows<'a> {
@@ -457,6 +466,9 @@ impl<'a> Rows<'a> {
             app_url: Vec::with_capacity(n),
             app_title: Vec::with_capacity(n),
             cache_hit: Vec::with_capacity(n),
+            key_name: Vec::with_capacity(n),
+            key_labels: Vec::with_capacity(n),
+            client_ip: Vec::with_capacity(n),
         };
         let mut json = Vec::with_capacity(256);
         for r in batch {
@@ -489,12 +501,16 @@ impl<'a> Rows<'a> {
             rows.app_url.push(opt_text(&r.app_url));
             rows.app_title.push(opt_text(&r.app_title));
             rows.cache_hit.push(r.cache_hit);
+            rows.key_name.push(opt_text(&r.key_name));
+            rows.key_labels
+                .push(super::sqlite::labels_json(&r.key_labels));
+            rows.client_ip.push(opt_text(&r.client_ip));
         }
         rows
     }
 
-    /// The statement's 25 parameters, in the table's column order.
-    fn params(&self) -> [&(dyn ToSql + Sync); 25] {
+    /// The statement's 28 parameters, in the table's column order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 28] {
         [
             &self.id,
             &self.time_ms,
@@ -521,6 +537,9 @@ impl<'a> Rows<'a> {
             &self.app_url,
             &self.app_title,
             &self.cache_hit,
+            &self.key_name,
+            &self.key_labels,
+            &self.client_ip,
         ]
     }
 }

@@ -107,7 +107,7 @@ fn column_names(schema: &str) -> Vec<String> {
 #[test]
 fn the_postgres_table_has_the_sqlite_columns_in_order() {
     let sqlite = column_names(SQLITE_SCHEMA);
-    assert_eq!(sqlite.len(), 25);
+    assert_eq!(sqlite.len(), 28);
     assert_eq!(column_names(POSTGRES_SCHEMA), sqlite);
     let inserted: Vec<String> = INSERT
         .split_once('(')
@@ -363,6 +363,13 @@ fn a_requests_table_made_before_attribution_gets_its_columns() {
     // The table as a gateway before `app_url`, `app_title` and `cache_hit` made it.
     let old = POSTGRES_SCHEMA
         .replace(
+            ",\n    key_name          TEXT,\n    key_labels        TEXT,\n    client_ip         TEXT",
+            "",
+        )
+        .replace("ALTER TABLE requests ADD COLUMN IF NOT EXISTS key_name TEXT;", "")
+        .replace("ALTER TABLE requests ADD COLUMN IF NOT EXISTS key_labels TEXT;", "")
+        .replace("ALTER TABLE requests ADD COLUMN IF NOT EXISTS client_ip TEXT;", "")
+        .replace(
             ",\n    app_url           TEXT,\n    app_title         TEXT,\n    cache_hit         BOOLEAN NOT NULL DEFAULT false",
             "",
         )
@@ -378,7 +385,10 @@ fn a_requests_table_made_before_attribution_gets_its_columns() {
             "ALTER TABLE requests ADD COLUMN IF NOT EXISTS cache_hit BOOLEAN NOT NULL DEFAULT false;",
             "",
         );
-    assert!(!old.contains("app_") && !old.contains("cache_hit"), "{old}");
+    assert!(
+        !old.contains("app_") && !old.contains("cache_hit") && !old.contains("key_name"),
+        "{old}"
+    );
     pg_exec(db.url(), &old);
     pg_exec(
         db.url(),
@@ -390,7 +400,13 @@ fn a_requests_table_made_before_attribution_gets_its_columns() {
     r.app_url = Some("https://app.example/".into());
     r.app_title = Some("The App".into());
     r.cache_hit = true;
+    r.key_name = Some("alice".into());
     sink.write(&[r]).unwrap();
+    let named = pg_rows(
+        db.url(),
+        "SELECT key_name FROM requests WHERE id = 'gen-new'",
+    );
+    assert_eq!(named, [vec![Some("alice".to_string())]]);
     let got = pg_rows(
         db.url(),
         "SELECT id, app_url, app_title, cache_hit FROM requests ORDER BY id",
@@ -824,6 +840,9 @@ fn rows_as_values<'r>(rows: &'r Rows<'_>) -> Vec<Vec<&'r (dyn ToSql + Sync)>> {
                 &rows.app_url[i],
                 &rows.app_title[i],
                 &rows.cache_hit[i],
+                &rows.key_name[i],
+                &rows.key_labels[i],
+                &rows.client_ip[i],
             ]
         })
         .collect()

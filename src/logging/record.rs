@@ -70,6 +70,16 @@ pub struct RequestRecord {
     /// see [`crate::cache`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cache_hit: bool,
+    /// The key's name, when the request was authenticated.
+    #[serde(default)]
+    pub key_name: Option<String>,
+    /// The key's labels (a JSON object), when the request was authenticated.
+    #[serde(default)]
+    pub key_labels: Option<crate::keys::Labels>,
+    /// The client's address: the TCP peer, or with `[server].trusted_proxies` the
+    /// nearest untrusted address of `X-Forwarded-For`.
+    #[serde(default)]
+    pub client_ip: Option<String>,
 }
 
 /// One upstream attempt of a [`RequestRecord`].
@@ -158,6 +168,9 @@ impl RequestRecord {
             app_url: s.app_url,
             app_title: s.app_title,
             cache_hit: s.cache_hit.is_some(),
+            key_name: ctx.key().map(|k| k.name.clone()),
+            key_labels: ctx.key().map(|k| k.labels.clone()),
+            client_ip: None,
         }
     }
 }

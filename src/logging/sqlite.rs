@@ -51,7 +51,10 @@ macro_rules! requests_columns {
     over_reserve      INTEGER NOT NULL DEFAULT 0,
     app_url           TEXT,
     app_title         TEXT,
-    cache_hit         INTEGER NOT NULL DEFAULT 0
+    cache_hit         INTEGER NOT NULL DEFAULT 0,
+    key_name          TEXT,
+    key_labels        TEXT,
+    client_ip         TEXT
 "
     };
 }
@@ -152,10 +155,13 @@ impl SqliteSink {
 /// Columns added to `requests` after its `STRICT` layout (version 1), with their
 /// types: a log made before gets them (`ALTER TABLE … ADD COLUMN`) when opened
 /// (`cache_hit`: 0 on the rows already there).
-const ADDED_COLUMNS: [(&str, &str); 3] = [
+const ADDED_COLUMNS: [(&str, &str); 6] = [
     ("app_url", "TEXT"),
     ("app_title", "TEXT"),
     ("cache_hit", "INTEGER NOT NULL DEFAULT 0"),
+    ("key_name", "TEXT"),
+    ("key_labels", "TEXT"),
+    ("client_ip", "TEXT"),
 ];
 
 /// Adds the [`ADDED_COLUMNS`] that `requests` lacks.
@@ -174,15 +180,15 @@ fn add_missing_columns(conn: &rusqlite::Connection) -> Result<(), String> {
 }
 
 /// Columns of the `requests` table.
-const COLUMNS: usize = 25;
+const COLUMNS: usize = 28;
 
 /// Every column of `requests`, in the order [`bind`] binds them.
-const INSERT_COLUMNS: &str = "id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title, cache_hit";
+const INSERT_COLUMNS: &str = "id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title, cache_hit, key_name, key_labels, client_ip";
 
 /// Rows per multi-row `INSERT`, largest first: a batch goes in as many 32-row
 /// statements as fit, then 8-row ones, then single rows. One statement run per
 /// several records, not per record, saves SQLite's per-statement work (opening the
-/// B-tree cursors, the halt, the reset). 32 × 25 parameters is well under SQLite's
+/// B-tree cursors, the halt, the reset). 32 × 28 parameters is well under SQLite's
 /// limit of 32,766.
 const ROWS_PER_INSERT: [usize; 3] = [32, 8, 1];
 
@@ -197,8 +203,8 @@ fn insert_sql(rows: usize) -> String {
     )
 }
 
-/// Binds `r` to the 25 parameters after the first `at` (row `n` of a multi-row
-/// `INSERT` has `at = n × 25`).
+/// Binds `r` to the 28 parameters after the first `at` (row `n` of a multi-row
+/// `INSERT` has `at = n × 28`).
 /// `scratch` holds the row's `attempts` JSON (SQLite copies bound text).
 fn bind(
     stmt: &mut rusqlite::Statement<'_>,
@@ -211,6 +217,7 @@ fn bind(
     // JSON of `&str`s and integers: UTF-8 by construction.
     let attempts = std::str::from_utf8(scratch).map_err(io::Error::other)?;
     let prompt = r.prompt.as_ref().map(|p| p.to_string());
+    let labels = labels_json(&r.key_labels);
     let values: [&dyn rusqlite::ToSql; COLUMNS] = [
         &r.id,
         &int(r.time_ms),
@@ -237,11 +244,21 @@ fn bind(
         &r.app_url,
         &r.app_title,
         &r.cache_hit,
+        &r.key_name,
+        &labels,
+        &r.client_ip,
     ];
     for (i, v) in values.iter().enumerate() {
         stmt.raw_bind_parameter(at + i + 1, v).map_err(sql_err)?;
     }
     Ok(())
+}
+
+/// The `key_labels` column: the labels as a JSON object (`NULL` without a key).
+pub(super) fn labels_json(labels: &Option<crate::keys::Labels>) -> Option<String> {
+    labels
+        .as_ref()
+        .map(|l| serde_json::to_string(l).unwrap_or_default())
 }
 
 /// The `attempts` column: the JSON array `serde_json` writes for `attempts`, written
@@ -478,6 +495,10 @@ mod tests {
             let conn = rusqlite::Connection::open(&path).unwrap();
             // The STRICT layout of version 1: no `app_url`, `app_title`, `cache_hit`.
             let v1 = REQUESTS_TABLE.replace(
+                ",\n    key_name          TEXT,\n    key_labels        TEXT,\n    client_ip         TEXT",
+                "",
+            );
+            let v1 = v1.replace(
                 ",\n    app_url           TEXT,\n    app_title         TEXT,\n    cache_hit         INTEGER NOT NULL DEFAULT 0",
                 "",
             );

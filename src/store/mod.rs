@@ -80,7 +80,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::GatewayError;
-use crate::keys::{KeyRecord, LimitReset};
+use crate::keys::{KeyRecord, Labels, LimitReset};
 use crate::money::Money;
 
 pub(crate) mod idempotency;
@@ -280,6 +280,9 @@ impl StoredKey {
             usage_weekly: usage.weekly,
             usage_monthly: usage.monthly,
             expires_at: r.expires_at.map(crate::clock::format_rfc3339),
+            labels: r.labels.clone(),
+            deleted: r.deleted(),
+            deleted_at: r.deleted_at.map(crate::clock::format_rfc3339),
             secret: None,
         }
     }
@@ -321,6 +324,12 @@ pub struct KeyView {
     pub usage_monthly: Money,
     /// When the key stops working (RFC 3339), if it does.
     pub expires_at: Option<String>,
+    /// Free-form `k=v` tags.
+    pub labels: Labels,
+    /// Whether the key was deleted (refused; kept for the books).
+    pub deleted: bool,
+    /// When it was deleted (RFC 3339).
+    pub deleted_at: Option<String>,
     /// The secret: only in the answer that creates the key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
@@ -345,6 +354,8 @@ pub struct NewKey {
     pub limit_reset: Option<LimitReset>,
     /// Unix seconds from which the key is refused.
     pub expires_at: Option<u64>,
+    /// Free-form `k=v` tags ([`check_labels`](crate::keys::check_labels)).
+    pub labels: Labels,
 }
 
 impl NewKey {
@@ -359,6 +370,7 @@ impl NewKey {
                 models: self.models,
                 limit_reset: self.limit_reset,
                 expires_at: self.expires_at,
+                labels: self.labels,
                 ..KeyRecord::new(id, self.name)
             },
             created,
@@ -378,6 +390,7 @@ impl NewKey {
             models: None,
             limit_reset: None,
             expires_at: None,
+            labels: Labels::new(),
         }
     }
 }
@@ -401,6 +414,10 @@ pub struct KeyPatch {
     pub limit_reset: Option<Option<LimitReset>>,
     /// New expiry, Unix seconds (`Some(None)`: never).
     pub expires_at: Option<Option<u64>>,
+    /// New labels (replace all of them).
+    pub labels: Option<Labels>,
+    /// Deletes the key at these Unix seconds (a key deleted before keeps its time).
+    pub delete_at: Option<u64>,
 }
 
 impl KeyPatch {
@@ -430,6 +447,12 @@ impl KeyPatch {
         if let Some(x) = self.expires_at {
             r.expires_at = x;
         }
+        if let Some(l) = &self.labels {
+            r.labels.clone_from(l);
+        }
+        if let Some(t) = self.delete_at {
+            r.deleted_at.get_or_insert(t);
+        }
     }
 }
 
@@ -456,6 +479,21 @@ pub trait KeyStore: Send + Sync + 'static {
     fn update(&self, id: &str, patch: &KeyPatch) -> Result<Option<StoredKey>, StoreError>;
     /// Whether the store answers (for `/readyz`).
     fn ping(&self) -> Result<(), StoreError>;
+    /// Gives a key the secret that hashes to `hash` (same id, money and limits);
+    /// its old secret keeps working until `grace_until` (Unix seconds; `None`: it
+    /// stops at once), then [`find`](KeyStore::find) no longer finds it. `None`
+    /// when there is no such key. The default refuses: a store that cannot rotate.
+    fn rotate(
+        &self,
+        id: &str,
+        hash: SecretHash,
+        grace_until: Option<u64>,
+    ) -> Result<Option<StoredKey>, StoreError> {
+        let _ = (id, hash, grace_until);
+        Err(StoreError(
+            "this store cannot rotate secrets: create a new key instead".into(),
+        ))
+    }
     /// Key changes made by any process on this store (other instances, the CLI), for
     /// stores shared by several gateways: the gateway forgets its cached records on
     /// each one. `None` (the default) when only this process changes keys.

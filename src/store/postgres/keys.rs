@@ -10,14 +10,14 @@ use tokio_postgres::Row;
 use super::escrow::Amounts;
 use super::{schema, Op, Shared};
 use crate::config::KeyConfig;
-use crate::keys::{KeyRecord, LimitReset};
+use crate::keys::{KeyRecord, Labels, LimitReset};
 use crate::money::{Money, MAX_CREDITS};
 use crate::store::{
     credits_after_top_up, hash_secret, new_key_id, now_unix, Balance, Generation,
     GenerationAttempt, KeyPatch, NewKey, PeriodUsage, SecretHash, StoreError, StoredKey,
 };
 
-const KEY_COLUMNS: &str = "id, name, created, disabled, credits, spent, limit_usd, rpm, tokens_per_day, models, limit_reset, expires_at";
+const KEY_COLUMNS: &str = "id, name, created, disabled, credits, spent, limit_usd, rpm, tokens_per_day, models, limit_reset, expires_at, labels, deleted_at";
 
 /// The notification channel of key changes (payload: the key id).
 pub(super) const KEYS_CHANNEL: &str = "sb_keys";
@@ -41,6 +41,14 @@ fn row_to_key(r: &Row) -> StoredKey {
             expires_at: r
                 .get::<_, Option<i64>>("expires_at")
                 .map(|v| v.max(0) as u64),
+            labels: r
+                .get::<_, Option<String>>("labels")
+                .and_then(|v| serde_json::from_str(&v).ok())
+                .unwrap_or_default(),
+            deleted_at: r
+                .get::<_, Option<i64>>("deleted_at")
+                .map(|v| v.max(0) as u64),
+            secret_expires_at: None,
         },
         created: r.get::<_, i64>("created").max(0) as u64,
         credits: Money::from_pico(r.get("credits")),
@@ -51,6 +59,11 @@ fn row_to_key(r: &Row) -> StoredKey {
 fn models_json(m: &Option<Vec<String>>) -> Option<String> {
     m.as_ref()
         .map(|m| serde_json::to_string(m).unwrap_or_default())
+}
+
+/// Labels as stored: a JSON object, `NULL` when there are none.
+fn labels_json(l: &Labels) -> Option<String> {
+    (!l.is_empty()).then(|| serde_json::to_string(l).unwrap_or_default())
 }
 
 fn reset_text(r: Option<LimitReset>) -> Option<&'static str> {
@@ -151,19 +164,31 @@ impl Shared {
         hash: SecretHash,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let client = self.client().await?;
+        // The current secret, or one a rotation replaced whose grace has not ended.
         let stmt = self
             .prepare(
                 &client,
-                &format!("SELECT {KEY_COLUMNS} FROM sb_keys WHERE secret_sha256 = $1"),
+                &format!(
+                    "(SELECT {KEY_COLUMNS}, NULL::bigint AS grace FROM sb_keys WHERE secret_sha256 = $1)
+                     UNION ALL
+                     (SELECT {KEY_COLUMNS}, old_secret_until FROM sb_keys
+                       WHERE old_secret_sha256 = $1 AND old_secret_until > $2)
+                     LIMIT 1"
+                ),
             )
             .await?;
         self.count(Op::Key);
+        let now = expiry(Some(self.now()));
         let row = client
-            .query_opt(&stmt, &[&&hash[..]])
+            .query_opt(&stmt, &[&&hash[..], &now])
             .await
             .map_err(|e| self.error(e))?;
         self.mark_up();
-        Ok(row.map(|r| row_to_key(&r).record))
+        Ok(row.map(|r| {
+            let mut record = row_to_key(&r).record;
+            record.secret_expires_at = r.get::<_, Option<i64>>("grace").map(|v| v.max(0) as u64);
+            record
+        }))
     }
 
     pub(super) async fn get(self: &Arc<Self>, id: &str) -> Result<Option<StoredKey>, StoreError> {
@@ -211,8 +236,8 @@ impl Shared {
         client
             .execute(
                 "WITH made AS (
-                     INSERT INTO sb_keys (id, secret_sha256, name, created, credits, limit_usd, rpm, tokens_per_day, models, limit_reset, expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12)
+                     INSERT INTO sb_keys (id, secret_sha256, name, created, credits, limit_usd, rpm, tokens_per_day, models, limit_reset, expires_at, labels)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12, $13)
                      RETURNING id)
                  SELECT pg_notify($10, id) FROM made",
                 &[
@@ -228,6 +253,7 @@ impl Shared {
                     &KEYS_CHANNEL,
                     &reset_text(new.limit_reset),
                     &expiry(new.expires_at),
+                    &labels_json(&new.labels),
                 ],
             )
             .await
@@ -266,7 +292,7 @@ impl Shared {
         self.count(Op::Key);
         tx.execute(
             "UPDATE sb_keys SET name = $1, disabled = $2, limit_usd = $3, rpm = $4, tokens_per_day = $5, models = $6,
-                    limit_reset = $8, expires_at = $9
+                    limit_reset = $8, expires_at = $9, labels = $10, deleted_at = $11
               WHERE id = $7",
             &[
                 &r.name,
@@ -278,6 +304,8 @@ impl Shared {
                 &id,
                 &reset_text(r.limit_reset),
                 &expiry(r.expires_at),
+                &labels_json(&r.labels),
+                &expiry(r.deleted_at),
             ],
         )
         .await
@@ -290,6 +318,45 @@ impl Shared {
         tx.commit().await.map_err(|e| self.error(e))?;
         self.mark_up();
         Ok(Some(key))
+    }
+
+    /// Gives key `id` the secret hashing to `hash`; the old one is found until
+    /// `grace_until` (none: never again). The change is told to every instance in
+    /// the same statement, so a revoked secret stops everywhere at once.
+    pub(super) async fn rotate(
+        self: &Arc<Self>,
+        id: &str,
+        hash: SecretHash,
+        grace_until: Option<u64>,
+    ) -> Result<Option<StoredKey>, StoreError> {
+        {
+            let client = self.client().await?;
+            self.count(Op::Key);
+            let changed = client
+                .execute(
+                    "WITH turned AS (
+                         UPDATE sb_keys
+                            SET old_secret_sha256 = CASE WHEN $3::bigint IS NULL THEN NULL ELSE secret_sha256 END,
+                                old_secret_until = $3, secret_sha256 = $2
+                          WHERE id = $1
+                          RETURNING id)
+                     SELECT pg_notify($4, id) FROM turned",
+                    &[&id, &&hash[..], &expiry(grace_until), &KEYS_CHANNEL],
+                )
+                .await
+                .map_err(|e| {
+                    if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                        StoreError("a key with this secret already exists".into())
+                    } else {
+                        self.error(e)
+                    }
+                })?;
+            self.mark_up();
+            if changed == 0 {
+                return Ok(None);
+            }
+        }
+        self.get(id).await
     }
 
     /// See [`PgStore::bootstrap`](super::PgStore::bootstrap).

@@ -727,6 +727,17 @@ impl KeyStore for PgStore {
         self.shared.block(async move { s.ping().await })
     }
 
+    fn rotate(
+        &self,
+        id: &str,
+        hash: SecretHash,
+        grace_until: Option<u64>,
+    ) -> Result<Option<StoredKey>, StoreError> {
+        let (s, id) = (self.shared.clone(), id.to_string());
+        self.shared
+            .block(async move { s.rotate(&id, hash, grace_until).await })
+    }
+
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<KeyChange>> {
         Some(self.shared.changes.subscribe())
     }

@@ -14,7 +14,7 @@ pub(super) const LOCK_ID: i64 = 0x5357_4954_4348_4244;
 
 /// The schema steps, in order: step `n` brings the database to version `n + 1`.
 pub(super) fn migrations() -> Vec<String> {
-    vec![step_1(), step_2(), step_3(), step_4(), step_5()]
+    vec![step_1(), step_2(), step_3(), step_4(), step_5(), step_6()]
 }
 
 /// Version 3 (SPEC §8.3): a key's `limit_reset` and `expires_at`; the app that sent
@@ -222,6 +222,21 @@ END
 $fn$;
 "#
     )
+}
+
+/// Keys' `labels` (a JSON object), deletion (`deleted_at`, Unix seconds; the row
+/// stays for the books) and the secret a rotation replaced (`old_secret_sha256`,
+/// found until `old_secret_until`). Idempotent.
+fn step_6() -> String {
+    r#"
+ALTER TABLE sb_keys ADD COLUMN IF NOT EXISTS labels TEXT;
+ALTER TABLE sb_keys ADD COLUMN IF NOT EXISTS deleted_at BIGINT;
+ALTER TABLE sb_keys ADD COLUMN IF NOT EXISTS old_secret_sha256 BYTEA;
+ALTER TABLE sb_keys ADD COLUMN IF NOT EXISTS old_secret_until BIGINT;
+CREATE INDEX IF NOT EXISTS sb_keys_old_secret ON sb_keys (old_secret_sha256)
+ WHERE old_secret_sha256 IS NOT NULL;
+"#
+    .into()
 }
 
 /// The idempotency records of SPEC §8.2: one per client key and idempotency key,

@@ -3,7 +3,7 @@
 use rusqlite::{params, OptionalExtension};
 
 use super::{money, SqliteStore};
-use crate::keys::{KeyRecord, LimitReset};
+use crate::keys::{KeyRecord, Labels, LimitReset};
 use crate::money::{Money, MAX_CREDITS};
 use crate::store::{
     new_key_id, now_unix, KeyPatch, KeyStore, NewKey, SecretHash, StoreError, StoredKey,
@@ -36,6 +36,11 @@ pub(super) fn row_to_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
         expires_at: r
             .get::<_, Option<i64>>("expires_at")?
             .map(|v| v.max(0) as u64),
+        labels: labels_from(r.get("labels")?),
+        deleted_at: r
+            .get::<_, Option<i64>>("deleted_at")?
+            .map(|v| v.max(0) as u64),
+        secret_expires_at: None,
     };
     Ok(StoredKey {
         record,
@@ -45,7 +50,18 @@ pub(super) fn row_to_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredKey> {
     })
 }
 
-pub(super) const KEY_COLUMNS: &str = "id, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models, limit_reset, expires_at";
+pub(super) const KEY_COLUMNS: &str = "id, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models, limit_reset, expires_at, labels, deleted_at";
+
+/// Labels as stored: a JSON object, `NULL` when there are none.
+pub(super) fn labels_json(l: &Labels) -> Option<String> {
+    (!l.is_empty()).then(|| serde_json::to_string(l).unwrap_or_default())
+}
+
+/// Labels from their stored JSON.
+pub(super) fn labels_from(v: Option<String>) -> Labels {
+    v.and_then(|v| serde_json::from_str(&v).ok())
+        .unwrap_or_default()
+}
 
 /// `limit_reset` as stored.
 pub(super) fn reset_text(r: Option<LimitReset>) -> Option<&'static str> {
@@ -64,11 +80,25 @@ pub(super) fn models_json(m: &Option<Vec<String>>) -> Option<String> {
 
 impl KeyStore for SqliteStore {
     fn find(&self, hash: &SecretHash) -> Result<Option<KeyRecord>, StoreError> {
+        let now = super::int(self.now());
         self.with_conn(|c| {
+            // The current secret, or one a rotation replaced whose grace has not ended.
             Ok(c.query_row(
-                &format!("SELECT {KEY_COLUMNS} FROM keys WHERE secret_sha256=?1"),
-                [&hash[..]],
-                row_to_key,
+                &format!(
+                    "SELECT {KEY_COLUMNS}, CASE WHEN secret_sha256 = ?1 THEN NULL ELSE old_secret_until END AS grace
+                       FROM keys WHERE secret_sha256 = ?1
+                     UNION ALL
+                     SELECT {KEY_COLUMNS}, old_secret_until FROM keys
+                      WHERE old_secret_sha256 = ?1 AND old_secret_until > ?2
+                     LIMIT 1"
+                ),
+                params![&hash[..], now],
+                |r| {
+                    let mut k = row_to_key(r)?;
+                    k.record.secret_expires_at =
+                        r.get::<_, Option<i64>>("grace")?.map(|v| v.max(0) as u64);
+                    Ok(k)
+                },
             )
             .optional()?
             .map(|k| k.record))
@@ -104,8 +134,8 @@ impl KeyStore for SqliteStore {
         let created = now_unix();
         self.with_conn(|c| {
             c.execute(
-                "INSERT INTO keys (id, secret_sha256, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models, limit_reset, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT INTO keys (id, secret_sha256, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models, limit_reset, expires_at, labels)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![
                     id,
                     &hash[..],
@@ -117,7 +147,8 @@ impl KeyStore for SqliteStore {
                     new.tokens_per_day.map(|t| t as i64),
                     models_json(&new.models),
                     reset_text(new.limit_reset),
-                    expiry(new.expires_at)
+                    expiry(new.expires_at),
+                    labels_json(&new.labels)
                 ],
             )
             .map_err(|e| match e {
@@ -149,7 +180,7 @@ impl KeyStore for SqliteStore {
             patch.apply(&mut key.record);
             let r = &key.record;
             tx.execute(
-                "UPDATE keys SET name=?1, disabled=?2, limit_pico=?3, rpm=?4, tokens_per_day=?5, models=?6, limit_reset=?7, expires_at=?8 WHERE id=?9",
+                "UPDATE keys SET name=?1, disabled=?2, limit_pico=?3, rpm=?4, tokens_per_day=?5, models=?6, limit_reset=?7, expires_at=?8, labels=?10, deleted_at=?11 WHERE id=?9",
                 params![
                     r.name,
                     r.disabled,
@@ -159,13 +190,44 @@ impl KeyStore for SqliteStore {
                     models_json(&r.models),
                     reset_text(r.limit_reset),
                     expiry(r.expires_at),
-                    id
+                    id,
+                    labels_json(&r.labels),
+                    expiry(r.deleted_at)
                 ],
             )?;
             tx.commit()?;
             Ok(Some(key))
         })
         .map(|k| k.map(|k| self.with_account(k)))
+    }
+
+    fn rotate(
+        &self,
+        id: &str,
+        hash: SecretHash,
+        grace_until: Option<u64>,
+    ) -> Result<Option<StoredKey>, StoreError> {
+        self.with_conn(|c| {
+            // The old secret becomes the one found until `grace_until` (none: from
+            // now on it finds nothing); a secret rotated out before is forgotten.
+            let changed = c
+                .execute(
+                    "UPDATE keys SET old_secret_sha256 = CASE WHEN ?3 IS NULL THEN NULL ELSE secret_sha256 END,
+                                     old_secret_until = ?3, secret_sha256 = ?2
+                      WHERE id = ?1",
+                    params![id, &hash[..], expiry(grace_until)],
+                )
+                .map_err(|e| match e {
+                    rusqlite::Error::SqliteFailure(f, _)
+                        if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
+                        StoreError("a key with this secret already exists".into())
+                    }
+                    e => e.into(),
+                })?;
+            Ok(changed)
+        })?;
+        self.get(id)
     }
 
     fn ping(&self) -> Result<(), StoreError> {

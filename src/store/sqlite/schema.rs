@@ -161,6 +161,7 @@ pub(super) fn prepare_schema(conn: &mut Connection, path: &Path) -> Result<(), S
         .and_then(|()| migrate_v2(conn))
         .and_then(|()| add_step(conn, CACHE_HIT_VERSION, CACHE_HIT_COLUMN))
         .and_then(|()| add_step(conn, IDEMPOTENCY_VERSION, IDEMPOTENCY_TABLE))
+        .and_then(|()| add_step(conn, KEY_LIFECYCLE_VERSION, KEY_LIFECYCLE))
         .map_err(|e| StoreError(format!("cannot prepare the store {}: {e}", path.display())))
 }
 
@@ -186,7 +187,7 @@ SELECT key_id, created / 86400, sum(amount_pico) FROM settlements
 ";
 
 /// The version [`prepare_schema`] brings a database to.
-pub(crate) const LATEST_VERSION: i64 = IDEMPOTENCY_VERSION;
+pub(crate) const LATEST_VERSION: i64 = KEY_LIFECYCLE_VERSION;
 
 /// Brings a version-1 database to version 2 ([`V2`]), once; another connection doing
 /// it at the same moment waits (`BEGIN IMMEDIATE`), then finds it done.
@@ -223,6 +224,20 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (key_id, idem_key)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires);
+";
+
+/// Version 5: a key's `labels` (a JSON object), its deletion (`deleted_at`, Unix
+/// seconds; the row stays for the books) and the secret a rotation replaced
+/// (`old_secret_sha256`, found until `old_secret_until`).
+pub(super) const KEY_LIFECYCLE_VERSION: i64 = 5;
+
+/// See [`KEY_LIFECYCLE_VERSION`].
+const KEY_LIFECYCLE: &str = "
+ALTER TABLE keys ADD COLUMN labels TEXT;
+ALTER TABLE keys ADD COLUMN deleted_at INTEGER;
+ALTER TABLE keys ADD COLUMN old_secret_sha256 BLOB;
+ALTER TABLE keys ADD COLUMN old_secret_until INTEGER;
+CREATE INDEX IF NOT EXISTS keys_old_secret ON keys (old_secret_sha256) WHERE old_secret_sha256 IS NOT NULL;
 ";
 
 /// Brings the database of `conn` to `version` by running `sql` (statements that
