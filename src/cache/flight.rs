@@ -105,6 +105,16 @@ impl Flights {
         self.map.lock().len()
     }
 
+    /// Requests following a flight now, over every flight (tests): each follower holds
+    /// the flight, besides the map and the leader.
+    pub fn followers(&self) -> usize {
+        self.map
+            .lock()
+            .values()
+            .map(|f| Arc::strong_count(f).saturating_sub(2))
+            .sum()
+    }
+
     /// Counts a request as waiting for an identical one's answer (following it, or
     /// another instance's) until the guard is dropped.
     pub fn waiting(&self) -> Waiting {

@@ -230,6 +230,12 @@ impl CacheLayer {
     pub fn flights_in_progress(&self) -> usize {
         self.shared.flights.len()
     }
+
+    /// Requests of this layer following a leader now (tests).
+    #[doc(hidden)]
+    pub fn flight_followers(&self) -> usize {
+        self.shared.flights.followers()
+    }
 }
 
 impl<S> Layer<S> for CacheLayer {

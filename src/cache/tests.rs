@@ -346,8 +346,7 @@ fn gated(gate: Arc<tokio::sync::Semaphore>, fail_first: bool) -> Answer {
     })
 }
 
-/// Waits until `n` requests follow a flight (they subscribed to its changes) plus its
-/// leader: polls the layer's flight count and the receivers of the only flight.
+/// Waits until a leader is in flight (polls the layer's flight count).
 async fn until_in_flight(layer: &CacheLayer) {
     tokio::time::timeout(Duration::from_secs(30), async {
         while layer.flights_in_progress() == 0 {
@@ -356,6 +355,20 @@ async fn until_in_flight(layer: &CacheLayer) {
     })
     .await
     .expect("a leader");
+}
+
+/// Waits until a leader is in flight and `n` other requests follow it, so that none is
+/// still before its cache lookup when the leader's gate opens (such a late one could
+/// find the answer not yet stored and lead anew: a second inner call).
+async fn until_followed(layer: &CacheLayer, n: usize) {
+    until_in_flight(layer).await;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while layer.flight_followers() < n {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("every request following the leader");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,11 +384,7 @@ async fn fifty_identical_requests_in_flight_make_one_inner_call() {
             send(&svc, request("k1", BODY)).await
         }));
     }
-    until_in_flight(&layer).await;
-    // Let every task reach the flight (they are queued behind the leader's gate).
-    for _ in 0..100 {
-        tokio::task::yield_now().await;
-    }
+    until_followed(&layer, 49).await;
     gate.add_permits(1000);
     let mut statuses = std::collections::BTreeMap::new();
     let mut bodies = std::collections::HashSet::new();
@@ -406,10 +415,7 @@ async fn when_the_first_fails_one_follower_takes_over_and_the_others_get_its_ans
             send(&svc, request("k1", BODY)).await
         }));
     }
-    until_in_flight(&layer).await;
-    for _ in 0..100 {
-        tokio::task::yield_now().await;
-    }
+    until_followed(&layer, 19).await;
     gate.add_permits(1000);
     let mut codes = std::collections::BTreeMap::new();
     for t in tasks {
