@@ -1,5 +1,8 @@
 //! The `switchboard` binary itself: the demo with no config, `check`, graceful shutdown.
 
+mod common;
+
+use common::{sigterm, wait_exit};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -62,26 +65,6 @@ fn serve_on(dir: &PathBuf, listen: &str, args: &[&str]) -> (Child, String, Vec<S
         }
         seen.push(line);
     }
-}
-
-fn sigterm(child: &Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
-
-fn wait_exit(child: &mut Child) -> i32 {
-    for _ in 0..600 {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code().unwrap_or(-1);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    panic!("the gateway did not exit within 60 s of SIGTERM");
 }
 
 #[tokio::test]

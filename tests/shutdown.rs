@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use axum::body::Body;
-use common::{client, hang, temp_dir, upstream, Upstream, SOCKET_TIMEOUT, TEST_KEY};
+use common::{
+    client, hang, sigterm, temp_dir, upstream, wait_exit, Upstream, SOCKET_TIMEOUT, TEST_KEY,
+};
 use futures_util::StreamExt;
 use switchboard::config::Config;
 use switchboard::money::Money;
@@ -290,26 +292,6 @@ fn serve(
             return (child, format!("http://{addr}"), seen, rx);
         }
     }
-}
-
-fn sigterm(child: &Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
-
-fn wait_exit(child: &mut Child) -> i32 {
-    for _ in 0..600 {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code().unwrap_or(-1);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    panic!("the gateway did not exit within 60 s of SIGTERM");
 }
 
 /// Every line the receiver still gets until the process has closed stderr.

@@ -909,3 +909,26 @@ pub fn through_port(url: &str, port: u16) -> (String, String) {
     };
     (format!("{scheme}://{user}127.0.0.1:{port}{path}"), target)
 }
+
+/// Sends SIGTERM to a gateway process started by a test.
+pub fn sigterm(child: &std::process::Child) {
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// Waits (60 s at most) for a gateway process to exit after SIGTERM; its exit code
+/// (-1 when killed by a signal).
+pub fn wait_exit(child: &mut std::process::Child) -> i32 {
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("the gateway did not exit within 60 s of SIGTERM");
+}
