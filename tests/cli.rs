@@ -2,8 +2,7 @@
 
 mod common;
 
-use common::{sigterm, wait_exit};
-use std::io::{BufRead, BufReader};
+use common::{sigterm, until_listening, wait_exit};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,27 +43,10 @@ fn serve_on(dir: &PathBuf, listen: &str, args: &[&str]) -> (Child, String, Vec<S
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no listening line; stderr so far: {seen:#?}"));
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap().to_string();
-            seen.push(line);
-            // Keep draining stderr so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in rx {});
-            return (child, addr, seen);
-        }
-        seen.push(line);
-    }
+    let (addr, seen, rx) = until_listening(&mut child);
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in rx {});
+    (child, addr, seen)
 }
 
 #[tokio::test]

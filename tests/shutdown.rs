@@ -5,13 +5,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use axum::body::Body;
 use common::{
-    client, hang, sigterm, temp_dir, upstream, wait_exit, Upstream, SOCKET_TIMEOUT, TEST_KEY,
+    client, hang, sigterm, temp_dir, until_listening, upstream, wait_exit, Upstream,
+    SOCKET_TIMEOUT, TEST_KEY,
 };
 use futures_util::StreamExt;
 use switchboard::config::Config;
@@ -270,28 +270,8 @@ fn serve(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no listening line; stderr so far: {seen:#?}"));
-        let addr = line.split("listening on http://").nth(1).map(|rest| {
-            rest.chars()
-                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                .collect::<String>()
-        });
-        seen.push(line);
-        if let Some(addr) = addr {
-            return (child, format!("http://{addr}"), seen, rx);
-        }
-    }
+    let (addr, seen, rx) = until_listening(&mut child);
+    (child, format!("http://{addr}"), seen, rx)
 }
 
 /// Every line the receiver still gets until the process has closed stderr.

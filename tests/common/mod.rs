@@ -932,3 +932,39 @@ pub fn wait_exit(child: &mut std::process::Child) -> i32 {
     let _ = child.kill();
     panic!("the gateway did not exit within 60 s of SIGTERM");
 }
+
+/// Reads a `switchboard serve` child's stderr (piped) until its "listening on" line;
+/// returns the address it printed (`127.0.0.1:PORT` or `[::1]:PORT`), the lines up to
+/// and including that one, and a receiver of the lines after it (drop it, or keep
+/// reading: a thread forwards every line, so the child never blocks on a full pipe).
+pub fn until_listening(
+    child: &mut std::process::Child,
+) -> (String, Vec<String>, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no listening line; stderr so far: {seen:#?}"));
+        // Text or JSON logs: the address ends at white space or the closing quote.
+        let addr = line.split("listening on http://").nth(1).map(|rest| {
+            rest.chars()
+                .take_while(|c| !c.is_whitespace() && *c != '"')
+                .collect::<String>()
+        });
+        seen.push(line);
+        if let Some(addr) = addr {
+            return (addr, seen, rx);
+        }
+    }
+}
