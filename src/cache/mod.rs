@@ -446,6 +446,14 @@ where
         }
         match shared.flights.join_or_lead(ask.key, shared.max_entry_bytes) {
             Role::Lead(mut guard) => {
+                // The flight before this one may have stored its answer and ended
+                // between the look above and the lead: look again (in this process;
+                // no round trip), or this request would call upstream a second time.
+                if let Some(answer) = shared.backend.get_local(&ask.key) {
+                    guard.finish(answer.clone());
+                    count("hit");
+                    return Ok(hit(&shared, &ask, &answer).await);
+                }
                 match shared.backend.claim(&ask.key).await {
                     Claim::Granted => guard.release_with(shared.backend.clone()),
                     Claim::Busy => {
