@@ -322,6 +322,7 @@ impl GatewayBuilder {
             catalog,
             chat: BoxCloneSyncService::new(chat),
             logs,
+            health,
             drain,
             _follows_changes: follows_changes,
             accounts: AccountState {
@@ -373,6 +374,8 @@ pub struct Gateway {
     catalog: Arc<Catalog>,
     chat: ChatService,
     logs: LogWriter,
+    /// Endpoint health, shared by the stack and `/admin/endpoints`.
+    health: Arc<dyn HealthRegistry>,
     /// Tripped when the shutdown grace runs out (see [`Gateway::serve`]).
     drain: Drain,
     /// What the key-change thread holds weakly (see `forget_on_change`).
@@ -405,6 +408,12 @@ impl Gateway {
     /// The request-log writer (e.g. to [`LogWriter::flush`] it).
     pub fn logs(&self) -> &LogWriter {
         &self.logs
+    }
+
+    /// The endpoint health registry the stack records to (and `/admin/endpoints`
+    /// reads).
+    pub fn health(&self) -> &Arc<dyn HealthRegistry> {
+        &self.health
     }
 
     /// The key store.
@@ -458,6 +467,13 @@ impl Gateway {
             .route("/healthz", get(|| async { "ok" }))
             .route("/metrics", get(metrics))
             .merge(crate::accounts::admin_routes(self.accounts.clone()))
+            .merge(crate::admin::routes(crate::admin::AdminState {
+                accounts: self.accounts.clone(),
+                usage: self.logs.usage().cloned(),
+                log_sink: self.config.logging.sink.clone(),
+                catalog: self.catalog.clone(),
+                health: self.health.clone(),
+            }))
             .merge(
                 Router::new()
                     .route("/readyz", get(crate::accounts::readyz))
