@@ -241,8 +241,11 @@ async fn get_generation(
     reply(r, StatusCode::OK)
 }
 
-/// Checks the admin token: 404 when the admin API is off, 401 when the token is wrong.
-pub(crate) fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), GatewayError> {
+/// Checks the admin token of a request to any admin route (`/admin/keys`,
+/// `/admin/usage`, `/admin/endpoints`, …): 404 when the admin API is off, 401 when
+/// the token is missing or wrong. The one check every admin route calls: a new way
+/// to present the token (e.g. a cookie) is added here, for all of them.
+pub fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), GatewayError> {
     let Some(expected) = &state.admin_token else {
         return Err(GatewayError::NotFound(format!(
             "the admin API is off: set {} (see [admin].token_env) and restart",

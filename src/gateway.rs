@@ -404,6 +404,13 @@ impl Gateway {
         &self.process.logs
     }
 
+    /// The endpoint health registry the current stack records to (and
+    /// `/admin/endpoints` reads); a reload gives the next stack its own, seeded with
+    /// this one's state.
+    pub fn health(&self) -> Arc<dyn HealthRegistry> {
+        self.stack.load().health.clone()
+    }
+
     /// The key store.
     pub fn keys(&self) -> &Arc<dyn KeyStore> {
         &self.accounts.keys
@@ -458,6 +465,18 @@ impl Gateway {
             .route("/metrics", get(metrics))
             .merge(crate::accounts::admin_routes(self.accounts.clone()))
             .merge(reload::admin_route(self.clone()))
+            .merge(crate::admin::routes(crate::admin::AdminState {
+                accounts: self.accounts.clone(),
+                usage: self.process.logs.usage().cloned(),
+                log_sink: self.config().logging.sink.clone(),
+                current: {
+                    let stack = self.stack.clone();
+                    Arc::new(move || {
+                        let s = stack.load();
+                        (s.catalog.clone(), s.health.clone())
+                    })
+                },
+            }))
             .merge(
                 Router::new()
                     .route("/readyz", get(crate::accounts::readyz))

@@ -378,3 +378,80 @@ async fn all_degraded_leaves_the_soonest_as_last_resort() {
     let (plan, last) = filtered(&cat, &reg, "test/model", None, 0.0);
     assert_eq!((plan, last), (vec!["b".to_string()], false));
 }
+
+#[test]
+fn the_snapshot_shows_the_streak_the_last_failure_probing_and_a_park() {
+    let catalog = catalog(&[("a", "openai", "1", "1", "allow")]);
+    let e = catalog.endpoints()[0].clone();
+    let cfg = HealthConfig {
+        failure_threshold: 2,
+        cooldown_secs: 10,
+    };
+    let h = InMemoryHealth::new(&cfg, 1);
+    let t0 = Instant::now();
+    let fail = |h: &InMemoryHealth, err: ProviderError, now: Instant, last_resort: bool| {
+        let t = h.acquire(&e, now, last_resort).unwrap();
+        h.record(&e, t, AttemptOutcome::from_error(&err), now);
+    };
+    let snap = h.snapshot(&e, t0);
+    assert_eq!(
+        (snap.state, snap.consecutive_failures, snap.until),
+        (HealthState::Healthy, 0, None)
+    );
+
+    fail(&h, ProviderError::status("a", 503, "busy"), t0, false);
+    let snap = h.snapshot(&e, t0);
+    assert_eq!(
+        (snap.state, snap.consecutive_failures),
+        (HealthState::Healthy, 1)
+    );
+    assert_eq!(snap.last_failure.unwrap().kind, FailureKind::Status(503));
+
+    fail(
+        &h,
+        ProviderError::new("a", FailureKind::Timeout, "slow"),
+        t0,
+        false,
+    );
+    let snap = h.snapshot(&e, t0);
+    assert_eq!(snap.state, HealthState::Degraded);
+    assert_eq!(snap.consecutive_failures, 2, "not reset by the degrade");
+    assert_eq!(snap.until, Some(t0 + Duration::from_secs(10)));
+    assert_eq!(snap.last_failure.unwrap().kind.label(), "timeout");
+
+    // The cooldown over, a probe goes: probing; it succeeds: healthy, all cleared.
+    let later = t0 + Duration::from_secs(11);
+    let probe = h.acquire(&e, later, false).unwrap();
+    assert_eq!(probe.kind, PermitKind::Probe);
+    assert_eq!(h.snapshot(&e, later).state, HealthState::Probing);
+    h.record(&e, probe, AttemptOutcome::Success, later);
+    let snap = h.snapshot(&e, later);
+    assert_eq!(
+        (
+            snap.state,
+            snap.consecutive_failures,
+            snap.last_failure,
+            snap.until
+        ),
+        (HealthState::Healthy, 0, None, None)
+    );
+
+    // A 429 with Retry-After parks it: not a failure in the streak.
+    let limited = ProviderError::status("a", 429, "slow down")
+        .with_retry_after(Some(Duration::from_secs(30)));
+    fail(&h, limited, later, false);
+    let snap = h.snapshot(&e, later);
+    assert_eq!(snap.state, HealthState::Parked);
+    assert_eq!(snap.consecutive_failures, 0);
+    assert_eq!(snap.until, Some(later + Duration::from_secs(30)));
+    assert_eq!(
+        snap.last_failure,
+        Some(LastFailure {
+            kind: FailureKind::Status(429),
+            retry_after: Some(Duration::from_secs(30))
+        })
+    );
+    // Once the park is over, healthy again.
+    let snap = h.snapshot(&e, later + Duration::from_secs(31));
+    assert_eq!((snap.state, snap.until), (HealthState::Healthy, None));
+}
