@@ -51,7 +51,8 @@ use crate::credit::CreditLayer;
 use crate::drain::{Drain, DrainLayer};
 use crate::error::{Body, GatewayError};
 use crate::fallback::FallbackLayer;
-use crate::health::{HealthFilterLayer, HealthRegistry, InMemoryHealth, RedisHealth};
+use crate::explain::Explainer;
+use crate::health::{Affinity, HealthFilterLayer, HealthRegistry, InMemoryHealth, RedisHealth};
 use crate::idempotency::IdempotencyLayer;
 use crate::logging::{LogSink, LogWriter, LoggingLayer};
 use crate::metering::MeteringLayer;
@@ -226,6 +227,9 @@ impl GatewayBuilder {
             Some(s) => Arc::new(RedisHealth::new(s.clone(), &config.health, &catalog)),
             None => Arc::new(InMemoryHealth::for_catalog(&config.health, &catalog)),
         });
+        // Prompt-cache affinity: the health filter's entries, which the route explain
+        // reads too.
+        let affinity = Affinity::new();
         let rate_limit = match &shared {
             Some(s) => RateLimitLayer::shared(s.clone()),
             None => RateLimitLayer::new(),
@@ -248,7 +252,7 @@ impl GatewayBuilder {
             //    After routing, since it works on the plan; before credit, so the
             //    reserve is priced over the endpoints that can really be tried; it
             //    shares its registry with Fallback, which records every outcome.
-            .layer(HealthFilterLayer::new(health.clone()))
+            .layer(HealthFilterLayer::new(health.clone()).affinity(Some(affinity.clone())))
             // 3. Credit: reserve the worst case over the plan that is left (402 before
             //    any upstream is called), settle to the metered cost before the last
             //    byte. After routing and health filtering (the plan is final), before
@@ -289,7 +293,7 @@ impl GatewayBuilder {
             // disabled key (401 / 403). The record (never the balance) is cached.
             .layer(auth.clone())
             // Rate limit on the authenticated key id, before the body is even read.
-            .layer(rate_limit)
+            .layer(rate_limit.clone())
             // Idempotency keys (SPEC §8.2): after auth (records are scoped to the key)
             // and rate limits (a replay is a request too); outside Normalize, so it
             // sees the bytes the client gets and holds the last of them until credit's
@@ -316,6 +320,10 @@ impl GatewayBuilder {
             .service(typed);
 
         let body_timeout = Duration::from_secs(config.server.request_timeout_secs);
+        // `POST /v1/route`: the same catalog, health and affinity as the stack.
+        let explainer = Explainer::new(catalog.clone(), health.clone())
+            .affinity(Some(affinity))
+            .limits(config.server.max_body_bytes as usize, body_timeout);
         let admin_token_env = config.admin.token_env.clone();
         Ok(Gateway {
             config: Arc::new(config),
@@ -323,6 +331,8 @@ impl GatewayBuilder {
             chat: BoxCloneSyncService::new(chat),
             logs,
             drain,
+            explainer,
+            rate_limit,
             _follows_changes: follows_changes,
             accounts: AccountState {
                 keys,
@@ -375,6 +385,10 @@ pub struct Gateway {
     logs: LogWriter,
     /// Tripped when the shutdown grace runs out (see [`Gateway::serve`]).
     drain: Drain,
+    /// `POST /v1/route`.
+    explainer: Explainer,
+    /// The chat stack's rpm limiter (shared by `/v1/route`).
+    rate_limit: RateLimitLayer,
     /// What the key-change thread holds weakly (see `forget_on_change`).
     _follows_changes: Option<Arc<AuthLayer>>,
     accounts: AccountState,
@@ -441,6 +455,7 @@ impl Gateway {
             .route("/embeddings", post_service(self.chat.clone()))
             .route("/completions", post_service(self.chat.clone()))
             .merge(self.count_tokens_route())
+            .merge(self.explain_route())
             .with_state(self.catalog.clone())
             .merge(
                 Router::new()
@@ -486,6 +501,24 @@ impl Gateway {
                 }),
             )
             .route_layer(self.accounts.auth.clone())
+    }
+
+    /// `POST /route` (SPEC §9): the route explain, authenticated and counted in the
+    /// key's `rpm` like chat; free, no upstream call.
+    fn explain_route(&self) -> Router<Arc<Catalog>> {
+        let explainer = self.explainer.clone();
+        Router::new()
+            .route(
+                "/route",
+                axum::routing::post(move |req: Request<axum::body::Body>| {
+                    explainer.clone().handle(req)
+                }),
+            )
+            .route_layer(
+                ServiceBuilder::new()
+                    .layer(self.accounts.auth.clone())
+                    .layer(self.rate_limit.clone()),
+            )
     }
 
     /// Serves [`Gateway::router`] on `listener` until `shutdown` resolves, then stops
