@@ -264,7 +264,14 @@ impl Explainer {
         let variant = split_variant(&call.request.model).ok().and_then(|(_, v)| v);
         let asked = |s: SortBy, v: Variant, name: &str| match (sort, variant) {
             (Some(x), _) if x == s => format!("provider.sort = {name}"),
-            (_, Some(x)) if x == v => format!(":{}", if v == Variant::Floor { "floor" } else { "nitro" }),
+            (_, Some(x)) if x == v => format!(
+                ":{}",
+                if v == Variant::Floor {
+                    "floor"
+                } else {
+                    "nitro"
+                }
+            ),
             _ => format!("sort {name}"),
         };
         let mut reason = match at.copied() {

@@ -283,8 +283,9 @@ pub fn plan_each(
         } else if prefs.require_parameters {
             needed
                 .iter()
+                .copied()
                 .find(|p| !supports(e.provider.kind, p))
-                .map(|p| Exclusion::RequireParameters(*p))
+                .map(Exclusion::RequireParameters)
         } else {
             None
         };

@@ -164,7 +164,10 @@ async fn order_sort_and_variants_are_the_real_order() {
     assert!(reason(&d, "b", true).contains("cheapest first"));
     let d = same_plan(&gw, &log, json!({"provider": {"sort": "price"}})).await;
     assert_eq!(kept(&d), ["a", "b", "c"]);
-    assert!(reason(&d, "a", true).contains("provider.sort = price"), "{d}");
+    assert!(
+        reason(&d, "a", true).contains("provider.sort = price"),
+        "{d}"
+    );
     let d = same_plan(&gw, &log, json!({"model": "test/model:floor"})).await;
     assert!(reason(&d, "b", true).starts_with(":floor"), "{d}");
     // Nothing observed yet: throughput keeps the price order.
@@ -178,7 +181,10 @@ async fn order_sort_and_variants_are_the_real_order() {
     )
     .await;
     assert_eq!(kept(&d), ["b"]);
-    assert!(reason(&d, "a", false).contains("allow_fallbacks is false"), "{d}");
+    assert!(
+        reason(&d, "a", false).contains("allow_fallbacks is false"),
+        "{d}"
+    );
     // Without `order`: the first alone.
     let d = same_plan(
         &gw,
@@ -290,14 +296,17 @@ async fn the_allow_list_drops_what_the_real_path_drops() {
 
 #[tokio::test]
 async fn a_degraded_endpoint_is_out_until_its_cooldown_ends() {
-    let (gw, _, log) =
-        setup("[health]\nfailure_threshold = 1\ncooldown_secs = 600\n")
-            .await;
+    let (gw, _, log) = setup("[health]\nfailure_threshold = 1\ncooldown_secs = 600\n").await;
     let before = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let res = post_chat(&gw, TEST_KEY, &body("fail", json!({"provider": {"only": ["b"]}}))).await;
+    let res = post_chat(
+        &gw,
+        TEST_KEY,
+        &body("fail", json!({"provider": {"only": ["b"]}})),
+    )
+    .await;
     assert_eq!(res.status(), 502);
     let extra = json!({"provider": {"sort": "price"}});
     let data = explain(&gw, &body("walk", extra.clone())).await;
@@ -319,7 +328,12 @@ async fn a_degraded_endpoint_is_out_until_its_cooldown_ends() {
 #[tokio::test]
 async fn a_parked_endpoint_is_out_by_its_retry_after() {
     let (gw, _, log) = setup("").await;
-    let res = post_chat(&gw, TEST_KEY, &body("park", json!({"provider": {"only": ["a"]}}))).await;
+    let res = post_chat(
+        &gw,
+        TEST_KEY,
+        &body("park", json!({"provider": {"only": ["a"]}})),
+    )
+    .await;
     assert_eq!(res.status(), 429);
     let data = same_plan(&gw, &log, json!({"provider": {"sort": "price"}})).await;
     assert_eq!(kept(&data), ["b", "c"]);
@@ -355,7 +369,10 @@ async fn weighted_shares_are_the_draws_and_explain_costs_nothing() {
             .unwrap();
         let share = step["share"].as_f64().unwrap();
         assert_eq!(share, shares[i]);
-        assert!((share - picks[i] as f64 / n as f64).abs() < 1e-3, "{share} {picks:?}");
+        assert!(
+            (share - picks[i] as f64 / n as f64).abs() < 1e-3,
+            "{share} {picks:?}"
+        );
         assert!(step["reason"].as_str().unwrap().contains("weighted draw"));
         sum += share;
     }
@@ -363,13 +380,14 @@ async fn weighted_shares_are_the_draws_and_explain_costs_nothing() {
     // $2, $4, $6 per Mtok: ¼ : 1/16 : 1/36.
     assert!((shares[0] - 0.7347).abs() < 1e-3, "{shares:?}");
     // The reserve is what credit reserves over that plan.
-    let request = switchboard::normalize::parse_request(body("hi", json!({})).to_string().as_bytes()).unwrap();
+    let request =
+        switchboard::normalize::parse_request(body("hi", json!({})).to_string().as_bytes())
+            .unwrap();
     let reserve = switchboard::credit::reserve_for(&request, &group);
     assert_eq!(data["reserve_usd"].to_string(), reserve.to_string());
     // No upstream called, nothing charged.
     assert!(ups.iter().all(|u| u.hits() == 0));
     assert_eq!(credits().await, before);
-    gw.gateway.logs().flush();
 }
 
 #[tokio::test]
@@ -385,8 +403,16 @@ async fn bad_body_400_no_key_401_and_rpm_counts() {
     assert_eq!(res.status(), 400);
     let v: Value = res.json().await.unwrap();
     assert_eq!(v["error"]["code"], "invalid_request");
-    let (status, v) = explain_as(&gw, TEST_KEY, &json!({"model": "test/model", "messages": []})).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (400, Some("invalid_request")));
+    let (status, v) = explain_as(
+        &gw,
+        TEST_KEY,
+        &json!({"model": "test/model", "messages": []}),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
 
     let res = client()
         .post(gw.url("/api/v1/route"))

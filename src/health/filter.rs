@@ -387,14 +387,7 @@ pub fn filter_plan_each(
                 _ => true,
             })
             .collect();
-        let mut ordered = order_each(
-            healthy,
-            how,
-            &provider_order,
-            registry,
-            random,
-            &mut each,
-        );
+        let mut ordered = order_each(healthy, how, &provider_order, registry, random, &mut each);
         if let Some(p) = preferred.filter(|_| how == Ordering::Default && provider_order.is_empty())
         {
             if let Some(i) = ordered.iter().position(|e| e.index == p) {
