@@ -49,7 +49,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -353,8 +353,12 @@ impl Explainer {
             Ok(r) => r,
             Err(e) => return e.into_response(),
         };
+        #[derive(Serialize)]
+        struct Answer {
+            data: Explanation,
+        }
         let data = self.explain(request, key);
-        match serde_json::to_vec(&serde_json::json!({ "data": data })) {
+        match serde_json::to_vec(&Answer { data }) {
             Ok(body) => {
                 let mut res = Response::new(Body::from(body));
                 res.headers_mut().insert(
@@ -363,11 +367,7 @@ impl Explainer {
                 );
                 res
             }
-            Err(e) => {
-                let mut res = GatewayError::Internal(e.to_string()).into_response();
-                *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                res
-            }
+            Err(e) => GatewayError::Internal(e.to_string()).into_response(),
         }
     }
 }
@@ -428,4 +428,102 @@ fn wall_clock(until: Instant, now: Instant) -> String {
         .saturating_add(left);
     let secs = unix.as_secs() + u64::from(unix.subsec_nanos() > 0);
     crate::clock::format_rfc3339(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::{Message, Role};
+    use crate::config::HealthConfig;
+    use crate::context::ChatReply;
+    use crate::error::ProviderError;
+    use crate::health::tests::abc;
+    use crate::health::{HealthFilterLayer, InMemoryHealth, Permit, MIN_PREFIX_BYTES};
+    use crate::route::RouteLayer;
+    use tower::{service_fn, ServiceBuilder, ServiceExt};
+
+    /// The plan the real layers (route, then the health filter drawing 0) hand on.
+    async fn real_plan(
+        catalog: &Arc<Catalog>,
+        health: &Arc<dyn HealthRegistry>,
+        affinity: &Affinity,
+        req: ChatRequest,
+    ) -> Vec<String> {
+        let svc = ServiceBuilder::new()
+            .layer(RouteLayer::new(catalog.clone()))
+            .layer(
+                HealthFilterLayer::new(health.clone())
+                    .random(|| 0.0)
+                    .affinity(Some(affinity.clone())),
+            )
+            .service(service_fn(|call: ChatCall| async move {
+                let plan: Vec<String> = call.plan.iter().map(|e| e.label()).collect();
+                Err::<ChatReply, _>(GatewayError::Internal(plan.join(",")))
+            }));
+        let err = svc
+            .oneshot(ChatCall::new(req, CallContext::new()))
+            .await
+            .unwrap_err();
+        err.to_string().split(',').map(str::to_string).collect()
+    }
+
+    fn kept(x: &Explanation) -> Vec<String> {
+        x.plan
+            .iter()
+            .filter(|s| s.kept)
+            .map(|s| format!("{}@{}", s.model, s.provider))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn affinity_and_the_last_resort_are_the_layers_choices() {
+        let catalog = abc();
+        let cfg = HealthConfig {
+            failure_threshold: 1,
+            cooldown_secs: 60,
+        };
+        let health: Arc<dyn HealthRegistry> = Arc::new(InMemoryHealth::for_catalog(&cfg, &catalog));
+        let affinity = Affinity::new();
+        let explainer =
+            Explainer::new(catalog.clone(), health.clone()).affinity(Some(affinity.clone()));
+        let req = ChatRequest {
+            model: "test/model".into(),
+            messages: vec![Message::text(Role::User, "x".repeat(MIN_PREFIX_BYTES))],
+            ..Default::default()
+        };
+        // The dearest endpoint served this prompt: it goes first.
+        let call = ChatCall::new(req.clone(), CallContext::new());
+        let key = Affinity::key(&call).unwrap();
+        let a = catalog.model("test/model").unwrap().endpoints[0].clone();
+        affinity.remember(key, a.index);
+        let x = explainer.explain(req.clone(), None);
+        assert_eq!(
+            kept(&x),
+            real_plan(&catalog, &health, &affinity, req.clone()).await
+        );
+        assert_eq!(x.plan[0].provider, "a");
+        assert!(
+            x.plan[0].reason.contains("affinity"),
+            "{}",
+            x.plan[0].reason
+        );
+
+        // Every endpoint degraded: the one whose cooldown ends soonest, as a last resort.
+        for e in &catalog.model("test/model").unwrap().endpoints {
+            let permit = Permit::acquire(&health, e, false).unwrap();
+            permit.failure(&ProviderError::status("p", 503, "down"));
+        }
+        let x = explainer.explain(req.clone(), None);
+        assert_eq!(kept(&x), real_plan(&catalog, &health, &affinity, req).await);
+        assert_eq!(kept(&x).len(), 1);
+        assert!(
+            x.plan[0].reason.starts_with("last resort"),
+            "{}",
+            x.plan[0].reason
+        );
+        assert!(x.plan[1..]
+            .iter()
+            .all(|s| s.reason.starts_with("degraded until ")));
+        assert!(x.error.is_none() && x.reserve_usd.is_some());
+    }
 }
