@@ -11,7 +11,8 @@
 //! Redis, see `loadbench/shared.rs`; run that one with `--release`; `-- --cache` for
 //! the response cache: hits, coalescing bursts, all misses, see `loadbench/cache.rs`;
 //! `-- --dialects` for the inbound APIs of SPEC §7 against chat completions, see
-//! `loadbench/dialects.rs`)
+//! `loadbench/dialects.rs`; `-- --reload` for fixed-rate load while the config is
+//! reloaded every 100 ms, see `loadbench/reload.rs`)
 //! Profiling aids: `loadbench drive ADDR SECS` saturates a server at ADDR;
 //! `loadbench rate ADDR RATE SECS [stream]` sends RATE req/s to it and prints percentiles;
 //! `loadbench config DIR UPSTREAM` writes the gateway config the bench serves.
@@ -46,6 +47,8 @@ const KEY: &str = "sk-bench-key-0001-0123456789";
 mod cache;
 #[path = "loadbench/dialects.rs"]
 mod dialects;
+#[path = "loadbench/reload.rs"]
+mod reload;
 #[path = "loadbench/shared.rs"]
 mod shared;
 
@@ -105,6 +108,7 @@ fn main() {
         _ if args.iter().any(|a| a == "--shared") => rt.block_on(shared::run(&args[1..])),
         _ if args.iter().any(|a| a == "--cache") => rt.block_on(cache::run(&args[1..])),
         _ if args.iter().any(|a| a == "--dialects") => rt.block_on(dialects::run(&args[1..])),
+        _ if args.iter().any(|a| a == "--reload") => rt.block_on(reload::run(&args[1..])),
         _ => rt.block_on(bench(&args[1..])),
     }
 }
@@ -254,6 +258,8 @@ async fn gateway(_upstream: SocketAddr, config_path: &str) {
     let config = switchboard::config::Config::from_file(std::path::Path::new(config_path)).unwrap();
     let gw = switchboard::Gateway::builder()
         .config(config)
+        // `--reload` rewrites it and calls `POST /admin/reload`.
+        .config_file(config_path)
         .build()
         .unwrap();
     let listener = listen().await;

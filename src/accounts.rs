@@ -242,7 +242,7 @@ async fn get_generation(
 }
 
 /// Checks the admin token: 404 when the admin API is off, 401 when the token is wrong.
-fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), GatewayError> {
+pub(crate) fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), GatewayError> {
     let Some(expected) = &state.admin_token else {
         return Err(GatewayError::NotFound(format!(
             "the admin API is off: set {} (see [admin].token_env) and restart",

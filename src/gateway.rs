@@ -34,6 +34,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use axum::extract::{Path, State};
 use axum::routing::{get, post_service};
 use axum::Router;
@@ -47,25 +48,51 @@ use crate::accounts::AccountState;
 use crate::auth::AuthLayer;
 use crate::catalog::{Catalog, Model};
 use crate::config::Config;
-use crate::credit::CreditLayer;
-use crate::drain::{Drain, DrainLayer};
+use crate::drain::Drain;
 use crate::error::{Body, GatewayError};
-use crate::explain::Explainer;
-use crate::fallback::FallbackLayer;
-use crate::health::{Affinity, HealthFilterLayer, HealthRegistry, InMemoryHealth, RedisHealth};
+use crate::health::HealthRegistry;
 use crate::idempotency::IdempotencyLayer;
-use crate::logging::{LogSink, LogWriter, LoggingLayer};
-use crate::metering::MeteringLayer;
-use crate::normalize::{AnthropicErrorsLayer, CountTokens, NormalizeLayer};
+use crate::logging::{LogSink, LogWriter};
+use crate::normalize::AnthropicErrorsLayer;
 use crate::providers::ProviderClient;
 use crate::rate_limit::RateLimitLayer;
-use crate::route::RouteLayer;
 use crate::store::{KeyChange, KeyStore, Ledger, PgStore, SqliteStore, StoreError};
 
 mod conn;
+pub mod reload;
+mod stack;
+
+pub use reload::{ReloadError, ReloadReport};
+pub use stack::Stack;
 
 /// The HTTP-tier chat service: what `/v1/chat/completions` is routed to.
 pub type ChatService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// The chat service of the stack current when a request arrives: one atomic load,
+/// then the request holds a clone of that stack's service (and so its config) to
+/// its end.
+#[derive(Clone)]
+struct CurrentChat(Arc<ArcSwap<Stack>>);
+
+impl tower::Service<Request<Body>> for CurrentChat {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = tower::util::Oneshot<ChatService, Request<Body>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        // Every stack's chat service is always ready (a `BoxCloneSyncService` of
+        // layers whose `poll_ready` passes through to the provider client's).
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        use tower::ServiceExt;
+        self.0.load().chat.clone().oneshot(req)
+    }
+}
 
 /// Why a gateway could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +123,8 @@ pub struct GatewayBuilder {
     store: Option<(Arc<dyn KeyStore>, Arc<dyn Ledger>)>,
     health: Option<Arc<dyn HealthRegistry>>,
     clock: Option<crate::clock::Clock>,
+    config_file: Option<std::path::PathBuf>,
+    listen: Option<String>,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -137,7 +166,10 @@ impl GatewayBuilder {
         self
     }
 
-    /// A health registry of your own (default: [`InMemoryHealth`] sized to the catalog).
+    /// A health registry of your own (default: [`InMemoryHealth`](crate::health::InMemoryHealth) sized to the
+    /// catalog). It is kept as it is across reloads ([`Gateway::reload`]): the
+    /// default one is rebuilt for the new catalog, with the state of the endpoints
+    /// that still exist carried over.
     pub fn health_registry(mut self, registry: Arc<dyn HealthRegistry>) -> Self {
         self.health = Some(registry);
         self
@@ -148,6 +180,23 @@ impl GatewayBuilder {
     /// opens (a store given to [`store`](Self::store) keeps its own: set it there).
     pub fn clock(mut self, clock: crate::clock::Clock) -> Self {
         self.clock = Some(clock);
+        self
+    }
+
+    /// The file the config was read from: what `POST /admin/reload` and
+    /// [`Gateway::reload_file`] read again (without one, they answer that there is
+    /// no file to reload).
+    pub fn config_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config_file = Some(path.into());
+        self
+    }
+
+    /// The address listened on when it is not the file's `[server].listen` (the
+    /// binary's `--listen`): a reloaded file's `[server].listen` is compared with
+    /// the address the config was built with, and this keeps it from counting as
+    /// a change that needs a restart.
+    pub fn listen_override(mut self, addr: impl Into<String>) -> Self {
+        self.listen = Some(addr.into());
         self
     }
 
@@ -162,8 +211,6 @@ impl GatewayBuilder {
             }
             .into());
         }
-        let catalog = Arc::new(Catalog::from_config(&config));
-        let client = self.provider_client.unwrap_or_default();
         // A SQLite store's directory first: the default request log goes in it too,
         // and a directory that cannot be made is the store's problem, not the log's.
         if self.store.is_none() {
@@ -174,8 +221,8 @@ impl GatewayBuilder {
             None => LogWriter::from_config(&config).map_err(BuildError::Logging)?,
         };
         crate::telemetry::install();
-        let (keys, ledger) = match self.store {
-            Some(s) => s,
+        let (keys, ledger, bootstrap): (_, _, Option<stack::Bootstrap>) = match self.store {
+            Some((k, l)) => (k, l, None),
             // Shared by any number of gateways (SPEC §6).
             None if crate::store::is_postgres_url(&config.store.url) => {
                 let store = PgStore::open(&config.store)?;
@@ -183,7 +230,14 @@ impl GatewayBuilder {
                     store.set_clock(clock.clone());
                 }
                 store.bootstrap(&config.keys)?;
-                (store.clone() as Arc<dyn KeyStore>, store as Arc<dyn Ledger>)
+                let again = store.clone();
+                (
+                    store.clone() as Arc<dyn KeyStore>,
+                    store as Arc<dyn Ledger>,
+                    Some(Arc::new(move |keys: &[crate::config::KeyConfig]| {
+                        again.bootstrap(keys)
+                    })),
+                )
             }
             None => {
                 let store = SqliteStore::open(&config.store)?;
@@ -199,7 +253,14 @@ impl GatewayBuilder {
                     store.set_clock(clock.clone());
                 }
                 store.bootstrap(&config.keys)?;
-                (store.clone() as Arc<dyn KeyStore>, store as Arc<dyn Ledger>)
+                let again = store.clone();
+                (
+                    store.clone() as Arc<dyn KeyStore>,
+                    store as Arc<dyn Ledger>,
+                    Some(Arc::new(move |keys: &[crate::config::KeyConfig]| {
+                        again.bootstrap(keys)
+                    })),
+                )
             }
         };
         let auth = AuthLayer::new(keys.clone()).clock(self.clock.clone().unwrap_or_default());
@@ -221,118 +282,38 @@ impl GatewayBuilder {
             )?),
             None => None,
         };
-        // Passive health per endpoint, shared by HealthFilter (reads) and Fallback
-        // (writes); `[health]` settings.
-        let health: Arc<dyn HealthRegistry> = self.health.unwrap_or_else(|| match &shared {
-            Some(s) => Arc::new(RedisHealth::new(s.clone(), &config.health, &catalog)),
-            None => Arc::new(InMemoryHealth::for_catalog(&config.health, &catalog)),
-        });
-        // Prompt-cache affinity: the health filter's entries, which the route explain
-        // reads too.
-        let affinity = Affinity::new();
         let rate_limit = match &shared {
             Some(s) => RateLimitLayer::shared(s.clone()),
             None => RateLimitLayer::new(),
         };
         // `[cache]`: answers in memory, or in Redis shared by every instance.
         let cache = crate::cache::CacheLayer::from_config(&config.cache, shared.clone())
-            .ledger(ledger.clone())
-            .max_body_bytes(config.server.max_body_bytes as usize)
-            .body_timeout(Duration::from_secs(config.server.request_timeout_secs));
-
-        // Tripped by `serve` when `[server].shutdown_grace_secs` runs out.
-        let drain = Drain::new();
-        // The typed tier, outermost first.
-        let typed = ServiceBuilder::new()
-            // 1. Route: model id (+ `models`, variants, allow-list) → candidate endpoints.
-            //    First, so every later step works on a plan and unknown models cost nothing.
-            .layer(RouteLayer::new(catalog.clone()))
-            // 2. Health filter: drop degraded endpoints (without contacting them) and
-            //    order the healthy ones (order / sort / variants / weighted draw).
-            //    After routing, since it works on the plan; before credit, so the
-            //    reserve is priced over the endpoints that can really be tried; it
-            //    shares its registry with Fallback, which records every outcome.
-            .layer(HealthFilterLayer::new(health.clone()).affinity(Some(affinity.clone())))
-            // 3. Credit: reserve the worst case over the plan that is left (402 before
-            //    any upstream is called), settle to the metered cost before the last
-            //    byte. After routing and health filtering (the plan is final), before
-            //    fallback, so one reservation covers every attempt and failed attempts
-            //    cost nothing.
-            .layer(CreditLayer::new(ledger.clone()))
-            // 4. Fallback: walk the plan until an endpoint commits its first content chunk.
-            //    Outside metering, so each attempt is metered on its own and failed
-            //    attempts cost nothing.
-            .layer(FallbackLayer::new(config.retry.clone()).health(health.clone()))
-            // 5. Metering: count and price each attempt's chunks as they pass, right at
-            //    the provider, so a cut stream is metered for exactly what passed. It
-            //    caps each cost at credit's reservation; an upstream whose usage goes
-            //    past it counts as a failure in the shared health registry.
-            .layer(MeteringLayer::new().health(health.clone()))
-            // 6. Drain: when the shutdown grace runs out (`Gateway::serve`), what still
-            //    waits on an upstream fails with `server_shutting_down`. Under
-            //    metering, so such a cut is an upstream-side failure: charged for what
-            //    was delivered, settled, and ended with the dialect's mid-stream error.
-            .layer(DrainLayer::new(drain.clone()))
-            // 7. The provider client: adapters over one pooled HTTP client.
-            .service(client);
-
-        // The HTTP tier, outermost first.
-        let chat = ServiceBuilder::new()
-            // Anthropic-shaped errors on the `/messages` paths (SPEC §7.1), whichever
-            // layer below made them (auth, rate limit, idempotency, cache, Normalize,
-            // the typed tier). Outermost, so it sees every error; other paths pass
-            // through without an allocation.
-            .layer(AnthropicErrorsLayer::new())
-            .map_response(|res: Response<crate::logging::LoggedBody<Body>>| res.map(Body::new))
-            // Logging is outermost: it creates the CallContext every layer below fills
-            // in, times the whole request, and emits the record only after the inner
-            // body (and the credit settlement it holds) is dropped; it sees requests
-            // that auth or rate limits refuse, too.
-            .layer(LoggingLayer::new(logs.clone()).log_content(config.logging.log_content))
-            // Auth first: nothing else runs, and nothing is read, for an unknown or
-            // disabled key (401 / 403). The record (never the balance) is cached.
-            .layer(auth.clone())
-            // Rate limit on the authenticated key id, before the body is even read.
-            .layer(rate_limit.clone())
-            // Idempotency keys (SPEC §8.2): after auth (records are scoped to the key)
-            // and rate limits (a replay is a request too); outside Normalize, so it
-            // sees the bytes the client gets and holds the last of them until credit's
-            // settlement, parked in the context, is committed with the record.
-            .layer(
-                IdempotencyLayer::new(ledger.clone())
-                    .ttl(Duration::from_secs(config.idempotency.ttl_secs))
-                    .max_body_bytes(config.server.max_body_bytes as usize)
-                    .wait_timeout(Duration::from_secs(config.server.request_timeout_secs)),
-            )
-            // The response cache: after auth and rate limits (a hit is a request of
-            // the key like any other, and answers are never shared between keys),
-            // before Normalize and so before credit (a hit costs nothing, calls no
-            // upstream). It coalesces identical requests in flight. Requests that do
-            // not ask for caching pass through without their body being read.
-            .layer(cache)
-            // Normalize is where HTTP ends: body limit, JSON, SSE, keep-alive, deadline.
-            .layer(
-                NormalizeLayer::new()
-                    .max_body_bytes(config.server.max_body_bytes as usize)
-                    .keepalive(Duration::from_secs(config.server.keepalive_secs))
-                    .request_timeout(Duration::from_secs(config.server.request_timeout_secs)),
-            )
-            .service(typed);
-
-        let body_timeout = Duration::from_secs(config.server.request_timeout_secs);
-        // `POST /v1/route`: the same catalog, health and affinity as the stack.
-        let explainer = Explainer::new(catalog.clone(), health.clone())
-            .affinity(Some(affinity))
-            .limits(config.server.max_body_bytes as usize, body_timeout);
-        let admin_token_env = config.admin.token_env.clone();
-        Ok(Gateway {
-            config: Arc::new(config),
-            catalog,
-            chat: BoxCloneSyncService::new(chat),
+            .ledger(ledger.clone());
+        let process = Arc::new(stack::Process {
+            client: self.provider_client.unwrap_or_default(),
             logs,
-            drain,
-            explainer,
+            ledger: ledger.clone(),
+            auth: auth.clone(),
             rate_limit,
+            shared,
+            idempotency: IdempotencyLayer::new(ledger.clone()),
+            cache,
+            drain: Drain::new(),
+            custom_health: self.health,
+            bootstrap,
+        });
+        let body_timeout = Duration::from_secs(config.server.request_timeout_secs);
+        let admin_token_env = config.admin.token_env.clone();
+        reload::loaded(&reload::hash(&config));
+        let stack = Stack::build(&process, config, None);
+        Ok(Gateway {
+            stack: Arc::new(ArcSwap::from_pointee(stack)),
+            process,
+            reload: Arc::new(reload::Source {
+                file: self.config_file,
+                listen: self.listen,
+                lock: std::sync::Mutex::new(()),
+            }),
             _follows_changes: follows_changes,
             accounts: AccountState {
                 keys,
@@ -379,16 +360,13 @@ fn forget_on_change(
 /// A built gateway: config, catalog, and the assembled chat service.
 #[derive(Clone)]
 pub struct Gateway {
-    config: Arc<Config>,
-    catalog: Arc<Catalog>,
-    chat: ChatService,
-    logs: LogWriter,
-    /// Tripped when the shutdown grace runs out (see [`Gateway::serve`]).
-    drain: Drain,
-    /// `POST /v1/route`.
-    explainer: Explainer,
-    /// The chat stack's rpm limiter (shared by `/v1/route`).
-    rate_limit: RateLimitLayer,
+    /// What the current config built: one atomic load per request, swapped whole
+    /// by [`Gateway::reload`].
+    stack: Arc<ArcSwap<Stack>>,
+    /// What lives as long as the gateway (`stack.rs`).
+    process: Arc<stack::Process>,
+    /// Where a reload reads the config from.
+    reload: Arc<reload::Source>,
     /// What the key-change thread holds weakly (see `forget_on_change`).
     _follows_changes: Option<Arc<AuthLayer>>,
     accounts: AccountState,
@@ -406,19 +384,25 @@ impl Gateway {
         GatewayBuilder::default()
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The configuration now in force (a reload replaces it).
+    pub fn config(&self) -> Arc<Config> {
+        self.stack.load().config.clone()
     }
 
-    /// The catalog.
-    pub fn catalog(&self) -> &Arc<Catalog> {
-        &self.catalog
+    /// The catalog now in force (a reload replaces it).
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.stack.load().catalog.clone()
+    }
+
+    /// What the current config built (catalog, health registry, chat service); a
+    /// request in flight keeps the one it started with.
+    pub fn stack(&self) -> Arc<Stack> {
+        self.stack.load_full()
     }
 
     /// The request-log writer (e.g. to [`LogWriter::flush`] it).
     pub fn logs(&self) -> &LogWriter {
-        &self.logs
+        &self.process.logs
     }
 
     /// The key store.
@@ -436,33 +420,35 @@ impl Gateway {
     /// does when its grace runs out; for those who serve [`Gateway::router`] with a
     /// server of their own).
     pub fn drain(&self) -> &Drain {
-        &self.drain
+        &self.process.drain
     }
 
-    /// The chat-completions service alone (HTTP tier), to mount anywhere.
+    /// The chat-completions service alone (HTTP tier), to mount anywhere: each
+    /// request goes to the stack current when it arrives.
     pub fn chat_service(&self) -> ChatService {
-        self.chat.clone()
+        BoxCloneSyncService::new(CurrentChat(self.stack.clone()))
     }
 
     /// Every route of SPEC §3, under `/v1` and `/api/v1`, with SPEC-shaped 404/405.
     pub fn router(&self) -> Router {
+        // Every route reads the current stack per request (one atomic load).
+        let chat = CurrentChat(self.stack.clone());
         let v1 = Router::new()
-            .route("/chat/completions", post_service(self.chat.clone()))
+            .route("/chat/completions", post_service(chat.clone()))
             // SPEC §7: the other inbound APIs go through the same stack; Normalize
             // picks the dialect from the path.
-            .route("/messages", post_service(self.chat.clone()))
-            .route("/responses", post_service(self.chat.clone()))
-            .route("/embeddings", post_service(self.chat.clone()))
-            .route("/completions", post_service(self.chat.clone()))
+            .route("/messages", post_service(chat.clone()))
+            .route("/responses", post_service(chat.clone()))
+            .route("/embeddings", post_service(chat.clone()))
+            .route("/completions", post_service(chat))
             .merge(self.count_tokens_route())
             .merge(self.explain_route())
-            .with_state(self.catalog.clone())
             .merge(
                 Router::new()
                     .route("/models", get(list_models))
                     .route("/models/{*id}", get(get_model))
                     .with_state(ModelsState {
-                        catalog: self.catalog.clone(),
+                        stack: self.stack.clone(),
                         auth: self.accounts.auth.clone(),
                     }),
             )
@@ -473,6 +459,7 @@ impl Gateway {
             .route("/healthz", get(|| async { "ok" }))
             .route("/metrics", get(metrics))
             .merge(crate::accounts::admin_routes(self.accounts.clone()))
+            .merge(reload::admin_route(self.clone()))
             .merge(
                 Router::new()
                     .route("/readyz", get(crate::accounts::readyz))
@@ -487,37 +474,33 @@ impl Gateway {
 
     /// `POST /messages/count_tokens` (SPEC §7.1): authenticated like every client
     /// route, free, no upstream call.
-    fn count_tokens_route(&self) -> Router<Arc<Catalog>> {
-        let count = CountTokens::new(
-            self.catalog.clone(),
-            self.config.server.max_body_bytes as usize,
-            self.accounts.body_timeout,
-        );
+    fn count_tokens_route(&self) -> Router {
+        let stack = self.stack.clone();
         Router::new()
             .route(
                 "/messages/count_tokens",
                 axum::routing::post(move |req: Request<axum::body::Body>| {
-                    count.clone().handle(req)
+                    stack.load().count_tokens.clone().handle(req)
                 }),
             )
             .route_layer(self.accounts.auth.clone())
     }
 
-    /// `POST /route` (SPEC §9): the route explain, authenticated and counted in the
-    /// key's `rpm` like chat; free, no upstream call.
-    fn explain_route(&self) -> Router<Arc<Catalog>> {
-        let explainer = self.explainer.clone();
+    /// `POST /route` (SPEC §9): the route explain of the current stack,
+    /// authenticated and counted in the key's `rpm` like chat; free, no upstream call.
+    fn explain_route(&self) -> Router {
+        let stack = self.stack.clone();
         Router::new()
             .route(
                 "/route",
                 axum::routing::post(move |req: Request<axum::body::Body>| {
-                    explainer.clone().handle(req)
+                    stack.load().explainer.clone().handle(req)
                 }),
             )
             .route_layer(
                 ServiceBuilder::new()
                     .layer(self.accounts.auth.clone())
-                    .layer(self.rate_limit.clone()),
+                    .layer(self.process.rate_limit.clone()),
             )
     }
 
@@ -539,19 +522,20 @@ impl Gateway {
         // `with_state` once, here: axum's own `serve` re-runs it for every accepted
         // connection (a fresh route table and a boxed clone of every route, ≈ 15 KiB
         // held for as long as the connection is open).
+        let config = self.config();
         let app = Dispatch {
-            chat: self.chat.clone(),
+            stack: self.stack.clone(),
             router: self.router().with_state(()),
             activity: None,
             // Checked by `Config::problems`; an entry that does not parse trusts nothing.
             proxies: Arc::new(
-                crate::client_ip::TrustedProxies::parse(&self.config.server.trusted_proxies)
+                crate::client_ip::TrustedProxies::parse(&config.server.trusted_proxies)
                     .unwrap_or_default(),
             ),
             peer: None,
         };
-        let limits = ConnLimits::from_config(&self.config.server);
-        let logs = self.logs.clone();
+        let limits = ConnLimits::from_config(&config.server);
+        let logs = self.process.logs.clone();
         let ledger = self.accounts.ledger.clone();
         let server = serve_connections(listener, app, limits, async move {
             shutdown.await;
@@ -567,7 +551,7 @@ impl Gateway {
                 "in-flight requests did not finish within {} s ([server].shutdown_grace_secs); ending them with server_shutting_down",
                 grace.as_secs()
             );
-            self.drain.expire();
+            self.process.drain.expire();
             // Each cut request settles its charge, sends its last event and ends.
             if tokio::time::timeout(LAST_WORDS, &mut server).await.is_err() {
                 tracing::warn!(
@@ -740,7 +724,8 @@ async fn serve_connections(
 /// what the router matches, so the responses are the same.
 #[derive(Clone)]
 struct Dispatch {
-    chat: ChatService,
+    /// The current stack: `POST …/chat/completions` goes to its chat service.
+    stack: Arc<ArcSwap<Stack>>,
     router: Router,
     /// An HTTP/2 connection's requests in flight (for its idle timeout); `None` on
     /// HTTP/1, where hyper's head timer covers idleness.
@@ -783,7 +768,8 @@ impl hyper::service::Service<Request<hyper::body::Incoming>> for Dispatch {
             req.extensions_mut().insert(client);
         }
         let fut = if Self::is_chat(&req) {
-            Either::Left(self.chat.clone().oneshot(req.map(Body::new)))
+            // One atomic load; the request keeps the clone it took.
+            Either::Left(self.stack.load().chat.clone().oneshot(req.map(Body::new)))
         } else {
             Either::Right(self.router.clone().oneshot(req))
         };
@@ -947,7 +933,8 @@ pub fn model_json(m: &Model) -> Value {
 /// What `/v1/models` reads: the catalog, and the auth cache for an optional key.
 #[derive(Clone)]
 struct ModelsState {
-    catalog: Arc<Catalog>,
+    /// The current stack, for its catalog.
+    stack: Arc<ArcSwap<Stack>>,
     auth: AuthLayer,
 }
 
@@ -972,8 +959,8 @@ async fn list_models(State(state): State<ModelsState>, headers: http::HeaderMap)
         Ok(k) => k,
         Err(e) => return e.into_response(),
     };
-    let data: Vec<Value> = state
-        .catalog
+    let catalog = state.stack.load_full().catalog.clone();
+    let data: Vec<Value> = catalog
         .models()
         .iter()
         .filter(|m| key.as_ref().is_none_or(|k| k.allows_model(&m.id)))
@@ -994,7 +981,8 @@ async fn get_model(
         Ok(k) => k,
         Err(e) => return e.into_response(),
     };
-    match state.catalog.model(&id) {
+    let catalog = state.stack.load_full().catalog.clone();
+    match catalog.model(&id) {
         Some(m) => match key {
             Some(k) if !k.allows_model(&m.id) => GatewayError::Forbidden(format!(
                 "key `{}` may not use model `{id}` (its allow-list, `models`, leaves it out)",

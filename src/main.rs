@@ -164,6 +164,12 @@ fn init_logs(format: LogFormat) -> Result<LogFormat, ExitCode> {
 
 fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
     let demo = path.is_none() && !PathBuf::from("switchboard.toml").exists();
+    // What SIGHUP and POST /admin/reload read again.
+    let file = match &path {
+        Some(p) => Some(p.clone()),
+        None if !demo => Some(PathBuf::from("switchboard.toml")),
+        None => None,
+    };
     let mut config = match load(path, true) {
         Ok(c) => c,
         Err(code) => return code,
@@ -185,6 +191,7 @@ fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
         tracing::info!("{DEMO_NOTICE}");
     }
     // Which setting the address came from, for the messages about it.
+    let listen_override = listen.clone();
     let setting = match listen {
         Some(addr) => {
             if let Err(message) = switchboard::config::check_listen(&addr) {
@@ -205,7 +212,14 @@ fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
     };
     let config_listen = config.server.listen.clone();
     runtime.block_on(async move {
-        let gateway = match Gateway::builder().config(config).build() {
+        let mut builder = Gateway::builder().config(config);
+        if let Some(file) = file {
+            builder = builder.config_file(file);
+        }
+        if let Some(addr) = listen_override {
+            builder = builder.listen_override(addr);
+        }
+        let gateway = match builder.build() {
             Ok(g) => g,
             // The store or the request log cannot be opened: a runtime failure (SPEC §1).
             Err(
@@ -214,6 +228,7 @@ fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
             ) => return fail(format!("switchboard: {e}"), 2),
             Err(e) => return fail(format!("switchboard: {e}"), 1),
         };
+        reload_on_sighup(&gateway);
         let listener = match bind(&config_listen, setting).await {
             Ok(l) => l,
             Err(message) => return fail(format!("switchboard: {message}"), 2),
@@ -266,6 +281,40 @@ async fn bind(listen: &str, setting: &str) -> Result<tokio::net::TcpListener, St
         "cannot listen on {setting} `{listen}` ({}); is another process using the port? pass --listen HOST:PORT or change {setting}",
         failures.join("; ")
     ))
+}
+
+/// Reloads the config file on every SIGHUP from now on (SPEC §9), logging what
+/// changed or every problem that kept the old config.
+fn reload_on_sighup(gateway: &Gateway) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP ({e}); reload with POST /admin/reload");
+                return;
+            }
+        };
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let gw = gateway.clone();
+                match tokio::task::spawn_blocking(move || gw.reload_file()).await {
+                    Ok(Ok(report)) => tracing::info!(
+                        "config reloaded (SIGHUP): {}",
+                        serde_json::to_string(&report).unwrap_or_default()
+                    ),
+                    Ok(Err(e)) => {
+                        tracing::error!("config reload refused (SIGHUP), the old config stays: {e}")
+                    }
+                    Err(e) => tracing::error!("config reload failed (SIGHUP): {e}"),
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = gateway;
 }
 
 /// Listens for Ctrl-C and SIGTERM from now on, and resolves on either; `grace` is

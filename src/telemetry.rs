@@ -25,6 +25,9 @@
 //! | `switchboard_cache_waiting` | gauge: cacheable requests waiting for (or streaming along with) an identical request in flight, here or on another instance | |
 //! | `switchboard_idempotency_waiting` | gauge: repeats waiting for the first request of their `Idempotency-Key` ([`crate::idempotency`]), in this process or on another instance | |
 //! | `switchboard_affinity_total` | counter: requests with a long prompt by whether their prompt-cache affinity held ([`crate::health::Affinity`]) | `result` = `hit`, `miss` |
+//! | `switchboard_config_reloads_total` | counter: config reloads ([`crate::gateway::reload`]) | `result` = `ok`, `refused` (problems in the file, or no file), `failed` (the store could not take the keys) |
+//! | `switchboard_config_loaded_timestamp_seconds` | gauge: Unix time the config now in force was loaded | |
+//! | `switchboard_config_info` | gauge, 1: the config now in force | `hash` = the first 16 hex digits of its SHA-256 |
 //! | `switchboard_shared_state_up` | gauge: 1 while the `[shared]` Redis answers, 0 while limits and health are local (absent without `[shared]`) | |
 //!
 //! # Example
@@ -87,6 +90,13 @@ pub const IDEMPOTENCY_WAITING: &str = "switchboard_idempotency_waiting";
 /// (the endpoint that served the prompt before goes first) or `miss`; see
 /// [`crate::health::Affinity`].
 pub const AFFINITY: &str = "switchboard_affinity_total";
+
+/// Config reloads by `result`: `ok`, `refused`, `failed` ([`crate::gateway::reload`]).
+pub const CONFIG_RELOADS: &str = "switchboard_config_reloads_total";
+/// Unix time the config now in force was loaded.
+pub const CONFIG_LOADED: &str = "switchboard_config_loaded_timestamp_seconds";
+/// 1 for the config now in force, by `hash`.
+pub const CONFIG_INFO: &str = "switchboard_config_info";
 
 /// Buckets for request durations and TTFT (seconds).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -188,6 +198,15 @@ fn describe() {
         AFFINITY,
         "Requests with a long prompt by whether the endpoint that last served its prefix went first (hit) or not (miss)"
     );
+    describe_counter!(
+        CONFIG_RELOADS,
+        "Config reloads (SIGHUP, POST /admin/reload) by result: ok, refused, failed"
+    );
+    describe_gauge!(
+        CONFIG_LOADED,
+        "Unix time the config now in force was loaded"
+    );
+    describe_gauge!(CONFIG_INFO, "1 for the config now in force, by hash");
     describe_gauge!(
         crate::shared::SHARED_STATE_UP,
         "1 while the [shared] Redis answers, 0 while rate limits and health are this instance's own"

@@ -349,8 +349,8 @@ async fn weighted_shares_are_the_draws_and_explain_costs_nothing() {
     let before = credits().await;
     let data = explain(&gw, &body("hi", json!({}))).await;
     // The draw's group, cheapest first, as the health filter sorts it.
-    let model = gw.gateway.catalog().model("test/model").unwrap();
-    let group = model.endpoints.clone();
+    let catalog = gw.gateway.catalog();
+    let group = catalog.model("test/model").unwrap().endpoints.clone();
     let shares = switchboard::health::draw_shares(&group);
     // The draw itself, over an even grid of random numbers, picks each that often.
     let n = 100_000;

@@ -36,6 +36,13 @@ pub enum Claim {
 pub trait CacheBackend: Send + Sync + 'static {
     /// The answer stored under `key`, if any and not expired.
     fn get(&self, key: &CacheKey) -> BoxFuture<'static, Option<Arc<CachedAnswer>>>;
+    /// The answer this process holds under `key`, without asking any server (what a
+    /// request that just became a flight's leader looks at again: the flight before
+    /// it may have stored its answer between the first look and the lead). Default:
+    /// `None`.
+    fn get_local(&self, _key: &CacheKey) -> Option<Arc<CachedAnswer>> {
+        None
+    }
     /// Stores `answer` under `key` for `answer.ttl()` (does not wait), then gives
     /// back this instance's [`claim`](CacheBackend::claim) of `key`, if any.
     fn put(&self, key: &CacheKey, answer: Arc<CachedAnswer>);
@@ -143,6 +150,10 @@ impl CacheBackend for MemoryBackend {
         future::ready(self.lookup(key)).boxed()
     }
 
+    fn get_local(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
+        self.lookup(key)
+    }
+
     fn put(&self, key: &CacheKey, answer: Arc<CachedAnswer>) {
         let ttl = answer.ttl();
         self.insert(key, answer, ttl);
@@ -218,6 +229,10 @@ impl RedisBackend {
 }
 
 impl CacheBackend for RedisBackend {
+    fn get_local(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
+        self.local.lookup(key)
+    }
+
     fn get(&self, key: &CacheKey) -> BoxFuture<'static, Option<Arc<CachedAnswer>>> {
         if let Some(a) = self.local.lookup(key) {
             return future::ready(Some(a)).boxed();

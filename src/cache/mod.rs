@@ -183,6 +183,29 @@ impl CacheLayer {
             .max_entry_bytes((config.max_bytes / 4).min(32 << 20) as usize)
     }
 
+    /// The same backend (its entries), the same requests in flight and the same
+    /// ledger, with the settings of `config` but its `max_bytes` (the backend's size,
+    /// fixed when it was made): what a config reload builds (`gateway::reload`).
+    /// The body limits are set again by the caller.
+    pub fn reconfigured(&self, config: &CacheConfig) -> Self {
+        let old = &self.shared;
+        CacheLayer {
+            shared: Arc::new(Shared {
+                backend: old.backend.clone(),
+                flights: old.flights.clone(),
+                ledger: old.ledger.clone(),
+                enabled_by_default: old.enabled_by_default,
+                ttl: old.ttl,
+                max_body_bytes: old.max_body_bytes,
+                body_timeout: old.body_timeout,
+                max_entry_bytes: old.max_entry_bytes,
+                shared_wait: old.shared_wait,
+            }),
+        }
+        .enabled_by_default(config.enabled_by_default)
+        .ttl(Duration::from_secs(config.ttl_secs))
+    }
+
     fn edit(mut self, f: impl FnOnce(&mut Shared)) -> Self {
         let shared = Arc::get_mut(&mut self.shared).expect("configured before it is cloned");
         f(shared);
@@ -446,6 +469,14 @@ where
         }
         match shared.flights.join_or_lead(ask.key, shared.max_entry_bytes) {
             Role::Lead(mut guard) => {
+                // The flight before this one may have stored its answer and ended
+                // between the look above and the lead: look again (in this process;
+                // no round trip), or this request would call upstream a second time.
+                if let Some(answer) = shared.backend.get_local(&ask.key) {
+                    guard.finish(answer.clone());
+                    count("hit");
+                    return Ok(hit(&shared, &ask, &answer).await);
+                }
                 match shared.backend.claim(&ask.key).await {
                     Claim::Granted => guard.release_with(shared.backend.clone()),
                     Claim::Busy => {

@@ -554,3 +554,46 @@ async fn a_body_of_known_length_is_stored_without_being_polled_past_its_last_fra
     assert_eq!(status(&res), "HIT");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+/// A memory backend whose asynchronous look misses once: what a request sees when the
+/// flight before it stores its answer and ends between its look and its lead.
+struct StaleOnce {
+    memory: MemoryBackend,
+    stale: std::sync::atomic::AtomicBool,
+}
+
+impl CacheBackend for StaleOnce {
+    fn get(&self, key: &CacheKey) -> BoxFuture<'static, Option<Arc<CachedAnswer>>> {
+        if self.stale.swap(false, Ordering::SeqCst) {
+            return Box::pin(async { None });
+        }
+        self.memory.get(key)
+    }
+    fn get_local(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
+        self.memory.get_local(key)
+    }
+    fn put(&self, key: &CacheKey, answer: Arc<CachedAnswer>) {
+        self.memory.put(key, answer)
+    }
+}
+
+#[tokio::test]
+async fn an_answer_stored_between_the_look_and_the_lead_is_a_hit_not_a_second_call() {
+    let backend = Arc::new(StaleOnce {
+        memory: MemoryBackend::new(1 << 20),
+        stale: std::sync::atomic::AtomicBool::new(false),
+    });
+    let (inner, calls) = inner(answering_json());
+    let svc = CacheLayer::new(backend.clone()).layer(inner);
+    let (first, _) = send(&svc, request("k1", BODY)).await;
+    assert_eq!(status(&first), "MISS");
+    // The answer is stored; the next request's first look misses anyway.
+    backend.stale.store(true, Ordering::SeqCst);
+    let (second, text) = send(&svc, request("k1", BODY)).await;
+    assert_eq!(status(&second), "HIT", "{text}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one upstream call in all");
+    assert!(
+        !backend.stale.load(Ordering::SeqCst),
+        "the stale look happened"
+    );
+}

@@ -340,6 +340,41 @@ impl InMemoryHealth {
         })
     }
 
+    /// Takes over `old`'s state of each `(old endpoint, new endpoint)` pair: the
+    /// consecutive failures, degraded and parked times, observed TTFT and throughput
+    /// (what a config reload keeps for the endpoints that still exist; see
+    /// `gateway::reload`). A probe in flight on `old` stays `old`'s: here the
+    /// endpoint's probe slot is free, and its epoch starts anew (a ticket of `old`
+    /// never comes back here). Sets `switchboard_endpoint_healthy` of each pair.
+    pub fn carry_over<'a>(
+        &self,
+        old: &InMemoryHealth,
+        pairs: impl IntoIterator<Item = (&'a Endpoint, &'a Endpoint)>,
+    ) {
+        for (from, to) in pairs {
+            let Some(state) = old.slot(from, |s| {
+                (
+                    s.failures,
+                    s.degraded_until,
+                    s.parked_until,
+                    s.ttft,
+                    s.throughput,
+                )
+            }) else {
+                continue;
+            };
+            let (failures, degraded_until, parked_until, ttft, throughput) = state;
+            self.slot(to, |s| {
+                s.failures = failures;
+                s.degraded_until = degraded_until;
+                s.parked_until = parked_until;
+                s.ttft = ttft;
+                s.throughput = throughput;
+            });
+            set_healthy_gauge(to, degraded_until.is_none());
+        }
+    }
+
     /// `[health].failure_threshold`.
     pub(crate) fn failure_threshold(&self) -> u32 {
         self.failure_threshold

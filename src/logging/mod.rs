@@ -190,7 +190,8 @@ pub(crate) struct Guard {
     stream: bool,
     /// The body was sent to its end.
     complete: bool,
-    /// The client's address ([`crate::client_ip`]), formatted once, into the record.
+    /// The client's address ([`crate::client_ip`]), into the record (formatted by the
+    /// sink, on the log writer's thread).
     client_ip: Option<std::net::IpAddr>,
 }
 
@@ -230,7 +231,7 @@ impl Drop for Guard {
         let total = self.ctx.started().elapsed();
         let mut record =
             RequestRecord::from_context(&self.ctx, total, self.complete, self.log_content);
-        record.client_ip = self.client_ip.map(|ip| ip.to_string());
+        record.client_ip = self.client_ip;
         let upstream_wait: Duration = self.ctx.update(|s| s.upstream_wait);
         telemetry::observe(&record, total, upstream_wait);
         tracing::info!(

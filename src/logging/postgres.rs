@@ -433,8 +433,8 @@ struct Rows<'a> {
     app_title: Vec<Option<Cow<'a, str>>>,
     cache_hit: Vec<bool>,
     key_name: Vec<Option<Cow<'a, str>>>,
-    key_labels: Vec<Option<String>>,
-    client_ip: Vec<Option<Cow<'a, str>>>,
+    key_labels: Vec<Option<Cow<'a, str>>>,
+    client_ip: Vec<Option<String>>,
 }
 
 impl<'a> Rows<'a> {
@@ -504,7 +504,7 @@ impl<'a> Rows<'a> {
             rows.key_name.push(opt_text(&r.key_name));
             rows.key_labels
                 .push(super::sqlite::labels_json(&r.key_labels));
-            rows.client_ip.push(opt_text(&r.client_ip));
+            rows.client_ip.push(r.client_ip.map(|ip| ip.to_string()));
         }
         rows
     }

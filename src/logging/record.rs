@@ -79,7 +79,7 @@ pub struct RequestRecord {
     /// The client's address: the TCP peer, or with `[server].trusted_proxies` the
     /// nearest untrusted address of `X-Forwarded-For`.
     #[serde(default)]
-    pub client_ip: Option<String>,
+    pub client_ip: Option<std::net::IpAddr>,
 }
 
 /// One upstream attempt of a [`RequestRecord`].

@@ -218,6 +218,7 @@ fn bind(
     let attempts = std::str::from_utf8(scratch).map_err(io::Error::other)?;
     let prompt = r.prompt.as_ref().map(|p| p.to_string());
     let labels = labels_json(&r.key_labels);
+    let client_ip = r.client_ip.map(|ip| ip.to_string());
     let values: [&dyn rusqlite::ToSql; COLUMNS] = [
         &r.id,
         &int(r.time_ms),
@@ -246,7 +247,7 @@ fn bind(
         &r.cache_hit,
         &r.key_name,
         &labels,
-        &r.client_ip,
+        &client_ip,
     ];
     for (i, v) in values.iter().enumerate() {
         stmt.raw_bind_parameter(at + i + 1, v).map_err(sql_err)?;
@@ -254,11 +255,18 @@ fn bind(
     Ok(())
 }
 
-/// The `key_labels` column: the labels as a JSON object (`NULL` without a key).
-pub(super) fn labels_json(labels: &Option<crate::keys::Labels>) -> Option<String> {
-    labels
-        .as_ref()
-        .map(|l| serde_json::to_string(l).unwrap_or_default())
+/// The `key_labels` column: the labels as a JSON object (`NULL` without a key);
+/// most keys have none, written `{}` without serialising anything.
+pub(super) fn labels_json(
+    labels: &Option<crate::keys::Labels>,
+) -> Option<std::borrow::Cow<'static, str>> {
+    labels.as_ref().map(|l| {
+        if l.is_empty() {
+            std::borrow::Cow::Borrowed("{}")
+        } else {
+            std::borrow::Cow::Owned(serde_json::to_string(l).unwrap_or_default())
+        }
+    })
 }
 
 /// The `attempts` column: the JSON array `serde_json` writes for `attempts`, written

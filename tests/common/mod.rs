@@ -691,6 +691,11 @@ impl ServeProcess {
         format!("{}{}", self.base, path)
     }
 
+    /// The process id of the current run (e.g. to send it SIGHUP).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// SIGKILL (`Child::kill` on unix), and reap it. Nothing runs at exit.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
