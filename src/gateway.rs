@@ -42,6 +42,7 @@ use http::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tower::util::BoxCloneSyncService;
+use tower::ServiceBuilder;
 
 use crate::accounts::AccountState;
 use crate::auth::AuthLayer;
@@ -448,6 +449,7 @@ impl Gateway {
             .route("/embeddings", post_service(chat.clone()))
             .route("/completions", post_service(chat))
             .merge(self.count_tokens_route())
+            .merge(self.explain_route())
             .merge(
                 Router::new()
                     .route("/models", get(list_models))
@@ -501,6 +503,24 @@ impl Gateway {
                 }),
             )
             .route_layer(self.accounts.auth.clone())
+    }
+
+    /// `POST /route` (SPEC §9): the route explain of the current stack,
+    /// authenticated and counted in the key's `rpm` like chat; free, no upstream call.
+    fn explain_route(&self) -> Router {
+        let stack = self.stack.clone();
+        Router::new()
+            .route(
+                "/route",
+                axum::routing::post(move |req: Request<axum::body::Body>| {
+                    stack.load().explainer.clone().handle(req)
+                }),
+            )
+            .route_layer(
+                ServiceBuilder::new()
+                    .layer(self.accounts.auth.clone())
+                    .layer(self.process.rate_limit.clone()),
+            )
     }
 
     /// Serves [`Gateway::router`] on `listener` until `shutdown` resolves, then stops

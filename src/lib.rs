@@ -30,6 +30,7 @@ pub mod context;
 pub mod credit;
 pub mod drain;
 pub mod error;
+pub mod explain;
 pub mod fallback;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

@@ -142,10 +142,66 @@ impl<S> Route<S> {
     }
 }
 
+/// Why routing drops a candidate endpoint: what [`plan_each`] reports for each one it
+/// leaves out. Plain data (no text is made on the request path); the route explain
+/// ([`crate::explain`]) writes the sentence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exclusion {
+    /// Its model is not in the key's allow-list.
+    AllowList,
+    /// Its provider is not in `provider.only`.
+    Only,
+    /// Its provider is in `provider.ignore`.
+    Ignore,
+    /// `provider.order` with `allow_fallbacks: false` does not name its provider.
+    NotOrdered,
+    /// A price above `provider.max_price` (USD per million tokens).
+    MaxPrice {
+        /// `prompt` (true) or `completion` (false).
+        prompt: bool,
+        /// The endpoint's price.
+        price: Price,
+        /// The request's ceiling.
+        max: Price,
+    },
+    /// `data_collection: "deny"` and a provider configured to collect.
+    DataCollection,
+    /// `require_parameters` and a parameter its provider kind does not honour.
+    RequireParameters(&'static str),
+}
+
+impl Exclusion {
+    /// The preference that made it: the words of 404 `no_endpoints`.
+    pub fn preference(self) -> &'static str {
+        match self {
+            Exclusion::AllowList => "the key's allow-list",
+            Exclusion::Only => "provider.only",
+            Exclusion::Ignore => "provider.ignore",
+            Exclusion::NotOrdered => "provider.order with allow_fallbacks: false",
+            Exclusion::MaxPrice { .. } => "provider.max_price",
+            Exclusion::DataCollection => "provider.data_collection",
+            Exclusion::RequireParameters(_) => "provider.require_parameters",
+        }
+    }
+}
+
 /// Resolves a call's models into its plan, then applies the `provider` preferences
 /// (SPEC §3.1): `only`, `ignore`, `order` with `allow_fallbacks: false`, `max_price`,
 /// `data_collection` and `require_parameters`. 404 `no_endpoints` when they leave none.
 pub fn plan(catalog: &Catalog, call: &ChatCall) -> Result<Vec<Arc<Endpoint>>, GatewayError> {
+    plan_each(catalog, call, |_, _| {})
+}
+
+/// [`plan`], telling `dropped` of every candidate endpoint it leaves out and why (the
+/// route explain's view; [`RouteLayer`] passes a closure that does nothing). The
+/// endpoints of a fallback model outside the key's allow-list are reported as
+/// [`Exclusion::AllowList`]; for the first model that is 403 `forbidden`, after
+/// reporting its endpoints.
+pub fn plan_each(
+    catalog: &Catalog,
+    call: &ChatCall,
+    mut dropped: impl FnMut(&Arc<Endpoint>, Exclusion),
+) -> Result<Vec<Arc<Endpoint>>, GatewayError> {
     let req = &call.request;
     let key = call.ctx.key();
     let mut plan: Vec<Arc<Endpoint>> = Vec::new();
@@ -161,6 +217,9 @@ pub fn plan(catalog: &Catalog, call: &ChatCall) -> Result<Vec<Arc<Endpoint>>, Ga
         check_type(model, req)?;
         if let Some(key) = key {
             if !key.allows_model(id) {
+                for e in &model.endpoints {
+                    dropped(e, Exclusion::AllowList);
+                }
                 if i == 0 {
                     return Err(GatewayError::Forbidden(format!(
                         "key `{}` may not use model `{id}`",
@@ -200,31 +259,40 @@ pub fn plan(catalog: &Catalog, call: &ChatCall) -> Result<Vec<Arc<Endpoint>>, Ga
         list.as_ref()
             .is_some_and(|l| l.iter().any(|n| n.as_str() == e.provider.name.as_ref()))
     };
+    let above = |price: Price, max: Option<Price>, prompt: bool| {
+        max.filter(|m| price > *m)
+            .map(|max| Exclusion::MaxPrice { prompt, price, max })
+    };
     let before = plan.len();
     let mut why: Vec<&str> = Vec::new();
     plan.retain(|e| {
         let reason = if prefs.only.is_some() && !named(&prefs.only, e) {
-            Some("provider.only")
+            Some(Exclusion::Only)
         } else if named(&prefs.ignore, e) {
-            Some("provider.ignore")
+            Some(Exclusion::Ignore)
         } else if !prefs.allow_fallbacks && prefs.order.is_some() && !named(&prefs.order, e) {
-            Some("provider.order with allow_fallbacks: false")
-        } else if max_prompt.is_some_and(|m| e.pricing.prompt > m)
-            || max_completion.is_some_and(|m| e.pricing.completion > m)
+            Some(Exclusion::NotOrdered)
+        } else if let Some(x) = above(e.pricing.prompt, max_prompt, true)
+            .or_else(|| above(e.pricing.completion, max_completion, false))
         {
-            Some("provider.max_price")
+            Some(x)
         } else if prefs.data_collection == Some(DataCollection::Deny)
             && e.provider.data_collection == DataCollection::Allow
         {
-            Some("provider.data_collection")
-        } else if prefs.require_parameters && !needed.iter().all(|p| supports(e.provider.kind, p)) {
-            Some("provider.require_parameters")
+            Some(Exclusion::DataCollection)
+        } else if prefs.require_parameters {
+            needed
+                .iter()
+                .copied()
+                .find(|p| !supports(e.provider.kind, p))
+                .map(Exclusion::RequireParameters)
         } else {
             None
         };
         if let Some(r) = reason {
-            if !why.contains(&r) {
-                why.push(r);
+            dropped(e, r);
+            if !why.contains(&r.preference()) {
+                why.push(r.preference());
             }
         }
         reason.is_none()

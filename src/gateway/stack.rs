@@ -25,8 +25,9 @@ use crate::config::{Config, KeyConfig};
 use crate::credit::CreditLayer;
 use crate::drain::{Drain, DrainLayer};
 use crate::error::Body;
+use crate::explain::Explainer;
 use crate::fallback::FallbackLayer;
-use crate::health::{HealthFilterLayer, HealthRegistry, InMemoryHealth, RedisHealth};
+use crate::health::{Affinity, HealthFilterLayer, HealthRegistry, InMemoryHealth, RedisHealth};
 use crate::idempotency::IdempotencyLayer;
 use crate::logging::{LogWriter, LoggingLayer};
 use crate::metering::MeteringLayer;
@@ -84,6 +85,8 @@ pub struct Stack {
     local: LocalHealth,
     pub(crate) chat: ChatService,
     pub(crate) count_tokens: CountTokens,
+    /// `POST /v1/route` over this stack's catalog, health and affinity.
+    pub(crate) explainer: Explainer,
 }
 
 impl std::fmt::Debug for Stack {
@@ -153,6 +156,9 @@ impl Stack {
                 }
             };
 
+        // Prompt-cache affinity: the health filter's entries, which the route explain
+        // reads too.
+        let affinity = Affinity::new();
         // The typed tier, outermost first.
         let typed = ServiceBuilder::new()
             // 1. Route: model id (+ `models`, variants, allow-list) → candidate endpoints.
@@ -163,7 +169,7 @@ impl Stack {
             //    After routing, since it works on the plan; before credit, so the
             //    reserve is priced over the endpoints that can really be tried; it
             //    shares its registry with Fallback, which records every outcome.
-            .layer(HealthFilterLayer::new(health.clone()))
+            .layer(HealthFilterLayer::new(health.clone()).affinity(Some(affinity.clone())))
             // 3. Credit: reserve the worst case over the plan that is left (402 before
             //    any upstream is called), settle to the metered cost before the last
             //    byte. After routing and health filtering (the plan is final), before
@@ -243,6 +249,13 @@ impl Stack {
             config.server.max_body_bytes as usize,
             Duration::from_secs(config.server.request_timeout_secs),
         );
+        // `POST /v1/route`: the same catalog, health and affinity as this stack.
+        let explainer = Explainer::new(catalog.clone(), health.clone())
+            .affinity(Some(affinity))
+            .limits(
+                config.server.max_body_bytes as usize,
+                Duration::from_secs(config.server.request_timeout_secs),
+            );
         Stack {
             config: Arc::new(config),
             catalog,
@@ -250,6 +263,7 @@ impl Stack {
             local,
             chat: BoxCloneSyncService::new(chat),
             count_tokens,
+            explainer,
         }
     }
 }

@@ -137,13 +137,76 @@ fn price_key(e: &Endpoint) -> i64 {
     e.pricing.prompt.pico_per_token() + e.pricing.completion.pico_per_token()
 }
 
+/// Where the health filter puts a kept endpoint, and why: what [`filter_plan_each`]
+/// reports. Plain data (no text is made on the request path); the route explain
+/// ([`crate::explain`]) writes the sentence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Named in `provider.order`: first, in that order.
+    ProviderOrder,
+    /// After any `order` ones, under this [`Ordering`] (`Default`: cheapest first,
+    /// when there is no draw).
+    Sorted(Ordering),
+    /// First by the weighted draw ([`weighted_draw`]).
+    Drawn,
+    /// After the drawn one, cheapest first.
+    AfterDraw,
+    /// First: it served this prompt before (prompt-cache [`Affinity`]).
+    Affinity,
+    /// Every candidate is unavailable: the one whose cooldown ends soonest, once.
+    LastResort,
+}
+
+/// One decision of [`filter_plan_each`] about the endpoints of a plan.
+#[derive(Debug, Clone, Copy)]
+pub enum Decision<'a> {
+    /// Dropped: degraded, parked or being probed until `until` (may be past while a
+    /// probe is in flight).
+    Unavailable {
+        /// The endpoint.
+        endpoint: &'a Arc<Endpoint>,
+        /// When its cooldown or park ends.
+        until: Instant,
+    },
+    /// Kept, at a place decided by `at` (a later decision may move it again).
+    Placed {
+        /// The endpoint.
+        endpoint: &'a Arc<Endpoint>,
+        /// Why there.
+        at: Placement,
+    },
+    /// The weighted draw picks the first of `group` (sorted cheapest first): see
+    /// [`draw_shares`].
+    Draw {
+        /// The endpoints drawn among.
+        group: &'a [Arc<Endpoint>],
+    },
+    /// Dropped: `allow_fallbacks: false` without `order` keeps the first endpoint only.
+    NoFallbacks {
+        /// The endpoint.
+        endpoint: &'a Arc<Endpoint>,
+    },
+}
+
 /// Orders one model's healthy endpoints (stable: ties keep plan order).
 pub fn order_endpoints(
+    group: Vec<Arc<Endpoint>>,
+    how: Ordering,
+    provider_order: &[String],
+    registry: &dyn HealthRegistry,
+    random: &dyn Fn() -> f64,
+) -> Vec<Arc<Endpoint>> {
+    order_each(group, how, provider_order, registry, random, &mut |_| {})
+}
+
+/// [`order_endpoints`], telling `each` where it puts every endpoint.
+fn order_each(
     mut group: Vec<Arc<Endpoint>>,
     how: Ordering,
     provider_order: &[String],
     registry: &dyn HealthRegistry,
     random: &dyn Fn() -> f64,
+    each: &mut impl FnMut(Decision<'_>),
 ) -> Vec<Arc<Endpoint>> {
     // `order` first, in its order; the rest follow under `how`.
     let mut head = Vec::new();
@@ -154,6 +217,12 @@ pub fn order_endpoints(
         {
             head.push(group.remove(i));
         }
+    }
+    for endpoint in &head {
+        each(Decision::Placed {
+            endpoint,
+            at: Placement::ProviderOrder,
+        });
     }
     let mut rest = group;
     rest.sort_by_key(|e| price_key(e));
@@ -176,22 +245,38 @@ pub fn order_endpoints(
             (None, None) => std::cmp::Ordering::Equal,
         }),
         Ordering::Default if head.is_empty() && rest.len() > 1 => {
+            each(Decision::Draw { group: &rest });
             let first = weighted_draw(&rest, random);
             let e = rest.remove(first);
             rest.insert(0, e);
+            for (i, endpoint) in rest.iter().enumerate() {
+                let at = if i == 0 {
+                    Placement::Drawn
+                } else {
+                    Placement::AfterDraw
+                };
+                each(Decision::Placed { endpoint, at });
+            }
+            head.extend(rest);
+            return head;
         }
         Ordering::Default => {}
+    }
+    for endpoint in &rest {
+        each(Decision::Placed {
+            endpoint,
+            at: Placement::Sorted(how),
+        });
     }
     head.extend(rest);
     head
 }
 
-/// SPEC §5's draw: the index of the first endpoint, with probability ∝ `weight /
-/// price²` (price = prompt + completion USD/Mtok); free endpoints, when there are any,
-/// are drawn among themselves ∝ `weight`. `group` is sorted cheapest first.
-pub fn weighted_draw(group: &[Arc<Endpoint>], random: &dyn Fn() -> f64) -> usize {
+/// The draw's weight of each endpoint of `group`: `weight / price²`, or, when any is
+/// free, `weight` for the free ones and 0 for the others.
+fn draw_weights(group: &[Arc<Endpoint>]) -> Vec<f64> {
     let any_free = group.iter().any(|e| price_key(e) == 0);
-    let weights: Vec<f64> = group
+    group
         .iter()
         .map(|e| {
             let w = e.weight.max(0.0);
@@ -204,7 +289,14 @@ pub fn weighted_draw(group: &[Arc<Endpoint>], random: &dyn Fn() -> f64) -> usize
                 }
             }
         })
-        .collect();
+        .collect()
+}
+
+/// SPEC §5's draw: the index of the first endpoint, with probability ∝ `weight /
+/// price²` (price = prompt + completion USD/Mtok); free endpoints, when there are any,
+/// are drawn among themselves ∝ `weight`. `group` is sorted cheapest first.
+pub fn weighted_draw(group: &[Arc<Endpoint>], random: &dyn Fn() -> f64) -> usize {
+    let weights = draw_weights(group);
     let total: f64 = weights.iter().sum();
     if !(total.is_finite() && total > 0.0) {
         return 0;
@@ -218,6 +310,22 @@ pub fn weighted_draw(group: &[Arc<Endpoint>], random: &dyn Fn() -> f64) -> usize
     }
     // Rounding: the last endpoint with a weight.
     weights.iter().rposition(|w| *w > 0.0).unwrap_or(0)
+}
+
+/// The probability that [`weighted_draw`] puts each endpoint of `group` first: its
+/// weight over their sum (the first for sure when no weight counts).
+pub fn draw_shares(group: &[Arc<Endpoint>]) -> Vec<f64> {
+    let mut shares = draw_weights(group);
+    let total: f64 = shares.iter().sum();
+    let counts = total.is_finite() && total > 0.0;
+    for (i, s) in shares.iter_mut().enumerate() {
+        *s = match (counts, i) {
+            (true, _) => *s / total,
+            (false, 0) => 1.0,
+            (false, _) => 0.0,
+        };
+    }
+    shares
 }
 
 /// Filters and orders `call.plan` in place (see the [module docs](crate::health)); 503
@@ -240,6 +348,19 @@ pub fn filter_plan_preferring(
     random: &dyn Fn() -> f64,
     preferred: Option<usize>,
 ) -> Result<(), GatewayError> {
+    filter_plan_each(call, registry, random, preferred, |_| {})
+}
+
+/// [`filter_plan_preferring`], telling `each` of every [`Decision`] it makes: which
+/// endpoints it drops and why, where it puts the others and why (the route explain's
+/// view; [`HealthFilterLayer`] passes a closure that does nothing).
+pub fn filter_plan_each(
+    call: &mut ChatCall,
+    registry: &dyn HealthRegistry,
+    random: &dyn Fn() -> f64,
+    preferred: Option<usize>,
+    mut each: impl FnMut(Decision<'_>),
+) -> Result<(), GatewayError> {
     let now = Instant::now();
     let how = Ordering::of(call);
     let prefs = call.request.provider.clone().unwrap_or_default();
@@ -258,22 +379,30 @@ pub fn filter_plan_preferring(
     for g in groups {
         let healthy: Vec<_> = g
             .into_iter()
-            .filter(|e| {
-                !matches!(
-                    registry.availability(e, now),
-                    Availability::Unavailable { .. }
-                )
+            .filter(|endpoint| match registry.availability(endpoint, now) {
+                Availability::Unavailable { until } => {
+                    each(Decision::Unavailable { endpoint, until });
+                    false
+                }
+                _ => true,
             })
             .collect();
-        let mut ordered = order_endpoints(healthy, how, &provider_order, registry, random);
+        let mut ordered = order_each(healthy, how, &provider_order, registry, random, &mut each);
         if let Some(p) = preferred.filter(|_| how == Ordering::Default && provider_order.is_empty())
         {
             if let Some(i) = ordered.iter().position(|e| e.index == p) {
                 let e = ordered.remove(i);
+                each(Decision::Placed {
+                    endpoint: &e,
+                    at: Placement::Affinity,
+                });
                 ordered.insert(0, e);
             }
         }
         if only_first {
+            for endpoint in ordered.iter().skip(1) {
+                each(Decision::NoFallbacks { endpoint });
+            }
             ordered.truncate(1);
         }
         plan.extend(ordered);
@@ -293,6 +422,10 @@ pub fn filter_plan_preferring(
             .map(|(_, e)| e.clone());
         match soonest {
             Some(e) => {
+                each(Decision::Placed {
+                    endpoint: &e,
+                    at: Placement::LastResort,
+                });
                 plan.push(e);
                 call.ctx.update(|s| s.last_resort = true);
             }

@@ -432,6 +432,13 @@ impl HealthRegistry for InMemoryHealth {
             .unwrap_or(Availability::Healthy)
     }
 
+    fn parked(&self, e: &Endpoint, now: Instant) -> bool {
+        self.slot(e, |s| {
+            s.degraded_until.is_none() && s.parked_until.is_some_and(|p| now < p)
+        })
+        .unwrap_or(false)
+    }
+
     fn acquire(&self, e: &Endpoint, now: Instant, last_resort: bool) -> Option<Ticket> {
         let Some(ticket) = self.slot(e, |s| {
             let kind = match s.availability(now) {

@@ -88,8 +88,9 @@ use crate::error::{FailureClass, FailureKind, ProviderError};
 pub use self::redis::RedisHealth;
 pub use affinity::{Affinity, AffinityKey, AFFINITY_MAX_ENTRIES, AFFINITY_TTL, MIN_PREFIX_BYTES};
 pub use filter::{
-    filter_plan, filter_plan_preferring, order_endpoints, weighted_draw, HealthFilter,
-    HealthFilterLayer, Ordering, Random, Remembering,
+    draw_shares, filter_plan, filter_plan_each, filter_plan_preferring, order_endpoints,
+    weighted_draw, Decision, HealthFilter, HealthFilterLayer, Ordering, Placement, Random,
+    Remembering,
 };
 pub use memory::InMemoryHealth;
 
@@ -250,6 +251,13 @@ pub struct EndpointHealth {
 pub trait HealthRegistry: Send + Sync + 'static {
     /// Whether `endpoint` may be contacted at `now`.
     fn availability(&self, endpoint: &Endpoint, now: Instant) -> Availability;
+
+    /// Whether an [`Availability::Unavailable`] endpoint is so because a 429's
+    /// `Retry-After` parked it (rather than degraded or being probed): what the route
+    /// explain says. Read only there, never on the request path.
+    fn parked(&self, _endpoint: &Endpoint, _now: Instant) -> bool {
+        false
+    }
 
     /// Grants one attempt on `endpoint`, or `None` when it must not be contacted
     /// (degraded, parked, or its single probe already taken). With `last_resort`, an

@@ -244,6 +244,10 @@ impl HealthRegistry for RedisHealth {
         a
     }
 
+    fn parked(&self, e: &Endpoint, now: Instant) -> bool {
+        self.core.local.parked(e, now)
+    }
+
     fn acquire(&self, e: &Endpoint, now: Instant, last_resort: bool) -> Option<Ticket> {
         let ticket = self.core.local.acquire(e, now, last_resort);
         match ticket {
