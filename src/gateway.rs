@@ -457,7 +457,19 @@ impl Gateway {
             .nest("/api/v1", v1)
             .route("/healthz", get(|| async { "ok" }))
             .route("/metrics", get(metrics))
-            .merge(crate::accounts::admin_routes(self.accounts.clone()))
+            .merge(
+                // Admin answers are never cached nor sniffed (the dashboard reads them).
+                crate::accounts::admin_routes(self.accounts.clone())
+                    .layer(axum::middleware::map_response(crate::dashboard::no_store)),
+            )
+            // SPEC §9: the operators' page, its login, and the recent requests it lists.
+            .merge(
+                crate::dashboard::routes(crate::dashboard::DashboardState {
+                    accounts: self.accounts.clone(),
+                    recent: Arc::new(crate::dashboard::RecentSource::from_config(&self.config)),
+                })
+                .layer(axum::middleware::map_response(crate::dashboard::no_store)),
+            )
             .merge(
                 Router::new()
                     .route("/readyz", get(crate::accounts::readyz))
