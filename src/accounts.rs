@@ -241,11 +241,14 @@ async fn get_generation(
     reply(r, StatusCode::OK)
 }
 
-/// Checks the admin token: 404 when the admin API is off, 401 when the token is wrong.
+/// Checks the admin token of a request to any admin route (`/admin/keys`,
+/// `/admin/usage`, `/admin/endpoints`, …): 404 when the admin API is off, 401 when
+/// the token is missing or wrong. The one check every admin route calls: a new way
+/// to present the token is added here, for all of them.
 ///
 /// The token comes from `Authorization: Bearer`, else from the dashboard's cookie
 /// ([`crate::dashboard::COOKIE`]); either way only the exact token passes.
-pub(crate) fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), GatewayError> {
+pub fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), GatewayError> {
     let Some(expected) = &state.admin_token else {
         return Err(GatewayError::NotFound(format!(
             "the admin API is off: set {} (see [admin].token_env) and restart",

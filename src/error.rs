@@ -256,7 +256,7 @@ pub enum FailureClass {
 }
 
 /// What went wrong with one upstream attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
     /// The upstream answered with an error status.
     Status(u16),
@@ -274,6 +274,23 @@ pub enum FailureKind {
     Protocol,
     /// The gateway cannot call this provider (e.g. its key is not set).
     NotConfigured,
+}
+
+impl FailureKind {
+    /// A short label for metrics, attempt records and `GET /admin/endpoints`:
+    /// `"503"`, `"timeout"`, `"connect_error"`, ….
+    pub fn label(self) -> String {
+        match self {
+            FailureKind::Status(s) => s.to_string(),
+            FailureKind::Connect => "connect_error".into(),
+            FailureKind::Timeout => "timeout".into(),
+            FailureKind::StreamIdle => "stream_idle".into(),
+            FailureKind::StreamBroken => "stream_broken".into(),
+            FailureKind::InBand => "stream_error".into(),
+            FailureKind::Protocol => "bad_response".into(),
+            FailureKind::NotConfigured => "not_configured".into(),
+        }
+    }
 }
 
 /// One upstream attempt's failure.
@@ -341,16 +358,7 @@ impl ProviderError {
 
     /// A short label for metrics and attempt records: `"503"`, `"timeout"`, ….
     pub fn label(&self) -> String {
-        match self.kind {
-            FailureKind::Status(s) => s.to_string(),
-            FailureKind::Connect => "connect_error".into(),
-            FailureKind::Timeout => "timeout".into(),
-            FailureKind::StreamIdle => "stream_idle".into(),
-            FailureKind::StreamBroken => "stream_broken".into(),
-            FailureKind::InBand => "stream_error".into(),
-            FailureKind::Protocol => "bad_response".into(),
-            FailureKind::NotConfigured => "not_configured".into(),
-        }
+        self.kind.label()
     }
 
     /// The status a client sees when this is the request's last failure.

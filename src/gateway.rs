@@ -322,6 +322,7 @@ impl GatewayBuilder {
             catalog,
             chat: BoxCloneSyncService::new(chat),
             logs,
+            health,
             drain,
             _follows_changes: follows_changes,
             accounts: AccountState {
@@ -373,6 +374,8 @@ pub struct Gateway {
     catalog: Arc<Catalog>,
     chat: ChatService,
     logs: LogWriter,
+    /// Endpoint health, shared by the stack and `/admin/endpoints`.
+    health: Arc<dyn HealthRegistry>,
     /// Tripped when the shutdown grace runs out (see [`Gateway::serve`]).
     drain: Drain,
     /// What the key-change thread holds weakly (see `forget_on_change`).
@@ -405,6 +408,12 @@ impl Gateway {
     /// The request-log writer (e.g. to [`LogWriter::flush`] it).
     pub fn logs(&self) -> &LogWriter {
         &self.logs
+    }
+
+    /// The endpoint health registry the stack records to (and `/admin/endpoints`
+    /// reads).
+    pub fn health(&self) -> &Arc<dyn HealthRegistry> {
+        &self.health
     }
 
     /// The key store.
@@ -457,10 +466,20 @@ impl Gateway {
             .nest("/api/v1", v1)
             .route("/healthz", get(|| async { "ok" }))
             .route("/metrics", get(metrics))
+            // Admin answers are never cached nor sniffed (the dashboard reads them).
             .merge(
-                // Admin answers are never cached nor sniffed (the dashboard reads them).
                 crate::accounts::admin_routes(self.accounts.clone())
                     .layer(axum::middleware::map_response(crate::dashboard::no_store)),
+            )
+            .merge(
+                crate::admin::routes(crate::admin::AdminState {
+                    accounts: self.accounts.clone(),
+                    usage: self.logs.usage().cloned(),
+                    log_sink: self.config.logging.sink.clone(),
+                    catalog: self.catalog.clone(),
+                    health: self.health.clone(),
+                })
+                .layer(axum::middleware::map_response(crate::dashboard::no_store)),
             )
             // SPEC §9: the operators' page, its login, and the recent requests it lists.
             .merge(

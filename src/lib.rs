@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod accounts;
+pub mod admin;
 pub mod auth;
 pub mod cache;
 mod canonical;

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{AttemptOutcome, Availability, HealthRegistry, PermitKind, Ticket};
+use super::{
+    AttemptOutcome, Availability, EndpointHealth, HealthRegistry, HealthState, LastFailure,
+    PermitKind, Ticket,
+};
 use crate::catalog::Endpoint;
 use crate::config::HealthConfig;
 use crate::error::FailureClass;
@@ -68,6 +71,11 @@ struct Slot {
     epoch: u64,
     ttft: Option<Ewma>,
     throughput: Option<Ewma>,
+    /// Retriable failures in a row since the last success (unlike `failures`, not
+    /// reset when degraded): what [`HealthRegistry::snapshot`] shows.
+    streak: u32,
+    /// The last failure since the last success (for [`HealthRegistry::snapshot`]).
+    last_failure: Option<LastFailure>,
 }
 
 impl Slot {
@@ -148,6 +156,8 @@ impl InMemoryHealth {
     fn restore(e: &Endpoint, s: &mut Slot) {
         s.degraded_until = None;
         s.failures = 0;
+        s.streak = 0;
+        s.last_failure = None;
         s.probing = false;
         s.epoch += 1;
         set_healthy_gauge(e, true);
@@ -204,6 +214,22 @@ impl InMemoryHealth {
             if ticket.epoch != s.epoch {
                 // Started before the endpoint last changed state: says nothing of now.
                 return Change::None;
+            }
+            // What the snapshot shows: the last failure, and retriable ones in a row.
+            match outcome {
+                AttemptOutcome::Success => {
+                    s.streak = 0;
+                    s.last_failure = None;
+                }
+                AttemptOutcome::Failed { class, park, kind } => {
+                    s.last_failure = Some(LastFailure {
+                        kind,
+                        retry_after: park,
+                    });
+                    if class == FailureClass::Retriable && park.is_none() {
+                        s.streak = s.streak.saturating_add(1);
+                    }
+                }
             }
             match (ticket.kind, outcome) {
                 (PermitKind::Normal, AttemptOutcome::Success) => {
@@ -420,5 +446,32 @@ impl HealthRegistry for InMemoryHealth {
 
     fn throughput(&self, e: &Endpoint) -> Option<f64> {
         self.slot(e, |s| s.throughput.map(|t| t.value)).flatten()
+    }
+
+    fn snapshot(&self, e: &Endpoint, now: Instant) -> EndpointHealth {
+        self.slot(e, |s| {
+            let (state, until) = match (s.degraded_until, s.parked_until) {
+                (Some(until), _) if s.probing => (HealthState::Probing, Some(until)),
+                (Some(until), _) => (HealthState::Degraded, Some(until)),
+                (None, Some(until)) if now < until => (HealthState::Parked, Some(until)),
+                _ => (HealthState::Healthy, None),
+            };
+            EndpointHealth {
+                state,
+                consecutive_failures: s.streak,
+                until,
+                last_failure: s.last_failure,
+                ttft: s.ttft.map(|t| Duration::from_secs_f64(t.value)),
+                tokens_per_second: s.throughput.map(|t| t.value),
+            }
+        })
+        .unwrap_or(EndpointHealth {
+            state: HealthState::Healthy,
+            consecutive_failures: 0,
+            until: None,
+            last_failure: None,
+            ttft: None,
+            tokens_per_second: None,
+        })
     }
 }

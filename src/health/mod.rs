@@ -83,7 +83,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::catalog::Endpoint;
-use crate::error::{FailureClass, ProviderError};
+use crate::error::{FailureClass, FailureKind, ProviderError};
 
 pub use self::redis::RedisHealth;
 pub use affinity::{Affinity, AffinityKey, AFFINITY_MAX_ENTRIES, AFFINITY_TTL, MIN_PREFIX_BYTES};
@@ -143,6 +143,9 @@ pub enum AttemptOutcome {
         class: FailureClass,
         /// A 429's `Retry-After`: park the endpoint this long instead of counting.
         park: Option<Duration>,
+        /// What went wrong (kept as the endpoint's last failure, which
+        /// [`HealthRegistry::snapshot`] shows).
+        kind: FailureKind,
     },
 }
 
@@ -156,8 +159,63 @@ impl AttemptOutcome {
             } else {
                 None
             },
+            kind: e.kind,
         }
     }
+}
+
+/// An endpoint's state as an operator sees it ([`EndpointHealth::state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthState {
+    /// Attempts go to it.
+    Healthy,
+    /// Skipped until its cooldown ends (`until`; past: the next attempt probes it).
+    Degraded,
+    /// Skipped until an upstream `Retry-After` (429) runs out.
+    Parked,
+    /// Degraded, with its single probe in flight now.
+    Probing,
+}
+
+impl HealthState {
+    /// `healthy`, `degraded`, `parked` or `probing` (SPEC §9).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthState::Healthy => "healthy",
+            HealthState::Degraded => "degraded",
+            HealthState::Parked => "parked",
+            HealthState::Probing => "probing",
+        }
+    }
+}
+
+/// The last failed attempt an endpoint had (what degraded or parked it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastFailure {
+    /// What went wrong ([`ProviderError::label`] names it: `"503"`, `"timeout"`, …).
+    pub kind: FailureKind,
+    /// The upstream's `Retry-After` of a 429 that parked it.
+    pub retry_after: Option<Duration>,
+}
+
+/// A read-only picture of one endpoint's health ([`HealthRegistry::snapshot`]), for
+/// `GET /admin/endpoints`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointHealth {
+    /// Healthy, degraded, parked or probing.
+    pub state: HealthState,
+    /// Retriable failures in a row since its last success (not reset when it is
+    /// degraded; 0 where the registry does not count them).
+    pub consecutive_failures: u32,
+    /// When its cooldown or park ends (`None` when healthy).
+    pub until: Option<Instant>,
+    /// Its last failure since its last success, if the registry knows it (one
+    /// degraded by another instance through Redis has none here).
+    pub last_failure: Option<LastFailure>,
+    /// The observed (decayed) time to first token.
+    pub ttft: Option<Duration>,
+    /// The observed (decayed) throughput, tokens per second.
+    pub tokens_per_second: Option<f64>,
 }
 
 /// Passive per-endpoint health and observed performance, shared by
@@ -219,6 +277,26 @@ pub trait HealthRegistry: Send + Sync + 'static {
     /// The decayed throughput in tokens per second, if any was observed.
     fn throughput(&self, _endpoint: &Endpoint) -> Option<f64> {
         None
+    }
+
+    /// A read-only picture of `endpoint`'s health at `now` (`GET /admin/endpoints`);
+    /// changes nothing. By default it is built from [`availability`](Self::availability),
+    /// [`ttft`](Self::ttft) and [`throughput`](Self::throughput): degraded or healthy,
+    /// no failure count, no last failure.
+    fn snapshot(&self, endpoint: &Endpoint, now: Instant) -> EndpointHealth {
+        let (state, until) = match self.availability(endpoint, now) {
+            Availability::Healthy => (HealthState::Healthy, None),
+            Availability::HalfOpen => (HealthState::Degraded, None),
+            Availability::Unavailable { until } => (HealthState::Degraded, Some(until)),
+        };
+        EndpointHealth {
+            state,
+            consecutive_failures: 0,
+            until,
+            last_failure: None,
+            ttft: self.ttft(endpoint),
+            tokens_per_second: self.throughput(endpoint),
+        }
     }
 }
 

@@ -284,6 +284,12 @@ impl HealthRegistry for RedisHealth {
     fn throughput(&self, e: &Endpoint) -> Option<f64> {
         self.core.local.throughput(e)
     }
+
+    /// This instance's in-memory view, which follows the others' events through Redis
+    /// (an endpoint degraded elsewhere shows no failure count or last failure here).
+    fn snapshot(&self, e: &Endpoint, now: Instant) -> super::EndpointHealth {
+        self.core.local.snapshot(e, now)
+    }
 }
 
 /// The `(kind, ms, instance, label)` of an event's payload.

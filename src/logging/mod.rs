@@ -52,6 +52,7 @@ mod postgres;
 mod record;
 mod sink;
 mod sqlite;
+mod usage;
 
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -67,6 +68,9 @@ pub use sink::{
     open_sink, sqlite_path_beside_store, JsonlSink, LogSink, LogWriter, DEFAULT_QUEUE, MAX_BATCH,
 };
 pub use sqlite::{SqliteSink, SQLITE_SCHEMA};
+pub use usage::{
+    GroupBy, GroupValue, PostgresUsage, SqliteUsage, UsageQuery, UsageRow, UsageSource,
+};
 
 use crate::context::CallContext;
 use crate::telemetry;

@@ -255,6 +255,14 @@ impl Drop for PostgresSink {
 }
 
 impl LogSink for PostgresSink {
+    /// A reader of the same database ([`PostgresUsage`](super::PostgresUsage)).
+    fn usage_source(&self) -> Option<std::sync::Arc<dyn super::UsageSource>> {
+        Some(std::sync::Arc::new(super::PostgresUsage::new(
+            self.config.clone(),
+            self.target.clone(),
+        )))
+    }
+
     fn start(&mut self) {
         let rt = match self.take_runtime() {
             Ok(rt) => rt,

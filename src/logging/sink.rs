@@ -70,6 +70,13 @@ pub trait LogSink: Send + 'static {
         let _ = error;
         false
     }
+
+    /// What answers `GET /admin/usage` from the records this sink writes, if it can
+    /// (a SQLite file, PostgreSQL); asked once, when its [`LogWriter`] is spawned,
+    /// which keeps it ([`LogWriter::usage`]). `None` by default.
+    fn usage_source(&self) -> Option<Arc<dyn super::UsageSource>> {
+        None
+    }
 }
 
 /// How many records wait for the writer at most; more are dropped and counted.
@@ -97,6 +104,8 @@ pub struct LogWriter {
     /// Shared by every clone and the thread (which also uses its count to tell
     /// whether any clone is left).
     shared: Arc<Shared>,
+    /// What the sink gave to query what it wrote ([`LogSink::usage_source`]).
+    usage: Option<Arc<dyn super::UsageSource>>,
 }
 
 /// What a writer's clones and its thread share.
@@ -137,12 +146,14 @@ impl LogWriter {
             tx: None,
             thread: None,
             shared: Arc::default(),
+            usage: None,
         }
     }
 
     /// Starts a writer thread for `sink` with a queue of `capacity` records.
     pub fn spawn(sink: Box<dyn LogSink>, capacity: usize) -> LogWriter {
         let (tx, rx) = mpsc::sync_channel(capacity.max(1));
+        let usage = sink.usage_source();
         let shared = Arc::new(Shared::default());
         let ours = shared.clone();
         let handle = std::thread::Builder::new()
@@ -153,6 +164,7 @@ impl LogWriter {
             tx: Some(tx),
             thread: Some(handle.thread().clone()),
             shared,
+            usage,
         }
     }
 
@@ -163,6 +175,12 @@ impl LogWriter {
             Some(sink) => LogWriter::spawn(sink, DEFAULT_QUEUE),
             None => LogWriter::none(),
         })
+    }
+
+    /// What answers usage queries over the records written ([`LogSink::usage_source`]
+    /// of the sink): `None` for a JSONL file, a log in memory, or no log.
+    pub fn usage(&self) -> Option<&Arc<dyn super::UsageSource>> {
+        self.usage.as_ref()
     }
 
     /// Whether records go anywhere.

@@ -12,6 +12,8 @@ use super::{LogSink, RequestRecord};
 /// transaction per batch. Money is kept exact in `cost_pico` (10⁻¹² USD).
 pub struct SqliteSink {
     conn: rusqlite::Connection,
+    /// The file (`None` in memory): what [`LogSink::usage_source`] reads.
+    path: Option<std::path::PathBuf>,
     /// The `INSERT` of each size in [`ROWS_PER_INSERT`] (prepared once, cached).
     inserts: [String; 3],
 }
@@ -74,9 +76,12 @@ const REQUESTS_TABLE: &str = concat!(
 /// last, came after the first layout and takes its default).
 const REQUESTS_COLUMNS: &str = "id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion";
 
-/// The index of a key's history.
+/// The indexes: a key's history, and a time range (`GET /admin/usage`). Made when a
+/// log is created or migrated, and again at every open (a log of version 1 made
+/// before the time index gets it then).
 const REQUESTS_INDEX: &str =
-    "CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);";
+    "CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);
+CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);";
 
 /// The request log's schema version (`PRAGMA user_version`): 1 = `STRICT`. A log
 /// made before is migrated when opened (a copy of its rows, in one transaction).
@@ -87,7 +92,8 @@ pub const SQLITE_SCHEMA: &str = concat!(
     "CREATE TABLE IF NOT EXISTS requests (",
     requests_columns!(),
     ") STRICT, WITHOUT ROWID;\n",
-    "CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);\n"
+    "CREATE INDEX IF NOT EXISTS requests_key_time ON requests (key_id, time_ms);\n",
+    "CREATE INDEX IF NOT EXISTS requests_time ON requests (time_ms);\n"
 );
 
 /// A count as SQLite's signed integer: past `i64::MAX` it is `i64::MAX`, never a
@@ -119,7 +125,9 @@ impl SqliteSink {
         })?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql_err)?;
-        Self::init(conn)
+        let mut sink = Self::init(conn)?;
+        sink.path = Some(path.to_path_buf());
+        Ok(sink)
     }
 
     /// An in-memory log (for an in-memory store, and tests).
@@ -139,9 +147,14 @@ impl SqliteSink {
         };
         crate::store::schema::migrate(&mut conn, SQLITE_VERSION, &[requests], REQUESTS_INDEX)
             .and_then(|()| add_missing_columns(&conn))
+            .and_then(|()| {
+                conn.execute_batch(REQUESTS_INDEX)
+                    .map_err(|e| format!("cannot create its indexes: {e}"))
+            })
             .map_err(|e| io::Error::other(format!("the request log: {e}")))?;
         Ok(SqliteSink {
             conn,
+            path: None,
             inserts: ROWS_PER_INSERT.map(insert_sql),
         })
     }
@@ -276,6 +289,13 @@ pub(super) fn attempts_json(out: &mut Vec<u8>, attempts: &[super::AttemptLog]) {
 }
 
 impl LogSink for SqliteSink {
+    /// A read-only reader of the file ([`SqliteUsage`](super::SqliteUsage)); none for
+    /// a log in memory (no other connection can see it).
+    fn usage_source(&self) -> Option<std::sync::Arc<dyn super::UsageSource>> {
+        let path = self.path.clone()?;
+        Some(std::sync::Arc::new(super::SqliteUsage::new(path)))
+    }
+
     fn write(&mut self, batch: &[RequestRecord]) -> io::Result<()> {
         let mut scratch = Vec::with_capacity(256);
         let tx = self.conn.transaction().map_err(sql_err)?;
