@@ -58,6 +58,12 @@
     if (a >= 0.01) return '$' + x.toFixed(4).replace(/0+$/, '').replace(/\.$/, '');
     return '$' + x.toPrecision(3).replace(/(\.\d*?)0+$/, '$1').replace(/\.$/, '');
   }
+  // Axis ticks: two significant digits are enough to read a chart.
+  function axisUSD(x) {
+    if (x === 0) return '$0';
+    if (x >= 1) return '$' + Number(x.toPrecision(2)).toLocaleString('en-US');
+    return '$' + Number(x.toPrecision(2)).toString().replace(/^0\./, '.');
+  }
   function ms(x) {
     if (x === null || x === undefined) return '–';
     x = Number(x);
@@ -122,10 +128,10 @@
     }
     const sums = times.map((_, i) => grid.reduce((a, g) => a + g[i], 0));
     const max = Math.max(...sums) || 1;
-    const W = 600, H = 200, L = 56, B = 22, T = 8;
+    const W = 600, H = 200, L = 64, B = 22, T = 8;
     const bw = (W - L) / times.length;
     const root = svg('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img' });
-    axes(root, max, usd, W, H, L, B, T);
+    axes(root, max, axisUSD, W, H, L, B, T);
     times.forEach((t, i) => {
       let y = H - B;
       series.forEach((name, s) => {
@@ -156,7 +162,7 @@
     }
   }
   function timeLabels(root, times, W, H, L, B, bw) {
-    const every = Math.max(1, Math.ceil(times.length / 6));
+    const every = Math.max(1, Math.ceil(times.length / 4));
     const days = times.length > 24;
     times.forEach((t, i) => {
       if (i % every) return;
@@ -174,7 +180,7 @@
     }
     if (!req.some((v) => v > 0)) { put('chart-requests', empty()); return; }
     const max = Math.max(...req) || 1;
-    const W = 600, H = 200, L = 56, B = 22, T = 8, R = 40;
+    const W = 600, H = 200, L = 64, B = 22, T = 8, R = 40;
     const bw = (W - L - R) / times.length;
     const root = svg('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img' });
     axes(root, max, (v) => count(Math.round(v)), W - R, H, L, B, T);
