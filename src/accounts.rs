@@ -244,7 +244,10 @@ async fn get_generation(
 /// Checks the admin token of a request to any admin route (`/admin/keys`,
 /// `/admin/usage`, `/admin/endpoints`, …): 404 when the admin API is off, 401 when
 /// the token is missing or wrong. The one check every admin route calls: a new way
-/// to present the token (e.g. a cookie) is added here, for all of them.
+/// to present the token is added here, for all of them.
+///
+/// The token comes from `Authorization: Bearer`, else from the dashboard's cookie
+/// ([`crate::dashboard::COOKIE`]); either way only the exact token passes.
 pub fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), GatewayError> {
     let Some(expected) = &state.admin_token else {
         return Err(GatewayError::NotFound(format!(
@@ -252,20 +255,27 @@ pub fn admin_check(state: &AccountState, headers: &HeaderMap) -> Result<(), Gate
             state.admin_token_env
         )));
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let v = v.trim();
-            (v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ")).then(|| v[7..].trim())
-        })
-        .unwrap_or("");
+    let cookie;
+    let given = match headers.get(header::AUTHORIZATION) {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let v = v.trim();
+                (v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ")).then(|| v[7..].trim())
+            })
+            .unwrap_or(""),
+        None => {
+            cookie = crate::dashboard::cookie_token(headers).unwrap_or_default();
+            cookie.as_str()
+        }
+    };
     // Hashing first makes the comparison constant-time in the token's length too.
     if bool::from(hash_secret(given).ct_eq(expected)) && !given.is_empty() {
         Ok(())
     } else {
         Err(GatewayError::InvalidApiKey(
-            "admin routes want `Authorization: Bearer <admin token>`".into(),
+            "admin routes want `Authorization: Bearer <admin token>` (or the dashboard's login cookie)".into(),
         ))
     }
 }

@@ -465,20 +465,38 @@ impl Gateway {
             .nest("/api/v1", v1)
             .route("/healthz", get(|| async { "ok" }))
             .route("/metrics", get(metrics))
-            .merge(crate::accounts::admin_routes(self.accounts.clone()))
-            .merge(reload::admin_route(self.clone()))
-            .merge(crate::admin::routes(crate::admin::AdminState {
-                accounts: self.accounts.clone(),
-                usage: self.process.logs.usage().cloned(),
-                log_sink: self.config().logging.sink.clone(),
-                current: {
-                    let stack = self.stack.clone();
-                    Arc::new(move || {
-                        let s = stack.load();
-                        (s.catalog.clone(), s.health.clone())
-                    })
-                },
-            }))
+            // Admin answers are never cached nor sniffed (the dashboard reads them).
+            .merge(
+                crate::accounts::admin_routes(self.accounts.clone())
+                    .layer(axum::middleware::map_response(crate::dashboard::no_store)),
+            )
+            .merge(
+                reload::admin_route(self.clone())
+                    .layer(axum::middleware::map_response(crate::dashboard::no_store)),
+            )
+            .merge(
+                crate::admin::routes(crate::admin::AdminState {
+                    accounts: self.accounts.clone(),
+                    usage: self.process.logs.usage().cloned(),
+                    log_sink: self.config().logging.sink.clone(),
+                    current: {
+                        let stack = self.stack.clone();
+                        Arc::new(move || {
+                            let s = stack.load();
+                            (s.catalog.clone(), s.health.clone())
+                        })
+                    },
+                })
+                .layer(axum::middleware::map_response(crate::dashboard::no_store)),
+            )
+            // SPEC §9: the operators' page, its login, and the recent requests it lists.
+            .merge(
+                crate::dashboard::routes(crate::dashboard::DashboardState {
+                    accounts: self.accounts.clone(),
+                    recent: Arc::new(crate::dashboard::RecentSource::from_config(&self.config())),
+                })
+                .layer(axum::middleware::map_response(crate::dashboard::no_store)),
+            )
             .merge(
                 Router::new()
                     .route("/readyz", get(crate::accounts::readyz))

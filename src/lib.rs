@@ -28,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod context;
 pub mod credit;
+pub mod dashboard;
 pub mod drain;
 pub mod error;
 pub mod explain;
