@@ -76,6 +76,7 @@ use crate::telemetry;
 pub struct LoggingLayer {
     writer: LogWriter,
     log_content: bool,
+    otel: bool,
 }
 
 impl LoggingLayer {
@@ -85,7 +86,17 @@ impl LoggingLayer {
         LoggingLayer {
             writer,
             log_content: false,
+            otel: false,
         }
+    }
+
+    /// Creates the spans that [`crate::otel`] exports (`[telemetry].otlp_endpoint`):
+    /// the request span (continuing a client's `traceparent`) and a child per
+    /// upstream attempt, with their attributes set when the request ends. Off by
+    /// default: then the request path has its one log span and nothing else.
+    pub fn otel(mut self, on: bool) -> Self {
+        self.otel = on;
+        self
     }
 
     /// Also keeps prompts and completions (`[logging].log_content`).
@@ -160,7 +171,11 @@ where
             });
         }
         req.extensions_mut().insert(ctx.clone());
-        let span = tracing::info_span!("request", id = %ctx.request_id());
+        let span = if self.layer.otel {
+            crate::otel::request_span(&ctx, req.headers())
+        } else {
+            tracing::info_span!("request", id = %ctx.request_id())
+        };
         let guard = Guard {
             ctx,
             writer: self.layer.writer.clone(),
@@ -233,6 +248,7 @@ impl Drop for Guard {
         record.client_ip = self.client_ip.map(|ip| ip.to_string());
         let upstream_wait: Duration = self.ctx.update(|s| s.upstream_wait);
         telemetry::observe(&record, total, upstream_wait);
+        crate::otel::finish(&self.ctx, &record);
         tracing::info!(
             request_id = %record.id,
             status = record.status,
