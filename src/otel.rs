@@ -119,9 +119,7 @@ impl Telemetry {
 
 /// Builds the export layer for `config` and its [`Telemetry`] handle. The exporter
 /// thread starts at once; nothing connects until the first batch.
-pub fn layer<S>(
-    config: &TelemetryConfig,
-) -> Result<(impl Layer<S> + Send + Sync + 'static, Telemetry), OtelError>
+pub fn layer<S>(config: &TelemetryConfig) -> Result<(impl Layer<S>, Telemetry), OtelError>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
@@ -227,10 +225,7 @@ pub(crate) fn attempt_span(
         otel.kind = "client",
     );
     span.set_attribute("gen_ai.operation.name", op);
-    span.set_attribute(
-        "gen_ai.request.model",
-        endpoint.upstream_model.to_string(),
-    );
+    span.set_attribute("gen_ai.request.model", endpoint.upstream_model.to_string());
     span.set_attribute(
         "gen_ai.provider.name",
         provider_name(endpoint.provider.kind),
@@ -305,10 +300,9 @@ pub(crate) fn finish(ctx: &CallContext, record: &RequestRecord) {
         if let Some(reason) = &record.finish_reason {
             span.set_attribute(
                 "gen_ai.response.finish_reasons",
-                opentelemetry::Value::Array(vec![opentelemetry::StringValue::from(
-                    reason.clone(),
-                )]
-                .into()),
+                opentelemetry::Value::Array(
+                    vec![opentelemetry::StringValue::from(reason.clone())].into(),
+                ),
             );
         }
         span.set_attribute("switchboard.cost_usd", record.cost.as_usd_f64());

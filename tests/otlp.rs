@@ -40,7 +40,10 @@ async fn collector() -> Collector {
                         spans.extend(ss.spans);
                     }
                 }
-                ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
             }
         }),
     );
@@ -77,7 +80,9 @@ async fn flush_until(t: &Telemetry, c: &Collector, done: impl Fn(&[Span]) -> boo
     let start = Instant::now();
     loop {
         let t2 = t.clone();
-        tokio::task::spawn_blocking(move || t2.flush()).await.unwrap();
+        tokio::task::spawn_blocking(move || t2.flush())
+            .await
+            .unwrap();
         let spans = c.spans();
         if done(&spans) {
             return spans;
@@ -171,8 +176,11 @@ async fn request_and_attempt_spans_carry_the_genai_attributes_and_the_client_tra
     let c = collector().await;
     let (t, _guard) = install(&c.url);
     let up = ok_upstream().await;
-    let (gw, logs) =
-        gateway_logged(&openai_config(&[("p1", &up.url())], &telemetry_toml(&c.url))).await;
+    let (gw, logs) = gateway_logged(&openai_config(
+        &[("p1", &up.url())],
+        &telemetry_toml(&c.url),
+    ))
+    .await;
     let res = client()
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(TEST_KEY)
@@ -187,8 +195,14 @@ async fn request_and_attempt_spans_carry_the_genai_attributes_and_the_client_tra
 
     let spans = flush_until(&t, &c, |s| s.len() >= 2).await;
     assert_eq!(spans.len(), 2, "{spans:#?}");
-    let request = spans.iter().find(|s| s.kind == SpanKind::Server as i32).unwrap();
-    let attempt = spans.iter().find(|s| s.kind == SpanKind::Client as i32).unwrap();
+    let request = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Server as i32)
+        .unwrap();
+    let attempt = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Client as i32)
+        .unwrap();
 
     // The client's trace continues: same trace id, its span the parent.
     assert_eq!(hex::encode(&request.trace_id), CLIENT_TRACE);
@@ -214,16 +228,16 @@ async fn request_and_attempt_spans_carry_the_genai_attributes_and_the_client_tra
         match attr(span, "gen_ai.response.finish_reasons") {
             Some(Any::ArrayValue(a)) => {
                 assert_eq!(a.values.len(), 1);
-                assert_eq!(
-                    a.values[0].value,
-                    Some(Any::StringValue("stop".into()))
-                );
+                assert_eq!(a.values[0].value, Some(Any::StringValue("stop".into())));
             }
             other => panic!("finish_reasons: {other:?}"),
         }
         // 7 × $1/Mtok + 5 × $2/Mtok = $0.000017, as charged.
         assert_eq!(f_attr(span, "switchboard.cost_usd"), 0.000017);
-        assert_eq!(f_attr(span, "switchboard.cost_usd"), record.cost.as_usd_f64());
+        assert_eq!(
+            f_attr(span, "switchboard.cost_usd"),
+            record.cost.as_usd_f64()
+        );
     }
     assert_eq!(s_attr(request, "gen_ai.request.model"), "test/model");
     assert_eq!(s_attr(attempt, "gen_ai.request.model"), "up-model");
@@ -238,10 +252,7 @@ async fn request_and_attempt_spans_carry_the_genai_attributes_and_the_client_tra
     let seen = up.requests();
     assert_eq!(
         seen[0].header("traceparent").unwrap(),
-        format!(
-            "00-{CLIENT_TRACE}-{}-01",
-            hex::encode(&attempt.span_id)
-        )
+        format!("00-{CLIENT_TRACE}-{}-01", hex::encode(&attempt.span_id))
     );
 }
 
@@ -249,10 +260,9 @@ async fn request_and_attempt_spans_carry_the_genai_attributes_and_the_client_tra
 async fn a_fallback_request_has_two_attempt_spans() {
     let c = collector().await;
     let (t, _guard) = install(&c.url);
-    let bad = upstream(|_, _| async {
-        json(503, json!({"error": {"message": "busy", "type": "x"}}))
-    })
-    .await;
+    let bad =
+        upstream(|_, _| async { json(503, json!({"error": {"message": "busy", "type": "x"}})) })
+            .await;
     let good = ok_upstream().await;
     let gw = gateway(&openai_config(
         &[("a", &bad.url()), ("b", &good.url())],
@@ -265,7 +275,10 @@ async fn a_fallback_request_has_two_attempt_spans() {
 
     let spans = flush_until(&t, &c, |s| s.len() >= 3).await;
     assert_eq!(spans.len(), 3, "{spans:#?}");
-    let request = spans.iter().find(|s| s.kind == SpanKind::Server as i32).unwrap();
+    let request = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Server as i32)
+        .unwrap();
     // Without a client traceparent: a root span.
     assert!(request.parent_span_id.is_empty());
     let attempts: Vec<&Span> = spans
@@ -321,7 +334,9 @@ async fn with_export_off_no_span_is_made_and_upstreams_get_no_traceparent() {
     assert_eq!(res.status(), 200);
     let _ = res.bytes().await.unwrap();
     let t2 = t.clone();
-    assert!(tokio::task::spawn_blocking(move || t2.flush()).await.unwrap());
+    assert!(tokio::task::spawn_blocking(move || t2.flush())
+        .await
+        .unwrap());
     assert!(c.spans().is_empty(), "{:#?}", c.spans());
     assert!(up.requests()[0].header("traceparent").is_none());
 }
@@ -347,7 +362,11 @@ async fn a_dead_collector_never_holds_up_a_request() {
     for endpoint in [closed, silent] {
         let (t, guard) = install(&endpoint);
         let up = ok_upstream().await;
-        let gw = gateway(&openai_config(&[("p1", &up.url())], &telemetry_toml(&endpoint))).await;
+        let gw = gateway(&openai_config(
+            &[("p1", &up.url())],
+            &telemetry_toml(&endpoint),
+        ))
+        .await;
         // Far more requests than one batch, each answered well within a bound that a
         // request waiting on an export (2 s timeout) would blow many times over.
         let started = Instant::now();
@@ -369,7 +388,9 @@ async fn a_dead_collector_never_holds_up_a_request() {
         assert!(up.requests()[99].header("traceparent").is_some());
         drop(guard);
         // Shutting the exporter down gives up after its timeout; off this thread.
-        tokio::task::spawn_blocking(move || t.shutdown()).await.unwrap();
+        tokio::task::spawn_blocking(move || t.shutdown())
+            .await
+            .unwrap();
     }
 }
 
@@ -379,9 +400,11 @@ fn check_names_a_bad_endpoint() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("telemetry.otlp_endpoint"), "{err}");
-    let err = Config::from_toml("[telemetry]\notlp_endpoint = \"http://c:4318\"\nexport_timeout_secs = 0\n")
-        .unwrap_err()
-        .to_string();
+    let err = Config::from_toml(
+        "[telemetry]\notlp_endpoint = \"http://c:4318\"\nexport_timeout_secs = 0\n",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("telemetry.export_timeout_secs"), "{err}");
     let ok = Config::from_toml(&openai_config(
         &[("p1", "http://127.0.0.1:9")],

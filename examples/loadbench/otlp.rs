@@ -51,12 +51,19 @@ pub async fn run(args: &[String]) {
     let on = spawn(&["gateway", &up.addr.to_string(), &cfg_on], Some(1));
     println!(
         "# switchboard OTLP export benchmark ({rate} req/s, {secs} s per step, {repeat} runs{})",
-        if pin { ", gateways pinned to CPU 1" } else { "" }
+        if pin {
+            ", gateways pinned to CPU 1"
+        } else {
+            ""
+        }
     );
     // Warm-up: connections, caches, the exporter's first batches.
     for gw in [&off, &on] {
         let st = fixed_rate(gw.addr, 200, 1, false).await;
-        assert!(st.errors == 0 && st.ok > 0, "warm-up fails: run with LB_ERRORS=1");
+        assert!(
+            st.errors == 0 && st.ok > 0,
+            "warm-up fails: run with LB_ERRORS=1"
+        );
     }
     for stream in [false, true] {
         println!(
@@ -68,7 +75,7 @@ pub async fn run(args: &[String]) {
         let targets = [("off", &off), ("on", &on)];
         let mut cpu = vec![Vec::new(); 2];
         let mut p50 = vec![Vec::new(); 2];
-        let mut counts = vec![(0usize, 0usize); 2];
+        let mut counts = [(0usize, 0usize); 2];
         for _ in 0..repeat {
             for (i, (_, gw)) in targets.iter().enumerate() {
                 let pid = gw.child.id();

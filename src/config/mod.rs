@@ -39,8 +39,8 @@ pub use models::{EndpointConfig, ModelConfig, ModelType};
 pub use providers::{normalize_base_url, BaseUrl, MaxTokensField, ProviderConfig, ProviderKind};
 pub use sections::{
     check_listen, AdminConfig, HealthConfig, IdempotencyConfig, LogFormat, LoggingConfig,
-    RetryConfig, ServerConfig, SharedConfig, StoreConfig, SyncMode, TelemetryConfig, MAX_IDEMPOTENCY_TTL_SECS,
-    MAX_SHUTDOWN_GRACE_SECS,
+    RetryConfig, ServerConfig, SharedConfig, StoreConfig, SyncMode, TelemetryConfig,
+    MAX_IDEMPOTENCY_TTL_SECS, MAX_SHUTDOWN_GRACE_SECS,
 };
 
 /// The whole configuration file.

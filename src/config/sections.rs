@@ -442,10 +442,7 @@ pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
         }
     }
     if config.telemetry.service_name.trim().is_empty() {
-        bad(
-            "telemetry.service_name".into(),
-            "must not be empty".into(),
-        );
+        bad("telemetry.service_name".into(), "must not be empty".into());
     }
     if !(1..=300).contains(&config.telemetry.export_timeout_secs) {
         bad(
