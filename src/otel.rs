@@ -150,6 +150,7 @@ where
         .with_location(false)
         .with_threads(false)
         .with_tracked_inactivity(false)
+        .with_target(false)
         .with_filter(tracing_subscriber::filter::filter_fn(|m| {
             m.is_span() && m.target() == TARGET
         }));
@@ -175,7 +176,6 @@ pub(crate) fn request_span(ctx: &CallContext, headers: &http::HeaderMap) -> trac
         target: TARGET,
         "request",
         id = %ctx.request_id(),
-        otel.name = tracing::field::Empty,
         otel.kind = "server",
     );
     if headers.contains_key("traceparent") {
@@ -265,10 +265,11 @@ pub(crate) fn finish(ctx: &CallContext, record: &RequestRecord) {
         return;
     };
     let op = ctx.trace_operation();
-    request.record(
-        "otel.name",
-        format!("{op} {}", record.requested_model).as_str(),
-    );
+    // The span has started (its attempts are its children): renamed on the SDK's span.
+    request
+        .context()
+        .span()
+        .update_name(format!("{op} {}", record.requested_model));
     request.set_attribute("gen_ai.operation.name", op);
     request.set_attribute("gen_ai.request.model", record.requested_model.clone());
     request.set_attribute("http.response.status_code", i64::from(record.status));
@@ -279,16 +280,16 @@ pub(crate) fn finish(ctx: &CallContext, record: &RequestRecord) {
         request.set_attribute("error.type", code.clone());
         request.set_status(opentelemetry::trace::Status::error(code.clone()));
     }
-    let served_kind = ctx.update(|s| s.served.as_ref().map(|e| e.provider.kind));
+    // The attempt span has its provider already.
+    if let Some(kind) = ctx.update(|s| s.served.as_ref().map(|e| e.provider.kind)) {
+        request.set_attribute("gen_ai.provider.name", provider_name(kind));
+    }
+    if let Some(provider) = &record.provider {
+        request.set_attribute("switchboard.provider", provider.clone());
+    }
     for span in std::iter::once(&request).chain(served.as_ref()) {
         if let Some(model) = &record.model {
             span.set_attribute("gen_ai.response.model", model.clone());
-        }
-        if let Some(kind) = served_kind {
-            span.set_attribute("gen_ai.provider.name", provider_name(kind));
-        }
-        if let Some(provider) = &record.provider {
-            span.set_attribute("switchboard.provider", provider.clone());
         }
         if record.model.is_some() || record.prompt_tokens > 0 {
             span.set_attribute("gen_ai.usage.input_tokens", to_i64(record.prompt_tokens));

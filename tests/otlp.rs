@@ -269,7 +269,10 @@ async fn a_fallback_request_has_two_attempt_spans() {
         &telemetry_toml(&c.url),
     ))
     .await;
-    let res = post_chat(&gw, TEST_KEY, &body()).await;
+    // `a` first (endpoints of one price are otherwise in a weighted random order).
+    let mut request = body();
+    request["provider"] = json!({"order": ["a", "b"]});
+    let res = post_chat(&gw, TEST_KEY, &request).await;
     assert_eq!(res.status(), 200);
     let _ = res.bytes().await.unwrap();
 
