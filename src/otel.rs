@@ -171,7 +171,8 @@ impl Extractor for Headers<'_> {
 
 /// The request span (`LoggingLayer`, export on): kind SERVER, a child of the client's
 /// `traceparent` when it sent a valid one.
-pub(crate) fn request_span(ctx: &CallContext, headers: &http::HeaderMap) -> tracing::Span {
+/// The span lives in `ctx` (never entered) until [`finish`].
+pub(crate) fn request_span(ctx: &CallContext, headers: &http::HeaderMap) {
     let span = tracing::info_span!(
         target: TARGET,
         "request",
@@ -184,8 +185,7 @@ pub(crate) fn request_span(ctx: &CallContext, headers: &http::HeaderMap) -> trac
             let _ = span.set_parent(parent);
         }
     }
-    ctx.set_trace_span(span.clone());
-    span
+    ctx.set_trace_span(span);
 }
 
 /// The `gen_ai.provider.name` of a provider kind (GenAI semantic conventions).

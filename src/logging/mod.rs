@@ -171,11 +171,12 @@ where
             });
         }
         req.extensions_mut().insert(ctx.clone());
-        let span = if self.layer.otel {
-            crate::otel::request_span(&ctx, req.headers())
-        } else {
-            tracing::info_span!("request", id = %ctx.request_id())
-        };
+        if self.layer.otel {
+            // A span of its own, held by the context and never entered: entering it at
+            // every poll of a stream costs more than the export (BENCHMARKS.md).
+            crate::otel::request_span(&ctx, req.headers());
+        }
+        let span = tracing::info_span!("request", id = %ctx.request_id());
         let guard = Guard {
             ctx,
             writer: self.layer.writer.clone(),
