@@ -12,7 +12,8 @@
 //! the response cache: hits, coalescing bursts, all misses, see `loadbench/cache.rs`;
 //! `-- --dialects` for the inbound APIs of SPEC §7 against chat completions, see
 //! `loadbench/dialects.rs`; `-- --reload` for fixed-rate load while the config is
-//! reloaded every 100 ms, see `loadbench/reload.rs`)
+//! reloaded every 100 ms, see `loadbench/reload.rs`; `-- --otlp` for OpenTelemetry
+//! export on against off, see `loadbench/otlp.rs`)
 //! Profiling aids: `loadbench drive ADDR SECS` saturates a server at ADDR;
 //! `loadbench rate ADDR RATE SECS [stream]` sends RATE req/s to it and prints percentiles;
 //! `loadbench config DIR UPSTREAM` writes the gateway config the bench serves.
@@ -47,6 +48,8 @@ const KEY: &str = "sk-bench-key-0001-0123456789";
 mod cache;
 #[path = "loadbench/dialects.rs"]
 mod dialects;
+#[path = "loadbench/otlp.rs"]
+mod otlp;
 #[path = "loadbench/reload.rs"]
 mod reload;
 #[path = "loadbench/shared.rs"]
@@ -66,6 +69,7 @@ fn main() {
         .unwrap();
     match role {
         "upstream" => rt.block_on(upstream()),
+        "collector" => rt.block_on(otlp::collector()),
         "proxy" => rt.block_on(proxy(args[2].parse().unwrap())),
         "gateway" => rt.block_on(gateway(args[2].parse().unwrap(), &args[3])),
         // `drive ADDR SECS`: saturate ADDR for SECS seconds (for profiling a server).
@@ -109,6 +113,7 @@ fn main() {
         _ if args.iter().any(|a| a == "--cache") => rt.block_on(cache::run(&args[1..])),
         _ if args.iter().any(|a| a == "--dialects") => rt.block_on(dialects::run(&args[1..])),
         _ if args.iter().any(|a| a == "--reload") => rt.block_on(reload::run(&args[1..])),
+        _ if args.iter().any(|a| a == "--otlp") => rt.block_on(otlp::run(&args[1..])),
         _ => rt.block_on(bench(&args[1..])),
     }
 }
@@ -253,9 +258,16 @@ fn unreachable_infallible() -> Infallible {
     std::process::abort()
 }
 
-/// switchboard with the full default stack, from a config file.
+/// switchboard with the full default stack, from a config file; with
+/// `[telemetry].otlp_endpoint`, its spans exported as `switchboard serve` does.
 async fn gateway(_upstream: SocketAddr, config_path: &str) {
     let config = switchboard::config::Config::from_file(std::path::Path::new(config_path)).unwrap();
+    let _telemetry = config.telemetry.enabled().then(|| {
+        use tracing_subscriber::prelude::*;
+        let (layer, telemetry) = switchboard::otel::layer(&config.telemetry).unwrap();
+        tracing_subscriber::registry().with(layer).init();
+        telemetry
+    });
     let gw = switchboard::Gateway::builder()
         .config(config)
         // `--reload` rewrites it and calls `POST /admin/reload`.

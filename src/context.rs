@@ -189,6 +189,22 @@ struct Inner {
     /// committing it.
     defer_settlement: AtomicBool,
     parked: Mutex<Option<ParkedSettlement>>,
+    /// Set by `LoggingLayer` only when OpenTelemetry export is on ([`crate::otel`]):
+    /// with it off, this stays empty and each check of it is one atomic load.
+    trace: OnceLock<TraceSlot>,
+}
+
+/// The request's OpenTelemetry spans ([`crate::otel`]), held in its context.
+#[derive(Default)]
+struct TraceSlot {
+    /// The request span; taken (and ended) when the request's record is emitted.
+    request: Mutex<Option<tracing::Span>>,
+    /// The committed attempt's span, kept open until the request ends.
+    served: Mutex<Option<tracing::Span>>,
+    /// The `traceparent` of the attempt in flight, for the upstream request.
+    upstream: Mutex<Option<http::HeaderValue>>,
+    /// `gen_ai.operation.name`, known once the request is parsed (first attempt).
+    operation: OnceLock<&'static str>,
 }
 
 /// Shared per-request state; cheap to clone.
@@ -216,7 +232,76 @@ impl CallContext {
             state: Mutex::new(CallState::default()),
             defer_settlement: AtomicBool::new(false),
             parked: Mutex::new(None),
+            trace: OnceLock::new(),
         }))
+    }
+
+    /// Makes `span` the request's trace span (first call wins): attempts become its
+    /// children and are exported ([`crate::otel`]). Only `LoggingLayer` calls it, and
+    /// only when export is on.
+    pub fn set_trace_span(&self, span: tracing::Span) {
+        let slot = self.0.trace.get_or_init(TraceSlot::default);
+        let mut request = slot.request.lock().unwrap_or_else(|e| e.into_inner());
+        if request.is_none() {
+            *request = Some(span);
+        }
+    }
+
+    /// The request's trace span, when export is on and the request has not ended.
+    pub fn trace_span(&self) -> Option<tracing::Span> {
+        let slot = self.0.trace.get()?;
+        let request = slot.request.lock().unwrap_or_else(|e| e.into_inner());
+        request.clone()
+    }
+
+    /// Takes the request's trace span and the committed attempt's, to finish them.
+    pub(crate) fn take_trace_spans(&self) -> Option<(tracing::Span, Option<tracing::Span>)> {
+        let slot = self.0.trace.get()?;
+        let request = slot
+            .request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
+        let served = slot.served.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Some((request, served))
+    }
+
+    /// Keeps the committed attempt's span open until the request ends.
+    pub(crate) fn set_served_span(&self, span: tracing::Span) {
+        if let Some(slot) = self.0.trace.get() {
+            *slot.served.lock().unwrap_or_else(|e| e.into_inner()) = Some(span);
+        }
+    }
+
+    /// Records the request's `gen_ai.operation.name` (first call wins).
+    pub(crate) fn set_trace_operation(&self, op: &'static str) {
+        if let Some(slot) = self.0.trace.get() {
+            let _ = slot.operation.set(op);
+        }
+    }
+
+    /// The request's `gen_ai.operation.name`: `chat` until an attempt says otherwise.
+    pub(crate) fn trace_operation(&self) -> &'static str {
+        self.0
+            .trace
+            .get()
+            .and_then(|s| s.operation.get().copied())
+            .unwrap_or("chat")
+    }
+
+    /// Sets the `traceparent` the next upstream request carries (the attempt's span).
+    pub(crate) fn set_upstream_traceparent(&self, value: Option<http::HeaderValue>) {
+        if let Some(slot) = self.0.trace.get() {
+            *slot.upstream.lock().unwrap_or_else(|e| e.into_inner()) = value;
+        }
+    }
+
+    /// The `traceparent` header of the attempt in flight: `None` unless export is on
+    /// (one atomic load then).
+    pub fn upstream_traceparent(&self) -> Option<http::HeaderValue> {
+        let slot = self.0.trace.get()?;
+        let v = slot.upstream.lock().unwrap_or_else(|e| e.into_inner());
+        v.clone()
     }
 
     /// The gateway's request id (the response `id`, `X-Request-Id`, the ledger key).

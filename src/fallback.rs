@@ -265,11 +265,24 @@ where
                 request: call.request.clone(),
                 ctx: call.ctx.clone(),
             };
+            // OpenTelemetry export on: a child span of the request's, which the
+            // upstream request's `traceparent` names. Off: one atomic load.
+            let span = call.ctx.trace_span().map(|parent| {
+                crate::otel::attempt_span(&call.ctx, &parent, &call.request, endpoint)
+            });
             let outcome = attempt(inner.clone(), pc, permit, &health, deadline).await?;
             let e = match outcome {
-                Outcome::Committed(reply) => return Ok(reply),
+                Outcome::Committed(reply) => {
+                    if let Some(span) = span {
+                        call.ctx.set_served_span(span);
+                    }
+                    return Ok(reply);
+                }
                 Outcome::Failed(e) => e,
             };
+            if let Some(span) = span {
+                crate::otel::attempt_failed(&span, &e.label());
+            }
             // Failed attempts cost nothing.
             call.ctx.update(|s| {
                 s.usage = None;

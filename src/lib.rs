@@ -45,6 +45,7 @@ pub mod logging;
 pub mod metering;
 pub mod money;
 pub mod normalize;
+pub mod otel;
 pub mod providers;
 pub mod rate_limit;
 pub mod route;

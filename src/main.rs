@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use switchboard::config::{Config, LogFormat};
+use switchboard::config::{Config, LogFormat, TelemetryConfig};
 use switchboard::Gateway;
 
 mod keys_cli;
@@ -131,8 +131,13 @@ const LOG_FORMAT_ENV: &str = "SWITCHBOARD_LOG_FORMAT";
 
 /// Sets up the log on stderr: `RUST_LOG` filters (default `info`); `format` is
 /// `[server].log_format` unless `SWITCHBOARD_LOG_FORMAT` says otherwise. Text has
-/// ANSI colours only when stderr is a terminal; JSON is one object per line.
-fn init_logs(format: LogFormat) -> Result<LogFormat, ExitCode> {
+/// ANSI colours only when stderr is a terminal; JSON is one object per line. With
+/// `[telemetry].otlp_endpoint`, spans are exported too ([`switchboard::otel`]): the
+/// handle returned flushes them when the server stops.
+fn init_logs(
+    format: LogFormat,
+    telemetry: &TelemetryConfig,
+) -> Result<(LogFormat, Option<switchboard::otel::Telemetry>), ExitCode> {
     let format = match std::env::var(LOG_FORMAT_ENV) {
         Ok(v) if !v.trim().is_empty() => {
             match v.parse::<LogFormat>() {
@@ -147,6 +152,9 @@ fn init_logs(format: LogFormat) -> Result<LogFormat, ExitCode> {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if telemetry.enabled() {
+        return init_with_otel(format, filter, telemetry).map(|t| (format, Some(t)));
+    }
     let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);
@@ -159,7 +167,40 @@ fn init_logs(format: LogFormat) -> Result<LogFormat, ExitCode> {
             .with_ansi(false)
             .init(),
     }
-    Ok(format)
+    Ok((format, None))
+}
+
+/// The log of [`init_logs`] (its filter on the log alone) beside the OTLP export layer.
+fn init_with_otel(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    telemetry: &TelemetryConfig,
+) -> Result<switchboard::otel::Telemetry, ExitCode> {
+    use tracing_subscriber::prelude::*;
+    let (otel, handle) = switchboard::otel::layer(telemetry).map_err(|e| {
+        eprintln!("switchboard: {e}");
+        ExitCode::from(1)
+    })?;
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(otel);
+    match format {
+        LogFormat::Text => registry
+            .with(
+                logs.with_ansi(std::io::stderr().is_terminal())
+                    .with_filter(filter),
+            )
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                logs.json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_ansi(false)
+                    .with_filter(filter),
+            )
+            .init(),
+    }
+    Ok(handle)
 }
 
 fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
@@ -174,8 +215,8 @@ fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let json = match init_logs(config.server.log_format) {
-        Ok(f) => f == LogFormat::Json,
+    let (json, telemetry) = match init_logs(config.server.log_format, &config.telemetry) {
+        Ok((f, t)) => (f == LogFormat::Json, t),
         Err(code) => return code,
     };
     // What stops the server: a plain line for people, a log object for collectors.
@@ -211,7 +252,7 @@ fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
         Err(e) => return fail(format!("switchboard: cannot start the runtime: {e}"), 2),
     };
     let config_listen = config.server.listen.clone();
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let mut builder = Gateway::builder().config(config);
         if let Some(file) = file {
             builder = builder.config_file(file);
@@ -246,7 +287,13 @@ fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
             }
             Err(e) => fail(format!("switchboard: server failed: {e}"), 2),
         }
-    })
+    });
+    // The spans of the last requests: exported before the process ends (a dead
+    // collector costs at most `[telemetry].export_timeout_secs`).
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    code
 }
 
 /// Resolves `listen` (HOST:PORT; `setting` is where it was given) and binds the first

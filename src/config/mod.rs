@@ -39,8 +39,8 @@ pub use models::{EndpointConfig, ModelConfig, ModelType};
 pub use providers::{normalize_base_url, BaseUrl, MaxTokensField, ProviderConfig, ProviderKind};
 pub use sections::{
     check_listen, AdminConfig, HealthConfig, IdempotencyConfig, LogFormat, LoggingConfig,
-    RetryConfig, ServerConfig, SharedConfig, StoreConfig, SyncMode, MAX_IDEMPOTENCY_TTL_SECS,
-    MAX_SHUTDOWN_GRACE_SECS,
+    RetryConfig, ServerConfig, SharedConfig, StoreConfig, SyncMode, TelemetryConfig,
+    MAX_IDEMPOTENCY_TTL_SECS, MAX_SHUTDOWN_GRACE_SECS,
 };
 
 /// The whole configuration file.
@@ -74,6 +74,9 @@ pub struct Config {
     /// `[cache]`: the response cache (SPEC §8.1).
     #[serde(default)]
     pub cache: crate::cache::CacheConfig,
+    /// `[telemetry]`: OpenTelemetry export (SPEC §9).
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     /// `[[providers]]`.
     #[serde(default)]
     pub providers: Vec<ProviderConfig>,

@@ -233,6 +233,37 @@ pub struct IdempotencyConfig {
     pub ttl_secs: u64,
 }
 
+/// `[telemetry]`: OpenTelemetry export (SPEC §9; [`crate::otel`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The OTLP/HTTP collector, `http(s)://HOST:PORT[/PATH]` (e.g.
+    /// `http://127.0.0.1:4318`); spans are posted to its `/v1/traces` unless the URL
+    /// already ends so. Absent: no export, and no spans beyond the log's.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` resource attribute.
+    pub service_name: String,
+    /// How long one export may take before it is abandoned (the batch is dropped).
+    pub export_timeout_secs: u64,
+}
+
+impl TelemetryConfig {
+    /// Whether spans are exported.
+    pub fn enabled(&self) -> bool {
+        self.otlp_endpoint.is_some()
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "switchboard".into(),
+            export_timeout_secs: 10,
+        }
+    }
+}
+
 /// The longest `[server].shutdown_grace_secs`: an hour.
 pub const MAX_SHUTDOWN_GRACE_SECS: u64 = 3600;
 
@@ -403,6 +434,23 @@ pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
         bad(
             "retry.base_backoff_ms".into(),
             "must not exceed retry.max_backoff_ms".into(),
+        );
+    }
+    if let Some(url) = &config.telemetry.otlp_endpoint {
+        if let Err(m) = crate::otel::traces_url(url) {
+            bad("telemetry.otlp_endpoint".into(), m);
+        }
+    }
+    if config.telemetry.service_name.trim().is_empty() {
+        bad("telemetry.service_name".into(), "must not be empty".into());
+    }
+    if !(1..=300).contains(&config.telemetry.export_timeout_secs) {
+        bad(
+            "telemetry.export_timeout_secs".into(),
+            format!(
+                "must be between 1 and 300 seconds, got {}",
+                config.telemetry.export_timeout_secs
+            ),
         );
     }
     let sink = config.logging.sink.as_str();

@@ -7,7 +7,7 @@
 //!   `[server]`'s `listen`, `max_connections`, `header_timeout_secs`,
 //!   `idle_timeout_secs`, `shutdown_grace_secs`, `log_format`, `trusted_proxies`;
 //!   `[store]`; `[shared]`; `[admin].token_env`; `[logging].sink`;
-//!   `[cache].max_bytes`. A change there is not refused: the rest is applied, the old
+//!   `[cache].max_bytes`; `[telemetry]`. A change there is not refused: the rest is applied, the old
 //!   value is kept, and the report names it in `restart_needed`.
 //! - `[[keys]]` are upserted into the store again, as at start: a new secret is
 //!   created with its credits; a known one keeps its balance and spending (credits
@@ -280,6 +280,8 @@ fn keep_restart_settings(old: &Config, new: &mut Config) -> Vec<String> {
     keep!("admin.token_env", admin.token_env);
     keep!("logging.sink", logging.sink);
     keep!("cache.max_bytes", cache.max_bytes);
+    // The exporter is installed with the process's tracing subscriber.
+    keep!("telemetry", telemetry);
     changed
 }
 

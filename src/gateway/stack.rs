@@ -205,7 +205,11 @@ impl Stack {
             // in, times the whole request, and emits the record only after the inner
             // body (and the credit settlement it holds) is dropped; it sees requests
             // that auth or rate limits refuse, too.
-            .layer(LoggingLayer::new(process.logs.clone()).log_content(config.logging.log_content))
+            .layer(
+                LoggingLayer::new(process.logs.clone())
+                    .log_content(config.logging.log_content)
+                    .otel(config.telemetry.enabled()),
+            )
             // Auth first: nothing else runs, and nothing is read, for an unknown or
             // disabled key (401 / 403). The record (never the balance) is cached.
             .layer(process.auth.clone())

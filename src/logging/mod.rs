@@ -80,6 +80,7 @@ use crate::telemetry;
 pub struct LoggingLayer {
     writer: LogWriter,
     log_content: bool,
+    otel: bool,
 }
 
 impl LoggingLayer {
@@ -89,7 +90,17 @@ impl LoggingLayer {
         LoggingLayer {
             writer,
             log_content: false,
+            otel: false,
         }
+    }
+
+    /// Creates the spans that [`crate::otel`] exports (`[telemetry].otlp_endpoint`):
+    /// the request span (continuing a client's `traceparent`) and a child per
+    /// upstream attempt, with their attributes set when the request ends. Off by
+    /// default: then the request path has its one log span and nothing else.
+    pub fn otel(mut self, on: bool) -> Self {
+        self.otel = on;
+        self
     }
 
     /// Also keeps prompts and completions (`[logging].log_content`).
@@ -164,6 +175,11 @@ where
             });
         }
         req.extensions_mut().insert(ctx.clone());
+        if self.layer.otel {
+            // A span of its own, held by the context and never entered: entering it at
+            // every poll of a stream costs more than the export (BENCHMARKS.md).
+            crate::otel::request_span(&ctx, req.headers());
+        }
         let span = tracing::info_span!("request", id = %ctx.request_id());
         let guard = Guard {
             ctx,
@@ -238,6 +254,7 @@ impl Drop for Guard {
         record.client_ip = self.client_ip;
         let upstream_wait: Duration = self.ctx.update(|s| s.upstream_wait);
         telemetry::observe(&record, total, upstream_wait);
+        crate::otel::finish(&self.ctx, &record);
         tracing::info!(
             request_id = %record.id,
             status = record.status,

@@ -188,6 +188,11 @@ pub async fn send(
     for (k, v) in &provider.headers {
         req.headers_mut().insert(k.clone(), v.clone());
     }
+    // The attempt's span, when OpenTelemetry export is on (one atomic load when off).
+    if let Some(tp) = call.ctx.upstream_traceparent() {
+        req.headers_mut()
+            .insert(::http::HeaderName::from_static("traceparent"), tp);
+    }
     let req = req.map(Full::new);
 
     let resp = match tokio::time::timeout(provider.timeout, client.request(req)).await {
