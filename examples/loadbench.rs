@@ -259,15 +259,9 @@ fn unreachable_infallible() -> Infallible {
 }
 
 /// switchboard with the full default stack, from a config file; with
-/// `[telemetry].otlp_endpoint`, its spans exported as `switchboard serve` does.
+/// `[telemetry].otlp_endpoint`, its spans exported (the gateway makes the exporter).
 async fn gateway(_upstream: SocketAddr, config_path: &str) {
     let config = switchboard::config::Config::from_file(std::path::Path::new(config_path)).unwrap();
-    let _telemetry = config.telemetry.enabled().then(|| {
-        use tracing_subscriber::prelude::*;
-        let (layer, telemetry) = switchboard::otel::layer(&config.telemetry).unwrap();
-        tracing_subscriber::registry().with(layer).init();
-        telemetry
-    });
     let gw = switchboard::Gateway::builder()
         .config(config)
         // `--reload` rewrites it and calls `POST /admin/reload`.

@@ -195,12 +195,14 @@ struct Inner {
 }
 
 /// The request's OpenTelemetry spans ([`crate::otel`]), held in its context.
-#[derive(Default)]
 struct TraceSlot {
-    /// The request span; taken (and ended) when the request's record is emitted.
-    request: Mutex<Option<tracing::Span>>,
+    /// The tracer that started them (the attempts' spans come from it too).
+    tracer: opentelemetry_sdk::trace::SdkTracer,
+    /// The request span, in a context that makes it the parent of the attempts';
+    /// taken (and ended) when the request's record is emitted.
+    request: Mutex<Option<opentelemetry::Context>>,
     /// The committed attempt's span, kept open until the request ends.
-    served: Mutex<Option<tracing::Span>>,
+    served: Mutex<Option<crate::otel::ExportedSpan>>,
     /// The `traceparent` of the attempt in flight, for the upstream request.
     upstream: Mutex<Option<http::HeaderValue>>,
     /// `gen_ai.operation.name`, known once the request is parsed (first attempt).
@@ -236,26 +238,37 @@ impl CallContext {
         }))
     }
 
-    /// Makes `span` the request's trace span (first call wins): attempts become its
-    /// children and are exported ([`crate::otel`]). Only `LoggingLayer` calls it, and
-    /// only when export is on.
-    pub fn set_trace_span(&self, span: tracing::Span) {
-        let slot = self.0.trace.get_or_init(TraceSlot::default);
-        let mut request = slot.request.lock().unwrap_or_else(|e| e.into_inner());
-        if request.is_none() {
-            *request = Some(span);
-        }
+    /// Makes `request` (a context holding the request's span) the parent of the
+    /// attempts' spans, started by `tracer` (first call wins): they are exported
+    /// ([`crate::otel`]). Only `LoggingLayer` calls it, and only when export is on.
+    pub fn set_trace(
+        &self,
+        tracer: opentelemetry_sdk::trace::SdkTracer,
+        request: opentelemetry::Context,
+    ) {
+        let _ = self.0.trace.set(TraceSlot {
+            tracer,
+            request: Mutex::new(Some(request)),
+            served: Mutex::new(None),
+            upstream: Mutex::new(None),
+            operation: OnceLock::new(),
+        });
     }
 
-    /// The request's trace span, when export is on and the request has not ended.
-    pub fn trace_span(&self) -> Option<tracing::Span> {
+    /// The tracer and the request span's context, when export is on and the request
+    /// has not ended (one atomic load when it is off).
+    pub fn trace_parent(
+        &self,
+    ) -> Option<(opentelemetry_sdk::trace::SdkTracer, opentelemetry::Context)> {
         let slot = self.0.trace.get()?;
         let request = slot.request.lock().unwrap_or_else(|e| e.into_inner());
-        request.clone()
+        Some((slot.tracer.clone(), request.clone()?))
     }
 
-    /// Takes the request's trace span and the committed attempt's, to finish them.
-    pub(crate) fn take_trace_spans(&self) -> Option<(tracing::Span, Option<tracing::Span>)> {
+    /// Takes the request's span context and the committed attempt's span, to end them.
+    pub(crate) fn take_trace_spans(
+        &self,
+    ) -> Option<(opentelemetry::Context, Option<crate::otel::ExportedSpan>)> {
         let slot = self.0.trace.get()?;
         let request = slot
             .request
@@ -267,7 +280,7 @@ impl CallContext {
     }
 
     /// Keeps the committed attempt's span open until the request ends.
-    pub(crate) fn set_served_span(&self, span: tracing::Span) {
+    pub(crate) fn set_served_span(&self, span: crate::otel::ExportedSpan) {
         if let Some(slot) = self.0.trace.get() {
             *slot.served.lock().unwrap_or_else(|e| e.into_inner()) = Some(span);
         }

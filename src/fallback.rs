@@ -267,9 +267,7 @@ where
             };
             // OpenTelemetry export on: a child span of the request's, which the
             // upstream request's `traceparent` names. Off: one atomic load.
-            let span = call.ctx.trace_span().map(|parent| {
-                crate::otel::attempt_span(&call.ctx, &parent, &call.request, endpoint)
-            });
+            let mut span = crate::otel::attempt_span(&call.ctx, &call.request, endpoint);
             let outcome = attempt(inner.clone(), pc, permit, &health, deadline).await?;
             let e = match outcome {
                 Outcome::Committed(reply) => {
@@ -280,8 +278,8 @@ where
                 }
                 Outcome::Failed(e) => e,
             };
-            if let Some(span) = span {
-                crate::otel::attempt_failed(&span, &e.label());
+            if let Some(span) = span.as_mut() {
+                crate::otel::attempt_failed(span, &e.label());
             }
             // Failed attempts cost nothing.
             call.ctx.update(|s| {

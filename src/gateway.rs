@@ -112,6 +112,9 @@ pub enum BuildError {
     /// `[shared]` cannot be set up (built outside a tokio runtime).
     #[error(transparent)]
     Shared(#[from] crate::shared::SharedError),
+    /// `[telemetry]`'s exporter cannot be set up.
+    #[error(transparent)]
+    Telemetry(#[from] crate::otel::OtelError),
 }
 
 /// Assembles a [`Gateway`].
@@ -122,6 +125,7 @@ pub struct GatewayBuilder {
     log_writer: Option<LogWriter>,
     store: Option<(Arc<dyn KeyStore>, Arc<dyn Ledger>)>,
     health: Option<Arc<dyn HealthRegistry>>,
+    telemetry: Option<crate::otel::Telemetry>,
     clock: Option<crate::clock::Clock>,
     config_file: Option<std::path::PathBuf>,
     listen: Option<String>,
@@ -180,6 +184,14 @@ impl GatewayBuilder {
     /// opens (a store given to [`store`](Self::store) keeps its own: set it there).
     pub fn clock(mut self, clock: crate::clock::Clock) -> Self {
         self.clock = Some(clock);
+        self
+    }
+
+    /// Exports spans with `telemetry` ([`crate::otel`]) whatever the config's
+    /// `[telemetry]` says; without it, a config with `[telemetry].otlp_endpoint` makes
+    /// its own exporter ([`Gateway::telemetry`] returns it, to flush or shut down).
+    pub fn telemetry(mut self, telemetry: crate::otel::Telemetry) -> Self {
+        self.telemetry = Some(telemetry);
         self
     }
 
@@ -289,7 +301,16 @@ impl GatewayBuilder {
         // `[cache]`: answers in memory, or in Redis shared by every instance.
         let cache = crate::cache::CacheLayer::from_config(&config.cache, shared.clone())
             .ledger(ledger.clone());
+        // `[telemetry]`: spans exported for the life of the process.
+        let telemetry = match self.telemetry {
+            Some(t) => Some(t),
+            None if config.telemetry.enabled() => {
+                Some(crate::otel::Telemetry::new(&config.telemetry)?)
+            }
+            None => None,
+        };
         let process = Arc::new(stack::Process {
+            telemetry,
             client: self.provider_client.unwrap_or_default(),
             logs,
             ledger: ledger.clone(),
@@ -398,6 +419,13 @@ impl Gateway {
     /// request in flight keeps the one it started with.
     pub fn stack(&self) -> Arc<Stack> {
         self.stack.load_full()
+    }
+
+    /// The span exporter (`[telemetry].otlp_endpoint`, or the one given to
+    /// [`GatewayBuilder::telemetry`]), to [`flush`](crate::otel::Telemetry::flush) it
+    /// or shut it down when the server stops.
+    pub fn telemetry(&self) -> Option<crate::otel::Telemetry> {
+        self.process.telemetry.clone()
     }
 
     /// The request-log writer (e.g. to [`LogWriter::flush`] it).

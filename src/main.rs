@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use switchboard::config::{Config, LogFormat, TelemetryConfig};
+use switchboard::config::{Config, LogFormat};
 use switchboard::Gateway;
 
 mod keys_cli;
@@ -131,13 +131,10 @@ const LOG_FORMAT_ENV: &str = "SWITCHBOARD_LOG_FORMAT";
 
 /// Sets up the log on stderr: `RUST_LOG` filters (default `info`); `format` is
 /// `[server].log_format` unless `SWITCHBOARD_LOG_FORMAT` says otherwise. Text has
-/// ANSI colours only when stderr is a terminal; JSON is one object per line. With
-/// `[telemetry].otlp_endpoint`, spans are exported too ([`switchboard::otel`]): the
-/// handle returned flushes them when the server stops.
-fn init_logs(
-    format: LogFormat,
-    telemetry: &TelemetryConfig,
-) -> Result<(LogFormat, Option<switchboard::otel::Telemetry>), ExitCode> {
+/// ANSI colours only when stderr is a terminal; JSON is one object per line.
+/// (`[telemetry]`'s spans do not go through this log: the gateway exports them
+/// itself, [`switchboard::otel`].)
+fn init_logs(format: LogFormat) -> Result<LogFormat, ExitCode> {
     let format = match std::env::var(LOG_FORMAT_ENV) {
         Ok(v) if !v.trim().is_empty() => {
             match v.parse::<LogFormat>() {
@@ -152,9 +149,6 @@ fn init_logs(
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if telemetry.enabled() {
-        return init_with_otel(format, filter, telemetry).map(|t| (format, Some(t)));
-    }
     let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);
@@ -167,40 +161,7 @@ fn init_logs(
             .with_ansi(false)
             .init(),
     }
-    Ok((format, None))
-}
-
-/// The log of [`init_logs`] (its filter on the log alone) beside the OTLP export layer.
-fn init_with_otel(
-    format: LogFormat,
-    filter: tracing_subscriber::EnvFilter,
-    telemetry: &TelemetryConfig,
-) -> Result<switchboard::otel::Telemetry, ExitCode> {
-    use tracing_subscriber::prelude::*;
-    let (otel, handle) = switchboard::otel::layer(telemetry).map_err(|e| {
-        eprintln!("switchboard: {e}");
-        ExitCode::from(1)
-    })?;
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let registry = tracing_subscriber::registry().with(otel);
-    match format {
-        LogFormat::Text => registry
-            .with(
-                logs.with_ansi(std::io::stderr().is_terminal())
-                    .with_filter(filter),
-            )
-            .init(),
-        LogFormat::Json => registry
-            .with(
-                logs.json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_ansi(false)
-                    .with_filter(filter),
-            )
-            .init(),
-    }
-    Ok(handle)
+    Ok(format)
 }
 
 fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
@@ -215,8 +176,8 @@ fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let (json, telemetry) = match init_logs(config.server.log_format, &config.telemetry) {
-        Ok((f, t)) => (f == LogFormat::Json, t),
+    let json = match init_logs(config.server.log_format) {
+        Ok(f) => f == LogFormat::Json,
         Err(code) => return code,
     };
     // What stops the server: a plain line for people, a log object for collectors.
@@ -252,6 +213,9 @@ fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
         Err(e) => return fail(format!("switchboard: cannot start the runtime: {e}"), 2),
     };
     let config_listen = config.server.listen.clone();
+    // `[telemetry]`'s exporter, once the gateway has made it: flushed at the end.
+    let telemetry = std::sync::Arc::new(std::sync::OnceLock::new());
+    let exporter = telemetry.clone();
     let code = runtime.block_on(async move {
         let mut builder = Gateway::builder().config(config);
         if let Some(file) = file {
@@ -269,6 +233,9 @@ fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
             ) => return fail(format!("switchboard: {e}"), 2),
             Err(e) => return fail(format!("switchboard: {e}"), 1),
         };
+        if let Some(t) = gateway.telemetry() {
+            let _ = exporter.set(t);
+        }
         reload_on_sighup(&gateway);
         let listener = match bind(&config_listen, setting).await {
             Ok(l) => l,
@@ -290,7 +257,7 @@ fn serve(path: Option<PathBuf>, listen: Option<String>) -> ExitCode {
     });
     // The spans of the last requests: exported before the process ends (a dead
     // collector costs at most `[telemetry].export_timeout_secs`).
-    if let Some(t) = telemetry {
+    if let Some(t) = telemetry.get() {
         t.shutdown();
     }
     code

@@ -1,12 +1,19 @@
 //! OpenTelemetry export (SPEC §9): one span per request and a child span per upstream
 //! attempt, sent over OTLP/HTTP (protobuf) in batches, off the request path.
 //!
-//! [`layer`] builds a `tracing` layer for a `[telemetry]` section and the
-//! [`Telemetry`] handle that flushes it; `switchboard serve` adds it to its subscriber
-//! when `otlp_endpoint` is set, and library users add it to theirs. The gateway's
-//! `LoggingLayer` creates the spans only when the config turns export on
-//! ([`LoggingLayer::otel`](crate::logging::LoggingLayer::otel)): with it off, the
-//! request path is unchanged.
+//! [`Telemetry`] is the exporter of a `[telemetry]` section: the gateway builder makes
+//! one when `otlp_endpoint` is set (or takes one given to
+//! [`GatewayBuilder::telemetry`](crate::gateway::GatewayBuilder::telemetry)) and
+//! hands it to `LoggingLayer` ([`LoggingLayer::telemetry`](crate::logging::LoggingLayer::telemetry)),
+//! which starts the spans with the OpenTelemetry SDK's tracer directly. With export
+//! off, the request path is unchanged (one atomic load where an attempt starts).
+//!
+//! The spans are the SDK's own, not `tracing` spans bridged by
+//! `tracing-opentelemetry`: the bridge put a span in the `tracing` registry per
+//! request and per attempt and looked the span up again for every attribute; with
+//! it, export on cost +16–19 % gateway CPU per request at 1,000 req/s, without it
+//! +14–17 % (BENCHMARKS.md, thirteenth session; most of what is left is the SDK's
+//! batch export thread). A library user's own `tracing` subscriber is not involved.
 //!
 //! The request span (kind SERVER) continues a client's W3C `traceparent`; each attempt
 //! span (kind CLIENT, named `chat {upstream model}`) is its child, and the upstream
@@ -24,32 +31,28 @@
 //! # Example
 //! ```
 //! use switchboard::config::TelemetryConfig;
-//! use tracing_subscriber::prelude::*;
 //!
 //! let config = TelemetryConfig {
 //!     otlp_endpoint: Some("http://127.0.0.1:4318".into()),
 //!     ..TelemetryConfig::default()
 //! };
-//! let (otel, telemetry) = switchboard::otel::layer(&config).unwrap();
-//! let subscriber = tracing_subscriber::registry().with(otel);
-//! tracing::subscriber::with_default(subscriber, || {
-//!     // … serve a gateway built with the same config …
-//! });
+//! let telemetry = switchboard::otel::Telemetry::new(&config).unwrap();
+//! // … `Gateway::builder().telemetry(telemetry.clone())`, or a config with the same
+//! // `[telemetry]` and the builder makes its own (`Gateway::telemetry` returns it) …
 //! telemetry.shutdown(); // flushes what is queued
 //! ```
 
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue, StringValue, Value};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
-use tracing::Subscriber;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::Layer;
 
 use crate::catalog::Endpoint;
 use crate::chat::{ChatRequest, Dialect};
@@ -58,28 +61,19 @@ use crate::config::TelemetryConfig;
 use crate::context::CallContext;
 use crate::logging::RequestRecord;
 
-/// The `tracing` target of the exported spans; the layer from [`layer`] sees only
-/// spans of this target (no events, no other spans).
-pub const TARGET: &str = "switchboard::otel";
+/// An exported span: the OpenTelemetry SDK's own (ended when dropped).
+pub type ExportedSpan = opentelemetry_sdk::trace::Span;
 
-/// The path spans are posted to, under the collector's URL.
+/// Where spans are posted under the collector's base URL (OTLP/HTTP).
 const TRACES_PATH: &str = "/v1/traces";
 
-/// Why the exporter could not be built.
+/// `[telemetry].otlp_endpoint` cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("telemetry.otlp_endpoint: {0}")]
 pub struct OtelError(String);
 
-/// The URL spans are posted to: `endpoint` with `/v1/traces` appended unless it
-/// already ends so; an error says what is wrong with `endpoint`.
-///
-/// ```
-/// assert_eq!(
-///     switchboard::otel::traces_url("http://127.0.0.1:4318").unwrap(),
-///     "http://127.0.0.1:4318/v1/traces"
-/// );
-/// assert!(switchboard::otel::traces_url("127.0.0.1:4318").is_err());
-/// ```
+/// The URL spans are posted to: `endpoint` with `/v1/traces` appended, unless it ends
+/// so already. An error says why `endpoint` is not an `http(s)://` URL with a host.
 pub fn traces_url(endpoint: &str) -> Result<String, String> {
     let uri: http::Uri = endpoint
         .parse()
@@ -97,67 +91,54 @@ pub fn traces_url(endpoint: &str) -> Result<String, String> {
     })
 }
 
-/// The exporter behind a [`layer`]: flush it, and shut it down when the program ends
-/// (dropping it shuts it down too).
+/// The exporter of one `[telemetry]` section: the SDK's tracer and its batch span
+/// processor (a thread of its own; a bounded queue of 2,048 spans, dropped when full;
+/// batches of up to 512 posted as OTLP/HTTP protobuf). Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Telemetry {
     provider: SdkTracerProvider,
+    tracer: SdkTracer,
 }
 
 impl Telemetry {
-    /// Exports every span ended so far; waits for the collector (at most the export
-    /// timeout). `false` when the export failed.
+    /// The exporter for `config` (its `otlp_endpoint` must be set).
+    pub fn new(config: &TelemetryConfig) -> Result<Telemetry, OtelError> {
+        let endpoint = config
+            .otlp_endpoint
+            .as_deref()
+            .ok_or_else(|| OtelError("not set".into()))?;
+        let url = traces_url(endpoint).map_err(OtelError)?;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(url)
+            .with_timeout(Duration::from_secs(config.export_timeout_secs.max(1)))
+            .build()
+            .map_err(|e| OtelError(e.to_string()))?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                Resource::builder()
+                    .with_service_name(config.service_name.clone())
+                    .build(),
+            )
+            .build();
+        let tracer = provider.tracer("switchboard");
+        Ok(Telemetry { provider, tracer })
+    }
+
+    /// Exports every span ended so far; `false` if the collector did not take them.
     pub fn flush(&self) -> bool {
         self.provider.force_flush().is_ok()
     }
 
-    /// Flushes, then stops the exporter thread.
+    /// Flushes, then stops the exporter (spans ended later are dropped).
     pub fn shutdown(&self) -> bool {
         self.provider.shutdown().is_ok()
     }
 }
 
-/// Builds the export layer for `config` and its [`Telemetry`] handle. The exporter
-/// thread starts at once; nothing connects until the first batch.
-pub fn layer<S>(config: &TelemetryConfig) -> Result<(impl Layer<S>, Telemetry), OtelError>
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-{
-    let endpoint = config
-        .otlp_endpoint
-        .as_deref()
-        .ok_or_else(|| OtelError("not set".into()))?;
-    let url = traces_url(endpoint).map_err(OtelError)?;
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_protocol(Protocol::HttpBinary)
-        .with_endpoint(url)
-        .with_timeout(Duration::from_secs(config.export_timeout_secs.max(1)))
-        .build()
-        .map_err(|e| OtelError(e.to_string()))?;
-    let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(
-            Resource::builder()
-                .with_service_name(config.service_name.clone())
-                .build(),
-        )
-        .build();
-    let tracer = provider.tracer("switchboard");
-    let layer = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        // What the spans carry is set by the gateway; the rest costs CPU per request.
-        .with_location(false)
-        .with_threads(false)
-        .with_tracked_inactivity(false)
-        .with_target(false)
-        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-            m.is_span() && m.target() == TARGET
-        }));
-    Ok((layer, Telemetry { provider }))
-}
-
-/// Reads `traceparent` (and `tracestate`) from request headers.
+/// A request's headers, read by the W3C trace-context propagator.
 struct Headers<'a>(&'a http::HeaderMap);
 
 impl Extractor for Headers<'_> {
@@ -169,26 +150,24 @@ impl Extractor for Headers<'_> {
     }
 }
 
-/// The request span (`LoggingLayer`, export on): kind SERVER, a child of the client's
-/// `traceparent` when it sent a valid one.
-/// The span lives in `ctx` (never entered) until [`finish`].
-pub(crate) fn request_span(ctx: &CallContext, headers: &http::HeaderMap) {
-    let span = tracing::info_span!(
-        target: TARGET,
-        "request",
-        id = %ctx.request_id(),
-        otel.kind = "server",
-    );
-    if headers.contains_key("traceparent") {
-        let parent = TraceContextPropagator::new().extract(&Headers(headers));
-        if parent.span().span_context().is_valid() {
-            let _ = span.set_parent(parent);
-        }
-    }
-    ctx.set_trace_span(span);
+/// Starts the request's span (kind SERVER), the child of a valid client
+/// `traceparent`, and keeps it in `ctx` for the attempts and [`finish`].
+pub(crate) fn request_span(t: &Telemetry, ctx: &CallContext, headers: &http::HeaderMap) {
+    let parent = if headers.contains_key("traceparent") {
+        TraceContextPropagator::new().extract(&Headers(headers))
+    } else {
+        Context::new()
+    };
+    let span = t
+        .tracer
+        .span_builder("request")
+        .with_kind(SpanKind::Server)
+        .start_with_context(&t.tracer, &parent);
+    ctx.set_trace(t.tracer.clone(), Context::new().with_span(span));
 }
 
-/// The `gen_ai.provider.name` of a provider kind (GenAI semantic conventions).
+/// `gen_ai.provider.name` of a provider kind (the GenAI conventions' values; the
+/// mock is ours).
 fn provider_name(kind: ProviderKind) -> &'static str {
     match kind {
         ProviderKind::OpenAi => "openai",
@@ -207,45 +186,45 @@ fn operation(request: &ChatRequest) -> &'static str {
     }
 }
 
-/// Starts an attempt's span (kind CLIENT) under the request span `parent`, and points
-/// the upstream `traceparent` at it. Called by fallback only when export is on.
+/// Starts an attempt's span (kind CLIENT, `{operation} {upstream model}`), the child
+/// of the request's, and makes it the `traceparent` of the upstream request; `None`
+/// (one atomic load) when export is off.
 pub(crate) fn attempt_span(
     ctx: &CallContext,
-    parent: &tracing::Span,
     request: &ChatRequest,
     endpoint: &Endpoint,
-) -> tracing::Span {
+) -> Option<ExportedSpan> {
+    let (tracer, parent) = ctx.trace_parent()?;
     let op = operation(request);
     ctx.set_trace_operation(op);
-    let span = tracing::info_span!(
-        target: TARGET,
-        parent: parent,
-        "attempt",
-        otel.name = format!("{op} {}", endpoint.upstream_model),
-        otel.kind = "client",
-    );
-    span.set_attribute("gen_ai.operation.name", op);
-    span.set_attribute("gen_ai.request.model", endpoint.upstream_model.to_string());
-    span.set_attribute(
-        "gen_ai.provider.name",
-        provider_name(endpoint.provider.kind),
-    );
-    span.set_attribute("switchboard.provider", endpoint.provider.name.to_string());
-    ctx.set_upstream_traceparent(traceparent(&span));
-    span
+    let span = tracer
+        .span_builder(format!("{op} {}", endpoint.upstream_model))
+        .with_kind(SpanKind::Client)
+        .with_attributes([
+            KeyValue::new("gen_ai.operation.name", op),
+            KeyValue::new("gen_ai.request.model", endpoint.upstream_model.clone()),
+            KeyValue::new(
+                "gen_ai.provider.name",
+                provider_name(endpoint.provider.kind),
+            ),
+            KeyValue::new(
+                "switchboard.provider",
+                StringValue::from(endpoint.provider.name.clone()),
+            ),
+        ])
+        .start_with_context(&tracer, &parent);
+    ctx.set_upstream_traceparent(traceparent(span.span_context()));
+    Some(span)
 }
 
-/// Marks an attempt's span failed with `error_type` (`error.type`: `"503"`,
-/// `"timeout"`, …).
-pub(crate) fn attempt_failed(span: &tracing::Span, error_type: &str) {
-    span.set_attribute("error.type", error_type.to_string());
-    span.set_status(opentelemetry::trace::Status::error(error_type.to_string()));
+/// Marks a failed attempt's span: `error.type` and an error status.
+pub(crate) fn attempt_failed(span: &mut ExportedSpan, error_type: &str) {
+    span.set_attribute(KeyValue::new("error.type", error_type.to_string()));
+    span.set_status(Status::error(error_type.to_string()));
 }
 
-/// The W3C `traceparent` of `span`.
-fn traceparent(span: &tracing::Span) -> Option<http::HeaderValue> {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
+/// The W3C `traceparent` naming `sc`.
+fn traceparent(sc: &SpanContext) -> Option<http::HeaderValue> {
     if !sc.is_valid() {
         return None;
     }
@@ -265,49 +244,62 @@ pub(crate) fn finish(ctx: &CallContext, record: &RequestRecord) {
         return;
     };
     let op = ctx.trace_operation();
-    // The span has started (its attempts are its children): renamed on the SDK's span.
-    request
-        .context()
-        .span()
-        .update_name(format!("{op} {}", record.requested_model));
-    request.set_attribute("gen_ai.operation.name", op);
-    request.set_attribute("gen_ai.request.model", record.requested_model.clone());
-    request.set_attribute("http.response.status_code", i64::from(record.status));
+    // What the request span and the attempt that served share.
+    let mut outcome: Vec<KeyValue> = Vec::with_capacity(5);
+    if let Some(model) = &record.model {
+        outcome.push(KeyValue::new("gen_ai.response.model", model.clone()));
+    }
+    if record.model.is_some() || record.prompt_tokens > 0 {
+        outcome.push(KeyValue::new(
+            "gen_ai.usage.input_tokens",
+            to_i64(record.prompt_tokens),
+        ));
+        outcome.push(KeyValue::new(
+            "gen_ai.usage.output_tokens",
+            to_i64(record.completion_tokens),
+        ));
+    }
+    if let Some(reason) = &record.finish_reason {
+        outcome.push(KeyValue::new(
+            "gen_ai.response.finish_reasons",
+            Value::Array(vec![StringValue::from(reason.clone())].into()),
+        ));
+    }
+    outcome.push(KeyValue::new(
+        "switchboard.cost_usd",
+        record.cost.as_usd_f64(),
+    ));
+    if let Some(mut served) = served {
+        served.set_attributes(outcome.iter().cloned());
+        served.end();
+    }
+    let span = request.span();
+    span.update_name(format!("{op} {}", record.requested_model));
+    let mut attrs = outcome;
+    attrs.push(KeyValue::new("gen_ai.operation.name", op));
+    attrs.push(KeyValue::new(
+        "gen_ai.request.model",
+        record.requested_model.clone(),
+    ));
+    attrs.push(KeyValue::new(
+        "http.response.status_code",
+        i64::from(record.status),
+    ));
     if let Some(key) = &record.key_id {
-        request.set_attribute("switchboard.key_id", key.clone());
+        attrs.push(KeyValue::new("switchboard.key_id", key.clone()));
     }
-    if let Some(code) = &record.error_code {
-        request.set_attribute("error.type", code.clone());
-        request.set_status(opentelemetry::trace::Status::error(code.clone()));
-    }
-    // The attempt span has its provider already.
     if let Some(kind) = ctx.update(|s| s.served.as_ref().map(|e| e.provider.kind)) {
-        request.set_attribute("gen_ai.provider.name", provider_name(kind));
+        attrs.push(KeyValue::new("gen_ai.provider.name", provider_name(kind)));
     }
     if let Some(provider) = &record.provider {
-        request.set_attribute("switchboard.provider", provider.clone());
+        attrs.push(KeyValue::new("switchboard.provider", provider.clone()));
     }
-    for span in std::iter::once(&request).chain(served.as_ref()) {
-        if let Some(model) = &record.model {
-            span.set_attribute("gen_ai.response.model", model.clone());
-        }
-        if record.model.is_some() || record.prompt_tokens > 0 {
-            span.set_attribute("gen_ai.usage.input_tokens", to_i64(record.prompt_tokens));
-            span.set_attribute(
-                "gen_ai.usage.output_tokens",
-                to_i64(record.completion_tokens),
-            );
-        }
-        if let Some(reason) = &record.finish_reason {
-            span.set_attribute(
-                "gen_ai.response.finish_reasons",
-                opentelemetry::Value::Array(
-                    vec![opentelemetry::StringValue::from(reason.clone())].into(),
-                ),
-            );
-        }
-        span.set_attribute("switchboard.cost_usd", record.cost.as_usd_f64());
+    if let Some(code) = &record.error_code {
+        attrs.push(KeyValue::new("error.type", code.clone()));
+        span.set_status(Status::error(code.clone()));
     }
+    span.set_attributes(attrs);
+    span.end();
 }
 
 fn to_i64(n: u64) -> i64 {

@@ -13,10 +13,9 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use serde_json::{json, Value};
-use switchboard::config::{Config, TelemetryConfig};
+use switchboard::config::Config;
 use switchboard::logging::{LogSink, RequestRecord};
 use switchboard::otel::Telemetry;
-use tracing_subscriber::prelude::*;
 
 /// A fake collector: every span posted to `/v1/traces`.
 #[derive(Clone)]
@@ -61,17 +60,9 @@ impl Collector {
     }
 }
 
-/// The export layer for `endpoint`, installed for this test's thread (the tests run
-/// on a current-thread runtime, so the gateway's tasks are on it too).
-fn install(endpoint: &str) -> (Telemetry, tracing::subscriber::DefaultGuard) {
-    let config = TelemetryConfig {
-        otlp_endpoint: Some(endpoint.into()),
-        export_timeout_secs: 2,
-        ..TelemetryConfig::default()
-    };
-    let (layer, telemetry) = switchboard::otel::layer(&config).unwrap();
-    let guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
-    (telemetry, guard)
+/// The exporter the gateway made from its `[telemetry]`.
+fn exporter(gw: &TestGateway) -> Telemetry {
+    gw.gateway.telemetry().expect("the config has [telemetry]")
 }
 
 /// Flushes (off this thread: the collector answers on it) until `done` holds of
@@ -161,7 +152,7 @@ async fn gateway_logged(toml: &str) -> (TestGateway, Memory) {
 }
 
 fn telemetry_toml(endpoint: &str) -> String {
-    format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\n")
+    format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\nexport_timeout_secs = 2\n")
 }
 
 fn body() -> Value {
@@ -174,7 +165,6 @@ const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 #[tokio::test]
 async fn request_and_attempt_spans_carry_the_genai_attributes_and_the_client_trace() {
     let c = collector().await;
-    let (t, _guard) = install(&c.url);
     let up = ok_upstream().await;
     let (gw, logs) = gateway_logged(&openai_config(
         &[("p1", &up.url())],
@@ -193,7 +183,7 @@ async fn request_and_attempt_spans_carry_the_genai_attributes_and_the_client_tra
     let answer: Value = res.json().await.unwrap();
     assert_eq!(answer["usage"]["prompt_tokens"], 7);
 
-    let spans = flush_until(&t, &c, |s| s.len() >= 2).await;
+    let spans = flush_until(&exporter(&gw), &c, |s| s.len() >= 2).await;
     assert_eq!(spans.len(), 2, "{spans:#?}");
     let request = spans
         .iter()
@@ -259,7 +249,6 @@ async fn request_and_attempt_spans_carry_the_genai_attributes_and_the_client_tra
 #[tokio::test]
 async fn a_fallback_request_has_two_attempt_spans() {
     let c = collector().await;
-    let (t, _guard) = install(&c.url);
     let bad =
         upstream(|_, _| async { json(503, json!({"error": {"message": "busy", "type": "x"}})) })
             .await;
@@ -276,7 +265,7 @@ async fn a_fallback_request_has_two_attempt_spans() {
     assert_eq!(res.status(), 200);
     let _ = res.bytes().await.unwrap();
 
-    let spans = flush_until(&t, &c, |s| s.len() >= 3).await;
+    let spans = flush_until(&exporter(&gw), &c, |s| s.len() >= 3).await;
     assert_eq!(spans.len(), 3, "{spans:#?}");
     let request = spans
         .iter()
@@ -322,10 +311,10 @@ async fn a_fallback_request_has_two_attempt_spans() {
 #[tokio::test]
 async fn with_export_off_no_span_is_made_and_upstreams_get_no_traceparent() {
     let c = collector().await;
-    let (t, _guard) = install(&c.url);
     let up = ok_upstream().await;
-    // The layer is installed, but the gateway's config has no [telemetry].
+    // A collector is listening, but the gateway's config has no [telemetry].
     let gw = gateway(&openai_config(&[("p1", &up.url())], "")).await;
+    assert!(gw.gateway.telemetry().is_none());
     let res = client()
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(TEST_KEY)
@@ -336,10 +325,7 @@ async fn with_export_off_no_span_is_made_and_upstreams_get_no_traceparent() {
         .unwrap();
     assert_eq!(res.status(), 200);
     let _ = res.bytes().await.unwrap();
-    let t2 = t.clone();
-    assert!(tokio::task::spawn_blocking(move || t2.flush())
-        .await
-        .unwrap());
+    assert!(gw.gateway.logs().flush(SOCKET_TIMEOUT));
     assert!(c.spans().is_empty(), "{:#?}", c.spans());
     assert!(up.requests()[0].header("traceparent").is_none());
 }
@@ -363,7 +349,6 @@ async fn a_dead_collector_never_holds_up_a_request() {
     let closed = format!("http://127.0.0.1:{}", free_port());
     let silent = silent_collector().await;
     for endpoint in [closed, silent] {
-        let (t, guard) = install(&endpoint);
         let up = ok_upstream().await;
         let gw = gateway(&openai_config(
             &[("p1", &up.url())],
@@ -389,7 +374,7 @@ async fn a_dead_collector_never_holds_up_a_request() {
         assert_eq!(up.hits(), 100);
         // The upstream requests still carry the trace.
         assert!(up.requests()[99].header("traceparent").is_some());
-        drop(guard);
+        let t = exporter(&gw);
         // Shutting the exporter down gives up after its timeout; off this thread.
         tokio::task::spawn_blocking(move || t.shutdown())
             .await

@@ -398,3 +398,38 @@ fn hup(pid: u32) {
         .success();
     assert!(ok);
 }
+
+#[tokio::test]
+async fn unchanged_keys_are_not_written_again_so_admin_changes_stay() {
+    let a = upstream(|seen, _| async move { answer(seen.body["stream"] == true, None) }).await;
+    let dir = fresh_temp_dir();
+    let body = provider("a", &a.url()) + &model("test/model", &[("a", 2)]);
+    let (gw, file) = start(&dir, &config_text(&dir, &body)).await;
+    // The admin API (here the store it writes to) gives the bootstrap key an rpm.
+    let keys = gw.gateway.keys().clone();
+    let id = keys.list().unwrap()[0].record.id.clone();
+    let patch = switchboard::store::KeyPatch {
+        rpm: Some(Some(7)),
+        ..Default::default()
+    };
+    keys.update(&id, &patch).unwrap().unwrap();
+
+    // A price change: [[keys]] untouched, so nothing is written and the rpm stays.
+    let priced = provider("a", &a.url()) + &model("test/model", &[("a", 3)]);
+    std::fs::write(&file, config_text(&dir, &priced)).unwrap();
+    let (status, v) = reload(&gw, Some(ADMIN)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["data"]["keys_bootstrapped"], 0);
+    assert_eq!(v["data"]["models_changed"], json!(["test/model"]));
+    assert_eq!(keys.get(&id).unwrap().unwrap().record.rpm, Some(7));
+
+    // A change to [[keys]] is applied: the file's values again (no rpm).
+    let renamed = config_text(&dir, &priced).replace("name = \"t\"", "name = \"t2\"");
+    std::fs::write(&file, renamed).unwrap();
+    let (status, v) = reload(&gw, Some(ADMIN)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["data"]["keys_bootstrapped"], 1);
+    let record = keys.get(&id).unwrap().unwrap().record;
+    assert_eq!(record.name, "t2");
+    assert_eq!(record.rpm, None);
+}

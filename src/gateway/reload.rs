@@ -9,7 +9,8 @@
 //!   `[store]`; `[shared]`; `[admin].token_env`; `[logging].sink`;
 //!   `[cache].max_bytes`; `[telemetry]`. A change there is not refused: the rest is applied, the old
 //!   value is kept, and the report names it in `restart_needed`.
-//! - `[[keys]]` are upserted into the store again, as at start: a new secret is
+//! - `[[keys]]`, when they differ from those last loaded (unchanged, nothing is
+//!   written), are upserted into the store again, as at start: a new secret is
 //!   created with its credits; a known one keeps its balance and spending (credits
 //!   are granted once) and takes the file's name, limits, rpm, allow-list and expiry;
 //!   a key no longer in the file stays in the store as it is (disable it with the
@@ -83,7 +84,8 @@ pub struct ReloadReport {
     pub providers_removed: Vec<String>,
     /// Provider names whose settings changed.
     pub providers_changed: Vec<String>,
-    /// Bootstrap `[[keys]]` upserted into the store.
+    /// Bootstrap `[[keys]]` upserted into the store (0 when the file's `[[keys]]`
+    /// did not change since the last load).
     pub keys_bootstrapped: usize,
     /// Settings that changed in the file but need a restart: their old values stay
     /// in force (TOML paths, e.g. `server.listen`).
@@ -207,14 +209,18 @@ impl Gateway {
         }
         let old = self.stack.load_full();
         let restart_needed = keep_restart_settings(&old.config, &mut config);
+        // `[[keys]]` as the file had them at the last load: unchanged, nothing is
+        // written (a reload for a price must not undo what the admin API changed on
+        // a bootstrap key since, nor cost the store a write per key).
+        let keys_changed = format!("{:?}", old.config.keys) != format!("{:?}", config.keys);
         let keys_bootstrapped = match &self.process.bootstrap {
-            Some(bootstrap) => {
+            Some(bootstrap) if keys_changed => {
                 bootstrap(&config.keys)?;
                 // Changed limits and allow-lists count at the next request.
                 self.process.auth.invalidate_all();
                 config.keys.len()
             }
-            None => 0,
+            _ => 0,
         };
         let mut report = diff(&old.config, &config);
         report.keys_bootstrapped = keys_bootstrapped;

@@ -45,6 +45,8 @@ pub(crate) type Bootstrap = Arc<dyn Fn(&[KeyConfig]) -> Result<(), StoreError> +
 pub(crate) struct Process {
     /// Adapters over one pooled HTTP client.
     pub(crate) client: ProviderClient,
+    /// The span exporter, with `[telemetry]` (a change of it needs a restart).
+    pub(crate) telemetry: Option<crate::otel::Telemetry>,
     /// The request-log writer.
     pub(crate) logs: LogWriter,
     /// Balances and settlements.
@@ -208,7 +210,7 @@ impl Stack {
             .layer(
                 LoggingLayer::new(process.logs.clone())
                     .log_content(config.logging.log_content)
-                    .otel(config.telemetry.enabled()),
+                    .telemetry(process.telemetry.clone()),
             )
             // Auth first: nothing else runs, and nothing is read, for an unknown or
             // disabled key (401 / 403). The record (never the balance) is cached.

@@ -386,7 +386,7 @@ impl InMemoryHealth {
                     s.ttft,
                     s.throughput,
                     s.streak,
-                    s.last_failure.clone(),
+                    s.last_failure,
                 )
             }) else {
                 continue;

@@ -80,7 +80,7 @@ use crate::telemetry;
 pub struct LoggingLayer {
     writer: LogWriter,
     log_content: bool,
-    otel: bool,
+    telemetry: Option<crate::otel::Telemetry>,
 }
 
 impl LoggingLayer {
@@ -90,16 +90,15 @@ impl LoggingLayer {
         LoggingLayer {
             writer,
             log_content: false,
-            otel: false,
+            telemetry: None,
         }
     }
 
-    /// Creates the spans that [`crate::otel`] exports (`[telemetry].otlp_endpoint`):
-    /// the request span (continuing a client's `traceparent`) and a child per
-    /// upstream attempt, with their attributes set when the request ends. Off by
-    /// default: then the request path has its one log span and nothing else.
-    pub fn otel(mut self, on: bool) -> Self {
-        self.otel = on;
+    /// Starts the spans `telemetry` exports ([`crate::otel`],
+    /// `[telemetry].otlp_endpoint`): the request span (continuing a client's
+    /// `traceparent`) and a child per upstream attempt. `None` (the default): no span.
+    pub fn telemetry(mut self, telemetry: Option<crate::otel::Telemetry>) -> Self {
+        self.telemetry = telemetry;
         self
     }
 
@@ -175,10 +174,10 @@ where
             });
         }
         req.extensions_mut().insert(ctx.clone());
-        if self.layer.otel {
+        if let Some(t) = &self.layer.telemetry {
             // A span of its own, held by the context and never entered: entering it at
             // every poll of a stream costs more than the export (BENCHMARKS.md).
-            crate::otel::request_span(&ctx, req.headers());
+            crate::otel::request_span(t, &ctx, req.headers());
         }
         let span = tracing::info_span!("request", id = %ctx.request_id());
         let guard = Guard {
