@@ -22,7 +22,7 @@
 //! `gen_ai.response.model`, `gen_ai.provider.name`, `gen_ai.usage.input_tokens`,
 //! `gen_ai.usage.output_tokens`, `gen_ai.response.finish_reasons`, `error.type`),
 //! plus `switchboard.cost_usd` and `switchboard.key_id`; they are set once, when the
-//! request ends, from its [`CallContext`](crate::context::CallContext).
+//! request ends, from its [`CallContext`].
 //!
 //! The exporter runs on a thread of its own: spans wait in a bounded queue (2,048;
 //! dropped when full) and are posted in batches, so a slow or dead collector costs

@@ -1,5 +1,5 @@
 //! `GET /admin/endpoints` (SPEC §9): every endpoint of the catalog and its health now,
-//! from [`HealthRegistry::snapshot`] (with `[shared]`, this instance's view, which
+//! from [`HealthRegistry::snapshot`](crate::health::HealthRegistry::snapshot) (with `[shared]`, this instance's view, which
 //! follows the others' changes through Redis).
 //!
 //! `{"data":[{"model","provider","upstream_model","state","consecutive_failures",
