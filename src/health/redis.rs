@@ -159,6 +159,17 @@ struct Core {
     wake: Arc<Notify>,
     /// The shared states were read since Redis was last (re)subscribed.
     synced: AtomicBool,
+    /// Its listener of health events, removed when it is dropped (a registry that a
+    /// config reload replaced must not leave it behind).
+    listener: std::sync::OnceLock<crate::shared::ListenerId>,
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        if let Some(id) = self.listener.get() {
+            self.shared.unlisten(*id);
+        }
+    }
 }
 
 impl RedisHealth {
@@ -205,16 +216,18 @@ impl RedisHealth {
             wake: wake.clone(),
             synced: AtomicBool::new(false),
             shared: shared.clone(),
+            listener: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&core);
         shared.spawn(run(weak.clone(), rx, wake, shared.watch()));
-        shared.listen(TOPIC, move |notice| {
+        let id = shared.listen(TOPIC, move |notice| {
             let Some(core) = weak.upgrade() else { return };
             match notice {
                 Notice::Subscribed => core.send(Op::Resync),
                 Notice::Message(payload) => core.apply_event(payload),
             }
         });
+        let _ = core.listener.set(id);
         RedisHealth { core }
     }
 

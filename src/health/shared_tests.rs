@@ -500,3 +500,24 @@ async fn the_probe_gate_opens_only_for_the_holders_lease() {
     );
     assert_eq!(super::redis::parse_event("degraded soon abc x"), None);
 }
+
+#[tokio::test]
+async fn a_dropped_registry_leaves_no_listener_behind() {
+    let Some(r) = testing::redis("a_dropped_registry_leaves_no_listener_behind") else {
+        return;
+    };
+    let cat = abc();
+    let shared = open(&r).await;
+    let before = shared.listeners();
+    // What a config reload does: a new registry, then the old one dropped.
+    for _ in 0..3 {
+        let h = instance(shared.clone(), &cat, 3, Duration::from_secs(60)).await;
+        assert_eq!(shared.listeners(), before + 1);
+        drop(h);
+        // Its background task lets go of it at its next turn.
+        assert!(
+            eventually(Duration::from_secs(10), || shared.listeners() == before).await,
+            "a dropped registry's listener is still there"
+        );
+    }
+}

@@ -138,7 +138,8 @@ struct Inner {
     status_tx: watch::Sender<bool>,
     commands: AtomicU64,
     warned_other: AtomicBool,
-    listeners: RwLock<Vec<(String, Listener)>>,
+    listeners: RwLock<Vec<(ListenerId, String, Listener)>>,
+    next_listener: AtomicU64,
     subscribed: AtomicBool,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -240,6 +241,7 @@ impl SharedState {
             commands: AtomicU64::new(0),
             warned_other: AtomicBool::new(false),
             listeners: RwLock::new(Vec::new()),
+            next_listener: AtomicU64::new(0),
             subscribed: AtomicBool::new(false),
             tasks: std::sync::Mutex::new(Vec::new()),
         });
@@ -368,20 +370,49 @@ impl SharedState {
     /// Calls `listener` with every event published to `topic`, and with
     /// [`Notice::Subscribed`] each time the events channel is (re)subscribed: now, if it
     /// already is. `listener` runs on the subscriber task: keep it short, spawn work.
-    pub fn listen(&self, topic: &str, listener: impl Fn(Notice<'_>) + Send + Sync + 'static) {
+    pub fn listen(
+        &self,
+        topic: &str,
+        listener: impl Fn(Notice<'_>) + Send + Sync + 'static,
+    ) -> ListenerId {
         let listener: Listener = Arc::new(listener);
+        let id = ListenerId(self.0.next_listener.fetch_add(1, Ordering::Relaxed));
         self.0
             .listeners
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .push((topic.to_string(), listener.clone()));
+            .push((id, topic.to_string(), listener.clone()));
         // The subscriber sets `subscribed` before it reads the listeners: either it saw
         // this one, or this sees the flag (at worst both, and catching up twice is fine).
         if self.0.subscribed.load(Ordering::SeqCst) {
             listener(Notice::Subscribed);
         }
+        id
+    }
+
+    /// Removes a listener [`listen`](SharedState::listen) added (what a registry
+    /// that a config reload replaced does when it is dropped).
+    pub fn unlisten(&self, id: ListenerId) {
+        self.0
+            .listeners
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(i, _, _)| *i != id);
+    }
+
+    /// How many listeners are registered (tests).
+    pub fn listeners(&self) -> usize {
+        self.0
+            .listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 }
+
+/// What [`SharedState::listen`] returns, to [`unlisten`](SharedState::unlisten).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerId(u64);
 
 impl Inner {
     fn set_up(&self, up: bool, why: &str) {
@@ -410,11 +441,18 @@ impl Inner {
 
     /// Tells the listeners of `topic` (all of them for `None`).
     fn dispatch(&self, topic: Option<&str>, notice: Notice<'_>) {
-        let listeners = self.listeners.read().unwrap_or_else(|p| p.into_inner());
-        for (t, l) in listeners.iter() {
-            if topic.is_none_or(|topic| topic == t) {
-                l(notice);
-            }
+        // Called outside the lock: a listener's owner may be dropped by the call, and
+        // its drop unlistens (a write).
+        let listeners: Vec<Listener> = self
+            .listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, t, _)| topic.is_none_or(|topic| topic == t))
+            .map(|(_, _, l)| l.clone())
+            .collect();
+        for l in listeners {
+            l(notice);
         }
     }
 }
