@@ -646,6 +646,35 @@ async fn usage_on_the_postgres_log_is_what_the_requests_spent_and_took() {
 
     usage_is_what_was_spent(&gw, token, postgres_rows(db.url()).await, charged).await;
     refusals(&gw, token).await;
+
+    // The dashboard's recent requests read the same table (`GET /admin/requests`).
+    let source = switchboard::dashboard::RecentSource::from_config(&log_config);
+    assert!(matches!(
+        source,
+        switchboard::dashboard::RecentSource::Postgres(_)
+    ));
+    let recent = tokio::task::spawn_blocking(move || source.recent(3))
+        .await
+        .unwrap()
+        .unwrap();
+    let (client, conn) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let newest = client
+        .query(
+            "SELECT id, cost_pico, status, key_name FROM requests ORDER BY time_ms DESC, id DESC LIMIT 3",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(recent.len(), 3);
+    for (got, row) in recent.iter().zip(&newest) {
+        assert_eq!(got.id, row.get::<_, String>(0));
+        assert_eq!(got.cost, Money::from_pico(row.get(1)));
+        assert_eq!(i32::from(got.status), row.get::<_, i32>(2));
+        assert_eq!(got.key_name, row.get::<_, Option<String>>(3));
+    }
 }
 
 #[tokio::test]

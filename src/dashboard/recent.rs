@@ -2,8 +2,9 @@
 //! metadata only (never the prompt or the completion), for the dashboard's table.
 //!
 //! Read from the SQLite request log through a read-only connection of its own (the
-//! log's writer thread keeps its connection; WAL lets both run at once). A log kept
-//! in memory, in JSONL or in PostgreSQL cannot be read here: the route answers 404
+//! log's writer thread keeps its connection; WAL lets both run at once), or from the
+//! PostgreSQL request log through a connection of its own (the `time_ms` index). A
+//! log kept in memory or in JSONL cannot be read here: the route answers 404
 //! `not_found` naming `[logging].sink`.
 
 use std::path::PathBuf;
@@ -54,6 +55,9 @@ pub struct RecentRequest {
 pub enum RecentSource {
     /// A SQLite log file.
     Sqlite(PathBuf),
+    /// The `requests` table of a PostgreSQL database (`[logging].sink = "postgres"`,
+    /// or the default beside a PostgreSQL store).
+    Postgres(Box<tokio_postgres::Config>),
     /// No readable log; the reason, for the error's message.
     Unavailable(String),
 }
@@ -66,9 +70,16 @@ impl RecentSource {
         let postgres = sink == "postgres"
             || (sink == "sqlite" && crate::store::is_postgres_url(&config.store.url));
         if postgres {
-            return RecentSource::Unavailable(
-                "recent requests are read from a SQLite request log; this gateway's [logging].sink writes to PostgreSQL (query its `requests` table)".into(),
-            );
+            return match config.store.url.parse::<tokio_postgres::Config>() {
+                Ok(mut pg) => {
+                    pg.connect_timeout(PG_TIMEOUT);
+                    pg.application_name("switchboard dashboard");
+                    RecentSource::Postgres(Box::new(pg))
+                }
+                Err(e) => RecentSource::Unavailable(format!(
+                    "the request log's [store].url is not a PostgreSQL URL ({e})"
+                )),
+            };
         }
         if sink == "sqlite" {
             return match crate::logging::sqlite_path_beside_store(&config.store.url) {
@@ -92,6 +103,21 @@ impl RecentSource {
     pub fn recent(&self, limit: usize) -> Result<Vec<RecentRequest>, GatewayError> {
         let path = match self {
             RecentSource::Sqlite(path) => path,
+            RecentSource::Postgres(pg) => {
+                // On a blocking thread of the runtime (the route's `spawn_blocking`).
+                let rt = tokio::runtime::Handle::try_current()
+                    .map_err(|e| GatewayError::Internal(format!("reading the request log: {e}")))?;
+                let pg = (**pg).clone();
+                return rt.block_on(async move {
+                    tokio::time::timeout(PG_TIMEOUT, recent_postgres(&pg, limit))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(GatewayError::StoreUnavailable(format!(
+                                "the request log in PostgreSQL did not answer within {PG_TIMEOUT:?}"
+                            )))
+                        })
+                });
+            }
             RecentSource::Unavailable(why) => return Err(GatewayError::NotFound(why.clone())),
         };
         let err = |e: rusqlite::Error| {
@@ -132,6 +158,57 @@ impl RecentSource {
             .map_err(err)?;
         rows.collect::<Result<_, _>>().map_err(err)
     }
+}
+
+/// How long a PostgreSQL read of the recent requests may take, connection included.
+const PG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The same query on the PostgreSQL request log.
+async fn recent_postgres(
+    pg: &tokio_postgres::Config,
+    limit: usize,
+) -> Result<Vec<RecentRequest>, GatewayError> {
+    let down = |e: tokio_postgres::Error| {
+        GatewayError::StoreUnavailable(format!("the request log in PostgreSQL cannot be read: {e}"))
+    };
+    let (client, connection) = pg.connect(tokio_postgres::NoTls).await.map_err(down)?;
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let rows = client
+        .query(
+            "SELECT id, time_ms, key_id, key_name, COALESCE(model, requested_model), provider,
+                    status, error_code, cost_pico, latency_ms, ttft_ms, app_title
+             FROM requests ORDER BY time_ms DESC, id DESC LIMIT $1",
+            &[&(limit.min(MAX_LIMIT) as i64)],
+        )
+        .await
+        .map_err(down)?;
+    drop(client);
+    let _ = task.await;
+    let bad = |e: tokio_postgres::Error| GatewayError::Internal(format!("the request log: {e}"));
+    rows.iter()
+        .map(|r| {
+            let time_ms: i64 = r.try_get(1).map_err(bad)?;
+            Ok(RecentRequest {
+                id: r.try_get(0).map_err(bad)?,
+                time: crate::clock::format_rfc3339((time_ms.max(0) / 1000) as u64),
+                key_id: r.try_get(2).map_err(bad)?,
+                key_name: r.try_get(3).map_err(bad)?,
+                model: r.try_get(4).map_err(bad)?,
+                provider: r.try_get(5).map_err(bad)?,
+                status: r.try_get::<_, i32>(6).map_err(bad)?.clamp(0, 999) as u16,
+                error_code: r.try_get(7).map_err(bad)?,
+                cost: Money::from_pico(r.try_get(8).map_err(bad)?),
+                latency_ms: r.try_get::<_, i64>(9).map_err(bad)?.max(0) as u64,
+                ttft_ms: r
+                    .try_get::<_, Option<i64>>(10)
+                    .map_err(bad)?
+                    .map(|t| t.max(0) as u64),
+                app_title: r.try_get(11).map_err(bad)?,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
