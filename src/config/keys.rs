@@ -44,6 +44,11 @@ pub struct KeyConfig {
     /// When the key stops working, RFC 3339 (`2026-01-31T00:00:00Z`).
     #[serde(default)]
     pub expires_at: Option<String>,
+    /// Free-form tags (`labels = { team = "search", env = "prod" }`), recorded with
+    /// each request in the log (`key_labels`); the bounds of
+    /// [`check_labels`](crate::keys::check_labels).
+    #[serde(default)]
+    pub labels: crate::keys::Labels,
 }
 
 impl KeyConfig {
@@ -128,6 +133,9 @@ pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
         if let Some(Err(e)) = k.expires_at.as_deref().map(crate::clock::parse_rfc3339) {
             bad(at("expires_at"), e);
         }
+        if let Err(e) = crate::keys::check_labels(&k.labels) {
+            bad(at("labels"), e);
+        }
         if let Some(models) = &k.models {
             for (j, pat) in models.iter().enumerate() {
                 if pat.trim().is_empty() {
@@ -141,6 +149,18 @@ pub(super) fn check(config: &Config, bad: &mut impl FnMut(String, String)) {
 #[cfg(test)]
 mod tests {
     use crate::config::{Config, DEMO_TOML};
+
+    #[test]
+    fn labels_are_read_and_bounded() {
+        let key = |labels: &str| {
+            format!("[[keys]]\nsecret = \"sk-labelled-0123456789\"\ncredits_usd = 1\nlabels = {labels}\n")
+        };
+        let config = Config::from_toml(&key("{ team = \"search\", env = \"prod\" }")).unwrap();
+        assert_eq!(config.keys[0].labels["team"], "search");
+        let err = Config::from_toml(&key("{ \"bad key!\" = \"x\" }")).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].path, "keys[0].labels");
+    }
 
     #[test]
     fn short_config_secrets_are_refused_but_the_demos_is_not() {

@@ -379,16 +379,17 @@ impl Shared {
             // the other instances (an unchanged key is not).
             tx.execute(
                 "WITH up AS (
-                     INSERT INTO sb_keys AS k (id, secret_sha256, name, created, credits, limit_usd, rpm, tokens_per_day, models, limit_reset, expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12)
+                     INSERT INTO sb_keys AS k (id, secret_sha256, name, created, credits, limit_usd, rpm, tokens_per_day, models, limit_reset, expires_at, labels)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $11, $12, $13)
                      ON CONFLICT (secret_sha256) DO UPDATE
                         SET name = excluded.name, limit_usd = excluded.limit_usd, rpm = excluded.rpm,
                             tokens_per_day = excluded.tokens_per_day, models = excluded.models,
-                            limit_reset = excluded.limit_reset, expires_at = excluded.expires_at
-                      WHERE (k.name, k.limit_usd, k.rpm, k.tokens_per_day, k.models, k.limit_reset, k.expires_at)
+                            limit_reset = excluded.limit_reset, expires_at = excluded.expires_at,
+                            labels = excluded.labels
+                      WHERE (k.name, k.limit_usd, k.rpm, k.tokens_per_day, k.models, k.limit_reset, k.expires_at, k.labels)
                             IS DISTINCT FROM
                             (excluded.name, excluded.limit_usd, excluded.rpm, excluded.tokens_per_day, excluded.models,
-                             excluded.limit_reset, excluded.expires_at)
+                             excluded.limit_reset, excluded.expires_at, excluded.labels)
                      RETURNING k.id)
                  SELECT pg_notify($10, id) FROM up",
                 &[
@@ -404,6 +405,7 @@ impl Shared {
                     &KEYS_CHANNEL,
                     &reset_text(reset),
                     &expiry(expires),
+                    &labels_json(&k.labels),
                 ],
             )
             .await

@@ -734,3 +734,26 @@ async fn a_hot_key_with_a_large_balance_asks_for_a_lease_about_once_per_256_requ
         .unwrap();
     assert_eq!(spent, usd("0.4"), "every charge once, to the pico-dollar");
 }
+
+#[test]
+fn bootstrap_keys_carry_their_labels_and_take_changed_ones() {
+    let Some(db) = postgres("bootstrap_keys_carry_their_labels_and_take_changed_ones") else {
+        return;
+    };
+    let store = open(&db, 30);
+    let mut key: crate::config::KeyConfig = toml::from_str(
+        "secret = \"sk-boot-labels-0123456789\"\ncredits_usd = 5\nlabels = { team = \"search\" }\n",
+    )
+    .unwrap();
+    store.bootstrap(std::slice::from_ref(&key)).unwrap();
+    let hash = hash_secret("sk-boot-labels-0123456789");
+    let rec = store.find(&hash).unwrap().unwrap();
+    assert_eq!(rec.labels, key.labels);
+    key.labels = [("team".to_string(), "ads".to_string())].into();
+    store.bootstrap(std::slice::from_ref(&key)).unwrap();
+    let again = store.find(&hash).unwrap().unwrap();
+    assert_eq!(
+        (again.id.as_str(), &again.labels),
+        (rec.id.as_str(), &key.labels)
+    );
+}

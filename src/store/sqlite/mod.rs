@@ -270,7 +270,7 @@ impl SqliteStore {
                 let name = k.name.clone().unwrap_or_else(|| "bootstrap".into());
                 let (reset, expires) = k.period_and_expiry().map_err(StoreError)?;
                 let updated = tx.execute(
-                    "UPDATE keys SET name=?1, limit_pico=?2, rpm=?3, tokens_per_day=?4, models=?5, limit_reset=?6, expires_at=?7 WHERE secret_sha256=?8",
+                    "UPDATE keys SET name=?1, limit_pico=?2, rpm=?3, tokens_per_day=?4, models=?5, limit_reset=?6, expires_at=?7, labels=?9 WHERE secret_sha256=?8",
                     params![
                         name,
                         k.limit_usd.map(Money::pico),
@@ -279,13 +279,14 @@ impl SqliteStore {
                         models_json(&k.models),
                         reset_text(reset),
                         expiry(expires),
-                        &hash[..]
+                        &hash[..],
+                        keys::labels_json(&k.labels)
                     ],
                 )?;
                 if updated == 0 {
                     tx.execute(
-                        "INSERT INTO keys (id, secret_sha256, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models, limit_reset, expires_at)
-                         VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11)",
+                        "INSERT INTO keys (id, secret_sha256, name, created, disabled, credits_pico, spent_pico, limit_pico, rpm, tokens_per_day, models, limit_reset, expires_at, labels)
+                         VALUES (?1, ?2, ?3, ?4, 0, ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                         params![
                             new_key_id(),
                             &hash[..],
@@ -297,7 +298,8 @@ impl SqliteStore {
                             k.tokens_per_day.map(|t| t as i64),
                             models_json(&k.models),
                             reset_text(reset),
-                            expiry(expires)
+                            expiry(expires),
+                            keys::labels_json(&k.labels)
                         ],
                     )?;
                 }

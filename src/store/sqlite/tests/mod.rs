@@ -89,6 +89,7 @@ fn bootstrap_key(secret: &str, credits: &str, rpm: Option<u32>) -> KeyConfig {
         models: None,
         limit_reset: None,
         expires_at: None,
+        labels: Default::default(),
     }
 }
 
@@ -314,6 +315,32 @@ async fn bootstrap_keys_keep_what_they_spent_and_take_new_limits() {
     assert_eq!(again.rpm, Some(7));
     let b = store.balance(&rec.id).unwrap();
     assert_eq!((b.credits, b.spent), (usd("5"), usd("1")));
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bootstrap_keys_carry_their_labels_and_take_changed_ones() {
+    let dir = temp_dir();
+    let store = file_store(&dir);
+    let mut key = bootstrap_key("sk-boot-labels-1", "5", None);
+    key.labels = [("team".to_string(), "search".to_string())].into();
+    store.bootstrap(std::slice::from_ref(&key)).unwrap();
+    let rec = store
+        .find(&hash_secret("sk-boot-labels-1"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.labels, key.labels);
+    key.labels = [("team".to_string(), "ads".to_string())].into();
+    store.bootstrap(&[key.clone()]).unwrap();
+    let again = store
+        .find(&hash_secret("sk-boot-labels-1"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (again.id.as_str(), &again.labels),
+        (rec.id.as_str(), &key.labels)
+    );
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
 }
