@@ -401,3 +401,49 @@ fn check_names_a_bad_endpoint() {
     .unwrap();
     assert!(ok.telemetry.enabled());
 }
+
+/// `switchboard serve` flushes the spans it holds when SIGTERM stops it: with the
+/// exporter's timer set far off (`OTEL_BSP_SCHEDULE_DELAY`), only that flush can
+/// deliver them.
+#[tokio::test]
+async fn the_binary_exports_what_it_holds_when_sigterm_stops_it() {
+    let c = collector().await;
+    let up = ok_upstream().await;
+    let dir = fresh_temp_dir();
+    let path = dir.join("switchboard.toml");
+    std::fs::write(
+        &path,
+        openai_config(&[("p1", &up.url())], &telemetry_toml(&c.url)),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .current_dir(&dir)
+        .env("RUST_LOG", "info")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, _, _rx) = until_listening(&mut child);
+    let res = client()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(TEST_KEY)
+        .json(&body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let _ = res.bytes().await.unwrap();
+    assert!(c.spans().is_empty(), "nothing exported before the stop");
+    sigterm(&child);
+    let code = tokio::task::spawn_blocking(move || wait_exit(&mut child))
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    let spans = c.spans();
+    assert_eq!(spans.len(), 2, "the request and its attempt: {spans:#?}");
+    assert!(spans.iter().any(|s| s.kind == SpanKind::Server as i32));
+    assert!(spans.iter().any(|s| s.kind == SpanKind::Client as i32));
+}

@@ -216,8 +216,18 @@ fn list(n: usize) -> String {
         .join(", ")
 }
 
-/// The SQLite statement: `?1` from, `?2` to, `?3` limit.
-fn sqlite_sql(query: &UsageQuery) -> String {
+/// The pieces both statements are built from.
+struct Parts {
+    /// The group columns' aliases, `g0, g1`.
+    g: String,
+    /// The group expressions with their aliases, each followed by `, `.
+    base_groups: String,
+    /// The columns carried along with the groups (e.g. `key_name`), each followed by
+    /// `, `.
+    carried_sql: String,
+}
+
+fn parts(query: &UsageQuery) -> Parts {
     let (groups, carried) = layout(query);
     let g = list(groups.len());
     let base_groups: String = groups
@@ -226,6 +236,20 @@ fn sqlite_sql(query: &UsageQuery) -> String {
         .map(|(i, c)| format!("{} AS g{i}, ", c.sql))
         .collect();
     let carried_sql: String = carried.iter().map(|c| format!("{}, ", c.sql)).collect();
+    Parts {
+        g,
+        base_groups,
+        carried_sql,
+    }
+}
+
+/// The SQLite statement: `?1` from, `?2` to, `?3` limit.
+fn sqlite_sql(query: &UsageQuery) -> String {
+    let Parts {
+        g,
+        base_groups,
+        carried_sql,
+    } = parts(query);
     format!(
         "WITH base AS (
            SELECT {base_groups}key_name, status, error_code, prompt_tokens, completion_tokens,
@@ -251,14 +275,11 @@ fn sqlite_sql(query: &UsageQuery) -> String {
 
 /// The PostgreSQL statement: `$1` from, `$2` to, `$3` limit.
 fn postgres_sql(query: &UsageQuery) -> String {
-    let (groups, carried) = layout(query);
-    let g = list(groups.len());
-    let base_groups: String = groups
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("{} AS g{i}, ", c.sql))
-        .collect();
-    let carried_sql: String = carried.iter().map(|c| format!("{}, ", c.sql)).collect();
+    let Parts {
+        g,
+        base_groups,
+        carried_sql,
+    } = parts(query);
     format!(
         "SELECT {g}, {carried_sql}
            COUNT(*) AS requests, SUM({ERROR_SQL})::bigint, SUM(prompt_tokens)::bigint,
