@@ -191,22 +191,7 @@ struct Inner {
     parked: Mutex<Option<ParkedSettlement>>,
     /// Set by `LoggingLayer` only when OpenTelemetry export is on ([`crate::otel`]):
     /// with it off, this stays empty and each check of it is one atomic load.
-    trace: OnceLock<TraceSlot>,
-}
-
-/// The request's OpenTelemetry spans ([`crate::otel`]), held in its context.
-struct TraceSlot {
-    /// The tracer that started them (the attempts' spans come from it too).
-    tracer: opentelemetry_sdk::trace::SdkTracer,
-    /// The request span, in a context that makes it the parent of the attempts';
-    /// taken (and ended) when the request's record is emitted.
-    request: Mutex<Option<opentelemetry::Context>>,
-    /// The committed attempt's span, kept open until the request ends.
-    served: Mutex<Option<crate::otel::ExportedSpan>>,
-    /// The `traceparent` of the attempt in flight, for the upstream request.
-    upstream: Mutex<Option<http::HeaderValue>>,
-    /// `gen_ai.operation.name`, known once the request is parsed (first attempt).
-    operation: OnceLock<&'static str>,
+    trace: OnceLock<crate::otel::RequestTrace>,
 }
 
 /// Shared per-request state; cheap to clone.
@@ -238,83 +223,21 @@ impl CallContext {
         }))
     }
 
-    /// Makes `request` (a context holding the request's span) the parent of the
-    /// attempts' spans, started by `tracer` (first call wins): they are exported
+    /// Holds the request's spans (first call wins): they are exported
     /// ([`crate::otel`]). Only `LoggingLayer` calls it, and only when export is on.
-    pub fn set_trace(
-        &self,
-        tracer: opentelemetry_sdk::trace::SdkTracer,
-        request: opentelemetry::Context,
-    ) {
-        let _ = self.0.trace.set(TraceSlot {
-            tracer,
-            request: Mutex::new(Some(request)),
-            served: Mutex::new(None),
-            upstream: Mutex::new(None),
-            operation: OnceLock::new(),
-        });
+    pub(crate) fn set_trace(&self, trace: crate::otel::RequestTrace) {
+        let _ = self.0.trace.set(trace);
     }
 
-    /// The tracer and the request span's context, when export is on and the request
-    /// has not ended (one atomic load when it is off).
-    pub fn trace_parent(
-        &self,
-    ) -> Option<(opentelemetry_sdk::trace::SdkTracer, opentelemetry::Context)> {
-        let slot = self.0.trace.get()?;
-        let request = slot.request.lock().unwrap_or_else(|e| e.into_inner());
-        Some((slot.tracer.clone(), request.clone()?))
-    }
-
-    /// Takes the request's span context and the committed attempt's span, to end them.
-    pub(crate) fn take_trace_spans(
-        &self,
-    ) -> Option<(opentelemetry::Context, Option<crate::otel::ExportedSpan>)> {
-        let slot = self.0.trace.get()?;
-        let request = slot
-            .request
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()?;
-        let served = slot.served.lock().unwrap_or_else(|e| e.into_inner()).take();
-        Some((request, served))
-    }
-
-    /// Keeps the committed attempt's span open until the request ends.
-    pub(crate) fn set_served_span(&self, span: crate::otel::ExportedSpan) {
-        if let Some(slot) = self.0.trace.get() {
-            *slot.served.lock().unwrap_or_else(|e| e.into_inner()) = Some(span);
-        }
-    }
-
-    /// Records the request's `gen_ai.operation.name` (first call wins).
-    pub(crate) fn set_trace_operation(&self, op: &'static str) {
-        if let Some(slot) = self.0.trace.get() {
-            let _ = slot.operation.set(op);
-        }
-    }
-
-    /// The request's `gen_ai.operation.name`: `chat` until an attempt says otherwise.
-    pub(crate) fn trace_operation(&self) -> &'static str {
-        self.0
-            .trace
-            .get()
-            .and_then(|s| s.operation.get().copied())
-            .unwrap_or("chat")
-    }
-
-    /// Sets the `traceparent` the next upstream request carries (the attempt's span).
-    pub(crate) fn set_upstream_traceparent(&self, value: Option<http::HeaderValue>) {
-        if let Some(slot) = self.0.trace.get() {
-            *slot.upstream.lock().unwrap_or_else(|e| e.into_inner()) = value;
-        }
+    /// The request's spans, when export is on (one atomic load when it is off).
+    pub(crate) fn trace(&self) -> Option<&crate::otel::RequestTrace> {
+        self.0.trace.get()
     }
 
     /// The `traceparent` header of the attempt in flight: `None` unless export is on
     /// (one atomic load then).
     pub fn upstream_traceparent(&self) -> Option<http::HeaderValue> {
-        let slot = self.0.trace.get()?;
-        let v = slot.upstream.lock().unwrap_or_else(|e| e.into_inner());
-        v.clone()
+        self.0.trace.get()?.upstream_traceparent()
     }
 
     /// The gateway's request id (the response `id`, `X-Request-Id`, the ledger key).

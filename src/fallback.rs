@@ -267,20 +267,16 @@ where
             };
             // OpenTelemetry export on: a child span of the request's, which the
             // upstream request's `traceparent` names. Off: one atomic load.
-            let mut span = crate::otel::attempt_span(&call.ctx, &call.request, endpoint);
+            crate::otel::attempt_span(&call.ctx, &call.request, endpoint);
             let outcome = attempt(inner.clone(), pc, permit, &health, deadline).await?;
             let e = match outcome {
                 Outcome::Committed(reply) => {
-                    if let Some(span) = span {
-                        call.ctx.set_served_span(span);
-                    }
+                    crate::otel::attempt_served(&call.ctx);
                     return Ok(reply);
                 }
                 Outcome::Failed(e) => e,
             };
-            if let Some(span) = span.as_mut() {
-                crate::otel::attempt_failed(span, &e.label());
-            }
+            crate::otel::attempt_failed(&call.ctx, &e.label());
             // Failed attempts cost nothing.
             call.ctx.update(|s| {
                 s.usage = None;

@@ -28,6 +28,8 @@
 //! | `switchboard_config_reloads_total` | counter: config reloads ([`crate::gateway::reload`]) | `result` = `ok`, `refused` (problems in the file, or no file), `failed` (the store could not take the keys) |
 //! | `switchboard_config_loaded_timestamp_seconds` | gauge: Unix time the config now in force was loaded | |
 //! | `switchboard_config_info` | gauge, 1: the config now in force | `hash` = the first 16 hex digits of its SHA-256 |
+//! | `switchboard_otlp_spans_dropped_total` | counter: spans dropped because the OTLP export queue was full ([`crate::otel`]) | |
+//! | `switchboard_otlp_export_failures_total` | counter: OTLP batch posts that failed or timed out (their spans dropped) | |
 //! | `switchboard_shared_state_up` | gauge: 1 while the `[shared]` Redis answers, 0 while limits and health are local (absent without `[shared]`) | |
 //!
 //! # Example

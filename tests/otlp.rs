@@ -17,24 +17,61 @@ use switchboard::config::Config;
 use switchboard::logging::{LogSink, RequestRecord};
 use switchboard::otel::Telemetry;
 
-/// A fake collector: every span posted to `/v1/traces`.
+/// A fake collector: every span posted to `/v1/traces`, and each post's resource
+/// attributes, scope name and headers.
 #[derive(Clone)]
 struct Collector {
     url: String,
     spans: Arc<Mutex<Vec<Span>>>,
+    posts: Arc<Mutex<Vec<Post>>>,
+}
+
+/// What one post said besides its spans.
+#[derive(Debug, Clone)]
+struct Post {
+    resource: Vec<(String, String)>,
+    scopes: Vec<String>,
+    headers: http::HeaderMap,
 }
 
 async fn collector() -> Collector {
     let spans = Arc::new(Mutex::new(Vec::new()));
-    let s2 = spans.clone();
+    let posts = Arc::new(Mutex::new(Vec::new()));
+    let (s2, p2) = (spans.clone(), posts.clone());
     let app = axum::Router::new().route(
         "/v1/traces",
-        axum::routing::post(move |body: bytes::Bytes| {
-            let spans = s2.clone();
+        axum::routing::post(move |headers: http::HeaderMap, body: bytes::Bytes| {
+            let (spans, posts) = (s2.clone(), p2.clone());
             async move {
                 let req = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
                 let mut spans = spans.lock().unwrap();
                 for rs in req.resource_spans {
+                    let resource = rs
+                        .resource
+                        .iter()
+                        .flat_map(|r| &r.attributes)
+                        .map(
+                            |kv| match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                Some(Any::StringValue(v)) => (kv.key.clone(), v.clone()),
+                                other => (kv.key.clone(), format!("{other:?}")),
+                            },
+                        )
+                        .collect();
+                    let scopes = rs
+                        .scope_spans
+                        .iter()
+                        .map(|ss| {
+                            ss.scope
+                                .as_ref()
+                                .map(|s| s.name.clone())
+                                .unwrap_or_default()
+                        })
+                        .collect();
+                    posts.lock().unwrap().push(Post {
+                        resource,
+                        scopes,
+                        headers: headers.clone(),
+                    });
                     for ss in rs.scope_spans {
                         spans.extend(ss.spans);
                     }
@@ -51,12 +88,15 @@ async fn collector() -> Collector {
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    Collector { url, spans }
+    Collector { url, spans, posts }
 }
 
 impl Collector {
     fn spans(&self) -> Vec<Span> {
         self.spans.lock().unwrap().clone()
+    }
+    fn posts(&self) -> Vec<Post> {
+        self.posts.lock().unwrap().clone()
     }
 }
 
@@ -175,6 +215,7 @@ async fn request_and_attempt_spans_carry_the_genai_attributes_and_the_client_tra
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(TEST_KEY)
         .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .header("tracestate", "vendor=a1")
         .json(&body())
         .send()
         .await
@@ -236,7 +277,31 @@ async fn request_and_attempt_spans_carry_the_genai_attributes_and_the_client_tra
         record.key_id.clone().unwrap()
     );
     assert_eq!(i_attr(request, "http.response.status_code"), 200);
+    assert_eq!(s_attr(request, "gen_ai.response.id"), record.id);
+    assert_eq!(s_attr(request, "gen_ai.response.id"), answer["id"]);
     assert!(attr(request, "error.type").is_none());
+    // The client's tracestate on both; the W3C flags, and whether the parent is
+    // remote (bit 9, known: bit 8): the client's span is, the request's is not.
+    for span in [request, attempt] {
+        assert_eq!(span.trace_state, "vendor=a1");
+        assert!(span.start_time_unix_nano > 0);
+        assert!(span.start_time_unix_nano <= span.end_time_unix_nano);
+        assert_eq!(span.status.as_ref().map(|s| s.code), Some(0));
+    }
+    assert_eq!(request.flags, 0x301);
+    assert_eq!(attempt.flags, 0x101);
+    assert!(request.start_time_unix_nano <= attempt.start_time_unix_nano);
+    assert!(attempt.end_time_unix_nano <= request.end_time_unix_nano);
+    // The resource and the scope.
+    let posts = c.posts();
+    assert!(!posts.is_empty());
+    for p in &posts {
+        assert!(p
+            .resource
+            .contains(&("service.name".into(), "switchboard".into())));
+        assert_eq!(p.scopes, vec!["switchboard".to_string()]);
+        assert_eq!(p.headers["content-type"], "application/x-protobuf");
+    }
 
     // The upstream request named the attempt's span.
     let seen = up.requests();
@@ -287,12 +352,17 @@ async fn a_fallback_request_has_two_attempt_spans() {
         .find(|a| s_attr(a, "switchboard.provider") == "a")
         .unwrap();
     assert_eq!(s_attr(failed, "error.type"), "503");
+    let status = failed.status.clone().unwrap();
+    assert_eq!((status.code, status.message.as_str()), (2, "503"));
+    // The failed attempt has no outcome; it ended before the one that served began.
+    assert!(attr(failed, "gen_ai.usage.output_tokens").is_none());
     let served = attempts
         .iter()
         .find(|a| s_attr(a, "switchboard.provider") == "b")
         .unwrap();
     assert!(attr(served, "error.type").is_none());
     assert_eq!(i_attr(served, "gen_ai.usage.output_tokens"), 5);
+    assert!(failed.end_time_unix_nano <= served.start_time_unix_nano);
     assert_eq!(s_attr(request, "switchboard.provider"), "b");
     // Each upstream saw its own attempt's span.
     for (up, span) in [(&bad, failed), (&good, served)] {
@@ -328,6 +398,81 @@ async fn with_export_off_no_span_is_made_and_upstreams_get_no_traceparent() {
     assert!(gw.gateway.logs().flush(SOCKET_TIMEOUT));
     assert!(c.spans().is_empty(), "{:#?}", c.spans());
     assert!(up.requests()[0].header("traceparent").is_none());
+}
+
+/// A client's `traceparent` that says "not sampled": nothing is exported, and the
+/// upstream still gets the trace, unsampled, so that it does not record either.
+#[tokio::test]
+async fn an_unsampled_client_trace_is_followed_and_not_exported() {
+    let c = collector().await;
+    let up = ok_upstream().await;
+    let gw = gateway(&openai_config(
+        &[("p1", &up.url())],
+        &telemetry_toml(&c.url),
+    ))
+    .await;
+    let res = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(TEST_KEY)
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"))
+        .json(&body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let _ = res.bytes().await.unwrap();
+    // A sampled request after it, so that a flush has something to deliver.
+    let res = post_chat(&gw, TEST_KEY, &body()).await;
+    assert_eq!(res.status(), 200);
+    let _ = res.bytes().await.unwrap();
+    let spans = flush_until(&exporter(&gw), &c, |s| s.len() >= 2).await;
+    assert_eq!(spans.len(), 2, "only the sampled request's: {spans:#?}");
+    assert!(spans
+        .iter()
+        .all(|s| hex::encode(&s.trace_id) != CLIENT_TRACE));
+    let tp = up.requests()[0].header("traceparent").unwrap().to_string();
+    assert!(tp.starts_with(&format!("00-{CLIENT_TRACE}-")), "{tp}");
+    assert!(tp.ends_with("-00"), "{tp}");
+    assert!(!tp.contains(CLIENT_SPAN), "the attempt's own span id: {tp}");
+}
+
+/// A client that goes away while the upstream is still working: the request span
+/// (499) and the attempt cut short are both exported, when the request ends.
+#[tokio::test]
+async fn a_client_gone_mid_attempt_still_leaves_both_spans() {
+    let c = collector().await;
+    let slow = upstream(|_, _| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        json(200, completion())
+    })
+    .await;
+    let gw = gateway(&openai_config(
+        &[("p1", &slow.url())],
+        &telemetry_toml(&c.url),
+    ))
+    .await;
+    let sent = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(TEST_KEY)
+        .timeout(Duration::from_millis(300))
+        .json(&body())
+        .send()
+        .await;
+    assert!(sent.is_err(), "the client gave up: {sent:?}");
+    let spans = flush_until(&exporter(&gw), &c, |s| s.len() >= 2).await;
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let request = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Server as i32)
+        .unwrap();
+    let attempt = spans
+        .iter()
+        .find(|s| s.kind == SpanKind::Client as i32)
+        .unwrap();
+    assert_eq!(i_attr(request, "http.response.status_code"), 499);
+    assert_eq!(attempt.parent_span_id, request.span_id);
+    assert_eq!(s_attr(attempt, "switchboard.provider"), "p1");
+    assert!(attr(attempt, "gen_ai.usage.output_tokens").is_none());
 }
 
 /// A collector that accepts connections and never answers.
@@ -422,6 +567,10 @@ async fn the_binary_exports_what_it_holds_when_sigterm_stops_it() {
         .current_dir(&dir)
         .env("RUST_LOG", "info")
         .env("OTEL_BSP_SCHEDULE_DELAY", "600000")
+        .env(
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "x-api-key=s3cr%3Dt%2C1, x-team = blue",
+        )
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -446,4 +595,9 @@ async fn the_binary_exports_what_it_holds_when_sigterm_stops_it() {
     assert_eq!(spans.len(), 2, "the request and its attempt: {spans:#?}");
     assert!(spans.iter().any(|s| s.kind == SpanKind::Server as i32));
     assert!(spans.iter().any(|s| s.kind == SpanKind::Client as i32));
+    // OTEL_EXPORTER_OTLP_HEADERS, percent-decoded, on every post.
+    for p in c.posts() {
+        assert_eq!(p.headers["x-api-key"], "s3cr=t,1");
+        assert_eq!(p.headers["x-team"], "blue");
+    }
 }
