@@ -25,12 +25,13 @@
 //! buffer), and appended to the open batch; a thread of the exporter's own posts the
 //! batches (at most 2,048 spans wait, dropped when full), so a slow or dead collector
 //! costs requests nothing. Three designs were measured (BENCHMARKS.md, thirteenth and
-//! fourteenth sessions, 1,000 req/s): `tracing` spans bridged by
+//! fourteenth sessions, 1,000 req/s, gateway CPU per request with export on against
+//! off): `tracing` spans bridged by
 //! `tracing-opentelemetry`, +16–19 % gateway CPU per request; the SDK's own spans with
-//! its batch processor and the `opentelemetry-otlp` exporter, +13–24 % (the
-//! exporter's conversion of every span into generated structs, then their encoding,
-//! was the largest part); this one, see BENCHMARKS.md. The ids come from the SDK's
-//! `RandomIdGenerator`.
+//! its batch processor and the `opentelemetry-otlp` exporter, +13–24 % (the SDK's
+//! span machinery and its allocations on the request threads, then the exporter's
+//! conversion of every span into generated structs and their encoding); this one, +2.5–3.3 % (+1–6 % streamed). The ids come from
+//! the SDK's `RandomIdGenerator`.
 //!
 //! # Example
 //! ```
