@@ -372,6 +372,17 @@ fn cpu_secs(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// Minor page faults and system-mode CPU seconds of `pid` so far (where a change of
+/// allocation pattern shows: fresh pages cost a fault and zeroing in the kernel).
+fn faults_and_sys(pid: u32) -> (u64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let minflt = f.get(7).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let stime: f64 = f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    (minflt, stime / 100.0)
+}
+
 /// Resident set size in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
