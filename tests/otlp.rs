@@ -199,6 +199,30 @@ fn body() -> Value {
     json!({"model": "test/model", "messages": [{"role": "user", "content": "hello"}]})
 }
 
+/// A chat request carrying a client's `traceparent` with these trace flags.
+async fn post_traced(gw: &TestGateway, flags: &str) -> reqwest::Response {
+    client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(TEST_KEY)
+        .header(
+            "traceparent",
+            format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-{flags}"),
+        )
+        .header("tracestate", "vendor=a1")
+        .json(&body())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The one span of `kind` among `spans`.
+fn span_of(spans: &[Span], kind: SpanKind) -> &Span {
+    let mut of = spans.iter().filter(|s| s.kind == kind as i32);
+    let span = of.next().expect("a span of that kind");
+    assert!(of.next().is_none(), "one span of kind {kind:?}: {spans:#?}");
+    span
+}
+
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 
@@ -211,29 +235,15 @@ async fn request_and_attempt_spans_carry_the_genai_attributes_and_the_client_tra
         &telemetry_toml(&c.url),
     ))
     .await;
-    let res = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(TEST_KEY)
-        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
-        .header("tracestate", "vendor=a1")
-        .json(&body())
-        .send()
-        .await
-        .unwrap();
+    let res = post_traced(&gw, "01").await;
     assert_eq!(res.status(), 200);
     let answer: Value = res.json().await.unwrap();
     assert_eq!(answer["usage"]["prompt_tokens"], 7);
 
     let spans = flush_until(&exporter(&gw), &c, |s| s.len() >= 2).await;
     assert_eq!(spans.len(), 2, "{spans:#?}");
-    let request = spans
-        .iter()
-        .find(|s| s.kind == SpanKind::Server as i32)
-        .unwrap();
-    let attempt = spans
-        .iter()
-        .find(|s| s.kind == SpanKind::Client as i32)
-        .unwrap();
+    let request = span_of(&spans, SpanKind::Server);
+    let attempt = span_of(&spans, SpanKind::Client);
 
     // The client's trace continues: same trace id, its span the parent.
     assert_eq!(hex::encode(&request.trace_id), CLIENT_TRACE);
@@ -332,10 +342,7 @@ async fn a_fallback_request_has_two_attempt_spans() {
 
     let spans = flush_until(&exporter(&gw), &c, |s| s.len() >= 3).await;
     assert_eq!(spans.len(), 3, "{spans:#?}");
-    let request = spans
-        .iter()
-        .find(|s| s.kind == SpanKind::Server as i32)
-        .unwrap();
+    let request = span_of(&spans, SpanKind::Server);
     // Without a client traceparent: a root span.
     assert!(request.parent_span_id.is_empty());
     let attempts: Vec<&Span> = spans
@@ -385,14 +392,7 @@ async fn with_export_off_no_span_is_made_and_upstreams_get_no_traceparent() {
     // A collector is listening, but the gateway's config has no [telemetry].
     let gw = gateway(&openai_config(&[("p1", &up.url())], "")).await;
     assert!(gw.gateway.telemetry().is_none());
-    let res = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(TEST_KEY)
-        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
-        .json(&body())
-        .send()
-        .await
-        .unwrap();
+    let res = post_traced(&gw, "01").await;
     assert_eq!(res.status(), 200);
     let _ = res.bytes().await.unwrap();
     assert!(gw.gateway.logs().flush(SOCKET_TIMEOUT));
@@ -411,14 +411,7 @@ async fn an_unsampled_client_trace_is_followed_and_not_exported() {
         &telemetry_toml(&c.url),
     ))
     .await;
-    let res = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(TEST_KEY)
-        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"))
-        .json(&body())
-        .send()
-        .await
-        .unwrap();
+    let res = post_traced(&gw, "00").await;
     assert_eq!(res.status(), 200);
     let _ = res.bytes().await.unwrap();
     // A sampled request after it, so that a flush has something to deliver.
@@ -461,14 +454,8 @@ async fn a_client_gone_mid_attempt_still_leaves_both_spans() {
     assert!(sent.is_err(), "the client gave up: {sent:?}");
     let spans = flush_until(&exporter(&gw), &c, |s| s.len() >= 2).await;
     assert_eq!(spans.len(), 2, "{spans:#?}");
-    let request = spans
-        .iter()
-        .find(|s| s.kind == SpanKind::Server as i32)
-        .unwrap();
-    let attempt = spans
-        .iter()
-        .find(|s| s.kind == SpanKind::Client as i32)
-        .unwrap();
+    let request = span_of(&spans, SpanKind::Server);
+    let attempt = span_of(&spans, SpanKind::Client);
     assert_eq!(i_attr(request, "http.response.status_code"), 499);
     assert_eq!(attempt.parent_span_id, request.span_id);
     assert_eq!(s_attr(attempt, "switchboard.provider"), "p1");

@@ -156,6 +156,28 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Waits on `done` until `ready` holds of the queue: the guard, or `None` if
+    /// `deadline` came first.
+    fn wait_done<'a>(
+        &'a self,
+        mut q: MutexGuard<'a, Queue>,
+        deadline: Instant,
+        ready: impl Fn(&Queue) -> bool,
+    ) -> Option<MutexGuard<'a, Queue>> {
+        while !ready(&q) {
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            q = self
+                .done
+                .wait_timeout(q, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Some(q)
+    }
 }
 
 /// The exporter (see the module docs).
@@ -214,19 +236,9 @@ impl Exporter {
             .stop_by
             .get_or_insert(Instant::now() + self.shared.settings.timeout);
         self.shared.wake.notify_one();
-        let deadline = by + margin;
-        while !q.stopped {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            q = self
-                .shared
-                .done
-                .wait_timeout(q, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        let Some(q) = self.shared.wait_done(q, by + margin, |q| q.stopped) else {
+            return false;
+        };
         let ok = q.flush_ok;
         drop(q);
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -279,19 +291,9 @@ impl Exporter {
         let asked = q.flush_asked;
         self.shared.wake.notify_one();
         let deadline = Instant::now() + self.patience();
-        while q.flush_done < asked && !q.stopped {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            q = self
-                .shared
-                .done
-                .wait_timeout(q, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        q.flush_done >= asked && q.flush_ok
+        self.shared
+            .wait_done(q, deadline, |q| q.flush_done >= asked || q.stopped)
+            .is_some_and(|q| q.flush_done >= asked && q.flush_ok)
     }
 
     /// Posts what is queued (within one export timeout), then stops the poster;
