@@ -51,14 +51,17 @@ impl Settings {
     /// Settings for `url` and `timeout`, the rest from the standard environment
     /// variables (defaults where unset or unreadable).
     pub fn from_env(url: http::Uri, timeout: Duration) -> Result<Settings, String> {
-        let num = |name: &str, default: usize| {
+        // Each bounded, so that no setting can make a wait overflow or a queue hold
+        // more than a few hundred megabytes of spans.
+        let num = |name: &str, default: usize, max: usize| {
             std::env::var(name)
                 .ok()
                 .and_then(|v| v.trim().parse::<usize>().ok())
                 .filter(|n| *n > 0)
                 .unwrap_or(default)
+                .min(max)
         };
-        let max_queue = num("OTEL_BSP_MAX_QUEUE_SIZE", 2048);
+        let max_queue = num("OTEL_BSP_MAX_QUEUE_SIZE", 2048, 1 << 20);
         let headers = std::env::var("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
             .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_HEADERS"))
             .map(|v| parse_headers(&v))
@@ -67,9 +70,11 @@ impl Settings {
             url,
             headers,
             timeout,
-            schedule_delay: Duration::from_millis(num("OTEL_BSP_SCHEDULE_DELAY", 5000) as u64),
+            schedule_delay: Duration::from_millis(
+                num("OTEL_BSP_SCHEDULE_DELAY", 5000, 86_400_000) as u64
+            ),
             max_queue,
-            max_batch: num("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512).min(max_queue),
+            max_batch: num("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, max_queue),
             scope: "switchboard",
         })
     }
@@ -79,17 +84,25 @@ impl Settings {
 /// specification says) into headers; an error names the pair that is not one.
 pub(super) fn parse_headers(v: &str) -> Result<Vec<(http::HeaderName, http::HeaderValue)>, String> {
     let mut out = Vec::new();
-    for pair in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || {
-            format!(
-                "OTEL_EXPORTER_OTLP_HEADERS: `{}` is not key=value",
-                pair.split('=').next().unwrap_or("")
-            )
-        };
-        let (k, val) = pair.split_once('=').ok_or_else(bad)?;
-        let name = http::HeaderName::from_bytes(k.trim().as_bytes()).map_err(|_| bad())?;
-        let value =
-            http::HeaderValue::from_bytes(&percent_decode(val.trim())).map_err(|_| bad())?;
+    for (i, pair) in v.split(',').map(str::trim).enumerate() {
+        if pair.is_empty() {
+            continue;
+        }
+        // Names the pair by its place and key, never by its value (a secret, often).
+        let bad = |what: &str| format!("OTEL_EXPORTER_OTLP_HEADERS: pair {} {what}", i + 1);
+        let (k, val) = pair
+            .split_once('=')
+            .ok_or_else(|| bad("is not key=value"))?;
+        let name = http::HeaderName::from_bytes(k.trim().as_bytes())
+            .map_err(|_| bad("has a key that is not a header name"))?;
+        let mut value =
+            http::HeaderValue::from_bytes(&percent_decode(val.trim())).map_err(|_| {
+                bad(&format!(
+                    "(`{name}`) has a value that is not a header value"
+                ))
+            })?;
+        // Kept out of debug output.
+        value.set_sensitive(true);
         out.push((name, value));
     }
     Ok(out)
@@ -512,12 +525,19 @@ mod tests {
         assert_eq!(h[0].1, "a=b,");
         assert_eq!(h[1].0, "x-team");
         assert_eq!(h[1].1, "blue");
+        assert!(h.iter().all(|(_, v)| v.is_sensitive()));
         // An escape cut short is kept as written.
         assert_eq!(parse_headers("k=100%").unwrap()[0].1, "100%");
         assert_eq!(parse_headers("k=%zz").unwrap()[0].1, "%zz");
-        for bad in ["novalue", "bad key=v", "k=line\nbreak"] {
+        for (bad, says) in [
+            ("a=1,Bearer s3cret", "pair 2 is not key=value"),
+            ("bad key=s3cret", "pair 1 has a key"),
+            ("k=s3cret\nbreak", "pair 1 (`k`) has a value"),
+        ] {
             let err = parse_headers(bad).unwrap_err();
-            assert!(err.contains("OTEL_EXPORTER_OTLP_HEADERS"), "{bad}: {err}");
+            assert!(err.starts_with("OTEL_EXPORTER_OTLP_HEADERS: "), "{err}");
+            assert!(err.contains(says), "{bad}: {err}");
+            assert!(!err.contains("s3cret"), "the value is not repeated: {err}");
         }
         assert!(parse_headers("").unwrap().is_empty());
     }
