@@ -43,6 +43,17 @@ async fn collector() -> Collector {
         axum::routing::post(move |headers: http::HeaderMap, body: bytes::Bytes| {
             let (spans, posts) = (s2.clone(), p2.clone());
             async move {
+                let body = if headers.get("content-encoding").is_some_and(|v| v == "gzip") {
+                    let mut out = Vec::new();
+                    std::io::Read::read_to_end(
+                        &mut flate2::read::GzDecoder::new(&body[..]),
+                        &mut out,
+                    )
+                    .expect("gzip");
+                    bytes::Bytes::from(out)
+                } else {
+                    body
+                };
                 let req = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
                 let mut spans = spans.lock().unwrap();
                 for rs in req.resource_spans {
@@ -311,6 +322,10 @@ async fn request_and_attempt_spans_carry_the_genai_attributes_and_the_client_tra
             .contains(&("service.name".into(), "switchboard".into())));
         assert_eq!(p.scopes, vec!["switchboard".to_string()]);
         assert_eq!(p.headers["content-type"], "application/x-protobuf");
+        assert!(
+            p.headers.get("content-encoding").is_none(),
+            "plain by default"
+        );
     }
 
     // The upstream request named the attempt's span.
@@ -558,6 +573,7 @@ async fn the_binary_exports_what_it_holds_when_sigterm_stops_it() {
             "OTEL_EXPORTER_OTLP_HEADERS",
             "x-api-key=s3cr%3Dt%2C1, x-team = blue",
         )
+        .env("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -582,9 +598,10 @@ async fn the_binary_exports_what_it_holds_when_sigterm_stops_it() {
     assert_eq!(spans.len(), 2, "the request and its attempt: {spans:#?}");
     assert!(spans.iter().any(|s| s.kind == SpanKind::Server as i32));
     assert!(spans.iter().any(|s| s.kind == SpanKind::Client as i32));
-    // OTEL_EXPORTER_OTLP_HEADERS, percent-decoded, on every post.
+    // OTEL_EXPORTER_OTLP_HEADERS, percent-decoded, on every post; gzip asked for.
     for p in c.posts() {
         assert_eq!(p.headers["x-api-key"], "s3cr=t,1");
         assert_eq!(p.headers["x-team"], "blue");
+        assert_eq!(p.headers["content-encoding"], "gzip");
     }
 }

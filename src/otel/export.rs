@@ -12,7 +12,8 @@
 //! `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` variables set them (5,000 / 2,048 / 512), and
 //! `OTEL_EXPORTER_OTLP_TRACES_HEADERS` (or `OTEL_EXPORTER_OTLP_HEADERS`),
 //! `key=value` pairs separated by commas, adds headers to every post (a hosted
-//! backend's API key).
+//! backend's API key); `OTEL_EXPORTER_OTLP_TRACES_COMPRESSION` (or
+//! `OTEL_EXPORTER_OTLP_COMPRESSION`) `gzip` compresses them.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -35,6 +36,8 @@ pub(super) struct Settings {
     pub url: http::Uri,
     /// Headers every post carries, beyond the content type.
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Whether posts are gzip-compressed (`Content-Encoding: gzip`).
+    pub gzip: bool,
     /// How long one post may take.
     pub timeout: Duration,
     /// The longest a span waits for its batch to fill.
@@ -66,9 +69,16 @@ impl Settings {
             .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_HEADERS"))
             .map(|v| parse_headers(&v))
             .unwrap_or(Ok(Vec::new()))?;
+        let gzip = compression(
+            std::env::var("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")
+                .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_COMPRESSION"))
+                .ok()
+                .as_deref(),
+        )?;
         Ok(Settings {
             url,
             headers,
+            gzip,
             timeout,
             schedule_delay: Duration::from_millis(
                 num("OTEL_BSP_SCHEDULE_DELAY", 5000, 86_400_000) as u64
@@ -106,6 +116,31 @@ pub(super) fn parse_headers(v: &str) -> Result<Vec<(http::HeaderName, http::Head
         out.push((name, value));
     }
     Ok(out)
+}
+
+/// Whether `OTEL_EXPORTER_OTLP_COMPRESSION`'s value asks for gzip (unset, empty or
+/// `none`: no); an error for anything else.
+fn compression(v: Option<&str>) -> Result<bool, String> {
+    match v.map(str::trim) {
+        None | Some("" | "none") => Ok(false),
+        Some("gzip") => Ok(true),
+        Some(other) => Err(format!(
+            "OTEL_EXPORTER_OTLP_COMPRESSION: `{other}` is neither `gzip` nor `none`"
+        )),
+    }
+}
+
+/// `body` gzip-compressed (the fast level: spans are repetitive, and the CPU is the
+/// exporter thread's).
+fn gzip(body: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    // Writing into a Vec cannot fail.
+    let _ = enc.write_all(body);
+    enc.finish().unwrap_or_default()
 }
 
 /// `%XX` escapes decoded; anything else kept as it is.
@@ -470,8 +505,15 @@ impl Poster {
     ) -> bool {
         let s = &self.shared.settings;
         let mut req = http::Request::post(s.url.clone())
-            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-            .body(Full::new(Bytes::from(std::mem::take(body))))
+            .header(http::header::CONTENT_TYPE, "application/x-protobuf");
+        let payload = if s.gzip {
+            req = req.header(http::header::CONTENT_ENCODING, "gzip");
+            gzip(body)
+        } else {
+            std::mem::take(body)
+        };
+        let mut req = req
+            .body(Full::new(Bytes::from(payload)))
             .expect("a valid request");
         for (k, v) in &s.headers {
             req.headers_mut().append(k.clone(), v.clone());
@@ -540,5 +582,23 @@ mod tests {
             assert!(!err.contains("s3cret"), "the value is not repeated: {err}");
         }
         assert!(parse_headers("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn compression_is_gzip_or_none() {
+        assert!(!compression(None).unwrap());
+        assert!(!compression(Some(" none ")).unwrap());
+        assert!(compression(Some("gzip")).unwrap());
+        let err = compression(Some("zstd")).unwrap_err();
+        assert!(err.contains("`zstd` is neither"), "{err}");
+        // What is compressed comes back whole.
+        let body = b"spans spans spans".repeat(100);
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(&gzip(&body)[..]),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, body);
     }
 }
