@@ -24,6 +24,9 @@ use super::wire;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
+/// The `InstrumentationScope.name` of every span.
+const SCOPE: &str = "switchboard";
+
 /// Counter: spans dropped because the queue was full.
 pub const SPANS_DROPPED: &str = "switchboard_otlp_spans_dropped_total";
 /// Counter: batch posts that failed (refused, unreachable or timed out).
@@ -46,8 +49,6 @@ pub(super) struct Settings {
     pub max_queue: usize,
     /// Spans per post at most.
     pub max_batch: usize,
-    /// The `InstrumentationScope.name` of every span.
-    pub scope: &'static str,
 }
 
 impl Settings {
@@ -85,7 +86,6 @@ impl Settings {
             ),
             max_queue,
             max_batch: num("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, max_queue),
-            scope: "switchboard",
         })
     }
 }
@@ -470,9 +470,13 @@ impl Poster {
     /// The `ExportTraceServiceRequest` holding `spans`, written into `body`.
     fn request_body(&self, body: &mut Vec<u8>, spans: &[u8]) {
         let resource = &self.resource;
-        let name = self.shared.settings.scope.as_bytes();
+        let name = SCOPE.as_bytes();
         let version = env!("CARGO_PKG_VERSION").as_bytes();
-        let scope_len = 2 + name.len() + 2 + version.len();
+        let scope_len = 2
+            + wire::varint_len(name.len() as u64)
+            + name.len()
+            + wire::varint_len(version.len() as u64)
+            + version.len();
         let scope_spans_len = 1 + wire::varint_len(scope_len as u64) + scope_len + spans.len();
         let resource_spans_len = 1
             + wire::varint_len(resource.len() as u64)
