@@ -383,6 +383,24 @@ fn faults_and_sys(pid: u32) -> (u64, f64) {
     (minflt, stime / 100.0)
 }
 
+/// Context switches (voluntary + involuntary) over every thread of `pid`: a thread
+/// that parks and is woken again pays one, so at a fixed rate this counts wake-ups.
+fn ctx_switches(pid: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    dir.flatten()
+        .map(|t| {
+            std::fs::read_to_string(t.path().join("status"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 /// Resident set size in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -318,8 +318,8 @@ pub async fn run(args: &[String]) {
         "\n## 3. Every request a miss: cache asked for vs not, fixed rate, the cache full (16 MiB, filled by {} misses first), median of {repeat} runs",
         2000 * fill
     );
-    println!("| rate | cache | ok | err | p50 ms | gateway CPU µs/req | of it system µs/req | page faults / req |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| rate | cache | ok | err | p50 ms | gateway CPU µs/req | of it system µs/req | page faults / req | context switches / req |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     // `--aa`: the calibration, both steps without the cache (what the growth reads
     // when nothing differs).
     let aa = args.iter().any(|a| a == "--aa");
@@ -334,15 +334,17 @@ pub async fn run(args: &[String]) {
                 let pid = gw.child.id();
                 let c0 = cpu_secs(pid);
                 let (f0, s0) = faults_and_sys(pid);
+                let w0 = ctx_switches(pid);
                 let (lat, err, _) =
                     fixed_rate_of(gw.addr, rate, secs, Kind::Unique { cache }).await;
                 let n = lat.len().max(1) as f64;
                 let per = (cpu_secs(pid) - c0) * 1e6 / n;
                 let (f1, s1) = faults_and_sys(pid);
                 let (faults, sys) = ((f1 - f0) as f64 / n, (s1 - s0) * 1e6 / n);
+                let wakes = (ctx_switches(pid) - w0) as f64 / n;
                 cpu[i].push(per);
                 println!(
-                    "| {rate} | {} | {} | {err} | {:.3} | {per:.1} | {sys:.1} | {faults:.2} |",
+                    "| {rate} | {} | {} | {err} | {:.3} | {per:.1} | {sys:.1} | {faults:.2} | {wakes:.2} |",
                     match (i, cache) {
                         (_, true) => "on (all miss)",
                         (1, false) => "off (A/A)",

@@ -9,7 +9,7 @@ use futures_util::future::{self, BoxFuture, FutureExt};
 use tokio::time::Instant;
 
 use super::answer::CachedAnswer;
-use super::key::CacheKey;
+use super::key::{CacheKey, KeyHash};
 use crate::shared::SharedState;
 
 /// Whether this instance may compute an answer (see [`CacheBackend::claim`]).
@@ -90,7 +90,7 @@ impl moka::Expiry<CacheKey, Stored> for ByTtl {
 /// its TTL on tokio's clock.
 #[derive(Clone)]
 pub struct MemoryBackend {
-    entries: moka::sync::Cache<CacheKey, Stored>,
+    entries: moka::sync::Cache<CacheKey, Stored, KeyHash>,
 }
 
 impl std::fmt::Debug for MemoryBackend {
@@ -109,7 +109,7 @@ impl MemoryBackend {
                 .max_capacity(max_bytes)
                 .weigher(|_k, v: &Stored| v.answer.weight().min(u32::MAX as usize) as u32)
                 .expire_after(ByTtl)
-                .build(),
+                .build_with_hasher(KeyHash::default()),
         }
     }
 

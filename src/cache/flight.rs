@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::answer::CachedAnswer;
 use super::backend::CacheBackend;
-use super::key::CacheKey;
+use super::key::{CacheKey, KeyHash};
 use crate::telemetry;
 
 /// The leader's response head, once it is a 200.
@@ -69,7 +69,7 @@ impl Flight {
 /// The flights of one cache layer (one per process, shared by its clones).
 #[derive(Default)]
 pub(crate) struct Flights {
-    map: Mutex<HashMap<CacheKey, Arc<Flight>>>,
+    map: Mutex<HashMap<CacheKey, Arc<Flight>, KeyHash>>,
 }
 
 /// What a request does about a flight.
