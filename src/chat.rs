@@ -830,6 +830,27 @@ pub struct Delta {
     /// chat output.
     #[serde(skip)]
     pub signature: Option<String>,
+    /// The `data` of Anthropic `redacted_thinking` blocks, in order: internal, for
+    /// `/v1/messages` clients (who must send them back unchanged), never written in
+    /// chat output.
+    #[serde(skip)]
+    pub redacted_thinking: Vec<String>,
+    /// Why an anthropic-kind upstream stopped, in its own words (on the chunk that
+    /// carries `finish_reason`): internal, for `/v1/messages` clients.
+    #[serde(skip)]
+    pub native_stop: Option<NativeStop>,
+}
+
+/// An anthropic-kind upstream's `stop_reason` and the `stop_sequence` it met, kept
+/// beside the chat `finish_reason` they map to, so that a `/v1/messages` client gets
+/// them as Anthropic sent them (`stop_sequence`, `pause_turn`,
+/// `model_context_window_exceeded` have no `finish_reason` of their own).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NativeStop {
+    /// Anthropic's `stop_reason` (one of the values it documents).
+    pub reason: &'static str,
+    /// The client's stop sequence the model met (`stop_reason: "stop_sequence"`).
+    pub sequence: Option<String>,
 }
 
 /// A fragment of a tool call in a stream.
@@ -912,6 +933,12 @@ pub struct ResponseMessage {
     /// `/v1/messages` clients, never written in chat output.
     #[serde(skip)]
     pub reasoning_signature: Option<String>,
+    /// Anthropic `redacted_thinking` blocks' `data` ([`Delta::redacted_thinking`]).
+    #[serde(skip)]
+    pub redacted_thinking: Vec<String>,
+    /// Why an anthropic-kind upstream stopped ([`Delta::native_stop`]).
+    #[serde(skip)]
+    pub native_stop: Option<NativeStop>,
 }
 
 /// Folds a chunk stream back into one [`ChatCompletion`].
@@ -933,6 +960,8 @@ struct ChoiceAcc {
     content: Option<String>,
     reasoning: Option<String>,
     reasoning_signature: Option<String>,
+    redacted_thinking: Vec<String>,
+    native_stop: Option<NativeStop>,
     /// `(tool-call index, call)`, in order of first appearance.
     tool_calls: Vec<(u32, ToolCall)>,
     finish_reason: Option<String>,
@@ -974,6 +1003,10 @@ impl Aggregator {
                 acc.reasoning_signature
                     .get_or_insert_with(String::new)
                     .push_str(&sig);
+            }
+            acc.redacted_thinking.extend(c.delta.redacted_thinking);
+            if c.delta.native_stop.is_some() {
+                acc.native_stop = c.delta.native_stop;
             }
             for tc in c.delta.tool_calls.into_iter().flatten() {
                 let call = slot(&mut acc.tool_calls, tc.index, || ToolCall {
@@ -1021,6 +1054,8 @@ impl Aggregator {
                         reasoning: acc.reasoning,
                         tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
                         reasoning_signature: acc.reasoning_signature,
+                        redacted_thinking: acc.redacted_thinking,
+                        native_stop: acc.native_stop,
                     },
                     finish_reason: acc.finish_reason,
                 }
@@ -1035,6 +1070,8 @@ impl Aggregator {
                     reasoning: None,
                     tool_calls: None,
                     reasoning_signature: None,
+                    redacted_thinking: Vec::new(),
+                    native_stop: None,
                 },
                 finish_reason: Some("stop".into()),
             });
@@ -1071,6 +1108,8 @@ impl ChatCompletion {
                         content: c.message.content,
                         reasoning: c.message.reasoning,
                         signature: c.message.reasoning_signature,
+                        redacted_thinking: c.message.redacted_thinking,
+                        native_stop: c.message.native_stop,
                         tool_calls: c.message.tool_calls.map(|calls| {
                             calls
                                 .into_iter()

@@ -380,6 +380,131 @@ async fn anthropic_upstream_stream_relays_thinking_signature_text_and_tool_input
     assert_charged(&gw, &id, &md["usage"]["cost"], before).await;
 }
 
+/// An anthropic upstream that stops on a stop sequence after a redacted thinking
+/// block: as JSON or as events, as `stream` asks.
+async fn stop_sequence_upstream() -> Upstream {
+    upstream(|seen, _| async move {
+        let stream = seen.body["stream"] == json!(true);
+        if !stream {
+            return json(200, json!({
+                "id": "msg_up", "type": "message", "role": "assistant", "model": "claude-sonnet-4-20250514",
+                "content": [
+                    {"type": "thinking", "thinking": "Count.", "signature": "SIG-A"},
+                    {"type": "redacted_thinking", "data": "REDACTED-1"},
+                    {"type": "text", "text": "1, 2, 3"}
+                ],
+                "stop_reason": "stop_sequence", "stop_sequence": "END",
+                "usage": {"input_tokens": 10, "output_tokens": 6}
+            }));
+        }
+        let start = json!({"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
+            "content": [], "model": "claude-sonnet-4-20250514", "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 10, "output_tokens": 1}}});
+        let delta = |i: u32, d: Value| ev("content_block_delta", json!({"type": "content_block_delta", "index": i, "delta": d}));
+        let stop = |i: u32| ev("content_block_stop", json!({"type": "content_block_stop", "index": i}));
+        sse_named(vec![
+            ev("message_start", start),
+            ev("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}})),
+            delta(0, json!({"type": "thinking_delta", "thinking": "Count."})),
+            delta(0, json!({"type": "signature_delta", "signature": "SIG-A"})),
+            stop(0),
+            ev("content_block_start", json!({"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "REDACTED-1"}})),
+            stop(1),
+            ev("content_block_start", json!({"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}})),
+            delta(2, json!({"type": "text_delta", "text": "1, 2, 3"})),
+            stop(2),
+            ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "stop_sequence", "stop_sequence": "END"}, "usage": {"output_tokens": 6}})),
+            ev("message_stop", json!({"type": "message_stop"})),
+        ], Duration::ZERO)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn anthropic_stop_sequence_and_redacted_thinking_reach_a_messages_client_as_sent() {
+    let up = stop_sequence_upstream().await;
+    let gw = gw(Some(&up), None, None).await;
+    let ask = |stream: bool| {
+        json!({"model": "anthropic/claude", "max_tokens": 100, "stream": stream,
+               "stop_sequences": ["END"], "thinking": {"type": "enabled", "budget_tokens": 1024},
+               "messages": [{"role": "user", "content": "Count to 3, then say END."}]})
+    };
+
+    let body: Value = post_messages(&gw, KEY, &ask(false), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        body["content"],
+        json!([
+            {"type": "thinking", "thinking": "Count.", "signature": "SIG-A"},
+            {"type": "redacted_thinking", "data": "REDACTED-1"},
+            {"type": "text", "text": "1, 2, 3"}
+        ]),
+        "{body}"
+    );
+    assert_eq!(body["stop_reason"], "stop_sequence");
+    assert_eq!(body["stop_sequence"], "END");
+
+    let text = post_messages(&gw, KEY, &ask(true), &[])
+        .await
+        .text()
+        .await
+        .unwrap();
+    let ev = events(&text);
+    let blocks: Vec<&Value> = ev
+        .iter()
+        .filter(|(n, _)| n == "content_block_start")
+        .map(|(_, d)| &d["content_block"])
+        .collect();
+    assert_eq!(
+        blocks,
+        [
+            &json!({"type": "thinking", "thinking": "", "signature": ""}),
+            &json!({"type": "redacted_thinking", "data": "REDACTED-1"}),
+            &json!({"type": "text", "text": ""})
+        ],
+        "{text}"
+    );
+    // Every block started is stopped, each once, in order.
+    let stops: Vec<u64> = ev
+        .iter()
+        .filter(|(n, _)| n == "content_block_stop")
+        .map(|(_, d)| d["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(stops, [0, 1, 2], "{text}");
+    let md = &ev.iter().find(|(n, _)| n == "message_delta").unwrap().1;
+    assert_eq!(md["delta"]["stop_reason"], "stop_sequence");
+    assert_eq!(md["delta"]["stop_sequence"], "END");
+    assert_eq!(streamed_text(&ev), "1, 2, 3");
+}
+
+#[tokio::test]
+async fn a_chat_client_of_the_same_upstream_gets_stop_and_nothing_anthropic_only() {
+    let up = stop_sequence_upstream().await;
+    let gw = gw(Some(&up), None, None).await;
+    for stream in [false, true] {
+        let res = client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(
+                &json!({"model": "anthropic/claude", "max_tokens": 100, "stream": stream,
+                          "stop": ["END"], "messages": [{"role": "user", "content": "Count."}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let text = res.text().await.unwrap();
+        assert!(
+            !text.contains("REDACTED") && !text.contains("stop_sequence"),
+            "{text}"
+        );
+        assert!(text.contains(r#""finish_reason":"stop""#), "{text}");
+    }
+}
+
 /// A tool round trip in Anthropic's shape, as the chat schema carries it.
 fn tool_round_trip(model: &str, stream: bool) -> Value {
     json!({

@@ -337,7 +337,7 @@ mod tests {
                 content: maybe(rng, |r| odd(r, 30)),
                 reasoning: maybe(rng, |r| odd(r, 10)),
                 tool_calls: rng.random::<bool>().then_some(calls),
-                signature: None,
+                ..Delta::default()
             },
             finish_reason: maybe(rng, |r| odd(r, 8)),
         }
@@ -364,6 +364,8 @@ mod tests {
                         reasoning: maybe(rng, |r| odd(r, 10)),
                         tool_calls: rng.random::<bool>().then_some(calls),
                         reasoning_signature: None,
+                        redacted_thinking: Vec::new(),
+                        native_stop: None,
                     },
                     finish_reason: maybe(rng, |r| odd(r, 8)),
                 }

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::chat::{ChatChunk, ChatCompletion, ChatRequest, Usage};
+use crate::chat::{ChatChunk, ChatCompletion, ChatRequest, NativeStop, Usage};
 use crate::context::CallContext;
 use crate::error::GatewayError;
 use crate::money::Money;
@@ -29,6 +29,9 @@ enum Block<'a> {
     Thinking {
         thinking: &'a str,
         signature: &'a str,
+    },
+    RedactedThinking {
+        data: &'a str,
     },
     Text {
         text: &'a str,
@@ -86,6 +89,18 @@ struct MessageOut<'a> {
     usage: UsageOut,
 }
 
+/// `stop_reason` and `stop_sequence`: an anthropic-kind upstream's own, else those of
+/// the chat `finish_reason`.
+fn stop_of<'a>(
+    native: Option<&'a NativeStop>,
+    finish_reason: Option<&str>,
+) -> (&'static str, Option<&'a str>) {
+    match native {
+        Some(n) => (n.reason, n.sequence.as_deref()),
+        None => (stop_reason(finish_reason), None),
+    }
+}
+
 /// The `message` body of a folded reply.
 pub(crate) fn json_body(completion: &ChatCompletion, _request: &ChatRequest) -> Vec<u8> {
     let mut content = Vec::new();
@@ -98,6 +113,9 @@ pub(crate) fn json_body(completion: &ChatCompletion, _request: &ChatRequest) -> 
                 signature: m.reasoning_signature.as_deref().unwrap_or_default(),
             });
         }
+        for data in &m.redacted_thinking {
+            content.push(Block::RedactedThinking { data });
+        }
         if let Some(text) = m.content.as_deref().filter(|t| !t.is_empty()) {
             content.push(Block::Text { text });
         }
@@ -109,14 +127,18 @@ pub(crate) fn json_body(completion: &ChatCompletion, _request: &ChatRequest) -> 
             });
         }
     }
+    let (stop, sequence) = stop_of(
+        choice.and_then(|c| c.message.native_stop.as_ref()),
+        choice.and_then(|c| c.finish_reason.as_deref()),
+    );
     let message = MessageOut {
         id: &completion.id,
         kind: "message",
         role: "assistant",
         model: &completion.model,
         content,
-        stop_reason: Some(stop_reason(choice.and_then(|c| c.finish_reason.as_deref()))),
-        stop_sequence: None,
+        stop_reason: Some(stop),
+        stop_sequence: sequence,
         usage: UsageOut::of(completion.usage.as_ref()),
     };
     serde_json::to_vec(&message).unwrap_or_default()
@@ -135,9 +157,9 @@ enum DeltaOut<'a> {
 
 /// `message_delta.delta`.
 #[derive(Serialize)]
-struct MessageDeltaOut {
+struct MessageDeltaOut<'a> {
     stop_reason: &'static str,
-    stop_sequence: Option<&'static str>,
+    stop_sequence: Option<&'a str>,
 }
 
 /// `error.error`.
@@ -167,7 +189,7 @@ enum Event<'a> {
         index: u32,
     },
     MessageDelta {
-        delta: MessageDeltaOut,
+        delta: MessageDeltaOut<'a>,
         usage: UsageOut,
     },
     MessageStop,
@@ -205,6 +227,8 @@ impl Event<'_> {
 enum Open {
     Text,
     Thinking,
+    /// A `redacted_thinking` block (never left open).
+    Redacted,
     /// A tool call, by its index among the choice's tool calls.
     Tool(u32),
 }
@@ -220,6 +244,8 @@ pub(crate) struct Encoder {
     open: Option<(Open, u32)>,
     next_index: u32,
     finish_reason: Option<String>,
+    /// An anthropic-kind upstream's own stop reason, when it sent one.
+    native_stop: Option<NativeStop>,
     usage: Option<Usage>,
     ended: bool,
 }
@@ -238,6 +264,7 @@ impl Encoder {
             open: None,
             next_index: 0,
             finish_reason: None,
+            native_stop: None,
             usage: None,
             ended: false,
         }
@@ -319,6 +346,11 @@ impl Encoder {
                 let index = self.open(Open::Thinking, block, &mut out);
                 Event::ContentBlockDelta { index, delta }.write(&mut out);
             }
+            // Each a block of its own, started and stopped at once (no deltas).
+            for data in &d.redacted_thinking {
+                self.open(Open::Redacted, Block::RedactedThinking { data }, &mut out);
+                self.close(&mut out);
+            }
             if let Some(t) = d.content.as_deref().filter(|t| !t.is_empty()) {
                 let index = self.open(Open::Text, Block::Text { text: "" }, &mut out);
                 Event::ContentBlockDelta {
@@ -345,6 +377,9 @@ impl Encoder {
                     }
                 }
             }
+            if d.native_stop.is_some() {
+                self.native_stop.clone_from(&d.native_stop);
+            }
             if let Some(f) = &c.finish_reason {
                 self.finish_reason = Some(f.clone());
                 self.close(&mut out);
@@ -363,10 +398,11 @@ impl Encoder {
         self.ended = true;
         self.start(&mut out);
         self.close(&mut out);
+        let (stop, sequence) = stop_of(self.native_stop.as_ref(), self.finish_reason.as_deref());
         Event::MessageDelta {
             delta: MessageDeltaOut {
-                stop_reason: stop_reason(self.finish_reason.as_deref()),
-                stop_sequence: None,
+                stop_reason: stop,
+                stop_sequence: sequence,
             },
             usage: UsageOut::of(self.usage.as_ref()),
         }

@@ -402,6 +402,8 @@ mod tests {
                     content: content.map(str::to_owned),
                     reasoning: reasoning.map(str::to_owned),
                     reasoning_signature: None,
+                    redacted_thinking: Vec::new(),
+                    native_stop: None,
                     tool_calls: (!calls.is_empty()).then(|| {
                         calls
                             .iter()

@@ -81,8 +81,8 @@ use serde_json::Value;
 use super::media::data_url;
 use super::{optional_api_key, protocol_error, Adapter, Decoded, StreamDecoder};
 use crate::chat::{
-    ChatChunk, ChatRequest, ChunkChoice, Content, ContentPart, Delta, FunctionCallDelta,
-    PromptTokensDetails, ReasoningWanted, Role, Stop, ToolCallDelta, Usage,
+    ChatChunk, ChatRequest, ChunkChoice, Content, ContentPart, Delta, Dialect, FunctionCallDelta,
+    NativeStop, PromptTokensDetails, ReasoningWanted, Role, Stop, ToolCallDelta, Usage,
 };
 use crate::context::ProviderCall;
 use crate::error::{FailureKind, ProviderError};
@@ -147,6 +147,35 @@ pub fn finish_reason(stop_reason: &str) -> &'static str {
         _ => "stop",
     }
 }
+
+/// Anthropic's `stop_reason` values, as documented (anything else is not passed on).
+const STOP_REASONS: [&str; 7] = [
+    "end_turn",
+    "max_tokens",
+    "stop_sequence",
+    "tool_use",
+    "pause_turn",
+    "refusal",
+    "model_context_window_exceeded",
+];
+
+/// `stop_reason` as one of [`STOP_REASONS`], if it is one.
+fn native_stop_reason(stop_reason: &str) -> Option<&'static str> {
+    STOP_REASONS.iter().copied().find(|r| *r == stop_reason)
+}
+
+/// What a `/v1/messages` client is told of why the answer stopped: the upstream's
+/// own `stop_reason` (a documented one) and `stop_sequence` (only beside
+/// `"stop_sequence"`, and bounded like any text the gateway repeats).
+fn native_stop(stop_reason: Option<&str>, sequence: Option<String>) -> Option<NativeStop> {
+    let reason = native_stop_reason(stop_reason?)?;
+    let sequence = sequence.filter(|s| reason == "stop_sequence" && s.len() <= MAX_STOP_SEQUENCE);
+    Some(NativeStop { reason, sequence })
+}
+
+/// The longest `stop_sequence` passed on to a client (the client's own stop
+/// sequences are far shorter; a longer one is not what it sent).
+const MAX_STOP_SEQUENCE: usize = 1024;
 
 fn client_error(call: &ProviderCall, message: impl Into<String>) -> ProviderError {
     ProviderError::new(
@@ -532,6 +561,7 @@ impl Adapter for AnthropicAdapter {
         let mut reasoning: Option<String> = None;
         let mut signature: Option<String> = None;
         let mut calls = Vec::new();
+        let mut redacted = Vec::new();
         for block in wire.content {
             match block {
                 wire::ResponseBlock::Text { text } => {
@@ -565,6 +595,7 @@ impl Adapter for AnthropicAdapter {
                         }),
                     });
                 }
+                wire::ResponseBlock::RedactedThinking { data } => redacted.push(data),
                 wire::ResponseBlock::Other => {}
             }
         }
@@ -577,6 +608,8 @@ impl Adapter for AnthropicAdapter {
             reasoning,
             tool_calls: (!calls.is_empty()).then_some(calls),
             signature,
+            redacted_thinking: redacted,
+            native_stop: native_stop(wire.stop_reason.as_deref(), wire.stop_sequence),
         };
         let finish = finish_reason(wire.stop_reason.as_deref().unwrap_or("end_turn"));
         let mut chunk = one_choice(delta, Some(finish));
@@ -589,6 +622,7 @@ impl Adapter for AnthropicAdapter {
             provider: call.endpoint.provider.name.clone(),
             usage: wire::Usage::default(),
             tool_ordinals: HashMap::new(),
+            messages_client: call.request.inbound.dialect == Dialect::AnthropicMessages,
         })
     }
 }
@@ -600,6 +634,9 @@ struct AnthropicDecoder {
     usage: wire::Usage,
     /// Content-block index → tool-call ordinal.
     tool_ordinals: HashMap<u32, u32>,
+    /// The client asked `/v1/messages`: `redacted_thinking` blocks are for it (a chat
+    /// client has no place for them, so they are not a chunk of their own).
+    messages_client: bool,
 }
 
 impl AnthropicDecoder {
@@ -650,6 +687,12 @@ impl StreamDecoder for AnthropicDecoder {
                         ..Delta::default()
                     }))
                 }
+                wire::StartBlock::RedactedThinking { data } if self.messages_client => {
+                    Decoded::Chunk(ChatChunk::delta(Delta {
+                        redacted_thinking: vec![data],
+                        ..Delta::default()
+                    }))
+                }
                 wire::StartBlock::ToolUse { id, name } => {
                     let ordinal = self.tool_ordinals.len() as u32;
                     self.tool_ordinals.insert(index, ordinal);
@@ -695,7 +738,14 @@ impl StreamDecoder for AnthropicDecoder {
                     self.usage = self.usage.updated(u);
                 }
                 let finish = finish_reason(delta.stop_reason.as_deref().unwrap_or("end_turn"));
-                let mut chunk = one_choice(Delta::default(), Some(finish));
+                let native = native_stop(delta.stop_reason.as_deref(), delta.stop_sequence);
+                let mut chunk = one_choice(
+                    Delta {
+                        native_stop: native,
+                        ..Delta::default()
+                    },
+                    Some(finish),
+                );
                 chunk.usage = Some(to_usage(self.usage));
                 Decoded::Chunk(chunk)
             }

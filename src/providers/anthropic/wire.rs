@@ -146,6 +146,8 @@ pub struct Response {
     #[serde(default)]
     pub stop_reason: Option<String>,
     #[serde(default)]
+    pub stop_sequence: Option<String>,
+    #[serde(default)]
     pub usage: Option<Usage>,
     #[serde(default)]
     pub error: Option<ErrorBody>,
@@ -169,6 +171,10 @@ pub enum ResponseBlock {
         name: String,
         #[serde(default)]
         input: Value,
+    },
+    RedactedThinking {
+        #[serde(default)]
+        data: String,
     },
     #[serde(other)]
     Other,
@@ -266,6 +272,10 @@ pub enum StartBlock {
         id: String,
         name: String,
     },
+    RedactedThinking {
+        #[serde(default)]
+        data: String,
+    },
     #[serde(other)]
     Other,
 }
@@ -295,4 +305,6 @@ pub enum BlockDelta {
 pub struct MessageDeltaBody {
     #[serde(default)]
     pub stop_reason: Option<String>,
+    #[serde(default)]
+    pub stop_sequence: Option<String>,
 }
