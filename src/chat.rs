@@ -830,16 +830,42 @@ pub struct Delta {
     /// chat output.
     #[serde(skip)]
     pub signature: Option<String>,
-    /// The `data` of Anthropic `redacted_thinking` blocks, in order: internal, for
-    /// `/v1/messages` clients (who must send them back unchanged), never written in
-    /// chat output.
+    /// An anthropic-kind upstream's own text of what this chunk holds, for
+    /// `/v1/messages` clients: internal, never written in chat output.
     #[serde(skip)]
-    pub redacted_thinking: Vec<String>,
+    pub anthropic: Option<AnthropicRaw>,
     /// Why an anthropic-kind upstream stopped, in its own words (on the chunk that
     /// carries `finish_reason`): internal, for `/v1/messages` clients.
     #[serde(skip)]
     pub native_stop: Option<NativeStop>,
 }
+
+/// An anthropic-kind upstream's content blocks as it sent them, carried beside their
+/// chat translation (which metering, the log and chat clients read) so that a
+/// `/v1/messages` client gets every block unchanged: several thinking blocks each with
+/// its own signature, `redacted_thinking`, citations, server tool blocks, and block
+/// types the gateway does not know yet. Only for a `/v1/messages` client (the
+/// adapter knows the call's dialect).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnthropicRaw {
+    /// A whole answer's `content` array.
+    Content(RawJson),
+    /// One `content_block_start`, `content_block_delta` or `content_block_stop` event
+    /// of a stream: its name and its `data`.
+    Event(&'static str, RawJson),
+}
+
+/// JSON text kept as it was received (valid JSON: it was parsed to get here).
+#[derive(Debug, Clone)]
+pub struct RawJson(pub Box<serde_json::value::RawValue>);
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl Eq for RawJson {}
 
 /// An anthropic-kind upstream's `stop_reason` and the `stop_sequence` it met, kept
 /// beside the chat `finish_reason` they map to, so that a `/v1/messages` client gets
@@ -933,9 +959,9 @@ pub struct ResponseMessage {
     /// `/v1/messages` clients, never written in chat output.
     #[serde(skip)]
     pub reasoning_signature: Option<String>,
-    /// Anthropic `redacted_thinking` blocks' `data` ([`Delta::redacted_thinking`]).
+    /// An anthropic-kind upstream's `content` array as sent ([`AnthropicRaw`]).
     #[serde(skip)]
-    pub redacted_thinking: Vec<String>,
+    pub anthropic_content: Option<RawJson>,
     /// Why an anthropic-kind upstream stopped ([`Delta::native_stop`]).
     #[serde(skip)]
     pub native_stop: Option<NativeStop>,
@@ -960,7 +986,7 @@ struct ChoiceAcc {
     content: Option<String>,
     reasoning: Option<String>,
     reasoning_signature: Option<String>,
-    redacted_thinking: Vec<String>,
+    anthropic_content: Option<RawJson>,
     native_stop: Option<NativeStop>,
     /// `(tool-call index, call)`, in order of first appearance.
     tool_calls: Vec<(u32, ToolCall)>,
@@ -1004,7 +1030,10 @@ impl Aggregator {
                     .get_or_insert_with(String::new)
                     .push_str(&sig);
             }
-            acc.redacted_thinking.extend(c.delta.redacted_thinking);
+            // A stream's events are not folded: its answer is the translation.
+            if let Some(AnthropicRaw::Content(raw)) = c.delta.anthropic {
+                acc.anthropic_content = Some(raw);
+            }
             if c.delta.native_stop.is_some() {
                 acc.native_stop = c.delta.native_stop;
             }
@@ -1054,7 +1083,7 @@ impl Aggregator {
                         reasoning: acc.reasoning,
                         tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
                         reasoning_signature: acc.reasoning_signature,
-                        redacted_thinking: acc.redacted_thinking,
+                        anthropic_content: acc.anthropic_content,
                         native_stop: acc.native_stop,
                     },
                     finish_reason: acc.finish_reason,
@@ -1070,7 +1099,7 @@ impl Aggregator {
                     reasoning: None,
                     tool_calls: None,
                     reasoning_signature: None,
-                    redacted_thinking: Vec::new(),
+                    anthropic_content: None,
                     native_stop: None,
                 },
                 finish_reason: Some("stop".into()),
@@ -1108,7 +1137,7 @@ impl ChatCompletion {
                         content: c.message.content,
                         reasoning: c.message.reasoning,
                         signature: c.message.reasoning_signature,
-                        redacted_thinking: c.message.redacted_thinking,
+                        anthropic: c.message.anthropic_content.map(AnthropicRaw::Content),
                         native_stop: c.message.native_stop,
                         tool_calls: c.message.tool_calls.map(|calls| {
                             calls

@@ -380,19 +380,33 @@ async fn anthropic_upstream_stream_relays_thinking_signature_text_and_tool_input
     assert_charged(&gw, &id, &md["usage"]["cost"], before).await;
 }
 
-/// An anthropic upstream that stops on a stop sequence after a redacted thinking
-/// block: as JSON or as events, as `stream` asks.
+/// The content of [`stop_sequence_upstream`]'s JSON answer: what the chat schema
+/// cannot carry (two thinking blocks each signed, a redacted one, a server tool's
+/// blocks, citations, a block type nobody knows yet).
+fn rich_content() -> Value {
+    json!([
+        {"type": "thinking", "thinking": "Count.", "signature": "SIG-A"},
+        {"type": "redacted_thinking", "data": "REDACTED-1"},
+        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "count"}},
+        {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [
+            {"type": "web_search_result", "url": "https://example.com", "title": "Ex", "encrypted_content": "EC"}]},
+        {"type": "thinking", "thinking": "Now answer.", "signature": "SIG-B"},
+        {"type": "text", "text": "1, 2, 3", "citations": [
+            {"type": "web_search_result_location", "url": "https://example.com", "title": "Ex",
+             "encrypted_index": "EI", "cited_text": "1 2 3"}]},
+        {"type": "future_block", "x": 1}
+    ])
+}
+
+/// An anthropic upstream that stops on a stop sequence after blocks the chat schema
+/// has no place for: as JSON or as events, as `stream` asks.
 async fn stop_sequence_upstream() -> Upstream {
     upstream(|seen, _| async move {
         let stream = seen.body["stream"] == json!(true);
         if !stream {
             return json(200, json!({
                 "id": "msg_up", "type": "message", "role": "assistant", "model": "claude-sonnet-4-20250514",
-                "content": [
-                    {"type": "thinking", "thinking": "Count.", "signature": "SIG-A"},
-                    {"type": "redacted_thinking", "data": "REDACTED-1"},
-                    {"type": "text", "text": "1, 2, 3"}
-                ],
+                "content": rich_content(),
                 "stop_reason": "stop_sequence", "stop_sequence": "END",
                 "usage": {"input_tokens": 10, "output_tokens": 6}
             }));
@@ -412,6 +426,7 @@ async fn stop_sequence_upstream() -> Upstream {
             stop(1),
             ev("content_block_start", json!({"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}})),
             delta(2, json!({"type": "text_delta", "text": "1, 2, 3"})),
+            delta(2, json!({"type": "citations_delta", "citation": {"type": "web_search_result_location", "cited_text": "1 2 3"}})),
             stop(2),
             ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "stop_sequence", "stop_sequence": "END"}, "usage": {"output_tokens": 6}})),
             ev("message_stop", json!({"type": "message_stop"})),
@@ -421,7 +436,7 @@ async fn stop_sequence_upstream() -> Upstream {
 }
 
 #[tokio::test]
-async fn anthropic_stop_sequence_and_redacted_thinking_reach_a_messages_client_as_sent() {
+async fn anthropic_blocks_stop_reason_and_stop_sequence_reach_a_messages_client_as_sent() {
     let up = stop_sequence_upstream().await;
     let gw = gw(Some(&up), None, None).await;
     let ask = |stream: bool| {
@@ -435,15 +450,7 @@ async fn anthropic_stop_sequence_and_redacted_thinking_reach_a_messages_client_a
         .json()
         .await
         .unwrap();
-    assert_eq!(
-        body["content"],
-        json!([
-            {"type": "thinking", "thinking": "Count.", "signature": "SIG-A"},
-            {"type": "redacted_thinking", "data": "REDACTED-1"},
-            {"type": "text", "text": "1, 2, 3"}
-        ]),
-        "{body}"
-    );
+    assert_eq!(body["content"], rich_content(), "{body}");
     assert_eq!(body["stop_reason"], "stop_sequence");
     assert_eq!(body["stop_sequence"], "END");
 
@@ -453,27 +460,57 @@ async fn anthropic_stop_sequence_and_redacted_thinking_reach_a_messages_client_a
         .await
         .unwrap();
     let ev = events(&text);
-    let blocks: Vec<&Value> = ev
+    // Every content-block event as the upstream sent it, in order, nothing added.
+    let blocks: Vec<&(String, Value)> = ev
         .iter()
-        .filter(|(n, _)| n == "content_block_start")
-        .map(|(_, d)| &d["content_block"])
+        .filter(|(n, _)| n.starts_with("content_block_"))
         .collect();
-    assert_eq!(
-        blocks,
-        [
-            &json!({"type": "thinking", "thinking": "", "signature": ""}),
-            &json!({"type": "redacted_thinking", "data": "REDACTED-1"}),
-            &json!({"type": "text", "text": ""})
-        ],
-        "{text}"
-    );
-    // Every block started is stopped, each once, in order.
-    let stops: Vec<u64> = ev
-        .iter()
-        .filter(|(n, _)| n == "content_block_stop")
-        .map(|(_, d)| d["index"].as_u64().unwrap())
-        .collect();
-    assert_eq!(stops, [0, 1, 2], "{text}");
+    let want = [
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Count."}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "SIG-A"}}),
+        ),
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "REDACTED-1"}}),
+        ),
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 1}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "1, 2, 3"}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 2, "delta": {"type": "citations_delta", "citation": {"type": "web_search_result_location", "cited_text": "1 2 3"}}}),
+        ),
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 2}),
+        ),
+    ];
+    assert_eq!(blocks.len(), want.len(), "{text}");
+    for ((name, data), (want_name, want_data)) in blocks.iter().zip(&want) {
+        assert_eq!((name.as_str(), data), (*want_name, want_data), "{text}");
+    }
     let md = &ev.iter().find(|(n, _)| n == "message_delta").unwrap().1;
     assert_eq!(md["delta"]["stop_reason"], "stop_sequence");
     assert_eq!(md["delta"]["stop_sequence"], "END");

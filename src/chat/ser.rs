@@ -364,7 +364,7 @@ mod tests {
                         reasoning: maybe(rng, |r| odd(r, 10)),
                         tool_calls: rng.random::<bool>().then_some(calls),
                         reasoning_signature: None,
-                        redacted_thinking: Vec::new(),
+                        anthropic_content: None,
                         native_stop: None,
                     },
                     finish_reason: maybe(rng, |r| odd(r, 8)),

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::chat::{ChatChunk, ChatCompletion, ChatRequest, NativeStop, Usage};
+use crate::chat::{AnthropicRaw, ChatChunk, ChatCompletion, ChatRequest, NativeStop, Usage};
 use crate::context::CallContext;
 use crate::error::GatewayError;
 use crate::money::Money;
@@ -29,9 +29,6 @@ enum Block<'a> {
     Thinking {
         thinking: &'a str,
         signature: &'a str,
-    },
-    RedactedThinking {
-        data: &'a str,
     },
     Text {
         text: &'a str,
@@ -83,10 +80,19 @@ struct MessageOut<'a> {
     kind: &'static str,
     role: &'static str,
     model: &'a str,
-    content: Vec<Block<'a>>,
+    content: ContentOut<'a>,
     stop_reason: Option<&'static str>,
     stop_sequence: Option<&'a str>,
     usage: UsageOut,
+}
+
+/// A `message`'s `content`: the blocks the gateway writes, or an anthropic-kind
+/// upstream's array as it sent it ([`AnthropicRaw`]).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ContentOut<'a> {
+    Blocks(Vec<Block<'a>>),
+    Raw(&'a serde_json::value::RawValue),
 }
 
 /// `stop_reason` and `stop_sequence`: an anthropic-kind upstream's own, else those of
@@ -113,9 +119,6 @@ pub(crate) fn json_body(completion: &ChatCompletion, _request: &ChatRequest) -> 
                 signature: m.reasoning_signature.as_deref().unwrap_or_default(),
             });
         }
-        for data in &m.redacted_thinking {
-            content.push(Block::RedactedThinking { data });
-        }
         if let Some(text) = m.content.as_deref().filter(|t| !t.is_empty()) {
             content.push(Block::Text { text });
         }
@@ -136,7 +139,10 @@ pub(crate) fn json_body(completion: &ChatCompletion, _request: &ChatRequest) -> 
         kind: "message",
         role: "assistant",
         model: &completion.model,
-        content,
+        content: match choice.and_then(|c| c.message.anthropic_content.as_ref()) {
+            Some(raw) => ContentOut::Raw(&raw.0),
+            None => ContentOut::Blocks(content),
+        },
         stop_reason: Some(stop),
         stop_sequence: sequence,
         usage: UsageOut::of(completion.usage.as_ref()),
@@ -222,13 +228,21 @@ impl Event<'_> {
     }
 }
 
+/// `event: NAME\ndata: DATA\n\n` of an event kept as sent, appended to `out` (`data`
+/// is one line of JSON: the adapter made it so).
+fn write_event(name: &str, data: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(b"\n\n");
+}
+
 /// The content block a stream has open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Open {
     Text,
     Thinking,
-    /// A `redacted_thinking` block (never left open).
-    Redacted,
     /// A tool call, by its index among the choice's tool calls.
     Tool(u32),
 }
@@ -282,7 +296,7 @@ impl Encoder {
                 kind: "message",
                 role: "assistant",
                 model: &self.model,
-                content: Vec::new(),
+                content: ContentOut::Blocks(Vec::new()),
                 stop_reason: None,
                 stop_sequence: None,
                 usage: UsageOut::default(),
@@ -327,6 +341,18 @@ impl Encoder {
         // Anthropic answers one choice: choice 0.
         for c in chunk.choices.iter().filter(|c| c.index == 0) {
             let d = &c.delta;
+            if d.native_stop.is_some() {
+                self.native_stop.clone_from(&d.native_stop);
+            }
+            // An anthropic-kind upstream's block event: as it sent it, instead of its
+            // translation (the two are never mixed within one upstream's answer).
+            if let Some(AnthropicRaw::Event(name, data)) = &d.anthropic {
+                write_event(name, data.0.get(), &mut out);
+                if let Some(f) = &c.finish_reason {
+                    self.finish_reason = Some(f.clone());
+                }
+                continue;
+            }
             // Thinking text, then its signature: both deltas of one thinking block.
             let thinking = [
                 d.reasoning
@@ -345,11 +371,6 @@ impl Encoder {
                 };
                 let index = self.open(Open::Thinking, block, &mut out);
                 Event::ContentBlockDelta { index, delta }.write(&mut out);
-            }
-            // Each a block of its own, started and stopped at once (no deltas).
-            for data in &d.redacted_thinking {
-                self.open(Open::Redacted, Block::RedactedThinking { data }, &mut out);
-                self.close(&mut out);
             }
             if let Some(t) = d.content.as_deref().filter(|t| !t.is_empty()) {
                 let index = self.open(Open::Text, Block::Text { text: "" }, &mut out);
@@ -376,9 +397,6 @@ impl Encoder {
                         .write(&mut out);
                     }
                 }
-            }
-            if d.native_stop.is_some() {
-                self.native_stop.clone_from(&d.native_stop);
             }
             if let Some(f) = &c.finish_reason {
                 self.finish_reason = Some(f.clone());

@@ -402,7 +402,7 @@ mod tests {
                     content: content.map(str::to_owned),
                     reasoning: reasoning.map(str::to_owned),
                     reasoning_signature: None,
-                    redacted_thinking: Vec::new(),
+                    anthropic_content: None,
                     native_stop: None,
                     tool_calls: (!calls.is_empty()).then(|| {
                         calls

@@ -81,8 +81,9 @@ use serde_json::Value;
 use super::media::data_url;
 use super::{optional_api_key, protocol_error, Adapter, Decoded, StreamDecoder};
 use crate::chat::{
-    ChatChunk, ChatRequest, ChunkChoice, Content, ContentPart, Delta, Dialect, FunctionCallDelta,
-    NativeStop, PromptTokensDetails, ReasoningWanted, Role, Stop, ToolCallDelta, Usage,
+    AnthropicRaw, ChatChunk, ChatRequest, ChunkChoice, Content, ContentPart, Delta, Dialect,
+    FunctionCallDelta, NativeStop, PromptTokensDetails, RawJson, ReasoningWanted, Role, Stop,
+    ToolCallDelta, Usage,
 };
 use crate::context::ProviderCall;
 use crate::error::{FailureKind, ProviderError};
@@ -561,7 +562,6 @@ impl Adapter for AnthropicAdapter {
         let mut reasoning: Option<String> = None;
         let mut signature: Option<String> = None;
         let mut calls = Vec::new();
-        let mut redacted = Vec::new();
         for block in wire.content {
             match block {
                 wire::ResponseBlock::Text { text } => {
@@ -595,7 +595,6 @@ impl Adapter for AnthropicAdapter {
                         }),
                     });
                 }
-                wire::ResponseBlock::RedactedThinking { data } => redacted.push(data),
                 wire::ResponseBlock::Other => {}
             }
         }
@@ -608,7 +607,21 @@ impl Adapter for AnthropicAdapter {
             reasoning,
             tool_calls: (!calls.is_empty()).then_some(calls),
             signature,
-            redacted_thinking: redacted,
+            anthropic: match call.request.inbound.dialect {
+                // The blocks as sent, for a `/v1/messages` client.
+                Dialect::AnthropicMessages => {
+                    #[derive(serde::Deserialize)]
+                    struct Blocks<'a> {
+                        #[serde(borrow)]
+                        content: Option<&'a serde_json::value::RawValue>,
+                    }
+                    serde_json::from_slice::<Blocks>(body)
+                        .ok()
+                        .and_then(|b| b.content)
+                        .map(|c| AnthropicRaw::Content(RawJson(c.to_owned())))
+                }
+                _ => None,
+            },
             native_stop: native_stop(wire.stop_reason.as_deref(), wire.stop_sequence),
         };
         let finish = finish_reason(wire.stop_reason.as_deref().unwrap_or("end_turn"));
@@ -634,8 +647,8 @@ struct AnthropicDecoder {
     usage: wire::Usage,
     /// Content-block index → tool-call ordinal.
     tool_ordinals: HashMap<u32, u32>,
-    /// The client asked `/v1/messages`: `redacted_thinking` blocks are for it (a chat
-    /// client has no place for them, so they are not a chunk of their own).
+    /// The client asked `/v1/messages`: content-block events are passed on as sent
+    /// ([`AnthropicRaw`]).
     messages_client: bool,
 }
 
@@ -664,6 +677,63 @@ impl StreamDecoder for AnthropicDecoder {
         else {
             return Ok(Decoded::Skip);
         };
+        // A `/v1/messages` client gets every content-block event as sent, beside its
+        // translation (which metering and the log read).
+        let name = match &event {
+            wire::Event::ContentBlockStart { .. } => Some("content_block_start"),
+            wire::Event::ContentBlockDelta { .. } => Some("content_block_delta"),
+            wire::Event::ContentBlockStop {} => Some("content_block_stop"),
+            _ => None,
+        };
+        let decoded = self.translate(event)?;
+        let Some(name) = name.filter(|_| self.messages_client) else {
+            return Ok(decoded);
+        };
+        let raw = Some(AnthropicRaw::Event(name, raw_json(&self.provider, data)?));
+        Ok(match decoded {
+            Decoded::Chunk(mut chunk) => {
+                if let Some(c) = chunk.choices.first_mut() {
+                    c.delta.anthropic = raw;
+                }
+                Decoded::Chunk(chunk)
+            }
+            Decoded::Skip => Decoded::Chunk(ChatChunk::delta(Delta {
+                anthropic: raw,
+                ..Delta::default()
+            })),
+            other => other,
+        })
+    }
+}
+
+/// An event's `data` kept as it came, on one line (it parsed already: an error here is
+/// one too). Data sent over several `data:` lines holds line breaks, which JSON allows
+/// only between tokens: such a text is written again without them, so that it stays
+/// one `data:` line for the client.
+fn raw_json(provider: &Arc<str>, text: &str) -> Result<RawJson, ProviderError> {
+    let bad = |e: serde_json::Error| {
+        ProviderError::new(
+            provider.clone(),
+            FailureKind::Protocol,
+            format!("bad event: {e}"),
+        )
+    };
+    let text = text.trim();
+    let one_line = if text.contains(['\n', '\r']) {
+        serde_json::from_str::<Value>(text)
+            .map_err(bad)?
+            .to_string()
+    } else {
+        text.to_owned()
+    };
+    serde_json::value::RawValue::from_string(one_line)
+        .map(RawJson)
+        .map_err(bad)
+}
+
+impl AnthropicDecoder {
+    /// One event in chat terms.
+    fn translate(&mut self, event: wire::Event) -> Result<Decoded, ProviderError> {
         Ok(match event {
             wire::Event::MessageStart { message } => {
                 if let Some(u) = message.usage {
@@ -684,12 +754,6 @@ impl StreamDecoder for AnthropicDecoder {
                 wire::StartBlock::Thinking { thinking } if !thinking.is_empty() => {
                     Decoded::Chunk(ChatChunk::delta(Delta {
                         reasoning: Some(thinking),
-                        ..Delta::default()
-                    }))
-                }
-                wire::StartBlock::RedactedThinking { data } if self.messages_client => {
-                    Decoded::Chunk(ChatChunk::delta(Delta {
-                        redacted_thinking: vec![data],
                         ..Delta::default()
                     }))
                 }

@@ -52,7 +52,59 @@ fn decoder() -> AnthropicDecoder {
         provider: "claude".into(),
         usage: wire::Usage::default(),
         tool_ordinals: HashMap::new(),
+        messages_client: false,
     }
+}
+
+#[test]
+fn for_a_messages_client_every_block_event_comes_with_its_text_as_sent_on_one_line() {
+    let mut d = AnthropicDecoder {
+        messages_client: true,
+        ..decoder()
+    };
+    let raw = |decoded: Decoded| match decoded {
+        Decoded::Chunk(c) => c.choices[0].delta.anthropic.clone(),
+        _ => None,
+    };
+    // A translated event keeps its translation and gains its text.
+    let text =
+        r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#;
+    let Decoded::Chunk(c) = d.decode("content_block_delta", text).unwrap() else {
+        panic!("a chunk")
+    };
+    assert_eq!(c.choices[0].delta.content.as_deref(), Some("Hi"));
+    assert!(
+        matches!(&c.choices[0].delta.anthropic, Some(AnthropicRaw::Event("content_block_delta", r)) if r.0.get() == text)
+    );
+    // Events with no chat form (a stop, an unknown block) are chunks of their own.
+    for (name, text) in [
+        (
+            "content_block_stop",
+            r#"{"type":"content_block_stop","index":0}"#,
+        ),
+        (
+            "content_block_start",
+            r#"{"type":"content_block_start","index":1,"content_block":{"type":"future_block","x":1}}"#,
+        ),
+    ] {
+        assert!(
+            matches!(raw(d.decode(name, text).unwrap()), Some(AnthropicRaw::Event(n, r)) if n == name && r.0.get() == text)
+        );
+    }
+    // Data sent over several lines is written again on one.
+    let multi = "{\"type\": \"content_block_stop\",\n \"index\": 2}";
+    let Some(AnthropicRaw::Event(_, r)) = raw(d.decode("content_block_stop", multi).unwrap())
+    else {
+        panic!("a raw event")
+    };
+    assert_eq!(r.0.get(), r#"{"index":2,"type":"content_block_stop"}"#);
+    // Other events are not passed on as sent; a chat client's decoder passes none.
+    let delta = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"}}"#;
+    assert_eq!(raw(d.decode("message_delta", delta).unwrap()), None);
+    assert_eq!(
+        raw(decoder().decode("content_block_delta", text).unwrap()),
+        None
+    );
 }
 
 /// Feeds `(event, data)` pairs; returns the chunks and whether `Done` was seen.

@@ -172,10 +172,6 @@ pub enum ResponseBlock {
         #[serde(default)]
         input: Value,
     },
-    RedactedThinking {
-        #[serde(default)]
-        data: String,
-    },
     #[serde(other)]
     Other,
 }
@@ -271,10 +267,6 @@ pub enum StartBlock {
     ToolUse {
         id: String,
         name: String,
-    },
-    RedactedThinking {
-        #[serde(default)]
-        data: String,
     },
     #[serde(other)]
     Other,
