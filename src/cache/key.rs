@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheKey(pub [u8; 32]);
 
-/// A digest is already uniform: its first 8 bytes are the hash ([`KeyHasher`]).
+/// A digest is already uniform: its first 8 bytes are the hash (the crate's `KeyHasher`).
 impl std::hash::Hash for CacheKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         let mut first = [0u8; 8];

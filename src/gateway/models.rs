@@ -58,17 +58,33 @@ async fn models_key(
     }
 }
 
+/// The request's key (if it sent one) and the current catalog, or the error answer.
+async fn key_and_catalog(
+    state: &ModelsState,
+    headers: &http::HeaderMap,
+) -> Result<
+    (
+        Option<Arc<crate::keys::KeyRecord>>,
+        Arc<crate::catalog::Catalog>,
+    ),
+    Response<Body>,
+> {
+    let key = models_key(state, headers)
+        .await
+        .map_err(|e| e.into_response())?;
+    Ok((key, state.stack.load_full().catalog.clone()))
+}
+
 /// `GET /v1/models`: the whole catalog, or with a key only the models its
 /// allow-list permits.
 pub(super) async fn list_models(
     State(state): State<ModelsState>,
     headers: http::HeaderMap,
 ) -> Response<Body> {
-    let key = match models_key(&state, &headers).await {
-        Ok(k) => k,
-        Err(e) => return e.into_response(),
+    let (key, catalog) = match key_and_catalog(&state, &headers).await {
+        Ok(both) => both,
+        Err(res) => return res,
     };
-    let catalog = state.stack.load_full().catalog.clone();
     let data: Vec<Value> = catalog
         .models()
         .iter()
@@ -86,11 +102,10 @@ pub(super) async fn get_model(
     Path(id): Path<String>,
     headers: http::HeaderMap,
 ) -> Response<Body> {
-    let key = match models_key(&state, &headers).await {
-        Ok(k) => k,
-        Err(e) => return e.into_response(),
+    let (key, catalog) = match key_and_catalog(&state, &headers).await {
+        Ok(both) => both,
+        Err(res) => return res,
     };
-    let catalog = state.stack.load_full().catalog.clone();
     match catalog.model(&id) {
         Some(m) => match key {
             Some(k) if !k.allows_model(&m.id) => GatewayError::Forbidden(format!(
