@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use crate::catalog::{Catalog, Endpoint};
-use crate::chat::{Aggregator, ChatChunk, ChatRequest, ChunkChoice};
+use crate::chat::{Aggregator, ChatChunk, ChatRequest, ChunkChoice, Dialect};
 use crate::config::{Config, ProviderKind, StoreConfig, SyncMode};
 use crate::context::{CallContext, ProviderCall};
 use crate::money::Money;
@@ -216,6 +216,25 @@ pub fn response(kind: ProviderKind, data: &[u8]) {
     let mut agg = Aggregator::default();
     agg.push(chunk);
     out.completion(agg);
+    if kind == ProviderKind::Anthropic {
+        messages_response(data);
+    }
+}
+
+/// An anthropic answer as a `/v1/messages` client gets it (its content blocks as
+/// sent): one JSON `message`, bounded by the input.
+fn messages_response(data: &[u8]) {
+    let call = call_as(ProviderKind::Anthropic, Dialect::AnthropicMessages);
+    let Ok(chunk) = adapter(ProviderKind::Anthropic).parse_response(&call, data) else {
+        return;
+    };
+    let mut agg = Aggregator::default();
+    agg.push(chunk);
+    let body = crate::normalize::json_body(&agg.finish(), &call.request);
+    let message: serde_json::Value = serde_json::from_slice(&body).expect("a message is JSON");
+    assert_eq!(message["type"], "message", "{message}");
+    assert!(message["content"].is_array(), "{message}");
+    Output::new(data.len()).add(body.len(), "the message");
 }
 
 /// A provider's SSE stream: the input (after two bytes that choose where reads are
@@ -223,12 +242,55 @@ pub fn response(kind: ProviderKind, data: &[u8]) {
 /// transport does; each chunk is written as the SSE line a stream client gets, and
 /// all of them folded into the completion a non-stream client gets.
 pub fn stream(kind: ProviderKind, data: &[u8]) {
-    let (mut cuts, body) = Cuts::split(data);
-    let call = call_for(kind);
-    let mut decoder = adapter(kind).stream_decoder(&call);
-    let mut parser = SseParser::default();
     let mut agg = Aggregator::default();
     let mut out = Output::new(data.len());
+    decode_stream(&call_for(kind), data, |chunk| {
+        out.chunk(&chunk);
+        agg.push(chunk);
+    });
+    out.completion(agg);
+    if kind == ProviderKind::Anthropic {
+        messages_stream(data);
+    }
+}
+
+/// An anthropic stream as a `/v1/messages` client gets it (its block events as
+/// sent): every event one `event:` line and one `data:` line of JSON whose `type` is
+/// the event's name, bounded by the input.
+fn messages_stream(data: &[u8]) {
+    let call = call_as(ProviderKind::Anthropic, Dialect::AnthropicMessages);
+    let mut encoder =
+        crate::normalize::Encoder::new(CallContext::new(), Some(&call.endpoint), &call.request);
+    let mut out = Output::new(data.len());
+    let mut check = |bytes: &[u8]| {
+        out.add(bytes.len(), "the message events");
+        let text = std::str::from_utf8(bytes).expect("events are UTF-8");
+        let events = text
+            .strip_suffix("\n\n")
+            .expect("events end with a blank line");
+        for event in events.split("\n\n") {
+            let (name, data) = event.split_once('\n').expect("an event and a data line");
+            let name = name.strip_prefix("event: ").expect("an event line");
+            let data = data.strip_prefix("data: ").expect("a data line");
+            assert!(!data.contains('\n'), "one data line: {event:?}");
+            let v: serde_json::Value = serde_json::from_str(data).expect("the data is JSON");
+            assert_eq!(v["type"], name, "{event}");
+        }
+    };
+    decode_stream(&call, data, |chunk| {
+        if let Some(bytes) = encoder.chunk(&chunk) {
+            check(&bytes);
+        }
+    });
+    check(&encoder.done());
+}
+
+/// Decodes `data` (after two bytes that choose where reads are cut) as a stream of
+/// `call`'s upstream, handing each chunk to `each`, until the stream ends or fails.
+fn decode_stream(call: &ProviderCall, data: &[u8], mut each: impl FnMut(ChatChunk)) {
+    let (mut cuts, body) = Cuts::split(data);
+    let mut decoder = adapter(call.endpoint.provider.kind).stream_decoder(call);
+    let mut parser = SseParser::default();
     let mut rest = body;
     'read: loop {
         if rest.is_empty() {
@@ -247,16 +309,12 @@ pub fn stream(kind: ProviderKind, data: &[u8]) {
                 Err(_) => break 'read,
             };
             match decoder.decode(event.event, event.data) {
-                Ok(Decoded::Chunk(chunk)) => {
-                    out.chunk(&chunk);
-                    agg.push(chunk);
-                }
+                Ok(Decoded::Chunk(chunk)) => each(chunk),
                 Ok(Decoded::Skip) => {}
                 Ok(Decoded::Done) | Err(_) => break 'read,
             }
         }
     }
-    out.completion(agg);
 }
 
 /// Chunks as JSON lines (`chat.completion.chunk` objects) folded by the
@@ -434,6 +492,13 @@ fn adapter(kind: ProviderKind) -> &'static dyn Adapter {
 }
 
 /// A call to the catalog's endpoint of `kind` for a one-message request.
+/// [`call_for`] `kind`, asked by a client of `dialect`.
+fn call_as(kind: ProviderKind, dialect: Dialect) -> ProviderCall {
+    let mut call = call_for(kind);
+    Arc::make_mut(&mut call.request).inbound.dialect = dialect;
+    call
+}
+
 fn call_for(kind: ProviderKind) -> ProviderCall {
     let endpoint: &Arc<Endpoint> = catalog()
         .endpoints()

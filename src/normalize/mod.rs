@@ -48,7 +48,7 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::chat::{Aggregator, ChatChunk, ChatRequest, Dialect};
+use crate::chat::{Aggregator, ChatChunk, ChatCompletion, ChatRequest, Dialect};
 use crate::context::{CallContext, ChatCall, ChatReply, ChunkStream};
 use crate::error::{Body, BoxError, GatewayError};
 use crate::keys::KeyRecord;
@@ -328,13 +328,7 @@ where
     completion.created = ctx.created();
     completion.model = (*endpoint.model).to_owned();
     completion.provider = Some((*endpoint.provider.name).to_owned());
-    let body = match request.inbound.dialect {
-        Dialect::OpenAiChat => openai_chat::json_body(&completion),
-        Dialect::AnthropicMessages => anthropic_messages::json_body(&completion, request),
-        Dialect::OpenAiResponses => openai_responses::json_body(&completion, request),
-        Dialect::Embeddings => embeddings::json_body(&completion, request),
-        Dialect::Completions => openai_completions::json_body(&completion),
-    };
+    let body = json_body(&completion, request);
     ctx.update(|s| s.status = 200);
     let mut res = Response::new(Body::from(body));
     let h = res.headers_mut();
@@ -344,6 +338,17 @@ where
     );
     served_headers(h, &endpoint.model, &endpoint.provider.name);
     Ok(res)
+}
+
+/// The JSON body of a folded reply, in the dialect `request` came in.
+pub(crate) fn json_body(completion: &ChatCompletion, request: &ChatRequest) -> Vec<u8> {
+    match request.inbound.dialect {
+        Dialect::OpenAiChat => openai_chat::json_body(completion),
+        Dialect::AnthropicMessages => anthropic_messages::json_body(completion, request),
+        Dialect::OpenAiResponses => openai_responses::json_body(completion, request),
+        Dialect::Embeddings => embeddings::json_body(completion, request),
+        Dialect::Completions => openai_completions::json_body(completion),
+    }
 }
 
 fn served_headers(h: &mut http::HeaderMap, model: &str, provider: &str) {
@@ -507,7 +512,7 @@ pub(crate) enum Encoder {
 impl Encoder {
     /// The encoder of `request`'s dialect; `endpoint` is `None` when the stream ends
     /// before any endpoint committed (an error after an early commit).
-    fn new(
+    pub(crate) fn new(
         ctx: CallContext,
         endpoint: Option<&crate::catalog::Endpoint>,
         request: &Arc<ChatRequest>,
@@ -530,7 +535,7 @@ impl Encoder {
     }
 
     /// One chunk's events, or `None` when there is nothing for this client in it.
-    fn chunk(&mut self, chunk: &ChatChunk) -> Option<Bytes> {
+    pub(crate) fn chunk(&mut self, chunk: &ChatChunk) -> Option<Bytes> {
         match self {
             Encoder::Chat(w) => w.encode(chunk),
             Encoder::Messages(e) => e.chunk(chunk),
@@ -540,7 +545,7 @@ impl Encoder {
     }
 
     /// The events that end a complete stream.
-    fn done(&mut self) -> Bytes {
+    pub(crate) fn done(&mut self) -> Bytes {
         match self {
             Encoder::Chat(_) => Bytes::from_static(DONE_EVENT),
             Encoder::Messages(e) => e.done(),
