@@ -14,7 +14,15 @@ pub(super) const LOCK_ID: i64 = 0x5357_4954_4348_4244;
 
 /// The schema steps, in order: step `n` brings the database to version `n + 1`.
 pub(super) fn migrations() -> Vec<String> {
-    vec![step_1(), step_2(), step_3(), step_4(), step_5(), step_6()]
+    vec![
+        step_1(),
+        step_2(),
+        step_3(),
+        step_4(),
+        step_5(),
+        step_6(),
+        step_7(),
+    ]
 }
 
 /// Version 3 (SPEC §8.3): a key's `limit_reset` and `expires_at`; the app that sent
@@ -222,6 +230,15 @@ END
 $fn$;
 "#
     )
+}
+
+/// Without `sb_settlements_key_created`: nothing reads settlements by key and time
+/// (`/v1/generation` reads one by its id, the usage API reads the request log), and
+/// the index cost PostgreSQL ≈ 1–1.5 µs of CPU per settlement row (30-row inserts,
+/// `benches/tools/pg_settlement_index.sh`: 170–195 µs with it, 140–150 without;
+/// BENCHMARKS.md, fifteenth session). Idempotent.
+fn step_7() -> String {
+    "DROP INDEX IF EXISTS sb_settlements_key_created;".into()
 }
 
 /// Keys' `labels` (a JSON object), deletion (`deleted_at`, Unix seconds; the row

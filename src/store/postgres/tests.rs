@@ -491,6 +491,16 @@ fn four_instances_starting_at_once_migrate_one_schema() {
                     )
                     .await
                     .map_err(|e| s.error(e))?;
+                // Step 7 took the settlements' (key, time) index away again.
+                let gone: bool = c
+                    .query_one(
+                        "SELECT to_regclass('sb_settlements_key_created') IS NULL",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| s.error(e))?
+                    .get(0);
+                assert!(gone, "sb_settlements_key_created is still there");
                 Ok(rows.iter().map(|r| r.get(0)).collect())
             }
         })
