@@ -107,29 +107,37 @@ fn stop_of<'a>(
     }
 }
 
+/// The content blocks of a chat answer: thinking (with its signature), text, a
+/// `tool_use` per tool call.
+fn blocks(m: &crate::chat::ResponseMessage) -> Vec<Block<'_>> {
+    let mut content = Vec::new();
+    if m.reasoning.is_some() || m.reasoning_signature.is_some() {
+        content.push(Block::Thinking {
+            thinking: m.reasoning.as_deref().unwrap_or_default(),
+            signature: m.reasoning_signature.as_deref().unwrap_or_default(),
+        });
+    }
+    if let Some(text) = m.content.as_deref().filter(|t| !t.is_empty()) {
+        content.push(Block::Text { text });
+    }
+    for call in m.tool_calls.iter().flatten() {
+        content.push(Block::ToolUse {
+            id: &call.id,
+            name: &call.function.name,
+            input: crate::providers::media::arguments_object(&call.function.arguments),
+        });
+    }
+    content
+}
+
 /// The `message` body of a folded reply.
 pub(crate) fn json_body(completion: &ChatCompletion, _request: &ChatRequest) -> Vec<u8> {
-    let mut content = Vec::new();
     let choice = completion.choices.first();
-    if let Some(c) = choice {
-        let m = &c.message;
-        if m.reasoning.is_some() || m.reasoning_signature.is_some() {
-            content.push(Block::Thinking {
-                thinking: m.reasoning.as_deref().unwrap_or_default(),
-                signature: m.reasoning_signature.as_deref().unwrap_or_default(),
-            });
-        }
-        if let Some(text) = m.content.as_deref().filter(|t| !t.is_empty()) {
-            content.push(Block::Text { text });
-        }
-        for call in m.tool_calls.iter().flatten() {
-            content.push(Block::ToolUse {
-                id: &call.id,
-                name: &call.function.name,
-                input: crate::providers::media::arguments_object(&call.function.arguments),
-            });
-        }
-    }
+    // An anthropic-kind upstream's own blocks when it sent them; else the translation.
+    let content = match choice.and_then(|c| c.message.anthropic_content.as_ref()) {
+        Some(raw) => ContentOut::Raw(&raw.0),
+        None => ContentOut::Blocks(choice.map_or_else(Vec::new, |c| blocks(&c.message))),
+    };
     let (stop, sequence) = stop_of(
         choice.and_then(|c| c.message.native_stop.as_ref()),
         choice.and_then(|c| c.finish_reason.as_deref()),
@@ -139,10 +147,7 @@ pub(crate) fn json_body(completion: &ChatCompletion, _request: &ChatRequest) -> 
         kind: "message",
         role: "assistant",
         model: &completion.model,
-        content: match choice.and_then(|c| c.message.anthropic_content.as_ref()) {
-            Some(raw) => ContentOut::Raw(&raw.0),
-            None => ContentOut::Blocks(content),
-        },
+        content,
         stop_reason: Some(stop),
         stop_sequence: sequence,
         usage: UsageOut::of(completion.usage.as_ref()),
