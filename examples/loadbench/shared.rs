@@ -376,7 +376,13 @@ pub async fn run(args: &[String]) {
         shared_store(&db1, &r1, "pg1.toml"),
         shared_store(&db2, &r2, "pg2.toml"),
     );
-    let targets = [
+    // `--only NAME` keeps `sqlite` (every ratio's base) and the targets whose name
+    // contains NAME (e.g. `×1`).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1));
+    let targets: Vec<Target> = [
         Target {
             name: "sqlite",
             servers: gateways(up.addr, &sqlite, 1),
@@ -401,7 +407,10 @@ pub async fn run(args: &[String]) {
             db: Some(db2),
             _redis: Some(r2),
         },
-    ];
+    ]
+    .into_iter()
+    .filter(|t| t.name == "sqlite" || only.is_none_or(|o| t.name.contains(o.as_str())))
+    .collect();
 
     println!(
         "# switchboard many-instances benchmark ({secs} s per step, {repeat} runs{})",
@@ -474,7 +483,14 @@ pub async fn run(args: &[String]) {
     println!("\n## Fixed rate (open loop), non-streaming, hot key; median of {repeat} runs");
     println!("| rate | target | ok | err | p50 ms | p90 ms | added p50 µs | added p90 µs | CPU µs/req: gateways | PostgreSQL | Redis | total | × sqlite | PG round trips/req |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for rate in [500u64, 1000] {
+    // `--saturation` skips the fixed rates (PostgreSQL's share at saturation is the
+    // issue's target; a profile wants those steps alone).
+    let rates: &[u64] = if args.iter().any(|a| a == "--saturation") {
+        &[]
+    } else {
+        &[500, 1000]
+    };
+    for &rate in rates {
         // Per run: the proxy's (p50, p90), and each target's.
         let mut proxy_runs: Vec<(f64, f64)> = Vec::new();
         let mut runs: Vec<Vec<(f64, f64, PerRequest)>> = vec![Vec::new(); targets.len()];

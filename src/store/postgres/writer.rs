@@ -18,6 +18,14 @@ use crate::store::{IdempotencyRecord, Settlement, StoreError};
 /// Settlements per statement at most.
 const MAX_BATCH: usize = 512;
 
+/// The longest a settlement waits in the queue for others to join its statement
+/// (see [`linger`]).
+const LINGER: Duration = Duration::from_millis(1);
+
+/// The size of the last statement from which the writer lingers: below it, requests
+/// rarely overlap and a settlement goes at once.
+const LINGER_FROM: usize = 8;
+
 /// How long a flush waits while PostgreSQL does not answer (a gateway shutting down
 /// must not wait for ever).
 const FLUSH_WAIT: Duration = Duration::from_secs(if cfg!(test) { 2 } else { 30 });
@@ -58,6 +66,10 @@ struct Queue {
     /// Whether those are all in the spill file.
     in_flight_spilled: bool,
     closing: bool,
+    /// How many queued items make `settle` wake the writer: 1 while it waits for
+    /// work, more while it lingers for a larger statement ([`linger`]), none while it
+    /// commits (it looks at the queue again after).
+    wake_at: usize,
     /// Told, once the queue is empty after `closing`.
     stopped: Option<std::sync::mpsc::Sender<()>>,
 }
@@ -141,8 +153,11 @@ impl Writer {
             },
             record,
         }));
+        let wake = q.items.len() >= q.wake_at;
         drop(q);
-        self.wake.notify_one();
+        if wake {
+            self.wake.notify_one();
+        }
         rx
     }
 
@@ -217,6 +232,9 @@ impl Writer {
         }
         q.in_flight = batch.len();
         q.in_flight_spilled = false;
+        // Committing, the writer looks at the queue again after; idle, it waits for
+        // the next settlement.
+        q.wake_at = if batch.is_empty() { 1 } else { usize::MAX };
         if batch.is_empty() && q.closing {
             if let Some(tx) = q.stopped.take() {
                 let _ = tx.send(());
@@ -358,19 +376,68 @@ impl Writer {
     }
 }
 
-/// The writer task: takes what is queued, commits it, and again.
+/// Whether the writer, free since `free` and whose last statement committed `last`
+/// settlements, waits before taking the `queued` settlements: `Some((until, want))`
+/// to wait until `until`, or until `want` are queued.
+///
+/// Group commit, as PostgreSQL's own `commit_delay` does for the WAL: under load a
+/// statement's fixed cost (the round trip, the function, the key and lease updates,
+/// the commit's WAL flush) is most of what a settlement costs PostgreSQL, and shared
+/// by every settlement in it. When the last statement was large ([`LINGER_FROM`] or
+/// more), requests overlap, and waiting at most [`LINGER`] for half as many again
+/// makes statements larger, and fewer. A quiet gateway (smaller statements) never
+/// waits. BENCHMARKS.md (sixteenth session) has what it saves and costs.
+fn linger(last: usize, queued: usize, free: Instant, now: Instant) -> Option<(Instant, usize)> {
+    let want = (last + last / 2).min(MAX_BATCH);
+    let until = free + LINGER;
+    (last >= LINGER_FROM && queued < want && now < until).then_some((until, want))
+}
+
+/// How many settlements are queued, unless a flush or the close is waiting (those go
+/// at once: `None`).
+fn queued(q: &Queue) -> Option<usize> {
+    if q.closing || q.items.iter().any(|i| matches!(i, Item::Flush(..))) {
+        return None;
+    }
+    Some(q.items.len())
+}
+
+/// The writer task: takes what is queued (after lingering for more, under load:
+/// [`linger`]), commits it, and again.
 pub(super) async fn run(shared: Arc<Shared>) {
+    let mut last = 0;
+    // When the writer was last done with a statement (or idle).
+    let mut free = Instant::now();
     loop {
         let notified = shared.writer.wake.notified();
+        let wait = {
+            let mut q = shared.writer.queue.lock();
+            let wait = queued(&q).and_then(|n| linger(last, n, free, Instant::now()));
+            if let Some((_, want)) = wait {
+                q.wake_at = want;
+            }
+            wait
+        };
+        if let Some((until, _)) = wait {
+            tokio::select! {
+                () = tokio::time::sleep_until(until.into()) => {}
+                () = notified => {}
+            }
+            continue;
+        }
         let Some(batch) = shared.writer.take() else {
             return;
         };
         if batch.is_empty() {
+            // Idle: the next settlement goes at once.
+            last = 0;
             notified.await;
             continue;
         }
+        last = batch.len();
         commit(&shared, batch).await;
         shared.writer.queue.lock().in_flight = 0;
+        free = Instant::now();
     }
 }
 
@@ -811,4 +878,72 @@ pub(super) async fn statement(
         }
     }
     Ok(committed)
+}
+
+#[cfg(test)]
+mod linger_tests {
+    use super::*;
+
+    #[test]
+    fn a_quiet_writer_never_lingers() {
+        let free = Instant::now();
+        for last in 0..LINGER_FROM {
+            assert_eq!(
+                linger(last, 1, free, free),
+                None,
+                "last statement of {last}"
+            );
+        }
+    }
+
+    #[test]
+    fn under_load_the_writer_waits_for_half_as_many_again_at_most_linger_after_it_was_free() {
+        let free = Instant::now();
+        assert_eq!(linger(20, 5, free, free), Some((free + LINGER, 30)));
+        assert_eq!(
+            linger(20, 29, free, free + LINGER / 2),
+            Some((free + LINGER, 30))
+        );
+        // Enough are queued, or the time is up: it goes.
+        assert_eq!(linger(20, 30, free, free), None);
+        assert_eq!(linger(20, 5, free, free + LINGER), None);
+        // Never more than a statement takes.
+        assert_eq!(
+            linger(MAX_BATCH, 1, free, free),
+            Some((free + LINGER, MAX_BATCH))
+        );
+    }
+
+    fn settlement() -> Item {
+        Item::Settle(Queued {
+            settlement: Box::new(super::super::tests::settlement(
+                "key-1",
+                "gen-1",
+                crate::money::Money::ZERO,
+                crate::money::Money::ZERO.into(),
+                0,
+            )),
+            meta: Waiting {
+                waiter: None,
+                since: Instant::now(),
+                counted: false,
+                spilled: false,
+            },
+            record: None,
+        })
+    }
+
+    #[test]
+    fn a_flush_or_the_close_ends_the_linger() {
+        let mut q = Queue::default();
+        assert_eq!(queued(&q), Some(0));
+        q.items.push_back(settlement());
+        q.items.push_back(settlement());
+        assert_eq!(queued(&q), Some(2));
+        q.items.push_back(Item::Flush(None, Instant::now()));
+        assert_eq!(queued(&q), None, "a flush waits");
+        q.items.pop_back();
+        q.closing = true;
+        assert_eq!(queued(&q), None, "closing");
+    }
 }
