@@ -286,7 +286,7 @@ mod pg_tests {
         let ra = record(&key.id, "k-2", b"a", 5_000);
         let rb = record(&key.id, "k-2", b"b", 5_000);
         let rows = [(&a, Some(&ra)), (&b, Some(&rb))];
-        let committed = super::super::writer::statement(&store.shared, &rows, None)
+        let committed = super::super::writer::statement(&store.shared, &rows, None, false)
             .await
             .ok()
             .expect("committed");

@@ -478,7 +478,7 @@ fn commit(
             .block(async move {
                 let rows: Vec<(&Settlement, Option<&IdempotencyRecord>)> =
                     rows.iter().map(|(s, r)| (s, r.as_ref())).collect();
-                Ok(statement(&s, &rows, None).await)
+                Ok(statement(&s, &rows, None, false).await)
             })
             .unwrap_or_else(|e| Err(Failure::Retry(e)));
         match answer {

@@ -405,6 +405,49 @@ async fn settlements_queued_together_commit_in_one_statement_and_never_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_settled_by_an_earlier_statement_is_skipped_by_a_later_batch() {
+    let Some(db) = postgres("a_request_id_settled_by_an_earlier_statement") else {
+        return;
+    };
+    let store = open(&db, 30);
+    let key = make_key(&store, "again", NewKey::new("again", usd("10")));
+    let hold = money_hold("0.01");
+    for _ in 0..12 {
+        Ledger::reserve(&*store, &key, hold).await.unwrap();
+    }
+    let one = |id: &str, pico: i64| settlement(&key.id, id, Money::from_pico(pico), hold, 0);
+    assert!(store.settle(one("r-early", 7_000)).await.unwrap());
+    // A batch of ten new ids and the early one again: the writer's first try
+    // (`sb_settle_fresh`) is refused whole by the primary key, the second
+    // (`sb_settle`) skips the early id.
+    let before = store.round_trips(Some("settle"));
+    store.shared.writer.paused.store(true, Ordering::SeqCst);
+    let mut waits = Vec::new();
+    for n in 0..10 {
+        waits.push(store.settle(one(&format!("r-{n}"), 1_000 + n)));
+    }
+    waits.push(store.settle(one("r-early", 9_999_999)));
+    store.shared.writer.paused.store(false, Ordering::SeqCst);
+    store.shared.writer.wake();
+    let charged: Vec<bool> = futures_util::future::join_all(waits)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(charged, [vec![true; 10], vec![false]].concat());
+    assert_eq!(store.round_trips(Some("settle")) - before, 2);
+    let expected = 7_000 + (0..10).map(|n| 1_000 + n).sum::<i64>();
+    let (s2, id) = (store.clone(), key.id.clone());
+    let (spent, early) = tokio::task::spawn_blocking(move || {
+        (spent_of(&s2, &id), s2.generation("r-early").unwrap())
+    })
+    .await
+    .unwrap();
+    assert_eq!(spent, Money::from_pico(expected));
+    assert_eq!(early.unwrap().total_cost, Money::from_pico(7_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_changes_on_one_instance_reach_the_other_within_a_second() {
     let Some(db) = postgres("key_changes_on_one_instance_reach_the_other") else {
         return;

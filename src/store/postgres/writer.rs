@@ -507,7 +507,8 @@ async fn commit(shared: &Arc<Shared>, batch: Vec<Queued>) {
     let mut delay = Duration::from_millis(50);
     let mut failing = false;
     let outcome = loop {
-        let attempt = statement(shared, &rows, Some(&shared.instance));
+        // A try after one that failed may follow a commit whose answer was lost.
+        let attempt = statement(shared, &rows, Some(&shared.instance), !failing);
         tokio::pin!(attempt);
         let answer = loop {
             tokio::select! {
@@ -702,6 +703,9 @@ fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// `sb_settle_fresh` of a batch (see [`statement`]).
+const SETTLE_FRESH: &str = "SELECT * FROM sb_settle_fresh($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)";
+
 /// `sb_settle` of a batch.
 const SETTLE: &str = "SELECT * FROM sb_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)";
 
@@ -748,18 +752,48 @@ async fn settle_with_hits(
 
 /// One `sb_settle` round trip, for `instance`'s leases (`None`: touching no lease, for
 /// a replay), with the idempotency records of the rows that have one.
+///
+/// `fresh`: none of the rows can have been settled before (the writer's first try of
+/// a batch), so a plain batch (no idempotency record, no cache hit) goes through
+/// `sb_settle_fresh`, cheaper for PostgreSQL; should one have been settled after all,
+/// PostgreSQL refuses that statement whole and the batch goes again at once through
+/// `sb_settle`, which skips it (two round trips, still charged once).
 pub(super) async fn statement(
     shared: &Arc<Shared>,
     rows: &[(&Settlement, Option<&IdempotencyRecord>)],
     instance: Option<&str>,
+    fresh: bool,
 ) -> Result<Committed, Failure> {
+    let recorded = rows.iter().any(|(_, r)| r.is_some());
+    let hits: Vec<&str> = rows
+        .iter()
+        .filter(|(s, _)| s.generation.cache_hit)
+        .map(|(s, _)| s.generation.id.as_str())
+        .collect();
+    if fresh && !recorded && hits.is_empty() {
+        if let Some(committed) = try_statement(shared, rows, instance, SETTLE_FRESH, &hits).await? {
+            return Ok(committed);
+        }
+    }
+    let sql = if recorded { SETTLE_RECORDED } else { SETTLE };
+    try_statement(shared, rows, instance, sql, &hits)
+        .await?
+        .ok_or_else(|| Failure::Retry(StoreError("sb_settle answered nothing".into())))
+}
+
+/// [`statement`] through `sql` (`SETTLE`, `SETTLE_FRESH` or `SETTLE_RECORDED`);
+/// `None` when `SETTLE_FRESH` met a request id settled before (nothing committed).
+async fn try_statement(
+    shared: &Arc<Shared>,
+    rows: &[(&Settlement, Option<&IdempotencyRecord>)],
+    instance: Option<&str>,
+    sql: &str,
+    hits: &[&str],
+) -> Result<Option<Committed>, Failure> {
     // Nothing but the rows themselves can make PostgreSQL refuse them for good.
     let mut client = shared.client().await.map_err(Failure::Retry)?;
-    let recorded = rows.iter().any(|(_, r)| r.is_some());
-    let stmt = shared
-        .prepare(&client, if recorded { SETTLE_RECORDED } else { SETTLE })
-        .await
-        .map_err(Failure::Retry)?;
+    let fresh = std::ptr::eq(sql, SETTLE_FRESH);
+    let stmt = shared.prepare(&client, sql).await.map_err(Failure::Retry)?;
     let n = rows.len();
     let mut ids = Vec::with_capacity(n);
     let mut keys = Vec::with_capacity(n);
@@ -825,23 +859,27 @@ pub(super) async fn statement(
         &app_title,
         &now,
     ];
-    let records = recorded.then(|| RecordColumns::of(rows));
+    let records = std::ptr::eq(sql, SETTLE_RECORDED).then(|| RecordColumns::of(rows));
     if let Some(r) = &records {
         params.extend(r.params());
     }
     shared.count(Op::Settle);
-    let hits: Vec<&str> = rows
-        .iter()
-        .filter(|(s, _)| s.generation.cache_hit)
-        .map(|(s, _)| s.generation.id.as_str())
-        .collect();
     let answer = if hits.is_empty() {
         client.query(&stmt, &params).await
     } else {
-        settle_with_hits(&mut client, &stmt, &params, &hits).await
+        settle_with_hits(&mut client, &stmt, &params, hits).await
+    };
+    let inserted = if fresh {
+        rows.iter().map(|(s, _)| s.generation.id.clone()).collect()
+    } else {
+        HashSet::with_capacity(rows.len())
     };
     let rows = match answer {
         Ok(rows) => rows,
+        Err(e) if fresh && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            // One of them was settled before: nothing was committed.
+            return Ok(None);
+        }
         Err(e) => {
             // A data exception (22…) or a constraint (23…, e.g. a spending past
             // MAX_SPENT) is the rows' fault; anything else (unreachable, deadlock,
@@ -859,7 +897,7 @@ pub(super) async fn statement(
     };
     shared.mark_up();
     let mut committed = Committed {
-        inserted: HashSet::with_capacity(rows.len()),
+        inserted,
         leases: Vec::new(),
     };
     for r in rows {
@@ -877,7 +915,7 @@ pub(super) async fn statement(
                 .push((id, lease, r.get::<_, Option<i64>>(4).unwrap_or(0)));
         }
     }
-    Ok(committed)
+    Ok(Some(committed))
 }
 
 #[cfg(test)]
