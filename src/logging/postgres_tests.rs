@@ -302,7 +302,8 @@ fn a_batch_is_one_transaction_and_a_batch_written_again_doubles_nothing() {
         "SELECT count(DISTINCT xmin::text) FROM requests WHERE id LIKE 'gen-x%'",
     );
     assert_eq!(xmins[0][0].as_deref(), Some("1"));
-    // Written again (an answer lost after the commit), and an id twice in one batch.
+    // Written again (an answer lost after the commit), and an id twice in one batch:
+    // the first try's plain `INSERT` is refused whole, the `ON CONFLICT` one skips them.
     let mut again = batch.clone();
     again.push(record("gen-x0"));
     again.push(record("gen-y"));
