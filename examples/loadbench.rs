@@ -8,8 +8,8 @@
 //! runs of the fixed-rate and saturation steps, medians reported (default 5),
 //! `-- --memory-only` for just the RSS-per-open-stream step, `-- --shared` for the
 //! many-instances comparison: SQLite against one and two instances on PostgreSQL +
-//! Redis, see `loadbench/shared.rs` (`--saturation` skips its fixed rates, `--only ×1`
-//! keeps one target beside `sqlite`); run that one with `--release`; `-- --cache` for
+//! Redis, see `loadbench/shared.rs` (`--saturation` skips its fixed rates, `--rates 2000,4000`
+//! sets them, `--only ×1` keeps one target beside `sqlite`); run that one with `--release`; `-- --cache` for
 //! the response cache: hits, coalescing bursts, all misses, see `loadbench/cache.rs`;
 //! `-- --dialects` for the inbound APIs of SPEC §7 against chat completions, see
 //! `loadbench/dialects.rs`; `-- --reload` for fixed-rate load while the config is

@@ -33,7 +33,8 @@ SELECT 'gen-' || lpad(to_hex((extract(epoch from clock_timestamp()) * 1000)::big
   FROM generate_series(1, 30);
 SQL
 done
-ticks() { for p in $(pgrep postgres); do awk '{print $14+$15+$16+$17}' "/proc/$p/stat" 2>/dev/null; done | awk '{s+=$1} END{print s}'; }
+# (a process may end between pgrep and awk: not a failure)
+ticks() { for p in $(pgrep postgres); do awk '{print $14+$15+$16+$17}' "/proc/$p/stat" 2>/dev/null || true; done | awk '{s+=$1} END{print s}'; }
 for r in $(seq "$ROUNDS"); do
   for t in idx noidx; do
     a=$(ticks)

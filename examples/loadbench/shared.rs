@@ -484,13 +484,18 @@ pub async fn run(args: &[String]) {
     println!("| rate | target | ok | err | p50 ms | p90 ms | added p50 µs | added p90 µs | CPU µs/req: gateways | PostgreSQL | Redis | total | × sqlite | PG round trips/req |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // `--saturation` skips the fixed rates (PostgreSQL's share at saturation is the
-    // issue's target; a profile wants those steps alone).
-    let rates: &[u64] = if args.iter().any(|a| a == "--saturation") {
-        &[]
+    // issue's target; a profile wants those steps alone); `--rates 2000,4000` sets them.
+    let rates: Vec<u64> = if args.iter().any(|a| a == "--saturation") {
+        Vec::new()
     } else {
-        &[500, 1000]
+        args.iter()
+            .position(|a| a == "--rates")
+            .and_then(|i| args.get(i + 1))
+            .map_or(vec![500, 1000], |v| {
+                v.split(',').filter_map(|r| r.trim().parse().ok()).collect()
+            })
     };
-    for &rate in rates {
+    for &rate in &rates {
         // Per run: the proxy's (p50, p90), and each target's.
         let mut proxy_runs: Vec<(f64, f64)> = Vec::new();
         let mut runs: Vec<Vec<(f64, f64, PerRequest)>> = vec![Vec::new(); targets.len()];
