@@ -68,7 +68,8 @@ ON CONFLICT (id) DO NOTHING";
 
 /// [`INSERT`] without its `ON CONFLICT` clause, for a batch's first try: PostgreSQL
 /// then neither looks each id up before inserting it nor inserts speculatively
-/// (≈ 2 µs of its CPU per row, of the ≈ 5–8 a row costs it). A record written
+/// (≈ 1.5–2 µs of its CPU per row, of the ≈ 8 a row costs it with the check;
+/// `benches/tools/pg_settle_statements.sh`). A record written
 /// before makes the primary key refuse the statement whole, and the batch goes
 /// again through [`INSERT`] at once.
 const INSERT_FRESH: &str = "INSERT INTO requests (id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title, cache_hit, key_name, key_labels, client_ip)

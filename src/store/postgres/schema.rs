@@ -239,8 +239,9 @@ $fn$;
 /// id comes back: if one was settled after all, the primary key refuses the whole
 /// statement (`unique_violation`, nothing committed) and the writer sends the batch
 /// again through `sb_settle`, which skips it. So a request id is still charged at
-/// most once, by the primary key, and a batch costs PostgreSQL ≈ 20 % less (48 rows:
-/// 590–610 µs of CPU against 720–820, BENCHMARKS.md, sixteenth session). Same
+/// most once, by the primary key, and a batch costs PostgreSQL 10–20 % less (48 rows:
+/// 560–630 µs of CPU against 690–750; 24 rows: 430–500 against 490–550;
+/// `benches/tools/pg_settle_statements.sh`, BENCHMARKS.md, sixteenth session). Same
 /// arguments as `sb_settle`; returns only the lease rows (kind 'l'). Idempotent.
 fn step_8() -> String {
     r#"
