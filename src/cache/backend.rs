@@ -1,5 +1,5 @@
 //! Where answers are kept: [`CacheBackend`], with [`MemoryBackend`] (this process,
-//! moka, bounded by bytes) and [`RedisBackend`] (shared by every instance through
+//! `quick_cache`, bounded by bytes) and [`RedisBackend`] (shared by every instance through
 //! `[shared].redis_url`, with a local copy in front).
 
 use std::sync::Arc;
@@ -68,35 +68,42 @@ struct Stored {
     answer: Arc<CachedAnswer>,
     /// On tokio's clock, so that tests can pause time.
     expires: Instant,
-    ttl: Duration,
 }
 
-struct ByTtl;
+/// An entry weighs its answer's bytes (at least 1).
+#[derive(Clone)]
+struct ByBytes;
 
-impl moka::Expiry<CacheKey, Stored> for ByTtl {
-    fn expire_after_create(
-        &self,
-        _key: &CacheKey,
-        value: &Stored,
-        _now: std::time::Instant,
-    ) -> Option<Duration> {
-        // moka's own clock frees the memory; `Stored::expires` decides what is served.
-        Some(value.ttl)
+impl quick_cache::Weighter<CacheKey, Stored> for ByBytes {
+    fn weight(&self, _key: &CacheKey, value: &Stored) -> u64 {
+        (value.answer.weight() as u64).max(1)
     }
 }
 
-/// Answers in this process's memory: a moka cache weighted by bytes (at most
-/// `max_bytes` in total, least recently used out first), each entry expiring after
-/// its TTL on tokio's clock.
+/// What an answer typically weighs, to size the table ahead (not a bound).
+const TYPICAL_ANSWER: u64 = 2048;
+
+/// The store's shards: each holds a quarter of `max_bytes`, and an entry must fit in
+/// one (few shards: one answer may be large; four: writers rarely wait for each other).
+const SHARDS: usize = 4;
+
+/// Answers in this process's memory: a `quick_cache` cache weighted by bytes (at most
+/// `max_bytes` in total; S3-FIFO eviction, so one-off answers leave before those
+/// asked again), each entry served until its TTL on tokio's clock. An expired entry
+/// is dropped when it is next looked up, or evicted like any other.
+///
+/// `quick_cache` rather than moka: no housekeeping run from the reads and writes and no
+/// frequency sketch, so an all-miss workload, where every answer is stored and one
+/// evicted, costs less (BENCHMARKS.md, sixteenth session).
 #[derive(Clone)]
 pub struct MemoryBackend {
-    entries: moka::sync::Cache<CacheKey, Stored, KeyHash>,
+    entries: Arc<quick_cache::sync::Cache<CacheKey, Stored, ByBytes, KeyHash>>,
 }
 
 impl std::fmt::Debug for MemoryBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryBackend")
-            .field("entries", &self.entries.entry_count())
+            .field("entries", &self.entries.len())
             .finish()
     }
 }
@@ -104,20 +111,38 @@ impl std::fmt::Debug for MemoryBackend {
 impl MemoryBackend {
     /// A cache of at most `max_bytes` of answers.
     pub fn new(max_bytes: u64) -> Self {
+        let options = quick_cache::OptionsBuilder::new()
+            .shards(SHARDS)
+            .estimated_items_capacity(
+                usize::try_from(max_bytes / TYPICAL_ANSWER)
+                    .unwrap_or(usize::MAX)
+                    .clamp(16, 1 << 20),
+            )
+            .weight_capacity(max_bytes)
+            .build()
+            .expect("the shards, the items and the weight are set");
         MemoryBackend {
-            entries: moka::sync::Cache::builder()
-                .max_capacity(max_bytes)
-                .weigher(|_k, v: &Stored| v.answer.weight().min(u32::MAX as usize) as u32)
-                .expire_after(ByTtl)
-                .build_with_hasher(KeyHash::default()),
+            entries: Arc::new(quick_cache::sync::Cache::with_options(
+                options,
+                ByBytes,
+                KeyHash::default(),
+                quick_cache::sync::DefaultLifecycle::default(),
+            )),
         }
+    }
+
+    /// The largest answer body a backend of `max_bytes` keeps: an eighth of it (half
+    /// a shard, room for the entry's bookkeeping, and for the largest answer not to
+    /// empty a shard of everything else).
+    pub fn largest_body(max_bytes: u64) -> u64 {
+        max_bytes / (2 * SHARDS as u64)
     }
 
     /// The stored answer, if not expired.
     pub fn lookup(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
         let stored = self.entries.get(key)?;
         if Instant::now() >= stored.expires {
-            self.entries.invalidate(key);
+            self.entries.remove(key);
             return None;
         }
         Some(stored.answer)
@@ -133,15 +158,13 @@ impl MemoryBackend {
             Stored {
                 answer,
                 expires: Instant::now() + ttl,
-                ttl,
             },
         );
     }
 
-    /// Bytes held (approximate until moka's housekeeping runs).
+    /// Bytes held.
     pub fn weighted_size(&self) -> u64 {
-        self.entries.run_pending_tasks();
-        self.entries.weighted_size()
+        self.entries.weight()
     }
 }
 

@@ -179,8 +179,8 @@ impl CacheLayer {
         CacheLayer::new(backend)
             .enabled_by_default(config.enabled_by_default)
             .ttl(Duration::from_secs(config.ttl_secs))
-            // An answer may take a quarter of the cache at most.
-            .max_entry_bytes((config.max_bytes / 4).min(32 << 20) as usize)
+            // An answer may take an eighth of the cache at most (half a shard).
+            .max_entry_bytes(MemoryBackend::largest_body(config.max_bytes).min(32 << 20) as usize)
     }
 
     /// The same backend (its entries), the same requests in flight and the same

@@ -540,6 +540,77 @@ fn the_memory_backend_is_bounded_by_bytes() {
     });
 }
 
+#[test]
+fn a_new_answer_is_kept_by_a_memory_backend_full_of_one_off_answers() {
+    let backend = MemoryBackend::new(64 * 1024);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let answer = || {
+            Arc::new(CachedAnswer {
+                meta: AnswerMeta {
+                    content_type: "application/json".into(),
+                    provider: None,
+                    model: None,
+                    finish_reason: None,
+                    streamed: false,
+                    ttl_secs: 60,
+                    expires_unix_ms: 0,
+                    id_at: Vec::new(),
+                    id_len: 0,
+                },
+                body: Bytes::from(vec![b'x'; 4000]),
+            })
+        };
+        // Ten times what fits, each asked for once: then each new answer is kept
+        // (a frequency-based admission would refuse most of them).
+        for i in 0..160u8 {
+            backend.put(&CacheKey([i; 32]), answer());
+        }
+        for i in 160..200u8 {
+            let key = CacheKey([i; 32]);
+            backend.put(&key, answer());
+            assert!(backend.get_local(&key).is_some(), "answer {i} was not kept");
+        }
+    });
+}
+
+#[test]
+fn the_largest_answer_the_layer_stores_fits_the_memory_backend() {
+    let max = 64 * 1024;
+    let backend = MemoryBackend::new(max);
+    let largest = MemoryBackend::largest_body(max) as usize;
+    assert_eq!(largest, 8 * 1024);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for i in 0..20u8 {
+            let answer = Arc::new(CachedAnswer {
+                meta: AnswerMeta {
+                    content_type: "text/event-stream".into(),
+                    provider: None,
+                    model: None,
+                    finish_reason: None,
+                    streamed: true,
+                    ttl_secs: 60,
+                    expires_unix_ms: 0,
+                    // An id in every 40-byte chunk: the most bookkeeping a body has.
+                    id_at: (0..largest as u32 / 40).map(|n| n * 40).collect(),
+                    id_len: 24,
+                },
+                body: Bytes::from(vec![b'x'; largest]),
+            });
+            let key = CacheKey([i; 32]);
+            backend.put(&key, answer);
+            assert!(backend.get_local(&key).is_some(), "answer {i} was not kept");
+        }
+    });
+}
+
 #[tokio::test]
 async fn a_body_of_known_length_is_stored_without_being_polled_past_its_last_frame() {
     let (inner, calls) = inner(answering_json());

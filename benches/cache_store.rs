@@ -1,0 +1,161 @@
+//! The response cache's in-process store under an all-miss workload: each request
+//! looks its key up (a miss) and stores its answer, evicting older ones once the
+//! store is full; and a hit. `MemoryBackend` (quick_cache) against the moka cache it
+//! replaced (same bound by bytes, per-entry expiry, a hasher of the digest's first 8
+//! bytes), each filled before it is measured (twice its bound of distinct answers).
+//!
+//! Run with: cargo bench --bench cache_store -- --quick
+
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use switchboard::cache::{AnswerMeta, CacheBackend, CacheKey, CachedAnswer, MemoryBackend};
+
+/// 16 MiB, `[cache].max_bytes`'s default.
+const MAX_BYTES: u64 = 16 << 20;
+
+/// An answer as a miss stores it: a chat completion's ≈ 1.5 KB and its headers, the
+/// id at two places (a new one each time, as each miss makes its own).
+fn answer() -> Arc<CachedAnswer> {
+    Arc::new(CachedAnswer {
+        meta: AnswerMeta {
+            content_type: "application/json".into(),
+            provider: Some("upstream".into()),
+            model: Some("bench/model".into()),
+            finish_reason: Some("stop".into()),
+            streamed: false,
+            ttl_secs: 300,
+            expires_unix_ms: 0,
+            id_at: vec![7, 900],
+            id_len: 24,
+        },
+        body: Bytes::from(vec![b'x'; 1500]),
+    })
+}
+
+fn key(n: u64) -> CacheKey {
+    let mut k = [0u8; 32];
+    // A digest is uniform: spread the counter over the hashed bytes.
+    k[..8].copy_from_slice(&n.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+    k[8..16].copy_from_slice(&n.to_le_bytes());
+    CacheKey(k)
+}
+
+/// The hasher the crate uses for cache keys: the digest's first 8 bytes.
+#[derive(Default)]
+struct FirstBytes(u64);
+
+impl Hasher for FirstBytes {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        if bytes.len() >= 8 && self.0 == 0 {
+            self.0 = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Stored {
+    answer: Arc<CachedAnswer>,
+    ttl: Duration,
+}
+
+struct ByTtl;
+
+impl moka::Expiry<CacheKey, Stored> for ByTtl {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Stored,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+/// The moka store as `MemoryBackend` had it before.
+fn moka_store() -> moka::sync::Cache<CacheKey, Stored, BuildHasherDefault<FirstBytes>> {
+    moka::sync::Cache::builder()
+        .max_capacity(MAX_BYTES)
+        .weigher(|_k, v: &Stored| v.answer.weight().min(u32::MAX as usize) as u32)
+        .expire_after(ByTtl)
+        .build_with_hasher(BuildHasherDefault::default())
+}
+
+fn cache_store(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let fill = 2 * MAX_BYTES / answer().weight() as u64;
+
+    let memory = MemoryBackend::new(MAX_BYTES);
+    for n in 0..fill {
+        memory.put(&key(n), answer());
+    }
+    let mut n = fill;
+    c.bench_function("cache_store/all_miss/quick_cache", |b| {
+        b.iter(|| {
+            n += 1;
+            let k = key(n);
+            assert!(memory.get_local(&k).is_none());
+            memory.put(&k, answer());
+        })
+    });
+    let hot = key(u64::MAX);
+    memory.put(&hot, answer());
+    c.bench_function("cache_store/hit/quick_cache", |b| {
+        b.iter(|| memory.get_local(&hot).unwrap())
+    });
+
+    let moka = moka_store();
+    let ttl = Duration::from_secs(300);
+    for n in 0..fill {
+        moka.insert(
+            key(n),
+            Stored {
+                answer: answer(),
+                ttl,
+            },
+        );
+    }
+    let mut n = fill;
+    c.bench_function("cache_store/all_miss/moka", |b| {
+        b.iter(|| {
+            n += 1;
+            let k = key(n);
+            assert!(moka.get(&k).is_none());
+            moka.insert(
+                k,
+                Stored {
+                    answer: answer(),
+                    ttl,
+                },
+            );
+        })
+    });
+    // moka admits a new key into a full store only once its frequency beats the
+    // victim's: ask for it until it is kept.
+    while moka.get(&hot).is_none() {
+        moka.insert(
+            hot,
+            Stored {
+                answer: answer(),
+                ttl,
+            },
+        );
+        moka.run_pending_tasks();
+    }
+    c.bench_function("cache_store/hit/moka", |b| {
+        b.iter(|| moka.get(&hot).unwrap())
+    });
+}
+
+criterion_group!(benches, cache_store);
+criterion_main!(benches);
