@@ -507,30 +507,39 @@ async fn answers_past_the_entry_bound_are_not_stored() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+/// An answer of `body` bytes with the old id at `id_at`, as the memory backend keeps it.
+fn stored(body: usize, id_at: Vec<u32>) -> Arc<CachedAnswer> {
+    Arc::new(CachedAnswer {
+        meta: AnswerMeta {
+            content_type: "application/json".into(),
+            provider: None,
+            model: None,
+            finish_reason: None,
+            streamed: false,
+            ttl_secs: 60,
+            expires_unix_ms: 0,
+            id_at,
+            id_len: 24,
+        },
+        body: Bytes::from(vec![b'x'; body]),
+    })
+}
+
+/// Runs `f` on a runtime of its own (the backend reads tokio's clock).
+fn on_runtime(f: impl std::future::Future<Output = ()>) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f);
+}
+
 #[test]
 fn the_memory_backend_is_bounded_by_bytes() {
     let backend = MemoryBackend::new(64 * 1024);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    on_runtime(async {
         for i in 0..100u8 {
-            let answer = Arc::new(CachedAnswer {
-                meta: AnswerMeta {
-                    content_type: "application/json".into(),
-                    provider: None,
-                    model: None,
-                    finish_reason: None,
-                    streamed: false,
-                    ttl_secs: 60,
-                    expires_unix_ms: 0,
-                    id_at: Vec::new(),
-                    id_len: 0,
-                },
-                body: Bytes::from(vec![b'x'; 4000]),
-            });
-            backend.put(&CacheKey([i; 32]), answer);
+            backend.put(&CacheKey([i; 32]), stored(4000, Vec::new()));
         }
         assert!(
             backend.weighted_size() <= 64 * 1024,
@@ -543,35 +552,15 @@ fn the_memory_backend_is_bounded_by_bytes() {
 #[test]
 fn a_new_answer_is_kept_by_a_memory_backend_full_of_one_off_answers() {
     let backend = MemoryBackend::new(64 * 1024);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let answer = || {
-            Arc::new(CachedAnswer {
-                meta: AnswerMeta {
-                    content_type: "application/json".into(),
-                    provider: None,
-                    model: None,
-                    finish_reason: None,
-                    streamed: false,
-                    ttl_secs: 60,
-                    expires_unix_ms: 0,
-                    id_at: Vec::new(),
-                    id_len: 0,
-                },
-                body: Bytes::from(vec![b'x'; 4000]),
-            })
-        };
+    on_runtime(async {
         // Ten times what fits, each asked for once: then each new answer is kept
         // (a frequency-based admission would refuse most of them).
         for i in 0..160u8 {
-            backend.put(&CacheKey([i; 32]), answer());
+            backend.put(&CacheKey([i; 32]), stored(4000, Vec::new()));
         }
         for i in 160..200u8 {
             let key = CacheKey([i; 32]);
-            backend.put(&key, answer());
+            backend.put(&key, stored(4000, Vec::new()));
             assert!(backend.get_local(&key).is_some(), "answer {i} was not kept");
         }
     });
@@ -583,29 +572,12 @@ fn the_largest_answer_the_layer_stores_fits_the_memory_backend() {
     let backend = MemoryBackend::new(max);
     let largest = MemoryBackend::largest_body(max) as usize;
     assert_eq!(largest, 8 * 1024);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    on_runtime(async {
         for i in 0..20u8 {
-            let answer = Arc::new(CachedAnswer {
-                meta: AnswerMeta {
-                    content_type: "text/event-stream".into(),
-                    provider: None,
-                    model: None,
-                    finish_reason: None,
-                    streamed: true,
-                    ttl_secs: 60,
-                    expires_unix_ms: 0,
-                    // An id in every 40-byte chunk: the most bookkeeping a body has.
-                    id_at: (0..largest as u32 / 40).map(|n| n * 40).collect(),
-                    id_len: 24,
-                },
-                body: Bytes::from(vec![b'x'; largest]),
-            });
+            // An id in every 40-byte chunk: the most bookkeeping a body has.
+            let ids = (0..largest as u32 / 40).map(|n| n * 40).collect();
             let key = CacheKey([i; 32]);
-            backend.put(&key, answer);
+            backend.put(&key, stored(largest, ids));
             assert!(backend.get_local(&key).is_some(), "answer {i} was not kept");
         }
     });
