@@ -771,29 +771,48 @@ pub(super) async fn statement(
         .map(|(s, _)| s.generation.id.as_str())
         .collect();
     if fresh && !recorded && hits.is_empty() {
-        if let Some(committed) = try_statement(shared, rows, instance, SETTLE_FRESH, &hits).await? {
+        if let Some(committed) = try_statement(shared, rows, instance, Sql::Fresh, &hits).await? {
             return Ok(committed);
         }
     }
-    let sql = if recorded { SETTLE_RECORDED } else { SETTLE };
+    let sql = if recorded { Sql::Recorded } else { Sql::Settle };
     try_statement(shared, rows, instance, sql, &hits)
         .await?
         .ok_or_else(|| Failure::Retry(StoreError("sb_settle answered nothing".into())))
 }
 
-/// [`statement`] through `sql` (`SETTLE`, `SETTLE_FRESH` or `SETTLE_RECORDED`);
-/// `None` when `SETTLE_FRESH` met a request id settled before (nothing committed).
+/// Which statement settles a batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sql {
+    /// `sb_settle_fresh` ([`SETTLE_FRESH`]).
+    Fresh,
+    /// `sb_settle` ([`SETTLE`]).
+    Settle,
+    /// `sb_settle` and the idempotency records ([`SETTLE_RECORDED`]).
+    Recorded,
+}
+
+/// [`statement`] through `sql`; `None` when [`Sql::Fresh`] met a request id settled
+/// before (nothing committed).
 async fn try_statement(
     shared: &Arc<Shared>,
     rows: &[(&Settlement, Option<&IdempotencyRecord>)],
     instance: Option<&str>,
-    sql: &str,
+    sql: Sql,
     hits: &[&str],
 ) -> Result<Option<Committed>, Failure> {
     // Nothing but the rows themselves can make PostgreSQL refuse them for good.
     let mut client = shared.client().await.map_err(Failure::Retry)?;
-    let fresh = std::ptr::eq(sql, SETTLE_FRESH);
-    let stmt = shared.prepare(&client, sql).await.map_err(Failure::Retry)?;
+    let fresh = sql == Sql::Fresh;
+    let text = match sql {
+        Sql::Fresh => SETTLE_FRESH,
+        Sql::Settle => SETTLE,
+        Sql::Recorded => SETTLE_RECORDED,
+    };
+    let stmt = shared
+        .prepare(&client, text)
+        .await
+        .map_err(Failure::Retry)?;
     let n = rows.len();
     let mut ids = Vec::with_capacity(n);
     let mut keys = Vec::with_capacity(n);
@@ -859,7 +878,7 @@ async fn try_statement(
         &app_title,
         &now,
     ];
-    let records = std::ptr::eq(sql, SETTLE_RECORDED).then(|| RecordColumns::of(rows));
+    let records = (sql == Sql::Recorded).then(|| RecordColumns::of(rows));
     if let Some(r) = &records {
         params.extend(r.params());
     }
