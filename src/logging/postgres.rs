@@ -5,7 +5,8 @@ use std::borrow::Cow;
 use std::io;
 use std::time::Duration;
 
-use tokio_postgres::types::ToSql;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::sqlite::{attempts_json, int};
@@ -66,14 +67,45 @@ const INSERT: &str = "INSERT INTO requests (id, time_ms, key_id, requested_model
 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::bool[], $16::bool[], $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::bool[], $23::text[], $24::text[], $25::bool[], $26::text[], $27::text[], $28::text[])
 ON CONFLICT (id) DO NOTHING";
 
-/// [`INSERT`] without its `ON CONFLICT` clause, for a batch's first try: PostgreSQL
-/// then neither looks each id up before inserting it nor inserts speculatively
-/// (≈ 1.5–2 µs of its CPU per row, of the ≈ 8 a row costs it with the check;
-/// `benches/tools/pg_settle_statements.sh`). A record written
-/// before makes the primary key refuse the statement whole, and the batch goes
-/// again through [`INSERT`] at once.
-const INSERT_FRESH: &str = "INSERT INTO requests (id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title, cache_hit, key_name, key_labels, client_ip)
-SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[], $15::bool[], $16::bool[], $17::text[], $18::text[], $19::text[], $20::text[], $21::text[], $22::bool[], $23::text[], $24::text[], $25::bool[], $26::text[], $27::text[], $28::text[])";
+/// A batch's first try: a binary `COPY` of its rows. PostgreSQL then inserts them
+/// many to a page and a WAL record (`heap_multi_insert`), with no executor per row and
+/// no `ON CONFLICT` check: 40–45 % less of its CPU per row than [`INSERT`] without
+/// `ON CONFLICT` (500-row batches, `benches/tools/pg_log_copy.sh`; BENCHMARKS.md,
+/// seventeenth session). A record written before makes the primary key refuse the
+/// `COPY` whole, and the batch goes again through [`INSERT`] at once.
+const COPY: &str = "COPY requests (id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title, cache_hit, key_name, key_labels, client_ip) FROM STDIN (FORMAT binary)";
+
+/// The column types of [`COPY`], in its order.
+const COPY_TYPES: [Type; 28] = [
+    Type::TEXT,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT4,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::BOOL,
+    Type::BOOL,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::BOOL,
+    Type::TEXT,
+    Type::TEXT,
+    Type::BOOL,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+];
 
 /// How long connecting (and preparing the table) may take before it counts as a
 /// failure and is tried again later.
@@ -94,16 +126,13 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 ///
 /// Off the request path like every sink: the [`LogWriter`](super::LogWriter)'s thread
 /// drives a connection of its own on a current-thread tokio runtime the sink owns.
-/// A batch is one statement, so one round trip and one transaction: an
+/// A batch is one statement, so one round trip and one transaction. Its first try is
+/// a binary [`COPY`] (the least of PostgreSQL's CPU per row); if a record of it was
+/// there already (the server refuses the `COPY` whole) it goes again at once as an
 /// `INSERT … SELECT * FROM UNNEST($1, …, $28)` of one array per column, `ON CONFLICT
-/// (id) DO NOTHING` (a batch written again after a lost answer doubles nothing); a
-/// batch's first try leaves the `ON CONFLICT` out, cheaper for PostgreSQL, and if a
-/// record was there already (the server refuses that statement whole) goes again at
-/// once with it.
-/// Measured against multi-row `VALUES` and a binary `COPY` (the
-/// `postgres_sink_throughput` test; figures in docs/observability.md): the least CPU
-/// per row for the writer, and of the ways that skip a batch written twice (a `COPY`
-/// needs a temporary table and a merge for that) the fastest.
+/// (id) DO NOTHING`, as does a batch tried again after a failure (its first try may
+/// have committed, and only the answer been lost): a batch written twice doubles
+/// nothing.
 ///
 /// The sink's connection sets `synchronous_commit = off` for its own session: a
 /// batch's commit does not wait for the WAL flush (a fifth of PostgreSQL's CPU per
@@ -146,7 +175,7 @@ pub struct PostgresSink {
 struct Conn {
     client: Client,
     insert: Statement,
-    insert_fresh: Statement,
+    copy: Statement,
     /// The task driving the connection (it ends once `client` is dropped).
     task: tokio::task::JoinHandle<()>,
 }
@@ -229,23 +258,16 @@ impl PostgresSink {
         }
     }
 
-    /// One statement of `rows`: through [`INSERT_FRESH`] when `fresh` (no record of
-    /// them can have been written), then through [`INSERT`] if one was.
+    /// One statement of `rows`: a [`COPY`] when `fresh` (no record of them can have
+    /// been written), then through [`INSERT`] if one was.
     async fn try_write(&mut self, rows: &Rows<'_>, fresh: bool) -> Result<u64, Failure> {
         let conn = self.connected().await?;
         let params = rows.params();
-        let mut written = tokio::time::timeout(
-            WRITE_TIMEOUT,
-            conn.client.execute(
-                if fresh {
-                    &conn.insert_fresh
-                } else {
-                    &conn.insert
-                },
-                &params,
-            ),
-        )
-        .await;
+        let mut written = if fresh {
+            tokio::time::timeout(WRITE_TIMEOUT, copy(&conn.client, &conn.copy, rows)).await
+        } else {
+            tokio::time::timeout(WRITE_TIMEOUT, conn.client.execute(&conn.insert, &params)).await
+        };
         if fresh
             && matches!(&written, Ok(Err(e)) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION))
         {
@@ -363,13 +385,28 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Conn, Failure> {
         ))
         .await?;
     let insert = client.prepare(INSERT).await?;
-    let insert_fresh = client.prepare(INSERT_FRESH).await?;
+    let copy = client.prepare(COPY).await?;
     Ok(Conn {
         client,
         insert,
-        insert_fresh,
+        copy,
         task,
     })
+}
+
+/// `rows` through `statement` (a prepared [`COPY`]), one transaction: every row or,
+/// on any error (a record written before among them), none.
+async fn copy(
+    client: &Client,
+    statement: &Statement,
+    rows: &Rows<'_>,
+) -> Result<u64, tokio_postgres::Error> {
+    let sink = client.copy_in::<_, bytes::Bytes>(statement).await?;
+    let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &COPY_TYPES));
+    for i in 0..rows.id.len() {
+        writer.as_mut().write(&rows.row(i)).await?;
+    }
+    writer.finish().await
 }
 
 /// Why a connection or a write failed, and whether trying again may succeed.
@@ -561,6 +598,40 @@ impl<'a> Rows<'a> {
             rows.client_ip.push(r.client_ip.map(|ip| ip.to_string()));
         }
         rows
+    }
+
+    /// Row `i`'s 28 values, in the table's column order (for [`COPY`]).
+    fn row(&self, i: usize) -> [&(dyn ToSql + Sync); 28] {
+        [
+            &self.id[i],
+            &self.time_ms[i],
+            &self.key_id[i],
+            &self.requested_model[i],
+            &self.model[i],
+            &self.provider[i],
+            &self.status[i],
+            &self.prompt_tokens[i],
+            &self.completion_tokens[i],
+            &self.cached_tokens[i],
+            &self.reasoning_tokens[i],
+            &self.cost_pico[i],
+            &self.latency_ms[i],
+            &self.ttft_ms[i],
+            &self.streamed[i],
+            &self.complete[i],
+            &self.finish_reason[i],
+            &self.error_code[i],
+            &self.attempts[i],
+            &self.prompt[i],
+            &self.completion[i],
+            &self.over_reserve[i],
+            &self.app_url[i],
+            &self.app_title[i],
+            &self.cache_hit[i],
+            &self.key_name[i],
+            &self.key_labels[i],
+            &self.client_ip[i],
+        ]
     }
 
     /// The statement's 28 parameters, in the table's column order.

@@ -303,13 +303,22 @@ fn a_batch_is_one_transaction_and_a_batch_written_again_doubles_nothing() {
     );
     assert_eq!(xmins[0][0].as_deref(), Some("1"));
     // Written again (an answer lost after the commit), and an id twice in one batch:
-    // the first try's plain `INSERT` is refused whole, the `ON CONFLICT` one skips them.
+    // the first try's `COPY` is refused whole, the `ON CONFLICT` insert skips them.
     let mut again = batch.clone();
     again.push(record("gen-x0"));
     again.push(record("gen-y"));
     sink.write(&again).unwrap();
     assert_eq!(pg_count(db.url(), "id LIKE 'gen-x%'"), 10);
     assert_eq!(pg_count(db.url(), "id = 'gen-y'"), 1);
+    // A batch the `COPY` sends in many chunks, one of its records written before (the
+    // last): refused whole, then written once each.
+    let first: Vec<RequestRecord> = (0..400).map(|i| record(&format!("gen-z{i}"))).collect();
+    sink.write(&first).unwrap();
+    let mut second: Vec<RequestRecord> = (0..400).map(|i| record(&format!("gen-w{i}"))).collect();
+    second.push(record("gen-z399"));
+    sink.write(&second).unwrap();
+    assert_eq!(pg_count(db.url(), "id LIKE 'gen-z%'"), 400);
+    assert_eq!(pg_count(db.url(), "id LIKE 'gen-w%'"), 400);
 }
 
 #[test]

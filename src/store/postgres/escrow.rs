@@ -92,6 +92,21 @@ pub(super) struct Account {
     /// Until then, a refusal does not wait for other instances to give back (they
     /// were just asked, and did not give enough).
     pressed_until: Option<Instant>,
+    /// Lease round trips started for this key (the number of the last one).
+    lease_calls: u64,
+    /// The last refusal of the slow path, shared with the callers it covers.
+    refused: Option<Refused>,
+}
+
+/// A refusal PostgreSQL answered to a lease round trip, kept for the callers that
+/// arrived before that round trip started (see [`Account::covered`]).
+#[derive(Debug, Clone)]
+struct Refused {
+    /// The number of the round trip ([`Account::lease_calls`]).
+    call: u64,
+    /// What it asked for (what this instance's requests held, plus the hold asked).
+    need: Amounts,
+    row: LeaseRow,
 }
 
 impl Account {
@@ -106,7 +121,26 @@ impl Account {
             valid_until: None,
             last_used: Instant::now(),
             pressed_until: None,
+            lease_calls: 0,
+            refused: None,
         }
+    }
+
+    /// The refusal that answers a caller whose fast path failed when `arrived` lease
+    /// round trips had started, and who needs `need`: one that PostgreSQL answered to
+    /// a round trip started after the caller arrived, for a need no larger than its
+    /// own in money and in tokens. The caller is refused as of that answer, which
+    /// fell within its own wait (so it is as exact as a round trip of its own);
+    /// `sb_lease` refuses a larger need whenever it refuses a smaller one. Under a
+    /// flood of requests on a spent key, each round trip answers every caller queued
+    /// behind it instead of one (a PostgreSQL statement per refused request before).
+    fn covered(&self, arrived: u64, need: Amounts) -> Option<&LeaseRow> {
+        self.refused
+            .as_ref()
+            .filter(|r| {
+                r.call > arrived && need.money >= r.need.money && need.tokens >= r.need.tokens
+            })
+            .map(|r| &r.row)
     }
 
     /// Whether `hold` fits in the lease now (tokens only when the key has a daily
@@ -191,7 +225,7 @@ impl Account {
 pub(super) struct Cell {
     pub state: Mutex<Account>,
     /// One lease round trip at a time per key; the next one re-checks first.
-    leasing: tokio::sync::Mutex<()>,
+    pub(super) leasing: tokio::sync::Mutex<()>,
 }
 
 /// Accounts by key id.
@@ -300,16 +334,21 @@ impl Shared {
         let hold = Amounts::of(hold);
         let limited = key.tokens_per_day.is_some();
         let cell = self.account(&key.id);
-        if cell.state.lock().try_take(hold, limited) {
-            return admitted(Ok(()));
-        }
+        let arrived = {
+            let mut a = cell.state.lock();
+            if a.try_take(hold, limited) {
+                return admitted(Ok(()));
+            }
+            a.lease_calls
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shared = self.clone();
         let key = key.clone();
         self.handle.spawn(async move {
-            let r = tokio::time::timeout(super::WAIT, shared.slow_reserve(&cell, &key, hold))
-                .await
-                .unwrap_or_else(|_| Err(shared.unavailable()));
+            let r =
+                tokio::time::timeout(super::WAIT, shared.slow_reserve(&cell, &key, hold, arrived))
+                    .await
+                    .unwrap_or_else(|_| Err(shared.unavailable()));
             // A caller gone meanwhile drops the hold (`Granted`) with the message.
             let _ = tx.send(r);
         });
@@ -332,12 +371,14 @@ impl Shared {
         )
     }
 
-    /// The slow path: one lease round trip at a time per key, then the hold.
+    /// The slow path: one lease round trip at a time per key, then the hold. `arrived`:
+    /// the lease round trips started when the fast path failed.
     async fn slow_reserve(
         self: &Arc<Self>,
         cell: &Arc<Cell>,
         key: &KeyRecord,
         hold: Amounts,
+        arrived: u64,
     ) -> Result<Granted, GatewayError> {
         let _turn = cell.leasing.lock().await;
         let limited = key.tokens_per_day.is_some();
@@ -376,6 +417,14 @@ impl Shared {
                 need
             } else {
                 Amounts { tokens: 0, ..need }
+            };
+            let call = {
+                let mut a = cell.state.lock();
+                if let Some(row) = a.covered(arrived, need) {
+                    return Err(refusal(key, row, a.in_use, hold));
+                }
+                a.lease_calls += 1;
+                a.lease_calls
             };
             let Some(row) = self.lease(&key.id, need, headroom).await? else {
                 return Err(GatewayError::Internal(format!(
@@ -426,7 +475,9 @@ impl Shared {
                 // (they would wait in turn behind this key's slow path).
                 a.pressed_until = Some(Instant::now() + Duration::from_secs(1));
             }
-            return Err(refusal(key, &row, a.in_use, hold));
+            let refused = refusal(key, &row, a.in_use, hold);
+            a.refused = Some(Refused { call, need, row });
+            return Err(refused);
         }
         Err(GatewayError::Internal(format!(
             "store: the lease of key `{}` kept changing; try again",

@@ -562,7 +562,8 @@ impl Shared {
     }
 
     /// What a key spent in the current UTC day, week and month (the store's clock),
-    /// as committed in `sb_daily_spend`.
+    /// as committed: the days of `sb_daily_spend` and the key row's count of its
+    /// latest day (`spent_day`, `spent_today`; schema version 9).
     pub(super) async fn usage(self: &Arc<Self>, key_id: &str) -> Result<PeriodUsage, StoreError> {
         let today = crate::clock::utc_day(self.now());
         // Each period's first day, and the first day after it.
@@ -577,7 +578,11 @@ impl Shared {
                 "SELECT coalesce(sum(spent) FILTER (WHERE day = $2), 0)::bigint,
                         coalesce(sum(spent) FILTER (WHERE day >= $3 AND day < $4), 0)::bigint,
                         coalesce(sum(spent) FILTER (WHERE day >= $5 AND day < $6), 0)::bigint
-                   FROM sb_daily_spend WHERE key_id = $1 AND day >= least($3, $5)",
+                   FROM (SELECT day, spent FROM sb_daily_spend
+                          WHERE key_id = $1 AND day >= least($3::bigint, $5::bigint)
+                         UNION ALL
+                         SELECT spent_day, spent_today FROM sb_keys
+                          WHERE id = $1 AND spent_day >= least($3::bigint, $5::bigint)) t",
             )
             .await?;
         self.count(Op::Balance);

@@ -93,9 +93,10 @@
 //!
 //! **Budgets per period** (`limit_reset`, SPEC §8.3): the cap of a key with one is
 //! `min(credits − spent, limit_usd − what the current period spent)`, the period's
-//! spending summed from `sb_daily_spend` (what each key spent each UTC day, written by
-//! `sb_settle` in the same transaction as the rows) under the key's row lock in
-//! `sb_lease`; so a period is one budget across instances, and a lease granted in an
+//! spending summed from what each key spent each UTC day (written by `sb_settle` in
+//! the same transaction as the rows: the key row counts its latest day, `spent_day`
+//! and `spent_today`, and the first settlement of a later day moves that day's total
+//! into `sb_daily_spend`) under the key's row lock in `sb_lease`; so a period is one budget across instances, and a lease granted in an
 //! earlier period is still within the cap in the next one (a new period only frees
 //! money). The day, week and month come from the instance's [`Clock`] (`p_now` of
 //! both functions, [`PgStore::set_clock`]); the leases' expiry stays on PostgreSQL's

@@ -382,3 +382,62 @@ async fn concurrent_requests_on_two_instances_never_pass_the_days_limit() {
     }
     refused(&b, &key, &(left + Money::from_pico(1)).to_string()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_latest_day_is_counted_on_its_row_and_moved_to_its_days_row_by_a_later_day() {
+    let Some(db) = postgres("latest_day_on_the_key_row") else {
+        return;
+    };
+    let days = [
+        "2025-03-03T12:00:00Z", // a Monday
+        "2025-03-04T12:00:00Z",
+        "2025-03-05T12:00:00Z",
+    ];
+    let manual = ManualClock::new(at(days[0]));
+    let a = open_with(db.url(), &manual);
+    let key = make_key(&a, "weekly", periodic("10", LimitReset::Weekly));
+    for (i, day) in days.iter().enumerate() {
+        manual.set(at(day));
+        Ledger::reserve(&*a, &key, usd("1").into()).await.unwrap();
+        let id = format!("w-{i}");
+        assert!(a
+            .settle(settlement(&key.id, &id, usd("0.5"), usd("1").into(), 0))
+            .await
+            .unwrap());
+    }
+    assert_eq!(a.usage(&key.id).unwrap(), usage("0.5", "1.5", "1.5"));
+    // The days before the latest are rows of sb_daily_spend, moved there by the first
+    // settlement of the day after; the latest is counted on the key row.
+    let (client, conn) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let first = (at(days[0]) / 86_400) as i64;
+    let half = usd("0.5").pico();
+    let rows = client
+        .query(
+            "SELECT day, spent FROM sb_daily_spend WHERE key_id = $1 ORDER BY day",
+            &[&key.id],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(rows, vec![(first, half), (first + 1, half)]);
+    let row = client
+        .query_one(
+            "SELECT spent_day, spent_today FROM sb_keys WHERE id = $1",
+            &[&key.id],
+        )
+        .await
+        .unwrap();
+    let on_row: (Option<i64>, i64) = (row.get(0), row.get(1));
+    assert_eq!(on_row, (Some(first + 2), half));
+    // The week's $10 budget counts all three days: $8.5 is left.
+    refused(&a, &key, "8.6").await;
+    Ledger::reserve(&*a, &key, usd("8.4").into()).await.unwrap();
+    a.release(&key.id, usd("8.4").into());
+    // Next Monday: a new week, the month goes on.
+    manual.set(at("2025-03-10T00:00:00Z"));
+    assert_eq!(a.usage(&key.id).unwrap(), usage("0", "0", "1.5"));
+    Ledger::reserve(&*a, &key, usd("9.9").into()).await.unwrap();
+}

@@ -23,6 +23,7 @@ pub(super) fn migrations() -> Vec<String> {
         step_6(),
         step_7(),
         step_8(),
+        step_9(),
     ]
 }
 
@@ -69,18 +70,43 @@ $fn$;
 DROP FUNCTION IF EXISTS sb_lease(TEXT, TEXT, BIGINT, BIGINT, BIGINT, BIGINT, BIGINT);
 DROP FUNCTION IF EXISTS sb_settle(TEXT, TEXT[], TEXT[], BIGINT[], BIGINT[], BIGINT[], BIGINT[],
     TEXT[], TEXT[], BOOLEAN[], BIGINT[], BIGINT[], BIGINT[], BIGINT[], TEXT[], TEXT[], BIGINT[]);
+"#
+    ) + &lease_function(false)
+        + &settle_function(false, false)
+}
 
+/// `sb_lease` (see its SQL comment). With `day_counter` (version 9) the current
+/// period's spending also counts what the key row holds for its latest day
+/// (`spent_today` of `spent_day`), which the settlements no longer write to
+/// `sb_daily_spend` until that day is over.
+fn lease_function(day_counter: bool) -> String {
+    let (today_on_key, and_key_row) = if day_counter {
+        (
+            r#"        IF k.spent_day IS NOT NULL
+           AND k.spent_day >= sb_period_start(k.limit_reset, today)
+           AND sb_period_start(k.limit_reset, k.spent_day) = sb_period_start(k.limit_reset, today)
+        THEN
+            pspent := pspent + k.spent_today;
+        END IF;
+"#,
+            ", and the key row's spent_today when its spent_day is in the period",
+        )
+    } else {
+        ("", "")
+    };
+    format!(
+        r#"
 -- Sets this instance's lease on a key to what it needs plus headroom, or refuses.
 -- Under the key's row lock: expired leases of the key are deleted; what is free for
 -- this instance is least(credits - spent, limit_usd - period spent) - the other
 -- instances' leases, where the period spent is the key's lifetime spending, or with
 -- limit_reset what it spent since its current period began (sb_daily_spend, days
--- from p_now); with free >= need (and the same for tokens against tokens_per_day)
+-- from p_now{and_key_row}); with free >= need (and the same for tokens against tokens_per_day)
 -- the lease becomes need + least(headroom, (free - need) / 8), never less than it
 -- was, else it stays as it was (ok = false). A refusal that the other instances'
 -- leases could lift asks them to give back what they do not use (pressure = true,
 -- NOTIFY sb_lease_pressure).
-CREATE FUNCTION sb_lease(
+CREATE OR REPLACE FUNCTION sb_lease(
     p_key TEXT, p_instance TEXT, p_need BIGINT, p_headroom BIGINT,
     p_need_tokens BIGINT, p_headroom_tokens BIGINT, p_ttl_ms BIGINT, p_now BIGINT)
 RETURNS TABLE (ok BOOLEAN, pressure BOOLEAN, amount BIGINT, tokens BIGINT, ver BIGINT,
@@ -123,7 +149,7 @@ BEGIN
         SELECT coalesce(sum(d.spent), 0) INTO pspent FROM sb_daily_spend d
          WHERE d.key_id = p_key AND d.day >= sb_period_start(k.limit_reset, today)
            AND sb_period_start(k.limit_reset, d.day) = sb_period_start(k.limit_reset, today);
-    END IF;
+{today_on_key}    END IF;
     free := least(k.credits::numeric - k.spent,
                   coalesce(k.limit_usd::numeric - pspent, k.credits::numeric - k.spent)) - o;
     tfree := CASE WHEN k.tokens_per_day IS NULL THEN NULL
@@ -153,15 +179,78 @@ BEGIN
 END
 $fn$;
 
--- Commits a batch of settlements of one instance: the rows (a request id already
--- settled is skipped), their cost added to spent and to the day's spending
--- (sb_daily_spend), their tokens to the day's count (the day of p_now, the
--- instance's clock), and this instance's leases of those keys shrunk by the
--- reservations the new rows release (p_instance NULL, a replay of spilled charges:
--- no lease). Key rows, then lease rows, are locked in key order (no deadlock with
--- another instance's batch). Returns the ids inserted (kind 'i') and each changed
--- lease (kind 'l'). The spend and daily CTEs run though nothing reads them.
-CREATE FUNCTION sb_settle(
+"#
+    )
+}
+
+/// `sb_settle` (or, `fresh`, `sb_settle_fresh`: see [`step_8`]) (see the SQL
+/// comment). With `day_counter` (version 9) a key's spending of the day is added on
+/// its own row (`spent_today`, `spent_day`), which the statement updates anyway,
+/// instead of upserting a row of `sb_daily_spend` per key and batch; the first
+/// settlement of a later day moves the total of the day before into
+/// `sb_daily_spend`.
+fn settle_function(fresh: bool, day_counter: bool) -> String {
+    let name = if fresh {
+        "sb_settle_fresh"
+    } else {
+        "sb_settle"
+    };
+    let comment = if fresh {
+        "-- sb_settle for a batch none of whose ids can have been settled before: a plain\n\
+         -- INSERT (a settled id makes the primary key refuse the statement whole), and\n\
+         -- only the lease rows returned (kind 'l').\n"
+    } else {
+        "-- Commits a batch of settlements of one instance: the rows (a request id already\n\
+         -- settled is skipped), their cost added to spent and to the day's spending, their\n\
+         -- tokens to the day's count (the day of p_now, the instance's clock), and this\n\
+         -- instance's leases of those keys shrunk by the reservations the new rows release\n\
+         -- (p_instance NULL, a replay of spilled charges: no lease). Key rows, then lease\n\
+         -- rows, are locked in key order (no deadlock with another instance's batch).\n\
+         -- Returns the ids inserted (kind 'i') and each changed lease (kind 'l'). The CTEs\n\
+         -- run though nothing reads them.\n"
+    };
+    let (skip_settled, settled, inserted) = if fresh {
+        ("", "input i", "")
+    } else {
+        (
+            r#"        ON CONFLICT ON CONSTRAINT sb_settlements_pkey DO NOTHING
+        RETURNING sb_settlements.id
+"#,
+            "input i JOIN ins ON ins.id = i.id",
+            r#"    SELECT 'i'::text, ins.id, NULL::bigint, NULL::bigint, NULL::bigint FROM ins
+    UNION ALL
+"#,
+        )
+    };
+    let (day_on_key, daily) = if day_counter {
+        (
+            r#",
+               spent_today = CASE WHEN k.spent_day = today THEN k.spent_today ELSE 0 END
+                             + d.cost,
+               spent_day = today"#,
+            r#"    ), roll AS (
+        -- What the key row counted for an earlier day, into that day's row.
+        INSERT INTO sb_daily_spend AS s (key_id, day, spent)
+        SELECT k.id, k.spent_day, k.spent_today FROM sb_keys k JOIN done d ON d.key_id = k.id
+         WHERE k.spent_day <> today AND k.spent_today > 0
+        ON CONFLICT (key_id, day) DO UPDATE SET spent = s.spent + excluded.spent
+        RETURNING s.key_id
+"#,
+        )
+    } else {
+        (
+            "",
+            r#"    ), daily AS (
+        INSERT INTO sb_daily_spend AS s (key_id, day, spent)
+        SELECT d.key_id, today, d.cost FROM done d WHERE d.cost > 0
+        ON CONFLICT (key_id, day) DO UPDATE SET spent = s.spent + excluded.spent
+        RETURNING s.key_id
+"#,
+        )
+    };
+    format!(
+        r#"
+{comment}CREATE OR REPLACE FUNCTION {name}(
     p_instance TEXT, p_ids TEXT[], p_keys TEXT[], p_costs BIGINT[], p_tokens BIGINT[],
     p_reserved BIGINT[], p_reserved_tokens BIGINT[], p_models TEXT[], p_providers TEXT[],
     p_streamed BOOLEAN[], p_prompt BIGINT[], p_completion BIGINT[], p_latency BIGINT[],
@@ -193,12 +282,10 @@ BEGIN
                i.prompt_tokens, i.completion_tokens, i.latency_ms, i.ttft_ms, i.attempts,
                i.finish_reason, i.created, i.app_url, i.app_title
           FROM input i
-        ON CONFLICT ON CONSTRAINT sb_settlements_pkey DO NOTHING
-        RETURNING sb_settlements.id
-    ), done AS (
+{skip_settled}    ), done AS (
         SELECT i.key_id, sum(i.cost) AS cost, sum(i.tokens) AS tokens,
                sum(i.reserved) AS reserved, sum(i.reserved_tokens) AS reserved_tokens
-          FROM input i JOIN ins ON ins.id = i.id
+          FROM {settled}
          GROUP BY i.key_id
     ), spend AS (
         UPDATE sb_keys k
@@ -206,16 +293,11 @@ BEGIN
                tokens_used = least(
                    CASE WHEN k.tokens_day = today THEN k.tokens_used ELSE 0 END + d.tokens,
                    9223372036854775807),
-               tokens_day = today
+               tokens_day = today{day_on_key}
           FROM done d
          WHERE k.id = d.key_id
         RETURNING k.id
-    ), daily AS (
-        INSERT INTO sb_daily_spend AS s (key_id, day, spent)
-        SELECT d.key_id, today, d.cost FROM done d WHERE d.cost > 0
-        ON CONFLICT (key_id, day) DO UPDATE SET spent = s.spent + excluded.spent
-        RETURNING s.key_id
-    ), lease AS (
+{daily}    ), lease AS (
         UPDATE sb_leases l
            SET amount = greatest(l.amount - d.reserved, 0),
                tokens = greatest(l.tokens - d.reserved_tokens, 0),
@@ -224,9 +306,7 @@ BEGIN
          WHERE l.key_id = d.key_id AND l.instance = p_instance
         RETURNING l.key_id, l.amount, l.tokens, l.ver
     )
-    SELECT 'i'::text, ins.id, NULL::bigint, NULL::bigint, NULL::bigint FROM ins
-    UNION ALL
-    SELECT 'l'::text, lease.key_id, lease.amount, lease.tokens, lease.ver FROM lease;
+{inserted}    SELECT 'l'::text, lease.key_id, lease.amount, lease.tokens, lease.ver FROM lease;
 END
 $fn$;
 "#
@@ -244,73 +324,31 @@ $fn$;
 /// `benches/tools/pg_settle_statements.sh`, BENCHMARKS.md, sixteenth session). Same
 /// arguments as `sb_settle`; returns only the lease rows (kind 'l'). Idempotent.
 fn step_8() -> String {
-    r#"
-CREATE OR REPLACE FUNCTION sb_settle_fresh(
-    p_instance TEXT, p_ids TEXT[], p_keys TEXT[], p_costs BIGINT[], p_tokens BIGINT[],
-    p_reserved BIGINT[], p_reserved_tokens BIGINT[], p_models TEXT[], p_providers TEXT[],
-    p_streamed BOOLEAN[], p_prompt BIGINT[], p_completion BIGINT[], p_latency BIGINT[],
-    p_ttft BIGINT[], p_attempts TEXT[], p_finish TEXT[], p_created BIGINT[],
-    p_app_url TEXT[], p_app_title TEXT[], p_now BIGINT)
-RETURNS TABLE (kind TEXT, id TEXT, amount BIGINT, tokens BIGINT, ver BIGINT)
-LANGUAGE plpgsql AS $fn$
-#variable_conflict use_column
-DECLARE
-    today BIGINT := p_now / 86400;
-BEGIN
-    PERFORM 1 FROM sb_keys k WHERE k.id = ANY(p_keys) ORDER BY k.id FOR UPDATE;
-    PERFORM 1 FROM sb_leases l WHERE l.instance = p_instance AND l.key_id = ANY(p_keys)
-      ORDER BY l.key_id FOR UPDATE;
-    RETURN QUERY
-    WITH input AS (
-        SELECT * FROM unnest(p_ids, p_keys, p_costs, p_tokens, p_reserved, p_reserved_tokens,
-                             p_models, p_providers, p_streamed, p_prompt, p_completion,
-                             p_latency, p_ttft, p_attempts, p_finish, p_created,
-                             p_app_url, p_app_title)
-            AS t(id, key_id, cost, tokens, reserved, reserved_tokens, model, provider,
-                 streamed, prompt_tokens, completion_tokens, latency_ms, ttft_ms,
-                 attempts, finish_reason, created, app_url, app_title)
-    ), ins AS (
-        INSERT INTO sb_settlements (id, key_id, cost, tokens, model, provider, streamed,
-            prompt_tokens, completion_tokens, latency_ms, ttft_ms, attempts, finish_reason,
-            created, app_url, app_title)
-        SELECT i.id, i.key_id, i.cost, i.tokens, i.model, i.provider, i.streamed,
-               i.prompt_tokens, i.completion_tokens, i.latency_ms, i.ttft_ms, i.attempts,
-               i.finish_reason, i.created, i.app_url, i.app_title
-          FROM input i
-    ), done AS (
-        SELECT i.key_id, sum(i.cost) AS cost, sum(i.tokens) AS tokens,
-               sum(i.reserved) AS reserved, sum(i.reserved_tokens) AS reserved_tokens
-          FROM input i
-         GROUP BY i.key_id
-    ), spend AS (
-        UPDATE sb_keys k
-           SET spent = k.spent + d.cost,
-               tokens_used = least(
-                   CASE WHEN k.tokens_day = today THEN k.tokens_used ELSE 0 END + d.tokens,
-                   9223372036854775807),
-               tokens_day = today
-          FROM done d
-         WHERE k.id = d.key_id
-        RETURNING k.id
-    ), daily AS (
-        INSERT INTO sb_daily_spend AS s (key_id, day, spent)
-        SELECT d.key_id, today, d.cost FROM done d WHERE d.cost > 0
-        ON CONFLICT (key_id, day) DO UPDATE SET spent = s.spent + excluded.spent
-        RETURNING s.key_id
-    ), lease AS (
-        UPDATE sb_leases l
-           SET amount = greatest(l.amount - d.reserved, 0),
-               tokens = greatest(l.tokens - d.reserved_tokens, 0),
-               ver = nextval('sb_lease_versions')
-          FROM done d
-         WHERE l.key_id = d.key_id AND l.instance = p_instance
-        RETURNING l.key_id, l.amount, l.tokens, l.ver
-    )
-    SELECT 'l'::text, lease.key_id, lease.amount, lease.tokens, lease.ver FROM lease;
-END
-$fn$;
+    settle_function(true, false)
+}
+
+/// Version 9: a key's spending of its latest UTC day on the key row (`spent_day`,
+/// `spent_today`) instead of a row of `sb_daily_spend` upserted for every key of
+/// every settlement batch. A batch already updates each key's row (`spent`, the
+/// day's tokens); the upsert was a third row per key and batch (with the lease's),
+/// most of what a batch over many keys cost PostgreSQL beyond one over a single key
+/// (BENCHMARKS.md, seventeenth session). The first settlement of a later day moves
+/// the day before's total into `sb_daily_spend`; readers of a period's spending add
+/// the key row's counter when its day is in the period (`sb_lease`, and
+/// `/v1/key`'s usage). What `sb_daily_spend` holds from before stays: the counter
+/// starts at 0, so nothing is counted twice. `sb_lease`, `sb_settle` and
+/// `sb_settle_fresh` are replaced (same arguments). Idempotent.
+fn step_9() -> String {
+    let max_spent = MAX_SPENT.pico();
+    format!(
+        r#"
+ALTER TABLE sb_keys ADD COLUMN IF NOT EXISTS spent_day BIGINT;
+ALTER TABLE sb_keys ADD COLUMN IF NOT EXISTS spent_today BIGINT NOT NULL DEFAULT 0
+    CHECK (spent_today BETWEEN 0 AND {max_spent});
 "#
-    .into()
+    ) + &lease_function(true)
+        + &settle_function(false, true)
+        + &settle_function(true, true)
 }
 
 /// Without `sb_settlements_key_created`: nothing reads settlements by key and time

@@ -788,6 +788,48 @@ async fn a_hot_key_with_a_large_balance_asks_for_a_lease_about_once_per_256_requ
     assert_eq!(spent, usd("0.4"), "every charge once, to the pico-dollar");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_queued_behind_one_lease_round_trip_share_its_answer() {
+    let Some(db) = postgres("refusals_share_a_lease_round_trip") else {
+        return;
+    };
+    let a = open(&db, 30);
+    let key = make_key(&a, "spent", NewKey::new("spent", usd("0.001")));
+    let hold = money_hold("0.01");
+    // Fifty requests the key cannot pay arrive while the key's slow path is busy (the
+    // test holds its turn): they queue behind one lease round trip.
+    let cell = a.shared.account(&key.id);
+    let turn = cell.leasing.lock().await;
+    let before = a.round_trips(Some("lease"));
+    let admissions: Vec<_> = (0..50).map(|_| Ledger::reserve(&*a, &key, hold)).collect();
+    drop(turn);
+    for r in futures_util::future::join_all(admissions).await {
+        let e = r.expect_err("the key holds $0.001");
+        assert!(
+            matches!(&e, GatewayError::InsufficientCredits(m) if m.contains("$0.001")),
+            "{e:?}"
+        );
+    }
+    assert_eq!(
+        a.round_trips(Some("lease")) - before,
+        1,
+        "one round trip answers every request queued behind it"
+    );
+    // A request that arrives after that answer asks PostgreSQL again.
+    assert!(Ledger::reserve(&*a, &key, hold).await.is_err());
+    assert_eq!(a.round_trips(Some("lease")) - before, 2);
+    // A smaller need is not refused by a larger one's answer.
+    Ledger::reserve(&*a, &key, money_hold("0.0005"))
+        .await
+        .unwrap();
+    // A top-up is seen by the next request: its round trip starts after it arrives.
+    let (a2, id) = (a.clone(), key.id.clone());
+    tokio::task::spawn_blocking(move || a2.top_up(&id, usd("1")).unwrap())
+        .await
+        .unwrap();
+    Ledger::reserve(&*a, &key, hold).await.unwrap();
+}
+
 #[test]
 fn bootstrap_keys_carry_their_labels_and_take_changed_ones() {
     let Some(db) = postgres("bootstrap_keys_carry_their_labels_and_take_changed_ones") else {
