@@ -16,6 +16,21 @@ use switchboard::store::{
     PeriodUsage, StoredKey,
 };
 
+/// `println!` that ends the command quietly when stdout is closed (`keys list | head`)
+/// instead of panicking, as other command-line tools do.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("switchboard: cannot write to stdout: {e}");
+                std::process::exit(1);
+            }
+            std::process::exit(0);
+        }
+    }};
+}
+
 #[derive(Subcommand)]
 pub enum KeysCommand {
     /// Create a key and print its secret (once).
@@ -165,7 +180,7 @@ fn change(
     match store.update(id, patch) {
         Ok(Some(k)) => {
             let usage = ledger.usage(id).unwrap_or_default();
-            println!("{}", line(&k, usage));
+            out!("{}", line(&k, usage));
             ExitCode::SUCCESS
         }
         Ok(None) => not_found(id),
@@ -218,8 +233,8 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
             let secret = new_secret();
             match store.create(hash_secret(&secret), new) {
                 Ok(k) => {
-                    println!("{}", line(&k, PeriodUsage::default()));
-                    println!("secret: {secret}");
+                    out!("{}", line(&k, PeriodUsage::default()));
+                    out!("secret: {secret}");
                     eprintln!("(the secret is shown only now; it is stored hashed)");
                     ExitCode::SUCCESS
                 }
@@ -230,7 +245,7 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
             Ok(keys) => {
                 for k in keys.iter().filter(|k| all || !k.record.deleted()) {
                     match ledger.usage(&k.record.id) {
-                        Ok(usage) => println!("{}", line(k, usage)),
+                        Ok(usage) => out!("{}", line(k, usage)),
                         Err(e) => return runtime(e),
                     }
                 }
@@ -244,7 +259,7 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
                     Ok(u) => u,
                     Err(e) => return runtime(e),
                 };
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&k.view_with(usage)).unwrap_or_default()
                 );
@@ -266,7 +281,7 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
             }
             match ledger.top_up(&id, usd) {
                 Ok(Some(b)) => {
-                    println!(
+                    out!(
                         "{id}: credits={} usage={} remaining={}",
                         b.credits,
                         b.spent,
@@ -300,7 +315,7 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
             match store.update(&id, &patch) {
                 Ok(Some(k)) => {
                     let usage = ledger.usage(&id).unwrap_or_default();
-                    println!("{}", line(&k, usage));
+                    out!("{}", line(&k, usage));
                     eprintln!("(deleted: its secret is refused; its ledger rows and balance stay)");
                     ExitCode::SUCCESS
                 }
@@ -312,8 +327,8 @@ pub fn run(config: &Config, command: KeysCommand) -> ExitCode {
             match rotate_key(&*store, &id, grace_secs, now_unix()) {
                 Ok(Some((k, secret))) => {
                     let usage = ledger.usage(&id).unwrap_or_default();
-                    println!("{}", line(&k, usage));
-                    println!("secret: {secret}");
+                    out!("{}", line(&k, usage));
+                    out!("secret: {secret}");
                     if grace_secs > 0 {
                         eprintln!("(the old secret keeps working for {grace_secs} s; the new one is shown only now)");
                     } else {

@@ -273,6 +273,30 @@ async fn sigkill_mid_load_loses_no_completed_charge_and_doubles_none() {
 /// Reproduced: `switchboard keys top-up ID 9223372` answered an error after
 /// committing, leaving a key that could not be read. Now: exit 1, nothing written.
 #[test]
+fn keys_list_into_a_closed_pipe_ends_quietly() {
+    let dir = temp_dir("cli-closed-pipe");
+    let config = write_config(&dir, "");
+    assert_eq!(
+        cli(&config, &["create", "--credits", "1"]).status.code(),
+        Some(0)
+    );
+    // The reader is gone before the command prints (it opens the store first), as
+    // with `keys list | head -0`: every write to stdout fails with EPIPE.
+    let mut child = Command::new(BIN)
+        .args(["keys", "list", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
+
+#[test]
 fn keys_cli_refuses_a_top_up_past_the_bound_with_nothing_written() {
     let dir = temp_dir("cli-bounds");
     let config = write_config(&dir, "");

@@ -5,8 +5,8 @@ use std::borrow::Cow;
 use std::io;
 use std::time::Duration;
 
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use futures_util::SinkExt;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::sqlite::{attempts_json, int};
@@ -69,43 +69,12 @@ ON CONFLICT (id) DO NOTHING";
 
 /// A batch's first try: a binary `COPY` of its rows. PostgreSQL then inserts them
 /// many to a page and a WAL record (`heap_multi_insert`), with no executor per row and
-/// no `ON CONFLICT` check: 40–45 % less of its CPU per row than [`INSERT`] without
-/// `ON CONFLICT` (500-row batches, `benches/tools/pg_log_copy.sh`; BENCHMARKS.md,
-/// seventeenth session). A record written before makes the primary key refuse the
+/// no `ON CONFLICT` check: about half of its CPU per row (500-row batches: 4.2–4.4 µs
+/// against 7.4–9.8 for [`INSERT`], and the writer's 0.4 µs against 0.6–0.8; the
+/// ignored test `postgres_sink_throughput` and `benches/tools/pg_log_copy.sh`,
+/// BENCHMARKS.md, seventeenth session). A record written before makes the primary key refuse the
 /// `COPY` whole, and the batch goes again through [`INSERT`] at once.
 const COPY: &str = "COPY requests (id, time_ms, key_id, requested_model, model, provider, status, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cost_pico, latency_ms, ttft_ms, streamed, complete, finish_reason, error_code, attempts, prompt, completion, over_reserve, app_url, app_title, cache_hit, key_name, key_labels, client_ip) FROM STDIN (FORMAT binary)";
-
-/// The column types of [`COPY`], in its order.
-const COPY_TYPES: [Type; 28] = [
-    Type::TEXT,
-    Type::INT8,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::INT4,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::BOOL,
-    Type::BOOL,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::BOOL,
-    Type::TEXT,
-    Type::TEXT,
-    Type::BOOL,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-];
 
 /// How long connecting (and preparing the table) may take before it counts as a
 /// failure and is tried again later.
@@ -401,12 +370,49 @@ async fn copy(
     statement: &Statement,
     rows: &Rows<'_>,
 ) -> Result<u64, tokio_postgres::Error> {
-    let sink = client.copy_in::<_, bytes::Bytes>(statement).await?;
-    let mut writer = std::pin::pin!(BinaryCopyInWriter::new(sink, &COPY_TYPES));
-    for i in 0..rows.id.len() {
-        writer.as_mut().write(&rows.row(i)).await?;
+    let mut sink = std::pin::pin!(client.copy_in::<_, bytes::Bytes>(statement).await?);
+    sink.as_mut().send(rows.copy_data()).await?;
+    sink.finish().await
+}
+
+/// A `TEXT` field of a binary `COPY` tuple (`None`: NULL; so is a text past 2 GiB,
+/// which no request body can reach).
+fn put_text(out: &mut Vec<u8>, v: Option<&str>) {
+    match v.and_then(|s| Some((s, i32::try_from(s.len()).ok()?))) {
+        Some((s, len)) => {
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        None => out.extend_from_slice(&(-1i32).to_be_bytes()),
     }
-    writer.finish().await
+}
+
+/// An optional text as [`put_text`] takes it.
+fn opt<'t>(c: &'t Option<Cow<'_, str>>) -> Option<&'t str> {
+    c.as_deref()
+}
+
+/// An `INT8` field of a binary `COPY` tuple (`None`: NULL).
+fn put_int8(out: &mut Vec<u8>, v: Option<i64>) {
+    match v {
+        Some(v) => {
+            out.extend_from_slice(&8i32.to_be_bytes());
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+        None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+    }
+}
+
+/// An `INT4` field of a binary `COPY` tuple.
+fn put_int4(out: &mut Vec<u8>, v: i32) {
+    out.extend_from_slice(&4i32.to_be_bytes());
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+/// A `BOOL` field of a binary `COPY` tuple.
+fn put_bool(out: &mut Vec<u8>, v: bool) {
+    out.extend_from_slice(&1i32.to_be_bytes());
+    out.push(u8::from(v));
 }
 
 /// Why a connection or a write failed, and whether trying again may succeed.
@@ -600,7 +606,54 @@ impl<'a> Rows<'a> {
         rows
     }
 
-    /// Row `i`'s 28 values, in the table's column order (for [`COPY`]).
+    /// The batch in PostgreSQL's binary `COPY` format (the header, a tuple of 28
+    /// fields per record in [`COPY`]'s column order, the trailer), in one buffer.
+    /// Written here rather than through tokio-postgres's `BinaryCopyInWriter` (a type
+    /// check and a dynamic call per value, the data sent in 4-KiB pieces): the writer's
+    /// CPU per row is then below the `INSERT`'s (BENCHMARKS.md, seventeenth session).
+    fn copy_data(&self) -> bytes::Bytes {
+        let n = self.id.len();
+        let mut out = Vec::with_capacity(21 + n * 320);
+        out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        out.extend_from_slice(&[0; 8]); // flags, header extension length
+        for i in 0..n {
+            out.extend_from_slice(&28i16.to_be_bytes());
+            put_text(&mut out, Some(&self.id[i]));
+            put_int8(&mut out, Some(self.time_ms[i]));
+            put_text(&mut out, opt(&self.key_id[i]));
+            put_text(&mut out, Some(&self.requested_model[i]));
+            put_text(&mut out, opt(&self.model[i]));
+            put_text(&mut out, opt(&self.provider[i]));
+            put_int4(&mut out, self.status[i]);
+            put_int8(&mut out, Some(self.prompt_tokens[i]));
+            put_int8(&mut out, Some(self.completion_tokens[i]));
+            put_int8(&mut out, Some(self.cached_tokens[i]));
+            put_int8(&mut out, Some(self.reasoning_tokens[i]));
+            put_int8(&mut out, Some(self.cost_pico[i]));
+            put_int8(&mut out, Some(self.latency_ms[i]));
+            put_int8(&mut out, self.ttft_ms[i]);
+            put_bool(&mut out, self.streamed[i]);
+            put_bool(&mut out, self.complete[i]);
+            put_text(&mut out, opt(&self.finish_reason[i]));
+            put_text(&mut out, opt(&self.error_code[i]));
+            put_text(&mut out, Some(&self.attempts[i]));
+            put_text(&mut out, self.prompt[i].as_deref());
+            put_text(&mut out, opt(&self.completion[i]));
+            put_bool(&mut out, self.over_reserve[i]);
+            put_text(&mut out, opt(&self.app_url[i]));
+            put_text(&mut out, opt(&self.app_title[i]));
+            put_bool(&mut out, self.cache_hit[i]);
+            put_text(&mut out, opt(&self.key_name[i]));
+            put_text(&mut out, opt(&self.key_labels[i]));
+            put_text(&mut out, self.client_ip[i].as_deref());
+        }
+        out.extend_from_slice(&(-1i16).to_be_bytes());
+        bytes::Bytes::from(out)
+    }
+
+    /// Row `i`'s 28 values, in the table's column order (the throughput test's
+    /// multi-row `VALUES`).
+    #[cfg(test)]
     fn row(&self, i: usize) -> [&(dyn ToSql + Sync); 28] {
         [
             &self.id[i],

@@ -655,10 +655,10 @@ fn records_wait_while_postgresql_is_down_and_are_written_when_it_is_back() {
     assert_eq!(writer.dropped(), dropped);
 }
 
-/// Rows per second and the writer thread's CPU per row of four ways to write a
-/// batch (the sink's UNNEST insert, multi-row VALUES, a binary COPY, and a binary
-/// COPY into a temporary table merged with `ON CONFLICT DO NOTHING`), in batches of
-/// 50 and 500. Run with `cargo test --release --lib -- --ignored postgres_sink_throughput --nocapture`.
+/// Rows per second, the writer thread's CPU and PostgreSQL's per row of four ways to
+/// write a batch (the sink's `UNNEST` insert with `ON CONFLICT`, multi-row `VALUES`,
+/// the sink's binary `COPY`, and a binary `COPY` into a temporary table merged with
+/// `ON CONFLICT DO NOTHING`), in batches of 50 and 500. Run with `cargo test --release --lib -- --ignored postgres_sink_throughput --nocapture`.
 #[test]
 #[ignore]
 fn postgres_sink_throughput() {
@@ -694,6 +694,22 @@ fn postgres_sink_throughput() {
             + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
         Duration::from_millis(ticks * 10)
     };
+    // Every `postgres` process's CPU time (nothing else may use the server meanwhile).
+    let server_cpu = || {
+        let mut ticks = 0u64;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            if let Some((name, rest)) = stat.rsplit_once(')') {
+                if name.ends_with("(postgres") {
+                    let f: Vec<&str> = rest.split_whitespace().collect();
+                    ticks += (11..15)
+                        .filter_map(|i| f.get(i)?.parse::<u64>().ok())
+                        .sum::<u64>();
+                }
+            }
+        }
+        Duration::from_millis(ticks * 10)
+    };
     for batch in [50usize, 500] {
         for way in ["unnest", "values", "copy", "copy+merge"] {
             pg_exec(&url, "TRUNCATE requests");
@@ -706,7 +722,7 @@ fn postgres_sink_throughput() {
                 ))
                 .unwrap();
             }
-            let cpu0 = thread_cpu();
+            let (cpu0, server0) = (thread_cpu(), server_cpu());
             let t0 = Instant::now();
             rt.block_on(async {
                 for b in records.chunks(batch) {
@@ -721,8 +737,8 @@ fn postgres_sink_throughput() {
                         "values" => {
                             let mut sql = String::from("INSERT INTO requests VALUES ");
                             let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-                            let cols = rows_as_values(&rows);
-                            for (n, row) in cols.iter().enumerate() {
+                            for n in 0..rows.id.len() {
+                                let row = rows.row(n);
                                 if n > 0 {
                                     sql.push(',');
                                 }
@@ -740,120 +756,42 @@ fn postgres_sink_throughput() {
                             let stmt = conn.client.prepare(&sql).await.unwrap();
                             conn.client.execute(&stmt, &params).await.unwrap();
                         }
+                        "copy" => {
+                            copy(&conn.client, &conn.copy, &rows).await.unwrap();
+                        }
                         _ => {
-                            use futures_util::pin_mut;
-                            use tokio_postgres::binary_copy::BinaryCopyInWriter;
-                            use tokio_postgres::types::Type;
                             // A plain COPY cannot skip ids already there (a batch
-                            // written again); "copy+merge" copies into a temporary
-                            // table and inserts from it, skipping them.
-                            let merge = way == "copy+merge";
-                            if merge {
-                                conn.client.batch_execute("BEGIN").await.unwrap();
-                            }
-                            let sink = conn
+                            // written again): a COPY into a temporary table, then an
+                            // insert from it that skips them.
+                            conn.client.batch_execute("BEGIN").await.unwrap();
+                            let stmt = conn
                                 .client
-                                .copy_in(if merge {
-                                    "COPY requests_in FROM STDIN BINARY"
-                                } else {
-                                    "COPY requests FROM STDIN BINARY"
-                                })
+                                .prepare(&COPY.replace("COPY requests ", "COPY requests_in "))
                                 .await
                                 .unwrap();
-                            let types = [
-                                Type::TEXT,
-                                Type::INT8,
-                                Type::TEXT,
-                                Type::TEXT,
-                                Type::TEXT,
-                                Type::TEXT,
-                                Type::INT4,
-                                Type::INT8,
-                                Type::INT8,
-                                Type::INT8,
-                                Type::INT8,
-                                Type::INT8,
-                                Type::INT8,
-                                Type::INT8,
-                                Type::BOOL,
-                                Type::BOOL,
-                                Type::TEXT,
-                                Type::TEXT,
-                                Type::TEXT,
-                                Type::TEXT,
-                                Type::TEXT,
-                                Type::BOOL,
-                                Type::TEXT,
-                                Type::TEXT,
-                                Type::BOOL,
-                            ];
-                            let w = BinaryCopyInWriter::new(sink, &types);
-                            pin_mut!(w);
-                            for row in rows_as_values(&rows) {
-                                w.as_mut().write(&row).await.unwrap();
-                            }
-                            w.finish().await.unwrap();
-                            if merge {
-                                conn.client
-                                    .batch_execute(
-                                        "INSERT INTO requests SELECT * FROM requests_in ON CONFLICT (id) DO NOTHING; COMMIT",
-                                    )
-                                    .await
-                                    .unwrap();
-                            }
+                            copy(&conn.client, &stmt, &rows).await.unwrap();
+                            conn.client
+                                .batch_execute(
+                                    "INSERT INTO requests SELECT * FROM requests_in ON CONFLICT (id) DO NOTHING; COMMIT",
+                                )
+                                .await
+                                .unwrap();
                         }
                     }
                 }
             });
             let secs = t0.elapsed().as_secs_f64();
             let cpu = thread_cpu().saturating_sub(cpu0).as_secs_f64();
+            let server = server_cpu().saturating_sub(server0).as_secs_f64();
             assert_eq!(pg_count(&url, "true"), total as i64);
             println!(
-                "batch {batch:>3}, {way:>6}: {:>7.0} rows/s, {:>5.2} µs wall and {:>5.2} µs of the writer's CPU per row",
+                "batch {batch:>3}, {way:>10}: {:>7.0} rows/s, per row {:>5.2} µs wall, {:>5.2} µs of the writer's CPU, {:>5.2} µs of PostgreSQL's",
                 total as f64 / secs,
                 secs * 1e6 / total as f64,
-                cpu * 1e6 / total as f64
+                cpu * 1e6 / total as f64,
+                server * 1e6 / total as f64
             );
             sink.rt = Some(rt);
         }
     }
-}
-
-/// The values of each row of `rows`, in column order (for the benchmark's VALUES
-/// and COPY).
-fn rows_as_values<'r>(rows: &'r Rows<'_>) -> Vec<Vec<&'r (dyn ToSql + Sync)>> {
-    (0..rows.id.len())
-        .map(|i| -> Vec<&(dyn ToSql + Sync)> {
-            vec![
-                &rows.id[i],
-                &rows.time_ms[i],
-                &rows.key_id[i],
-                &rows.requested_model[i],
-                &rows.model[i],
-                &rows.provider[i],
-                &rows.status[i],
-                &rows.prompt_tokens[i],
-                &rows.completion_tokens[i],
-                &rows.cached_tokens[i],
-                &rows.reasoning_tokens[i],
-                &rows.cost_pico[i],
-                &rows.latency_ms[i],
-                &rows.ttft_ms[i],
-                &rows.streamed[i],
-                &rows.complete[i],
-                &rows.finish_reason[i],
-                &rows.error_code[i],
-                &rows.attempts[i],
-                &rows.prompt[i],
-                &rows.completion[i],
-                &rows.over_reserve[i],
-                &rows.app_url[i],
-                &rows.app_title[i],
-                &rows.cache_hit[i],
-                &rows.key_name[i],
-                &rows.key_labels[i],
-                &rows.client_ip[i],
-            ]
-        })
-        .collect()
 }
