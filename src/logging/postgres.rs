@@ -96,7 +96,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Off the request path like every sink: the [`LogWriter`](super::LogWriter)'s thread
 /// drives a connection of its own on a current-thread tokio runtime the sink owns.
 /// A batch is one statement, so one round trip and one transaction. Its first try is
-/// a binary [`COPY`] (the least of PostgreSQL's CPU per row); if a record of it was
+/// a binary `COPY` (the least of PostgreSQL's CPU per row); if a record of it was
 /// there already (the server refuses the `COPY` whole) it goes again at once as an
 /// `INSERT … SELECT * FROM UNNEST($1, …, $28)` of one array per column, `ON CONFLICT
 /// (id) DO NOTHING`, as does a batch tried again after a failure (its first try may
