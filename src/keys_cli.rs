@@ -16,8 +16,10 @@ use switchboard::store::{
     PeriodUsage, StoredKey,
 };
 
-/// `println!` that ends the command quietly when stdout is closed (`keys list | head`)
-/// instead of panicking, as other command-line tools do.
+/// `println!` that ends the command when stdout is closed (`keys list | head`)
+/// instead of panicking: quietly, with the status a shell reports for a command ended
+/// by SIGPIPE (141), as other command-line tools end. Never 0: a `create` or `rotate`
+/// whose secret could not be printed did not succeed for its caller.
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
@@ -26,7 +28,7 @@ macro_rules! out {
                 eprintln!("switchboard: cannot write to stdout: {e}");
                 std::process::exit(1);
             }
-            std::process::exit(0);
+            std::process::exit(141);
         }
     }};
 }

@@ -273,7 +273,7 @@ async fn sigkill_mid_load_loses_no_completed_charge_and_doubles_none() {
 /// Reproduced: `switchboard keys top-up ID 9223372` answered an error after
 /// committing, leaving a key that could not be read. Now: exit 1, nothing written.
 #[test]
-fn keys_list_into_a_closed_pipe_ends_quietly() {
+fn keys_commands_into_a_closed_pipe_end_quietly_and_never_report_success() {
     let dir = temp_dir("cli-closed-pipe");
     let config = write_config(&dir, "");
     assert_eq!(
@@ -281,19 +281,24 @@ fn keys_list_into_a_closed_pipe_ends_quietly() {
         Some(0)
     );
     // The reader is gone before the command prints (it opens the store first), as
-    // with `keys list | head -0`: every write to stdout fails with EPIPE.
-    let mut child = Command::new(BIN)
-        .args(["keys", "list", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(out.status.code(), Some(0), "{err}");
+    // with `keys list | head -0`: every write to stdout fails with EPIPE. A `create`
+    // whose secret was never shown must not say it succeeded.
+    for args in [&["list"][..], &["create", "--credits", "1"][..]] {
+        let mut child = Command::new(BIN)
+            .arg("keys")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+    }
 }
 
 #[test]
