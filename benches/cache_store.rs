@@ -3,6 +3,10 @@
 //! store is full; and a hit. `MemoryBackend` (quick_cache) against the moka cache it
 //! replaced (same bound by bytes, per-entry expiry, a hasher of the digest's first 8
 //! bytes), each filled before it is measured (twice its bound of distinct answers).
+//! And a request's key (`cache_key/…`): from the raw body, written canonical as it is
+//! parsed (`CacheKey::of_body`, what the layer does), against the body parsed into a
+//! `serde_json::Value` first (`CacheKey::new`, what it did), for the load bench's
+//! one-message body and a 12-message conversation.
 //!
 //! Run with: cargo bench --bench cache_store -- --quick
 
@@ -12,6 +16,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
+
+/// The gateway's allocator (`src/main.rs`): allocation is much of what a key costs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use switchboard::cache::{AnswerMeta, CacheBackend, CacheKey, CachedAnswer, MemoryBackend};
 
 /// 16 MiB, `[cache].max_bytes`'s default.
@@ -157,5 +165,37 @@ fn cache_store(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, cache_store);
+/// A chat body of `turns` messages (the load bench's own when 1).
+fn chat_body(turns: usize) -> Vec<u8> {
+    let messages: Vec<String> = (0..turns)
+        .map(|i| {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            format!(
+                r#"{{"role":"{role}","content":"Say something short about fox number {i} of 12345678901234567890, in a sentence or two, with \"quotes\"."}}"#
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"model":"bench/model","messages":[{}],"max_tokens":64,"temperature":0.7}}"#,
+        messages.join(",")
+    )
+    .into_bytes()
+}
+
+fn cache_key(c: &mut Criterion) {
+    for turns in [1, 12] {
+        let body = chat_body(turns);
+        c.bench_function(&format!("cache_key/{turns}_messages/of_body"), |b| {
+            b.iter(|| CacheKey::of_body("key_1", "/v1/chat/completions", &body).unwrap())
+        });
+        c.bench_function(&format!("cache_key/{turns}_messages/through_value"), |b| {
+            b.iter(|| {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                CacheKey::new("key_1", "/v1/chat/completions", &v)
+            })
+        });
+    }
+}
+
+criterion_group!(benches, cache_store, cache_key);
 criterion_main!(benches);

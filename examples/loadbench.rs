@@ -97,6 +97,9 @@ fn main() {
         // `misses ADDR RATE SECS [off]`: open loop at RATE req/s, every request a new
         // body asking for the cache (all misses; `off`: not asking), for profiling.
         "misses" => rt.block_on(cache::misses(&args[2..])),
+        // `drive-misses ADDR SECS [off]`: closed loop (64 connections), every request a
+        // miss as `misses` sends them (for profiling).
+        "drive-misses" => rt.block_on(cache::drive_misses(&args[2..])),
         // `config DIR UPSTREAM`: write the bench's gateway config into DIR, print its path
         // (for scripts that serve the gateway themselves, e.g. benches/tools/awake_cpu.sh).
         "config" => println!(

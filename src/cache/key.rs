@@ -50,9 +50,35 @@ pub(crate) type KeyHash = std::hash::BuildHasherDefault<KeyHasher>;
 impl CacheKey {
     /// The key of a request whose body parsed to `body`.
     pub fn new(key_id: &str, path: &str, body: &Value) -> CacheKey {
-        let path = path.strip_prefix("/api").unwrap_or(path);
         let model = body.get("model").and_then(Value::as_str).unwrap_or("");
         let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let mut canonical = Vec::with_capacity(256);
+        write_canonical(body, &mut canonical);
+        CacheKey::of_canonical(key_id, path, model, stream, &canonical)
+    }
+
+    /// The key of a request whose body is the JSON object `body` (raw bytes). `None`
+    /// when `body` is not a JSON object (not cacheable). The same key as
+    /// [`new`](Self::new) of its parsed value, without building that value.
+    pub fn of_body(key_id: &str, path: &str, body: &[u8]) -> Option<(CacheKey, TopLevel)> {
+        let mut canonical = Vec::with_capacity(body.len());
+        let top = canonicalize(body, &mut canonical).ok()?;
+        if !top.object {
+            return None;
+        }
+        let model = top.model.as_deref().unwrap_or("");
+        let key = CacheKey::of_canonical(key_id, path, model, top.stream, &canonical);
+        Some((key, top))
+    }
+
+    fn of_canonical(
+        key_id: &str,
+        path: &str,
+        model: &str,
+        stream: bool,
+        canonical: &[u8],
+    ) -> CacheKey {
+        let path = path.strip_prefix("/api").unwrap_or(path);
         let mut h = Sha256::new();
         // Each part is length-prefixed: no two different tuples hash the same input.
         for part in [
@@ -65,9 +91,7 @@ impl CacheKey {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part);
         }
-        let mut canonical = Vec::with_capacity(256);
-        write_canonical(body, &mut canonical);
-        h.update(&canonical);
+        h.update(canonical);
         CacheKey(h.finalize().into())
     }
 
@@ -77,7 +101,9 @@ impl CacheKey {
     }
 }
 
+use crate::canonical::canonicalize;
 pub use crate::canonical::write_canonical;
+pub use crate::canonical::TopLevel;
 
 #[cfg(test)]
 mod tests {
@@ -124,6 +150,33 @@ mod tests {
             ),
         ] {
             assert_ne!(a, other);
+        }
+    }
+
+    #[test]
+    fn a_key_made_from_the_raw_body_is_the_key_of_its_parsed_value() {
+        for body in [
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}"#,
+            r#"{"stream":true,"model":"m\u00e9","messages":[]}"#,
+            r#"{"model":"a","model":"b","stream":false,"stream":true}"#,
+            r#"{"model":7,"stream":"true"}"#,
+            r#"{}"#,
+        ] {
+            let (raw, top) = CacheKey::of_body("k1", "/api/v1/chat/completions", body.as_bytes())
+                .unwrap_or_else(|| panic!("{body}"));
+            assert_eq!(raw, key("k1", "/v1/chat/completions", body), "{body}");
+            let v: Value = serde_json::from_str(body).unwrap();
+            assert_eq!(top.model.as_deref(), v.get("model").and_then(Value::as_str));
+            assert_eq!(
+                top.stream,
+                v.get("stream").and_then(Value::as_bool) == Some(true)
+            );
+        }
+        for not_an_object in ["[1]", "\"x\"", "{", "{} {}", "nul"] {
+            assert!(
+                CacheKey::of_body("k1", "/v1/chat/completions", not_an_object.as_bytes()).is_none(),
+                "{not_an_object}"
+            );
         }
     }
 

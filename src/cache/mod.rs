@@ -106,7 +106,7 @@ use tower::{Layer, Service, ServiceExt};
 pub use answer::{AnswerMeta, CachedAnswer};
 pub use backend::{CacheBackend, Claim, MemoryBackend, RedisBackend};
 pub use config::{CacheConfig, MAX_BYTES, MAX_TTL_SECS};
-pub use key::{write_canonical, CacheKey};
+pub use key::{write_canonical, CacheKey, TopLevel};
 
 use crate::context::{CacheHit, CallContext};
 use crate::error::{Body, GatewayError};
@@ -427,16 +427,17 @@ where
             return Ok(refuse(&Request::from_parts(parts, Body::empty()), e));
         }
     };
-    let value: serde_json::Value = match serde_json::from_slice(&bytes) {
-        Ok(v @ serde_json::Value::Object(_)) => v,
-        // Not a JSON object: not cacheable; the inner service explains what is wrong.
-        _ => {
-            return inner
-                .oneshot(Request::from_parts(parts, Body::from(bytes)))
-                .await
-        }
-    };
     let key_record = parts.extensions.get::<Arc<KeyRecord>>().cloned();
+    let Some((key, top)) = CacheKey::of_body(
+        key_record.as_ref().map_or("", |k| k.id.as_str()),
+        parts.uri.path(),
+        &bytes,
+    ) else {
+        // Not a JSON object: not cacheable; the inner service explains what is wrong.
+        return inner
+            .oneshot(Request::from_parts(parts, Body::from(bytes)))
+            .await;
+    };
     let ctx = match parts.extensions.get::<CallContext>() {
         Some(c) => c.clone(),
         None => {
@@ -446,22 +447,13 @@ where
         }
     };
     let ask = Ask {
-        key: CacheKey::new(
-            key_record.as_ref().map_or("", |k| k.id.as_str()),
-            parts.uri.path(),
-            &value,
-        ),
+        key,
         ttl,
-        streamed: value.get("stream").and_then(|v| v.as_bool()) == Some(true),
-        model: value
-            .get("model")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string(),
+        streamed: top.stream,
+        model: top.model.unwrap_or_default(),
         ctx,
         key_record,
     };
-    drop(value);
     loop {
         if let Some(answer) = shared.backend.get(&ask.key).await {
             count("hit");
