@@ -36,9 +36,10 @@ pub(crate) fn canonical_digest(body: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// What [`canonicalize`] learnt of a top-level object: its `model` when that is a
-/// string, and whether its `stream` is `true` (of a key given twice, the last, as
-/// everywhere in the canonical form).
+/// What writing a body's canonical text
+/// ([`CacheKey::of_body`](crate::cache::CacheKey::of_body)) learnt of a top-level
+/// object: its `model` when that is a string, and whether its `stream` is `true` (of a
+/// key given twice, the last, as everywhere in the canonical form).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TopLevel {
     /// Whether the body is a JSON object.
