@@ -39,6 +39,10 @@ pub(crate) struct State {
     pub frames: Vec<Bytes>,
     pub bytes: usize,
     pub end: Option<End>,
+    /// Whether anyone took [`Flight::changes`]: until then a change wakes nobody, and
+    /// is not sent (a leader alone, as every miss of all-unique traffic is, skips
+    /// three sends, each a lock of all eight of the channel's wait lists).
+    watched: bool,
 }
 
 /// One request in flight and what identical ones wait on.
@@ -56,13 +60,23 @@ impl Flight {
         }
     }
 
-    /// A receiver of the changes (mark it seen before reading `state`).
+    /// A receiver of the changes (mark it seen before reading `state`). Taken under
+    /// the state's lock, so a change is either seen in `state` by its next read or
+    /// sent to it ([`changed`](Self::changed)).
     pub fn changes(&self) -> watch::Receiver<u64> {
-        self.version.subscribe()
+        let mut st = self.state.lock();
+        st.watched = true;
+        let rx = self.version.subscribe();
+        drop(st);
+        rx
     }
 
-    fn changed(&self) {
-        self.version.send_modify(|v| *v += 1);
+    /// Tells the receivers that `state` changed (`watched`: read under the lock that
+    /// changed it).
+    fn changed(&self, watched: bool) {
+        if watched {
+            self.version.send_modify(|v| *v += 1);
+        }
     }
 }
 
@@ -160,8 +174,12 @@ impl LeadGuard {
 
     /// The leader's answer is a 200: followers may start.
     pub fn start(&self, head: Head) {
-        self.flight.state.lock().head = Some(Arc::new(head));
-        self.flight.changed();
+        let watched = {
+            let mut st = self.flight.state.lock();
+            st.head = Some(Arc::new(head));
+            st.watched
+        };
+        self.flight.changed(watched);
     }
 
     /// The leader sent `data`; `false` (and nothing kept) once the answer is past the
@@ -173,8 +191,9 @@ impl LeadGuard {
         }
         st.bytes += data.len();
         st.frames.push(data.clone());
+        let watched = st.watched;
         drop(st);
-        self.flight.changed();
+        self.flight.changed(watched);
         true
     }
 
@@ -207,8 +226,12 @@ impl LeadGuard {
         // (where a done answer already is) or leads anew.
         self.flights.remove(&self.key, &self.flight);
         let failed = matches!(end, End::Failed);
-        self.flight.state.lock().end = Some(end);
-        self.flight.changed();
+        let watched = {
+            let mut st = self.flight.state.lock();
+            st.end = Some(end);
+            st.watched
+        };
+        self.flight.changed(watched);
         // A stored answer's claim is given back by the backend's `put`, after the
         // answer is there (so another instance never finds neither).
         if let Some(backend) = self.release.take().filter(|_| failed) {
