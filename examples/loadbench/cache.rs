@@ -124,6 +124,26 @@ async fn fixed_rate_of(
     (lat, errors, hits)
 }
 
+/// The order of a round's two steps (0: without the cache, 1: with): each round the
+/// other way round than the last, since the second of two steps can pay for the first
+/// (the log writer flushing its rows, the allocator).
+fn round_order(run: usize) -> [usize; 2] {
+    if run.is_multiple_of(2) {
+        [0, 1]
+    } else {
+        [1, 0]
+    }
+}
+
+/// A run-3 step's name in the tables.
+fn step_name(i: usize, cache: bool) -> &'static str {
+    match (i, cache) {
+        (_, true) => "on (all miss)",
+        (1, false) => "off (A/A)",
+        _ => "off",
+    }
+}
+
 /// The median of each round's own growth (its step with the cache against its step
 /// without, run back to back), in %: drift of the machine between rounds cancels.
 fn paired_growth(cpu: &[Vec<f64>; 2]) -> f64 {
@@ -376,10 +396,7 @@ pub async fn run(args: &[String]) {
     for rate in [500u64, 1000] {
         let mut cpu = [Vec::new(), Vec::new()];
         for run in 0..repeat {
-            // Each run in the other order than the last: the second of two steps can
-            // pay for the first (the log writer flushing its rows, the allocator).
-            let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
-            for i in order {
+            for i in round_order(run) {
                 let cache = i == 1 && !aa;
                 let pid = gw.child.id();
                 let c0 = cpu_secs(pid);
@@ -395,11 +412,7 @@ pub async fn run(args: &[String]) {
                 cpu[i].push(per);
                 println!(
                     "| {rate} | {} | {} | {err} | {:.3} | {per:.1} | {sys:.1} | {faults:.2} | {wakes:.2} |",
-                    match (i, cache) {
-                        (_, true) => "on (all miss)",
-                        (1, false) => "off (A/A)",
-                        _ => "off",
-                    },
+                    step_name(i, cache),
                     lat.len(),
                     Stats::pct(&lat, 0.5)
                 );
@@ -421,8 +434,7 @@ pub async fn run(args: &[String]) {
     println!("|---|---|---|---|---|");
     let mut cpu = [Vec::new(), Vec::new()];
     for run in 0..repeat {
-        let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
+        for i in round_order(run) {
             let cache = i == 1 && !aa;
             let pid = gw.child.id();
             let (c0, w0) = (cpu_secs(pid), ctx_switches(pid));
@@ -434,11 +446,7 @@ pub async fn run(args: &[String]) {
             println!(
                 "| {} | {} | {rps:.0} | {per:.1} | {wakes:.2} |",
                 run + 1,
-                match (i, cache) {
-                    (_, true) => "on (all miss)",
-                    (1, false) => "off (A/A)",
-                    _ => "off",
-                }
+                step_name(i, cache)
             );
         }
     }
