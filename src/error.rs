@@ -291,6 +291,27 @@ impl FailureKind {
             FailureKind::NotConfigured => "not_configured".into(),
         }
     }
+
+    /// The kind a [`label`](Self::label) names (how instances tell each other what
+    /// degraded an endpoint); `None` for anything else.
+    pub fn from_label(label: &str) -> Option<Self> {
+        Some(match label {
+            "connect_error" => FailureKind::Connect,
+            "timeout" => FailureKind::Timeout,
+            "stream_idle" => FailureKind::StreamIdle,
+            "stream_broken" => FailureKind::StreamBroken,
+            "stream_error" => FailureKind::InBand,
+            "bad_response" => FailureKind::Protocol,
+            "not_configured" => FailureKind::NotConfigured,
+            status => {
+                let code: u16 = status.parse().ok()?;
+                if !(100..=999).contains(&code) || status.len() != 3 {
+                    return None;
+                }
+                FailureKind::Status(code)
+            }
+        })
+    }
 }
 
 /// One upstream attempt's failure.
@@ -404,6 +425,27 @@ impl std::error::Error for ProviderError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_kinds_come_back_from_their_labels() {
+        let kinds = [
+            FailureKind::Status(503),
+            FailureKind::Status(429),
+            FailureKind::Connect,
+            FailureKind::Timeout,
+            FailureKind::StreamIdle,
+            FailureKind::StreamBroken,
+            FailureKind::InBand,
+            FailureKind::Protocol,
+            FailureKind::NotConfigured,
+        ];
+        for k in kinds {
+            assert_eq!(FailureKind::from_label(&k.label()), Some(k), "{k:?}");
+        }
+        for bad in ["", "5031", "50", "+50", "099", "x", "Timeout"] {
+            assert_eq!(FailureKind::from_label(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn classification_follows_spec_section_5() {

@@ -329,6 +329,16 @@ impl InMemoryHealth {
         });
     }
 
+    /// What degraded or parked `e`, as the instance that saw it says: the failures in
+    /// a row and the last of them (what [`HealthRegistry::snapshot`] shows; decisions
+    /// never read them).
+    pub(crate) fn apply_cause(&self, e: &Endpoint, streak: u32, last: LastFailure) {
+        self.slot(e, |s| {
+            s.streak = streak;
+            s.last_failure = Some(last);
+        });
+    }
+
     /// Parked until `until` (at least), as another instance says.
     pub(crate) fn apply_parked(&self, e: &Endpoint, until: Instant) {
         self.slot(e, |s| {

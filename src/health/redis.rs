@@ -11,9 +11,10 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use super::memory::{Change, InMemoryHealth, ProbeGate};
-use super::{AttemptOutcome, Availability, HealthRegistry, PermitKind, Ticket};
+use super::{AttemptOutcome, Availability, HealthRegistry, LastFailure, PermitKind, Ticket};
 use crate::catalog::{Catalog, Endpoint};
 use crate::config::HealthConfig;
+use crate::error::FailureKind;
 use crate::shared::{Notice, SharedState};
 
 /// The pub/sub topic of health events.
@@ -64,7 +65,12 @@ static LOCK: LazyLock<Script> = LazyLock::new(|| Script::new(LOCK_SCRIPT));
 ///   the holder sees the endpoint `HalfOpen` and lets one request probe it, the others
 ///   keep seeing it unavailable. The lock is held for a short lease, extended to the
 ///   provider's timeout while a probe is in flight, and released with its result (or
-///   when the lease ends unused, so an idle instance never sits on it).
+///   when the lease ends unused, so an idle instance never sits on it);
+/// - what degraded or parked an endpoint (the failures in a row and the last of them,
+///   which [`HealthRegistry::snapshot`] and so `GET /admin/endpoints` show) travels with
+///   it: a `cause` event published just before the state's own, and
+///   `health:cause:{label}` for the instances that catch up later. Decisions never
+///   read it.
 ///
 /// Endpoints are named across instances by [`Endpoint::label`] (`model@provider`),
 /// not by index. Times travel as durations left (`PTTL`, milliseconds in events), so
@@ -103,6 +109,7 @@ impl std::fmt::Debug for RedisHealth {
 /// Redis key names of one endpoint.
 struct Keys {
     failures: String,
+    cause: String,
     degraded: String,
     parked: String,
     probe: String,
@@ -193,6 +200,7 @@ impl RedisHealth {
                 let label = e.label();
                 Keys {
                     failures: shared.key(&format!("health:failures:{label}")),
+                    cause: shared.key(&format!("health:cause:{label}")),
                     degraded: shared.key(&format!("health:degraded:{label}")),
                     parked: shared.key(&format!("health:parked:{label}")),
                     probe: shared.key(&format!("health:probe:{label}")),
@@ -303,7 +311,8 @@ impl HealthRegistry for RedisHealth {
     }
 
     /// This instance's in-memory view, which follows the others' events through Redis
-    /// (an endpoint degraded elsewhere shows no failure count or last failure here).
+    /// (an endpoint degraded or parked elsewhere shows the failures in a row and the
+    /// last failure of the instance that saw them).
     fn snapshot(&self, e: &Endpoint, now: Instant) -> super::EndpointHealth {
         self.core.local.snapshot(e, now)
     }
@@ -315,6 +324,31 @@ pub(super) fn parse_event(payload: &str) -> Option<(&str, u64, &str, &str)> {
     let kind = parts.next()?;
     let ms = parts.next()?.parse().ok()?;
     Some((kind, ms, parts.next()?, parts.next()?))
+}
+
+/// What degraded or parked an endpoint, as it travels between instances (one token
+/// without spaces): `{failures in a row}/{last failure's label}/{its Retry-After in
+/// ms, or -}`.
+pub(super) fn cause_token(streak: u32, last: &LastFailure) -> String {
+    let retry = last
+        .retry_after
+        .map_or_else(|| "-".to_string(), |d| ms(d).to_string());
+    format!("{streak}/{}/{retry}", last.kind.label())
+}
+
+/// The inverse of [`cause_token`]; `None` for anything unreadable.
+pub(super) fn parse_cause(token: &str) -> Option<(u32, LastFailure)> {
+    let mut parts = token.split('/');
+    let streak = parts.next()?.parse().ok()?;
+    let kind = FailureKind::from_label(parts.next()?)?;
+    let retry_after = match parts.next()? {
+        "-" => None,
+        ms => Some(Duration::from_millis(ms.parse().ok()?)),
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((streak, LastFailure { kind, retry_after }))
 }
 
 fn ms(d: Duration) -> u64 {
@@ -382,6 +416,15 @@ impl Core {
         if instance == self.shared.instance_id() {
             return;
         }
+        // A `cause` carries its token before the label (an instance that does not know
+        // the kind finds no such label, and ignores it).
+        let (label, cause) = match kind {
+            "cause" => match label.split_once(' ') {
+                Some((token, label)) => (label, Some(token)),
+                None => return,
+            },
+            _ => (label, None),
+        };
         let Some(&i) = self.by_label.get(label) else {
             return;
         };
@@ -402,6 +445,10 @@ impl Core {
                 self.new_cooldown(i);
             }
             "failing" => f.maybe_failures.store(true, Ordering::Release),
+            "cause" => match cause.and_then(parse_cause) {
+                Some((streak, last)) => self.local.apply_cause(e, streak, last),
+                None => tracing::debug!(payload, "shared health: unreadable cause"),
+            },
             _ => tracing::debug!(payload, "shared health: unknown event"),
         }
     }
@@ -502,6 +549,8 @@ impl Core {
                         self.flags[i].from_shared.store(false, Ordering::Release);
                         self.flags[i].maybe_failures.store(false, Ordering::Release);
                         self.new_cooldown(i);
+                        let streak = u32::try_from(n).unwrap_or(u32::MAX);
+                        self.share_cause(i, Some(streak), ms(cooldown)).await;
                         self.publish("degraded", ms(cooldown), i).await;
                     }
                 }
@@ -529,6 +578,7 @@ impl Core {
                 self.flags[i].maybe_failures.store(false, Ordering::Release);
                 self.release_lock(i).await;
                 self.reset_book(i);
+                self.share_cause(i, None, left).await;
                 self.publish("degraded", left, i).await;
             }
             Op::Parked(i, until) => {
@@ -549,11 +599,17 @@ impl Core {
                             .await
                     })
                     .await;
+                self.share_cause(i, None, left).await;
                 self.publish("parked", left, i).await;
             }
             Op::Recovered(i) => {
                 let k = &self.keys[i];
-                let keys = [k.degraded.clone(), k.parked.clone(), k.failures.clone()];
+                let keys = [
+                    k.degraded.clone(),
+                    k.parked.clone(),
+                    k.failures.clone(),
+                    k.cause.clone(),
+                ];
                 let _ = self
                     .shared
                     .call(move |mut c| async move {
@@ -609,6 +665,34 @@ impl Core {
         b.retry_at = None;
     }
 
+    /// Tells the others what degraded or parked endpoint `i` (this instance's last
+    /// failure of it; `streak` the shared count when known), kept `px` ms in Redis.
+    async fn share_cause(&self, i: usize, streak: Option<u32>, px: u64) {
+        let h = self.local.snapshot(&self.endpoints[i], Instant::now());
+        let Some(last) = h.last_failure else { return };
+        let token = cause_token(streak.unwrap_or(h.consecutive_failures), &last);
+        let key = self.keys[i].cause.clone();
+        let value = token.clone();
+        let _ = self
+            .shared
+            .call(move |mut c| async move {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(value)
+                    .arg("PX")
+                    .arg(px)
+                    .exec_async(&mut c)
+                    .await
+            })
+            .await;
+        let payload = format!(
+            "cause 0 {} {token} {}",
+            self.shared.instance_id(),
+            self.endpoints[i].label()
+        );
+        let _ = self.shared.publish(TOPIC, &payload).await;
+    }
+
     async fn publish(&self, kind: &str, ms: u64, i: usize) {
         let payload = format!(
             "{kind} {ms} {} {}",
@@ -658,13 +742,14 @@ impl Core {
     /// Reads every endpoint's shared state back (after (re)subscribing), then shares
     /// what this instance learnt alone meanwhile.
     async fn resync(&self) {
-        type Row = (i64, i64, i64, Option<String>);
+        type Row = (i64, i64, i64, Option<String>, Option<String>);
         let mut pipe = redis::pipe();
         for k in &self.keys {
             pipe.pttl(&k.degraded)
                 .pttl(&k.parked)
                 .exists(&k.failures)
-                .get(&k.probe);
+                .get(&k.probe)
+                .get(&k.cause);
         }
         let rows: Result<Vec<redis::Value>, _> = self
             .shared
@@ -672,7 +757,7 @@ impl Core {
             .await;
         let Ok(values) = rows else { return };
         let rows: Vec<Row> = values
-            .chunks(4)
+            .chunks(5)
             .filter_map(|c| redis::from_redis_value(redis::Value::Array(c.to_vec())).ok())
             .collect();
         if rows.len() != self.keys.len() {
@@ -681,8 +766,13 @@ impl Core {
         }
         let now = Instant::now();
         let me = self.shared.instance_id();
-        for (i, (degraded, parked, failing, probe)) in rows.into_iter().enumerate() {
+        for (i, (degraded, parked, failing, probe, cause)) in rows.into_iter().enumerate() {
             let (e, f) = (&self.endpoints[i], &self.flags[i]);
+            if degraded > 0 || parked > 0 {
+                if let Some((streak, last)) = cause.as_deref().and_then(parse_cause) {
+                    self.local.apply_cause(e, streak, last);
+                }
+            }
             if degraded > 0 {
                 self.local
                     .apply_degraded(e, now + Duration::from_millis(degraded as u64));

@@ -224,6 +224,10 @@ async fn after_the_cooldown_one_probe_across_instances_and_its_success_recovers_
         .await,
         "the recovery did not reach the other instance within 1 s"
     );
+    // What degraded it is gone with it, here and in Redis.
+    assert_eq!(loser.snapshot(&e, Instant::now()).last_failure, None);
+    let cause = format!("{}health:cause:test/model@a", r.prefix());
+    assert_eq!(pttl(winner.shared(), cause).await, -2);
     let lock = format!("{}health:probe:test/model@a", r.prefix());
     let s = winner.shared().clone();
     assert!(
@@ -325,6 +329,60 @@ async fn a_retry_after_park_through_one_instance_is_seen_by_the_other() {
         left > Duration::from_secs(3) && left <= Duration::from_secs(5),
         "{left:?}"
     );
+}
+
+#[tokio::test]
+async fn what_degraded_or_parked_an_endpoint_is_seen_on_every_instance() {
+    let Some(r) = testing::redis("what_degraded_or_parked_an_endpoint_is_seen_on_every_instance")
+    else {
+        return;
+    };
+    let cat = abc();
+    let [e0, e1] = [0, 1].map(|i| cat.endpoints()[i].clone());
+    let a = instance(open(&r).await, &cat, 3, Duration::from_secs(60)).await;
+    let b = instance(open(&r).await, &cat, 3, Duration::from_secs(60)).await;
+    for _ in 0..3 {
+        attempt(&a, &e0, 503);
+    }
+    let p = Permit::acquire(&dyn_reg(&a), &e1, false).unwrap();
+    p.failure(
+        &ProviderError::status("b", 429, "slow down")
+            .with_retry_after(Some(Duration::from_secs(30))),
+    );
+    let seen = |h: &RedisHealth| {
+        let now = Instant::now();
+        let (d, p) = (h.snapshot(&e0, now), h.snapshot(&e1, now));
+        (
+            d.state,
+            d.consecutive_failures,
+            d.last_failure,
+            p.state,
+            p.last_failure,
+        )
+    };
+    let want = (
+        HealthState::Degraded,
+        3,
+        Some(LastFailure {
+            kind: FailureKind::Status(503),
+            retry_after: None,
+        }),
+        HealthState::Parked,
+        Some(LastFailure {
+            kind: FailureKind::Status(429),
+            retry_after: Some(Duration::from_secs(30)),
+        }),
+    );
+    assert_eq!(seen(&a), want);
+    // B, which never tried either endpoint, learns why within 1 s…
+    assert!(
+        eventually(Duration::from_secs(1), || seen(&b) == want).await,
+        "B shows {:?}",
+        seen(&b)
+    );
+    // …and so does an instance that starts later, from Redis.
+    let c = instance(open(&r).await, &cat, 3, Duration::from_secs(60)).await;
+    assert_eq!(seen(&c), want);
 }
 
 #[tokio::test]

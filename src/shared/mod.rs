@@ -32,9 +32,10 @@
 //! | `{prefix}health:degraded:{model}@{provider}` | string, expires with the cooldown | the endpoint is degraded; its TTL is the time left |
 //! | `{prefix}health:parked:{model}@{provider}` | string, expires with the `Retry-After` | the endpoint answered 429 with `Retry-After` |
 //! | `{prefix}health:probe:{model}@{provider}` | string (instance id), expires after the probe's timeout | the lock of the single probe after a cooldown, across instances |
+//! | `{prefix}health:cause:{model}@{provider}` | string (`{failures}/{last failure}/{Retry-After ms or -}`), expires with the state | what degraded or parked the endpoint, for `/admin/endpoints` |
 //! | `{prefix}cache:{sha256}` | string, expires with the answer's TTL | a cached answer ([`RedisBackend`](crate::cache::RedisBackend)) |
 //! | `{prefix}cache:lock:{sha256}` | string (instance id), expires after 60 s | the instance computing that answer; the others wait for it |
-//! | `{prefix}events` | pub/sub channel | changes of state (degraded, parked, recovered, failing), applied by every instance within milliseconds |
+//! | `{prefix}events` | pub/sub channel | changes of state (degraded, parked, recovered, failing) and their cause, applied by every instance within milliseconds |
 //!
 //! Redis down: each instance limits and tracks health on its own (so `rpm` admits up
 //! to `rpm` per instance, and each instance learns degraded endpoints by itself) until
