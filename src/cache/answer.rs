@@ -179,6 +179,10 @@ fn split_inclusive<'a>(mut body: &'a [u8], sep: &'a [u8]) -> impl Iterator<Item 
 /// Copies one JSON document to `out`, numbers inside `usage` objects as `0` and each
 /// string equal to `old_id` recorded in `id_at` (or replaced by `new_id`). Bytes that
 /// are not JSON are copied as they are.
+///
+/// Copy on change: the scan only notes where it must write something else (a usage
+/// number, the id), and copies the unchanged runs between in one piece each; strings
+/// (most of an answer's bytes) are skipped with `memchr`.
 fn scan_json(
     src: &[u8],
     old_id: &[u8],
@@ -186,10 +190,13 @@ fn scan_json(
     out: &mut Vec<u8>,
     id_at: &mut Vec<u32>,
 ) {
+    out.reserve(src.len());
     // Per open container: (is an object, inside a usage object).
     let mut stack: Vec<(bool, bool)> = Vec::with_capacity(8);
     let mut expect_key = false;
     let mut usage_next = false;
+    // `src[..copied]` is in `out` already.
+    let mut copied = 0;
     let mut i = 0;
     while i < src.len() {
         let b = src[i];
@@ -200,13 +207,13 @@ fn scan_json(
                 if expect_key {
                     usage_next = s == b"\"usage\"";
                     expect_key = false;
-                    out.extend_from_slice(s);
                 } else {
                     usage_next = false;
                     if !old_id.is_empty()
                         && s.len() == old_id.len() + 2
                         && &s[1..s.len() - 1] == old_id
                     {
+                        out.extend_from_slice(&src[copied..i]);
                         out.push(b'"');
                         match new_id {
                             Some(new) => out.extend_from_slice(new),
@@ -216,8 +223,7 @@ fn scan_json(
                             }
                         }
                         out.push(b'"');
-                    } else {
-                        out.extend_from_slice(s);
+                        copied = end;
                     }
                 }
                 i = end;
@@ -227,18 +233,15 @@ fn scan_json(
                 stack.push((b == b'{', inside || (usage_next && b == b'{')));
                 usage_next = false;
                 expect_key = b == b'{';
-                out.push(b);
                 i += 1;
             }
             b'}' | b']' => {
                 stack.pop();
                 expect_key = false;
-                out.push(b);
                 i += 1;
             }
             b',' => {
                 expect_key = stack.last().is_some_and(|f| f.0);
-                out.push(b);
                 i += 1;
             }
             b'-' | b'0'..=b'9' => {
@@ -249,9 +252,9 @@ fn scan_json(
                     end += 1;
                 }
                 if stack.last().is_some_and(|f| f.1) {
+                    out.extend_from_slice(&src[copied..i]);
                     out.push(b'0');
-                } else {
-                    out.extend_from_slice(&src[i..end]);
+                    copied = end;
                 }
                 usage_next = false;
                 i = end;
@@ -260,21 +263,21 @@ fn scan_json(
                 if b.is_ascii_alphabetic() {
                     usage_next = false; // true / false / null
                 }
-                out.push(b);
                 i += 1;
             }
         }
     }
+    out.extend_from_slice(&src[copied..]);
 }
 
 /// The index just past the string that opens at `start` (or the end of `src`).
 fn string_end(src: &[u8], start: usize) -> usize {
     let mut i = start + 1;
     while i < src.len() {
-        match src[i] {
-            b'\\' => i += 2,
-            b'"' => return i + 1,
-            _ => i += 1,
+        match memchr::memchr2(b'"', b'\\', &src[i..]) {
+            Some(off) if src[i + off] == b'"' => return i + off + 1,
+            Some(off) => i += off + 2, // an escape: skip the escaped byte
+            None => break,
         }
     }
     src.len()
@@ -300,6 +303,173 @@ mod tests {
                 id_len: old.len() as u32,
             },
             body: Bytes::from(out),
+        }
+    }
+
+    /// The byte-at-a-time scan this module had before copy-on-change (the oracle):
+    /// copies one JSON document to `out`, numbers inside `usage` objects as `0` and each
+    /// string equal to `old_id` recorded in `id_at` (or replaced by `new_id`). Bytes that
+    /// are not JSON are copied as they are.
+    fn scan_json_bytewise(
+        src: &[u8],
+        old_id: &[u8],
+        new_id: Option<&[u8]>,
+        out: &mut Vec<u8>,
+        id_at: &mut Vec<u32>,
+    ) {
+        // Per open container: (is an object, inside a usage object).
+        let mut stack: Vec<(bool, bool)> = Vec::with_capacity(8);
+        let mut expect_key = false;
+        let mut usage_next = false;
+        let mut i = 0;
+        while i < src.len() {
+            let b = src[i];
+            match b {
+                b'"' => {
+                    let end = string_end_bytewise(src, i);
+                    let s = &src[i..end];
+                    if expect_key {
+                        usage_next = s == b"\"usage\"";
+                        expect_key = false;
+                        out.extend_from_slice(s);
+                    } else {
+                        usage_next = false;
+                        if !old_id.is_empty()
+                            && s.len() == old_id.len() + 2
+                            && &s[1..s.len() - 1] == old_id
+                        {
+                            out.push(b'"');
+                            match new_id {
+                                Some(new) => out.extend_from_slice(new),
+                                None => {
+                                    id_at.push(out.len() as u32);
+                                    out.extend_from_slice(old_id);
+                                }
+                            }
+                            out.push(b'"');
+                        } else {
+                            out.extend_from_slice(s);
+                        }
+                    }
+                    i = end;
+                }
+                b'{' | b'[' => {
+                    let inside = stack.last().is_some_and(|f| f.1);
+                    stack.push((b == b'{', inside || (usage_next && b == b'{')));
+                    usage_next = false;
+                    expect_key = b == b'{';
+                    out.push(b);
+                    i += 1;
+                }
+                b'}' | b']' => {
+                    stack.pop();
+                    expect_key = false;
+                    out.push(b);
+                    i += 1;
+                }
+                b',' => {
+                    expect_key = stack.last().is_some_and(|f| f.0);
+                    out.push(b);
+                    i += 1;
+                }
+                b'-' | b'0'..=b'9' => {
+                    let mut end = i + 1;
+                    while end < src.len()
+                        && matches!(src[end], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+                    {
+                        end += 1;
+                    }
+                    if stack.last().is_some_and(|f| f.1) {
+                        out.push(b'0');
+                    } else {
+                        out.extend_from_slice(&src[i..end]);
+                    }
+                    usage_next = false;
+                    i = end;
+                }
+                _ => {
+                    if b.is_ascii_alphabetic() {
+                        usage_next = false; // true / false / null
+                    }
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// The index just past the string that opens at `start` (or the end of `src`).
+    fn string_end_bytewise(src: &[u8], start: usize) -> usize {
+        let mut i = start + 1;
+        while i < src.len() {
+            match src[i] {
+                b'\\' => i += 2,
+                b'"' => return i + 1,
+                _ => i += 1,
+            }
+        }
+        src.len()
+    }
+
+    #[test]
+    fn copy_on_change_writes_what_the_bytewise_scan_wrote() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+        let pieces: [&[u8]; 24] = [
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b",",
+            b":",
+            b"\"usage\"",
+            b"\"gen-OLD\"",
+            b"\"gen-OLDX\"",
+            b"\"a\\\"b\"",
+            b"\"x\\\\\"",
+            b"12",
+            b"-3.5e+7",
+            b"0",
+            b"true",
+            b"null",
+            b" ",
+            b"\n",
+            b"\"",
+            b"\\",
+            b"\"usage",
+            b"\"k\"",
+            b"\xc3\xa9",
+            b"e",
+        ];
+        for round in 0..20_000 {
+            let mut src = Vec::new();
+            for _ in 0..rng.random_range(0..40) {
+                src.extend_from_slice(pieces[rng.random_range(0..pieces.len())]);
+            }
+            if round % 2 == 0 {
+                // Mostly well-formed: a real answer shape around the noise.
+                let mut doc = br#"{"id":"gen-OLD","usage":{"p":1,"d":{"c":[2,3]}},"x":"#.to_vec();
+                doc.extend_from_slice(&src);
+                doc.push(b'}');
+                src = doc;
+            }
+            for (old, new) in [
+                (&b"gen-OLD"[..], None),
+                (b"gen-OLD", Some(&b"gen-NEW-1"[..])),
+                (b"", None),
+            ] {
+                let (mut a, mut a_at) = (b"prefix".to_vec(), Vec::new());
+                let (mut b, mut b_at) = (b"prefix".to_vec(), Vec::new());
+                scan_json(&src, old, new, &mut a, &mut a_at);
+                scan_json_bytewise(&src, old, new, &mut b, &mut b_at);
+                assert_eq!(
+                    (a, a_at),
+                    (b, b_at),
+                    "{:?} {:?}",
+                    String::from_utf8_lossy(&src),
+                    new
+                );
+            }
         }
     }
 

@@ -197,14 +197,18 @@ impl LeadGuard {
         true
     }
 
-    /// The whole body so far, in one piece.
-    pub fn body(&self) -> Vec<u8> {
+    /// The whole body so far, in one piece (a body of one frame, as a JSON answer
+    /// usually is, without a copy).
+    pub fn body(&self) -> Bytes {
         let st = self.flight.state.lock();
+        if let [one] = st.frames.as_slice() {
+            return one.clone();
+        }
         let mut out = Vec::with_capacity(st.bytes);
         for f in &st.frames {
             out.extend_from_slice(f);
         }
-        out
+        Bytes::from(out)
     }
 
     /// The head, if started.
