@@ -112,3 +112,44 @@ async fn two_gateways_share_rpm_and_endpoint_health() {
             .join("\n")
     );
 }
+
+#[tokio::test]
+async fn a_conversation_keeps_its_endpoint_whichever_gateway_serves_it() {
+    let Some(r) = switchboard::testing::redis(
+        "a_conversation_keeps_its_endpoint_whichever_gateway_serves_it",
+    ) else {
+        return;
+    };
+    let (a, b) = (fixed(200).await, fixed(200).await);
+    let extra = format!(
+        "[shared]\nredis_url = \"{}\"\nprefix = \"{}\"\n",
+        r.url(),
+        r.prefix()
+    );
+    // Two equal endpoints: without a shared affinity, the second turn's endpoint is a
+    // coin toss on the other gateway.
+    let (one, two) =
+        gateway_pair(&openai_config(&[("a", &a.url()), ("b", &b.url())], &extra)).await;
+    let turn = |system: &str, question: &str| {
+        json!({"model": "test/model", "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": question}]})
+    };
+    let served = |res: &reqwest::Response| {
+        assert_eq!(res.status(), 200);
+        res.headers()["x-provider"].to_str().unwrap().to_string()
+    };
+    // Eight conversations, each with its own long system prompt, start on the first…
+    let mut started = Vec::new();
+    for i in 0..8 {
+        let system = format!("Conversation {i}. ") + &"You answer briefly. ".repeat(250);
+        let res = post_chat(&one, TEST_KEY, &turn(&system, "First question")).await;
+        started.push((system, served(&res)));
+    }
+    // …and go on through the second, after the 1 s the SPEC allows shared state.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (i, (system, first)) in started.iter().enumerate() {
+        let res = post_chat(&two, TEST_KEY, &turn(system, "A follow-up")).await;
+        assert_eq!(&served(&res), first, "conversation {i} changed endpoint");
+    }
+}

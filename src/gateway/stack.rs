@@ -159,8 +159,11 @@ impl Stack {
             };
 
         // Prompt-cache affinity: the health filter's entries, which the route explain
-        // reads too.
-        let affinity = Affinity::new();
+        // reads too; with `[shared]`, learnt by every instance from every other.
+        let affinity = match &process.shared {
+            Some(s) => Affinity::shared(s.clone(), &catalog),
+            None => Affinity::new(),
+        };
         // The typed tier, outermost first.
         let typed = ServiceBuilder::new()
             // 1. Route: model id (+ `models`, variants, allow-list) → candidate endpoints.

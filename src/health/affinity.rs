@@ -16,8 +16,10 @@
 //! so affinity yields to health; the conversation stays where it lands next.
 //!
 //! Entries live [`AFFINITY_TTL`] after the last reply they saw (Anthropic's cache lifetime),
-//! at most [`AFFINITY_MAX_ENTRIES`] of them, in this process's memory: each instance of a
-//! deployment learns its own (docs/routing.md).
+//! at most [`AFFINITY_MAX_ENTRIES`] of them, in this process's memory. With `[shared]`
+//! ([`Affinity::shared`]) every instance of a deployment tells the others what it
+//! learns through Redis's events channel, so a conversation whose turns a load
+//! balancer spreads over instances keeps its endpoint (docs/routing.md).
 //!
 //! # Example
 //! ```
@@ -45,13 +47,25 @@
 //! assert_eq!(affinity.preferred(b), Some(3));
 //! ```
 
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hasher};
 use std::io;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
 
 use super::filter::Ordering;
+use crate::catalog::Catalog;
 use crate::context::ChatCall;
 use crate::route::split_variant;
+use crate::shared::{ListenerId, Notice, SharedState};
+
+/// The topic of affinity events on the shared events channel.
+const TOPIC: &str = "affinity";
+
+/// Affinity events queued for Redis at most (past it, news stays local).
+const QUEUE: usize = 1024;
 
 /// The shortest prompt (bytes of `tools` + `messages` as JSON, about 1k tokens) that
 /// gets an affinity key, and the length of the prefix the key hashes: about where
@@ -71,9 +85,35 @@ pub struct AffinityKey(u64);
 
 /// Which endpoint served which long prompt (the rule: docs/routing.md, "Prompt-cache
 /// affinity"). Cheap to clone: clones share the entries.
+///
+/// [`Affinity::shared`] shares what it learns with the other instances on one Redis:
+/// a new or changed endpoint for a prompt is published at once (`affinity {instance}
+/// {key} {model}@{provider}` on the events channel; endpoints travel by label, since
+/// catalog indices differ between configurations), and an unchanged one again once
+/// half its TTL has passed since the deployment last heard of it, so a conversation
+/// that goes on through any instance stays known everywhere. Never on the request's
+/// wait: publishing is queued to a task, and while Redis is away each instance keeps
+/// its own entries, as without `[shared]`.
 #[derive(Clone)]
 pub struct Affinity {
-    entries: moka::sync::Cache<AffinityKey, usize>,
+    /// The endpoint's catalog index, and when the deployment last heard of it.
+    entries: moka::sync::Cache<AffinityKey, (usize, Instant)>,
+    ttl: Duration,
+    sharing: Option<Arc<Sharing>>,
+}
+
+/// What [`Affinity::shared`] adds: the queue to Redis and the listener of the others.
+struct Sharing {
+    shared: SharedState,
+    labels: Vec<Arc<str>>,
+    out: mpsc::Sender<(AffinityKey, Arc<str>)>,
+    listener: ListenerId,
+}
+
+impl Drop for Sharing {
+    fn drop(&mut self) {
+        self.shared.unlisten(self.listener);
+    }
 }
 
 impl std::fmt::Debug for Affinity {
@@ -103,7 +143,56 @@ impl Affinity {
                 .max_capacity(max_entries)
                 .time_to_live(ttl)
                 .build(),
+            ttl,
+            sharing: None,
         }
+    }
+
+    /// [`Affinity::new`], shared with every instance on `shared` whose catalog is
+    /// `catalog` (the endpoints this instance's plans hold).
+    pub fn shared(shared: SharedState, catalog: &Catalog) -> Self {
+        Affinity::with_limits(AFFINITY_MAX_ENTRIES, AFFINITY_TTL).sharing(shared, catalog)
+    }
+
+    /// These limits, shared as [`Affinity::shared`] says.
+    pub fn sharing(mut self, shared: SharedState, catalog: &Catalog) -> Self {
+        let labels: Vec<Arc<str>> = catalog
+            .endpoints()
+            .iter()
+            .map(|e| Arc::from(e.label()))
+            .collect();
+        let by_label: HashMap<Arc<str>, usize> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), i))
+            .collect();
+        let (out, rx) = mpsc::channel(QUEUE);
+        shared.spawn(publish(shared.clone(), rx));
+        // The listener holds the entries, not the `Affinity`: dropping the last clone
+        // drops `Sharing`, which removes the listener (and ends the publisher).
+        let (entries, me) = (self.entries.clone(), shared.instance_id().to_string());
+        let listener = shared.listen(TOPIC, move |notice| {
+            let Notice::Message(payload) = notice else {
+                return; // nothing to catch up: a missed event costs one affinity miss
+            };
+            let Some((instance, key, label)) = parse_event(payload) else {
+                tracing::debug!(payload, "shared affinity: unreadable event");
+                return;
+            };
+            if instance == me {
+                return;
+            }
+            if let Some(&i) = by_label.get(label) {
+                entries.insert(key, (i, Instant::now()));
+            }
+        });
+        self.sharing = Some(Arc::new(Sharing {
+            shared,
+            labels,
+            out,
+            listener,
+        }));
+        self
     }
 
     /// The call's affinity key: `None` when its prompt is shorter than
@@ -131,13 +220,32 @@ impl Affinity {
     /// The index (in the [catalog](crate::catalog::Catalog::endpoints)) of the endpoint
     /// that last served the prompt of `key`.
     pub fn preferred(&self, key: AffinityKey) -> Option<usize> {
-        self.entries.get(&key)
+        self.entries.get(&key).map(|(i, _)| i)
     }
 
     /// Remembers that the endpoint of catalog index `endpoint` served the prompt of
-    /// `key` (for [`AFFINITY_TTL`] from now).
+    /// `key` (for [`AFFINITY_TTL`] from now); shared, tells the other instances when
+    /// that is news to them.
     pub fn remember(&self, key: AffinityKey, endpoint: usize) {
-        self.entries.insert(key, endpoint);
+        let now = Instant::now();
+        let Some(sharing) = &self.sharing else {
+            self.entries.insert(key, (endpoint, now));
+            return;
+        };
+        let known = self.entries.get(&key);
+        let news = match known {
+            Some((i, heard)) => i != endpoint || now.duration_since(heard) >= self.ttl / 2,
+            None => true,
+        };
+        let label = sharing.labels.get(endpoint);
+        let sent = news
+            && sharing.shared.is_available()
+            && label.is_some_and(|l| sharing.out.try_send((key, l.clone())).is_ok());
+        let heard = match known {
+            Some((i, heard)) if !sent && i == endpoint => heard,
+            _ => now,
+        };
+        self.entries.insert(key, (endpoint, heard));
     }
 
     /// Counts a request with a key in `switchboard_affinity_total`.
@@ -145,6 +253,28 @@ impl Affinity {
         let result = if hit { "hit" } else { "miss" };
         crate::telemetry::counter(crate::telemetry::AFFINITY, &[("result", result)]).increment(1);
     }
+}
+
+/// Publishes what [`Affinity::remember`] queued, one event each, until every sender
+/// is gone.
+async fn publish(shared: SharedState, mut rx: mpsc::Receiver<(AffinityKey, Arc<str>)>) {
+    while let Some((key, label)) = rx.recv().await {
+        let payload = format!("{} {:016x} {label}", shared.instance_id(), key.0);
+        if let Err(e) = shared.publish(TOPIC, &payload).await {
+            tracing::debug!("shared affinity: not published: {e}");
+        }
+    }
+}
+
+/// The `(instance, key, label)` of an affinity event's payload.
+fn parse_event(payload: &str) -> Option<(&str, AffinityKey, &str)> {
+    let (instance, rest) = payload.split_once(' ')?;
+    let (key, label) = rest.split_once(' ')?;
+    if key.len() != 16 {
+        return None;
+    }
+    let key = u64::from_str_radix(key, 16).ok()?;
+    Some((instance, AffinityKey(key), label))
 }
 
 /// Hashes what is written to it up to [`MIN_PREFIX_BYTES`], then refuses more.
@@ -234,6 +364,153 @@ mod tests {
             ..Default::default()
         });
         assert!(Affinity::key(&c).is_some());
+    }
+
+    /// `shared`, once its events channel is subscribed (events sent before are missed).
+    async fn subscribed(shared: SharedState) -> SharedState {
+        let on = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = on.clone();
+        let id = shared.listen("test-subscribed", move |n| {
+            if matches!(n, Notice::Subscribed) {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        assert!(
+            crate::shared::tests::eventually(Duration::from_secs(10), || {
+                on.load(std::sync::atomic::Ordering::SeqCst)
+            })
+            .await,
+            "the events channel was never subscribed"
+        );
+        shared.unlisten(id);
+        shared
+    }
+
+    #[tokio::test]
+    async fn what_one_instance_learns_every_instance_prefers() {
+        use crate::shared::tests::{eventually, open};
+        let Some(r) = crate::testing::redis("what_one_instance_learns_every_instance_prefers")
+        else {
+            return;
+        };
+        let abc = crate::health::tests::abc();
+        // The other instance's catalog lists the same endpoints in another order.
+        let cab = crate::health::tests::catalog(&[
+            ("c", "openai", "2", "2", "deny"),
+            ("a", "openai", "3", "3", "deny"),
+            ("b", "openai", "1", "1", "deny"),
+        ]);
+        let index = |cat: &Catalog, name: &str| {
+            cat.endpoints()
+                .iter()
+                .find(|e| e.label() == format!("test/model@{name}"))
+                .unwrap()
+                .index
+        };
+        let sa = subscribed(open(&r).await).await;
+        let sb = subscribed(open(&r).await).await;
+        let (a, b) = (
+            Affinity::shared(sa.clone(), &abc),
+            Affinity::shared(sb, &cab),
+        );
+        let long = "x".repeat(MIN_PREFIX_BYTES);
+        let k = Affinity::key(&call("test/model", &long, "one")).unwrap();
+
+        // Learnt on A (endpoint `b`): B prefers its own index of `b` within 1 s.
+        a.remember(k, index(&abc, "b"));
+        assert!(
+            eventually(Duration::from_secs(1), || b.preferred(k)
+                == Some(index(&cab, "b")))
+            .await,
+            "B prefers {:?}",
+            b.preferred(k)
+        );
+        // The same again on A is no news: nothing published.
+        let calls = sa.calls();
+        a.remember(k, index(&abc, "b"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            sa.calls(),
+            calls,
+            "an unchanged endpoint was published again"
+        );
+        // A change on B (the conversation moved to `c`) reaches A.
+        b.remember(k, index(&cab, "c"));
+        assert!(
+            eventually(Duration::from_secs(1), || a.preferred(k)
+                == Some(index(&abc, "c")))
+            .await,
+            "A prefers {:?}",
+            a.preferred(k)
+        );
+        // Another prompt's key is untouched.
+        let other = Affinity::key(&call("test/model", &"y".repeat(MIN_PREFIX_BYTES), "")).unwrap();
+        assert_eq!(a.preferred(other), None);
+        assert_eq!(b.preferred(other), None);
+        // Dropped, an instance's affinity stops listening.
+        let before = sa.listeners();
+        drop(a);
+        assert_eq!(sa.listeners(), before - 1);
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_endpoint_is_told_again_after_half_its_ttl() {
+        use crate::shared::tests::{eventually, open};
+        let Some(r) =
+            crate::testing::redis("an_unchanged_endpoint_is_told_again_after_half_its_ttl")
+        else {
+            return;
+        };
+        let cat = crate::health::tests::abc();
+        let (sa, sb) = (
+            subscribed(open(&r).await).await,
+            subscribed(open(&r).await).await,
+        );
+        let ttl = Duration::from_millis(400);
+        let a = Affinity::with_limits(100, ttl).sharing(sa.clone(), &cat);
+        let b = Affinity::with_limits(100, ttl).sharing(sb, &cat);
+        let k = Affinity::key(&call("test/model", &"x".repeat(MIN_PREFIX_BYTES), "")).unwrap();
+        a.remember(k, 1);
+        assert!(eventually(Duration::from_secs(1), || b.preferred(k) == Some(1)).await);
+        // Past half the TTL, A's next reply for the prompt tells B again, which keeps
+        // the entry past its first TTL.
+        let calls = sa.calls();
+        tokio::time::sleep(ttl / 2 + Duration::from_millis(20)).await;
+        a.remember(k, 1);
+        assert!(
+            eventually(Duration::from_secs(1), || sa.calls() == calls + 1).await,
+            "not published again"
+        );
+        tokio::time::sleep(ttl / 2).await;
+        assert_eq!(b.preferred(k), Some(1), "B forgot a prompt A still serves");
+    }
+
+    #[tokio::test]
+    async fn with_redis_away_affinity_is_each_instances_own() {
+        // Nothing listens on port 1: every call fails at once.
+        let s = SharedState::open_with(
+            "redis://127.0.0.1:1",
+            "sb-away:",
+            crate::shared::tests::options(),
+        )
+        .unwrap();
+        let cat = crate::health::tests::abc();
+        let a = Affinity::shared(s.clone(), &cat);
+        let k = Affinity::key(&call("test/model", &"x".repeat(MIN_PREFIX_BYTES), "")).unwrap();
+        a.remember(k, 2);
+        assert_eq!(a.preferred(k), Some(2));
+        a.remember(k, 0);
+        assert_eq!(a.preferred(k), Some(0));
+    }
+
+    #[test]
+    fn events_name_the_key_in_sixteen_hex_digits() {
+        let k = AffinityKey(0xfeed);
+        let text = format!("inst {:016x} test/model@a b", k.0);
+        assert_eq!(parse_event(&text), Some(("inst", k, "test/model@a b")));
+        assert_eq!(parse_event("inst feed test/model@a"), None);
+        assert_eq!(parse_event("inst 000000000000feed"), None);
+        assert_eq!(parse_event("inst 00000000000zfeed m@p"), None);
     }
 
     #[test]

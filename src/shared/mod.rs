@@ -35,7 +35,7 @@
 //! | `{prefix}health:cause:{model}@{provider}` | string (`{failures}/{last failure}/{Retry-After ms or -}`), expires with the state | what degraded or parked the endpoint, for `/admin/endpoints` |
 //! | `{prefix}cache:{sha256}` | string, expires with the answer's TTL | a cached answer ([`RedisBackend`](crate::cache::RedisBackend)) |
 //! | `{prefix}cache:lock:{sha256}` | string (instance id), expires after 60 s | the instance computing that answer; the others wait for it |
-//! | `{prefix}events` | pub/sub channel | changes of state (degraded, parked, recovered, failing) and their cause, applied by every instance within milliseconds |
+//! | `{prefix}events` | pub/sub channel | changes of endpoint state (degraded, parked, recovered, failing) and their cause, and prompt-cache affinity (which endpoint served a long prompt), applied by every instance within milliseconds |
 //!
 //! Redis down: each instance limits and tracks health on its own (so `rpm` admits up
 //! to `rpm` per instance, and each instance learns degraded endpoints by itself) until
