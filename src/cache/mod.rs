@@ -237,7 +237,14 @@ impl CacheLayer {
         self.edit(|s| s.body_timeout = d)
     }
 
-    /// Answers larger than this are neither stored nor followed.
+    /// Answers larger than this are neither stored nor followed. A backend may keep
+    /// less: a [`MemoryBackend`] of `max_bytes` keeps answers up to
+    /// [`MemoryBackend::largest_body`] (an eighth of it); a larger one is still
+    /// followed by identical requests in flight, then not kept. [`from_config`]
+    /// sets this to what its backend keeps; with [`CacheLayer::new`] and a small
+    /// backend, set it to match.
+    ///
+    /// [`from_config`]: CacheLayer::from_config
     pub fn max_entry_bytes(self, n: usize) -> Self {
         self.edit(|s| s.max_entry_bytes = n)
     }
