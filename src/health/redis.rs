@@ -583,22 +583,8 @@ impl Core {
             }
             Op::Parked(i, until) => {
                 let left = ms(until.saturating_duration_since(now));
-                let (parked, me) = (
-                    self.keys[i].parked.clone(),
-                    self.shared.instance_id().to_string(),
-                );
-                let _ = self
-                    .shared
-                    .call(move |mut c| async move {
-                        redis::cmd("SET")
-                            .arg(&parked)
-                            .arg(me)
-                            .arg("PX")
-                            .arg(left)
-                            .exec_async(&mut c)
-                            .await
-                    })
-                    .await;
+                let me = self.shared.instance_id().to_string();
+                self.set_px(self.keys[i].parked.clone(), me, left).await;
                 self.share_cause(i, None, left).await;
                 self.publish("parked", left, i).await;
             }
@@ -671,8 +657,18 @@ impl Core {
         let h = self.local.snapshot(&self.endpoints[i], Instant::now());
         let Some(last) = h.last_failure else { return };
         let token = cause_token(streak.unwrap_or(h.consecutive_failures), &last);
-        let key = self.keys[i].cause.clone();
-        let value = token.clone();
+        self.set_px(self.keys[i].cause.clone(), token.clone(), px)
+            .await;
+        let payload = format!(
+            "cause 0 {} {token} {}",
+            self.shared.instance_id(),
+            self.endpoints[i].label()
+        );
+        let _ = self.shared.publish(TOPIC, &payload).await;
+    }
+
+    /// `SET key value PX px` (a failure is left to the next resync).
+    async fn set_px(&self, key: String, value: String, px: u64) {
         let _ = self
             .shared
             .call(move |mut c| async move {
@@ -685,12 +681,6 @@ impl Core {
                     .await
             })
             .await;
-        let payload = format!(
-            "cause 0 {} {token} {}",
-            self.shared.instance_id(),
-            self.endpoints[i].label()
-        );
-        let _ = self.shared.publish(TOPIC, &payload).await;
     }
 
     async fn publish(&self, kind: &str, ms: u64, i: usize) {
