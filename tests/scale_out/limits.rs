@@ -189,4 +189,18 @@ async fn an_endpoint_degraded_through_one_instance_is_skipped_by_another() {
     let before = bad.hits();
     assert_eq!(chat(&gws[1].base, TEST_KEY, &body).await.status, 200);
     assert_eq!(bad.hits(), before);
+    // Instance 2's operator sees why: the failures in a row and the last one, as
+    // instance 1 saw them.
+    let (st, endpoints) = admin(&gws[1].base, "GET", "/admin/endpoints", None).await;
+    assert_eq!(st, 200, "{endpoints}");
+    let view = endpoints["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["provider"] == "bad")
+        .unwrap()
+        .clone();
+    assert_eq!(view["state"], "degraded", "{view}");
+    assert_eq!(view["consecutive_failures"], THRESHOLD, "{view}");
+    assert_eq!(view["last_error"], "500", "{view}");
 }
