@@ -616,6 +616,13 @@ mod tests {
         });
         c.drop_reasoning();
         assert!(c.choices.is_empty(), "a reasoning-only choice goes");
+        // So does a signature-only one (the end of Anthropic's thinking).
+        let mut c = ChatChunk::delta(Delta {
+            signature: Some("EqQB".into()),
+            ..Delta::default()
+        });
+        c.drop_reasoning();
+        assert!(c.choices.is_empty(), "a signature-only choice goes");
         let mut c = ChatChunk::delta(Delta {
             content: Some("Paris".into()),
             reasoning: Some("hmm".into()),

@@ -281,6 +281,10 @@ async fn anthropic_gets_a_thinking_budget_and_exclude_hides_the_thinking_but_cha
     assert!(seen.body.get("reasoning").is_none());
     assert_eq!(answer["choices"][0]["message"]["content"], "Paris");
     assert!(!text.contains("SECRET-THOUGHT"), "{text}");
+    assert!(
+        !text.contains("reasoning_details"),
+        "the signature went out: {text}"
+    );
     assert_eq!(answer["usage"]["completion_tokens"], 50);
     assert_eq!(
         usd(&answer["usage"]["cost_details"]["completion"]),
@@ -459,4 +463,48 @@ async fn the_thinking_variant_turns_reasoning_on_for_every_kind() {
             .contains(":thinking"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn anthropic_thinking_survives_a_tool_loop_through_reasoning_details() {
+    let f = fakes().await;
+    let want = pico(20, 30) + pico(50, 150);
+    // The first turn's answer carries the thinking with its signature…
+    let (first, _) = charged(
+        &f.gw,
+        ask("anthropic/claude", json!({"reasoning": {"effort": "low"}})),
+        want,
+    )
+    .await;
+    let details = first["choices"][0]["message"]["reasoning_details"].clone();
+    assert_eq!(
+        details,
+        json!([{"type": "reasoning.text", "text": "SECRET-THOUGHT", "signature": "sig", "index": 0}])
+    );
+    // …which the client sends back with the turn that called a tool (as OpenRouter's
+    // clients do): Anthropic gets the signed thinking block first in that turn, and
+    // thinking stays on for the next step of the loop.
+    let body = json!({
+        "model": "anthropic/claude", "reasoning": {"effort": "low"},
+        "messages": [
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": null, "reasoning_details": details,
+             "tool_calls": [{"id": "toolu_1", "type": "function",
+                             "function": {"name": "lookup", "arguments": "{\"q\":\"France\"}"}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "Paris"}
+        ]
+    });
+    charged(&f.gw, body, want).await;
+    let seen = &f.anthropic.requests()[1];
+    assert_eq!(
+        seen.body["thinking"],
+        json!({"type": "enabled", "budget_tokens": 2048})
+    );
+    let turn = &seen.body["messages"][1];
+    assert_eq!(
+        turn["content"][0],
+        json!({"type": "thinking", "thinking": "SECRET-THOUGHT", "signature": "sig"}),
+        "{turn}"
+    );
+    assert_eq!(turn["content"][1]["type"], "tool_use", "{turn}");
 }

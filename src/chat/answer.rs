@@ -198,11 +198,14 @@ impl ChatChunk {
         self.choices.iter().find_map(|c| c.finish_reason.as_deref())
     }
 
-    /// Drops the reasoning text of every choice (`reasoning.exclude`), and the choices
-    /// that carried nothing else, so a reasoning-only chunk writes nothing.
+    /// Drops the reasoning text and its signature from every choice
+    /// (`reasoning.exclude`), and the choices that carried nothing else, so a
+    /// reasoning-only chunk writes nothing.
     pub fn drop_reasoning(&mut self) {
         self.choices.retain_mut(|c| {
-            if c.delta.reasoning.take().is_none() {
+            let text = c.delta.reasoning.take().is_some();
+            let signature = c.delta.signature.take().is_some();
+            if !text && !signature {
                 return true;
             }
             let d = &c.delta;
@@ -228,8 +231,9 @@ pub struct ChunkChoice {
     pub finish_reason: Option<FinishReason>,
 }
 
-/// The increment of a chunk.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// The increment of a chunk. Written with OpenRouter's `reasoning_details` beside
+/// `reasoning` when there is reasoning or a signature ([`ReasoningDetails`]).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct Delta {
     /// `"assistant"` on the first chunk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -244,8 +248,8 @@ pub struct Delta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCallDelta>>,
     /// A piece of the signature of the reasoning so far (Anthropic's
-    /// `signature_delta`): internal, for `/v1/messages` clients, never written in
-    /// chat output.
+    /// `signature_delta`): for `/v1/messages` clients, and in chat output only inside
+    /// `reasoning_details`.
     #[serde(skip)]
     pub signature: Option<String>,
     /// An anthropic-kind upstream's own text of what this chunk holds, for
@@ -360,8 +364,10 @@ pub struct Choice {
     pub finish_reason: Option<FinishReason>,
 }
 
-/// The assistant message of a completion.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The assistant message of a completion. Written with OpenRouter's
+/// `reasoning_details` beside `reasoning` when there is reasoning or a signature
+/// ([`ReasoningDetails`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ResponseMessage {
     /// Always `assistant`.
     pub role: Role,
@@ -373,8 +379,8 @@ pub struct ResponseMessage {
     /// Tool calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCall>>,
-    /// The signature of `reasoning` (Anthropic's thinking `signature`): internal, for
-    /// `/v1/messages` clients, never written in chat output.
+    /// The signature of `reasoning` (Anthropic's thinking `signature`): for
+    /// `/v1/messages` clients, and in chat output only inside `reasoning_details`.
     #[serde(skip)]
     pub reasoning_signature: Option<String>,
     /// An anthropic-kind upstream's `content` array as sent ([`AnthropicRaw`]).
@@ -580,5 +586,94 @@ impl ChatCompletion {
             embeddings: self.embeddings,
             error: None,
         }
+    }
+}
+
+/// OpenRouter's `reasoning_details` of a message or a delta: one `reasoning.text`
+/// entry at index 0 with the reasoning text and its signature, each when there
+/// (`[{"type":"reasoning.text","text":…,"signature":…,"index":0}]`). A client that
+/// sends the assistant turn back with it keeps an anthropic-kind endpoint's
+/// thinking through a tool loop (the signature is what Anthropic checks;
+/// docs/providers.md). A stream's pieces share index 0: text pieces first, the
+/// signature last, as a client that merges them by index expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReasoningDetails<'a> {
+    /// The reasoning text (or this piece of it).
+    pub text: Option<&'a str>,
+    /// Its signature (or this piece of it).
+    pub signature: Option<&'a str>,
+}
+
+impl Serialize for ReasoningDetails<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        struct Entry<'a>(&'a ReasoningDetails<'a>);
+        impl Serialize for Entry<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut m = serializer.serialize_map(None)?;
+                m.serialize_entry("type", "reasoning.text")?;
+                if let Some(t) = self.0.text {
+                    m.serialize_entry("text", t)?;
+                }
+                if let Some(s) = self.0.signature {
+                    m.serialize_entry("signature", s)?;
+                }
+                m.serialize_entry("index", &0)?;
+                m.end()
+            }
+        }
+        let mut seq = serializer.serialize_seq(Some(1))?;
+        seq.serialize_element(&Entry(self))?;
+        seq.end()
+    }
+}
+
+impl Serialize for Delta {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = serializer.serialize_map(None)?;
+        if let Some(role) = &self.role {
+            m.serialize_entry("role", role)?;
+        }
+        if let Some(content) = &self.content {
+            m.serialize_entry("content", content)?;
+        }
+        if let Some(reasoning) = &self.reasoning {
+            m.serialize_entry("reasoning", reasoning)?;
+        }
+        if self.reasoning.is_some() || self.signature.is_some() {
+            let details = ReasoningDetails {
+                text: self.reasoning.as_deref(),
+                signature: self.signature.as_deref(),
+            };
+            m.serialize_entry("reasoning_details", &details)?;
+        }
+        if let Some(calls) = &self.tool_calls {
+            m.serialize_entry("tool_calls", calls)?;
+        }
+        m.end()
+    }
+}
+
+impl Serialize for ResponseMessage {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = serializer.serialize_map(None)?;
+        m.serialize_entry("role", &self.role)?;
+        m.serialize_entry("content", &self.content)?;
+        if let Some(reasoning) = &self.reasoning {
+            m.serialize_entry("reasoning", reasoning)?;
+        }
+        if self.reasoning.is_some() || self.reasoning_signature.is_some() {
+            let details = ReasoningDetails {
+                text: self.reasoning.as_deref(),
+                signature: self.reasoning_signature.as_deref(),
+            };
+            m.serialize_entry("reasoning_details", &details)?;
+        }
+        if let Some(calls) = &self.tool_calls {
+            m.serialize_entry("tool_calls", calls)?;
+        }
+        m.end()
     }
 }

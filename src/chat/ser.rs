@@ -27,6 +27,16 @@ fn push_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
     }
 }
 
+/// Appends OpenRouter's `reasoning_details` of a message or delta
+/// ([`super::answer::ReasoningDetails`]): one `reasoning.text` entry, index 0, with the
+/// text and the signature that are there.
+fn push_reasoning_details(out: &mut Vec<u8>, text: Option<&str>, signature: Option<&str>) {
+    out.extend_from_slice(b"[{\"type\":\"reasoning.text\"");
+    push_field_str(out, b",\"text\":", text);
+    push_field_str(out, b",\"signature\":", signature);
+    out.extend_from_slice(b",\"index\":0}]");
+}
+
 /// Appends `,"name":` and the string, when there is one (`skip_serializing_if`).
 fn push_field_str(out: &mut Vec<u8>, field: &[u8], s: Option<&str>) {
     if let Some(s) = s {
@@ -153,6 +163,10 @@ impl Delta {
             field(out, b"\"reasoning\":");
             push_str(out, reasoning);
         }
+        if self.reasoning.is_some() || self.signature.is_some() {
+            field(out, b"\"reasoning_details\":");
+            push_reasoning_details(out, self.reasoning.as_deref(), self.signature.as_deref());
+        }
         if let Some(calls) = &self.tool_calls {
             field(out, b"\"tool_calls\":");
             push_list(out, calls, ToolCallDelta::write_json);
@@ -224,6 +238,14 @@ impl ResponseMessage {
         out.extend_from_slice(b",\"content\":");
         push_opt_str(out, self.content.as_deref());
         push_field_str(out, b",\"reasoning\":", self.reasoning.as_deref());
+        if self.reasoning.is_some() || self.reasoning_signature.is_some() {
+            out.extend_from_slice(b",\"reasoning_details\":");
+            push_reasoning_details(
+                out,
+                self.reasoning.as_deref(),
+                self.reasoning_signature.as_deref(),
+            );
+        }
         if let Some(calls) = &self.tool_calls {
             out.extend_from_slice(b",\"tool_calls\":");
             push_list(out, calls, ToolCall::write_json);
@@ -337,6 +359,7 @@ mod tests {
                 content: maybe(rng, |r| odd(r, 30)),
                 reasoning: maybe(rng, |r| odd(r, 10)),
                 tool_calls: rng.random::<bool>().then_some(calls),
+                signature: maybe(rng, |r| odd(r, 12)),
                 ..Delta::default()
             },
             finish_reason: maybe(rng, |r| odd(r, 8)),
@@ -363,7 +386,7 @@ mod tests {
                         content: maybe(rng, |r| odd(r, 40)),
                         reasoning: maybe(rng, |r| odd(r, 10)),
                         tool_calls: rng.random::<bool>().then_some(calls),
-                        reasoning_signature: None,
+                        reasoning_signature: maybe(rng, |r| odd(r, 12)),
                         anthropic_content: None,
                         native_stop: None,
                     },

@@ -21,14 +21,18 @@
 //! - reasoning ([`ChatRequest::reasoning_wanted`]: OpenRouter's `reasoning`, else
 //!   `reasoning_effort`) → extended thinking: `reasoning.max_tokens` as the budget
 //!   (at least [`MIN_THINKING_BUDGET`]), an effort by [`thinking_budget`], under the
-//!   caps and rules told there.
+//!   caps and rules told there;
+//! - an assistant turn's OpenRouter `reasoning_details` (what our answers carry) →
+//!   its `thinking` blocks (signed `reasoning.text` entries) and `redacted_thinking`
+//!   blocks (`reasoning.encrypted`), first in the turn, so thinking goes on through a
+//!   tool loop.
 //!
 //! A request that came in by `/v1/messages` is not translated: the client's own body
 //! goes up with only `model`, `max_tokens` and `stream` set, with its `anthropic-beta`
 //! header ([`pass_through_body`]).
 //!
 //! Answers come back as OpenAI chunks: text, `thinking` as `delta.reasoning` (its
-//! signature in the internal `delta.signature`),
+//! signature in `delta.signature`, written only inside `reasoning_details`),
 //! `tool_use` blocks as tool calls (indexed by their ordinal among tool calls), the
 //! `stop_reason` mapped by [`finish_reason`], and usage with cache reads and writes.
 //!
@@ -111,8 +115,8 @@ pub struct AnthropicAdapter;
 /// The budget is then capped below `max_tokens` (thinking counts against it), and
 /// thinking is left off when that leaves less than [`MIN_THINKING_BUDGET`], when
 /// `tool_choice` forces a tool (Anthropic refuses both together), or when the last
-/// assistant turn called tools (its signed thinking blocks cannot be replayed from the
-/// OpenAI format). With thinking on, `temperature` is dropped and `top_p` is kept only
+/// assistant turn called tools without its signed thinking sent back in
+/// `reasoning_details` (Anthropic wants such a turn to open with it). With thinking on, `temperature` is dropped and `top_p` is kept only
 /// from 0.95 up, as Anthropic requires.
 pub fn thinking_budget(effort: &str) -> Option<u32> {
     match effort {
@@ -134,6 +138,32 @@ fn requested_thinking(req: &ChatRequest) -> Option<u32> {
         ReasoningWanted::Effort(e) => thinking_budget(e),
         ReasoningWanted::Off => None,
     }
+}
+
+/// The thinking blocks an assistant turn carries back in OpenRouter's
+/// `reasoning_details`: each signed `reasoning.text` entry as a `thinking` block, each
+/// `reasoning.encrypted` one as `redacted_thinking`; entries without a signature (or
+/// data) are left out, since Anthropic would refuse them.
+fn thinking_blocks(m: &crate::chat::Message) -> Vec<Block<'_>> {
+    let Some(Value::Array(details)) = m.extra.get("reasoning_details") else {
+        return Vec::new();
+    };
+    fn text<'v>(d: &'v Value, k: &str) -> Option<&'v str> {
+        d.get(k)?.as_str()
+    }
+    details
+        .iter()
+        .filter_map(|d| match text(d, "type")? {
+            "reasoning.text" => Some(Block::Thinking {
+                thinking: text(d, "text").unwrap_or_default(),
+                signature: text(d, "signature").filter(|s| !s.is_empty())?,
+            }),
+            "reasoning.encrypted" => Some(Block::RedactedThinking {
+                data: text(d, "data").filter(|s| !s.is_empty())?,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Maps Anthropic's `stop_reason` to an OpenAI `finish_reason`: `end_turn`,
@@ -218,10 +248,12 @@ fn to_wire(call: &ProviderCall, stream: bool) -> Result<wire::Request<'_>, Provi
                 push_turn(&mut turns, "user", blocks);
             }
             Role::Assistant => {
-                let mut blocks = match &m.content {
-                    Some(c) => content_blocks(call, c, i)?,
-                    None => Vec::new(),
-                };
+                // Its thinking first, as Anthropic wants it (OpenRouter's
+                // `reasoning_details`, which our answers carry).
+                let mut blocks = thinking_blocks(m);
+                if let Some(c) = &m.content {
+                    blocks.extend(content_blocks(call, c, i)?);
+                }
                 for tc in m.tool_calls.iter().flatten() {
                     blocks.push(Block::ToolUse {
                         id: &tc.id,
@@ -327,12 +359,17 @@ fn to_wire(call: &ProviderCall, stream: bool) -> Result<wire::Request<'_>, Provi
     let forced_tool = tool_choice
         .as_ref()
         .is_some_and(|c| c.kind == "any" || c.kind == "tool");
+    // Anthropic wants the turn that called tools to start with its signed thinking
+    // when thinking is on: without it (a client that did not send back
+    // `reasoning_details`), thinking stays off.
     let last_assistant_called_tools = req
         .messages
         .iter()
         .rev()
         .find(|m| m.role == Role::Assistant)
-        .is_some_and(|m| m.tool_calls.as_ref().is_some_and(|t| !t.is_empty()));
+        .is_some_and(|m| {
+            m.tool_calls.as_ref().is_some_and(|t| !t.is_empty()) && thinking_blocks(m).is_empty()
+        });
     let thinking = requested_thinking(req)
         .map(|b| b.min(max_tokens.saturating_sub(1)))
         .filter(|b| *b >= MIN_THINKING_BUDGET)

@@ -784,3 +784,139 @@ fn openrouter_reasoning_becomes_thinking_and_wins_over_reasoning_effort() {
         .get("reasoning")
         .is_none());
 }
+
+// ---------------------------------------------------------------------------
+// Reasoning kept through a tool loop (OpenRouter's `reasoning_details`)
+// ---------------------------------------------------------------------------
+
+#[test]
+fn thinking_comes_out_as_reasoning_details_with_its_signature() {
+    // Not streamed.
+    let done = parse(json!({
+        "id": "msg_01", "type": "message", "role": "assistant", "model": "claude",
+        "content": [
+            {"type": "thinking", "thinking": "Check the weather first.", "signature": "EqQB"},
+            {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Oslo"}}
+        ],
+        "stop_reason": "tool_use", "stop_sequence": null,
+        "usage": {"input_tokens": 10, "output_tokens": 5}
+    }));
+    let v = serde_json::to_value(&done).unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["reasoning_details"],
+        json!([{"type": "reasoning.text", "text": "Check the weather first.",
+                "signature": "EqQB", "index": 0}])
+    );
+    // Streamed: the text pieces, then the signature, all at index 0; folded, one entry.
+    let block = |i: u64, delta: Value| {
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": i, "delta": delta}),
+        )
+    };
+    let (chunks, _) = run(&[
+        message_start(10, 0, 0),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "thinking", "thinking": ""}}),
+        ),
+        block(0, json!({"type": "thinking_delta", "thinking": "Check "})),
+        block(0, json!({"type": "thinking_delta", "thinking": "first."})),
+        block(0, json!({"type": "signature_delta", "signature": "EqQB"})),
+        (
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+        (
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                   "usage": {"output_tokens": 7}}),
+        ),
+        ("message_stop", json!({"type": "message_stop"})),
+    ]);
+    let details: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| {
+            let v = serde_json::to_value(&c.choices.first()?.delta).unwrap();
+            v.get("reasoning_details").cloned()
+        })
+        .collect();
+    assert_eq!(
+        details,
+        [
+            json!([{"type": "reasoning.text", "text": "Check ", "index": 0}]),
+            json!([{"type": "reasoning.text", "text": "first.", "index": 0}]),
+            json!([{"type": "reasoning.text", "signature": "EqQB", "index": 0}]),
+        ]
+    );
+    let v = serde_json::to_value(fold(chunks)).unwrap();
+    assert_eq!(
+        v["choices"][0]["message"]["reasoning_details"],
+        json!([{"type": "reasoning.text", "text": "Check first.", "signature": "EqQB", "index": 0}])
+    );
+}
+
+#[test]
+fn reasoning_details_sent_back_keep_thinking_on_through_a_tool_loop() {
+    let loop_with = |details: Option<Value>| {
+        let mut assistant = json!({"role": "assistant", "content": "", "tool_calls": [
+            {"id": "toolu_1", "type": "function",
+             "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}]});
+        if let Some(d) = details {
+            assistant["reasoning_details"] = d;
+        }
+        body(
+            &call(json!({
+                "model": "anthropic/claude", "max_tokens": 20000, "reasoning_effort": "medium",
+                "messages": [
+                    {"role": "user", "content": "Weather in Oslo?"},
+                    assistant,
+                    {"role": "tool", "tool_call_id": "toolu_1", "content": "-3 °C"}
+                ]
+            })),
+            false,
+        )
+    };
+    // Sent back: the signed thinking (and a redacted block) open the assistant turn,
+    // and thinking stays on.
+    let b = loop_with(Some(json!([
+        {"type": "reasoning.text", "text": "Check the weather first.", "signature": "EqQB", "index": 0},
+        {"type": "reasoning.encrypted", "data": "ENC", "index": 1},
+        {"type": "reasoning.text", "text": "unsigned: Anthropic would refuse it", "index": 2},
+        {"type": "reasoning.summary", "summary": "ignored"}
+    ])));
+    assert_eq!(
+        b["thinking"],
+        json!({"type": "enabled", "budget_tokens": 8192})
+    );
+    let turn = &b["messages"][1];
+    assert_eq!(turn["role"], "assistant");
+    assert_eq!(
+        turn["content"][0],
+        json!({"type": "thinking", "thinking": "Check the weather first.", "signature": "EqQB"})
+    );
+    assert_eq!(
+        turn["content"][1],
+        json!({"type": "redacted_thinking", "data": "ENC"})
+    );
+    let last = turn["content"].as_array().unwrap().last().unwrap();
+    assert_eq!(last["type"], "tool_use", "{turn}");
+    assert_eq!(
+        turn["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["type"] == "thinking")
+            .count(),
+        1,
+        "an unsigned entry was sent"
+    );
+    // Not sent back (or only unsigned): the turn cannot open with signed thinking, so
+    // thinking stays off rather than be refused.
+    for details in [None, Some(json!([{"type": "reasoning.text", "text": "x"}]))] {
+        let b = loop_with(details);
+        assert!(b.get("thinking").is_none(), "{b}");
+        assert_eq!(b["messages"][1]["content"][0]["type"], "tool_use", "{b}");
+    }
+}

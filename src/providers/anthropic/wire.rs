@@ -74,6 +74,13 @@ pub enum Block<'a> {
         name: &'a str,
         input: Value,
     },
+    /// A signed thinking block of an earlier assistant turn, sent back.
+    Thinking {
+        thinking: &'a str,
+        signature: &'a str,
+    },
+    /// A redacted (encrypted) thinking block of an earlier assistant turn, sent back.
+    RedactedThinking { data: &'a str },
     ToolResult {
         tool_use_id: &'a str,
         content: ToolResultContent<'a>,
