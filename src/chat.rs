@@ -22,7 +22,7 @@ mod ser;
 pub use answer::{
     Aggregator, AnthropicRaw, ChatChunk, ChatCompletion, Choice, ChunkChoice,
     CompletionTokensDetails, CostDetails, Delta, FinishReason, FunctionCallDelta, NativeStop,
-    PromptTokensDetails, RawJson, ResponseMessage, ToolCallDelta, Usage,
+    PromptTokensDetails, RawJson, ReasoningDetails, ResponseMessage, ToolCallDelta, Usage,
 };
 
 pub use inbound::{

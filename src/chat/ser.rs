@@ -28,7 +28,7 @@ fn push_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
 }
 
 /// Appends OpenRouter's `reasoning_details` of a message or delta
-/// ([`super::answer::ReasoningDetails`]): one `reasoning.text` entry, index 0, with the
+/// ([`super::ReasoningDetails`]): one `reasoning.text` entry, index 0, with the
 /// text and the signature that are there.
 fn push_reasoning_details(out: &mut Vec<u8>, text: Option<&str>, signature: Option<&str>) {
     out.extend_from_slice(b"[{\"type\":\"reasoning.text\"");
