@@ -604,6 +604,23 @@ pub struct ReasoningDetails<'a> {
     pub signature: Option<&'a str>,
 }
 
+impl ReasoningDetails<'_> {
+    /// Writes `reasoning` (when there is text) and then `reasoning_details` (when there
+    /// is text or a signature) into a message's or delta's map.
+    fn write_beside_reasoning<M: serde::ser::SerializeMap>(
+        &self,
+        m: &mut M,
+    ) -> Result<(), M::Error> {
+        if let Some(text) = self.text {
+            m.serialize_entry("reasoning", text)?;
+        }
+        if self.text.is_some() || self.signature.is_some() {
+            m.serialize_entry("reasoning_details", self)?;
+        }
+        Ok(())
+    }
+}
+
 impl Serialize for ReasoningDetails<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::{SerializeMap, SerializeSeq};
@@ -638,16 +655,11 @@ impl Serialize for Delta {
         if let Some(content) = &self.content {
             m.serialize_entry("content", content)?;
         }
-        if let Some(reasoning) = &self.reasoning {
-            m.serialize_entry("reasoning", reasoning)?;
+        ReasoningDetails {
+            text: self.reasoning.as_deref(),
+            signature: self.signature.as_deref(),
         }
-        if self.reasoning.is_some() || self.signature.is_some() {
-            let details = ReasoningDetails {
-                text: self.reasoning.as_deref(),
-                signature: self.signature.as_deref(),
-            };
-            m.serialize_entry("reasoning_details", &details)?;
-        }
+        .write_beside_reasoning(&mut m)?;
         if let Some(calls) = &self.tool_calls {
             m.serialize_entry("tool_calls", calls)?;
         }
@@ -661,16 +673,11 @@ impl Serialize for ResponseMessage {
         let mut m = serializer.serialize_map(None)?;
         m.serialize_entry("role", &self.role)?;
         m.serialize_entry("content", &self.content)?;
-        if let Some(reasoning) = &self.reasoning {
-            m.serialize_entry("reasoning", reasoning)?;
+        ReasoningDetails {
+            text: self.reasoning.as_deref(),
+            signature: self.reasoning_signature.as_deref(),
         }
-        if self.reasoning.is_some() || self.reasoning_signature.is_some() {
-            let details = ReasoningDetails {
-                text: self.reasoning.as_deref(),
-                signature: self.reasoning_signature.as_deref(),
-            };
-            m.serialize_entry("reasoning_details", &details)?;
-        }
+        .write_beside_reasoning(&mut m)?;
         if let Some(calls) = &self.tool_calls {
             m.serialize_entry("tool_calls", calls)?;
         }
