@@ -3,7 +3,10 @@
 //! `POST {base_url}/chat/completions` with `Authorization: Bearer`. The client body is
 //! passed through (unknown fields included) with `model` replaced by the upstream
 //! name and OpenRouter-only fields removed (`reasoning` becomes `reasoning_effort`,
-//! see [`effort_for_budget`]); streams always ask for
+//! see [`effort_for_budget`]; an assistant turn's `reasoning_details`, which our own
+//! answers carry and OpenRouter-style clients send back, goes only to OpenRouter
+//! itself: strict servers refuse a message field they do not know); streams always
+//! ask for
 //! `stream_options.include_usage` so metering gets the provider's own count.
 //!
 //! Embeddings (SPEC §7.3): `POST {base_url}/embeddings` with `model`, `input` (one string
@@ -32,7 +35,7 @@ pub struct OpenAiAdapter;
 #[derive(Serialize)]
 struct WireRequest<'a> {
     model: &'a str,
-    messages: &'a [Message],
+    messages: WireMessages<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,6 +131,31 @@ fn reasoning_effort(req: &ChatRequest) -> Option<&str> {
     }
 }
 
+/// The messages as sent: each as the client wrote it, but an assistant turn's
+/// `reasoning_details` left out unless `keep_details` (the upstream is OpenRouter).
+struct WireMessages<'a> {
+    messages: &'a [Message],
+    keep_details: bool,
+}
+
+impl Serialize for WireMessages<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.messages.len()))?;
+        for m in self.messages {
+            if self.keep_details || !m.extra.contains_key("reasoning_details") {
+                seq.serialize_element(m)?;
+            } else {
+                // Rare (a conversation that reasoned): a copy without the field.
+                let mut m = m.clone();
+                m.extra.remove("reasoning_details");
+                seq.serialize_element(&m)?;
+            }
+        }
+        seq.end()
+    }
+}
+
 /// Builds the exact JSON body sent to an OpenAI-kind provider (used by golden tests).
 pub fn wire_body(call: &ProviderCall, stream: bool) -> Result<Vec<u8>, serde_json::Error> {
     let req = &call.request;
@@ -135,7 +163,10 @@ pub fn wire_body(call: &ProviderCall, stream: bool) -> Result<Vec<u8>, serde_jso
     let (max_tokens, max_completion_tokens) = completion_limit(call);
     let wire = WireRequest {
         model: &endpoint.upstream_model,
-        messages: &req.messages,
+        messages: WireMessages {
+            messages: &req.messages,
+            keep_details: endpoint.provider.base_url.contains("openrouter.ai"),
+        },
         max_tokens,
         max_completion_tokens,
         n: req.n,
@@ -406,12 +437,16 @@ mod tests {
     use serde_json::json;
 
     fn call(req: Value) -> ProviderCall {
-        let config = Config::from_toml(
+        call_at(req, "http://127.0.0.1:9/v1")
+    }
+
+    fn call_at(req: Value, base_url: &str) -> ProviderCall {
+        let config = Config::from_toml(&format!(
             r#"
 [[providers]]
 name = "oa"
 kind = "openai"
-base_url = "http://127.0.0.1:9/v1"
+base_url = "{base_url}"
 api_key = "sk-upstream"
 [[models]]
 id = "openai/gpt-4o-mini"
@@ -421,8 +456,8 @@ max_output_tokens = 100
   upstream_model = "gpt-4o-mini"
   prompt_usd_per_mtok = 0.15
   completion_usd_per_mtok = 0.6
-"#,
-        )
+"#
+        ))
         .unwrap();
         let catalog = Catalog::from_config(&config);
         ProviderCall {
@@ -430,6 +465,27 @@ max_output_tokens = 100
             request: std::sync::Arc::new(serde_json::from_value::<ChatRequest>(req).unwrap()),
             ctx: CallContext::new(),
         }
+    }
+
+    #[test]
+    fn an_assistant_turns_reasoning_details_go_only_to_openrouter() {
+        let req = json!({"model": "openai/gpt-4o-mini", "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello", "reasoning": "greet back",
+             "reasoning_details": [{"type": "reasoning.text", "text": "greet back", "index": 0}],
+             "x_custom": 1},
+            {"role": "user", "content": "again"}
+        ]});
+        let sent = |base_url: &str| -> Value {
+            let body = wire_body(&call_at(req.clone(), base_url), false).unwrap();
+            serde_json::from_slice::<Value>(&body).unwrap()["messages"].clone()
+        };
+        let mut want = req["messages"].clone();
+        // OpenRouter knows the field; anyone else gets the turn without it, and the
+        // rest as the client wrote it.
+        assert_eq!(sent("https://openrouter.ai/api/v1"), want);
+        want[1].as_object_mut().unwrap().remove("reasoning_details");
+        assert_eq!(sent("http://127.0.0.1:9/v1"), want);
     }
 
     #[test]
