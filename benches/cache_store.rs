@@ -182,7 +182,35 @@ fn chat_body(turns: usize) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A long agent conversation (≈ 50 KB): 40 turns of ≈ 1,200 characters each, lines
+/// separated by `\n` escapes, as real prompts are.
+fn long_body() -> Vec<u8> {
+    let line = "The quick brown fox jumps over the lazy dog; fn main() { println!(\\\"hi\\\"); }";
+    let messages: Vec<String> = (0..40)
+        .map(|i| {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            let content = vec![format!("{line} {i}"); 15].join("\\n");
+            format!(r#"{{"role":"{role}","content":"{content}"}}"#)
+        })
+        .collect();
+    format!(
+        r#"{{"model":"bench/model","messages":[{}],"max_tokens":64}}"#,
+        messages.join(",")
+    )
+    .into_bytes()
+}
+
 fn cache_key(c: &mut Criterion) {
+    let long = long_body();
+    assert!(serde_json::from_slice::<serde_json::Value>(&long).is_ok());
+    c.bench_function(
+        &format!("cache_key/long_{}KB/of_body", long.len() / 1000),
+        |b| b.iter(|| CacheKey::of_body("key_1", "/v1/chat/completions", &long).unwrap()),
+    );
+    c.bench_function(
+        &format!("cache_key/long_{}KB/parse_only", long.len() / 1000),
+        |b| b.iter(|| serde_json::from_slice::<serde::de::IgnoredAny>(&long).unwrap()),
+    );
     for turns in [1, 12] {
         let body = chat_body(turns);
         c.bench_function(&format!("cache_key/{turns}_messages/of_body"), |b| {

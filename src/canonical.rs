@@ -57,7 +57,13 @@ pub struct TopLevel {
 pub(crate) fn canonicalize(body: &[u8], out: &mut Vec<u8>) -> Result<TopLevel, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let mut top = TopLevel::default();
-    let mut spare = Spare::default();
+    // The first object's members (the top level's, of a request body) take about the
+    // whole body: sized once, not grown by doubling (a copy and, for a long prompt, a
+    // fresh page each time).
+    let mut spare = Spare {
+        members: Vec::new(),
+        values: vec![Vec::with_capacity(body.len())],
+    };
     de.deserialize_any(Canon {
         out,
         top: Some(&mut top),
@@ -96,7 +102,17 @@ fn scalar<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
     let _ = serde_json::to_writer(out, v);
 }
 
-/// An object's key: borrowed from the body when it has no escapes.
+/// `s`, which holds nothing JSON escapes, as a JSON string.
+fn push_plain(out: &mut Vec<u8>, s: &str) {
+    debug_assert!(!s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\'));
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
+/// An object's key: borrowed from the body when it has no escapes (so, as for
+/// [`Visitor::visit_borrowed_str`], nothing in it needs escaping).
 enum Key<'de> {
     Borrowed(&'de str),
     Owned(String),
@@ -174,6 +190,14 @@ impl<'de> Visitor<'de> for Canon<'_, 'de> {
         Ok(())
     }
 
+    /// A string of the body that had no escape: `serde_json` borrows only those, and
+    /// refuses a raw control character in any, so nothing in it needs escaping and it
+    /// is written as it came (what [`push_str`](crate::json::push_str) would write).
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<(), E> {
+        push_plain(self.out, v);
+        Ok(())
+    }
+
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
         self.out.extend_from_slice(b"null");
         Ok(())
@@ -232,7 +256,10 @@ impl<'de> Visitor<'de> for Canon<'_, 'de> {
                 self.out.push(b',');
             }
             first = false;
-            crate::json::push_str(self.out, key.as_str());
+            match key {
+                Key::Borrowed(k) => push_plain(self.out, k),
+                Key::Owned(k) => crate::json::push_str(self.out, k),
+            }
             self.out.push(b':');
             self.out.extend_from_slice(&values[range.clone()]);
         }

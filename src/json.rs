@@ -10,45 +10,81 @@
 /// everything else (DEL and non-ASCII included) as it is.
 pub(crate) fn push_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
-    // Ids, names and statuses: nearly always nothing to escape. The check has no
-    // early exit, so it compiles to a few wide compares instead of a branch a byte.
-    let plain = !bytes.iter().fold(false, |any, &b| {
-        any | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
     out.reserve(bytes.len() + 2);
     out.push(b'"');
-    if plain {
+    // Ids, names and statuses: nearly always nothing to escape, checked in one pass.
+    if !needs_escape(bytes) {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
     }
+    // Text (a prompt, an answer, code): escapes here and there. Each lane of `LANE`
+    // bytes is looked at whole, and only its bytes to escape one by one (before, every
+    // byte of a string with one escape went through the `match`).
+    const LANE: usize = 16;
     let mut from = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let short = match b {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            0x08 => b'b',
-            b'\t' => b't',
-            b'\n' => b'n',
-            0x0c => b'f',
-            b'\r' => b'r',
-            0x00..=0x1f => b'u',
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[from..i]);
-        from = i + 1;
-        if short == b'u' {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
-        } else {
-            out.push(b'\\');
-            out.push(short);
+    let mut i = 0;
+    while let Some(lane) = bytes.get(i..i + LANE) {
+        let lane: &[u8; LANE] = lane.try_into().expect("a lane is LANE bytes");
+        let mut mask = escape_mask(lane);
+        while mask != 0 {
+            escape_at(out, bytes, &mut from, i + mask.trailing_zeros() as usize);
+            mask &= mask - 1;
         }
+        i += LANE;
+    }
+    for j in i..bytes.len() {
+        escape_at(out, bytes, &mut from, j);
     }
     out.extend_from_slice(&bytes[from..]);
     out.push(b'"');
+}
+
+/// A bit for each byte of `lane` that must be escaped (compiled to a few vector
+/// compares and a move mask).
+#[inline(always)]
+fn escape_mask(lane: &[u8; 16]) -> u32 {
+    lane.iter().enumerate().fold(0u32, |mask, (k, &b)| {
+        mask | (u32::from((b < 0x20) | (b == b'"') | (b == b'\\')) << k)
+    })
+}
+
+/// If `bytes[at]` must be escaped: appends what is before it from `from`, then its
+/// escape, and moves `from` past it.
+#[inline(always)]
+fn escape_at(out: &mut Vec<u8>, bytes: &[u8], from: &mut usize, at: usize) {
+    let b = bytes[at];
+    let short = match b {
+        b'"' => b'"',
+        b'\\' => b'\\',
+        0x08 => b'b',
+        b'\t' => b't',
+        b'\n' => b'n',
+        0x0c => b'f',
+        b'\r' => b'r',
+        0x00..=0x1f => b'u',
+        _ => return,
+    };
+    out.extend_from_slice(&bytes[*from..at]);
+    *from = at + 1;
+    if short == b'u' {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        out.extend_from_slice(b"\\u00");
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 0xf)]);
+    } else {
+        out.push(b'\\');
+        out.push(short);
+    }
+}
+
+/// Whether any byte of `bytes` must be escaped in a JSON string. No early exit: it
+/// compiles to a few wide compares instead of a branch a byte.
+#[inline(always)]
+fn needs_escape(bytes: &[u8]) -> bool {
+    bytes.iter().fold(false, |any, &b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    })
 }
 
 /// One upstream attempt as the ledger and the request log write it: the fields of
@@ -120,6 +156,38 @@ mod tests {
             let mut ours = Vec::new();
             super::push_str(&mut ours, &s);
             assert_eq!(ours, serde_json::to_vec(&s).unwrap(), "{s:?}");
+        }
+    }
+
+    /// Text longer than a lane: each escape at every position of a line (in a lane,
+    /// at its edges, in the tail after the last whole lane), and generated text of
+    /// plain runs and escapes, written as `serde_json` writes it.
+    #[test]
+    fn long_text_is_escaped_as_serde_json_escapes_it() {
+        use rand::{Rng, SeedableRng};
+        let plain = "The quick brown fox jumps over the lazy dog, é€😀.";
+        for special in ['"', '\\', '\n', '\t', '\u{1}', '\u{1f}', '\u{7f}'] {
+            for at in 0..=plain.len() {
+                if !plain.is_char_boundary(at) {
+                    continue;
+                }
+                let s = format!("{}{special}{}", &plain[..at], &plain[at..]);
+                let mut ours = Vec::new();
+                super::push_str(&mut ours, &s);
+                assert_eq!(ours, serde_json::to_vec(&s).unwrap(), "{s:?}");
+            }
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..5_000 {
+            let mut s = String::new();
+            for _ in 0..rng.random_range(0..12) {
+                let run = rng.random_range(0..40);
+                s.extend((0..run).map(|i| char::from(b'a' + (i % 26) as u8)));
+                s.push_str(&super::testing::odd(&mut rng, 4));
+            }
+            let mut ours = vec![b'x'];
+            super::push_str(&mut ours, &s);
+            assert_eq!(ours[1..], serde_json::to_vec(&s).unwrap()[..], "{s:?}");
         }
     }
 }

@@ -19,8 +19,11 @@
 //!    printed: the median of each round's own growth (its two steps back to back).
 //!    `--aa` runs both steps without the cache: the noise of the growth.
 //!
+//! `--body-kb N` makes every request's message ≈ N KB longer (prose and code, with
+//! the escapes real prompts have): the cache's key is made from the whole body.
+//!
 //! Run with: cargo run --release --example loadbench -- --cache [--quick] [--secs N]
-//! [--repeat N] [--misses-only] [--aa]
+//! [--repeat N] [--misses-only] [--aa] [--body-kb N]
 
 use super::*;
 
@@ -34,6 +37,30 @@ static SALT: std::sync::LazyLock<u128> = std::sync::LazyLock::new(|| {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
 });
+
+/// `--body-kb N` (or `LOADBENCH_BODY_KB` for the profiling roles): each request's
+/// message grows by ≈ N KB of prose and code (lines, quotes), as an agent's long
+/// prompt does; 0 (the default) keeps the one-line message.
+static BODY_KB: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+fn body_kb() -> usize {
+    *BODY_KB.get_or_init(|| {
+        std::env::var("LOADBENCH_BODY_KB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// ≈ `kb` KB of a long prompt, as JSON string content (escapes included).
+fn padding(kb: usize) -> String {
+    const LINE: &str = r#"\n  fn main() { println!(\"fox {}\"); } // The quick brown fox jumps over the lazy dog."#;
+    let mut out = String::with_capacity(kb * 1024 + 128);
+    while out.len() < kb * 1024 {
+        out.push_str(LINE);
+    }
+    out
+}
 
 /// What a request of a run looks like.
 #[derive(Clone, Copy)]
@@ -56,8 +83,12 @@ fn cache_request(addr: SocketAddr, kind: Kind) -> Request<Full<Bytes>> {
             cache,
         ),
     };
+    let pad = match body_kb() {
+        0 => String::new(),
+        kb => padding(kb),
+    };
     let body = format!(
-        r#"{{"model":"bench/model","messages":[{{"role":"user","content":"{content}"}}],"max_tokens":64}}"#
+        r#"{{"model":"bench/model","messages":[{{"role":"user","content":"{content}{pad}"}}],"max_tokens":64}}"#
     );
     let mut req = Request::post(format!("http://{addr}/v1/chat/completions"))
         .header("authorization", format!("Bearer {KEY}"))
@@ -205,6 +236,14 @@ pub async fn misses(args: &[String]) {
 }
 
 pub async fn run(args: &[String]) {
+    if let Some(kb) = args
+        .iter()
+        .position(|a| a == "--body-kb")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+    {
+        BODY_KB.set(kb).ok();
+        // The gateway, a process of its own, is told nothing: only bodies change.
+    }
     let BenchArgs {
         quick,
         secs,

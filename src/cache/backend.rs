@@ -43,6 +43,14 @@ pub trait CacheBackend: Send + Sync + 'static {
     fn get_local(&self, _key: &CacheKey) -> Option<Arc<CachedAnswer>> {
         None
     }
+    /// Whether this backend keeps its answers in this process only, so that
+    /// [`get`](CacheBackend::get) answers what [`get_local`](CacheBackend::get_local)
+    /// does and [`claim`](CacheBackend::claim) is always granted: the layer then
+    /// calls neither future (no allocation for them on a request's way). Default:
+    /// `false`.
+    fn is_local(&self) -> bool {
+        false
+    }
     /// Stores `answer` under `key` for `answer.ttl()` (does not wait), then gives
     /// back this instance's [`claim`](CacheBackend::claim) of `key`, if any.
     fn put(&self, key: &CacheKey, answer: Arc<CachedAnswer>);
@@ -175,6 +183,10 @@ impl CacheBackend for MemoryBackend {
 
     fn get_local(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
         self.lookup(key)
+    }
+
+    fn is_local(&self) -> bool {
+        true
     }
 
     fn put(&self, key: &CacheKey, answer: Arc<CachedAnswer>) {

@@ -99,7 +99,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::{self, BoxFuture, Either, FutureExt};
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tower::{Layer, Service, ServiceExt};
 
@@ -124,6 +124,12 @@ pub const X_CACHE_TTL: &str = "x-openrouter-cache-ttl";
 /// `X-OpenRouter-Cache-Status`: `HIT` or `MISS`.
 pub const X_CACHE_STATUS: &str = "x-openrouter-cache-status";
 
+// The names as `HeaderName`s: looked up or inserted by `&str`, a name is parsed and
+// hashed anew on every request.
+const CACHE_NAME: HeaderName = HeaderName::from_static(X_CACHE);
+const CACHE_TTL_NAME: HeaderName = HeaderName::from_static(X_CACHE_TTL);
+const CACHE_STATUS_NAME: HeaderName = HeaderName::from_static(X_CACHE_STATUS);
+
 /// Builds [`Cache`] services; clones share the backend and the requests in flight.
 #[derive(Clone)]
 pub struct CacheLayer {
@@ -132,6 +138,8 @@ pub struct CacheLayer {
 
 struct Shared {
     backend: Arc<dyn CacheBackend>,
+    /// [`CacheBackend::is_local`] of `backend`.
+    local: bool,
     flights: Arc<Flights>,
     ledger: Option<Arc<dyn Ledger>>,
     enabled_by_default: bool,
@@ -157,6 +165,7 @@ impl CacheLayer {
     pub fn new(backend: Arc<dyn CacheBackend>) -> Self {
         CacheLayer {
             shared: Arc::new(Shared {
+                local: backend.is_local(),
                 backend,
                 flights: Arc::default(),
                 ledger: None,
@@ -192,6 +201,7 @@ impl CacheLayer {
         CacheLayer {
             shared: Arc::new(Shared {
                 backend: old.backend.clone(),
+                local: old.local,
                 flights: old.flights.clone(),
                 ledger: old.ledger.clone(),
                 enabled_by_default: old.enabled_by_default,
@@ -306,7 +316,7 @@ impl<S> Cache<S> {
 
 /// Whether `headers` ask for caching (`Some(ttl secs)`), or a 400.
 fn asked(headers: &HeaderMap, shared: &Shared) -> Result<Option<u64>, GatewayError> {
-    let on = match headers.get(X_CACHE) {
+    let on = match headers.get(CACHE_NAME) {
         None => shared.enabled_by_default,
         Some(v) => match v.to_str().map(str::trim) {
             Ok(t) if t.eq_ignore_ascii_case("true") || t == "1" => true,
@@ -321,7 +331,7 @@ fn asked(headers: &HeaderMap, shared: &Shared) -> Result<Option<u64>, GatewayErr
     if !on {
         return Ok(None);
     }
-    match headers.get(X_CACHE_TTL) {
+    match headers.get(CACHE_TTL_NAME) {
         None => Ok(Some(shared.ttl)),
         Some(v) => match v.to_str().ok().and_then(|t| t.trim().parse::<u64>().ok()) {
             Some(t) if (1..=MAX_TTL_SECS).contains(&t) => Ok(Some(t)),
@@ -462,7 +472,12 @@ where
         key_record,
     };
     loop {
-        if let Some(answer) = shared.backend.get(&ask.key).await {
+        let found = if shared.local {
+            shared.backend.get_local(&ask.key)
+        } else {
+            shared.backend.get(&ask.key).await
+        };
+        if let Some(answer) = found {
             count("hit");
             return Ok(hit(&shared, &ask, &answer).await);
         }
@@ -476,7 +491,12 @@ where
                     count("hit");
                     return Ok(hit(&shared, &ask, &answer).await);
                 }
-                match shared.backend.claim(&ask.key).await {
+                let claim = if shared.local {
+                    Claim::Granted
+                } else {
+                    shared.backend.claim(&ask.key).await
+                };
+                match claim {
                     Claim::Granted => guard.release_with(shared.backend.clone()),
                     Claim::Busy => {
                         // Another instance computes it: wait for its answer.
@@ -536,8 +556,8 @@ fn count(status: &'static str) {
 
 /// The headers every cached answer carries.
 fn cache_headers(h: &mut HeaderMap, status: &'static str, ttl: u64) {
-    h.insert(X_CACHE_STATUS, HeaderValue::from_static(status));
-    h.insert(X_CACHE_TTL, HeaderValue::from(ttl));
+    h.insert(CACHE_STATUS_NAME, HeaderValue::from_static(status));
+    h.insert(CACHE_TTL_NAME, HeaderValue::from(ttl));
 }
 
 /// Calls the inner service as the flight's leader; records its answer as it passes.
