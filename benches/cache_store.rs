@@ -6,7 +6,8 @@
 //! And a request's key (`cache_key/…`): from the raw body, written canonical as it is
 //! parsed (`CacheKey::of_body`, what the layer does), against the body parsed into a
 //! `serde_json::Value` first (`CacheKey::new`, what it did), for the load bench's
-//! one-message body and a 12-message conversation.
+//! one-message body and a 12-message conversation; and a 49-KB, 40-turn agent
+//! conversation (with serde_json's bare parse of it, `IgnoredAny`, for scale).
 //!
 //! Run with: cargo bench --bench cache_store -- --quick
 

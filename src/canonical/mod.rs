@@ -52,6 +52,20 @@ pub struct TopLevel {
     pub stream: bool,
 }
 
+impl TopLevel {
+    /// What a top-level object says, `last(name)` being the canonical text of its
+    /// last member called `name`.
+    fn of_object<'v>(last: impl Fn(&str) -> Option<&'v [u8]>) -> TopLevel {
+        TopLevel {
+            object: true,
+            model: last("model")
+                .filter(|v| v.first() == Some(&b'"'))
+                .and_then(|v| serde_json::from_slice(v).ok()),
+            stream: last("stream") == Some(b"true".as_slice()),
+        }
+    }
+}
+
 /// Writes the JSON text `body` as canonical JSON into `out` (the same bytes as
 /// [`write_canonical`] of its parsed value): from its bytes where they are already
 /// canonical ([`raw`]), else parsing and writing in one pass. An error when `body`
@@ -280,18 +294,13 @@ impl<'de> Visitor<'de> for Canon<'_, 'de> {
         }
         self.out.push(b'}');
         if let Some(top) = self.top {
-            top.object = true;
-            let last = |name: &str| {
+            *top = TopLevel::of_object(|name| {
                 members
                     .iter()
                     .rev()
                     .find(|(k, _)| k.as_str() == name)
                     .map(|(_, r)| &values[r.clone()])
-            };
-            top.model = last("model")
-                .filter(|v| v.first() == Some(&b'"'))
-                .and_then(|v| serde_json::from_slice(v).ok());
-            top.stream = last("stream") == Some(b"true".as_slice());
+            });
         }
         members.clear();
         values.clear();

@@ -325,18 +325,13 @@ impl Writer<'_> {
             }
             out.push(b'}');
             if let Some(top) = top {
-                let last = |name: &str| {
+                *top = TopLevel::of_object(|name| {
                     members
                         .iter()
                         .rev()
                         .find(|(k, _)| self.key_bytes(k) == name.as_bytes())
                         .map(|(_, r)| &values[r.clone()])
-                };
-                top.object = true;
-                top.model = last("model")
-                    .filter(|v| v.first() == Some(&b'"'))
-                    .and_then(|v| serde_json::from_slice(v).ok());
-                top.stream = last("stream") == Some(b"true".as_slice());
+                });
             }
         }
         members.clear();
