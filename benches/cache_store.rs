@@ -226,5 +226,20 @@ fn cache_key(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, cache_store, cache_key);
+/// The key's two hashes by input size (`CacheKey` picks one by the canonical text's
+/// length: SHA-256 below the crossover, BLAKE3 from it).
+fn key_hash(c: &mut Criterion) {
+    use sha2::Digest;
+    for kb in [1usize, 2, 4, 8, 16] {
+        let data = vec![b'x'; kb * 1024];
+        c.bench_function(&format!("key_hash/{kb}KB/sha256"), |b| {
+            b.iter(|| sha2::Sha256::digest(&data))
+        });
+        c.bench_function(&format!("key_hash/{kb}KB/blake3"), |b| {
+            b.iter(|| blake3::hash(&data))
+        });
+    }
+}
+
+criterion_group!(benches, cache_store, cache_key, key_hash);
 criterion_main!(benches);

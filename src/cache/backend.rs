@@ -206,7 +206,7 @@ pub(crate) fn unix_ms() -> u64 {
 /// is a hit on the others), with a [`MemoryBackend`] in front (an entry never changes
 /// during its TTL, so a local copy until the same expiry is always right).
 ///
-/// Keys: `{prefix}cache:{sha256 hex}` (the answer, `PX` its TTL) and
+/// Keys: `{prefix}cache:{key hex}` (the answer, `PX` its TTL) and
 /// `{prefix}cache:lock:{hex}` (the instance computing it, `SET NX PX`). While Redis is
 /// down every call is skipped or fails fast: a lookup is a miss, a claim is granted
 /// (each instance computes on its own), nothing is an error to the client.

@@ -3,10 +3,19 @@
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// The SHA-256 of a request's identity: the client key's id, the endpoint (the path,
+/// From this many bytes of canonical text on, a key is hashed with BLAKE3, below
+/// with SHA-256 (`cargo bench --bench cache_store -- --quick key_hash`: SHA-256 costs
+/// ≈ 0.77 µs a KB here, BLAKE3 ≈ 1.0 µs up to 2 KB and 2.9 µs for 16 KB; a 49-KB
+/// conversation's key was half SHA-256; BENCHMARKS.md, twentieth session). The two
+/// are told apart by the tag hashed first (`v1`, `v2`), so a key never depends on
+/// anything but the request, and the keys of short bodies are those stored before.
+const BLAKE3_FROM: usize = 2048;
+
+/// The hash of a request's identity: the client key's id, the endpoint (the path,
 /// `/api/v1/…` the same as `/v1/…`), the model as requested, the stream mode and the
 /// body as canonical JSON (object keys sorted, no whitespace), so key order and
-/// whitespace do not matter.
+/// whitespace do not matter. SHA-256, or BLAKE3 from 2 KB of canonical text (faster
+/// on long prompts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheKey(pub [u8; 32]);
 
@@ -20,8 +29,8 @@ impl std::hash::Hash for CacheKey {
 }
 
 /// The hasher of maps keyed by [`CacheKey`]: the key's own first 8 bytes, no
-/// SipHash over them (a SHA-256 digest needs no second hash, and nobody can aim at
-/// a bucket without breaking SHA-256). In a profile of all-miss traffic with the
+/// SipHash over them (a SHA-256 or BLAKE3 digest needs no second hash, and nobody can
+/// aim at a bucket without breaking them). In a profile of all-miss traffic with the
 /// cache full, SipHash of the keys (lookups, inserts and moka's rehashing of its
 /// table as entries come and go) was ≈ 3 % of the gateway's samples.
 #[derive(Debug, Clone, Copy, Default)]
@@ -79,20 +88,31 @@ impl CacheKey {
         canonical: &[u8],
     ) -> CacheKey {
         let path = path.strip_prefix("/api").unwrap_or(path);
-        let mut h = Sha256::new();
         // Each part is length-prefixed: no two different tuples hash the same input.
-        for part in [
-            b"switchboard-cache-v1".as_slice(),
-            key_id.as_bytes(),
-            path.as_bytes(),
-            model.as_bytes(),
-            if stream { b"stream" } else { b"json" },
-        ] {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part);
+        let parts = |tag: &[u8], update: &mut dyn FnMut(&[u8])| {
+            for part in [
+                tag,
+                key_id.as_bytes(),
+                path.as_bytes(),
+                model.as_bytes(),
+                if stream { b"stream" } else { b"json" },
+            ] {
+                update(&(part.len() as u64).to_be_bytes());
+                update(part);
+            }
+            update(canonical);
+        };
+        if canonical.len() < BLAKE3_FROM {
+            let mut h = Sha256::new();
+            parts(b"switchboard-cache-v1", &mut |b| h.update(b));
+            CacheKey(h.finalize().into())
+        } else {
+            let mut h = blake3::Hasher::new();
+            parts(b"switchboard-cache-v2", &mut |b| {
+                h.update(b);
+            });
+            CacheKey(*h.finalize().as_bytes())
         }
-        h.update(canonical);
-        CacheKey(h.finalize().into())
     }
 
     /// Lowercase hex (the Redis key's suffix).
@@ -111,6 +131,55 @@ mod tests {
 
     fn key(id: &str, path: &str, body: &str) -> CacheKey {
         CacheKey::new(id, path, &serde_json::from_str(body).unwrap())
+    }
+
+    /// A short body's key is the SHA-256 it always was (keys stored before stay
+    /// valid; the expected value computed apart, with Python's `hashlib`).
+    #[test]
+    fn a_short_body_keeps_its_sha256_key() {
+        let k = key(
+            "k1",
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        assert_eq!(
+            k.hex(),
+            "9891a306ad1d6e4118f8bd6d545705055596860a6c6fd830ec3a51ca105a9af7"
+        );
+    }
+
+    /// From 2 KB of canonical text the key is BLAKE3's: key order and whitespace
+    /// still do not matter, every byte of content does, and a long body's key is not
+    /// the short body's hash (the tag differs).
+    #[test]
+    fn a_long_body_has_a_blake3_key_with_the_same_rules() {
+        let text = "a line of a long prompt\\n".repeat(120);
+        let body = |extra: &str| {
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{text}{extra}"}}]}}"#)
+        };
+        let spaced = format!(
+            r#"{{ "messages" : [ {{ "content": "{text}", "role": "user" }} ], "model": "m" }}"#
+        );
+        let long = key("k1", "/v1/chat/completions", &body(""));
+        assert!(body("").len() > super::BLAKE3_FROM);
+        assert_eq!(long, key("k1", "/v1/chat/completions", &spaced));
+        assert_ne!(long, key("k1", "/v1/chat/completions", &body("!")));
+        assert_ne!(long, key("k2", "/v1/chat/completions", &body("")));
+        let mut canonical = Vec::new();
+        write_canonical(&serde_json::from_str(&body("")).unwrap(), &mut canonical);
+        let mut sha = Sha256::new();
+        for part in [
+            b"switchboard-cache-v1".as_slice(),
+            b"k1",
+            b"/v1/chat/completions",
+            b"m",
+            b"json",
+        ] {
+            sha.update((part.len() as u64).to_be_bytes());
+            sha.update(part);
+        }
+        sha.update(&canonical);
+        assert_ne!(long.0, <[u8; 32]>::from(sha.finalize()));
     }
 
     #[test]
