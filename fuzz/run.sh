@@ -4,7 +4,7 @@
 #   fuzz/run.sh [SECONDS] [TARGET...]     SECONDS per target, default 120
 #
 # Meant for a scheduled job (nightly), not for .ci/run: it needs the nightly
-# toolchain and cargo-fuzz (installed here if missing) and takes SECONDS x 10.
+# toolchain and cargo-fuzz (installed here if missing) and takes SECONDS x 11.
 # An allocation over 2 GiB, an RSS over 2 GiB, a panic, an overflow (the targets
 # are built with overflow checks) or a run over 10 s is a finding. It carries on
 # through findings, so that one bug does not hide the next, and at the end exits
@@ -24,7 +24,7 @@ cd "$(dirname "$0")"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
     targets=(request sse openai_response openai_stream anthropic_response anthropic_stream
-             gemini_response gemini_stream aggregator journal_replay)
+             gemini_response gemini_stream aggregator journal_replay canonical)
 fi
 
 if ! rustup toolchain list | grep -q '^nightly'; then

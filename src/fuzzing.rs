@@ -48,6 +48,7 @@ pub const TARGETS: &[&str] = &[
     "gemini_stream",
     "aggregator",
     "journal_replay",
+    "canonical",
 ];
 
 /// Runs the target named `target` (one of [`TARGETS`]) on `data`.
@@ -66,7 +67,26 @@ pub fn run(target: &str, data: &[u8]) {
         "gemini_stream" => stream(ProviderKind::Gemini, data),
         "aggregator" => aggregator(data),
         "journal_replay" => journal_replay(data),
+        "canonical" => canonical(data),
         other => panic!("no fuzz target `{other}` (known: {TARGETS:?})"),
+    }
+}
+
+/// A client's body as the response cache and the idempotency layer read it: its
+/// canonical text from the bytes (`canonical/raw.rs`) against `serde_json`'s
+/// parsing writer: the same bytes and the same top level, or both refuse it.
+pub fn canonical(data: &[u8]) {
+    let (mut raw, mut parsed) = (Vec::new(), Vec::new());
+    match (
+        crate::canonical::canonicalize(data, &mut raw),
+        crate::canonical::canonicalize_parsed(data, &mut parsed),
+    ) {
+        (Ok(a), Ok(b)) => {
+            assert_eq!(a, b, "the top level differs");
+            assert!(raw == parsed, "the canonical text differs");
+        }
+        (Err(_), Err(_)) => {}
+        (a, b) => panic!("one writer refused the body: {a:?} / {b:?}"),
     }
 }
 
