@@ -21,7 +21,6 @@ pub(crate) fn push_str(out: &mut Vec<u8>, s: &str) {
     // Text (a prompt, an answer, code): escapes here and there. Each lane of `LANE`
     // bytes is looked at whole, and only its bytes to escape one by one (before, every
     // byte of a string with one escape went through the `match`).
-    const LANE: usize = 16;
     let mut from = 0;
     let mut i = 0;
     while let Some(lane) = bytes.get(i..i + LANE) {
@@ -40,13 +39,32 @@ pub(crate) fn push_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// A bit for each byte of `lane` that must be escaped (compiled to a few vector
+/// Bytes of text looked at together by [`push_str`] (and the canonical writer).
+pub(crate) const LANE: usize = 16;
+
+/// Whether `b` must be escaped in a JSON string: a quote, a backslash, a control
+/// character.
+#[inline(always)]
+pub(crate) fn escapes(b: u8) -> bool {
+    (b < 0x20) | (b == b'"') | (b == b'\\')
+}
+
+/// A bit for each byte of `lane` that [`escapes`] picks (compiled to a few vector
 /// compares and a move mask).
 #[inline(always)]
-fn escape_mask(lane: &[u8; 16]) -> u32 {
-    lane.iter().enumerate().fold(0u32, |mask, (k, &b)| {
-        mask | (u32::from((b < 0x20) | (b == b'"') | (b == b'\\')) << k)
-    })
+pub(crate) fn escape_mask(lane: &[u8; LANE]) -> u32 {
+    lane.iter()
+        .enumerate()
+        .fold(0u32, |mask, (k, &b)| mask | (u32::from(escapes(b)) << k))
+}
+
+/// Appends `text`, already JSON string content (nothing in it to escape, or
+/// escaped already), between quotes.
+pub(crate) fn push_quoted(out: &mut Vec<u8>, text: &[u8]) {
+    out.reserve(text.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(text);
+    out.push(b'"');
 }
 
 /// If `bytes[at]` must be escaped: appends what is before it from `from`, then its
@@ -82,9 +100,7 @@ fn escape_at(out: &mut Vec<u8>, bytes: &[u8], from: &mut usize, at: usize) {
 /// compiles to a few wide compares instead of a branch a byte.
 #[inline(always)]
 fn needs_escape(bytes: &[u8]) -> bool {
-    bytes.iter().fold(false, |any, &b| {
-        any | (b < 0x20) | (b == b'"') | (b == b'\\')
-    })
+    bytes.iter().fold(false, |any, &b| any | escapes(b))
 }
 
 /// One upstream attempt as the ledger and the request log write it: the fields of

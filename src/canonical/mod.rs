@@ -131,15 +131,6 @@ fn scalar<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
     let _ = serde_json::to_writer(out, v);
 }
 
-/// `s`, which holds nothing JSON escapes, as a JSON string.
-fn push_plain(out: &mut Vec<u8>, s: &str) {
-    debug_assert!(!s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\'));
-    out.reserve(s.len() + 2);
-    out.push(b'"');
-    out.extend_from_slice(s.as_bytes());
-    out.push(b'"');
-}
-
 /// An object's key: borrowed from the body when it has no escapes (so, as for
 /// [`Visitor::visit_borrowed_str`], nothing in it needs escaping).
 enum Key<'de> {
@@ -223,7 +214,7 @@ impl<'de> Visitor<'de> for Canon<'_, 'de> {
     /// refuses a raw control character in any, so nothing in it needs escaping and it
     /// is written as it came (what [`push_str`](crate::json::push_str) would write).
     fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<(), E> {
-        push_plain(self.out, v);
+        crate::json::push_quoted(self.out, v.as_bytes());
         Ok(())
     }
 
@@ -286,7 +277,7 @@ impl<'de> Visitor<'de> for Canon<'_, 'de> {
             }
             first = false;
             match key {
-                Key::Borrowed(k) => push_plain(self.out, k),
+                Key::Borrowed(k) => crate::json::push_quoted(self.out, k.as_bytes()),
                 Key::Owned(k) => crate::json::push_str(self.out, k),
             }
             self.out.push(b':');

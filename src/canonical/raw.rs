@@ -16,29 +16,10 @@
 use std::ops::Range;
 
 use super::TopLevel;
+use crate::json::{escape_mask, escapes, push_quoted, LANE};
 
 /// Nesting deeper than this is left to `serde_json` (whose own limit is 128).
 const DEPTH: usize = 64;
-
-/// Bytes of a string looked at together (see [`Writer::string_end`]).
-const LANE: usize = 16;
-
-/// Whether a string's byte needs a look: a quote, a backslash, a control character.
-#[inline(always)]
-fn special(c: u8) -> bool {
-    (c == b'"') | (c == b'\\') | (c < 0x20)
-}
-
-/// A bit for each byte of `lane` that [`special`] picks (a few vector compares and a
-/// move mask).
-#[inline(always)]
-fn special_mask(lane: &[u8; LANE]) -> u64 {
-    let mask = lane
-        .iter()
-        .enumerate()
-        .fold(0u32, |m, (k, &c)| m | (u32::from(special(c)) << k));
-    u64::from(mask)
-}
 
 /// Writes the canonical text of `body` into `out` and says what it learnt of its top
 /// level, or `None` (`out` as it was) when `body` needs the parsing writer.
@@ -175,9 +156,7 @@ impl Writer<'_> {
     fn string(&mut self, out: &mut Vec<u8>) -> Option<()> {
         let (end, canonical) = self.string_end()?;
         if canonical {
-            out.push(b'"');
-            out.extend_from_slice(&self.b[self.i + 1..end]);
-            out.push(b'"');
+            push_quoted(out, &self.b[self.i + 1..end]);
         } else {
             super::canonicalize_parsed(&self.b[self.i..=end], out).ok()?;
         }
@@ -190,7 +169,7 @@ impl Writer<'_> {
     /// when it does not end or holds a raw control character (`serde_json` refuses
     /// it; the parsing writer says why).
     ///
-    /// The text is looked at a lane of [`LANE`] bytes at a time: a mask of its quotes,
+    /// The text is looked at a lane of `json::LANE` bytes at a time: a mask of its quotes,
     /// backslashes and control characters, then only those one by one (a prompt has
     /// an escape every few dozen bytes: a search call per escape cost more).
     fn string_end(&self) -> Option<(usize, bool)> {
@@ -201,13 +180,13 @@ impl Writer<'_> {
         let mut lane_at = from;
         let end = 'found: loop {
             let (mut mask, width) = match self.b.get(lane_at..lane_at + LANE) {
-                Some(lane) => (special_mask(lane.try_into().expect("LANE bytes")), LANE),
+                Some(lane) => (escape_mask(lane.try_into().expect("LANE bytes")), LANE),
                 None => {
                     let tail = self.b.get(lane_at..)?;
                     let mask = tail
                         .iter()
                         .enumerate()
-                        .fold(0u64, |m, (k, &c)| m | (u64::from(special(c)) << k));
+                        .fold(0u32, |m, (k, &c)| m | (u32::from(escapes(c)) << k));
                     (mask, tail.len())
                 }
             };
@@ -313,11 +292,7 @@ impl Writer<'_> {
                 }
                 first = false;
                 match key {
-                    Key::Raw(r) => {
-                        out.push(b'"');
-                        out.extend_from_slice(&self.b[r.clone()]);
-                        out.push(b'"');
-                    }
+                    Key::Raw(r) => push_quoted(out, &self.b[r.clone()]),
                     Key::Decoded(s) => crate::json::push_str(out, s),
                 }
                 out.push(b':');
